@@ -1,0 +1,516 @@
+"""ctypes bindings for the fep-kernels C ABI (include/fep_kernels.h), on PyTorch tensors.
+
+The shared library is found, in order, at the path given to :func:`load`, at ``$FEP_KERNELS_LIB``,
+or at ``target/release/libfep_kernels.so`` (``.dylib`` on macOS) in the repository this file
+belongs to (build it with ``cargo build --release``, adding the ``cuda`` or ``hip`` feature for a
+GPU). :func:`load` is called implicitly by the first function that needs the library.
+
+Tensors are passed by pointer (``tensor.data_ptr()``), so they must be contiguous and live on
+the device the call names. CPU tensors use ``FEP_DEVICE_CPU``; CUDA tensors use
+``FEP_DEVICE_CUDA`` (``FEP_DEVICE_HIP`` under a ROCm build of PyTorch) with the tensor's device
+index as the ordinal and PyTorch's *current stream* of that device as the raw stream: work is
+enqueued on it and the call returns without synchronising, exactly like a PyTorch op, so results
+may be used by later PyTorch work on the same stream without any extra synchronisation. Outputs
+are allocated with ``torch.empty`` on the inputs' device (for CUDA, from PyTorch's caching
+allocator, which orders reuse on the current stream).
+
+Every failing call raises :class:`FepError` with the status and ``fep_last_error()``; inputs that
+are not contiguous or have the wrong dtype, device or shape raise :class:`ValueError` before the
+library is called.
+
+Example (runnable once the library is built; ``device = "cuda"`` needs the ``cuda`` feature)::
+
+    import torch
+    import fep_kernels as fk
+
+    print(fk.version(), fk.device_count("cpu"), fk.device_count("cuda"))
+    device = "cuda" if fk.device_count("cuda") > 0 and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(64, 256, generator=g)
+    phi /= phi.norm(dim=0, keepdim=True)                       # unit-norm columns
+    x = torch.randn(8, 64, generator=g)
+    with fk.LcaDictionary(phi.to(device)) as d:
+        out = d.solve(x.to(device), lam=0.1, eta=0.1, steps=200, threshold="soft", trace=True)
+        print(out["a"].shape, (out["a"] != 0).float().mean().item())
+        print(out["energy"][:, -1], out["active"][:, -1], out["steps"])
+        d.learn(x.to(device), out["a"], lr=0.01)                # one dictionary-learning step
+        print((d.phi().norm(dim=0) - 1).abs().max().item())     # columns stay unit-norm
+"""
+
+import ctypes
+import operator
+import os
+import sys
+
+__all__ = [
+    "FepError",
+    "LcaDictionary",
+    "load",
+    "version",
+    "abi_version",
+    "last_error",
+    "device_count",
+    "device_name",
+    "FEP_ABI_VERSION",
+    "FEP_OK",
+    "FEP_ERR_INVALID_ARGUMENT",
+    "FEP_ERR_NO_DEVICE",
+    "FEP_ERR_DRIVER",
+    "FEP_ERR_OUT_OF_MEMORY",
+    "FEP_ERR_UNSUPPORTED",
+    "FEP_ERR_INTERNAL",
+    "FEP_DEVICE_CPU",
+    "FEP_DEVICE_CUDA",
+    "FEP_DEVICE_HIP",
+    "FEP_DTYPE_F32",
+    "FEP_DTYPE_F16",
+    "FEP_DTYPE_BF16",
+    "FEP_LCA_SOFT",
+    "FEP_LCA_SOFT_NONNEG",
+    "FEP_LCA_HARD",
+    "FEP_LCA_HARD_NONNEG",
+]
+
+# ---- constants of include/fep_kernels.h ----
+FEP_ABI_VERSION = 1
+
+FEP_OK = 0
+FEP_ERR_INVALID_ARGUMENT = 1
+FEP_ERR_NO_DEVICE = 2
+FEP_ERR_DRIVER = 3
+FEP_ERR_OUT_OF_MEMORY = 4
+FEP_ERR_UNSUPPORTED = 5
+FEP_ERR_INTERNAL = 6
+
+FEP_DEVICE_CPU = 0
+FEP_DEVICE_CUDA = 1
+FEP_DEVICE_HIP = 2
+
+FEP_DTYPE_F32 = 0
+FEP_DTYPE_F16 = 1
+FEP_DTYPE_BF16 = 2
+
+FEP_LCA_SOFT = 0
+FEP_LCA_SOFT_NONNEG = 1
+FEP_LCA_HARD = 2
+FEP_LCA_HARD_NONNEG = 3
+
+_STATUS_NAMES = {
+    FEP_OK: "FEP_OK",
+    FEP_ERR_INVALID_ARGUMENT: "FEP_ERR_INVALID_ARGUMENT",
+    FEP_ERR_NO_DEVICE: "FEP_ERR_NO_DEVICE",
+    FEP_ERR_DRIVER: "FEP_ERR_DRIVER",
+    FEP_ERR_OUT_OF_MEMORY: "FEP_ERR_OUT_OF_MEMORY",
+    FEP_ERR_UNSUPPORTED: "FEP_ERR_UNSUPPORTED",
+    FEP_ERR_INTERNAL: "FEP_ERR_INTERNAL",
+}
+
+_DEVICE_KINDS = {"cpu": FEP_DEVICE_CPU, "cuda": FEP_DEVICE_CUDA, "hip": FEP_DEVICE_HIP}
+
+_THRESHOLDS = {
+    "soft": FEP_LCA_SOFT,
+    "soft_nonneg": FEP_LCA_SOFT_NONNEG,
+    "hard": FEP_LCA_HARD,
+    "hard_nonneg": FEP_LCA_HARD_NONNEG,
+}
+
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
+
+
+class FepError(RuntimeError):
+    """A call into the library returned a nonzero status.
+
+    Attributes: ``status`` (the FEP_ERR_* code), ``name`` (its symbolic name) and ``message``
+    (``fep_last_error()`` right after the failing call).
+    """
+
+    def __init__(self, status, message):
+        self.status = int(status)
+        self.name = _STATUS_NAMES.get(self.status, f"unknown status {self.status}")
+        self.message = message
+        super().__init__(f"{self.name} ({self.status}): {message}")
+
+
+class _FepLcaParams(ctypes.Structure):
+    """struct FepLcaParams of the header."""
+
+    _fields_ = [
+        ("threshold", ctypes.c_int32),
+        ("lambda_", ctypes.c_float),
+        ("eta", ctypes.c_float),
+        ("steps", ctypes.c_uint32),
+        ("tol", ctypes.c_float),
+    ]
+
+
+# ---- loading ----
+
+_lib = None
+_lib_path = None
+
+
+def _default_lib_path():
+    env = os.environ.get("FEP_KERNELS_LIB")
+    if env:
+        return env
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    name = "libfep_kernels.dylib" if sys.platform == "darwin" else "libfep_kernels.so"
+    return os.path.join(root, "target", "release", name)
+
+
+def _declare(lib):
+    i32, u64, vp, cp = ctypes.c_int32, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_char_p
+    p_u64 = ctypes.POINTER(ctypes.c_uint64)
+    sigs = {
+        "fep_version": (cp, []),
+        "fep_abi_version": (i32, []),
+        "fep_last_error": (cp, []),
+        "fep_device_count": (i32, [i32]),
+        "fep_device_name": (i32, [i32, i32, cp, u64]),
+        # FepLcaDict* handles and every tensor pointer are passed as void*
+        "fep_lca_dict_new": (i32, [i32, i32, vp, i32, vp, u64, u64, i32, ctypes.POINTER(vp)]),
+        "fep_lca_dict_free": (None, [vp]),
+        "fep_lca_dict_shape": (i32, [vp, p_u64, p_u64]),
+        "fep_lca_dict_phi": (i32, [vp, vp, vp]),
+        "fep_lca_solve": (
+            i32,
+            [vp, vp, i32, vp, u64, ctypes.POINTER(_FepLcaParams), vp, vp, vp, vp, vp, vp],
+        ),
+        "fep_lca_dict_learn": (i32, [vp, vp, i32, vp, vp, u64, ctypes.c_float]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        f = getattr(lib, name)
+        f.restype = restype
+        f.argtypes = argtypes
+
+
+def load(path=None):
+    """Loads the library (once per process) and returns the ``ctypes.CDLL``.
+
+    ``path``: explicit path; default ``$FEP_KERNELS_LIB``, else
+    ``<repo>/target/release/libfep_kernels.so``. Raises ``OSError`` when the file cannot be
+    loaded, ``RuntimeError`` when its ABI version is not ``FEP_ABI_VERSION`` and ``ValueError``
+    when a different library was already loaded.
+    """
+    global _lib, _lib_path
+    path = os.path.abspath(path if path is not None else _default_lib_path())
+    if _lib is not None:
+        if path != _lib_path:
+            raise ValueError(f"fep_kernels: {_lib_path} is already loaded; cannot load {path}")
+        return _lib
+    if not os.path.exists(path):
+        raise OSError(
+            f"fep_kernels: shared library not found at {path} (build it with "
+            "`cargo build --release`, or set FEP_KERNELS_LIB / pass load(path))"
+        )
+    lib = ctypes.CDLL(path)
+    _declare(lib)
+    abi = lib.fep_abi_version()
+    if abi != FEP_ABI_VERSION:
+        raise RuntimeError(
+            f"fep_kernels: {path} implements ABI {abi}, these bindings ABI {FEP_ABI_VERSION}"
+        )
+    _lib, _lib_path = lib, path
+    return lib
+
+
+def _get():
+    return _lib if _lib is not None else load()
+
+
+def _check(status):
+    if status != FEP_OK:
+        raise FepError(status, last_error())
+
+
+# ---- library and device queries ----
+
+
+def version():
+    """The library version string, e.g. ``"0.1.0"``."""
+    return _get().fep_version().decode()
+
+
+def abi_version():
+    """The ABI version the loaded library implements."""
+    return int(_get().fep_abi_version())
+
+
+def last_error():
+    """``fep_last_error()``: the message of the last failed call on this thread ("" if none)."""
+    msg = _get().fep_last_error()
+    return msg.decode(errors="replace") if msg else ""
+
+
+def _kind(kind):
+    if isinstance(kind, str):
+        try:
+            return _DEVICE_KINDS[kind.lower()]
+        except KeyError:
+            raise ValueError(f"unknown device kind {kind!r}; expected one of {list(_DEVICE_KINDS)}")
+    return int(kind)
+
+
+def device_count(kind):
+    """Number of devices of ``kind`` ("cpu" | "cuda" | "hip" or FEP_DEVICE_*).
+
+    A build without that vendor's feature, or a machine without its driver, has 0.
+    """
+    n = _get().fep_device_count(_kind(kind))
+    if n < 0:
+        raise FepError(-n, last_error())
+    return int(n)
+
+
+def device_name(kind, ordinal=0):
+    """The name of device ``ordinal`` of ``kind``."""
+    buf = ctypes.create_string_buffer(256)
+    _check(_get().fep_device_name(_kind(kind), int(ordinal), buf, len(buf)))
+    return buf.value.decode(errors="replace")
+
+
+# ---- tensor plumbing ----
+
+
+def _torch():
+    import torch  # imported lazily: the module loads without PyTorch
+
+    return torch
+
+
+def _dtype_code(t, what):
+    torch = _torch()
+    codes = {torch.float32: FEP_DTYPE_F32, torch.float16: FEP_DTYPE_F16, torch.bfloat16: FEP_DTYPE_BF16}
+    try:
+        return codes[t.dtype]
+    except KeyError:
+        raise ValueError(f"{what}: dtype {t.dtype} is not supported (float32, float16 or bfloat16)")
+
+
+def _device_of(t, what):
+    """(kind, ordinal, raw stream) for the tensor's device."""
+    torch = _torch()
+    dev = t.device
+    if dev.type == "cpu":
+        return FEP_DEVICE_CPU, 0, None
+    if dev.type == "cuda":
+        kind = FEP_DEVICE_HIP if getattr(torch.version, "hip", None) else FEP_DEVICE_CUDA
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(torch.device("cuda", index)).cuda_stream
+        return kind, int(index), (ctypes.c_void_p(stream) if stream else None)
+    raise ValueError(f"{what}: tensors on device type {dev.type!r} are not supported (cpu or cuda)")
+
+
+def _check_tensor(t, what, shape, dtype=None, device=None):
+    torch = _torch()
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_complex():
+        raise ValueError(f"{what}: dense real tensors only (layout {t.layout}, dtype {t.dtype})")
+    if t.dim() != len(shape) or any(s is not None and d != s for d, s in zip(t.shape, shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{what}: expected shape {want}, got {list(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{what}: expected dtype {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{what}: on {t.device}, expected {device} (the dictionary's device)")
+    if not t.is_contiguous():
+        raise ValueError(f"{what}: must be contiguous (call .contiguous())")
+
+
+def _number(v, what):
+    """float(v) for a real number (Python, NumPy or 0-d tensor); range checks are the library's."""
+    if isinstance(v, (bool, str, bytes)):
+        raise ValueError(f"{what}: expected a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number, got {v!r}") from None
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def _norm_device(dev):
+    torch = _torch()
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+# ---- LCA ----
+
+
+class LcaDictionary:
+    """A prepared LCA dictionary (``FepLcaDict``): Phi [n, m] and G = Phi^T Phi - I in f32.
+
+    ``phi``: a contiguous tensor [n, m] (float32, float16 or bfloat16; unit-norm columns) on the
+    CPU or a CUDA device; it is copied, so it may be freed or changed afterwards.
+    ``check_unit_norm``: reject columns whose norm differs from 1 by more than the dtype allows.
+
+    Free it with :meth:`close`, a ``with`` block, or let it be garbage collected.
+    """
+
+    def __init__(self, phi, check_unit_norm=True):
+        self._handle = None
+        lib = _get()
+        _check_tensor(phi, "phi", (None, None))
+        dtype = _dtype_code(phi, "phi")
+        kind, ordinal, stream = _device_of(phi, "phi")
+        n, m = (int(s) for s in phi.shape)
+        handle = ctypes.c_void_p()
+        _check(
+            lib.fep_lca_dict_new(
+                kind, ordinal, stream, dtype, _ptr(phi), n, m, 1 if check_unit_norm else 0,
+                ctypes.byref(handle),
+            )
+        )
+        if not handle.value:
+            raise FepError(FEP_ERR_INTERNAL, "fep_lca_dict_new returned FEP_OK but no dictionary")
+        self._lib = lib
+        self._handle = handle
+        self.device = _norm_device(phi.device)
+        self.kind = kind
+        self.ordinal = ordinal
+        self.n = n
+        self.m = m
+
+    # -- lifetime --
+
+    def close(self):
+        """Frees the dictionary (idempotent). Work already enqueued must not still use it."""
+        handle, self._handle = self._handle, None
+        if handle is not None and handle.value:
+            self._lib.fep_lca_dict_free(handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing sensible left to do
+            pass
+
+    def _h(self):
+        if self._handle is None:
+            raise ValueError("LcaDictionary is closed")
+        return self._handle
+
+    def __repr__(self):
+        state = "closed" if self._handle is None else f"n={self.n}, m={self.m}"
+        return f"LcaDictionary({state}, device={self.device})"
+
+    # -- queries --
+
+    @property
+    def shape(self):
+        """(n, m) as reported by the library."""
+        n, m = ctypes.c_uint64(), ctypes.c_uint64()
+        _check(self._lib.fep_lca_dict_shape(self._h(), ctypes.byref(n), ctypes.byref(m)))
+        return int(n.value), int(m.value)
+
+    def _stream(self):
+        """The raw stream for work on this dictionary's device: PyTorch's current stream of
+        that device (None, i.e. NULL, on the CPU)."""
+        if self.device.type == "cpu":
+            return None
+        s = _torch().cuda.current_stream(self.device).cuda_stream
+        return ctypes.c_void_p(s) if s else None
+
+    def phi(self):
+        """A new float32 tensor [n, m] holding the dictionary's Phi (on its device)."""
+        torch = _torch()
+        h = self._h()
+        out = torch.empty((self.n, self.m), dtype=torch.float32, device=self.device)
+        _check(self._lib.fep_lca_dict_phi(h, self._stream(), _ptr(out)))
+        return out
+
+    # -- ops --
+
+    def solve(self, x, lam, eta, steps, threshold="soft", tol=0.0, u0=None, trace=False,
+              out=None):
+        """Runs LCA (DESIGN.md 4.3) on the rows of ``x``.
+
+        ``x``: [B, n] float32/float16/bfloat16 on the dictionary's device, contiguous.
+        ``lam`` (> 0), ``eta`` (in (0, 1]), ``steps`` (T >= 1), ``threshold``: "soft",
+        "soft_nonneg", "hard" or "hard_nonneg"; ``tol``: early stop when a sample's
+        max |du| < tol (0 disables: exactly T steps). ``u0``: optional [B, m] float32 start.
+
+        Returns a dict of new contiguous tensors on the dictionary's device: "u" and "a"
+        [B, m] float32, and with ``trace=True`` also "energy" [B, T] float32
+        (0.5 ||x - Phi a||^2 + lam ||a||_1 after each step), "active" [B, T] int32 (the
+        library's uint32 counts) and "steps" [B] int32 (steps run per sample). A sample that
+        stopped early repeats its last energy/active values.
+
+        ``out``: optional dict of preallocated output tensors with the same keys, shapes and
+        dtypes (e.g. for timing loops); those given are written instead of new ones.
+        """
+        torch = _torch()
+        h = self._h()
+        _check_tensor(x, "x", (None, self.n), device=self.device)
+        dtype = _dtype_code(x, "x")
+        batch = int(x.shape[0])
+        if threshold not in _THRESHOLDS:
+            raise ValueError(f"threshold: {threshold!r} is not one of {list(_THRESHOLDS)}")
+        try:
+            steps = operator.index(steps)
+        except TypeError:
+            raise ValueError(f"steps: expected an int, got {steps!r}") from None
+        if isinstance(steps, bool) or not 1 <= steps <= _U32_MAX:
+            raise ValueError(f"steps: expected an int in [1, 2^32), got {steps!r}")
+        lam, eta, tol = (_number(v, name) for v, name in ((lam, "lam"), (eta, "eta"), (tol, "tol")))
+        if u0 is not None:
+            _check_tensor(u0, "u0", (batch, self.m), dtype=torch.float32, device=self.device)
+
+        out = dict(out or {})
+        unknown = set(out) - {"u", "a", "energy", "active", "steps"}
+        if unknown:
+            raise ValueError(f"out: unknown keys {sorted(unknown)}")
+        specs = {"u": ((batch, self.m), torch.float32), "a": ((batch, self.m), torch.float32)}
+        if trace:
+            specs["energy"] = ((batch, steps), torch.float32)
+            specs["active"] = ((batch, steps), torch.int32)
+            specs["steps"] = ((batch,), torch.int32)
+        elif set(out) - set(specs):
+            raise ValueError("out: 'energy', 'active' and 'steps' need trace=True")
+        res = {}
+        for key, (shape, dt) in specs.items():
+            if key in out:
+                _check_tensor(out[key], f"out[{key!r}]", shape, dtype=dt, device=self.device)
+                res[key] = out[key]
+            else:
+                res[key] = torch.empty(shape, dtype=dt, device=self.device)
+
+        params = _FepLcaParams(_THRESHOLDS[threshold], lam, eta, steps, tol)
+        _check(
+            self._lib.fep_lca_solve(
+                h, self._stream(), dtype, _ptr(x), batch, ctypes.byref(params), _ptr(u0),
+                _ptr(res["u"]), _ptr(res["a"]), _ptr(res.get("energy")),
+                _ptr(res.get("active")), _ptr(res.get("steps")),
+            )
+        )
+        return res
+
+    def learn(self, x, a, lr):
+        """One dictionary-learning step, in place:
+        Phi += (lr / B) sum_b (x_b - Phi a_b) a_b^T, columns renormalised, G recomputed.
+
+        ``x``: [B, n] float32/float16/bfloat16; ``a``: [B, m] float32 (e.g. ``solve(...)["a"]``);
+        both contiguous on the dictionary's device.
+        """
+        torch = _torch()
+        h = self._h()
+        _check_tensor(x, "x", (None, self.n), device=self.device)
+        dtype = _dtype_code(x, "x")
+        batch = int(x.shape[0])
+        _check_tensor(a, "a", (batch, self.m), dtype=torch.float32, device=self.device)
+        lr = _number(lr, "lr")
+        _check(self._lib.fep_lca_dict_learn(h, self._stream(), dtype, _ptr(x), _ptr(a), batch, lr))
+

@@ -1,0 +1,162 @@
+//! The LCA reference: f64 throughout, one sample per rayon task. Written to be read next to
+//! DESIGN.md §4.3, not to be fast (it still skips inactive units in G·a).
+
+use rayon::prelude::*;
+
+use super::{LcaOutputs, LcaSpec, Store};
+use crate::element::Element;
+
+/// Φ in f64, G = ΦᵀΦ − I, and the column norms.
+pub(super) fn prepare<T: Element>(phi: &[T], n: usize, m: usize) -> (Store, Vec<f64>) {
+    let phi: Vec<f64> = phi.iter().map(|v| v.to_f64()).collect();
+    let gram = gram(&phi, n, m);
+    let norms = (0..m).map(|j| (gram[j * m + j] + 1.0).max(0.0).sqrt()).collect();
+    (Store::Cpu { phi, gram }, norms)
+}
+
+fn gram(phi: &[f64], n: usize, m: usize) -> Vec<f64> {
+    let mut g = vec![0.0; m * m];
+    g.par_chunks_mut(m).enumerate().for_each(|(i, row)| {
+        for (j, gij) in row.iter_mut().enumerate() {
+            let dot: f64 = (0..n).map(|r| phi[r * m + i] * phi[r * m + j]).sum();
+            *gij = dot - if i == j { 1.0 } else { 0.0 };
+        }
+    });
+    g
+}
+
+/// c = G a, over the nonzero entries of a.
+fn inhibit(gram: &[f64], m: usize, a: &[f64], c: &mut [f64]) {
+    c.iter_mut().for_each(|v| *v = 0.0);
+    for (k, &ak) in a.iter().enumerate() {
+        if ak != 0.0 {
+            let row = &gram[k * m..(k + 1) * m];
+            for (cj, &g) in c.iter_mut().zip(row) {
+                *cj += g * ak;
+            }
+        }
+    }
+}
+
+/// ½‖x − Φa‖² + λ‖a‖₁, straight from the definition.
+fn energy(phi: &[f64], n: usize, m: usize, x: &[f64], a: &[f64], lambda: f64) -> f64 {
+    let mut sq = 0.0;
+    for i in 0..n {
+        let recon: f64 = (0..m).filter(|&k| a[k] != 0.0).map(|k| phi[i * m + k] * a[k]).sum();
+        sq += (x[i] - recon).powi(2);
+    }
+    0.5 * sq + lambda * a.iter().map(|v| v.abs()).sum::<f64>()
+}
+
+/// One sample's run; returns the steps taken.
+#[allow(clippy::too_many_arguments)]
+fn solve_one(
+    phi: &[f64],
+    gram: &[f64],
+    n: usize,
+    m: usize,
+    spec: &LcaSpec,
+    x: &[f64],
+    u: &mut [f64],
+    mut trace: Option<(&mut [f32], &mut [u32])>,
+) -> u32 {
+    let (lambda, eta, tol) = (spec.lambda as f64, spec.eta as f64, spec.tol as f64);
+    let theta = |u: f64| spec.threshold.apply(u, lambda);
+    let b: Vec<f64> = (0..m).map(|j| (0..n).map(|i| x[i] * phi[i * m + j]).sum()).collect();
+    let mut a: Vec<f64> = u.iter().map(|&v| theta(v)).collect();
+    let mut c = vec![0.0; m];
+    inhibit(gram, m, &a, &mut c);
+    let steps = spec.steps as usize;
+    for t in 0..steps {
+        let mut max_du: f64 = 0.0;
+        for j in 0..m {
+            let du = eta * (b[j] - u[j] - c[j]);
+            u[j] += du;
+            // NaN (a diverging run, η too large for ΦᵀΦ) never counts as converged.
+            max_du = if du.is_nan() { f64::INFINITY } else { max_du.max(du.abs()) };
+        }
+        a.iter_mut().zip(u.iter()).for_each(|(aj, &uj)| *aj = theta(uj));
+        inhibit(gram, m, &a, &mut c);
+        let stop = tol > 0.0 && max_du < tol;
+        if let Some((e, act)) = trace.as_mut() {
+            let value = energy(phi, n, m, x, &a, lambda) as f32;
+            let count = a.iter().filter(|&&v| v != 0.0).count() as u32;
+            let last = if stop { steps } else { t + 1 };
+            e[t..last].iter_mut().for_each(|v| *v = value);
+            act[t..last].iter_mut().for_each(|v| *v = count);
+        }
+        if stop {
+            return (t + 1) as u32;
+        }
+    }
+    spec.steps
+}
+
+pub(super) fn solve<T: Element>(
+    phi: &[f64],
+    gram: &[f64],
+    n: usize,
+    m: usize,
+    spec: &LcaSpec,
+    x: &[T],
+    u0: Option<&[f32]>,
+    mut out: LcaOutputs<'_>,
+) {
+    let batch = x.len() / n;
+    let tracing = out.energy.is_some() || out.active.is_some();
+    // Without a trace each sample still gets a (dummy) row of width 1, so the zip below lines up.
+    let width = if tracing { spec.steps as usize } else { 1 };
+    let mut energy = vec![0f32; batch * width];
+    let mut active = vec![0u32; batch * width];
+    let mut taken = vec![0u32; batch];
+    let mut u = vec![0f64; batch * m];
+    if let Some(u0) = u0 {
+        u.iter_mut().zip(u0).for_each(|(d, &s)| *d = s as f64);
+    }
+    u.par_chunks_mut(m)
+        .zip(taken.par_iter_mut())
+        .zip(energy.par_chunks_mut(width).zip(active.par_chunks_mut(width)))
+        .enumerate()
+        .for_each(|(s, ((u, t), (e, c)))| {
+            let xs: Vec<f64> = x[s * n..(s + 1) * n].iter().map(|v| v.to_f64()).collect();
+            *t = solve_one(phi, gram, n, m, spec, &xs, u, tracing.then_some((e, c)));
+        });
+
+    let theta = |v: f64| spec.threshold.apply(v, spec.lambda as f64);
+    out.u.host_slice_mut().iter_mut().zip(&u).for_each(|(o, &v)| *o = v as f32);
+    out.a.host_slice_mut().iter_mut().zip(&u).for_each(|(o, &v)| *o = theta(v) as f32);
+    if let Some(e) = out.energy.as_mut() {
+        e.host_slice_mut().copy_from_slice(&energy);
+    }
+    if let Some(c) = out.active.as_mut() {
+        c.host_slice_mut().copy_from_slice(&active);
+    }
+    if let Some(s) = out.steps.as_mut() {
+        s.host_slice_mut().copy_from_slice(&taken);
+    }
+}
+
+/// Φ += (lr/B) Σ_b (x_b − Φa_b) a_bᵀ; columns renormalised; G recomputed.
+pub(super) fn learn<T: Element>(phi: &mut [f64], gram_out: &mut Vec<f64>, n: usize, m: usize, x: &[T], a: &[f32], lr: f64) {
+    let batch = x.len() / n;
+    let mut delta = vec![0.0; n * m];
+    for s in 0..batch {
+        let a_s = &a[s * m..(s + 1) * m];
+        for i in 0..n {
+            let recon: f64 = (0..m).filter(|&k| a_s[k] != 0.0).map(|k| phi[i * m + k] * a_s[k] as f64).sum();
+            let r = x[s * n + i].to_f64() - recon;
+            for (j, &aj) in a_s.iter().enumerate() {
+                delta[i * m + j] += r * aj as f64;
+            }
+        }
+    }
+    let scale = lr / batch as f64;
+    phi.iter_mut().zip(&delta).for_each(|(p, d)| *p += scale * d);
+    for j in 0..m {
+        let norm = (0..n).map(|i| phi[i * m + j].powi(2)).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            (0..n).for_each(|i| phi[i * m + j] /= norm);
+        }
+    }
+    *gram_out = gram(phi, n, m);
+}

@@ -1,0 +1,454 @@
+//! LCA sparse coding (DESIGN.md §4.3): the locally competitive algorithm of Rozell et al.
+//!
+//! For a dictionary Φ `[n, m]` with unit-norm columns, each sample x `[n]` is coded by
+//!
+//! ```text
+//! b = Φᵀx,  G = ΦᵀΦ − I,  u₀ = 0 (or given)
+//! for t in 0..T:  u ← u + η (b − u − G a),  a = θ_λ(u)
+//! ```
+//!
+//! With the soft threshold the fixed point is the LASSO minimiser of ½‖x − Φa‖² + λ‖a‖₁.
+//! A [`Dictionary`] holds Φ and G on one device (G is computed once), [`Dictionary::solve`]
+//! codes a batch, [`Dictionary::learn`] takes one dictionary-learning step.
+//!
+//! ```
+//! use fep_kernels::{Device, View, lca::{Dictionary, LcaSpec, Threshold}};
+//! // Two unit-norm atoms in R²; code x = (3, 0) with λ = 1.
+//! let dev = Device::best();
+//! let phi = dev.upload(&[1.0f32, 0.0, 0.0, 1.0])?;
+//! let dict = Dictionary::new(&phi.view(), 2, 2, Default::default())?;
+//! let x = dev.upload(&[3.0f32, 0.0])?;
+//! let spec = LcaSpec::new(1.0).steps(200).eta(0.2).threshold(Threshold::Soft);
+//! let out = dict.solve(&spec, &x.view(), None)?;
+//! let a = out.a.to_vec()?;
+//! assert!((a[0] - 2.0).abs() < 1e-4 && a[1] == 0.0); // soft threshold: 3 − λ
+//! # Ok::<(), fep_kernels::Error>(())
+//! ```
+//!
+//! Early stop is per sample: a sample stops at the first step whose max |Δu| < `tol`, and its
+//! trace repeats its last values; the batch is done when every sample is. So a sample's code
+//! never depends on the other samples in its batch.
+
+mod cpu;
+#[cfg(any(feature = "cuda", feature = "rocm"))]
+mod gpu;
+
+use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
+use crate::element::{DType, Element};
+use crate::error::{Error, Result};
+use crate::tensor::{check_len, same_device};
+
+/// The threshold function θ_λ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(i32)]
+pub enum Threshold {
+    /// sign(u)·max(|u| − λ, 0): the LASSO.
+    #[default]
+    Soft = 0,
+    /// max(u − λ, 0): the non-negative LASSO.
+    SoftNonNeg = 1,
+    /// u·[|u| > λ].
+    Hard = 2,
+    /// u·[u > λ].
+    HardNonNeg = 3,
+}
+
+impl Threshold {
+    /// All four, for tests and benches.
+    pub const ALL: [Threshold; 4] = [Threshold::Soft, Threshold::SoftNonNeg, Threshold::Hard, Threshold::HardNonNeg];
+
+    /// From the C ABI code (`FEP_LCA_*`).
+    pub fn from_code(code: i32) -> Result<Threshold> {
+        Threshold::ALL
+            .into_iter()
+            .find(|t| *t as i32 == code)
+            .ok_or_else(|| Error::invalid("threshold", format!("{code} is not one of FEP_LCA_SOFT..FEP_LCA_HARD_NONNEG (0..3)")))
+    }
+
+    /// θ_λ(u), in f64 (the reference).
+    pub fn apply(self, u: f64, lambda: f64) -> f64 {
+        match self {
+            Threshold::Soft => u.signum() * (u.abs() - lambda).max(0.0),
+            Threshold::SoftNonNeg => (u - lambda).max(0.0),
+            Threshold::Hard => {
+                if u.abs() > lambda {
+                    u
+                } else {
+                    0.0
+                }
+            }
+            Threshold::HardNonNeg => {
+                if u > lambda {
+                    u
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// What to compute: threshold, λ, η, T, tolerance, trace.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LcaSpec {
+    /// θ.
+    pub threshold: Threshold,
+    /// λ > 0.
+    pub lambda: f32,
+    /// η = dt/τ ∈ (0, 1].
+    pub eta: f32,
+    /// T ≥ 1: the most steps.
+    pub steps: u32,
+    /// Stop a sample when max |Δu| < tol; 0 runs all T steps.
+    pub tol: f32,
+    /// Record the energy and active count per sample per step.
+    pub trace: bool,
+    /// Check x and u₀ for NaN/Inf before launching. On a GPU this reads back one float per
+    /// sample, which waits for the stream; turn it off for a fully asynchronous launch.
+    pub check_finite: bool,
+}
+
+impl LcaSpec {
+    /// λ as given; η = 0.1, T = 100, tol = 0, soft threshold, no trace, inputs checked.
+    pub fn new(lambda: f32) -> Self {
+        LcaSpec { threshold: Threshold::Soft, lambda, eta: 0.1, steps: 100, tol: 0.0, trace: false, check_finite: true }
+    }
+    /// Sets θ.
+    pub fn threshold(mut self, t: Threshold) -> Self {
+        self.threshold = t;
+        self
+    }
+    /// Sets η.
+    pub fn eta(mut self, eta: f32) -> Self {
+        self.eta = eta;
+        self
+    }
+    /// Sets T.
+    pub fn steps(mut self, steps: u32) -> Self {
+        self.steps = steps;
+        self
+    }
+    /// Sets the early-stop tolerance.
+    pub fn tol(mut self, tol: f32) -> Self {
+        self.tol = tol;
+        self
+    }
+    /// Turns the per-step trace on or off.
+    pub fn trace(mut self, on: bool) -> Self {
+        self.trace = on;
+        self
+    }
+    /// Turns the finiteness check of the inputs on or off.
+    pub fn check_finite(mut self, on: bool) -> Self {
+        self.check_finite = on;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.lambda.is_finite() && self.lambda > 0.0) {
+            return Err(Error::invalid("lambda", format!("must be finite and > 0, got {}", self.lambda)));
+        }
+        if !(self.eta.is_finite() && self.eta > 0.0 && self.eta <= 1.0) {
+            return Err(Error::invalid("eta", format!("must be in (0, 1], got {}", self.eta)));
+        }
+        if self.steps == 0 || self.steps > i32::MAX as u32 {
+            return Err(Error::invalid("steps", format!("must be in 1..=2^31-1, got {}", self.steps)));
+        }
+        if !(self.tol.is_finite() && self.tol >= 0.0) {
+            return Err(Error::invalid("tol", format!("must be finite and >= 0, got {}", self.tol)));
+        }
+        Ok(())
+    }
+}
+
+/// How a [`Dictionary`] checks Φ.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DictionaryOptions {
+    /// Reject columns whose norm differs from 1 by more than the input type allows
+    /// (1e-4 plus four units of roundoff of the dtype).
+    pub check_unit_norm: bool,
+}
+
+impl Default for DictionaryOptions {
+    fn default() -> Self {
+        DictionaryOptions { check_unit_norm: true }
+    }
+}
+
+/// Where the outputs of [`Dictionary::solve_into`] go. `u` and `a` are `[batch, m]`; `energy`
+/// and `active` are `[batch, steps]`; `steps` is `[batch]`. All on the dictionary's device.
+pub struct LcaOutputs<'a> {
+    /// u after the last step.
+    pub u: ViewMut<'a, f32>,
+    /// a = θ(u).
+    pub a: ViewMut<'a, f32>,
+    /// ½‖x − Φa‖² + λ‖a‖₁ after each step.
+    pub energy: Option<ViewMut<'a, f32>>,
+    /// Number of nonzero a after each step.
+    pub active: Option<ViewMut<'a, u32>>,
+    /// Steps each sample ran (T unless it stopped early).
+    pub steps: Option<ViewMut<'a, u32>>,
+}
+
+/// The outputs of [`Dictionary::solve`], on the dictionary's device.
+#[derive(Debug)]
+pub struct LcaResult {
+    /// u `[batch, m]`.
+    pub u: DeviceBuffer<f32>,
+    /// a = θ(u) `[batch, m]`.
+    pub a: DeviceBuffer<f32>,
+    /// Energy `[batch, steps]` when the spec asked for a trace.
+    pub energy: Option<DeviceBuffer<f32>>,
+    /// Active count `[batch, steps]` when the spec asked for a trace.
+    pub active: Option<DeviceBuffer<u32>>,
+    /// Steps run per sample `[batch]`.
+    pub steps: DeviceBuffer<u32>,
+}
+
+pub(crate) enum Store {
+    /// The reference keeps Φ and G in f64.
+    Cpu { phi: Vec<f64>, gram: Vec<f64> },
+    #[cfg(any(feature = "cuda", feature = "rocm"))]
+    Gpu { phi: DeviceBuffer<f32>, gram: DeviceBuffer<f32> },
+}
+
+/// A prepared dictionary: Φ `[n, m]` (f32 on a GPU, f64 on the CPU) and G = ΦᵀΦ − I, on one
+/// device. G is computed when the dictionary is made and after each learning step.
+pub struct Dictionary {
+    device: Device,
+    n: usize,
+    m: usize,
+    store: Store,
+}
+
+impl std::fmt::Debug for Dictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dictionary[{} x {}] on {:?}", self.n, self.m, self.device)
+    }
+}
+
+/// The largest |‖φ‖ − 1| accepted for a column given in `dtype`.
+fn unit_norm_tolerance(dtype: DType) -> f64 {
+    1e-4 + 4.0 * dtype.unit_roundoff()
+}
+
+/// Checks the column norms of a new or learned dictionary.
+fn check_norms(norms: &[f64], dtype: DType, check_unit: bool) -> Result<()> {
+    let tol = unit_norm_tolerance(dtype);
+    for (j, &nrm) in norms.iter().enumerate() {
+        if !nrm.is_finite() {
+            return Err(Error::invalid("phi", format!("column {j} holds NaN or Inf")));
+        }
+        if check_unit && (nrm - 1.0).abs() > tol {
+            return Err(Error::invalid(
+                "phi",
+                format!("column {j} has norm {nrm}, not 1 (tolerance {tol:e} for {dtype:?}); normalise the columns or turn check_unit_norm off"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Dictionary {
+    /// Copies Φ (`[n, m]` row-major, on `phi`'s device) into a new prepared dictionary on that
+    /// device and computes G. Errors: a length that is not n·m, n or m zero, NaN/Inf in Φ, or
+    /// (with `check_unit_norm`) a column that is not of unit norm.
+    pub fn new<T: Element>(phi: &View<'_, T>, n: usize, m: usize, opts: DictionaryOptions) -> Result<Dictionary> {
+        Self::new_on(phi, n, m, opts, phi.device().default_stream())
+    }
+
+    /// [`Dictionary::new`] on a given stream (waits for it: the column check reads back).
+    pub fn new_on<T: Element>(phi: &View<'_, T>, n: usize, m: usize, opts: DictionaryOptions, stream: Stream) -> Result<Dictionary> {
+        if n == 0 || m == 0 {
+            return Err(Error::invalid("phi", format!("shape [{n}, {m}] is empty")));
+        }
+        if n > i32::MAX as usize || m > i32::MAX as usize {
+            return Err(Error::invalid("phi", format!("shape [{n}, {m}] exceeds 2^31-1 per dimension")));
+        }
+        let nm = n.checked_mul(m).ok_or_else(|| Error::invalid("phi", "n * m overflows"))?;
+        check_len("phi", phi.len(), nm)?;
+        let device = phi.device().clone();
+        let (store, norms) = if device.is_gpu() {
+            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            {
+                gpu::prepare(phi, n, m, stream)?
+            }
+            #[cfg(not(any(feature = "cuda", feature = "rocm")))]
+            unreachable!("a GPU device exists only with a GPU feature")
+        } else {
+            let _ = stream;
+            cpu::prepare(phi.host_slice(), n, m)
+        };
+        check_norms(&norms, T::DTYPE, opts.check_unit_norm)?;
+        Ok(Dictionary { device, n, m, store })
+    }
+
+    /// The device it lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// n: the length of a sample.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// m: the number of atoms (columns).
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Φ `[n, m]` as f32, copied to the host.
+    pub fn phi(&self) -> Result<Vec<f32>> {
+        match &self.store {
+            Store::Cpu { phi, .. } => Ok(phi.iter().map(|&v| v as f32).collect()),
+            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            Store::Gpu { phi, .. } => phi.to_vec(),
+        }
+    }
+
+    /// G = ΦᵀΦ − I `[m, m]` as f32, copied to the host.
+    pub fn gram(&self) -> Result<Vec<f32>> {
+        match &self.store {
+            Store::Cpu { gram, .. } => Ok(gram.iter().map(|&v| v as f32).collect()),
+            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            Store::Gpu { gram, .. } => gram.to_vec(),
+        }
+    }
+
+    /// Copies Φ (f32) into `out` (`[n, m]`, on the dictionary's device), enqueued on `stream`.
+    pub fn phi_into(&self, out: &mut ViewMut<'_, f32>, stream: Stream) -> Result<()> {
+        same_device("phi_out", out.device(), &self.device)?;
+        check_len("phi_out", out.len(), self.n * self.m)?;
+        match &self.store {
+            Store::Cpu { phi, .. } => {
+                for (o, &v) in out.host_slice_mut().iter_mut().zip(phi) {
+                    *o = v as f32;
+                }
+                Ok(())
+            }
+            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            Store::Gpu { phi, .. } => unsafe { self.device.copy_dtod(out.addr, phi.addr(), out.len * 4, stream) },
+        }
+    }
+
+    fn batch_of(&self, name: &str, len: usize, width: usize) -> Result<usize> {
+        if len == 0 {
+            return Err(Error::invalid(name, "is empty: the batch must hold at least one sample"));
+        }
+        if len % width != 0 {
+            return Err(Error::invalid(name, format!("has {len} elements, not a multiple of {width}")));
+        }
+        let batch = len / width;
+        if batch > i32::MAX as usize {
+            return Err(Error::invalid(name, format!("batch {batch} exceeds 2^31-1")));
+        }
+        Ok(batch)
+    }
+
+    /// Codes the batch `x` (`[batch, n]`), starting from `u0` (`[batch, m]`, or 0), into
+    /// `out`, enqueued on `stream`. All views on the dictionary's device. Everything is checked
+    /// before anything is written: on error the outputs are untouched.
+    pub fn solve_into<T: Element>(
+        &self,
+        spec: &LcaSpec,
+        x: &View<'_, T>,
+        u0: Option<&View<'_, f32>>,
+        out: LcaOutputs<'_>,
+        stream: Stream,
+    ) -> Result<()> {
+        spec.validate()?;
+        let batch = self.batch_of("x", x.len(), self.n)?;
+        same_device("x", x.device(), &self.device)?;
+        let bm = batch * self.m;
+        if let Some(u0) = u0 {
+            same_device("u0", u0.device(), &self.device)?;
+            check_len("u0", u0.len(), bm)?;
+        }
+        same_device("u", out.u.device(), &self.device)?;
+        check_len("u", out.u.len(), bm)?;
+        same_device("a", out.a.device(), &self.device)?;
+        check_len("a", out.a.len(), bm)?;
+        let bt = batch * spec.steps as usize;
+        if let Some(e) = &out.energy {
+            same_device("energy", e.device(), &self.device)?;
+            check_len("energy", e.len(), bt)?;
+        }
+        if let Some(c) = &out.active {
+            same_device("active", c.device(), &self.device)?;
+            check_len("active", c.len(), bt)?;
+        }
+        if let Some(s) = &out.steps {
+            same_device("steps", s.device(), &self.device)?;
+            check_len("steps", s.len(), batch)?;
+        }
+        match &self.store {
+            Store::Cpu { phi, gram } => {
+                let (x, u0) = (x.host_slice(), u0.map(|v| v.host_slice()));
+                if spec.check_finite {
+                    crate::backend::cpu::check_finite("x", x.iter().map(|v| v.to_f64()))?;
+                    if let Some(u0) = u0 {
+                        crate::backend::cpu::check_finite("u0", u0.iter().map(|&v| v as f64))?;
+                    }
+                }
+                cpu::solve(phi, gram, self.n, self.m, spec, x, u0, out);
+                Ok(())
+            }
+            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            Store::Gpu { gram, phi } => gpu::solve(&self.device, phi, gram, self.n, self.m, batch, spec, x, u0, out, stream),
+        }
+    }
+
+    /// Codes the batch `x` (`[batch, n]`) on the device's default stream into new buffers.
+    pub fn solve<T: Element>(&self, spec: &LcaSpec, x: &View<'_, T>, u0: Option<&View<'_, f32>>) -> Result<LcaResult> {
+        spec.validate()?;
+        let batch = self.batch_of("x", x.len(), self.n)?;
+        let d = &self.device;
+        let bm = batch * self.m;
+        let bt = batch * spec.steps as usize;
+        let mut res = LcaResult {
+            u: d.alloc(bm)?,
+            a: d.alloc(bm)?,
+            energy: if spec.trace { Some(d.alloc(bt)?) } else { None },
+            active: if spec.trace { Some(d.alloc(bt)?) } else { None },
+            steps: d.alloc(batch)?,
+        };
+        let out = LcaOutputs {
+            u: res.u.view_mut(),
+            a: res.a.view_mut(),
+            energy: res.energy.as_mut().map(|b| b.view_mut()),
+            active: res.active.as_mut().map(|b| b.view_mut()),
+            steps: Some(res.steps.view_mut()),
+        };
+        self.solve_into(spec, x, u0, out, d.default_stream())?;
+        Ok(res)
+    }
+
+    /// One dictionary-learning step on the batch x (`[batch, n]`) with its codes a
+    /// (`[batch, m]`): Φ += (lr/batch) Σ_b (x_b − Φa_b) a_bᵀ, every column renormalised to unit
+    /// norm (a column of norm 0 stays as it is), G recomputed. Enqueued on `stream`.
+    pub fn learn<T: Element>(&mut self, x: &View<'_, T>, a: &View<'_, f32>, lr: f32, stream: Stream) -> Result<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::invalid("lr", format!("must be finite and >= 0, got {lr}")));
+        }
+        let batch = self.batch_of("x", x.len(), self.n)?;
+        same_device("x", x.device(), &self.device)?;
+        same_device("a", a.device(), &self.device)?;
+        check_len("a", a.len(), batch * self.m)?;
+        let (n, m) = (self.n, self.m);
+        match &mut self.store {
+            Store::Cpu { phi, gram } => {
+                let (x, a) = (x.host_slice(), a.host_slice());
+                crate::backend::cpu::check_finite("x", x.iter().map(|v| v.to_f64()))?;
+                crate::backend::cpu::check_finite("a", a.iter().map(|&v| v as f64))?;
+                cpu::learn(phi, gram, n, m, x, a, lr as f64);
+                Ok(())
+            }
+            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            Store::Gpu { phi, gram } => gpu::learn(&self.device, phi, gram, n, m, batch, x, a, lr, stream),
+        }
+        .map(|_| {
+            let _ = stream;
+        })
+    }
+}

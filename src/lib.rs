@@ -1,0 +1,46 @@
+//! # fep-kernels
+//!
+//! Fused GPU kernels for inference by energy minimisation, written once for NVIDIA (CUDA,
+//! feature `cuda`) and AMD (HIP, feature `rocm`), with an f64 CPU reference backend that
+//! always builds. This release ships the foundation and LCA sparse coding ([`lca`]);
+//! precision-weighted attention, predictive-coding settling and variational message passing
+//! follow on the same runtime.
+//!
+//! ```
+//! use fep_kernels::{Device, lca::{Dictionary, LcaSpec}};
+//! let dev = Device::best(); // first CUDA GPU, else first HIP GPU, else the CPU
+//! // A 2 x 3 dictionary with unit-norm columns and one sample.
+//! let s = std::f32::consts::FRAC_1_SQRT_2;
+//! let phi = dev.upload(&[1.0f32, 0.0, s, 0.0, 1.0, s])?;
+//! let dict = Dictionary::new(&phi.view(), 2, 3, Default::default())?;
+//! let x = dev.upload(&[2.0f32, 0.5])?;
+//! let out = dict.solve(&LcaSpec::new(0.1).steps(300), &x.view(), None)?;
+//! println!("a = {:?} after {:?} steps", out.a.to_vec()?, out.steps.to_vec()?);
+//! # Ok::<(), fep_kernels::Error>(())
+//! ```
+//!
+//! Frameworks pass their own memory and streams: [`View::from_raw`], [`ViewMut::from_raw`],
+//! [`Stream::from_raw`], or the C ABI in `include/fep_kernels.h`.
+
+#![warn(missing_docs)]
+// Without a GPU feature the launch plumbing has no caller; it is still compiled and checked.
+#![cfg_attr(not(any(feature = "cuda", feature = "rocm")), allow(dead_code, unused_variables))]
+
+mod backend;
+pub mod element;
+pub mod error;
+pub mod ffi;
+pub mod lca;
+mod tensor;
+
+pub use backend::{Device, DeviceBuffer, DeviceKind, Stream, View, ViewMut};
+pub use element::{DType, Element};
+pub use error::{Error, Result};
+pub use half::{bf16, f16};
+
+/// The compilers' per-kernel resource report for this build (registers, shared memory,
+/// spills), one line per kernel and target. Empty without a GPU feature.
+pub const RESOURCE_REPORT: &str = backend::registry::RESOURCE_REPORT;
+
+/// The library version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
