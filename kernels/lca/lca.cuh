@@ -32,30 +32,27 @@ struct LcaGemmArgs {
     int32_t pad_;
 };
 
-// One LCA solve over a batch; one block per sample.
+// One LCA solve over a batch (or a chunk of it): block s serves sample s. Kept small: on wave64
+// AMD GPUs every field sits in a scalar register for the whole kernel.
 struct LcaSolveArgs {
-    const float* b;          // [batch, m]  Phi^T x
-    const float* xsq;        // [batch]     |x|^2, for the energy
-    const float* g;          // [m, m]      Phi^T Phi - I (symmetric)
-    const float* u0;         // [batch, m]  initial u, or null for 0
-    float* u;                // [batch, m]  out: u (and the state of the stepped kernel)
-    float* a;                // [batch, m]  out: theta(u)
-    float* energy;           // [batch, steps] or null
-    uint32_t* active;        // [batch, steps] or null
-    uint32_t* steps_done;    // [batch]
-    // State of the stepped kernel (global memory), [batch, m] each; null for the persistent one.
-    float* c_state;
-    int32_t* idx_state;
-    float* val_state;
-    int32_t* meta_state;     // [batch, 4]: active count, dense flag, done flag, unused
-    int64_t batch, m;
-    int32_t steps, t_begin, t_end, threshold;
+    const float* b;        // [batch, m]  Phi^T x
+    const float* xsq;      // [batch]     |x|^2, for the energy
+    const float* g;        // [m, m]      Phi^T Phi - I (symmetric)
+    float* u;              // [batch, m]  in: u0 when has_u0; out: u (the stepped kernel's state)
+    float* a;              // [batch, m]  out: theta(u)
+    float* energy;         // [batch, steps] or null
+    uint32_t* active;      // [batch, steps] or null
+    uint32_t* steps_done;  // [batch]
+    float* state;          // stepped kernel: [batch, 3m + 4] (c, val, idx, meta); else null
+    int32_t m, steps, t_begin, t_end, threshold, has_u0;
     float lambda, eta, tol;
     int32_t pad_;
 };
 
-// Shared memory the persistent kernel needs per block, beyond its static scratch: u, c, val, idx.
+// Shared memory the persistent kernel needs per block, beyond its static scratch: u, c, val, idx
+// per unit, and 4 ints of meta.
 #define LCA_SMEM_BYTES_PER_UNIT 16
+#define LCA_SMEM_BYTES_FIXED 16
 // The inhibition sweeps every row of G (no gather) when more than 1/LCA_DENSE_DIV are active.
 #define LCA_DENSE_DIV 4
 #define LCA_THREADS 256

@@ -36,32 +36,55 @@ FEP_DEVICE T block_allreduce(T v, Op op, T identity, T* scratch) {
     return r;
 }
 
-// Inclusive prefix sum within a warp (Hillis-Steele over shuffles).
-template <int kWarp>
-FEP_DEVICE int warp_inclusive_scan(int v) {
-    const int lane = (int)fep_lane();
+// Sums N values at once over the block, in place (one pair of barriers for all N).
+// `scratch` holds N * FEP_MAX_WARPS floats.
+template <int kWarp, int N>
+FEP_DEVICE void block_allreduce_n(float* v, float* scratch) {
+    const int nwarps = (blockDim.x + kWarp - 1) / kWarp;
 #pragma unroll
-    for (int d = 1; d < kWarp; d *= 2) {
-        int up = fep_shfl_up(v, d);
-        if (lane >= d) v += up;
+    for (int i = 0; i < N; ++i) v[i] = warp_allreduce<kWarp>(v[i], FepSum());
+    __syncthreads();
+    if (fep_lane() == 0) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) scratch[i * FEP_MAX_WARPS + fep_warp_id()] = v[i];
     }
-    return v;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        float r = 0.0f;
+        for (int w = 0; w < nwarps; ++w) r += scratch[i * FEP_MAX_WARPS + w];
+        v[i] = r;
+    }
 }
 
-// Exclusive prefix sum over the block, in thread order; `*total` receives the block's sum.
-template <int kWarp>
+// Exclusive prefix sum over a block of kThreads threads, in thread order; `*total` gets the
+// block's sum. Through shared memory in chunks of 16, without shuffles: a shuffle scan needs a
+// lane mask per level, which on wave64 GPUs pins 2 scalar registers each for the whole kernel.
+// `scratch` holds kThreads + kThreads / 16 ints. Deterministic (no atomics).
+#define FEP_SCAN_CHUNK 16
+template <int kThreads>
 FEP_DEVICE int block_exclusive_scan(int v, int* scratch, int* total) {
-    const int nwarps = (blockDim.x + kWarp - 1) / kWarp;
-    const int incl = warp_inclusive_scan<kWarp>(v);
+    static_assert(kThreads % FEP_SCAN_CHUNK == 0, "block size must be a multiple of 16");
+    constexpr int kChunks = kThreads / FEP_SCAN_CHUNK;
+    int* chunk_sum = scratch + kThreads;
+    const int t = threadIdx.x;
+    __syncthreads();  // scratch may still be read by a previous call
+    scratch[t] = v;
     __syncthreads();
-    if (fep_lane() == kWarp - 1 || threadIdx.x == blockDim.x - 1) scratch[fep_warp_id()] = incl;
-    __syncthreads();
-    int before = 0, all = 0;
-    for (int w = 0; w < nwarps; ++w) {
-        const int s = scratch[w];
-        if (w < (int)fep_warp_id()) before += s;
-        all += s;
+    if (t < kChunks) {
+        int s = 0;
+        for (int i = 0; i < FEP_SCAN_CHUNK; ++i) s += scratch[t * FEP_SCAN_CHUNK + i];
+        chunk_sum[t] = s;
     }
+    __syncthreads();
+    // Loop bounds that depend on the thread, not compares inside unrolled loops: a compare per
+    // unrolled iteration would again pin a lane mask each.
+    const int chunk = t / FEP_SCAN_CHUNK;
+    int before = 0, all = 0;
+    for (int c = 0; c < chunk; ++c) before += chunk_sum[c];
+    for (int i = chunk * FEP_SCAN_CHUNK; i < t; ++i) before += scratch[i];
+#pragma unroll 1
+    for (int c = 0; c < kChunks; ++c) all += chunk_sum[c];
     *total = all;
-    return before + incl - v;
+    return before;
 }

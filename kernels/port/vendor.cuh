@@ -30,9 +30,15 @@
 #endif
 
 // ---- launch bounds ---------------------------------------------------------------------------
-// HIP's second argument means "min waves per EU", CUDA's "min blocks per SM": only the first
-// (max threads per block) is shared, so that is all we expose.
+// Only the first argument (max threads per block) means the same on both: HIP's second is
+// "min waves per EU", CUDA's "min blocks per SM". On CUDA we pass 1 block per SM: no register
+// cap beyond the block size, and ptxas 13.0 then stops spilling uniform registers to local
+// memory in kernels with many uniform values (seen at 40 registers in the LCA stepped kernels).
+#if defined(FEP_HIP)
 #define FEP_LAUNCH_BOUNDS(max_threads) __launch_bounds__(max_threads)
+#else
+#define FEP_LAUNCH_BOUNDS(max_threads) __launch_bounds__(max_threads, 1)
+#endif
 
 #define FEP_KERNEL extern "C" __global__
 #define FEP_DEVICE __device__ __forceinline__

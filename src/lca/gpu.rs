@@ -13,13 +13,20 @@ const DICTIONARY: &str = "lca/dictionary";
 const SOLVE: &str = "lca/solve";
 /// Threads per block of every LCA kernel (LCA_THREADS); a multiple of both warp sizes.
 const THREADS: u32 = 256;
-/// LCA_SMEM_BYTES_PER_UNIT: u, c, val, idx of the persistent kernel.
+/// LCA_SMEM_BYTES_PER_UNIT and LCA_SMEM_BYTES_FIXED: u, c, val, idx per unit and 4 ints of meta,
+/// the persistent kernel's dynamic shared memory.
 const SMEM_PER_UNIT: usize = 16;
+const SMEM_FIXED: usize = 16;
+/// The stepped kernel's global state per sample: c, val, idx per unit (4-byte words), 4 of meta.
+const STEPPED_STATE_PER_UNIT: usize = 3;
+/// Samples per launch (one block each): within every vendor's grid limit.
+const MAX_BLOCKS: usize = 1 << 20;
 /// Room kept for the kernels' static shared memory.
 const STATIC_SMEM_MARGIN: usize = 1024;
 const GEMM_TILE: usize = 16;
 /// Grid dimensions stay below every vendor's limit; kernels loop past them.
 const MAX_GRID_X: usize = 1 << 20;
+
 const MAX_GRID_Y: usize = 65535;
 
 #[repr(C)]
@@ -49,26 +56,41 @@ struct SolveArgs {
     b: u64,
     xsq: u64,
     g: u64,
-    u0: u64,
     u: u64,
     a: u64,
     energy: u64,
     active: u64,
     steps_done: u64,
-    c_state: u64,
-    idx_state: u64,
-    val_state: u64,
-    meta_state: u64,
-    batch: i64,
-    m: i64,
+    state: u64,
+    m: i32,
     steps: i32,
     t_begin: i32,
     t_end: i32,
     threshold: i32,
+    has_u0: i32,
     lambda: f32,
     eta: f32,
     tol: f32,
     pad: i32,
+}
+
+impl SolveArgs {
+    /// The same arguments for samples [first, first + count) of the batch.
+    fn chunk(&self, first: usize, m: usize, steps: usize) -> SolveArgs {
+        let f = first as u64;
+        let row = |addr: u64, width: usize| if addr == 0 { 0 } else { addr + f * width as u64 * 4 };
+        SolveArgs {
+            b: row(self.b, m),
+            xsq: row(self.xsq, 1),
+            u: row(self.u, m),
+            a: row(self.a, m),
+            energy: row(self.energy, steps),
+            active: row(self.active, steps),
+            steps_done: row(self.steps_done, 1),
+            state: row(self.state, STEPPED_STATE_PER_UNIT * m + 4),
+            ..*self
+        }
+    }
 }
 
 fn arg<T>(v: &mut T) -> *mut c_void {
@@ -217,54 +239,68 @@ pub(super) fn solve<T: Element>(
             steps_scratch.addr
         }
     };
-    let mut args = SolveArgs {
+    // The kernels read u0 from the output u, so the caller's u0 is never written.
+    if let Some(u0) = u0 {
+        if u0.addr() != out.u.addr {
+            unsafe { dev.copy_dtod(out.u.addr, u0.addr(), batch * m * 4, stream)? };
+        }
+    }
+    let trace = out.energy.is_some() || out.active.is_some();
+    let args = SolveArgs {
         b: b.addr,
         xsq: xsq.addr,
         g: g.addr(),
-        u0: u0.map_or(0, |v| v.addr()),
         u: out.u.addr,
         a: out.a.addr,
         energy: out.energy.as_ref().map_or(0, |v| v.addr),
         active: out.active.as_ref().map_or(0, |v| v.addr),
         steps_done,
-        c_state: 0,
-        idx_state: 0,
-        val_state: 0,
-        meta_state: 0,
-        batch: batch as i64,
-        m: m as i64,
+        state: 0,
+        m: m as i32,
         steps: spec.steps as i32,
         t_begin: 0,
         t_end: spec.steps as i32,
         threshold: spec.threshold as i32,
+        has_u0: u0.is_some() as i32,
         lambda: spec.lambda,
         eta: spec.eta,
         tol: spec.tol,
         pad: 0,
     };
-    let grid = (batch.clamp(1, MAX_GRID_X) as u32, 1, 1);
+    let steps = spec.steps as usize;
+    let suffix = if trace { "_trace" } else { "" };
     if fits_on_chip(dev, m) {
         // All T steps in one launch, the state in shared memory.
-        let cfg = LaunchConfig { grid, block: THREADS, smem: (SMEM_PER_UNIT * m) as u32 };
-        return dev.launch(SOLVE, "lca_solve_persistent", cfg, &mut [arg(&mut args)], stream);
+        let smem = (SMEM_PER_UNIT * m + SMEM_FIXED) as u32;
+        for first in (0..batch).step_by(MAX_BLOCKS) {
+            let count = (batch - first).min(MAX_BLOCKS);
+            let cfg = LaunchConfig { grid: (count as u32, 1, 1), block: THREADS, smem };
+            let mut chunk = args.chunk(first, m, steps);
+            dev.launch(SOLVE, &format!("lca_solve_persistent{suffix}"), cfg, &mut [arg(&mut chunk)], stream)?;
+        }
+        return Ok(());
     }
     // Too wide for shared memory: the state in global memory, one launch per step.
-    let state = Scratch::new(dev, batch * m * 12 + batch * 16, stream)?;
-    args.c_state = state.addr;
-    args.idx_state = state.addr + (batch * m * 4) as u64;
-    args.val_state = state.addr + (batch * m * 8) as u64;
-    args.meta_state = state.addr + (batch * m * 12) as u64;
-    let cfg = LaunchConfig { grid, block: THREADS, smem: 0 };
-    for t in 0..spec.steps as i32 {
-        let mut step = SolveArgs { t_begin: t, t_end: t + 1, ..args };
-        dev.launch(SOLVE, "lca_solve_stepped", cfg, &mut [arg(&mut step)], stream)?;
+    let state = Scratch::new(dev, batch * (STEPPED_STATE_PER_UNIT * m + 4) * 4, stream)?;
+    let args = SolveArgs { state: state.addr, ..args };
+    let step_kernel = format!("lca_solve_stepped{suffix}");
+    for first in (0..batch).step_by(MAX_BLOCKS) {
+        let count = (batch - first).min(MAX_BLOCKS);
+        let cfg = LaunchConfig { grid: (count as u32, 1, 1), block: THREADS, smem: 0 };
+        let chunk = args.chunk(first, m, steps);
+        let mut init = SolveArgs { t_begin: 0, t_end: 0, ..chunk };
+        dev.launch(SOLVE, "lca_solve_stepped_init", cfg, &mut [arg(&mut init)], stream)?;
+        for t in 0..spec.steps as i32 {
+            let mut step = SolveArgs { t_begin: t, t_end: t + 1, ..chunk };
+            dev.launch(SOLVE, &step_kernel, cfg, &mut [arg(&mut step)], stream)?;
+        }
     }
     Ok(())
 }
 
 /// Whether codes of width m run in the persistent kernel on `dev` (state in shared memory).
 fn fits_on_chip(dev: &Device, m: usize) -> bool {
-    SMEM_PER_UNIT * m + STATIC_SMEM_MARGIN <= dev.max_shared_per_block()
+    SMEM_PER_UNIT * m + SMEM_FIXED + STATIC_SMEM_MARGIN <= dev.max_shared_per_block()
 }
 
 #[allow(clippy::too_many_arguments)]
