@@ -53,7 +53,9 @@ impl DType {
 }
 
 /// A type the kernels read: f32, [`half::f16`] or [`half::bf16`].
-pub trait Element: bytemuck::Pod + Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+pub trait Element:
+    bytemuck::Pod + Copy + Default + Send + Sync + std::fmt::Debug + 'static
+{
     /// Its runtime tag.
     const DTYPE: DType;
     /// Exact widening.

@@ -73,7 +73,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(name: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument { name: name.into(), reason: reason.into() }
+        Error::InvalidArgument {
+            name: name.into(),
+            reason: reason.into(),
+        }
     }
 
     /// The C ABI status code (`FEP_ERR_*` in include/fep_kernels.h).

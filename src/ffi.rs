@@ -74,7 +74,10 @@ fn kind_from(code: i32) -> Result<DeviceKind> {
         FEP_DEVICE_CPU => Ok(DeviceKind::Cpu),
         FEP_DEVICE_CUDA => Ok(DeviceKind::Cuda),
         FEP_DEVICE_HIP => Ok(DeviceKind::Hip),
-        other => Err(Error::invalid("kind", format!("{other} is not FEP_DEVICE_CPU, _CUDA or _HIP"))),
+        other => Err(Error::invalid(
+            "kind",
+            format!("{other} is not FEP_DEVICE_CPU, _CUDA or _HIP"),
+        )),
     }
 }
 
@@ -90,7 +93,8 @@ fn usize_of(name: &str, v: u64) -> Result<usize> {
 }
 
 fn product(name: &str, a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b).ok_or_else(|| Error::invalid(name, format!("{a} * {b} overflows")))
+    a.checked_mul(b)
+        .ok_or_else(|| Error::invalid(name, format!("{a} * {b} overflows")))
 }
 
 /// Runs `f` with the element type named by `dtype`.
@@ -109,7 +113,10 @@ macro_rules! with_dtype {
                 type $t = bf16;
                 $body
             }
-            other => Err(Error::invalid("dtype", format!("{other} is not FEP_DTYPE_F32, _F16 or _BF16"))),
+            other => Err(Error::invalid(
+                "dtype",
+                format!("{other} is not FEP_DTYPE_F32, _F16 or _BF16"),
+            )),
         }
     };
 }
@@ -140,14 +147,23 @@ pub extern "C" fn fep_device_count(kind: i32) -> i32 {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn fep_device_name(kind: i32, ordinal: i32, buf: *mut c_char, len: u64) -> i32 {
+pub unsafe extern "C" fn fep_device_name(
+    kind: i32,
+    ordinal: i32,
+    buf: *mut c_char,
+    len: u64,
+) -> i32 {
     guard(|| {
         non_null("buf", buf)?;
         let len = usize_of("len", len)?;
         if len == 0 {
-            return Err(Error::invalid("len", "is 0: no room for the terminating NUL"));
+            return Err(Error::invalid(
+                "len",
+                "is 0: no room for the terminating NUL",
+            ));
         }
-        let ordinal = usize::try_from(ordinal).map_err(|_| Error::invalid("ordinal", format!("{ordinal} is negative")))?;
+        let ordinal = usize::try_from(ordinal)
+            .map_err(|_| Error::invalid("ordinal", format!("{ordinal} is negative")))?;
         let name = Device::open(kind_from(kind)?, ordinal)?.name();
         let bytes = name.as_bytes();
         let n = bytes.len().min(len - 1);
@@ -189,11 +205,14 @@ pub unsafe extern "C" fn fep_lca_dict_new(
     guard(|| {
         non_null("out", out)?;
         non_null("phi", phi)?;
-        let ordinal = usize::try_from(ordinal).map_err(|_| Error::invalid("ordinal", format!("{ordinal} is negative")))?;
+        let ordinal = usize::try_from(ordinal)
+            .map_err(|_| Error::invalid("ordinal", format!("{ordinal} is negative")))?;
         let device = Device::open(kind_from(kind)?, ordinal)?;
         let (n, m) = (usize_of("n", n)?, usize_of("m", m)?);
         let len = product("phi", n, m)?;
-        let opts = DictionaryOptions { check_unit_norm: check_unit_norm != 0 };
+        let opts = DictionaryOptions {
+            check_unit_norm: check_unit_norm != 0,
+        };
         let stream = raw_stream(&device, stream);
         let dict = with_dtype!(dtype, T => {
             let view = unsafe { View::<T>::from_raw(&device, phi as u64, len) };
@@ -212,7 +231,11 @@ pub unsafe extern "C" fn fep_lca_dict_free(dict: *mut FepLcaDict) {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn fep_lca_dict_shape(dict: *const FepLcaDict, n: *mut u64, m: *mut u64) -> i32 {
+pub unsafe extern "C" fn fep_lca_dict_shape(
+    dict: *const FepLcaDict,
+    n: *mut u64,
+    m: *mut u64,
+) -> i32 {
     guard(|| {
         non_null("dict", dict)?;
         let d = unsafe { &(*dict).dict };
@@ -234,12 +257,17 @@ fn raw_stream(_device: &Device, stream: *mut c_void) -> Stream {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn fep_lca_dict_phi(dict: *const FepLcaDict, stream: *mut c_void, phi_out: *mut f32) -> i32 {
+pub unsafe extern "C" fn fep_lca_dict_phi(
+    dict: *const FepLcaDict,
+    stream: *mut c_void,
+    phi_out: *mut f32,
+) -> i32 {
     guard(|| {
         non_null("dict", dict)?;
         non_null("phi_out", phi_out)?;
         let d = unsafe { &(*dict).dict };
-        let mut out = unsafe { ViewMut::<f32>::from_raw(d.device(), phi_out as u64, d.n() * d.m()) };
+        let mut out =
+            unsafe { ViewMut::<f32>::from_raw(d.device(), phi_out as u64, d.n() * d.m()) };
         d.phi_into(&mut out, raw_stream(d.device(), stream))
     })
 }
@@ -286,9 +314,12 @@ pub unsafe extern "C" fn fep_lca_solve(
             let out = LcaOutputs {
                 u: ViewMut::from_raw(dev, u_out as u64, bm),
                 a: ViewMut::from_raw(dev, a_out as u64, bm),
-                energy: (!energy_out.is_null()).then(|| ViewMut::from_raw(dev, energy_out as u64, bt)),
-                active: (!active_out.is_null()).then(|| ViewMut::from_raw(dev, active_out as u64, bt)),
-                steps: (!steps_out.is_null()).then(|| ViewMut::from_raw(dev, steps_out as u64, batch)),
+                energy: (!energy_out.is_null())
+                    .then(|| ViewMut::from_raw(dev, energy_out as u64, bt)),
+                active: (!active_out.is_null())
+                    .then(|| ViewMut::from_raw(dev, active_out as u64, bt)),
+                steps: (!steps_out.is_null())
+                    .then(|| ViewMut::from_raw(dev, steps_out as u64, batch)),
             };
             let n = d.n();
             with_dtype!(dtype, T => solve_typed::<T>(d, &spec, x, product("batch", batch, n)?, u0.as_ref(), out, raw_stream(dev, stream)))

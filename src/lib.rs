@@ -24,7 +24,10 @@
 
 #![warn(missing_docs)]
 // Without a GPU feature the launch plumbing has no caller; it is still compiled and checked.
-#![cfg_attr(not(any(feature = "cuda", feature = "rocm")), allow(dead_code, unused_variables))]
+#![cfg_attr(
+    not(any(feature = "cuda", feature = "rocm")),
+    allow(dead_code, unused_variables)
+)]
 
 mod backend;
 pub mod element;

@@ -7,7 +7,10 @@ use crate::error::{Error, Result};
 /// `Err` unless `got == expected` (elements).
 pub(crate) fn check_len(name: &str, got: usize, expected: usize) -> Result<()> {
     if got != expected {
-        return Err(Error::invalid(name, format!("has {got} elements, expected {expected}")));
+        return Err(Error::invalid(
+            name,
+            format!("has {got} elements, expected {expected}"),
+        ));
     }
     Ok(())
 }
@@ -15,7 +18,10 @@ pub(crate) fn check_len(name: &str, got: usize, expected: usize) -> Result<()> {
 /// `Err` unless the tensor `name` is on `want`.
 pub(crate) fn same_device(name: &str, got: &Device, want: &Device) -> Result<()> {
     if got != want {
-        return Err(Error::invalid(name, format!("is on {got:?}, expected {want:?}")));
+        return Err(Error::invalid(
+            name,
+            format!("is on {got:?}, expected {want:?}"),
+        ));
     }
     Ok(())
 }

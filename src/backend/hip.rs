@@ -30,19 +30,32 @@ fn check(call: &'static str, code: hip::hipError_t) -> Result<()> {
     if code == hip::hipError_t::hipSuccess {
         return Ok(());
     }
-    let message = unsafe { CStr::from_ptr(hip::hipGetErrorString(code)) }.to_string_lossy().into_owned();
-    Err(Error::Driver { vendor: Vendor::Hip, call, code: code as i32, message })
+    let message = unsafe { CStr::from_ptr(hip::hipGetErrorString(code)) }
+        .to_string_lossy()
+        .into_owned();
+    Err(Error::Driver {
+        vendor: Vendor::Hip,
+        call,
+        code: code as i32,
+        message,
+    })
 }
 
 fn no_device(reason: impl Into<String>) -> Error {
-    Error::NoDevice { vendor: "HIP", reason: reason.into() }
+    Error::NoDevice {
+        vendor: "HIP",
+        reason: reason.into(),
+    }
 }
 
 fn count() -> Result<usize> {
     let mut n = 0;
     let code = unsafe { hip::hipGetDeviceCount(&mut n) };
     if code != hip::hipError_t::hipSuccess {
-        return Err(no_device(format!("hipGetDeviceCount: {}", check("hipGetDeviceCount", code).unwrap_err())));
+        return Err(no_device(format!(
+            "hipGetDeviceCount: {}",
+            check("hipGetDeviceCount", code).unwrap_err()
+        )));
     }
     Ok(n.max(0) as usize)
 }
@@ -55,22 +68,34 @@ impl HipDevice {
     pub fn open(ordinal: usize) -> Result<HipDevice> {
         let n = count()?;
         if ordinal >= n {
-            return Err(no_device(format!("ordinal {ordinal} asked for, {n} HIP device(s) present")));
+            return Err(no_device(format!(
+                "ordinal {ordinal} asked for, {n} HIP device(s) present"
+            )));
         }
         let id = ordinal as i32;
         check("hipSetDevice", unsafe { hip::hipSetDevice(id) })?;
         let mut raw = [0 as std::ffi::c_char; 256];
-        check("hipDeviceGetName", unsafe { hip::hipDeviceGetName(raw.as_mut_ptr(), raw.len() as i32, id) })?;
-        let name = unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().into_owned();
+        check("hipDeviceGetName", unsafe {
+            hip::hipDeviceGetName(raw.as_mut_ptr(), raw.len() as i32, id)
+        })?;
+        let name = unsafe { CStr::from_ptr(raw.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
         let mut smem = 0;
         let attr = hip::hipDeviceAttribute_t::hipDeviceAttributeSharedMemPerBlockOptin;
-        check("hipDeviceGetAttribute", unsafe { hip::hipDeviceGetAttribute(&mut smem, attr, id) })?;
+        check("hipDeviceGetAttribute", unsafe {
+            hip::hipDeviceGetAttribute(&mut smem, attr, id)
+        })?;
         if smem <= 0 {
             let attr = hip::hipDeviceAttribute_t::hipDeviceAttributeMaxSharedMemoryPerBlock;
-            check("hipDeviceGetAttribute", unsafe { hip::hipDeviceGetAttribute(&mut smem, attr, id) })?;
+            check("hipDeviceGetAttribute", unsafe {
+                hip::hipDeviceGetAttribute(&mut smem, attr, id)
+            })?;
         }
         let mut stream = std::ptr::null_mut();
-        check("hipStreamCreateWithFlags", unsafe { hip::hipStreamCreateWithFlags(&mut stream, 1 /* hipStreamNonBlocking */) })?;
+        check("hipStreamCreateWithFlags", unsafe {
+            hip::hipStreamCreateWithFlags(&mut stream, 1 /* hipStreamNonBlocking */)
+        })?;
         Ok(HipDevice {
             ordinal,
             name,
@@ -82,20 +107,33 @@ impl HipDevice {
     }
 
     fn bind(&self) -> Result<()> {
-        check("hipSetDevice", unsafe { hip::hipSetDevice(self.ordinal as i32) })
+        check("hipSetDevice", unsafe {
+            hip::hipSetDevice(self.ordinal as i32)
+        })
     }
 
     pub fn synchronize(&self, stream: *mut c_void) -> Result<()> {
         self.bind()?;
-        check("hipStreamSynchronize", unsafe { hip::hipStreamSynchronize(stream.cast()) })
+        check("hipStreamSynchronize", unsafe {
+            hip::hipStreamSynchronize(stream.cast())
+        })
     }
 
     pub fn alloc(&self, bytes: usize, stream: *mut c_void) -> Result<u64> {
         self.bind()?;
         let mut p = std::ptr::null_mut();
-        let code = unsafe { if stream.is_null() { hip::hipMalloc(&mut p, bytes) } else { hip::hipMallocAsync(&mut p, bytes, stream.cast()) } };
+        let code = unsafe {
+            if stream.is_null() {
+                hip::hipMalloc(&mut p, bytes)
+            } else {
+                hip::hipMallocAsync(&mut p, bytes, stream.cast())
+            }
+        };
         if code == hip::hipError_t::hipErrorOutOfMemory {
-            return Err(Error::OutOfMemory { device: self.name.clone(), bytes });
+            return Err(Error::OutOfMemory {
+                device: self.name.clone(),
+                bytes,
+            });
         }
         check("hipMalloc", code)?;
         Ok(p as u64)
@@ -106,23 +144,51 @@ impl HipDevice {
             return;
         }
         unsafe {
-            let _ = if stream.is_null() { hip::hipFree(addr as *mut c_void) } else { hip::hipFreeAsync(addr as *mut c_void, stream.cast()) };
+            let _ = if stream.is_null() {
+                hip::hipFree(addr as *mut c_void)
+            } else {
+                hip::hipFreeAsync(addr as *mut c_void, stream.cast())
+            };
         }
     }
 
-    pub unsafe fn copy_htod(&self, dst: u64, src: *const u8, bytes: usize, stream: *mut c_void) -> Result<()> {
+    pub unsafe fn copy_htod(
+        &self,
+        dst: u64,
+        src: *const u8,
+        bytes: usize,
+        stream: *mut c_void,
+    ) -> Result<()> {
         self.bind()?;
-        check("hipMemcpyHtoDAsync", unsafe { hip::hipMemcpyHtoDAsync(dst as *mut c_void, src as *mut c_void, bytes, stream.cast()) })
+        check("hipMemcpyHtoDAsync", unsafe {
+            hip::hipMemcpyHtoDAsync(dst as *mut c_void, src as *mut c_void, bytes, stream.cast())
+        })
     }
 
-    pub unsafe fn copy_dtoh(&self, dst: *mut u8, src: u64, bytes: usize, stream: *mut c_void) -> Result<()> {
+    pub unsafe fn copy_dtoh(
+        &self,
+        dst: *mut u8,
+        src: u64,
+        bytes: usize,
+        stream: *mut c_void,
+    ) -> Result<()> {
         self.bind()?;
-        check("hipMemcpyDtoHAsync", unsafe { hip::hipMemcpyDtoHAsync(dst.cast(), src as *mut c_void, bytes, stream.cast()) })
+        check("hipMemcpyDtoHAsync", unsafe {
+            hip::hipMemcpyDtoHAsync(dst.cast(), src as *mut c_void, bytes, stream.cast())
+        })
     }
 
-    pub unsafe fn copy_dtod(&self, dst: u64, src: u64, bytes: usize, stream: *mut c_void) -> Result<()> {
+    pub unsafe fn copy_dtod(
+        &self,
+        dst: u64,
+        src: u64,
+        bytes: usize,
+        stream: *mut c_void,
+    ) -> Result<()> {
         self.bind()?;
-        check("hipMemcpyDtoDAsync", unsafe { hip::hipMemcpyDtoDAsync(dst as *mut c_void, src as *mut c_void, bytes, stream.cast()) })
+        check("hipMemcpyDtoDAsync", unsafe {
+            hip::hipMemcpyDtoDAsync(dst as *mut c_void, src as *mut c_void, bytes, stream.cast())
+        })
     }
 
     fn function(&self, module: &'static str, kernel: &str) -> Result<hip::hipFunction_t> {
@@ -134,27 +200,51 @@ impl HipDevice {
         let m = match modules.get(module) {
             Some(m) => *m,
             None => {
-                let image = super::registry::hip_image(module)
-                    .ok_or_else(|| Error::Unsupported(format!("kernel module {module} was not built for HIP")))?;
+                let image = super::registry::hip_image(module).ok_or_else(|| {
+                    Error::Unsupported(format!("kernel module {module} was not built for HIP"))
+                })?;
                 let mut m = std::ptr::null_mut();
-                check("hipModuleLoadData", unsafe { hip::hipModuleLoadData(&mut m, image.as_ptr().cast()) })?;
+                check("hipModuleLoadData", unsafe {
+                    hip::hipModuleLoadData(&mut m, image.as_ptr().cast())
+                })?;
                 modules.insert(module, m);
                 m
             }
         };
         let cname = std::ffi::CString::new(kernel).map_err(|_| Error::invalid("kernel", kernel))?;
         let mut f = std::ptr::null_mut();
-        check("hipModuleGetFunction", unsafe { hip::hipModuleGetFunction(&mut f, m, cname.as_ptr()) })?;
+        check("hipModuleGetFunction", unsafe {
+            hip::hipModuleGetFunction(&mut f, m, cname.as_ptr())
+        })?;
         self.functions.lock().unwrap().insert(key, f);
         Ok(f)
     }
 
-    pub fn launch(&self, module: &'static str, kernel: &str, cfg: LaunchConfig, params: &mut [*mut c_void], stream: *mut c_void) -> Result<()> {
+    pub fn launch(
+        &self,
+        module: &'static str,
+        kernel: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+        stream: *mut c_void,
+    ) -> Result<()> {
         self.bind()?;
         let f = self.function(module, kernel)?;
         let (gx, gy, gz) = cfg.grid;
         check("hipModuleLaunchKernel", unsafe {
-            hip::hipModuleLaunchKernel(f, gx, gy, gz, cfg.block, 1, 1, cfg.smem, stream.cast(), params.as_mut_ptr(), std::ptr::null_mut())
+            hip::hipModuleLaunchKernel(
+                f,
+                gx,
+                gy,
+                gz,
+                cfg.block,
+                1,
+                1,
+                cfg.smem,
+                stream.cast(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
         })
     }
 }

@@ -60,7 +60,13 @@ pub struct Device {
 
 impl fmt::Debug for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Device({:?} {}: {})", self.kind(), self.ordinal(), self.name())
+        write!(
+            f,
+            "Device({:?} {}: {})",
+            self.kind(),
+            self.ordinal(),
+            self.name()
+        )
     }
 }
 
@@ -74,7 +80,10 @@ impl Device {
     /// The CPU backend (always available).
     pub fn cpu() -> Device {
         static CPU: OnceLock<Device> = OnceLock::new();
-        CPU.get_or_init(|| Device { backend: Arc::new(Backend::Cpu) }).clone()
+        CPU.get_or_init(|| Device {
+            backend: Arc::new(Backend::Cpu),
+        })
+        .clone()
     }
 
     /// CUDA device `ordinal`. `Err(Error::NoDevice)` without the `cuda` feature, without a
@@ -82,12 +91,17 @@ impl Device {
     pub fn cuda(ordinal: usize) -> Result<Device> {
         #[cfg(feature = "cuda")]
         {
-            cuda::CudaDevice::open(ordinal).map(|d| Device { backend: Arc::new(Backend::Cuda(d)) })
+            cuda::CudaDevice::open(ordinal).map(|d| Device {
+                backend: Arc::new(Backend::Cuda(d)),
+            })
         }
         #[cfg(not(feature = "cuda"))]
         {
             let _ = ordinal;
-            Err(Error::NoDevice { vendor: "CUDA", reason: "this build has no `cuda` feature".into() })
+            Err(Error::NoDevice {
+                vendor: "CUDA",
+                reason: "this build has no `cuda` feature".into(),
+            })
         }
     }
 
@@ -96,25 +110,35 @@ impl Device {
     pub fn hip(ordinal: usize) -> Result<Device> {
         #[cfg(feature = "rocm")]
         {
-            hip::HipDevice::open(ordinal).map(|d| Device { backend: Arc::new(Backend::Hip(d)) })
+            hip::HipDevice::open(ordinal).map(|d| Device {
+                backend: Arc::new(Backend::Hip(d)),
+            })
         }
         #[cfg(not(feature = "rocm"))]
         {
             let _ = ordinal;
-            Err(Error::NoDevice { vendor: "HIP", reason: "this build has no `rocm` feature".into() })
+            Err(Error::NoDevice {
+                vendor: "HIP",
+                reason: "this build has no `rocm` feature".into(),
+            })
         }
     }
 
     /// The first CUDA device, else the first HIP device, else the CPU.
     pub fn best() -> Device {
-        Device::cuda(0).or_else(|_| Device::hip(0)).unwrap_or_else(|_| Device::cpu())
+        Device::cuda(0)
+            .or_else(|_| Device::hip(0))
+            .unwrap_or_else(|_| Device::cpu())
     }
 
     /// Opens device `ordinal` of `kind` (the CPU has only ordinal 0).
     pub fn open(kind: DeviceKind, ordinal: usize) -> Result<Device> {
         match kind {
             DeviceKind::Cpu if ordinal == 0 => Ok(Device::cpu()),
-            DeviceKind::Cpu => Err(Error::invalid("ordinal", format!("the CPU device has ordinal 0, not {ordinal}"))),
+            DeviceKind::Cpu => Err(Error::invalid(
+                "ordinal",
+                format!("the CPU device has ordinal 0, not {ordinal}"),
+            )),
             DeviceKind::Cuda => Device::cuda(ordinal),
             DeviceKind::Hip => Device::hip(ordinal),
         }
@@ -231,7 +255,13 @@ impl Device {
     ///
     /// # Safety
     /// `src` and `dst` must be valid for `bytes` bytes until the stream reaches the copy.
-    pub(crate) unsafe fn copy_htod(&self, dst: u64, src: *const u8, bytes: usize, stream: Stream) -> Result<()> {
+    pub(crate) unsafe fn copy_htod(
+        &self,
+        dst: u64,
+        src: *const u8,
+        bytes: usize,
+        stream: Stream,
+    ) -> Result<()> {
         match &*self.backend {
             Backend::Cpu => {
                 unsafe { std::ptr::copy(src, dst as *mut u8, bytes) };
@@ -248,7 +278,13 @@ impl Device {
     ///
     /// # Safety
     /// As [`Device::copy_htod`].
-    pub(crate) unsafe fn copy_dtoh(&self, dst: *mut u8, src: u64, bytes: usize, stream: Stream) -> Result<()> {
+    pub(crate) unsafe fn copy_dtoh(
+        &self,
+        dst: *mut u8,
+        src: u64,
+        bytes: usize,
+        stream: Stream,
+    ) -> Result<()> {
         match &*self.backend {
             Backend::Cpu => {
                 unsafe { std::ptr::copy(src as *const u8, dst, bytes) };
@@ -265,7 +301,13 @@ impl Device {
     ///
     /// # Safety
     /// As [`Device::copy_htod`].
-    pub(crate) unsafe fn copy_dtod(&self, dst: u64, src: u64, bytes: usize, stream: Stream) -> Result<()> {
+    pub(crate) unsafe fn copy_dtod(
+        &self,
+        dst: u64,
+        src: u64,
+        bytes: usize,
+        stream: Stream,
+    ) -> Result<()> {
         match &*self.backend {
             Backend::Cpu => {
                 unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
@@ -280,9 +322,18 @@ impl Device {
 
     /// Launches `kernel` of the embedded module `module`. `params` points at each argument.
     #[allow(unused_variables)]
-    pub(crate) fn launch(&self, module: &'static str, kernel: &str, cfg: LaunchConfig, params: &mut [*mut c_void], stream: Stream) -> Result<()> {
+    pub(crate) fn launch(
+        &self,
+        module: &'static str,
+        kernel: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+        stream: Stream,
+    ) -> Result<()> {
         match &*self.backend {
-            Backend::Cpu => Err(Error::Unsupported(format!("kernel {kernel} launched on the CPU device"))),
+            Backend::Cpu => Err(Error::Unsupported(format!(
+                "kernel {kernel} launched on the CPU device"
+            ))),
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => d.launch(module, kernel, cfg, params, stream.0),
             #[cfg(feature = "rocm")]
@@ -344,19 +395,41 @@ pub struct DeviceBuffer<T: Pod> {
 
 impl<T: Pod> fmt::Debug for DeviceBuffer<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DeviceBuffer<{}>[{}] on {:?}", std::any::type_name::<T>(), self.len, self.device)
+        write!(
+            f,
+            "DeviceBuffer<{}>[{}] on {:?}",
+            std::any::type_name::<T>(),
+            self.len,
+            self.device
+        )
     }
 }
 
 impl<T: Pod> DeviceBuffer<T> {
     fn new(device: &Device, len: usize) -> Result<Self> {
-        let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| Error::invalid("len", format!("{len} elements overflow")))?;
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .ok_or_else(|| Error::invalid("len", format!("{len} elements overflow")))?;
         if !device.is_gpu() {
             let mut host = vec![T::zeroed(); len];
-            return Ok(DeviceBuffer { device: device.clone(), addr: host.as_mut_ptr() as u64, len, host: Some(host) });
+            return Ok(DeviceBuffer {
+                device: device.clone(),
+                addr: host.as_mut_ptr() as u64,
+                len,
+                host: Some(host),
+            });
         }
-        let addr = if bytes == 0 { 0 } else { device.alloc_bytes(bytes, Stream(std::ptr::null_mut()))? };
-        Ok(DeviceBuffer { device: device.clone(), addr, len, host: None })
+        let addr = if bytes == 0 {
+            0
+        } else {
+            device.alloc_bytes(bytes, Stream(std::ptr::null_mut()))?
+        };
+        Ok(DeviceBuffer {
+            device: device.clone(),
+            addr,
+            len,
+            host: None,
+        })
     }
 
     /// Number of elements.
@@ -383,7 +456,10 @@ impl<T: Pod> DeviceBuffer<T> {
     pub fn copy_from_host(&mut self, data: &[T]) -> Result<()> {
         crate::tensor::check_len("data", data.len(), self.len)?;
         let s = self.device.default_stream();
-        unsafe { self.device.copy_htod(self.addr, data.as_ptr().cast(), size_of_val(data), s)? };
+        unsafe {
+            self.device
+                .copy_htod(self.addr, data.as_ptr().cast(), size_of_val(data), s)?
+        };
         self.device.synchronize(s)
     }
 
@@ -394,19 +470,30 @@ impl<T: Pod> DeviceBuffer<T> {
 
     /// Borrows the whole buffer.
     pub fn view(&self) -> View<'_, T> {
-        View { device: self.device.clone(), addr: self.addr, len: self.len, _data: PhantomData }
+        View {
+            device: self.device.clone(),
+            addr: self.addr,
+            len: self.len,
+            _data: PhantomData,
+        }
     }
 
     /// Borrows the whole buffer mutably.
     pub fn view_mut(&mut self) -> ViewMut<'_, T> {
-        ViewMut { device: self.device.clone(), addr: self.addr, len: self.len, _data: PhantomData }
+        ViewMut {
+            device: self.device.clone(),
+            addr: self.addr,
+            len: self.len,
+            _data: PhantomData,
+        }
     }
 }
 
 impl<T: Pod> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         if self.host.is_none() && self.addr != 0 {
-            self.device.free_bytes(self.addr, Stream(std::ptr::null_mut()));
+            self.device
+                .free_bytes(self.addr, Stream(std::ptr::null_mut()));
         }
     }
 }
@@ -431,7 +518,12 @@ pub struct ViewMut<'a, T: Pod> {
 impl<'a, T: Pod> View<'a, T> {
     /// A view of host memory, for the CPU device.
     pub fn host(data: &'a [T]) -> Self {
-        View { device: Device::cpu(), addr: data.as_ptr() as u64, len: data.len(), _data: PhantomData }
+        View {
+            device: Device::cpu(),
+            addr: data.as_ptr() as u64,
+            len: data.len(),
+            _data: PhantomData,
+        }
     }
 
     /// A view of memory someone else allocated (a framework's tensor).
@@ -440,7 +532,12 @@ impl<'a, T: Pod> View<'a, T> {
     /// `addr` must point at `len` readable elements of `T` on `device` (host memory for the CPU
     /// device) that stay valid and unwritten while the view and the work enqueued with it live.
     pub unsafe fn from_raw(device: &Device, addr: u64, len: usize) -> Self {
-        View { device: device.clone(), addr, len, _data: PhantomData }
+        View {
+            device: device.clone(),
+            addr,
+            len,
+            _data: PhantomData,
+        }
     }
 
     /// Number of elements.
@@ -481,7 +578,14 @@ impl<'a, T: Pod> View<'a, T> {
     pub fn to_vec_on(&self, stream: Stream) -> Result<Vec<T>> {
         let mut out = vec![T::zeroed(); self.len];
         if self.len > 0 {
-            unsafe { self.device.copy_dtoh(out.as_mut_ptr().cast(), self.addr, self.len * size_of::<T>(), stream)? };
+            unsafe {
+                self.device.copy_dtoh(
+                    out.as_mut_ptr().cast(),
+                    self.addr,
+                    self.len * size_of::<T>(),
+                    stream,
+                )?
+            };
         }
         self.device.synchronize(stream)?;
         Ok(out)
@@ -491,7 +595,12 @@ impl<'a, T: Pod> View<'a, T> {
 impl<'a, T: Pod> ViewMut<'a, T> {
     /// A writable view of host memory, for the CPU device.
     pub fn host(data: &'a mut [T]) -> Self {
-        ViewMut { device: Device::cpu(), addr: data.as_mut_ptr() as u64, len: data.len(), _data: PhantomData }
+        ViewMut {
+            device: Device::cpu(),
+            addr: data.as_mut_ptr() as u64,
+            len: data.len(),
+            _data: PhantomData,
+        }
     }
 
     /// A writable view of memory someone else allocated.
@@ -500,7 +609,12 @@ impl<'a, T: Pod> ViewMut<'a, T> {
     /// As [`View::from_raw`], and nothing else may read or write it while the view and the work
     /// enqueued with it live.
     pub unsafe fn from_raw(device: &Device, addr: u64, len: usize) -> Self {
-        ViewMut { device: device.clone(), addr, len, _data: PhantomData }
+        ViewMut {
+            device: device.clone(),
+            addr,
+            len,
+            _data: PhantomData,
+        }
     }
 
     /// Number of elements.
@@ -520,7 +634,12 @@ impl<'a, T: Pod> ViewMut<'a, T> {
 
     /// A read-only view of the same memory.
     pub fn as_view(&self) -> View<'_, T> {
-        View { device: self.device.clone(), addr: self.addr, len: self.len, _data: PhantomData }
+        View {
+            device: self.device.clone(),
+            addr: self.addr,
+            len: self.len,
+            _data: PhantomData,
+        }
     }
 
     /// The elements, when on the CPU device.
@@ -542,8 +661,16 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     pub(crate) fn new(device: &Device, bytes: usize, stream: Stream) -> Result<Scratch> {
-        let addr = if bytes == 0 { 0 } else { device.alloc_bytes(bytes, stream)? };
-        Ok(Scratch { device: device.clone(), stream, addr })
+        let addr = if bytes == 0 {
+            0
+        } else {
+            device.alloc_bytes(bytes, stream)?
+        };
+        Ok(Scratch {
+            device: device.clone(),
+            stream,
+            addr,
+        })
     }
 }
 

@@ -9,7 +9,9 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 pub const RESOURCE_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/resources.txt"));
 
 fn find(list: &'static [(&'static str, &'static [u8])], module: &str) -> Option<&'static [u8]> {
-    list.iter().find(|(name, _)| *name == module).map(|(_, image)| *image)
+    list.iter()
+        .find(|(name, _)| *name == module)
+        .map(|(_, image)| *image)
 }
 
 /// The CUDA fatbin of `module`, if this build embedded one.

@@ -10,7 +10,13 @@ use crate::element::Element;
 pub(super) fn prepare<T: Element>(phi: &[T], n: usize, m: usize) -> (Store, Vec<f64>) {
     let phi: Vec<f64> = phi.iter().map(|v| v.to_f64()).collect();
     let gram = gram(&phi, n, m);
-    let norms = (0..m).map(|j| (gram[j * m + j] + 1.0).max(0.0).sqrt()).collect();
+    // NaN must stay NaN (f64::max would turn it into 0): check_norms reports it.
+    let norms = (0..m)
+        .map(|j| {
+            let sq = gram[j * m + j] + 1.0;
+            if sq.is_nan() { sq } else { sq.max(0.0).sqrt() }
+        })
+        .collect();
     (Store::Cpu { phi, gram }, norms)
 }
 
@@ -42,7 +48,10 @@ fn inhibit(gram: &[f64], m: usize, a: &[f64], c: &mut [f64]) {
 fn energy(phi: &[f64], n: usize, m: usize, x: &[f64], a: &[f64], lambda: f64) -> f64 {
     let mut sq = 0.0;
     for i in 0..n {
-        let recon: f64 = (0..m).filter(|&k| a[k] != 0.0).map(|k| phi[i * m + k] * a[k]).sum();
+        let recon: f64 = (0..m)
+            .filter(|&k| a[k] != 0.0)
+            .map(|k| phi[i * m + k] * a[k])
+            .sum();
         sq += (x[i] - recon).powi(2);
     }
     0.5 * sq + lambda * a.iter().map(|v| v.abs()).sum::<f64>()
@@ -62,7 +71,9 @@ fn solve_one(
 ) -> u32 {
     let (lambda, eta, tol) = (spec.lambda as f64, spec.eta as f64, spec.tol as f64);
     let theta = |u: f64| spec.threshold.apply(u, lambda);
-    let b: Vec<f64> = (0..m).map(|j| (0..n).map(|i| x[i] * phi[i * m + j]).sum()).collect();
+    let b: Vec<f64> = (0..m)
+        .map(|j| (0..n).map(|i| x[i] * phi[i * m + j]).sum())
+        .collect();
     let mut a: Vec<f64> = u.iter().map(|&v| theta(v)).collect();
     let mut c = vec![0.0; m];
     inhibit(gram, m, &a, &mut c);
@@ -73,9 +84,15 @@ fn solve_one(
             let du = eta * (b[j] - u[j] - c[j]);
             u[j] += du;
             // NaN (a diverging run, η too large for ΦᵀΦ) never counts as converged.
-            max_du = if du.is_nan() { f64::INFINITY } else { max_du.max(du.abs()) };
+            max_du = if du.is_nan() {
+                f64::INFINITY
+            } else {
+                max_du.max(du.abs())
+            };
         }
-        a.iter_mut().zip(u.iter()).for_each(|(aj, &uj)| *aj = theta(uj));
+        a.iter_mut()
+            .zip(u.iter())
+            .for_each(|(aj, &uj)| *aj = theta(uj));
         inhibit(gram, m, &a, &mut c);
         let stop = tol > 0.0 && max_du < tol;
         if let Some((e, act)) = trace.as_mut() {
@@ -115,7 +132,11 @@ pub(super) fn solve<T: Element>(
     }
     u.par_chunks_mut(m)
         .zip(taken.par_iter_mut())
-        .zip(energy.par_chunks_mut(width).zip(active.par_chunks_mut(width)))
+        .zip(
+            energy
+                .par_chunks_mut(width)
+                .zip(active.par_chunks_mut(width)),
+        )
         .enumerate()
         .for_each(|(s, ((u, t), (e, c)))| {
             let xs: Vec<f64> = x[s * n..(s + 1) * n].iter().map(|v| v.to_f64()).collect();
@@ -123,8 +144,16 @@ pub(super) fn solve<T: Element>(
         });
 
     let theta = |v: f64| spec.threshold.apply(v, spec.lambda as f64);
-    out.u.host_slice_mut().iter_mut().zip(&u).for_each(|(o, &v)| *o = v as f32);
-    out.a.host_slice_mut().iter_mut().zip(&u).for_each(|(o, &v)| *o = theta(v) as f32);
+    out.u
+        .host_slice_mut()
+        .iter_mut()
+        .zip(&u)
+        .for_each(|(o, &v)| *o = v as f32);
+    out.a
+        .host_slice_mut()
+        .iter_mut()
+        .zip(&u)
+        .for_each(|(o, &v)| *o = theta(v) as f32);
     if let Some(e) = out.energy.as_mut() {
         e.host_slice_mut().copy_from_slice(&energy);
     }
@@ -137,13 +166,24 @@ pub(super) fn solve<T: Element>(
 }
 
 /// Φ += (lr/B) Σ_b (x_b − Φa_b) a_bᵀ; columns renormalised; G recomputed.
-pub(super) fn learn<T: Element>(phi: &mut [f64], gram_out: &mut Vec<f64>, n: usize, m: usize, x: &[T], a: &[f32], lr: f64) {
+pub(super) fn learn<T: Element>(
+    phi: &mut [f64],
+    gram_out: &mut Vec<f64>,
+    n: usize,
+    m: usize,
+    x: &[T],
+    a: &[f32],
+    lr: f64,
+) {
     let batch = x.len() / n;
     let mut delta = vec![0.0; n * m];
     for s in 0..batch {
         let a_s = &a[s * m..(s + 1) * m];
         for i in 0..n {
-            let recon: f64 = (0..m).filter(|&k| a_s[k] != 0.0).map(|k| phi[i * m + k] * a_s[k] as f64).sum();
+            let recon: f64 = (0..m)
+                .filter(|&k| a_s[k] != 0.0)
+                .map(|k| phi[i * m + k] * a_s[k] as f64)
+                .sum();
             let r = x[s * n + i].to_f64() - recon;
             for (j, &aj) in a_s.iter().enumerate() {
                 delta[i * m + j] += r * aj as f64;
@@ -151,7 +191,9 @@ pub(super) fn learn<T: Element>(phi: &mut [f64], gram_out: &mut Vec<f64>, n: usi
         }
     }
     let scale = lr / batch as f64;
-    phi.iter_mut().zip(&delta).for_each(|(p, d)| *p += scale * d);
+    phi.iter_mut()
+        .zip(&delta)
+        .for_each(|(p, d)| *p += scale * d);
     for j in 0..m {
         let norm = (0..n).map(|i| phi[i * m + j].powi(2)).sum::<f64>().sqrt();
         if norm > 0.0 {

@@ -78,7 +78,13 @@ impl SolveArgs {
     /// The same arguments for samples [first, first + count) of the batch.
     fn chunk(&self, first: usize, m: usize, steps: usize) -> SolveArgs {
         let f = first as u64;
-        let row = |addr: u64, width: usize| if addr == 0 { 0 } else { addr + f * width as u64 * 4 };
+        let row = |addr: u64, width: usize| {
+            if addr == 0 {
+                0
+            } else {
+                addr + f * width as u64 * 4
+            }
+        };
         SolveArgs {
             b: row(self.b, m),
             xsq: row(self.xsq, 1),
@@ -108,24 +114,78 @@ fn kernel<T: Element>(name: &str) -> String {
 /// C = alpha A B + beta D + diag I (see LcaGemmArgs).
 fn gemm(dev: &Device, suffix_kernel: &str, mut args: GemmArgs, stream: Stream) -> Result<()> {
     let grid_x = (args.cols as usize).div_ceil(GEMM_TILE) as u32;
-    let grid_y = (args.rows as usize).div_ceil(GEMM_TILE).clamp(1, MAX_GRID_Y) as u32;
-    let cfg = LaunchConfig { grid: (grid_x, grid_y, 1), block: THREADS, smem: 0 };
-    dev.launch(DICTIONARY, suffix_kernel, cfg, &mut [arg(&mut args)], stream)
+    let grid_y = (args.rows as usize)
+        .div_ceil(GEMM_TILE)
+        .clamp(1, MAX_GRID_Y) as u32;
+    let cfg = LaunchConfig {
+        grid: (grid_x, grid_y, 1),
+        block: THREADS,
+        smem: 0,
+    };
+    dev.launch(
+        DICTIONARY,
+        suffix_kernel,
+        cfg,
+        &mut [arg(&mut args)],
+        stream,
+    )
 }
 
 /// out[r] = |x[r, :]|^2 for `rows` rows of `cols`.
-fn row_sqnorm<T: Element>(dev: &Device, x: u64, out: u64, rows: usize, cols: usize, stream: Stream) -> Result<()> {
+fn row_sqnorm<T: Element>(
+    dev: &Device,
+    x: u64,
+    out: u64,
+    rows: usize,
+    cols: usize,
+    stream: Stream,
+) -> Result<()> {
     let (mut x, mut out, mut rows_, mut cols_) = (x, out, rows as i64, cols as i64);
-    let cfg = LaunchConfig { grid: (rows.clamp(1, MAX_GRID_X) as u32, 1, 1), block: THREADS, smem: 0 };
+    let cfg = LaunchConfig {
+        grid: (rows.clamp(1, MAX_GRID_X) as u32, 1, 1),
+        block: THREADS,
+        smem: 0,
+    };
     let name = kernel::<T>("lca_row_sqnorm");
-    dev.launch(DICTIONARY, &name, cfg, &mut [arg(&mut x), arg(&mut out), arg(&mut rows_), arg(&mut cols_)], stream)
+    dev.launch(
+        DICTIONARY,
+        &name,
+        cfg,
+        &mut [arg(&mut x), arg(&mut out), arg(&mut rows_), arg(&mut cols_)],
+        stream,
+    )
 }
 
 /// Column norms of Φ (f32 `[n, m]`), normalising the columns in place when asked.
-fn col_norms(dev: &Device, phi: u64, norms: u64, n: usize, m: usize, normalize: bool, stream: Stream) -> Result<()> {
-    let (mut phi, mut norms, mut n_, mut m_, mut norm) = (phi, norms, n as i64, m as i64, normalize as i32);
-    let cfg = LaunchConfig { grid: (blocks(m, THREADS as usize), 1, 1), block: THREADS, smem: 0 };
-    dev.launch(DICTIONARY, "lca_col_norms", cfg, &mut [arg(&mut phi), arg(&mut norms), arg(&mut n_), arg(&mut m_), arg(&mut norm)], stream)
+fn col_norms(
+    dev: &Device,
+    phi: u64,
+    norms: u64,
+    n: usize,
+    m: usize,
+    normalize: bool,
+    stream: Stream,
+) -> Result<()> {
+    let (mut phi, mut norms, mut n_, mut m_, mut norm) =
+        (phi, norms, n as i64, m as i64, normalize as i32);
+    let cfg = LaunchConfig {
+        grid: (blocks(m, THREADS as usize), 1, 1),
+        block: THREADS,
+        smem: 0,
+    };
+    dev.launch(
+        DICTIONARY,
+        "lca_col_norms",
+        cfg,
+        &mut [
+            arg(&mut phi),
+            arg(&mut norms),
+            arg(&mut n_),
+            arg(&mut m_),
+            arg(&mut norm),
+        ],
+        stream,
+    )
 }
 
 /// G = ΦᵀΦ − I.
@@ -155,24 +215,49 @@ fn gram(dev: &Device, phi: u64, gram: u64, n: usize, m: usize, stream: Stream) -
 
 fn download_f64(dev: &Device, addr: u64, len: usize, stream: Stream) -> Result<Vec<f64>> {
     let view = unsafe { View::<f32>::from_raw(dev, addr, len) };
-    Ok(view.to_vec_on(stream)?.into_iter().map(|v| v as f64).collect())
+    Ok(view
+        .to_vec_on(stream)?
+        .into_iter()
+        .map(|v| v as f64)
+        .collect())
 }
 
 /// Converts Φ to f32 on the device, computes G and the column norms.
-pub(super) fn prepare<T: Element>(phi: &View<'_, T>, n: usize, m: usize, stream: Stream) -> Result<(Store, Vec<f64>)> {
+pub(super) fn prepare<T: Element>(
+    phi: &View<'_, T>,
+    n: usize,
+    m: usize,
+    stream: Stream,
+) -> Result<(Store, Vec<f64>)> {
     let dev = phi.device();
     let mut phi32 = dev.alloc::<f32>(n * m)?;
     let mut g = dev.alloc::<f32>(m * m)?;
     let norms = Scratch::new(dev, m * 4, stream)?;
     {
         let (mut src, mut dst, mut len) = (phi.addr(), phi32.view_mut().addr, (n * m) as i64);
-        let cfg = LaunchConfig { grid: (blocks(n * m, THREADS as usize * 4), 1, 1), block: THREADS, smem: 0 };
-        dev.launch(DICTIONARY, &kernel::<T>("lca_convert"), cfg, &mut [arg(&mut src), arg(&mut dst), arg(&mut len)], stream)?;
+        let cfg = LaunchConfig {
+            grid: (blocks(n * m, THREADS as usize * 4), 1, 1),
+            block: THREADS,
+            smem: 0,
+        };
+        dev.launch(
+            DICTIONARY,
+            &kernel::<T>("lca_convert"),
+            cfg,
+            &mut [arg(&mut src), arg(&mut dst), arg(&mut len)],
+            stream,
+        )?;
     }
     col_norms(dev, phi32.addr(), norms.addr, n, m, false, stream)?;
     gram(dev, phi32.addr(), g.view_mut().addr, n, m, stream)?;
     let norms = download_f64(dev, norms.addr, m, stream)?;
-    Ok((Store::Gpu { phi: phi32, gram: g }, norms))
+    Ok((
+        Store::Gpu {
+            phi: phi32,
+            gram: g,
+        },
+        norms,
+    ))
 }
 
 fn check_rows_finite(dev: &Device, name: &str, sq: u64, rows: usize, stream: Stream) -> Result<()> {
@@ -274,24 +359,55 @@ pub(super) fn solve<T: Element>(
         let smem = (SMEM_PER_UNIT * m + SMEM_FIXED) as u32;
         for first in (0..batch).step_by(MAX_BLOCKS) {
             let count = (batch - first).min(MAX_BLOCKS);
-            let cfg = LaunchConfig { grid: (count as u32, 1, 1), block: THREADS, smem };
+            let cfg = LaunchConfig {
+                grid: (count as u32, 1, 1),
+                block: THREADS,
+                smem,
+            };
             let mut chunk = args.chunk(first, m, steps);
-            dev.launch(SOLVE, &format!("lca_solve_persistent{suffix}"), cfg, &mut [arg(&mut chunk)], stream)?;
+            dev.launch(
+                SOLVE,
+                &format!("lca_solve_persistent{suffix}"),
+                cfg,
+                &mut [arg(&mut chunk)],
+                stream,
+            )?;
         }
         return Ok(());
     }
     // Too wide for shared memory: the state in global memory, one launch per step.
     let state = Scratch::new(dev, batch * (STEPPED_STATE_PER_UNIT * m + 4) * 4, stream)?;
-    let args = SolveArgs { state: state.addr, ..args };
+    let args = SolveArgs {
+        state: state.addr,
+        ..args
+    };
     let step_kernel = format!("lca_solve_stepped{suffix}");
     for first in (0..batch).step_by(MAX_BLOCKS) {
         let count = (batch - first).min(MAX_BLOCKS);
-        let cfg = LaunchConfig { grid: (count as u32, 1, 1), block: THREADS, smem: 0 };
+        let cfg = LaunchConfig {
+            grid: (count as u32, 1, 1),
+            block: THREADS,
+            smem: 0,
+        };
         let chunk = args.chunk(first, m, steps);
-        let mut init = SolveArgs { t_begin: 0, t_end: 0, ..chunk };
-        dev.launch(SOLVE, "lca_solve_stepped_init", cfg, &mut [arg(&mut init)], stream)?;
+        let mut init = SolveArgs {
+            t_begin: 0,
+            t_end: 0,
+            ..chunk
+        };
+        dev.launch(
+            SOLVE,
+            "lca_solve_stepped_init",
+            cfg,
+            &mut [arg(&mut init)],
+            stream,
+        )?;
         for t in 0..spec.steps as i32 {
-            let mut step = SolveArgs { t_begin: t, t_end: t + 1, ..chunk };
+            let mut step = SolveArgs {
+                t_begin: t,
+                t_end: t + 1,
+                ..chunk
+            };
             dev.launch(SOLVE, &step_kernel, cfg, &mut [arg(&mut step)], stream)?;
         }
     }
@@ -327,8 +443,18 @@ pub(super) fn learn<T: Element>(
     let r = Scratch::new(dev, batch * n * 4, stream)?;
     {
         let (mut src, mut dst, mut len) = (x.addr(), r.addr, (batch * n) as i64);
-        let cfg = LaunchConfig { grid: (blocks(batch * n, THREADS as usize * 4), 1, 1), block: THREADS, smem: 0 };
-        dev.launch(DICTIONARY, &kernel::<T>("lca_convert"), cfg, &mut [arg(&mut src), arg(&mut dst), arg(&mut len)], stream)?;
+        let cfg = LaunchConfig {
+            grid: (blocks(batch * n, THREADS as usize * 4), 1, 1),
+            block: THREADS,
+            smem: 0,
+        };
+        dev.launch(
+            DICTIONARY,
+            &kernel::<T>("lca_convert"),
+            cfg,
+            &mut [arg(&mut src), arg(&mut dst), arg(&mut len)],
+            stream,
+        )?;
     }
     let (b_, n_, m_) = (batch as i64, n as i64, m as i64);
     let residual = GemmArgs {

@@ -55,14 +55,24 @@ pub enum Threshold {
 
 impl Threshold {
     /// All four, for tests and benches.
-    pub const ALL: [Threshold; 4] = [Threshold::Soft, Threshold::SoftNonNeg, Threshold::Hard, Threshold::HardNonNeg];
+    pub const ALL: [Threshold; 4] = [
+        Threshold::Soft,
+        Threshold::SoftNonNeg,
+        Threshold::Hard,
+        Threshold::HardNonNeg,
+    ];
 
     /// From the C ABI code (`FEP_LCA_*`).
     pub fn from_code(code: i32) -> Result<Threshold> {
         Threshold::ALL
             .into_iter()
             .find(|t| *t as i32 == code)
-            .ok_or_else(|| Error::invalid("threshold", format!("{code} is not one of FEP_LCA_SOFT..FEP_LCA_HARD_NONNEG (0..3)")))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "threshold",
+                    format!("{code} is not one of FEP_LCA_SOFT..FEP_LCA_HARD_NONNEG (0..3)"),
+                )
+            })
     }
 
     /// θ_λ(u), in f64 (the reference).
@@ -111,7 +121,15 @@ pub struct LcaSpec {
 impl LcaSpec {
     /// λ as given; η = 0.1, T = 100, tol = 0, soft threshold, no trace, inputs checked.
     pub fn new(lambda: f32) -> Self {
-        LcaSpec { threshold: Threshold::Soft, lambda, eta: 0.1, steps: 100, tol: 0.0, trace: false, check_finite: true }
+        LcaSpec {
+            threshold: Threshold::Soft,
+            lambda,
+            eta: 0.1,
+            steps: 100,
+            tol: 0.0,
+            trace: false,
+            check_finite: true,
+        }
     }
     /// Sets θ.
     pub fn threshold(mut self, t: Threshold) -> Self {
@@ -146,16 +164,28 @@ impl LcaSpec {
 
     fn validate(&self) -> Result<()> {
         if !(self.lambda.is_finite() && self.lambda > 0.0) {
-            return Err(Error::invalid("lambda", format!("must be finite and > 0, got {}", self.lambda)));
+            return Err(Error::invalid(
+                "lambda",
+                format!("must be finite and > 0, got {}", self.lambda),
+            ));
         }
         if !(self.eta.is_finite() && self.eta > 0.0 && self.eta <= 1.0) {
-            return Err(Error::invalid("eta", format!("must be in (0, 1], got {}", self.eta)));
+            return Err(Error::invalid(
+                "eta",
+                format!("must be in (0, 1], got {}", self.eta),
+            ));
         }
         if self.steps == 0 || self.steps > i32::MAX as u32 {
-            return Err(Error::invalid("steps", format!("must be in 1..=2^31-1, got {}", self.steps)));
+            return Err(Error::invalid(
+                "steps",
+                format!("must be in 1..=2^31-1, got {}", self.steps),
+            ));
         }
         if !(self.tol.is_finite() && self.tol >= 0.0) {
-            return Err(Error::invalid("tol", format!("must be finite and >= 0, got {}", self.tol)));
+            return Err(Error::invalid(
+                "tol",
+                format!("must be finite and >= 0, got {}", self.tol),
+            ));
         }
         Ok(())
     }
@@ -171,7 +201,9 @@ pub struct DictionaryOptions {
 
 impl Default for DictionaryOptions {
     fn default() -> Self {
-        DictionaryOptions { check_unit_norm: true }
+        DictionaryOptions {
+            check_unit_norm: true,
+        }
     }
 }
 
@@ -209,7 +241,10 @@ pub(crate) enum Store {
     /// The reference keeps Φ and G in f64.
     Cpu { phi: Vec<f64>, gram: Vec<f64> },
     #[cfg(any(feature = "cuda", feature = "rocm"))]
-    Gpu { phi: DeviceBuffer<f32>, gram: DeviceBuffer<f32> },
+    Gpu {
+        phi: DeviceBuffer<f32>,
+        gram: DeviceBuffer<f32>,
+    },
 }
 
 /// A prepared dictionary: Φ `[n, m]` (f32 on a GPU, f64 on the CPU) and G = ΦᵀΦ − I, on one
@@ -223,7 +258,11 @@ pub struct Dictionary {
 
 impl std::fmt::Debug for Dictionary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Dictionary[{} x {}] on {:?}", self.n, self.m, self.device)
+        write!(
+            f,
+            "Dictionary[{} x {}] on {:?}",
+            self.n, self.m, self.device
+        )
     }
 }
 
@@ -237,12 +276,17 @@ fn check_norms(norms: &[f64], dtype: DType, check_unit: bool) -> Result<()> {
     let tol = unit_norm_tolerance(dtype);
     for (j, &nrm) in norms.iter().enumerate() {
         if !nrm.is_finite() {
-            return Err(Error::invalid("phi", format!("column {j} holds NaN or Inf")));
+            return Err(Error::invalid(
+                "phi",
+                format!("column {j} holds NaN or Inf"),
+            ));
         }
         if check_unit && (nrm - 1.0).abs() > tol {
             return Err(Error::invalid(
                 "phi",
-                format!("column {j} has norm {nrm}, not 1 (tolerance {tol:e} for {dtype:?}); normalise the columns or turn check_unit_norm off"),
+                format!(
+                    "column {j} has norm {nrm}, not 1 (tolerance {tol:e} for {dtype:?}); normalise the columns or turn check_unit_norm off"
+                ),
             ));
         }
     }
@@ -253,19 +297,35 @@ impl Dictionary {
     /// Copies Φ (`[n, m]` row-major, on `phi`'s device) into a new prepared dictionary on that
     /// device and computes G. Errors: a length that is not n·m, n or m zero, NaN/Inf in Φ, or
     /// (with `check_unit_norm`) a column that is not of unit norm.
-    pub fn new<T: Element>(phi: &View<'_, T>, n: usize, m: usize, opts: DictionaryOptions) -> Result<Dictionary> {
+    pub fn new<T: Element>(
+        phi: &View<'_, T>,
+        n: usize,
+        m: usize,
+        opts: DictionaryOptions,
+    ) -> Result<Dictionary> {
         Self::new_on(phi, n, m, opts, phi.device().default_stream())
     }
 
     /// [`Dictionary::new`] on a given stream (waits for it: the column check reads back).
-    pub fn new_on<T: Element>(phi: &View<'_, T>, n: usize, m: usize, opts: DictionaryOptions, stream: Stream) -> Result<Dictionary> {
+    pub fn new_on<T: Element>(
+        phi: &View<'_, T>,
+        n: usize,
+        m: usize,
+        opts: DictionaryOptions,
+        stream: Stream,
+    ) -> Result<Dictionary> {
         if n == 0 || m == 0 {
             return Err(Error::invalid("phi", format!("shape [{n}, {m}] is empty")));
         }
         if n > i32::MAX as usize || m > i32::MAX as usize {
-            return Err(Error::invalid("phi", format!("shape [{n}, {m}] exceeds 2^31-1 per dimension")));
+            return Err(Error::invalid(
+                "phi",
+                format!("shape [{n}, {m}] exceeds 2^31-1 per dimension"),
+            ));
         }
-        let nm = n.checked_mul(m).ok_or_else(|| Error::invalid("phi", "n * m overflows"))?;
+        let nm = n
+            .checked_mul(m)
+            .ok_or_else(|| Error::invalid("phi", "n * m overflows"))?;
         check_len("phi", phi.len(), nm)?;
         let device = phi.device().clone();
         let (store, norms) = if device.is_gpu() {
@@ -280,7 +340,12 @@ impl Dictionary {
             cpu::prepare(phi.host_slice(), n, m)
         };
         check_norms(&norms, T::DTYPE, opts.check_unit_norm)?;
-        Ok(Dictionary { device, n, m, store })
+        Ok(Dictionary {
+            device,
+            n,
+            m,
+            store,
+        })
     }
 
     /// The device it lives on.
@@ -328,20 +393,32 @@ impl Dictionary {
                 Ok(())
             }
             #[cfg(any(feature = "cuda", feature = "rocm"))]
-            Store::Gpu { phi, .. } => unsafe { self.device.copy_dtod(out.addr, phi.addr(), out.len * 4, stream) },
+            Store::Gpu { phi, .. } => unsafe {
+                self.device
+                    .copy_dtod(out.addr, phi.addr(), out.len * 4, stream)
+            },
         }
     }
 
     fn batch_of(&self, name: &str, len: usize, width: usize) -> Result<usize> {
         if len == 0 {
-            return Err(Error::invalid(name, "is empty: the batch must hold at least one sample"));
+            return Err(Error::invalid(
+                name,
+                "is empty: the batch must hold at least one sample",
+            ));
         }
         if len % width != 0 {
-            return Err(Error::invalid(name, format!("has {len} elements, not a multiple of {width}")));
+            return Err(Error::invalid(
+                name,
+                format!("has {len} elements, not a multiple of {width}"),
+            ));
         }
         let batch = len / width;
         if batch > i32::MAX as usize {
-            return Err(Error::invalid(name, format!("batch {batch} exceeds 2^31-1")));
+            return Err(Error::invalid(
+                name,
+                format!("batch {batch} exceeds 2^31-1"),
+            ));
         }
         Ok(batch)
     }
@@ -395,12 +472,29 @@ impl Dictionary {
                 Ok(())
             }
             #[cfg(any(feature = "cuda", feature = "rocm"))]
-            Store::Gpu { gram, phi } => gpu::solve(&self.device, phi, gram, self.n, self.m, batch, spec, x, u0, out, stream),
+            Store::Gpu { gram, phi } => gpu::solve(
+                &self.device,
+                phi,
+                gram,
+                self.n,
+                self.m,
+                batch,
+                spec,
+                x,
+                u0,
+                out,
+                stream,
+            ),
         }
     }
 
     /// Codes the batch `x` (`[batch, n]`) on the device's default stream into new buffers.
-    pub fn solve<T: Element>(&self, spec: &LcaSpec, x: &View<'_, T>, u0: Option<&View<'_, f32>>) -> Result<LcaResult> {
+    pub fn solve<T: Element>(
+        &self,
+        spec: &LcaSpec,
+        x: &View<'_, T>,
+        u0: Option<&View<'_, f32>>,
+    ) -> Result<LcaResult> {
         spec.validate()?;
         let batch = self.batch_of("x", x.len(), self.n)?;
         let d = &self.device;
@@ -427,9 +521,18 @@ impl Dictionary {
     /// One dictionary-learning step on the batch x (`[batch, n]`) with its codes a
     /// (`[batch, m]`): Φ += (lr/batch) Σ_b (x_b − Φa_b) a_bᵀ, every column renormalised to unit
     /// norm (a column of norm 0 stays as it is), G recomputed. Enqueued on `stream`.
-    pub fn learn<T: Element>(&mut self, x: &View<'_, T>, a: &View<'_, f32>, lr: f32, stream: Stream) -> Result<()> {
+    pub fn learn<T: Element>(
+        &mut self,
+        x: &View<'_, T>,
+        a: &View<'_, f32>,
+        lr: f32,
+        stream: Stream,
+    ) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
-            return Err(Error::invalid("lr", format!("must be finite and >= 0, got {lr}")));
+            return Err(Error::invalid(
+                "lr",
+                format!("must be finite and >= 0, got {lr}"),
+            ));
         }
         let batch = self.batch_of("x", x.len(), self.n)?;
         same_device("x", x.device(), &self.device)?;
@@ -445,7 +548,9 @@ impl Dictionary {
                 Ok(())
             }
             #[cfg(any(feature = "cuda", feature = "rocm"))]
-            Store::Gpu { phi, gram } => gpu::learn(&self.device, phi, gram, n, m, batch, x, a, lr, stream),
+            Store::Gpu { phi, gram } => {
+                gpu::learn(&self.device, phi, gram, n, m, batch, x, a, lr, stream)
+            }
         }
         .map(|_| {
             let _ = stream;
