@@ -24,10 +24,7 @@
 
 #![warn(missing_docs)]
 // Without a GPU feature the launch plumbing has no caller; it is still compiled and checked.
-#![cfg_attr(
-    not(any(feature = "cuda", feature = "rocm")),
-    allow(dead_code, unused_variables)
-)]
+#![cfg_attr(not(fep_gpu), allow(dead_code, unused_variables))]
 
 mod backend;
 pub mod element;

@@ -187,7 +187,7 @@ FEP_DEVICE LcaRow lca_row(const LcaSolveArgs& p) {
 }
 
 template <bool kTrace>
-FEP_DEVICE void lca_solve_persistent(const LcaSolveArgs& p) {
+FEP_DEVICE void lca_persistent_body(const LcaSolveArgs& p) {
     FEP_DYNAMIC_SMEM(float, smem);
     __shared__ float fscratch[4 * FEP_MAX_WARPS];
     __shared__ int32_t iscratch[LCA_THREADS + LCA_THREADS / FEP_SCAN_CHUNK];
@@ -204,7 +204,7 @@ FEP_DEVICE void lca_solve_persistent(const LcaSolveArgs& p) {
 
 // kInit: the launch before the steps (u0, first c); otherwise one launch per step.
 template <bool kTrace, bool kInit>
-FEP_DEVICE void lca_solve_stepped(const LcaSolveArgs& p) {
+FEP_DEVICE void lca_stepped_body(const LcaSolveArgs& p) {
     __shared__ float fscratch[4 * FEP_MAX_WARPS];
     __shared__ int32_t iscratch[LCA_THREADS + LCA_THREADS / FEP_SCAN_CHUNK];
     const int m = p.m;
@@ -221,8 +221,8 @@ FEP_DEVICE void lca_solve_stepped(const LcaSolveArgs& p) {
 // stepped kernel's initialisation (u0, first c) as a launch of its own. Trace and init are
 // template parameters: a variant carries none of the registers or reductions of what it does
 // not do.
-FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_persistent(LcaSolveArgs p) { lca_solve_persistent<false>(p); }
-FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_persistent_trace(LcaSolveArgs p) { lca_solve_persistent<true>(p); }
-FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_stepped_init(LcaSolveArgs p) { lca_solve_stepped<false, true>(p); }
-FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_stepped(LcaSolveArgs p) { lca_solve_stepped<false, false>(p); }
-FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_stepped_trace(LcaSolveArgs p) { lca_solve_stepped<true, false>(p); }
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_persistent(LcaSolveArgs p) { lca_persistent_body<false>(p); }
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_persistent_trace(LcaSolveArgs p) { lca_persistent_body<true>(p); }
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_stepped_init(LcaSolveArgs p) { lca_stepped_body<false, true>(p); }
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_stepped(LcaSolveArgs p) { lca_stepped_body<false, false>(p); }
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(LCA_THREADS) lca_solve_stepped_trace(LcaSolveArgs p) { lca_stepped_body<true, false>(p); }

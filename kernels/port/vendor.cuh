@@ -4,7 +4,10 @@
 // FEP_* vocabulary below. No other file under kernels/ may test for a vendor.
 #pragma once
 
-#if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
+#if defined(FEP_EMULATE)
+// Host threads standing in for a GPU, for tests (emulate.cuh); the warp size is FEP_EMU_WARP.
+#include "emulate.cuh"
+#elif defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
 #define FEP_HIP 1
 #include <hip/hip_runtime.h>
 #include <hip/hip_fp16.h>
@@ -19,7 +22,9 @@
 // CDNA (gfx9: gfx90a, gfx942) runs wave64; RDNA (gfx10+, gfx11) defaults to wave32. warpSize is
 // not a constant expression on recent ROCm, so it is derived from the target macros of the
 // device pass. The host pass never runs device code; any value works there.
-#if defined(FEP_HIP)
+#if defined(FEP_EMULATE)
+#define FEP_WARP_SIZE FEP_EMU_WARP
+#elif defined(FEP_HIP)
 #if defined(__GFX9__)
 #define FEP_WARP_SIZE 64
 #else
@@ -34,19 +39,49 @@
 // "min waves per EU", CUDA's "min blocks per SM". On CUDA we pass 1 block per SM: no register
 // cap beyond the block size, and ptxas 13.0 then stops spilling uniform registers to local
 // memory in kernels with many uniform values (seen at 40 registers in the LCA stepped kernels).
-#if defined(FEP_HIP)
+#if defined(FEP_HIP) || defined(FEP_EMULATE)
 #define FEP_LAUNCH_BOUNDS(max_threads) __launch_bounds__(max_threads)
 #else
 #define FEP_LAUNCH_BOUNDS(max_threads) __launch_bounds__(max_threads, 1)
 #endif
 
+#if defined(FEP_EMU_SCAN)
+// build.rs preprocesses each source with this to list its kernels.
+#define FEP_KERNEL fep_emu_kernel_marker
+#elif defined(FEP_EMULATE)
+// A plain C++ function: build.rs wraps each emulated source in a namespace per warp size.
+#define FEP_KERNEL __global__
+#else
 #define FEP_KERNEL extern "C" __global__
+#endif
 #define FEP_DEVICE __device__ __forceinline__
 
 // ---- warp-level primitives -----------------------------------------------------------------
 // The lane mask is the full warp: every caller in this library has all lanes of the warp
 // active (reductions and scans are called with uniform control flow).
-#if defined(FEP_HIP)
+#if defined(FEP_EMULATE)
+template <typename T>
+FEP_DEVICE T fep_emu_shfl(T v, int src_lane, bool keep_if_out_of_range) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    bits = fep_emu_exchange(bits, src_lane, keep_if_out_of_range);
+    std::memcpy(&v, &bits, sizeof(T));
+    return v;
+}
+template <typename T>
+FEP_DEVICE T fep_shfl_xor(T v, int lane_mask) {
+    return fep_emu_shfl(v, (int)(threadIdx.x % FEP_WARP_SIZE) ^ lane_mask, false);
+}
+template <typename T>
+FEP_DEVICE T fep_shfl_up(T v, int delta) {
+    return fep_emu_shfl(v, (int)(threadIdx.x % FEP_WARP_SIZE) - delta, true);
+}
+template <typename T>
+FEP_DEVICE T fep_shfl(T v, int src_lane) {
+    return fep_emu_shfl(v, src_lane, false);
+}
+#elif defined(FEP_HIP)
 template <typename T>
 FEP_DEVICE T fep_shfl_xor(T v, int lane_mask) {
     return __shfl_xor(v, lane_mask, FEP_WARP_SIZE);
@@ -77,7 +112,11 @@ FEP_DEVICE T fep_shfl(T v, int src_lane) {
 
 // ---- dynamic shared memory -------------------------------------------------------------------
 // One declaration per kernel: `FEP_DYNAMIC_SMEM(float, smem);`
+#if defined(FEP_EMULATE)
+#define FEP_DYNAMIC_SMEM(type, name) type* name = (type*)fep_emu_dynamic_smem()
+#else
 #define FEP_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
 
 FEP_DEVICE unsigned fep_lane() { return threadIdx.x % FEP_WARP_SIZE; }
 FEP_DEVICE unsigned fep_warp_id() { return threadIdx.x / FEP_WARP_SIZE; }

@@ -1,4 +1,5 @@
 //! Devices, streams and memory: the runtime every op launches through.
+#![cfg_attr(not(any(feature = "cuda", feature = "rocm")), allow(unused_variables))]
 //!
 //! A [`Device`] is the CPU or one GPU (CUDA or HIP). A GPU device owns its context (the
 //! primary one, shared with other libraries in the process), a default stream, and the kernel
@@ -9,6 +10,8 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "emulate")]
+pub(crate) mod emulate;
 #[cfg(feature = "rocm")]
 pub(crate) mod hip;
 pub(crate) mod registry;
@@ -31,6 +34,9 @@ pub enum DeviceKind {
     Cuda,
     /// An AMD GPU (feature `rocm`).
     Hip,
+    /// The kernels run on host threads (feature `emulate`, for tests).
+    #[cfg(feature = "emulate")]
+    Emulated,
 }
 
 impl DeviceKind {
@@ -40,6 +46,8 @@ impl DeviceKind {
             DeviceKind::Cpu => crate::ffi::FEP_DEVICE_CPU,
             DeviceKind::Cuda => crate::ffi::FEP_DEVICE_CUDA,
             DeviceKind::Hip => crate::ffi::FEP_DEVICE_HIP,
+            #[cfg(feature = "emulate")]
+            DeviceKind::Emulated => -1,
         }
     }
 }
@@ -50,6 +58,8 @@ pub(crate) enum Backend {
     Cuda(cuda::CudaDevice),
     #[cfg(feature = "rocm")]
     Hip(hip::HipDevice),
+    #[cfg(feature = "emulate")]
+    Emulated(emulate::EmuDevice),
 }
 
 /// A device: the CPU or one GPU. Cheap to clone (a shared handle).
@@ -124,6 +134,15 @@ impl Device {
         }
     }
 
+    /// The emulated GPU (feature `emulate`, for tests): the kernels on host threads with warp
+    /// size `warp` (32 or 64) and `shared_bytes` of shared memory per block.
+    #[cfg(feature = "emulate")]
+    pub fn emulated(warp: usize, shared_bytes: usize) -> Result<Device> {
+        emulate::EmuDevice::open(warp, shared_bytes).map(|d| Device {
+            backend: Arc::new(Backend::Emulated(d)),
+        })
+    }
+
     /// The first CUDA device, else the first HIP device, else the CPU.
     pub fn best() -> Device {
         Device::cuda(0)
@@ -141,6 +160,8 @@ impl Device {
             )),
             DeviceKind::Cuda => Device::cuda(ordinal),
             DeviceKind::Hip => Device::hip(ordinal),
+            #[cfg(feature = "emulate")]
+            DeviceKind::Emulated => Device::emulated(ordinal, 64 * 1024),
         }
     }
 
@@ -165,6 +186,8 @@ impl Device {
             Backend::Cuda(_) => DeviceKind::Cuda,
             #[cfg(feature = "rocm")]
             Backend::Hip(_) => DeviceKind::Hip,
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(_) => DeviceKind::Emulated,
         }
     }
 
@@ -176,6 +199,8 @@ impl Device {
             Backend::Cuda(d) => d.ordinal,
             #[cfg(feature = "rocm")]
             Backend::Hip(d) => d.ordinal,
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(d) => d.warp,
         }
     }
 
@@ -187,6 +212,8 @@ impl Device {
             Backend::Cuda(d) => d.name.clone(),
             #[cfg(feature = "rocm")]
             Backend::Hip(d) => d.name.clone(),
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(d) => d.name.clone(),
         }
     }
 
@@ -204,6 +231,8 @@ impl Device {
             Backend::Cuda(d) => Stream(d.stream as *mut c_void),
             #[cfg(feature = "rocm")]
             Backend::Hip(d) => Stream(d.stream as *mut c_void),
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(_) => Stream(std::ptr::null_mut()),
         }
     }
 
@@ -215,6 +244,8 @@ impl Device {
             Backend::Cuda(d) => d.synchronize(stream.0),
             #[cfg(feature = "rocm")]
             Backend::Hip(d) => d.synchronize(stream.0),
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(_) => Ok(()),
         }
     }
 
@@ -237,6 +268,8 @@ impl Device {
             Backend::Cuda(d) => d.alloc(bytes, stream.0),
             #[cfg(feature = "rocm")]
             Backend::Hip(d) => d.alloc(bytes, stream.0),
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(d) => d.alloc(bytes),
         }
     }
 
@@ -247,6 +280,8 @@ impl Device {
             Backend::Cuda(d) => d.free(addr, stream.0),
             #[cfg(feature = "rocm")]
             Backend::Hip(d) => d.free(addr, stream.0),
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(d) => d.free(addr),
         }
         let _ = (addr, stream);
     }
@@ -264,6 +299,11 @@ impl Device {
     ) -> Result<()> {
         match &*self.backend {
             Backend::Cpu => {
+                unsafe { std::ptr::copy(src, dst as *mut u8, bytes) };
+                Ok(())
+            }
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(_) => {
                 unsafe { std::ptr::copy(src, dst as *mut u8, bytes) };
                 Ok(())
             }
@@ -290,6 +330,11 @@ impl Device {
                 unsafe { std::ptr::copy(src as *const u8, dst, bytes) };
                 Ok(())
             }
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(_) => {
+                unsafe { std::ptr::copy(src as *const u8, dst, bytes) };
+                Ok(())
+            }
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => unsafe { d.copy_dtoh(dst, src, bytes, stream.0) },
             #[cfg(feature = "rocm")]
@@ -310,6 +355,11 @@ impl Device {
     ) -> Result<()> {
         match &*self.backend {
             Backend::Cpu => {
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+                Ok(())
+            }
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(_) => {
                 unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
                 Ok(())
             }
@@ -338,6 +388,8 @@ impl Device {
             Backend::Cuda(d) => d.launch(module, kernel, cfg, params, stream.0),
             #[cfg(feature = "rocm")]
             Backend::Hip(d) => d.launch(module, kernel, cfg, params, stream.0),
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(d) => d.launch(module, kernel, cfg, params),
         }
     }
 
@@ -349,6 +401,8 @@ impl Device {
             Backend::Cuda(d) => d.smem_optin,
             #[cfg(feature = "rocm")]
             Backend::Hip(d) => d.smem_optin,
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(d) => d.smem_optin,
         }
     }
 }

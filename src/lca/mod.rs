@@ -30,7 +30,7 @@
 //! never depends on the other samples in its batch.
 
 mod cpu;
-#[cfg(any(feature = "cuda", feature = "rocm"))]
+#[cfg(fep_gpu)]
 mod gpu;
 
 use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
@@ -240,7 +240,7 @@ pub struct LcaResult {
 pub(crate) enum Store {
     /// The reference keeps Φ and G in f64.
     Cpu { phi: Vec<f64>, gram: Vec<f64> },
-    #[cfg(any(feature = "cuda", feature = "rocm"))]
+    #[cfg(fep_gpu)]
     Gpu {
         phi: DeviceBuffer<f32>,
         gram: DeviceBuffer<f32>,
@@ -329,11 +329,11 @@ impl Dictionary {
         check_len("phi", phi.len(), nm)?;
         let device = phi.device().clone();
         let (store, norms) = if device.is_gpu() {
-            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            #[cfg(fep_gpu)]
             {
                 gpu::prepare(phi, n, m, stream)?
             }
-            #[cfg(not(any(feature = "cuda", feature = "rocm")))]
+            #[cfg(not(fep_gpu))]
             unreachable!("a GPU device exists only with a GPU feature")
         } else {
             let _ = stream;
@@ -367,7 +367,7 @@ impl Dictionary {
     pub fn phi(&self) -> Result<Vec<f32>> {
         match &self.store {
             Store::Cpu { phi, .. } => Ok(phi.iter().map(|&v| v as f32).collect()),
-            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            #[cfg(fep_gpu)]
             Store::Gpu { phi, .. } => phi.to_vec(),
         }
     }
@@ -376,7 +376,7 @@ impl Dictionary {
     pub fn gram(&self) -> Result<Vec<f32>> {
         match &self.store {
             Store::Cpu { gram, .. } => Ok(gram.iter().map(|&v| v as f32).collect()),
-            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            #[cfg(fep_gpu)]
             Store::Gpu { gram, .. } => gram.to_vec(),
         }
     }
@@ -392,7 +392,7 @@ impl Dictionary {
                 }
                 Ok(())
             }
-            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            #[cfg(fep_gpu)]
             Store::Gpu { phi, .. } => unsafe {
                 self.device
                     .copy_dtod(out.addr, phi.addr(), out.len * 4, stream)
@@ -471,7 +471,7 @@ impl Dictionary {
                 cpu::solve(phi, gram, self.n, self.m, spec, x, u0, out);
                 Ok(())
             }
-            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            #[cfg(fep_gpu)]
             Store::Gpu { gram, phi } => gpu::solve(
                 &self.device,
                 phi,
@@ -547,7 +547,7 @@ impl Dictionary {
                 cpu::learn(phi, gram, n, m, x, a, lr as f64);
                 Ok(())
             }
-            #[cfg(any(feature = "cuda", feature = "rocm"))]
+            #[cfg(fep_gpu)]
             Store::Gpu { phi, gram } => {
                 gpu::learn(&self.device, phi, gram, n, m, batch, x, a, lr, stream)
             }
