@@ -32,8 +32,20 @@ struct Config {
 }
 
 const CONFIGS: [Config; 2] = [
-    Config { name: "small", batch: 256, n: 64, m: 256, steps: 100 },
-    Config { name: "large", batch: 4096, n: 256, m: 1024, steps: 200 },
+    Config {
+        name: "small",
+        batch: 256,
+        n: 64,
+        m: 256,
+        steps: 100,
+    },
+    Config {
+        name: "large",
+        batch: 4096,
+        n: 256,
+        m: 1024,
+        steps: 200,
+    },
 ];
 const ETA: f32 = 0.1;
 const TARGET_ACTIVE: f64 = 0.05;
@@ -43,9 +55,14 @@ const ROTATE: usize = 4;
 /// Φ with unit-norm columns; x = Φ a_true + noise with 5% of a_true nonzero.
 fn problem(c: &Config, seed: u64) -> (Vec<f32>, Vec<Vec<f32>>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut phi: Vec<f32> = (0..c.n * c.m).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+    let mut phi: Vec<f32> = (0..c.n * c.m)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect();
     for j in 0..c.m {
-        let norm = (0..c.n).map(|i| (phi[i * c.m + j] as f64).powi(2)).sum::<f64>().sqrt() as f32;
+        let norm = (0..c.n)
+            .map(|i| (phi[i * c.m + j] as f64).powi(2))
+            .sum::<f64>()
+            .sqrt() as f32;
         (0..c.n).for_each(|i| phi[i * c.m + j] /= norm);
     }
     let xs = (0..ROTATE)
@@ -54,10 +71,12 @@ fn problem(c: &Config, seed: u64) -> (Vec<f32>, Vec<Vec<f32>>) {
             for s in 0..c.batch {
                 for _ in 0..(c.m / 20).max(1) {
                     let k = rng.random_range(0..c.m);
-                    let v: f32 = rng.random_range(0.5..1.5) * if rng.random::<bool>() { 1.0 } else { -1.0 };
+                    let v: f32 =
+                        rng.random_range(0.5..1.5) * if rng.random::<bool>() { 1.0 } else { -1.0 };
                     (0..c.n).for_each(|i| x[s * c.n + i] += v * phi[i * c.m + k]);
                 }
-                (0..c.n).for_each(|i| x[s * c.n + i] += 0.05 * rng.sample::<f32, _>(StandardNormal));
+                (0..c.n)
+                    .for_each(|i| x[s * c.n + i] += 0.05 * rng.sample::<f32, _>(StandardNormal));
             }
             x
         })
@@ -73,29 +92,62 @@ struct Outputs {
 
 impl Outputs {
     fn new(dev: &Device, c: &Config) -> Outputs {
-        Outputs { u: dev.alloc(c.batch * c.m).unwrap(), a: dev.alloc(c.batch * c.m).unwrap(), steps: dev.alloc(c.batch).unwrap() }
+        Outputs {
+            u: dev.alloc(c.batch * c.m).unwrap(),
+            a: dev.alloc(c.batch * c.m).unwrap(),
+            steps: dev.alloc(c.batch).unwrap(),
+        }
     }
     fn views(&mut self) -> LcaOutputs<'_> {
-        LcaOutputs { u: self.u.view_mut(), a: self.a.view_mut(), energy: None, active: None, steps: Some(self.steps.view_mut()) }
+        LcaOutputs {
+            u: self.u.view_mut(),
+            a: self.a.view_mut(),
+            energy: None,
+            active: None,
+            steps: Some(self.steps.view_mut()),
+        }
     }
 }
 
-fn active_fraction(dict: &Dictionary, spec: &LcaSpec, x: &DeviceBuffer<f32>, out: &mut Outputs) -> f64 {
+fn active_fraction(
+    dict: &Dictionary,
+    spec: &LcaSpec,
+    x: &DeviceBuffer<f32>,
+    out: &mut Outputs,
+) -> f64 {
     let stream = dict.device().default_stream();
-    dict.solve_into(spec, &x.view(), None, out.views(), stream).unwrap();
+    dict.solve_into(spec, &x.view(), None, out.views(), stream)
+        .unwrap();
     let a = out.a.to_vec().unwrap();
     a.iter().filter(|v| **v != 0.0).count() as f64 / a.len() as f64
 }
 
 /// Bisection on λ (in log space) for about 5% active units.
-fn calibrate(dict: &Dictionary, c: &Config, x: &DeviceBuffer<f32>, out: &mut Outputs) -> (f32, f64) {
+fn calibrate(
+    dict: &Dictionary,
+    c: &Config,
+    x: &DeviceBuffer<f32>,
+    out: &mut Outputs,
+) -> (f32, f64) {
     let (mut lo, mut hi) = (1e-3f32, 10.0f32);
     let mut best = (1.0, 0.0);
     for _ in 0..12 {
         let mid = (lo * hi).sqrt();
-        let frac = active_fraction(dict, &LcaSpec::new(mid).eta(ETA).steps(c.steps).check_finite(false), x, out);
+        let frac = active_fraction(
+            dict,
+            &LcaSpec::new(mid)
+                .eta(ETA)
+                .steps(c.steps)
+                .check_finite(false),
+            x,
+            out,
+        );
         best = (mid, frac);
-        if frac > TARGET_ACTIVE { lo = mid } else { hi = mid }
+        if frac > TARGET_ACTIVE {
+            lo = mid
+        } else {
+            hi = mid
+        }
     }
     best
 }
@@ -108,7 +160,16 @@ fn floors(c: &Config, rho: f64) -> String {
     let gather = t * b * rho * m * m * 4.0;
     format!(
         "lca {}: B={} n={} m={} T={} active={:.3}: dense {:.3} GFLOP, sparse {:.3} GFLOP, DRAM floor {:.2} MB, gather {:.1} GB of G rows",
-        c.name, c.batch, c.n, c.m, c.steps, rho, dense / 1e9, sparse / 1e9, bytes / 1e6, gather / 1e9
+        c.name,
+        c.batch,
+        c.n,
+        c.m,
+        c.steps,
+        rho,
+        dense / 1e9,
+        sparse / 1e9,
+        bytes / 1e6,
+        gather / 1e9
     )
 }
 
@@ -139,7 +200,11 @@ fn bench(cr: &mut Criterion) {
             let mut out = Outputs::new(dev, c);
             let (lambda, rho) = calibrate(&dict, c, &xs[0], &mut out);
             println!("{} lambda={lambda:.4} on {}", floors(c, rho), dev.name());
-            let spec = LcaSpec::new(lambda).eta(ETA).steps(c.steps).threshold(Threshold::Soft).check_finite(false);
+            let spec = LcaSpec::new(lambda)
+                .eta(ETA)
+                .steps(c.steps)
+                .threshold(Threshold::Soft)
+                .check_finite(false);
             let mut group = cr.benchmark_group(format!("{backend}_lca_{}_f32", c.name));
             group.throughput(Throughput::Elements((c.batch as u64) * c.steps as u64));
             group.sample_size(if quick || !dev.is_gpu() { 10 } else { 30 });
@@ -147,15 +212,19 @@ fn bench(cr: &mut Criterion) {
             group.measurement_time(Duration::from_secs(if quick { 1 } else { 3 }));
             let stream = dev.default_stream();
             let mut i = 0;
-            group.bench_function(BenchmarkId::from_parameter(format!("B{}_n{}_m{}_T{}", c.batch, c.n, c.m, c.steps)), |bch| {
-                bch.iter(|| {
-                    let x = &xs[i % ROTATE];
-                    i += 1;
-                    dict.solve_into(&spec, &x.view(), None, out.views(), stream).unwrap();
-                    dev.synchronize(stream).unwrap();
-                    black_box(&out.a);
-                })
-            });
+            group.bench_function(
+                BenchmarkId::from_parameter(format!("B{}_n{}_m{}_T{}", c.batch, c.n, c.m, c.steps)),
+                |bch| {
+                    bch.iter(|| {
+                        let x = &xs[i % ROTATE];
+                        i += 1;
+                        dict.solve_into(&spec, &x.view(), None, out.views(), stream)
+                            .unwrap();
+                        dev.synchronize(stream).unwrap();
+                        black_box(&out.a);
+                    })
+                },
+            );
             group.finish();
         }
     }

@@ -15,7 +15,10 @@ use fep_kernels::{Device, Result};
 struct Lcg(u64);
 impl Lcg {
     fn uniform(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32) / (1u64 << 24) as f32
     }
     fn normal(&mut self) -> f32 {
@@ -27,7 +30,11 @@ impl Lcg {
 fn main() -> Result<()> {
     let dev = Device::best();
     let (batch, n, m, steps) = (256usize, 64usize, 256usize, 200u32);
-    println!("fep-kernels {} — LCA sparse coding on {:?}", fep_kernels::VERSION, dev);
+    println!(
+        "fep-kernels {} — LCA sparse coding on {:?}",
+        fep_kernels::VERSION,
+        dev
+    );
 
     // A random dictionary with unit-norm columns, and signals made of 5 atoms each plus noise.
     let mut rng = Lcg(42);
@@ -50,9 +57,17 @@ fn main() -> Result<()> {
     let phi_dev = dev.upload(&phi)?;
     let mut dict = Dictionary::new(&phi_dev.view(), n, m, Default::default())?;
     let x_dev = dev.upload(&x)?;
-    println!("prepared Φ [{n} x {m}] and G = ΦᵀΦ − I in {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "prepared Φ [{n} x {m}] and G = ΦᵀΦ − I in {:.2} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
 
-    let spec = LcaSpec::new(0.1).eta(0.1).steps(steps).threshold(Threshold::Soft).tol(1e-4).trace(true);
+    let spec = LcaSpec::new(0.1)
+        .eta(0.1)
+        .steps(steps)
+        .threshold(Threshold::Soft)
+        .tol(1e-4)
+        .trace(true);
     let out = dict.solve(&spec, &x_dev.view(), None)?; // warm-up: loads the kernels on a GPU
     let t1 = Instant::now();
     let reps = if dev.is_gpu() { 20 } else { 3 };
@@ -77,7 +92,11 @@ fn main() -> Result<()> {
         100.0 * active as f64 / a.len() as f64,
         taken.iter().map(|&t| t as f64).sum::<f64>() / batch as f64,
     );
-    println!("one solve of the batch: {:.3} ms ({:.2} µs per sample)", per_solve * 1e3, per_solve * 1e6 / batch as f64);
+    println!(
+        "one solve of the batch: {:.3} ms ({:.2} µs per sample)",
+        per_solve * 1e3,
+        per_solve * 1e6 / batch as f64
+    );
 
     // Dictionary learning: code, then move Φ toward the residuals, a few times.
     let t2 = Instant::now();
@@ -90,6 +109,9 @@ fn main() -> Result<()> {
         dict.learn(&x_dev.view(), &coded.a.view(), 0.5, dev.default_stream())?;
     }
     dev.synchronize(dev.default_stream())?;
-    println!("5 learning epochs in {:.2} ms", t2.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "5 learning epochs in {:.2} ms",
+        t2.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
 }
