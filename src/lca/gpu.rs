@@ -131,6 +131,18 @@ fn gemm(dev: &Device, suffix_kernel: &str, mut args: GemmArgs, stream: Stream) -
     )
 }
 
+/// dst[i] = f32(src[i]) for `len` elements.
+fn convert<T: Element>(dev: &Device, src: u64, dst: u64, len: usize, stream: Stream) -> Result<()> {
+    let (mut src, mut dst, mut len_) = (src, dst, len as i64);
+    let cfg = LaunchConfig {
+        grid: (blocks(len, THREADS as usize * 4), 1, 1),
+        block: THREADS,
+        smem: 0,
+    };
+    let params = &mut [arg(&mut src), arg(&mut dst), arg(&mut len_)];
+    dev.launch(DICTIONARY, &kernel::<T>("lca_convert"), cfg, params, stream)
+}
+
 /// out[r] = |x[r, :]|^2 for `rows` rows of `cols`.
 fn row_sqnorm<T: Element>(
     dev: &Device,
@@ -233,21 +245,7 @@ pub(super) fn prepare<T: Element>(
     let mut phi32 = dev.alloc::<f32>(n * m)?;
     let mut g = dev.alloc::<f32>(m * m)?;
     let norms = Scratch::new(dev, m * 4, stream)?;
-    {
-        let (mut src, mut dst, mut len) = (phi.addr(), phi32.view_mut().addr, (n * m) as i64);
-        let cfg = LaunchConfig {
-            grid: (blocks(n * m, THREADS as usize * 4), 1, 1),
-            block: THREADS,
-            smem: 0,
-        };
-        dev.launch(
-            DICTIONARY,
-            &kernel::<T>("lca_convert"),
-            cfg,
-            &mut [arg(&mut src), arg(&mut dst), arg(&mut len)],
-            stream,
-        )?;
-    }
+    convert::<T>(dev, phi.addr(), phi32.view_mut().addr, n * m, stream)?;
     col_norms(dev, phi32.addr(), norms.addr, n, m, false, stream)?;
     gram(dev, phi32.addr(), g.view_mut().addr, n, m, stream)?;
     let norms = download_f64(dev, norms.addr, m, stream)?;
@@ -441,21 +439,7 @@ pub(super) fn learn<T: Element>(
 
     // R = x − a Φᵀ  [batch, n], with x converted to f32 first.
     let r = Scratch::new(dev, batch * n * 4, stream)?;
-    {
-        let (mut src, mut dst, mut len) = (x.addr(), r.addr, (batch * n) as i64);
-        let cfg = LaunchConfig {
-            grid: (blocks(batch * n, THREADS as usize * 4), 1, 1),
-            block: THREADS,
-            smem: 0,
-        };
-        dev.launch(
-            DICTIONARY,
-            &kernel::<T>("lca_convert"),
-            cfg,
-            &mut [arg(&mut src), arg(&mut dst), arg(&mut len)],
-            stream,
-        )?;
-    }
+    convert::<T>(dev, x.addr(), r.addr, batch * n, stream)?;
     let (b_, n_, m_) = (batch as i64, n as i64, m as i64);
     let residual = GemmArgs {
         a: a.addr(),
