@@ -45,17 +45,18 @@ FEP_DEVICE void lca_convert(const T* in, float* out, int64_t len) {
         out[i] = fep_to_f32(in[i]);
 }
 
-// out[r] = |x[r, :]|^2, one block per row (grid-stride over rows).
+// out[r] = |x[r, :]|^2 in f64, one block per row (grid-stride over rows). f64 so that no finite
+// f32 input overflows: the host tells a non-finite input from a large one by this sum alone.
 template <typename T>
-FEP_DEVICE void lca_row_sqnorm(const T* x, float* out, int64_t rows, int64_t cols) {
-    __shared__ float scratch[FEP_MAX_WARPS];
+FEP_DEVICE void lca_row_sqnorm(const T* x, double* out, int64_t rows, int64_t cols) {
+    __shared__ double scratch[FEP_MAX_WARPS];
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        float s = 0.0f;
+        double s = 0.0;
         for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-            const float v = fep_to_f32(x[r * cols + c]);
-            s = fmaf(v, v, s);
+            const double v = fep_to_f32(x[r * cols + c]);
+            s = fma(v, v, s);
         }
-        s = block_allreduce<FEP_WARP_SIZE>(s, FepSum(), 0.0f, scratch);
+        s = block_allreduce<FEP_WARP_SIZE>(s, FepSum(), 0.0, scratch);
         if (threadIdx.x == 0) out[r] = s;
     }
 }
@@ -65,23 +66,24 @@ FEP_DEVICE void lca_row_sqnorm(const T* x, float* out, int64_t rows, int64_t col
     FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) lca_convert_##suffix(const T* in, float* out, int64_t len) { \
         lca_convert<T>(in, out, len);                                                             \
     }                                                                                             \
-    FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) lca_row_sqnorm_##suffix(const T* x, float* out, int64_t rows, \
+    FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) lca_row_sqnorm_##suffix(const T* x, double* out, int64_t rows, \
                                                                    int64_t cols) {                \
         lca_row_sqnorm<T>(x, out, rows, cols);                                                    \
     }
 FEP_FOR_EACH_DTYPE(LCA_DTYPE_KERNELS)
 
 // norms[j] = |phi[:, j]|; with `normalize`, also phi[:, j] /= norms[j] (columns of norm 0 are
-// left as they are). One thread per column: consecutive threads read consecutive columns.
+// left as they are). Sums in f64, so a column of large finite entries still normalises. One
+// thread per column: consecutive threads read consecutive columns.
 FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) lca_col_norms(float* phi, float* norms, int64_t n, int64_t m, int32_t normalize) {
     for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < m; j += (int64_t)gridDim.x * blockDim.x) {
-        float s = 0.0f;
-        for (int64_t r = 0; r < n; ++r) s = fmaf(phi[r * m + j], phi[r * m + j], s);
-        const float norm = sqrtf(s);
-        norms[j] = norm;
-        if (normalize && norm > 0.0f) {
-            const float inv = 1.0f / norm;
-            for (int64_t r = 0; r < n; ++r) phi[r * m + j] *= inv;
+        double s = 0.0;
+        for (int64_t r = 0; r < n; ++r) s = fma((double)phi[r * m + j], (double)phi[r * m + j], s);
+        const double norm = sqrt(s);
+        norms[j] = (float)norm;
+        if (normalize && norm > 0.0) {
+            const double inv = 1.0 / norm;
+            for (int64_t r = 0; r < n; ++r) phi[r * m + j] = (float)(phi[r * m + j] * inv);
         }
     }
 }

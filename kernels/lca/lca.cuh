@@ -36,7 +36,7 @@ struct LcaGemmArgs {
 // AMD GPUs every field sits in a scalar register for the whole kernel.
 struct LcaSolveArgs {
     const float* b;        // [batch, m]  Phi^T x
-    const float* xsq;      // [batch]     |x|^2, for the energy
+    const double* xsq;     // [batch]     |x|^2, for the energy
     const float* g;        // [m, m]      Phi^T Phi - I (symmetric)
     float* u;              // [batch, m]  in: u0 when has_u0; out: u (the stepped kernel's state)
     float* a;              // [batch, m]  out: theta(u)

@@ -194,7 +194,7 @@ FEP_DEVICE void lca_persistent_body(const LcaSolveArgs& p) {
     const int m = p.m;
     const LcaRow row = lca_row(p);
     LcaState st{smem, smem + m, m};
-    lca_steps<kTrace, true>(p, row, kTrace ? p.xsq[blockIdx.x] : 0.0f, st, LcaScratch{fscratch, iscratch});
+    lca_steps<kTrace, true>(p, row, kTrace ? (float)p.xsq[blockIdx.x] : 0.0f, st, LcaScratch{fscratch, iscratch});
     for (int j = threadIdx.x; j < m; j += LCA_THREADS) {
         const float u = st.u[j];
         row.u[j] = u;
@@ -211,7 +211,7 @@ FEP_DEVICE void lca_stepped_body(const LcaSolveArgs& p) {
     const LcaRow row = lca_row(p);
     // This sample's state: c, val [m] f32, idx [m] i32, meta [4] i32.
     LcaState st{row.u, p.state + (int64_t)blockIdx.x * (3 * (int64_t)m + 4), m};
-    if (lca_steps<kTrace, kInit>(p, row, kTrace ? p.xsq[blockIdx.x] : 0.0f, st, LcaScratch{fscratch, iscratch})) {
+    if (lca_steps<kTrace, kInit>(p, row, kTrace ? (float)p.xsq[blockIdx.x] : 0.0f, st, LcaScratch{fscratch, iscratch})) {
         // Finished now (last step, or stopped early): a = theta(u); u is already in place.
         for (int j = threadIdx.x; j < m; j += LCA_THREADS) row.a[j] = lca_theta(st.u[j], p.lambda, p.threshold);
     }

@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::{LcaOutputs, LcaSpec, Store};
 use crate::element::Element;
+use crate::error::{Error, Result};
 
 /// Φ in f64, G = ΦᵀΦ − I, and the column norms.
 pub(super) fn prepare<T: Element>(phi: &[T], n: usize, m: usize) -> (Store, Vec<f64>) {
@@ -165,17 +166,19 @@ pub(super) fn solve<T: Element>(
     }
 }
 
-/// Φ += (lr/B) Σ_b (x_b − Φa_b) a_bᵀ; columns renormalised; G recomputed.
+/// Φ += (lr/B) Σ_b (x_b − Φa_b) a_bᵀ; columns renormalised; G recomputed. An update that is not
+/// finite leaves Φ and G as they were (as on a GPU, where it would overflow f32 first).
 pub(super) fn learn<T: Element>(
-    phi: &mut [f64],
+    phi: &mut Vec<f64>,
     gram_out: &mut Vec<f64>,
     n: usize,
     m: usize,
     x: &[T],
     a: &[f32],
     lr: f64,
-) {
+) -> Result<()> {
     let batch = x.len() / n;
+    let mut next = phi.clone();
     let mut delta = vec![0.0; n * m];
     for s in 0..batch {
         let a_s = &a[s * m..(s + 1) * m];
@@ -191,14 +194,24 @@ pub(super) fn learn<T: Element>(
         }
     }
     let scale = lr / batch as f64;
-    phi.iter_mut()
+    next.iter_mut()
         .zip(&delta)
         .for_each(|(p, d)| *p += scale * d);
     for j in 0..m {
-        let norm = (0..n).map(|i| phi[i * m + j].powi(2)).sum::<f64>().sqrt();
+        let norm = (0..n).map(|i| next[i * m + j].powi(2)).sum::<f64>().sqrt();
+        if !(norm as f32).is_finite() {
+            return Err(Error::invalid(
+                "lr",
+                format!(
+                    "the learning step overflowed f32 in column {j} of the dictionary (lower lr, or check the codes a); the dictionary is unchanged"
+                ),
+            ));
+        }
         if norm > 0.0 {
-            (0..n).for_each(|i| phi[i * m + j] /= norm);
+            (0..n).for_each(|i| next[i * m + j] /= norm);
         }
     }
-    *gram_out = gram(phi, n, m);
+    *gram_out = gram(&next, n, m);
+    *phi = next;
+    Ok(())
 }

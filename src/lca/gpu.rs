@@ -143,7 +143,7 @@ fn convert<T: Element>(dev: &Device, src: u64, dst: u64, len: usize, stream: Str
     dev.launch(DICTIONARY, &kernel::<T>("lca_convert"), cfg, params, stream)
 }
 
-/// out[r] = |x[r, :]|^2 for `rows` rows of `cols`.
+/// out[r] = |x[r, :]|^2 (f64) for `rows` rows of `cols`.
 fn row_sqnorm<T: Element>(
     dev: &Device,
     x: u64,
@@ -225,7 +225,8 @@ fn gram(dev: &Device, phi: u64, gram: u64, n: usize, m: usize, stream: Stream) -
     gemm(dev, "lca_gemm_f32", args, stream)
 }
 
-fn download_f64(dev: &Device, addr: u64, len: usize, stream: Stream) -> Result<Vec<f64>> {
+/// `len` f32 values on the device, widened, after `stream`.
+fn download_f32(dev: &Device, addr: u64, len: usize, stream: Stream) -> Result<Vec<f64>> {
     let view = unsafe { View::<f32>::from_raw(dev, addr, len) };
     Ok(view
         .to_vec_on(stream)?
@@ -248,7 +249,7 @@ pub(super) fn prepare<T: Element>(
     convert::<T>(dev, phi.addr(), phi32.view_mut().addr, n * m, stream)?;
     col_norms(dev, phi32.addr(), norms.addr, n, m, false, stream)?;
     gram(dev, phi32.addr(), g.view_mut().addr, n, m, stream)?;
-    let norms = download_f64(dev, norms.addr, m, stream)?;
+    let norms = download_f32(dev, norms.addr, m, stream)?;
     Ok((
         Store::Gpu {
             phi: phi32,
@@ -258,8 +259,11 @@ pub(super) fn prepare<T: Element>(
     ))
 }
 
+/// Rows whose f64 sum of squares (lca_row_sqnorm) is not finite hold NaN or Inf: no finite f32
+/// row overflows it.
 fn check_rows_finite(dev: &Device, name: &str, sq: u64, rows: usize, stream: Stream) -> Result<()> {
-    for (r, v) in download_f64(dev, sq, rows, stream)?.into_iter().enumerate() {
+    let sums = unsafe { View::<f64>::from_raw(dev, sq, rows) }.to_vec_on(stream)?;
+    for (r, v) in sums.into_iter().enumerate() {
         if !v.is_finite() {
             return Err(Error::invalid(name, format!("row {r} holds NaN or Inf")));
         }
@@ -281,12 +285,12 @@ pub(super) fn solve<T: Element>(
     out: LcaOutputs<'_>,
     stream: Stream,
 ) -> Result<()> {
-    let xsq = Scratch::new(dev, batch * 4, stream)?;
+    let xsq = Scratch::new(dev, batch * 8, stream)?;
     row_sqnorm::<T>(dev, x.addr(), xsq.addr, batch, n, stream)?;
     if spec.check_finite {
         check_rows_finite(dev, "x", xsq.addr, batch, stream)?;
         if let Some(u0) = u0 {
-            let sq = Scratch::new(dev, batch * 4, stream)?;
+            let sq = Scratch::new(dev, batch * 8, stream)?;
             row_sqnorm::<f32>(dev, u0.addr(), sq.addr, batch, m, stream)?;
             check_rows_finite(dev, "u0", sq.addr, batch, stream)?;
         }
@@ -431,7 +435,7 @@ pub(super) fn learn<T: Element>(
     stream: Stream,
 ) -> Result<()> {
     // Non-finite inputs would poison Φ for good: check first (reads back one float per sample).
-    let sq = Scratch::new(dev, batch * 4, stream)?;
+    let sq = Scratch::new(dev, batch * 8, stream)?;
     row_sqnorm::<T>(dev, x.addr(), sq.addr, batch, n, stream)?;
     check_rows_finite(dev, "x", sq.addr, batch, stream)?;
     row_sqnorm::<f32>(dev, a.addr(), sq.addr, batch, m, stream)?;
@@ -461,12 +465,13 @@ pub(super) fn learn<T: Element>(
         pad: 0,
     };
     gemm(dev, "lca_gemm_f32", residual, stream)?;
-    // Φ += (lr/B) Rᵀ a  [n, m]
+    // Φ' = Φ + (lr/B) Rᵀ a  [n, m], into a new buffer: Φ stays as it was if Φ' overflows.
+    let mut next = dev.alloc::<f32>(n * m)?;
     let update = GemmArgs {
         a: r.addr,
         b: a.addr(),
         d: phi.addr(),
-        c: phi.view_mut().addr,
+        c: next.view_mut().addr,
         rows: n_,
         cols: m_,
         inner: b_,
@@ -483,6 +488,18 @@ pub(super) fn learn<T: Element>(
     };
     gemm(dev, "lca_gemm_f32", update, stream)?;
     let norms = Scratch::new(dev, m * 4, stream)?;
-    col_norms(dev, phi.addr(), norms.addr, n, m, true, stream)?;
+    col_norms(dev, next.addr(), norms.addr, n, m, true, stream)?;
+    if let Some(j) = download_f32(dev, norms.addr, m, stream)?
+        .iter()
+        .position(|v| !v.is_finite())
+    {
+        return Err(Error::invalid(
+            "lr",
+            format!(
+                "the learning step overflowed f32 in column {j} of the dictionary (lower lr, or check the codes a); the dictionary is unchanged"
+            ),
+        ));
+    }
+    *phi = next;
     gram(dev, phi.addr(), g.view_mut().addr, n, m, stream)
 }

@@ -441,6 +441,14 @@ impl Dictionary {
         if let Some(u0) = u0 {
             same_device("u0", u0.device(), &self.device)?;
             check_len("u0", u0.len(), bm)?;
+            // u0 may be u itself (updated in place) but not overlap it otherwise.
+            let (lo, hi) = (u0.addr, u0.addr + 4 * bm as u64);
+            if u0.addr != out.u.addr && lo < out.u.addr + 4 * bm as u64 && out.u.addr < hi {
+                return Err(Error::invalid(
+                    "u0",
+                    "overlaps u without being the same memory",
+                ));
+            }
         }
         same_device("u", out.u.device(), &self.device)?;
         check_len("u", out.u.len(), bm)?;
@@ -461,7 +469,9 @@ impl Dictionary {
         }
         match &self.store {
             Store::Cpu { phi, gram } => {
-                let (x, u0) = (x.host_slice(), u0.map(|v| v.host_slice()));
+                // u0 is copied: it may be the very memory u is written to.
+                let (x, u0) = (x.host_slice(), u0.map(|v| v.host_slice().to_vec()));
+                let u0 = u0.as_deref();
                 if spec.check_finite {
                     crate::backend::cpu::check_finite("x", x.iter().map(|v| v.to_f64()))?;
                     if let Some(u0) = u0 {
@@ -544,8 +554,7 @@ impl Dictionary {
                 let (x, a) = (x.host_slice(), a.host_slice());
                 crate::backend::cpu::check_finite("x", x.iter().map(|v| v.to_f64()))?;
                 crate::backend::cpu::check_finite("a", a.iter().map(|&v| v as f64))?;
-                cpu::learn(phi, gram, n, m, x, a, lr as f64);
-                Ok(())
+                cpu::learn(phi, gram, n, m, x, a, lr as f64)
             }
             #[cfg(fep_gpu)]
             Store::Gpu { phi, gram } => {
