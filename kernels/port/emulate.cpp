@@ -1,11 +1,13 @@
 // emulate.cpp: runs kernels compiled with FEP_EMULATE (see emulate.cuh) on host threads.
 //
 // One launch spawns blockDim.x threads, which walk the grid's blocks in order; a barrier over
-// the block separates blocks, so __shared__ state is never seen by two blocks at once. Kernels
+// the block separates blocks, so __shared__ state is never seen by two blocks at once, and
+// launches are serialised across the process. Kernels
 // are found by (warp size, module, name) in tables that build.rs generates.
 #include <barrier>
 #include <cstdio>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -79,6 +81,10 @@ extern "C" int fep_emu_launch(int warp, const char* module, const char* name, un
     }
     if (!entry) return 1;
     if (block == 0 || block % (unsigned)warp != 0 || block > 1024) return 2;
+    // One launch at a time in the process: a kernel's __shared__ variables are statics here, so
+    // two launches (from two test threads) would share them.
+    static std::mutex one_at_a_time;
+    std::lock_guard<std::mutex> lock(one_at_a_time);
     Launch launch((int)block, warp, smem);
     std::vector<std::thread> threads;
     threads.reserve(block);
