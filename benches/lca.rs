@@ -184,11 +184,7 @@ fn bench(cr: &mut Criterion) {
     }
     devices.push(Device::cpu());
     for dev in &devices {
-        let backend = match dev.kind() {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Cuda => "cuda",
-            DeviceKind::Hip => "hip",
-        };
+        let backend = dev.kind().name();
         for (ci, c) in CONFIGS.iter().enumerate() {
             if !dev.is_gpu() && c.name != "small" {
                 continue;

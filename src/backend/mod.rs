@@ -40,6 +40,17 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
+    /// "cpu", "cuda", "hip" (or "emulated"): the backend part of benchmark group names.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Hip => "hip",
+            #[cfg(feature = "emulate")]
+            DeviceKind::Emulated => "emulated",
+        }
+    }
+
     /// The C ABI code (`FEP_DEVICE_*`).
     pub fn code(self) -> i32 {
         match self {

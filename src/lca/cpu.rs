@@ -110,6 +110,7 @@ fn solve_one(
     spec.steps
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn solve<T: Element>(
     phi: &[f64],
     gram: &[f64],

@@ -57,6 +57,7 @@ pub fn column_norms<T: Copy + Into<f64>>(phi: &[T], n: usize, m: usize) -> Vec<f
 /// A sparse code per sample: `k` random atoms with magnitudes in [0.5, 1.5] and random signs
 /// (all positive when `nonneg`), and x = Φa + noise·N(0, 1). Returns (x `[batch, n]`,
 /// a `[batch, m]`), both f32.
+#[allow(clippy::too_many_arguments)]
 pub fn sparse_signals(
     rng: &mut StdRng,
     phi: &[f32],
