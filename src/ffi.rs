@@ -213,7 +213,7 @@ pub unsafe extern "C" fn fep_lca_dict_new(
         let opts = DictionaryOptions {
             check_unit_norm: check_unit_norm != 0,
         };
-        let stream = raw_stream(&device, stream);
+        let stream = raw_stream(stream);
         let dict = with_dtype!(dtype, T => {
             let view = unsafe { View::<T>::from_raw(&device, phi as u64, len) };
             Dictionary::new_on(&view, n, m, opts, stream)
@@ -252,7 +252,7 @@ pub unsafe extern "C" fn fep_lca_dict_shape(
 }
 
 /// The caller's stream; NULL means the legacy default stream on a GPU.
-fn raw_stream(_device: &Device, stream: *mut c_void) -> Stream {
+fn raw_stream(stream: *mut c_void) -> Stream {
     unsafe { Stream::from_raw(stream) }
 }
 
@@ -268,7 +268,7 @@ pub unsafe extern "C" fn fep_lca_dict_phi(
         let d = unsafe { &(*dict).dict };
         let mut out =
             unsafe { ViewMut::<f32>::from_raw(d.device(), phi_out as u64, d.n() * d.m()) };
-        d.phi_into(&mut out, raw_stream(d.device(), stream))
+        d.phi_into(&mut out, raw_stream(stream))
     })
 }
 
@@ -322,7 +322,7 @@ pub unsafe extern "C" fn fep_lca_solve(
                     .then(|| ViewMut::from_raw(dev, steps_out as u64, batch)),
             };
             let n = d.n();
-            with_dtype!(dtype, T => solve_typed::<T>(d, &spec, x, product("batch", batch, n)?, u0.as_ref(), out, raw_stream(dev, stream)))
+            with_dtype!(dtype, T => solve_typed::<T>(d, &spec, x, product("batch", batch, n)?, u0.as_ref(), out, raw_stream(stream)))
         }
     })
 }
@@ -359,7 +359,7 @@ pub unsafe extern "C" fn fep_lca_dict_learn(
         let dev = d.device().clone();
         let a = unsafe { View::<f32>::from_raw(&dev, a as u64, product("batch", batch, d.m())?) };
         let len = product("batch", batch, d.n())?;
-        let stream = raw_stream(&dev, stream);
+        let stream = raw_stream(stream);
         with_dtype!(dtype, T => {
             let x = unsafe { View::<T>::from_raw(&dev, x as u64, len) };
             d.learn(&x, &a, lr, stream)

@@ -1349,6 +1349,35 @@ mod c_abi {
     use super::*;
     use fep_kernels::ffi::*;
 
+    /// `fep_lca_solve` on the default stream without u0, trace or steps: the shape of most
+    /// error cases below.
+    fn solve_untraced(
+        h: *const FepLcaDict,
+        dtype: i32,
+        x: *const std::ffi::c_void,
+        batch: u64,
+        params: *const FepLcaParams,
+        u: &mut [f32],
+        a: &mut [f32],
+    ) -> i32 {
+        unsafe {
+            fep_lca_solve(
+                h,
+                null_mut(),
+                dtype,
+                x,
+                batch,
+                params,
+                null(),
+                u.as_mut_ptr(),
+                a.as_mut_ptr(),
+                null_mut(),
+                null_mut(),
+                null_mut(),
+            )
+        }
+    }
+
     fn last_error() -> String {
         unsafe { CStr::from_ptr(fep_last_error()) }
             .to_string_lossy()
@@ -1471,22 +1500,15 @@ mod c_abi {
             ..params
         };
         let (mut u2, mut a2) = (vec![f32::NAN; bm], vec![f32::NAN; bm]);
-        let st = unsafe {
-            fep_lca_solve(
-                h,
-                null_mut(),
-                FEP_DTYPE_F32,
-                x.as_ptr().cast(),
-                batch as u64,
-                &params_h,
-                null(),
-                u2.as_mut_ptr(),
-                a2.as_mut_ptr(),
-                null_mut(),
-                null_mut(),
-                null_mut(),
-            )
-        };
+        let st = solve_untraced(
+            h,
+            FEP_DTYPE_F32,
+            x.as_ptr().cast(),
+            batch as u64,
+            &params_h,
+            &mut u2,
+            &mut a2,
+        );
         assert_eq!(st, FEP_OK, "{}", last_error());
         assert_eq!((u2, a2), (want_plain.u.clone(), want_plain.a.clone()));
 
@@ -1494,22 +1516,15 @@ mod c_abi {
         let x16: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
         let want16 = solve(&d, &spec.trace(false), &x16, None);
         let (mut u3, mut a3) = (vec![f32::NAN; bm], vec![f32::NAN; bm]);
-        let st = unsafe {
-            fep_lca_solve(
-                h,
-                null_mut(),
-                FEP_DTYPE_F16,
-                x16.as_ptr().cast(),
-                batch as u64,
-                &params,
-                null(),
-                u3.as_mut_ptr(),
-                a3.as_mut_ptr(),
-                null_mut(),
-                null_mut(),
-                null_mut(),
-            )
-        };
+        let st = solve_untraced(
+            h,
+            FEP_DTYPE_F16,
+            x16.as_ptr().cast(),
+            batch as u64,
+            &params,
+            &mut u3,
+            &mut a3,
+        );
         assert_eq!(st, FEP_OK, "{}", last_error());
         assert_eq!((u3, a3), (want16.u, want16.a));
 
@@ -1547,66 +1562,45 @@ mod c_abi {
             threshold: 9,
             ..params
         };
-        let st = unsafe {
-            fep_lca_solve(
-                h,
-                null_mut(),
-                FEP_DTYPE_F32,
-                x.as_ptr().cast(),
-                batch as u64,
-                &bad,
-                null(),
-                u4.as_mut_ptr(),
-                a4.as_mut_ptr(),
-                null_mut(),
-                null_mut(),
-                null_mut(),
-            )
-        };
+        let st = solve_untraced(
+            h,
+            FEP_DTYPE_F32,
+            x.as_ptr().cast(),
+            batch as u64,
+            &bad,
+            &mut u4,
+            &mut a4,
+        );
         assert_eq!(st, FEP_ERR_INVALID_ARGUMENT);
         assert!(
             last_error().contains("threshold"),
             "last error: {}",
             last_error()
         );
-        let st = unsafe {
-            fep_lca_solve(
-                h,
-                null_mut(),
-                17,
-                x.as_ptr().cast(),
-                batch as u64,
-                &params,
-                null(),
-                u4.as_mut_ptr(),
-                a4.as_mut_ptr(),
-                null_mut(),
-                null_mut(),
-                null_mut(),
-            )
-        };
+        let st = solve_untraced(
+            h,
+            17,
+            x.as_ptr().cast(),
+            batch as u64,
+            &params,
+            &mut u4,
+            &mut a4,
+        );
         assert_eq!(st, FEP_ERR_INVALID_ARGUMENT);
         assert!(
             last_error().contains("dtype"),
             "last error: {}",
             last_error()
         );
-        let st = unsafe {
-            fep_lca_solve(
-                h,
-                null_mut(),
-                FEP_DTYPE_F32,
-                x.as_ptr().cast(),
-                0,
-                &params,
-                null(),
-                u4.as_mut_ptr(),
-                a4.as_mut_ptr(),
-                null_mut(),
-                null_mut(),
-                null_mut(),
-            )
-        };
+        let st = solve_untraced(
+            h,
+            FEP_DTYPE_F32,
+            x.as_ptr().cast(),
+            0,
+            &params,
+            &mut u4,
+            &mut a4,
+        );
         assert_eq!(st, FEP_ERR_INVALID_ARGUMENT);
         assert!(last_error().contains("`x`"), "last error: {}", last_error());
         assert!(u4.iter().chain(&a4).all(|&v| v == 7.0));

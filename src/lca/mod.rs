@@ -336,7 +336,6 @@ impl Dictionary {
             #[cfg(not(fep_gpu))]
             unreachable!("a GPU device exists only with a GPU feature")
         } else {
-            let _ = stream;
             cpu::prepare(phi.host_slice(), n, m)
         };
         check_norms(&norms, T::DTYPE, opts.check_unit_norm)?;
@@ -561,8 +560,5 @@ impl Dictionary {
                 gpu::learn(&self.device, phi, gram, n, m, batch, x, a, lr, stream)
             }
         }
-        .map(|_| {
-            let _ = stream;
-        })
     }
 }
