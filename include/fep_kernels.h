@@ -49,6 +49,18 @@ extern "C" {
 #define FEP_LCA_HARD 2
 #define FEP_LCA_HARD_NONNEG 3
 
+/* activations f_l of predictive-coding layers */
+#define FEP_ACT_IDENTITY 0
+#define FEP_ACT_TANH 1
+#define FEP_ACT_RELU 2
+#define FEP_ACT_LEAKY_RELU 3
+#define FEP_ACT_SIGMOID 4
+#define FEP_ACT_GELU 5
+
+/* where the free layers of a settling start */
+#define FEP_SETTLE_INIT_FEEDFORWARD 0
+#define FEP_SETTLE_INIT_GIVEN 1
+
 /* The library version, e.g. "0.1.0". Static storage, never NULL. */
 const char *fep_version(void);
 
@@ -107,6 +119,53 @@ int32_t fep_lca_solve(const FepLcaDict *dict, void *stream, int32_t dtype, const
  * column renormalised to unit norm and G recomputed. x: dtype, batch x n; a: f32, batch x m. */
 int32_t fep_lca_dict_learn(FepLcaDict *dict, void *stream, int32_t dtype, const void *x,
                            const float *a, uint64_t batch, float lr);
+
+/* ---- Predictive-coding settling (DESIGN.md section 4.2) ---- */
+
+/* A network of L layers above the input, described per call (nothing is copied or kept):
+ *   mu_l = W_l f_l(x_{l-1}) + b_l,  eps_l = x_l - mu_l,  E = 1/2 sum_l eps_l^T Pi_l eps_l.
+ * All tensors on the device of the call. */
+typedef struct FepSettleNet {
+    uint32_t layers;                    /* L >= 1 */
+    const uint64_t *widths;             /* L + 1: n_0 ... n_L */
+    const int32_t *activations;         /* L: FEP_ACT_*, entry l-1 is f_l (applied to x_{l-1}) */
+    const float *leaky_alpha;           /* L slopes for FEP_ACT_LEAKY_RELU, or NULL (0.01) */
+    int32_t dtype;                      /* FEP_DTYPE_* of the weights and biases */
+    void *const *weights;               /* L: W_l, n_l x n_{l-1} row-major (written only by
+                                         * fep_settle_learn with lr > 0) */
+    void *const *biases;                /* L: b_l [n_l] (an entry may be NULL: no bias), or NULL */
+    const float *precision;             /* L scalar precisions (> 0), or NULL: all 1 */
+    const float *const *precision_diag; /* L: [n_l] diagonal precisions (> 0) overriding the
+                                         * scalar where an entry is not NULL; or NULL */
+} FepSettleNet;
+
+typedef struct FepSettleParams {
+    float eta;      /* > 0: step size of the state update */
+    float momentum; /* in [0, 1) */
+    uint32_t steps; /* T >= 1 */
+    float tol;      /* a sample stops when |E_t - E_{t-1}| <= tol * E_{t-1}; 0 runs all T */
+    int32_t init;   /* FEP_SETTLE_INIT_FEEDFORWARD, or _GIVEN: the free layers start from x_out */
+} FepSettleParams;
+
+/* Settles `batch` samples x0 (f32, batch x n_0) with x_L free. Writes x_out[l-1] and
+ * eps_out[l-1] (f32, batch x n_l, l = 1..L; required). Optional (NULL to skip): energy_out
+ * (batch: the settled energy), trace_out (batch x (steps + 1): the energy at the start and after
+ * each step; a sample that stopped early repeats its last value), steps_out (batch). */
+int32_t fep_settle_infer(int32_t kind, int32_t ordinal, void *stream, const FepSettleNet *net,
+                         const FepSettleParams *params, uint64_t batch, const float *x0,
+                         float *const *x_out, float *const *eps_out, float *energy_out,
+                         float *trace_out, uint32_t *steps_out);
+
+/* One learning step: settles with x_L clamped to target (f32, batch x n_L), then writes the
+ * gradients of the settled energy, grad_w[l-1] = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T
+ * (f32, n_l x n_{l-1}) and grad_b[l-1] (f32, n_l), both required. lr > 0 then applies
+ * W_l -= lr grad_w, b_l -= lr grad_b in place (lr = 0: gradients only). Outputs as for
+ * fep_settle_infer (x_out[L-1] receives the target). */
+int32_t fep_settle_learn(int32_t kind, int32_t ordinal, void *stream, const FepSettleNet *net,
+                         const FepSettleParams *params, uint64_t batch, const float *x0,
+                         const float *target, float *const *x_out, float *const *eps_out,
+                         float *energy_out, float *trace_out, uint32_t *steps_out,
+                         float *const *grad_w, float *const *grad_b, float lr);
 
 #ifdef __cplusplus
 }

@@ -31,6 +31,7 @@ pub mod element;
 pub mod error;
 pub mod ffi;
 pub mod lca;
+pub mod settle;
 mod tensor;
 
 pub use backend::{Device, DeviceBuffer, DeviceKind, Stream, View, ViewMut};

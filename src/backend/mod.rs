@@ -580,6 +580,30 @@ pub struct ViewMut<'a, T: Pod> {
     _data: PhantomData<&'a mut [T]>,
 }
 
+impl<T: Pod> fmt::Debug for View<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "View[{} x {}] on {:?}",
+            self.len,
+            std::any::type_name::<T>(),
+            self.device
+        )
+    }
+}
+
+impl<T: Pod> fmt::Debug for ViewMut<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ViewMut[{} x {}] on {:?}",
+            self.len,
+            std::any::type_name::<T>(),
+            self.device
+        )
+    }
+}
+
 impl<'a, T: Pod> View<'a, T> {
     /// A view of host memory, for the CPU device.
     pub fn host(data: &'a [T]) -> Self {

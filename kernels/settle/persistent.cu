@@ -1,0 +1,204 @@
+// persistent.cu: all T steps of a settling in one launch, for networks whose state fits in
+// shared memory for a tile of 16 samples.
+//
+// One block per tile of SETTLE_TILE_ROWS samples (grid-stride over tiles). x_l, eps_l and the
+// momentum v_l of every layer l >= 1 stay in shared memory (12 bytes per unit and sample) for
+// the whole settling; x_0 and the weights are read from global memory (L2) each step. A step is
+// two phases separated by barriers:
+//   update:   every free layer, from this step's errors (the backward products)
+//   evaluate: every layer's error and the energy (the forward products)
+// Within a phase no layer reads what another writes, so warps take column chunks of all layers
+// without barriers in between. Samples stop one by one (their rows freeze); the block leaves
+// when all of its samples have stopped.
+#include "settle.cuh"
+
+// Columns per warp task: two 16-wide tensor-core tiles.
+#define SETTLE_P_NT 2
+#define SETTLE_P_COLS (16 * SETTLE_P_NT)
+
+struct SettleSmem {
+    float* base;  // per layer l: x [16][n_l], eps [16][n_l], v [16][n_l], at offset off[l - 1]
+    int32_t off[SETTLE_MAX_LAYERS];
+    FEP_DEVICE float* x(int l) const { return base + off[l - 1]; }
+    FEP_DEVICE float* eps(int l, int n) const { return base + off[l - 1] + SETTLE_TILE_ROWS * n; }
+    FEP_DEVICE float* v(int l, int n) const { return base + off[l - 1] + 2 * SETTLE_TILE_ROWS * n; }
+};
+
+// The layer below l: x_0 rows in global memory, or x_{l-1} in shared memory.
+FEP_DEVICE const float* settle_below(const SettleArgs& p, const SettleSmem& s, int l, int64_t row0,
+                                     int64_t* ld) {
+    if (l == 1) {
+        *ld = p.layers[0].n_in;
+        return p.x0 + row0 * p.layers[0].n_in;
+    }
+    *ld = p.layers[l - 2].n;
+    return s.x(l - 1);
+}
+
+// The forward products of layers [l_begin, l_end]: eps_l = x_l - mu_l (or, with init, x_l = mu_l).
+template <typename T>
+FEP_DEVICE void settle_p_forward(const SettleArgs& p, const SettleSmem& s, int64_t row0, int rows, int l,
+                                 bool init) {
+    const SettleLayer& L = p.layers[l - 1];
+    int64_t ld_in;
+    const float* xin = settle_below(p, s, l, row0, &ld_in);
+    float* x = s.x(l);
+    float* eps = s.eps(l, L.n);
+    const int chunks = (L.n + SETTLE_P_COLS - 1) / SETTLE_P_COLS;
+    for (int c = (int)fep_warp_id(); c < chunks; c += SETTLE_WARPS) {
+        settle_forward_tile<T, SETTLE_P_NT>(L, xin, ld_in, rows, c * SETTLE_P_COLS, [&](int r, int j, float mu) {
+            if (init) {
+                x[r * L.n + j] = mu;
+            } else {
+                eps[r * L.n + j] = x[r * L.n + j] - mu;
+            }
+        });
+    }
+}
+
+// The update of free layer l for the rows that have not stopped.
+template <typename T>
+FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleSmem& s, int rows, int l, const int32_t* done) {
+    const SettleLayer& L = p.layers[l - 1];
+    float* x = s.x(l);
+    float* eps = s.eps(l, L.n);
+    float* v = s.v(l, L.n);
+    const bool top = l == p.depth;
+    const int chunks = (L.n + SETTLE_P_COLS - 1) / SETTLE_P_COLS;
+    for (int c = (int)fep_warp_id(); c < chunks; c += SETTLE_WARPS) {
+        auto epi = [&](int r, int j, float back) {
+            if (done[r]) return;
+            const int i = r * L.n + j;
+            settle_update(x[i], v[i], eps[i], settle_pi(L, j), back, top ? nullptr : &p.layers[l], p.eta, p.beta);
+        };
+        if (top) {
+            // No layer above: the update needs no product. Same ownership as a tile.
+            const int lane = (int)fep_lane();
+            for (int t = 0; t < SETTLE_P_NT; ++t)
+                for (int i = 0; i < FEP_MMA_ACC; ++i) {
+                    const int r = FepMma<T>::acc_row(lane, i), j = c * SETTLE_P_COLS + 16 * t + FepMma<T>::acc_col(lane, i);
+                    if (r < rows && j < L.n) epi(r, j, 0.0f);
+                }
+        } else {
+            const SettleLayer& A = p.layers[l];
+            settle_backward_tile<T, SETTLE_P_NT>(A, s.eps(l + 1, A.n), A.n, rows, L.n, c * SETTLE_P_COLS, epi);
+        }
+    }
+}
+
+// Energy of each row from the errors in shared memory: thread t sums units t / 16, t / 16 + 8, ...
+// of row t % 16 over all layers; then 16 threads add the 8 partial sums in order.
+FEP_DEVICE void settle_p_energy(const SettleArgs& p, const SettleSmem& s, float* part, float* energy) {
+    constexpr int kParts = SETTLE_THREADS / SETTLE_TILE_ROWS;
+    const int r = threadIdx.x % SETTLE_TILE_ROWS, q = threadIdx.x / SETTLE_TILE_ROWS;
+    float sum = 0.0f;
+    for (int l = 1; l <= p.depth; ++l) {
+        const SettleLayer& L = p.layers[l - 1];
+        const float* eps = s.eps(l, L.n) + r * L.n;
+        for (int j = q; j < L.n; j += kParts) sum = fmaf(settle_pi(L, j) * eps[j], eps[j], sum);
+    }
+    part[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x < SETTLE_TILE_ROWS) {
+        float e = 0.0f;
+        for (int i = 0; i < kParts; ++i) e += part[i * SETTLE_TILE_ROWS + threadIdx.x];
+        energy[threadIdx.x] = 0.5f * e;
+    }
+    __syncthreads();
+}
+
+template <typename T>
+FEP_DEVICE void settle_persistent(const SettleArgs& p) {
+    FEP_DYNAMIC_SMEM(float, smem);
+    __shared__ float part[SETTLE_THREADS];
+    __shared__ float energy[SETTLE_TILE_ROWS], prev[SETTLE_TILE_ROWS];
+    __shared__ int32_t done[SETTLE_TILE_ROWS];
+    __shared__ int32_t active;
+    SettleSmem s;
+    s.base = smem;
+    int32_t off = 0;
+    for (int l = 1; l <= p.depth; ++l) {
+        s.off[l - 1] = off;
+        off += 3 * SETTLE_TILE_ROWS * p.layers[l - 1].n;
+    }
+    const int top_free = p.clamped ? p.depth - 1 : p.depth;
+    const int64_t tiles = ((int64_t)p.batch + SETTLE_TILE_ROWS - 1) / SETTLE_TILE_ROWS;
+    const int64_t t1 = p.total_steps + 1;
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int64_t row0 = tile * SETTLE_TILE_ROWS;
+        const int rows = (int)min((int64_t)SETTLE_TILE_ROWS, (int64_t)p.batch - row0);
+        // Load: x_L is the target when clamped; free layers from the outputs when given (mode
+        // SETTLE_EVAL), else from the feedforward pass below. v = 0.
+        for (int l = 1; l <= p.depth; ++l) {
+            const SettleLayer& L = p.layers[l - 1];
+            const bool load = (l > top_free) || p.mode == SETTLE_EVAL;
+            for (int i = threadIdx.x; i < SETTLE_TILE_ROWS * L.n; i += SETTLE_THREADS) {
+                const int r = i / L.n;
+                s.x(l)[i] = (load && r < rows) ? L.x[row0 * L.n + i] : 0.0f;
+                s.eps(l, L.n)[i] = 0.0f;
+                s.v(l, L.n)[i] = 0.0f;
+            }
+        }
+        if (threadIdx.x < SETTLE_TILE_ROWS) done[threadIdx.x] = threadIdx.x >= (unsigned)rows;
+        __syncthreads();
+        if (p.mode == SETTLE_INIT) {
+            for (int l = 1; l <= top_free; ++l) {
+                settle_p_forward<T>(p, s, row0, rows, l, true);
+                __syncthreads();
+            }
+        }
+        for (int l = 1; l <= p.depth; ++l) settle_p_forward<T>(p, s, row0, rows, l, false);
+        __syncthreads();
+        settle_p_energy(p, s, part, energy);
+        if (threadIdx.x < (unsigned)rows) {
+            prev[threadIdx.x] = energy[threadIdx.x];
+            if (p.trace) p.trace[(row0 + threadIdx.x) * t1] = energy[threadIdx.x];
+            p.steps[row0 + threadIdx.x] = 0;
+        }
+        for (int t = 1; t <= p.total_steps; ++t) {
+            if (threadIdx.x == 0) {
+                int a = 0;
+                for (int r = 0; r < SETTLE_TILE_ROWS; ++r) a += !done[r];
+                active = a;
+            }
+            __syncthreads();
+            if (active == 0) {
+                // Every sample of the tile stopped: its trace repeats the last energy.
+                if (threadIdx.x < (unsigned)rows && p.trace)
+                    for (int u = t; u <= p.total_steps; ++u) p.trace[(row0 + threadIdx.x) * t1 + u] = prev[threadIdx.x];
+                break;
+            }
+            for (int l = 1; l <= top_free; ++l) settle_p_update<T>(p, s, rows, l, done);
+            __syncthreads();
+            for (int l = 1; l <= p.depth; ++l) settle_p_forward<T>(p, s, row0, rows, l, false);
+            __syncthreads();
+            settle_p_energy(p, s, part, energy);
+            if (threadIdx.x < (unsigned)rows) {
+                const int r = threadIdx.x;
+                if (!done[r]) {
+                    p.steps[row0 + r] = t;
+                    if (settle_converged(energy[r], prev[r], p.tol)) done[r] = 1;
+                    prev[r] = energy[r];
+                }
+                if (p.trace) p.trace[(row0 + r) * t1 + t] = prev[r];
+            }
+            __syncthreads();
+        }
+        // Write back the settled state of the valid rows.
+        for (int l = 1; l <= p.depth; ++l) {
+            const SettleLayer& L = p.layers[l - 1];
+            for (int i = threadIdx.x; i < rows * L.n; i += SETTLE_THREADS) {
+                L.x[row0 * L.n + i] = s.x(l)[i];
+                L.eps[row0 * L.n + i] = s.eps(l, L.n)[i];
+            }
+        }
+        if (threadIdx.x < (unsigned)rows && p.energy) p.energy[row0 + threadIdx.x] = prev[threadIdx.x];
+        __syncthreads();  // shared memory is reused by the next tile
+    }
+}
+
+#define SETTLE_PERSISTENT_KERNEL(suffix, T)                                                           \
+    FEP_KERNEL void FEP_LAUNCH_BOUNDS(SETTLE_THREADS) settle_persistent_##suffix(SettleArgs p) { \
+        settle_persistent<T>(p);                                                                  \
+    }
+FEP_FOR_EACH_DTYPE(SETTLE_PERSISTENT_KERNEL)

@@ -1,0 +1,48 @@
+// tensors.cu: elementwise helpers around the settling: the SGD apply, fills, and the input scan
+// that lets the host reject NaN/Inf and non-positive precisions before anything is written.
+#include "settle.cuh"
+
+// p <- p - lr g, rounded once to T.
+template <typename T>
+FEP_DEVICE void settle_sgd(T* param, const float* grad, int64_t n, float lr) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        param[i] = fep_from_f32<T>(fmaf(-lr, grad[i], fep_to_f32(param[i])));
+}
+
+// out[2 block] = number of non-finite elements of the block's share, out[2 block + 1] = their
+// minimum (of the finite ones; +inf if none). The host reduces over blocks.
+template <typename T>
+FEP_DEVICE void settle_scan(const T* v, int64_t n, float* out) {
+    __shared__ float scratch[FEP_MAX_WARPS];
+    float bad = 0.0f, lo = INFINITY;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float x = fep_to_f32(v[i]);
+        if (x - x == 0.0f) {  // finite (NaN and Inf give NaN); no isfinite in every vendor's headers
+            lo = fminf(lo, x);
+        } else {
+            bad += 1.0f;
+        }
+    }
+    bad = block_allreduce<FEP_WARP_SIZE>(bad, FepSum(), 0.0f, scratch);
+    lo = -block_allreduce<FEP_WARP_SIZE>(-lo, FepMax(), -INFINITY, scratch);
+    if (threadIdx.x == 0) {
+        out[2 * blockIdx.x] = bad;
+        out[2 * blockIdx.x + 1] = lo;
+    }
+}
+
+#define SETTLE_TENSOR_KERNELS(suffix, T)                                                              \
+    FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) settle_sgd_##suffix(T* param, const float* grad, int64_t n, \
+                                                               float lr) {                          \
+        settle_sgd<T>(param, grad, n, lr);                                                        \
+    }                                                                                             \
+    FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) settle_scan_##suffix(const T* v, int64_t n, float* out) { \
+        settle_scan<T>(v, n, out);                                                                \
+    }
+FEP_FOR_EACH_DTYPE(SETTLE_TENSOR_KERNELS)
+
+// p[i] = value (f32 or, with value 0, any 4-byte type).
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) settle_fill(float* p, int64_t n, float value) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        p[i] = value;
+}

@@ -1,0 +1,775 @@
+//! Predictive-coding settling (DESIGN.md §4.2): inference by descending the energy of a
+//! hierarchical Gaussian model, and the local learning step.
+//!
+//! Layers x₀ … x_L of widths n₀ … n_L; layer l ≥ 1 has weights W_l `[n_l, n_{l−1}]`, an optional
+//! bias b_l, an activation f_l applied to the layer below, and a precision Π_l (scalar or
+//! diagonal):
+//!
+//! ```text
+//! μ_l = W_l f_l(x_{l−1}) + b_l,   ε_l = x_l − μ_l,   E = ½ Σ_l ε_lᵀ Π_l ε_l   (per sample)
+//! g_l = Π_l ε_l − f′_{l+1}(x_l) ⊙ W_{l+1}ᵀ (Π_{l+1} ε_{l+1})    (no second term for l = L)
+//! v_l ← β v_l + g_l,   x_l ← x_l − η v_l                       (every free layer, synchronously)
+//! ```
+//!
+//! x₀ is clamped to the input. [`infer`] leaves x_L free; [`learn_step`] clamps it to the target
+//! and returns ∂E/∂W_l = −(1/B) Σ_b (Π_l ε_l) f_l(x_{l−1})ᵀ and ∂E/∂b_l = −(1/B) Σ_b Π_l ε_l at
+//! the settled state ([`sgd`] applies them). Free layers start at the feedforward prediction
+//! (x_l = μ_l) or at a given state.
+//!
+//! Steps, energies and early stop: `trace[b][0]` is the energy at the start, `trace[b][t]` after
+//! t updates. A sample stops after step t when |E_t − E_{t−1}| ≤ tol · E_{t−1} (tol > 0); it is
+//! then frozen (its trace repeats), so a sample's result never depends on the rest of its batch.
+//! ε and the energy returned are those of the settled state.
+//!
+//! ```
+//! use fep_kernels::{Device, settle::{self, Activation, Layer, Network, Precision, SettleSpec}};
+//! let dev = Device::best();
+//! // 2 -> 3 -> 1, tanh on the hidden layer's output.
+//! let w1 = dev.upload(&[0.5f32, -0.2, 0.1, 0.3, -0.4, 0.2])?;
+//! let w2 = dev.upload(&[0.3f32, -0.6, 0.9])?;
+//! let net = Network::new(&[2, 3, 1], vec![
+//!     Layer::new(w1.view(), Activation::Identity, Precision::Scalar(1.0)),
+//!     Layer::new(w2.view(), Activation::Tanh, Precision::Scalar(1.0)),
+//! ])?;
+//! let x0 = dev.upload(&[1.0f32, -1.0])?;
+//! let target = dev.upload(&[0.5f32])?;
+//! let spec = SettleSpec::new(0.1).steps(20);
+//! let out = settle::learn_step(&net, &spec, &x0.view(), &target.view())?;
+//! let trace = out.state.trace.as_ref().unwrap().to_vec()?;
+//! assert!(trace[20] < trace[0]); // settling lowered the energy
+//! println!("dE/dW2 = {:?}", out.grad_w[1].to_vec()?);
+//! # Ok::<(), fep_kernels::Error>(())
+//! ```
+
+mod cpu;
+#[cfg(fep_gpu)]
+mod gpu;
+
+use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::tensor::{check_len, same_device};
+
+/// The activation f_l in μ_l = W_l f_l(x_{l−1}) + b_l.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum Activation {
+    /// f(x) = x.
+    #[default]
+    Identity,
+    /// tanh.
+    Tanh,
+    /// max(x, 0); f′(0) = 0.
+    Relu,
+    /// x for x > 0, αx otherwise; f′(0) = α.
+    LeakyRelu(f32),
+    /// 1 / (1 + e^{−x}).
+    Sigmoid,
+    /// x Φ(x) with the normal CDF Φ (the exact, erf form).
+    Gelu,
+}
+
+impl Activation {
+    /// Every kind, with α = 0.1 for the leaky ReLU; for tests and benches.
+    pub const ALL: [Activation; 6] = [
+        Activation::Identity,
+        Activation::Tanh,
+        Activation::Relu,
+        Activation::LeakyRelu(0.1),
+        Activation::Sigmoid,
+        Activation::Gelu,
+    ];
+
+    /// The C ABI code (`FEP_ACT_*`).
+    pub fn code(self) -> i32 {
+        match self {
+            Activation::Identity => 0,
+            Activation::Tanh => 1,
+            Activation::Relu => 2,
+            Activation::LeakyRelu(_) => 3,
+            Activation::Sigmoid => 4,
+            Activation::Gelu => 5,
+        }
+    }
+
+    /// The slope α of the leaky ReLU (0 for the others).
+    pub fn alpha(self) -> f32 {
+        match self {
+            Activation::LeakyRelu(a) => a,
+            _ => 0.0,
+        }
+    }
+
+    /// From the C ABI code and the leaky slope.
+    pub fn from_code(code: i32, alpha: f32) -> Result<Activation> {
+        Ok(match code {
+            0 => Activation::Identity,
+            1 => Activation::Tanh,
+            2 => Activation::Relu,
+            3 => Activation::LeakyRelu(alpha),
+            4 => Activation::Sigmoid,
+            5 => Activation::Gelu,
+            _ => {
+                return Err(Error::invalid(
+                    "activation",
+                    format!("{code} is not one of FEP_ACT_IDENTITY..FEP_ACT_GELU (0..5)"),
+                ));
+            }
+        })
+    }
+
+    /// f(x) in f64 (the reference).
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            Activation::Identity => x,
+            Activation::Tanh => x.tanh(),
+            Activation::Relu => x.max(0.0),
+            Activation::LeakyRelu(a) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    a as f64 * x
+                }
+            }
+            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Activation::Gelu => x * normal_cdf(x),
+        }
+    }
+
+    /// f′(x) in f64.
+    pub fn derivative(self, x: f64) -> f64 {
+        match self {
+            Activation::Identity => 1.0,
+            Activation::Tanh => {
+                let t = x.tanh();
+                1.0 - t * t
+            }
+            Activation::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::LeakyRelu(a) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    a as f64
+                }
+            }
+            Activation::Sigmoid => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                s * (1.0 - s)
+            }
+            Activation::Gelu => {
+                normal_cdf(x) + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+            }
+        }
+    }
+}
+
+/// Φ(x) = ½ erfc(−x/√2) (std has no erf; libm's is the musl one).
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
+}
+
+/// The precision Π_l of a layer's error.
+#[derive(Clone, Debug)]
+pub enum Precision<'a> {
+    /// Π_l = π I, π > 0.
+    Scalar(f32),
+    /// Π_l = diag(π), `[n_l]`, every entry > 0, on the network's device.
+    Diagonal(View<'a, f32>),
+}
+
+/// One layer l ≥ 1: W_l `[n_l, n_{l−1}]` row-major, b_l `[n_l]` (optional), f_l, Π_l.
+#[derive(Clone, Debug)]
+pub struct Layer<'a, T: Element> {
+    /// W_l, `[n_l, n_{l−1}]`, row-major (the layout of a torch `Linear` weight).
+    pub weight: View<'a, T>,
+    /// b_l, `[n_l]`, or none (zero).
+    pub bias: Option<View<'a, T>>,
+    /// f_l, applied to x_{l−1}.
+    pub activation: Activation,
+    /// Π_l.
+    pub precision: Precision<'a>,
+}
+
+impl<'a, T: Element> Layer<'a, T> {
+    /// A layer without bias.
+    pub fn new(weight: View<'a, T>, activation: Activation, precision: Precision<'a>) -> Self {
+        Layer {
+            weight,
+            bias: None,
+            activation,
+            precision,
+        }
+    }
+    /// Sets the bias.
+    pub fn bias(mut self, bias: View<'a, T>) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+}
+
+/// A network description: widths n₀ … n_L and layers 1 … L, borrowing the caller's tensors
+/// (all on one device). Checked when made: shapes, devices, parameters.
+#[derive(Clone, Debug)]
+pub struct Network<'a, T: Element> {
+    widths: Vec<usize>,
+    layers: Vec<Layer<'a, T>>,
+}
+
+impl<'a, T: Element> Network<'a, T> {
+    /// Checks and assembles the network. `widths` has L + 1 entries, `layers` L.
+    pub fn new(widths: &[usize], layers: Vec<Layer<'a, T>>) -> Result<Self> {
+        if widths.len() < 2 {
+            return Err(Error::invalid(
+                "widths",
+                format!("needs at least 2 entries (n_0, n_1), got {}", widths.len()),
+            ));
+        }
+        if layers.len() + 1 != widths.len() {
+            return Err(Error::invalid(
+                "layers",
+                format!(
+                    "{} layers for {} widths: need one layer per width after n_0",
+                    layers.len(),
+                    widths.len()
+                ),
+            ));
+        }
+        for (i, &w) in widths.iter().enumerate() {
+            if w == 0 || w > i32::MAX as usize {
+                return Err(Error::invalid(
+                    format!("widths[{i}]"),
+                    format!("must be in 1..=2^31-1, got {w}"),
+                ));
+            }
+        }
+        let dev = layers[0].weight.device().clone();
+        for (i, layer) in layers.iter().enumerate() {
+            let l = i + 1;
+            let (n, n_in) = (widths[l], widths[l - 1]);
+            let name = |what: &str| format!("layers[{i}].{what}");
+            same_device(&name("weight"), layer.weight.device(), &dev)?;
+            if layer.weight.len() != n * n_in {
+                return Err(Error::invalid(
+                    name("weight"),
+                    format!(
+                        "has {} elements, expected n_{l} x n_{} = {n} x {n_in} = {}",
+                        layer.weight.len(),
+                        l - 1,
+                        n * n_in
+                    ),
+                ));
+            }
+            if let Some(b) = &layer.bias {
+                same_device(&name("bias"), b.device(), &dev)?;
+                check_len(&name("bias"), b.len(), n)?;
+            }
+            if let Activation::LeakyRelu(a) = layer.activation {
+                if !a.is_finite() {
+                    return Err(Error::invalid(
+                        name("activation"),
+                        format!("leaky_relu slope must be finite, got {a}"),
+                    ));
+                }
+            }
+            match &layer.precision {
+                Precision::Scalar(p) => {
+                    if !(p.is_finite() && *p > 0.0) {
+                        return Err(Error::invalid(
+                            name("precision"),
+                            format!("must be finite and > 0, got {p}"),
+                        ));
+                    }
+                }
+                Precision::Diagonal(v) => {
+                    same_device(&name("precision"), v.device(), &dev)?;
+                    check_len(&name("precision"), v.len(), n)?;
+                }
+            }
+        }
+        Ok(Network {
+            widths: widths.to_vec(),
+            layers,
+        })
+    }
+
+    /// n₀ … n_L.
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
+    }
+    /// L, the number of layers above the input.
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+    /// Layers 1 … L.
+    pub fn layers(&self) -> &[Layer<'a, T>] {
+        &self.layers
+    }
+    /// The device of every tensor.
+    pub fn device(&self) -> &Device {
+        self.layers[0].weight.device()
+    }
+    /// Σ_l n_l n_{l−1}: the multiply-adds of one feedforward pass per sample.
+    pub fn weight_count(&self) -> usize {
+        self.widths.windows(2).map(|w| w[0] * w[1]).sum()
+    }
+}
+
+/// Where the free layers start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Init {
+    /// x_l = μ_l, layer by layer from x₀.
+    #[default]
+    Feedforward,
+    /// The `x` outputs hold the start on entry (x₁ … x_L for [`infer_into`], x₁ … x_{L−1} for
+    /// [`learn_step_into`]).
+    FromOutputs,
+}
+
+/// How to settle: η, β, T, tolerance, initialisation, trace.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SettleSpec {
+    /// η > 0: the step size of the state update.
+    pub eta: f32,
+    /// β ∈ [0, 1): momentum of the state update (0: plain gradient descent).
+    pub momentum: f32,
+    /// T ≥ 1: the most steps.
+    pub steps: u32,
+    /// Stop a sample when its relative energy change is ≤ tol; 0 runs all T steps.
+    pub tol: f32,
+    /// Where the free layers start.
+    pub init: Init,
+    /// Check inputs, weights, biases and precisions for NaN/Inf (and diagonal precisions for
+    /// ≤ 0) before launching. On a GPU this reads back a few floats, which waits for the
+    /// stream; turn it off for a fully asynchronous launch.
+    pub check_finite: bool,
+}
+
+impl SettleSpec {
+    /// η as given; β = 0, T = 20, tol = 0, feedforward start, inputs checked.
+    pub fn new(eta: f32) -> Self {
+        SettleSpec {
+            eta,
+            momentum: 0.0,
+            steps: 20,
+            tol: 0.0,
+            init: Init::Feedforward,
+            check_finite: true,
+        }
+    }
+    /// Sets β.
+    pub fn momentum(mut self, beta: f32) -> Self {
+        self.momentum = beta;
+        self
+    }
+    /// Sets T.
+    pub fn steps(mut self, steps: u32) -> Self {
+        self.steps = steps;
+        self
+    }
+    /// Sets the early-stop tolerance.
+    pub fn tol(mut self, tol: f32) -> Self {
+        self.tol = tol;
+        self
+    }
+    /// Sets the initialisation.
+    pub fn init(mut self, init: Init) -> Self {
+        self.init = init;
+        self
+    }
+    /// Turns the finiteness check on or off.
+    pub fn check_finite(mut self, on: bool) -> Self {
+        self.check_finite = on;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.eta.is_finite() && self.eta > 0.0) {
+            return Err(Error::invalid(
+                "eta",
+                format!("must be finite and > 0, got {}", self.eta),
+            ));
+        }
+        if !(self.momentum.is_finite() && self.momentum >= 0.0 && self.momentum < 1.0) {
+            return Err(Error::invalid(
+                "momentum",
+                format!("must be in [0, 1), got {}", self.momentum),
+            ));
+        }
+        if self.steps == 0 || self.steps >= i32::MAX as u32 {
+            return Err(Error::invalid(
+                "steps",
+                format!("must be in 1..2^31-1, got {}", self.steps),
+            ));
+        }
+        if !(self.tol.is_finite() && self.tol >= 0.0) {
+            return Err(Error::invalid(
+                "tol",
+                format!("must be finite and >= 0, got {}", self.tol),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where [`infer_into`] and [`learn_step_into`] write, on the network's device. `x[l−1]` and
+/// `eps[l−1]` are layer l's state and error, `[batch, n_l]`, for l = 1 … L; `energy` is
+/// `[batch]` (the settled state's), `trace` `[batch, steps + 1]`, `steps` `[batch]`.
+pub struct SettleOutputs<'a> {
+    /// x₁ … x_L after settling (x_L = the target when learning).
+    pub x: Vec<ViewMut<'a, f32>>,
+    /// ε₁ … ε_L at the settled state.
+    pub eps: Vec<ViewMut<'a, f32>>,
+    /// The settled energy per sample.
+    pub energy: Option<ViewMut<'a, f32>>,
+    /// The energy per sample at the start and after each step.
+    pub trace: Option<ViewMut<'a, f32>>,
+    /// Steps each sample ran (T unless it stopped early).
+    pub steps: Option<ViewMut<'a, u32>>,
+}
+
+/// Where [`learn_step_into`] writes the gradients (f32): `weights[l−1]` `[n_l, n_{l−1}]` and
+/// `biases[l−1]` `[n_l]`. A layer without bias still gets its bias gradient.
+pub struct Gradients<'a> {
+    /// ∂E/∂W_l.
+    pub weights: Vec<ViewMut<'a, f32>>,
+    /// ∂E/∂b_l.
+    pub biases: Vec<ViewMut<'a, f32>>,
+}
+
+/// The outputs of [`infer`], on the network's device.
+#[derive(Debug)]
+pub struct SettleResult {
+    /// x₁ … x_L, `[batch, n_l]`.
+    pub x: Vec<DeviceBuffer<f32>>,
+    /// ε₁ … ε_L, `[batch, n_l]`.
+    pub eps: Vec<DeviceBuffer<f32>>,
+    /// Settled energy `[batch]`.
+    pub energy: DeviceBuffer<f32>,
+    /// `[batch, steps + 1]`.
+    pub trace: Option<DeviceBuffer<f32>>,
+    /// `[batch]`.
+    pub steps: DeviceBuffer<u32>,
+}
+
+/// The outputs of [`learn_step`].
+#[derive(Debug)]
+pub struct LearnResult {
+    /// The settled state (x_L = the target).
+    pub state: SettleResult,
+    /// ∂E/∂W_l, `[n_l, n_{l−1}]` each.
+    pub grad_w: Vec<DeviceBuffer<f32>>,
+    /// ∂E/∂b_l, `[n_l]` each.
+    pub grad_b: Vec<DeviceBuffer<f32>>,
+}
+
+/// What the backends run: the checked arguments.
+pub(crate) struct Problem<'n, 'a, T: Element> {
+    pub net: &'n Network<'a, T>,
+    pub spec: SettleSpec,
+    pub batch: usize,
+    /// Whether x_L is clamped (learning).
+    pub clamped: bool,
+}
+
+fn batch_of(name: &str, len: usize, width: usize) -> Result<usize> {
+    if len == 0 {
+        return Err(Error::invalid(
+            name,
+            "is empty: the batch must hold at least one sample",
+        ));
+    }
+    if len % width != 0 {
+        return Err(Error::invalid(
+            name,
+            format!("has {len} elements, not a multiple of n_0 = {width}"),
+        ));
+    }
+    let batch = len / width;
+    if batch > i32::MAX as usize {
+        return Err(Error::invalid(
+            name,
+            format!("batch {batch} exceeds 2^31-1"),
+        ));
+    }
+    Ok(batch)
+}
+
+fn check_outputs<T: Element>(
+    net: &Network<'_, T>,
+    spec: &SettleSpec,
+    batch: usize,
+    out: &SettleOutputs<'_>,
+) -> Result<()> {
+    let dev = net.device();
+    let depth = net.depth();
+    check_len("x (number of layers)", out.x.len(), depth)?;
+    check_len("eps (number of layers)", out.eps.len(), depth)?;
+    for l in 1..=depth {
+        let n = batch * net.widths[l];
+        same_device(&format!("x[{}]", l - 1), out.x[l - 1].device(), dev)?;
+        check_len(&format!("x[{}]", l - 1), out.x[l - 1].len(), n)?;
+        same_device(&format!("eps[{}]", l - 1), out.eps[l - 1].device(), dev)?;
+        check_len(&format!("eps[{}]", l - 1), out.eps[l - 1].len(), n)?;
+    }
+    // Every output is distinct memory: the kernels read some while writing others.
+    let mut spans: Vec<(&str, u64, u64)> = Vec::new();
+    for v in out.x.iter() {
+        spans.push(("x", v.addr, v.addr + 4 * v.len() as u64));
+    }
+    for v in out.eps.iter() {
+        spans.push(("eps", v.addr, v.addr + 4 * v.len() as u64));
+    }
+    if let Some(e) = &out.energy {
+        same_device("energy", e.device(), dev)?;
+        check_len("energy", e.len(), batch)?;
+        spans.push(("energy", e.addr, e.addr + 4 * batch as u64));
+    }
+    if let Some(t) = &out.trace {
+        same_device("trace", t.device(), dev)?;
+        let len = batch * (spec.steps as usize + 1);
+        check_len("trace", t.len(), len)?;
+        spans.push(("trace", t.addr, t.addr + 4 * len as u64));
+    }
+    if let Some(s) = &out.steps {
+        same_device("steps", s.device(), dev)?;
+        check_len("steps", s.len(), batch)?;
+        spans.push(("steps", s.addr, s.addr + 4 * batch as u64));
+    }
+    for i in 0..spans.len() {
+        for j in 0..i {
+            let (a, b) = (spans[i], spans[j]);
+            if a.1 < b.2 && b.1 < a.2 {
+                return Err(Error::invalid(
+                    a.0,
+                    format!(
+                        "overlaps the output {} (outputs must not share memory)",
+                        b.0
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run<T: Element>(
+    p: &Problem<'_, '_, T>,
+    x0: &View<'_, f32>,
+    target: Option<&View<'_, f32>>,
+    out: SettleOutputs<'_>,
+    grads: Option<Gradients<'_>>,
+    stream: Stream,
+) -> Result<()> {
+    let dev = p.net.device();
+    if !dev.is_gpu() {
+        return cpu::run(p, x0, target, out, grads);
+    }
+    #[cfg(fep_gpu)]
+    {
+        gpu::run(p, x0, target, out, grads, stream)
+    }
+    #[cfg(not(fep_gpu))]
+    unreachable!("a GPU device exists only with a GPU feature")
+}
+
+/// Settles the batch x₀ (`[batch, n₀]`) with x_L free, into `out`, enqueued on `stream`.
+/// Everything is checked before anything is written: on error the outputs are untouched.
+pub fn infer_into<T: Element>(
+    net: &Network<'_, T>,
+    spec: &SettleSpec,
+    x0: &View<'_, f32>,
+    out: SettleOutputs<'_>,
+    stream: Stream,
+) -> Result<()> {
+    spec.validate()?;
+    let batch = batch_of("x0", x0.len(), net.widths[0])?;
+    same_device("x0", x0.device(), net.device())?;
+    check_outputs(net, spec, batch, &out)?;
+    let p = Problem {
+        net,
+        spec: *spec,
+        batch,
+        clamped: false,
+    };
+    run(&p, x0, None, out, None, stream)
+}
+
+/// Settles the batch x₀ with x_L clamped to `target` (`[batch, n_L]`), then writes the gradients
+/// of the settled energy. Enqueued on `stream`; on error nothing is written.
+pub fn learn_step_into<T: Element>(
+    net: &Network<'_, T>,
+    spec: &SettleSpec,
+    x0: &View<'_, f32>,
+    target: &View<'_, f32>,
+    out: SettleOutputs<'_>,
+    grads: Gradients<'_>,
+    stream: Stream,
+) -> Result<()> {
+    spec.validate()?;
+    let batch = batch_of("x0", x0.len(), net.widths[0])?;
+    same_device("x0", x0.device(), net.device())?;
+    same_device("target", target.device(), net.device())?;
+    let depth = net.depth();
+    check_len("target", target.len(), batch * net.widths[depth])?;
+    check_outputs(net, spec, batch, &out)?;
+    check_len(
+        "grad weights (number of layers)",
+        grads.weights.len(),
+        depth,
+    )?;
+    check_len("grad biases (number of layers)", grads.biases.len(), depth)?;
+    for l in 1..=depth {
+        let (n, n_in) = (net.widths[l], net.widths[l - 1]);
+        let name = format!("grad weights[{}]", l - 1);
+        same_device(&name, grads.weights[l - 1].device(), net.device())?;
+        check_len(&name, grads.weights[l - 1].len(), n * n_in)?;
+        let name = format!("grad biases[{}]", l - 1);
+        same_device(&name, grads.biases[l - 1].device(), net.device())?;
+        check_len(&name, grads.biases[l - 1].len(), n)?;
+    }
+    let p = Problem {
+        net,
+        spec: *spec,
+        batch,
+        clamped: true,
+    };
+    run(&p, x0, Some(target), out, Some(grads), stream)
+}
+
+fn alloc_state(dev: &Device, widths: &[usize], batch: usize, steps: u32) -> Result<SettleResult> {
+    let per_layer = |_| -> Result<Vec<DeviceBuffer<f32>>> {
+        widths[1..]
+            .iter()
+            .map(|&n| dev.alloc::<f32>(batch * n))
+            .collect()
+    };
+    Ok(SettleResult {
+        x: per_layer(())?,
+        eps: per_layer(())?,
+        energy: dev.alloc(batch)?,
+        trace: Some(dev.alloc(batch * (steps as usize + 1))?),
+        steps: dev.alloc(batch)?,
+    })
+}
+
+fn outputs(res: &mut SettleResult) -> SettleOutputs<'_> {
+    SettleOutputs {
+        x: res.x.iter_mut().map(|b| b.view_mut()).collect(),
+        eps: res.eps.iter_mut().map(|b| b.view_mut()).collect(),
+        energy: Some(res.energy.view_mut()),
+        trace: res.trace.as_mut().map(|b| b.view_mut()),
+        steps: Some(res.steps.view_mut()),
+    }
+}
+
+/// Copies a given start into the state buffers (`init` has one view per free layer, from x₁).
+fn copy_init(dev: &Device, init: &[View<'_, f32>], x: &mut [DeviceBuffer<f32>]) -> Result<()> {
+    check_len("init (number of layers)", init.len(), x.len())?;
+    for (l, (src, dst)) in init.iter().zip(x.iter_mut()).enumerate() {
+        let name = format!("init[{l}]");
+        same_device(&name, src.device(), dev)?;
+        check_len(&name, src.len(), dst.len())?;
+        let bytes = 4 * src.len();
+        // Both are checked: same device, same length, and dst is a fresh buffer.
+        unsafe { dev.copy_dtod(dst.addr(), src.addr, bytes, dev.default_stream())? };
+    }
+    Ok(())
+}
+
+/// Settles x₀ (`[batch, n₀]`) with x_L free on the default stream, into new buffers (with the
+/// trace). `init`: None for the feedforward start, or x₁ … x_L to start from.
+pub fn infer<T: Element>(
+    net: &Network<'_, T>,
+    spec: &SettleSpec,
+    x0: &View<'_, f32>,
+    init: Option<&[View<'_, f32>]>,
+) -> Result<SettleResult> {
+    spec.validate()?;
+    let batch = batch_of("x0", x0.len(), net.widths[0])?;
+    let dev = net.device();
+    let mut res = alloc_state(dev, &net.widths, batch, spec.steps)?;
+    let mut spec = *spec;
+    spec.init = Init::Feedforward;
+    if let Some(init) = init {
+        copy_init(dev, init, &mut res.x)?;
+        spec.init = Init::FromOutputs;
+    }
+    infer_into(net, &spec, x0, outputs(&mut res), dev.default_stream())?;
+    Ok(res)
+}
+
+/// One learning step on the default stream into new buffers: settle with x_L clamped to
+/// `target`, then the gradients. Free layers start at the feedforward prediction.
+pub fn learn_step<T: Element>(
+    net: &Network<'_, T>,
+    spec: &SettleSpec,
+    x0: &View<'_, f32>,
+    target: &View<'_, f32>,
+) -> Result<LearnResult> {
+    spec.validate()?;
+    let batch = batch_of("x0", x0.len(), net.widths[0])?;
+    let dev = net.device();
+    let mut state = alloc_state(dev, &net.widths, batch, spec.steps)?;
+    let mut grad_w = Vec::new();
+    let mut grad_b = Vec::new();
+    for w in net.widths.windows(2) {
+        grad_w.push(dev.alloc::<f32>(w[0] * w[1])?);
+        grad_b.push(dev.alloc::<f32>(w[1])?);
+    }
+    let spec = SettleSpec {
+        init: Init::Feedforward,
+        ..*spec
+    };
+    let grads = Gradients {
+        weights: grad_w.iter_mut().map(|b| b.view_mut()).collect(),
+        biases: grad_b.iter_mut().map(|b| b.view_mut()).collect(),
+    };
+    learn_step_into(
+        net,
+        &spec,
+        x0,
+        target,
+        outputs(&mut state),
+        grads,
+        dev.default_stream(),
+    )?;
+    Ok(LearnResult {
+        state,
+        grad_w,
+        grad_b,
+    })
+}
+
+/// Plain SGD on one parameter tensor: p ← p − lr · grad (grad in f32, p in its own dtype,
+/// rounded once). Enqueued on `stream`. Errors: lengths or devices that differ, lr not finite
+/// or < 0.
+pub fn sgd<T: Element>(
+    param: &mut ViewMut<'_, T>,
+    grad: &View<'_, f32>,
+    lr: f32,
+    stream: Stream,
+) -> Result<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(Error::invalid(
+            "lr",
+            format!("must be finite and >= 0, got {lr}"),
+        ));
+    }
+    same_device("grad", grad.device(), param.device())?;
+    check_len("grad", grad.len(), param.len())?;
+    if !param.device().is_gpu() {
+        cpu::sgd(param.host_slice_mut(), grad.host_slice(), lr as f64);
+        return Ok(());
+    }
+    #[cfg(fep_gpu)]
+    {
+        gpu::sgd(param, grad, lr, stream)
+    }
+    #[cfg(not(fep_gpu))]
+    unreachable!("a GPU device exists only with a GPU feature")
+}

@@ -1,0 +1,503 @@
+//! Predictive-coding settling on a GPU (CUDA, HIP or the emulator) against the CPU reference
+//! (DESIGN.md §4.2, §6). Device selection and skipping: tests/common/gpu.rs.
+//!
+//! Each case builds a random network, rounds its weights and biases to the dtype once on the
+//! host (so both devices read identical inputs), settles on the CPU (f64) and on the GPU into
+//! NaN-poisoned outputs, and compares every output.
+//!
+//! Tolerances. The GPU's products run on the tensor cores with the weights' dtype as input type:
+//! tf32 for f32 weights on NVIDIA (10-bit mantissa: unit roundoff 4.9e-4), full f32 on AMD,
+//! f16/bf16 (4.9e-4 / 3.9e-3) otherwise, where the activations and errors fed to the products are
+//! rounded too; the reference runs in f64. So:
+//! - x and the energies: ‖out − ref‖/‖ref‖ < `tol(dtype)`: 4e-3 for tf32 / f16, 2.5e-2 for bf16
+//!   (a few input roundings per product, which settling (a contraction for these η) does not
+//!   amplify), 1e-4 for exact f32 products.
+//! - ε and the gradients are differences (ε = x − μ) of much larger terms, so their error is
+//!   measured against the scale they are computed from: ‖ε_out − ε_ref‖ / ‖x_ref‖ per layer, and
+//!   for ∂E/∂W the norm of the same sum taken of absolute values (|π ε| |f(x)|ᵀ / B).
+//! - steps: exact where the stop is not near a tie (the early-stop case uses a tolerance far
+//!   from the measured relative changes).
+
+// `!(err < tol)` on purpose: a NaN error must fail.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
+mod common;
+
+use common::gpu::{gpu, is_emulated};
+use common::{randn, rel_err, rng};
+use fep_kernels::settle::{
+    self, Activation, Gradients, Init, Layer, Network, Precision, SettleOutputs, SettleSpec,
+};
+use fep_kernels::{DType, Device, DeviceBuffer, DeviceKind, Element, Error, bf16, f16};
+
+#[derive(Clone, Debug)]
+struct Case {
+    widths: Vec<usize>,
+    acts: Vec<Activation>,
+    diag: bool,
+    bias: bool,
+    dtype: DType,
+    batch: usize,
+    /// Learning (x_L clamped) or inference.
+    learn: bool,
+    /// Inference from a given random start (else feedforward).
+    given: bool,
+    steps: u32,
+    eta: f32,
+    beta: f32,
+    tol: f32,
+    seed: u64,
+}
+
+impl Case {
+    fn new(widths: &[usize], dtype: DType, batch: usize, learn: bool, seed: u64) -> Case {
+        let acts = (0..widths.len() - 1)
+            .map(|l| Activation::ALL[(l + seed as usize) % Activation::ALL.len()])
+            .collect();
+        Case {
+            widths: widths.to_vec(),
+            acts,
+            diag: seed % 2 == 0,
+            bias: seed % 3 != 0,
+            dtype,
+            batch,
+            learn,
+            given: !learn,
+            steps: 12,
+            eta: 0.1,
+            beta: 0.5,
+            tol: 0.0,
+            seed,
+        }
+    }
+}
+
+/// Host data of one case, the weights already rounded to the dtype (kept as f64 values).
+struct Data {
+    weights: Vec<Vec<f64>>,
+    biases: Vec<Vec<f64>>,
+    precisions: Vec<Vec<f32>>,
+    x0: Vec<f32>,
+    target: Vec<f32>,
+    start: Vec<Vec<f32>>,
+}
+
+fn round_to(dtype: DType, v: f32) -> f64 {
+    match dtype {
+        DType::F32 => v as f64,
+        DType::F16 => f16::from_f32(v).to_f64(),
+        DType::BF16 => bf16::from_f32(v).to_f64(),
+    }
+}
+
+fn data(c: &Case) -> Data {
+    let mut r = rng(c.seed);
+    let mut d = Data {
+        weights: vec![],
+        biases: vec![],
+        precisions: vec![],
+        x0: randn(&mut r, c.batch * c.widths[0], 1.0),
+        target: vec![],
+        start: vec![],
+    };
+    let depth = c.widths.len() - 1;
+    for l in 1..=depth {
+        let (n, n_in) = (c.widths[l], c.widths[l - 1]);
+        let scale = 1.0 / (n_in as f32).sqrt();
+        d.weights.push(
+            randn(&mut r, n * n_in, scale)
+                .into_iter()
+                .map(|v| round_to(c.dtype, v))
+                .collect(),
+        );
+        d.biases.push(
+            randn(&mut r, n, 0.1)
+                .into_iter()
+                .map(|v| round_to(c.dtype, v))
+                .collect(),
+        );
+        d.precisions.push(
+            randn(&mut r, n, 0.3)
+                .into_iter()
+                .map(|v| (1.0 + v).clamp(0.5, 1.5))
+                .collect(),
+        );
+    }
+    d.target = randn(&mut r, c.batch * c.widths[depth], 1.0);
+    for l in 1..=depth {
+        d.start.push(randn(&mut r, c.batch * c.widths[l], 1.0));
+    }
+    d
+}
+
+/// Everything a settling writes, read back to the host.
+#[derive(Debug)]
+struct Out {
+    x: Vec<Vec<f32>>,
+    eps: Vec<Vec<f32>>,
+    energy: Vec<f32>,
+    trace: Vec<f32>,
+    steps: Vec<u32>,
+    grad_w: Vec<Vec<f32>>,
+    grad_b: Vec<Vec<f32>>,
+}
+
+fn poisoned(dev: &Device, len: usize) -> Result<DeviceBuffer<f32>, Error> {
+    dev.upload(&vec![f32::NAN; len])
+}
+
+fn run_typed<T: Element>(dev: &Device, c: &Case, d: &Data) -> Result<Out, Error> {
+    let depth = c.widths.len() - 1;
+    let ws: Vec<DeviceBuffer<T>> = d
+        .weights
+        .iter()
+        .map(|w| dev.upload(&w.iter().map(|&v| T::from_f64(v)).collect::<Vec<_>>()))
+        .collect::<Result<_, _>>()?;
+    let bs: Vec<DeviceBuffer<T>> = d
+        .biases
+        .iter()
+        .map(|b| dev.upload(&b.iter().map(|&v| T::from_f64(v)).collect::<Vec<_>>()))
+        .collect::<Result<_, _>>()?;
+    let ps: Vec<DeviceBuffer<f32>> = d
+        .precisions
+        .iter()
+        .map(|p| dev.upload(p))
+        .collect::<Result<_, _>>()?;
+    let layers = (0..depth)
+        .map(|l| {
+            let precision = if c.diag {
+                Precision::Diagonal(ps[l].view())
+            } else {
+                Precision::Scalar(d.precisions[l][0])
+            };
+            let layer = Layer::new(ws[l].view(), c.acts[l], precision);
+            if c.bias {
+                layer.bias(bs[l].view())
+            } else {
+                layer
+            }
+        })
+        .collect();
+    let net = Network::new(&c.widths, layers)?;
+    let x0 = dev.upload(&d.x0)?;
+    let target = dev.upload(&d.target)?;
+    let t1 = c.steps as usize + 1;
+    let mut xs = Vec::new();
+    let mut eps = Vec::new();
+    for l in 1..=depth {
+        let n = c.batch * c.widths[l];
+        xs.push(if c.given {
+            dev.upload(&d.start[l - 1])?
+        } else {
+            poisoned(dev, n)?
+        });
+        eps.push(poisoned(dev, n)?);
+    }
+    let mut energy = poisoned(dev, c.batch)?;
+    let mut trace = poisoned(dev, c.batch * t1)?;
+    let mut steps = dev.upload(&vec![u32::MAX; c.batch])?;
+    let mut gw: Vec<DeviceBuffer<f32>> = (1..=depth)
+        .map(|l| poisoned(dev, c.widths[l] * c.widths[l - 1]))
+        .collect::<Result<_, _>>()?;
+    let mut gb: Vec<DeviceBuffer<f32>> = (1..=depth)
+        .map(|l| poisoned(dev, c.widths[l]))
+        .collect::<Result<_, _>>()?;
+    let spec = SettleSpec::new(c.eta)
+        .momentum(c.beta)
+        .steps(c.steps)
+        .tol(c.tol)
+        .init(if c.given {
+            Init::FromOutputs
+        } else {
+            Init::Feedforward
+        });
+    let out = SettleOutputs {
+        x: xs.iter_mut().map(|b| b.view_mut()).collect(),
+        eps: eps.iter_mut().map(|b| b.view_mut()).collect(),
+        energy: Some(energy.view_mut()),
+        trace: Some(trace.view_mut()),
+        steps: Some(steps.view_mut()),
+    };
+    let stream = dev.default_stream();
+    if c.learn {
+        let grads = Gradients {
+            weights: gw.iter_mut().map(|b| b.view_mut()).collect(),
+            biases: gb.iter_mut().map(|b| b.view_mut()).collect(),
+        };
+        settle::learn_step_into(&net, &spec, &x0.view(), &target.view(), out, grads, stream)?;
+    } else {
+        settle::infer_into(&net, &spec, &x0.view(), out, stream)?;
+    }
+    dev.synchronize(stream)?;
+    let all = |v: &[DeviceBuffer<f32>]| v.iter().map(|b| b.to_vec()).collect::<Result<Vec<_>, _>>();
+    Ok(Out {
+        x: all(&xs)?,
+        eps: all(&eps)?,
+        energy: energy.to_vec()?,
+        trace: trace.to_vec()?,
+        steps: steps.to_vec()?,
+        grad_w: if c.learn { all(&gw)? } else { vec![] },
+        grad_b: if c.learn { all(&gb)? } else { vec![] },
+    })
+}
+
+fn run(dev: &Device, c: &Case, d: &Data) -> Result<Out, Error> {
+    match c.dtype {
+        DType::F32 => run_typed::<f32>(dev, c, d),
+        DType::F16 => run_typed::<f16>(dev, c, d),
+        DType::BF16 => run_typed::<bf16>(dev, c, d),
+    }
+}
+
+/// Whether f32 products run as tf32 on `dev` (NVIDIA, and the emulator's NVIDIA layout).
+fn tf32(dev: &Device) -> bool {
+    match dev.kind() {
+        DeviceKind::Cuda => true,
+        DeviceKind::Hip | DeviceKind::Cpu => false,
+        _ => dev.name().contains("warp 32"),
+    }
+}
+
+fn tol(dev: &Device, dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 if tf32(dev) => 4e-3,
+        DType::F32 => 1e-4,
+        DType::F16 => 4e-3,
+        DType::BF16 => 2.5e-2,
+    }
+}
+
+/// ‖out − ref‖ / ‖scale‖ (INFINITY on NaN or a length mismatch).
+fn err_vs(out: &[f32], reference: &[f32], scale: &[f32]) -> f64 {
+    if out.len() != reference.len() || out.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    let den: f64 = scale.iter().map(|&v| (v as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// |π ε| |f(x_{l−1})|ᵀ / B for layer l, the scale of ∂E/∂W_l's rounding error.
+fn grad_scale(c: &Case, d: &Data, r: &Out, l: usize) -> Vec<f32> {
+    let (n, n_in) = (c.widths[l], c.widths[l - 1]);
+    let below: &[f32] = if l == 1 { &d.x0 } else { &r.x[l - 2] };
+    let mut s = vec![0f32; n * n_in];
+    for b in 0..c.batch {
+        for j in 0..n {
+            let pe = (d.precisions[l - 1][if c.diag { j } else { 0 }] * r.eps[l - 1][b * n + j])
+                .abs()
+                + 1e-3 * r.x[l - 1][b * n + j].abs();
+            for i in 0..n_in {
+                let f = c.acts[l - 1].apply(below[b * n_in + i] as f64).abs() as f32;
+                s[j * n_in + i] += pe * f / c.batch as f32;
+            }
+        }
+    }
+    s
+}
+
+fn check(dev: &Device, c: &Case) {
+    let d = data(c);
+    let cpu = run(&Device::cpu(), c, &d).expect("CPU reference");
+    let out = match run(dev, c, &d) {
+        Ok(o) => o,
+        Err(e) => panic!("{c:?}: GPU failed: {e}"),
+    };
+    let tol = tol(dev, c.dtype);
+    let label = format!(
+        "widths {:?} {:?} batch {} learn {} given {} diag {} bias {} acts {:?}",
+        c.widths, c.dtype, c.batch, c.learn, c.given, c.diag, c.bias, c.acts
+    );
+    let mut errs = vec![];
+    for l in 0..c.widths.len() - 1 {
+        let e = rel_err(&out.x[l], &cpu.x[l]);
+        if !(e < tol) {
+            errs.push(format!("x[{l}] rel err {e:e} >= {tol:e}"));
+        }
+        let e = err_vs(&out.eps[l], &cpu.eps[l], &cpu.x[l]);
+        if !(e < tol) {
+            errs.push(format!("eps[{l}] err/‖x‖ {e:e} >= {tol:e}"));
+        }
+        if c.learn {
+            let e = err_vs(
+                &out.grad_w[l],
+                &cpu.grad_w[l],
+                &grad_scale(c, &d, &cpu, l + 1),
+            );
+            if !(e < tol) {
+                errs.push(format!("grad_w[{l}] err/scale {e:e} >= {tol:e}"));
+            }
+            let scale: Vec<f32> = cpu.grad_b[l].iter().map(|v| v.abs() + 1e-3).collect();
+            let e = err_vs(&out.grad_b[l], &cpu.grad_b[l], &scale);
+            if !(e < 4.0 * tol) {
+                errs.push(format!("grad_b[{l}] err {e:e} >= {:e}", 4.0 * tol));
+            }
+        }
+    }
+    // Energies: relative to the starting energy (the trace falls by orders of magnitude).
+    let e0: Vec<f32> = cpu.trace.iter().map(|_| 0.0).collect::<Vec<_>>();
+    let _ = e0;
+    let t1 = c.steps as usize + 1;
+    let start: Vec<f32> = (0..c.batch * t1)
+        .map(|i| cpu.trace[i / t1 * t1] + 1e-6)
+        .collect();
+    let e = err_vs(&out.trace, &cpu.trace, &start);
+    if !(e < tol) {
+        errs.push(format!("trace err/E0 {e:e} >= {tol:e}"));
+    }
+    let starts: Vec<f32> = (0..c.batch).map(|b| cpu.trace[b * t1] + 1e-6).collect();
+    let e = err_vs(&out.energy, &cpu.energy, &starts);
+    if !(e < tol) {
+        errs.push(format!("energy err/E0 {e:e} >= {tol:e}"));
+    }
+    if out.steps != cpu.steps {
+        errs.push(format!(
+            "steps {:?} != reference {:?}",
+            &out.steps[..c.batch.min(8)],
+            &cpu.steps[..c.batch.min(8)]
+        ));
+    }
+    assert!(errs.is_empty(), "{label}:\n  {}", errs.join("\n  "));
+    println!("ok: {label}");
+}
+
+/// Cases small enough for the emulator (and every GPU): every activation (they cycle with the
+/// seed), both precision kinds, with and without bias, every dtype, widths not multiples of 8,
+/// batch 1 and batches that leave partial tiles.
+fn small_cases() -> Vec<Case> {
+    let mut v = vec![];
+    let shapes: [&[usize]; 4] = [&[7, 13, 5], &[9, 17, 11, 3], &[5, 33, 2], &[3, 6, 7, 9, 4]];
+    let mut seed = 1;
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (i, w) in shapes.iter().enumerate() {
+            let batch = [1, 3, 17, 33][(i + seed as usize) % 4];
+            v.push(Case::new(w, dtype, batch, i % 2 == 0, seed));
+            seed += 1;
+            v.push(Case::new(w, dtype, batch + 1, i % 2 == 1, seed));
+            seed += 1;
+        }
+    }
+    // Feedforward inference (the state is already the minimum: E = 0 throughout).
+    let mut ff = Case::new(&[6, 10, 4], DType::F32, 5, false, 99);
+    ff.given = false;
+    v.push(ff);
+    // Plain gradient descent (β = 0).
+    let mut gd = Case::new(&[8, 12, 6], DType::F32, 9, true, 100);
+    gd.beta = 0.0;
+    v.push(gd);
+    v
+}
+
+#[test]
+fn settle_matches_the_reference_on_small_networks() {
+    let Some(dev) = gpu("settle_matches_the_reference_on_small_networks") else {
+        return;
+    };
+    for c in small_cases() {
+        check(&dev, &c);
+    }
+}
+
+/// Every activation on its own, in a network where it is the only one (so an error in one
+/// activation or its derivative cannot hide behind another).
+#[test]
+fn settle_every_activation() {
+    let Some(dev) = gpu("settle_every_activation") else {
+        return;
+    };
+    for (i, act) in Activation::ALL.into_iter().enumerate() {
+        let mut c = Case::new(&[5, 9, 7, 3], DType::F32, 6, i % 2 == 0, 200 + i as u64);
+        c.acts = vec![act; 3];
+        check(&dev, &c);
+    }
+}
+
+#[test]
+fn settle_early_stop_matches_per_sample() {
+    let Some(dev) = gpu("settle_early_stop_matches_per_sample") else {
+        return;
+    };
+    // η small and no momentum: the energy falls geometrically, so the relative change crosses
+    // tol at a step well away from ties; steps must match exactly.
+    let mut c = Case::new(&[6, 9, 4], DType::F32, 7, true, 300);
+    c.beta = 0.0;
+    c.eta = 0.05;
+    c.steps = 60;
+    c.tol = 0.02;
+    check(&dev, &c);
+}
+
+/// Large sizes: batch 1000, and networks too wide for the persistent kernel (the stepped
+/// path on every GPU). Skipped on the emulator (hours on host threads).
+#[test]
+fn settle_large_batches_and_wide_networks() {
+    let Some(dev) = gpu("settle_large_batches_and_wide_networks") else {
+        return;
+    };
+    if is_emulated(&dev) {
+        println!("SKIPPED settle_large_batches_and_wide_networks: too slow for the emulator");
+        return;
+    }
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        check(
+            &dev,
+            &Case::new(&[784, 128, 127, 10], dtype, 1000, true, 400),
+        );
+        check(
+            &dev,
+            &Case::new(&[65, 1500, 1201, 9], dtype, 130, false, 401),
+        );
+        check(&dev, &Case::new(&[33, 700, 3], dtype, 1000, true, 402));
+    }
+}
+
+#[test]
+fn settle_rejects_bad_input_on_the_gpu() {
+    let Some(dev) = gpu("settle_rejects_bad_input_on_the_gpu") else {
+        return;
+    };
+    let w = dev.upload(&[0.5f32; 6]).unwrap();
+    let pbad = dev.upload(&[1.0f32, -1.0]).unwrap();
+    let pnan = dev.upload(&[1.0f32, f32::NAN]).unwrap();
+    let x0 = dev.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+    let xnan = dev.upload(&[1.0f32, f32::NAN, 3.0]).unwrap();
+    let spec = SettleSpec::new(0.1).steps(3);
+    fn net<'a>(w: &'a DeviceBuffer<f32>, p: Precision<'a>) -> Network<'a, f32> {
+        Network::new(&[3, 2], vec![Layer::new(w.view(), Activation::Tanh, p)]).unwrap()
+    }
+    for (what, p, x, name) in [
+        (
+            "negative precision",
+            Precision::Diagonal(pbad.view()),
+            &x0,
+            "layers[0].precision",
+        ),
+        (
+            "NaN precision",
+            Precision::Diagonal(pnan.view()),
+            &x0,
+            "layers[0].precision",
+        ),
+        ("NaN input", Precision::Scalar(1.0), &xnan, "x0"),
+    ] {
+        let mut xo = dev.upload(&[7.0f32; 2]).unwrap();
+        let mut eo = dev.upload(&[7.0f32; 2]).unwrap();
+        let out = SettleOutputs {
+            x: vec![xo.view_mut()],
+            eps: vec![eo.view_mut()],
+            energy: None,
+            trace: None,
+            steps: None,
+        };
+        match settle::infer_into(&net(&w, p), &spec, &x.view(), out, dev.default_stream()) {
+            Err(Error::InvalidArgument { name: n, .. }) if n == name => {}
+            other => panic!("{what}: expected InvalidArgument({name}), got {other:?}"),
+        }
+        assert_eq!(xo.to_vec().unwrap(), vec![7.0; 2], "{what}: x written");
+        assert_eq!(eo.to_vec().unwrap(), vec![7.0; 2], "{what}: eps written");
+    }
+}
