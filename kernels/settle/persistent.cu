@@ -18,30 +18,31 @@
 
 struct SettleSmem {
     float* base;  // per layer l: x [16][n_l], eps [16][n_l], v [16][n_l], at offset off[l - 1]
-    int32_t off[SETTLE_MAX_LAYERS];
+    // In shared memory too: a register array indexed by the layer would live on the stack.
+    const int32_t* off;
     FEP_DEVICE float* x(int l) const { return base + off[l - 1]; }
     FEP_DEVICE float* eps(int l, int n) const { return base + off[l - 1] + SETTLE_TILE_ROWS * n; }
     FEP_DEVICE float* v(int l, int n) const { return base + off[l - 1] + 2 * SETTLE_TILE_ROWS * n; }
 };
 
 // The layer below l: x_0 rows in global memory, or x_{l-1} in shared memory.
-FEP_DEVICE const float* settle_below(const SettleArgs& p, const SettleSmem& s, int l, int64_t row0,
+FEP_DEVICE const float* settle_below(const SettleArgs& p, const SettleLayer* lay, const SettleSmem& s, int l, int64_t row0,
                                      int64_t* ld) {
     if (l == 1) {
-        *ld = p.layers[0].n_in;
-        return p.x0 + row0 * p.layers[0].n_in;
+        *ld = lay[0].n_in;
+        return p.x0 + row0 * lay[0].n_in;
     }
-    *ld = p.layers[l - 2].n;
+    *ld = lay[l - 2].n;
     return s.x(l - 1);
 }
 
 // The forward products of layers [l_begin, l_end]: eps_l = x_l - mu_l (or, with init, x_l = mu_l).
 template <typename T>
-FEP_DEVICE void settle_p_forward(const SettleArgs& p, const SettleSmem& s, int64_t row0, int rows, int l,
+FEP_DEVICE void settle_p_forward(const SettleArgs& p, const SettleLayer* lay, const SettleSmem& s, int64_t row0, int rows, int l,
                                  bool init) {
-    const SettleLayer& L = p.layers[l - 1];
+    const SettleLayer& L = lay[l - 1];
     int64_t ld_in;
-    const float* xin = settle_below(p, s, l, row0, &ld_in);
+    const float* xin = settle_below(p, lay, s, l, row0, &ld_in);
     float* x = s.x(l);
     float* eps = s.eps(l, L.n);
     const int chunks = (L.n + SETTLE_P_COLS - 1) / SETTLE_P_COLS;
@@ -58,18 +59,20 @@ FEP_DEVICE void settle_p_forward(const SettleArgs& p, const SettleSmem& s, int64
 
 // The update of free layer l for the rows that have not stopped.
 template <typename T>
-FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleSmem& s, int rows, int l, const int32_t* done) {
-    const SettleLayer& L = p.layers[l - 1];
+FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleLayer* lay, const SettleSmem& s, int rows, int l, const int32_t* done) {
+    const SettleLayer& L = lay[l - 1];
     float* x = s.x(l);
     float* eps = s.eps(l, L.n);
     float* v = s.v(l, L.n);
     const bool top = l == p.depth;
+    const int act_above = top ? -1 : lay[l].act;
+    const float alpha_above = top ? 0.0f : lay[l].alpha;
     const int chunks = (L.n + SETTLE_P_COLS - 1) / SETTLE_P_COLS;
     for (int c = (int)fep_warp_id(); c < chunks; c += SETTLE_WARPS) {
         auto epi = [&](int r, int j, float back) {
             if (done[r]) return;
             const int i = r * L.n + j;
-            settle_update(x[i], v[i], eps[i], settle_pi(L, j), back, top ? nullptr : &p.layers[l], p.eta, p.beta);
+            settle_update(x[i], v[i], eps[i], settle_pi(L, j), back, act_above, alpha_above, p.eta, p.beta);
         };
         if (top) {
             // No layer above: the update needs no product. Same ownership as a tile.
@@ -80,7 +83,7 @@ FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleSmem& s, int ro
                     if (r < rows && j < L.n) epi(r, j, 0.0f);
                 }
         } else {
-            const SettleLayer& A = p.layers[l];
+            const SettleLayer& A = lay[l];
             settle_backward_tile<T, SETTLE_P_NT>(A, s.eps(l + 1, A.n), A.n, rows, L.n, c * SETTLE_P_COLS, epi);
         }
     }
@@ -88,12 +91,12 @@ FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleSmem& s, int ro
 
 // Energy of each row from the errors in shared memory: thread t sums units t / 16, t / 16 + 8, ...
 // of row t % 16 over all layers; then 16 threads add the 8 partial sums in order.
-FEP_DEVICE void settle_p_energy(const SettleArgs& p, const SettleSmem& s, float* part, float* energy) {
+FEP_DEVICE void settle_p_energy(const SettleArgs& p, const SettleLayer* lay, const SettleSmem& s, float* part, float* energy) {
     constexpr int kParts = SETTLE_THREADS / SETTLE_TILE_ROWS;
     const int r = threadIdx.x % SETTLE_TILE_ROWS, q = threadIdx.x / SETTLE_TILE_ROWS;
     float sum = 0.0f;
     for (int l = 1; l <= p.depth; ++l) {
-        const SettleLayer& L = p.layers[l - 1];
+        const SettleLayer& L = lay[l - 1];
         const float* eps = s.eps(l, L.n) + r * L.n;
         for (int j = q; j < L.n; j += kParts) sum = fmaf(settle_pi(L, j) * eps[j], eps[j], sum);
     }
@@ -110,17 +113,23 @@ FEP_DEVICE void settle_p_energy(const SettleArgs& p, const SettleSmem& s, float*
 template <typename T>
 FEP_DEVICE void settle_persistent(const SettleArgs& p) {
     FEP_DYNAMIC_SMEM(float, smem);
+    const SettleLayer* lay = settle_layers(p);
     __shared__ float part[SETTLE_THREADS];
     __shared__ float energy[SETTLE_TILE_ROWS], prev[SETTLE_TILE_ROWS];
     __shared__ int32_t done[SETTLE_TILE_ROWS];
     __shared__ int32_t active;
+    __shared__ int32_t offsets[SETTLE_MAX_LAYERS];
+    if (threadIdx.x == 0) {
+        int32_t off = 0;
+        for (int l = 1; l <= p.depth; ++l) {
+            offsets[l - 1] = off;
+            off += 3 * SETTLE_TILE_ROWS * lay[l - 1].n;
+        }
+    }
+    __syncthreads();
     SettleSmem s;
     s.base = smem;
-    int32_t off = 0;
-    for (int l = 1; l <= p.depth; ++l) {
-        s.off[l - 1] = off;
-        off += 3 * SETTLE_TILE_ROWS * p.layers[l - 1].n;
-    }
+    s.off = offsets;
     const int top_free = p.clamped ? p.depth - 1 : p.depth;
     const int64_t tiles = ((int64_t)p.batch + SETTLE_TILE_ROWS - 1) / SETTLE_TILE_ROWS;
     const int64_t t1 = p.total_steps + 1;
@@ -130,7 +139,7 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
         // Load: x_L is the target when clamped; free layers from the outputs when given (mode
         // SETTLE_EVAL), else from the feedforward pass below. v = 0.
         for (int l = 1; l <= p.depth; ++l) {
-            const SettleLayer& L = p.layers[l - 1];
+            const SettleLayer& L = lay[l - 1];
             const bool load = (l > top_free) || p.mode == SETTLE_EVAL;
             for (int i = threadIdx.x; i < SETTLE_TILE_ROWS * L.n; i += SETTLE_THREADS) {
                 const int r = i / L.n;
@@ -143,13 +152,13 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
         __syncthreads();
         if (p.mode == SETTLE_INIT) {
             for (int l = 1; l <= top_free; ++l) {
-                settle_p_forward<T>(p, s, row0, rows, l, true);
+                settle_p_forward<T>(p, lay, s, row0, rows, l, true);
                 __syncthreads();
             }
         }
-        for (int l = 1; l <= p.depth; ++l) settle_p_forward<T>(p, s, row0, rows, l, false);
+        for (int l = 1; l <= p.depth; ++l) settle_p_forward<T>(p, lay, s, row0, rows, l, false);
         __syncthreads();
-        settle_p_energy(p, s, part, energy);
+        settle_p_energy(p, lay, s, part, energy);
         if (threadIdx.x < (unsigned)rows) {
             prev[threadIdx.x] = energy[threadIdx.x];
             if (p.trace) p.trace[(row0 + threadIdx.x) * t1] = energy[threadIdx.x];
@@ -168,11 +177,11 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
                     for (int u = t; u <= p.total_steps; ++u) p.trace[(row0 + threadIdx.x) * t1 + u] = prev[threadIdx.x];
                 break;
             }
-            for (int l = 1; l <= top_free; ++l) settle_p_update<T>(p, s, rows, l, done);
+            for (int l = 1; l <= top_free; ++l) settle_p_update<T>(p, lay, s, rows, l, done);
             __syncthreads();
-            for (int l = 1; l <= p.depth; ++l) settle_p_forward<T>(p, s, row0, rows, l, false);
+            for (int l = 1; l <= p.depth; ++l) settle_p_forward<T>(p, lay, s, row0, rows, l, false);
             __syncthreads();
-            settle_p_energy(p, s, part, energy);
+            settle_p_energy(p, lay, s, part, energy);
             if (threadIdx.x < (unsigned)rows) {
                 const int r = threadIdx.x;
                 if (!done[r]) {
@@ -186,7 +195,7 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
         }
         // Write back the settled state of the valid rows.
         for (int l = 1; l <= p.depth; ++l) {
-            const SettleLayer& L = p.layers[l - 1];
+            const SettleLayer& L = lay[l - 1];
             for (int i = threadIdx.x; i < rows * L.n; i += SETTLE_THREADS) {
                 L.x[row0 * L.n + i] = s.x(l)[i];
                 L.eps[row0 * L.n + i] = s.eps(l, L.n)[i];

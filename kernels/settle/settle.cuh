@@ -87,6 +87,18 @@ struct SettleArgs {
     float eta, beta, tol, pad;
 };
 
+// The layer table, copied once per block into shared memory with constant indices. Indexing the
+// kernel's parameter block by a run-time layer number makes the compilers copy all of it to the
+// stack (seen on gfx90a/gfx942: 1272 bytes of scratch per lane). Every thread calls it.
+FEP_DEVICE const SettleLayer* settle_layers(const SettleArgs& p) {
+    __shared__ SettleLayer table[SETTLE_MAX_LAYERS];
+#pragma unroll
+    for (int i = 0; i < SETTLE_MAX_LAYERS; ++i)
+        if (threadIdx.x == (unsigned)i) table[i] = p.layers[i];
+    __syncthreads();
+    return table;
+}
+
 enum SettleForwardMode { SETTLE_EVAL = 0, SETTLE_INIT = 1 };
 
 FEP_DEVICE float settle_pi(const SettleLayer& L, int j) { return L.pi ? L.pi[j] : L.pi_s; }
@@ -161,12 +173,14 @@ FEP_DEVICE void settle_backward_tile(const SettleLayer& A, const float* eps_abov
     });
 }
 
-// The state update of one element of a free layer from its error e, the back-propagated
-// term (0 for the top layer) and f'_{l+1}(x): v <- beta v + g, x <- x - eta v.
-FEP_DEVICE void settle_update(float& x, float& v, float e, float pi, float back, const SettleLayer* above,
+// The state update of one element of a free layer from its error e and the back-propagated
+// term `back` (0 for the top layer), with f'_{l+1}(x) of the layer above (act/alpha; act < 0:
+// none): v <- beta v + g, x <- x - eta v. The layer above is passed by value: a pointer into the
+// kernel's parameters would make the compiler copy them all to the stack.
+FEP_DEVICE void settle_update(float& x, float& v, float e, float pi, float back, int act_above, float alpha_above,
                               float eta, float beta) {
     float g = pi * e;
-    if (above) g -= settle_df(above->act, above->alpha, x) * back;
+    if (act_above >= 0) g -= settle_df(act_above, alpha_above, x) * back;
     v = fmaf(beta, v, g);
     x = fmaf(-eta, v, x);
 }

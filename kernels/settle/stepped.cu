@@ -29,9 +29,10 @@ FEP_DEVICE bool settle_rows_active(const SettleArgs& p, int64_t row0, int rows) 
 // this tile's share of 1/2 sum Pi eps^2 per sample into epart.
 template <typename T>
 FEP_DEVICE void settle_forward(const SettleArgs& p) {
+    const SettleLayer* lay = settle_layers(p);
     __shared__ float red[SETTLE_BLOCK_ROWS][SETTLE_BLOCK_COLS + 1];
-    const SettleLayer& L = p.layers[p.layer - 1];
-    const float* xin = p.layer == 1 ? p.x0 : p.layers[p.layer - 2].x;
+    const SettleLayer& L = lay[p.layer - 1];
+    const float* xin = p.layer == 1 ? p.x0 : lay[p.layer - 2].x;
     const int c0 = blockIdx.x * SETTLE_BLOCK_COLS;
     const int64_t row_tiles = ((int64_t)p.batch + SETTLE_BLOCK_ROWS - 1) / SETTLE_BLOCK_ROWS;
     const bool eval = p.mode == SETTLE_EVAL;
@@ -81,9 +82,11 @@ FEP_DEVICE void settle_forward(const SettleArgs& p) {
 // Free layer p.layer: v <- beta v + g, x <- x - eta v for the samples that have not stopped.
 template <typename T>
 FEP_DEVICE void settle_backward(const SettleArgs& p) {
-    const SettleLayer& L = p.layers[p.layer - 1];
+    const SettleLayer* lay = settle_layers(p);
+    const SettleLayer& L = lay[p.layer - 1];
     const bool top = p.layer == p.depth;
-    const SettleLayer* above = top ? nullptr : &p.layers[p.layer];
+    const int act_above = top ? -1 : lay[p.layer].act;
+    const float alpha_above = top ? 0.0f : lay[p.layer].alpha;
     const int c0 = blockIdx.x * SETTLE_BLOCK_COLS;
     const int64_t row_tiles = ((int64_t)p.batch + SETTLE_BLOCK_ROWS - 1) / SETTLE_BLOCK_ROWS;
     for (int64_t bt = blockIdx.y; bt < row_tiles; bt += gridDim.y) {
@@ -98,7 +101,7 @@ FEP_DEVICE void settle_backward(const SettleArgs& p) {
                 if (p.done[g0 + r]) return;
                 const int64_t i = (g0 + r) * L.n + j;
                 float x = L.x[i], v = L.v[i];
-                settle_update(x, v, L.eps[i], settle_pi(L, j), back, above, p.eta, p.beta);
+                settle_update(x, v, L.eps[i], settle_pi(L, j), back, act_above, alpha_above, p.eta, p.beta);
                 L.x[i] = x;
                 L.v[i] = v;
             };
@@ -111,7 +114,8 @@ FEP_DEVICE void settle_backward(const SettleArgs& p) {
                         if (r < trows && j < L.n) epi(r, j, 0.0f);
                     }
             } else {
-                settle_backward_tile<T, SETTLE_S_NT>(*above, above->eps + g0 * above->n, above->n, trows, L.n, c0, epi);
+                const SettleLayer& A = lay[p.layer];
+                settle_backward_tile<T, SETTLE_S_NT>(A, A.eps + g0 * A.n, A.n, trows, L.n, c0, epi);
             }
         }
     }
@@ -121,8 +125,9 @@ FEP_DEVICE void settle_backward(const SettleArgs& p) {
 // over the batch with rows j and columns i.
 template <typename T>
 FEP_DEVICE void settle_grad_w(const SettleArgs& p) {
-    const SettleLayer& L = p.layers[p.layer - 1];
-    const float* xin = p.layer == 1 ? p.x0 : p.layers[p.layer - 2].x;
+    const SettleLayer* lay = settle_layers(p);
+    const SettleLayer& L = lay[p.layer - 1];
+    const float* xin = p.layer == 1 ? p.x0 : lay[p.layer - 2].x;
     const int c0 = blockIdx.x * SETTLE_BLOCK_COLS;
     const int64_t row_tiles = ((int64_t)L.n + SETTLE_BLOCK_ROWS - 1) / SETTLE_BLOCK_ROWS;
     const float scale = -1.0f / (float)p.batch;
@@ -182,7 +187,8 @@ FEP_KERNEL void FEP_LAUNCH_BOUNDS(SETTLE_THREADS) settle_step_end(SettleArgs p) 
 
 // dE/db_l[j] = -(1/B) sum_b Pi_j eps_l[b, j], one thread per unit, into p.grad.
 FEP_KERNEL void FEP_LAUNCH_BOUNDS(SETTLE_THREADS) settle_grad_b(SettleArgs p) {
-    const SettleLayer& L = p.layers[p.layer - 1];
+    const SettleLayer* lay = settle_layers(p);
+    const SettleLayer& L = lay[p.layer - 1];
     for (int j = blockIdx.x * SETTLE_THREADS + threadIdx.x; j < L.n; j += gridDim.x * SETTLE_THREADS) {
         float s = 0.0f;
         for (int64_t b = 0; b < p.batch; ++b) s += L.eps[b * L.n + j];
