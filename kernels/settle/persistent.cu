@@ -74,18 +74,10 @@ FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleLayer* lay, con
             const int i = r * L.n + j;
             settle_update(x[i], v[i], eps[i], settle_pi(L, j), back, act_above, alpha_above, p.eta, p.beta);
         };
-        if (top) {
-            // No layer above: the update needs no product. Same ownership as a tile.
-            const int lane = (int)fep_lane();
-            for (int t = 0; t < SETTLE_P_NT; ++t)
-                for (int i = 0; i < FEP_MMA_ACC; ++i) {
-                    const int r = FepMma<T>::acc_row(lane, i), j = c * SETTLE_P_COLS + 16 * t + FepMma<T>::acc_col(lane, i);
-                    if (r < rows && j < L.n) epi(r, j, 0.0f);
-                }
-        } else {
-            const SettleLayer& A = lay[l];
-            settle_backward_tile<T, SETTLE_P_NT>(A, s.eps(l + 1, A.n), A.n, rows, L.n, c * SETTLE_P_COLS, epi);
-        }
+        // The top layer has no layer above: K = 0 gives back = 0 with the same element ownership.
+        const SettleLayer& A = lay[top ? l - 1 : l];
+        settle_backward_tile<T, SETTLE_P_NT>(A, top ? 0 : A.n, s.eps(top ? l : l + 1, A.n), A.n, rows, L.n,
+                                             c * SETTLE_P_COLS, epi);
     }
 }
 

@@ -105,6 +105,7 @@ FEP_DEVICE float settle_pi(const SettleLayer& L, int j) { return L.pi ? L.pi[j] 
 
 // The A operand of the forward product: f_l(x_{l-1}[row, k]), 0 outside [0, rows) x [0, K).
 struct SettleForwardA {
+    static constexpr bool kKFast = true;  // consecutive k are consecutive in memory
     const float* x;  // rows of x_{l-1}, leading dimension ld
     int64_t ld;
     int rows, K, act;
@@ -116,6 +117,7 @@ struct SettleForwardA {
 
 // The A operand of the backward product: Pi_{l+1} eps_{l+1}[row, k].
 struct SettleBackwardA {
+    static constexpr bool kKFast = true;
     const float* eps;  // rows of eps_{l+1}, leading dimension ld
     int64_t ld;
     const float* pi;
@@ -129,6 +131,7 @@ struct SettleBackwardA {
 // B of the forward product: B(c, k) = W_l[c0 + c, k] (rows of W are contiguous in k).
 template <typename T>
 struct SettleWeightRows {
+    static constexpr bool kKFast = true;
     const T* w;
     int n, K, c0;
     FEP_DEVICE float operator()(int c, int k) const {
@@ -139,6 +142,7 @@ struct SettleWeightRows {
 // B of the backward product: B(c, k) = W_{l+1}[k, c0 + c] (columns of W, strided).
 template <typename T>
 struct SettleWeightCols {
+    static constexpr bool kKFast = false;  // consecutive columns are consecutive in memory
     const T* w;
     int n, K, c0;  // n = columns of W_{l+1} (= n_l), K = its rows (n_{l+1})
     FEP_DEVICE float operator()(int c, int k) const {
@@ -161,13 +165,14 @@ FEP_DEVICE void settle_forward_tile(const SettleLayer& L, const float* xin, int6
 }
 
 // back[row, j] = sum_k Pi_{l+1,k} eps_{l+1}[row, k] W_{l+1}[k, j] for layer l below `A` (the
-// layer above, l + 1); epi(row, j, back) for every in-range element. n = n_l.
+// layer above, l + 1); epi(row, j, back) for every in-range element. n = n_l. K = A.n, or 0 for
+// the top layer (no layer above: back = 0, A is not read).
 template <typename T, int NT, typename Epi>
-FEP_DEVICE void settle_backward_tile(const SettleLayer& A, const float* eps_above, int64_t ld_above, int rows,
-                                     int n, int c0, const Epi& epi) {
-    const SettleBackwardA a{eps_above, ld_above, A.pi, A.pi_s, rows, A.n};
-    const SettleWeightCols<T> b{(const T*)A.w, n, A.n, c0};
-    fep_mma_tile<T, NT>(A.n, a, b, [&](int r, int c, float acc) {
+FEP_DEVICE void settle_backward_tile(const SettleLayer& A, int K, const float* eps_above, int64_t ld_above,
+                                     int rows, int n, int c0, const Epi& epi) {
+    const SettleBackwardA a{eps_above, ld_above, A.pi, A.pi_s, rows, K};
+    const SettleWeightCols<T> b{(const T*)A.w, n, K, c0};
+    fep_mma_tile<T, NT>(K, a, b, [&](int r, int c, float acc) {
         const int j = c0 + c;
         if (r < rows && j < n) epi(r, j, acc);
     });
@@ -189,4 +194,62 @@ FEP_DEVICE void settle_update(float& x, float& v, float e, float pi, float back,
 // energy prev, a sample stops when |e - prev| <= tol * prev (tol > 0).
 FEP_DEVICE bool settle_converged(float e, float prev, float tol) {
     return tol > 0.0f && fabsf(e - prev) <= tol * prev;
+}
+
+// ---- the stepped kernels' block product ---------------------------------------------------------
+// A 64 x 64 block tile of A B through shared memory: the block stages 32 k at a time of both
+// operands (each element loaded and transformed once per block, consecutive threads on
+// consecutive addresses), then each warp runs its 16-row tensor-core tiles from the stage.
+#define SETTLE_STAGE_K 32
+#define SETTLE_STAGE_LD (SETTLE_STAGE_K + 1)
+#define SETTLE_STAGE_FLOATS (2 * SETTLE_BLOCK_ROWS * SETTLE_STAGE_LD)
+static_assert(SETTLE_BLOCK_ROWS == SETTLE_BLOCK_COLS, "one stage shape for both operands");
+
+template <typename F>
+FEP_DEVICE void settle_stage(const F& f, float* dst, int k0) {
+    for (int i = threadIdx.x; i < SETTLE_BLOCK_ROWS * SETTLE_STAGE_K; i += SETTLE_THREADS) {
+        const int r = F::kKFast ? i / SETTLE_STAGE_K : i % SETTLE_BLOCK_ROWS;
+        const int k = F::kKFast ? i % SETTLE_STAGE_K : i / SETTLE_BLOCK_ROWS;
+        dst[r * SETTLE_STAGE_LD + k] = f(r, k0 + k);
+    }
+}
+
+// epi(r, c, value) for every (r, c) of the 64 x 64 tile, each exactly once; K may be 0 (all
+// values 0). `stage` holds SETTLE_STAGE_FLOATS floats; it is free again when epi runs.
+template <typename In, typename FA, typename FB, typename Epi>
+FEP_DEVICE void settle_block_gemm(int K, const FA& a, const FB& b, float* stage, const Epi& epi) {
+    constexpr int kRowTiles = SETTLE_BLOCK_ROWS / 16 / SETTLE_WARPS;
+    constexpr int kNT = SETTLE_BLOCK_COLS / 16;
+    float acc[kRowTiles][kNT][FEP_MMA_ACC];
+#pragma unroll
+    for (int t = 0; t < kRowTiles; ++t)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+            for (int i = 0; i < FEP_MMA_ACC; ++i) acc[t][j][i] = 0.0f;
+    float* sa = stage;
+    float* sb = stage + SETTLE_BLOCK_ROWS * SETTLE_STAGE_LD;
+    const int wr0 = (int)fep_warp_id() * kRowTiles * 16;
+    for (int k0 = 0; k0 < K; k0 += SETTLE_STAGE_K) {
+        __syncthreads();  // the previous stage has been read
+        settle_stage(a, sa, k0);
+        settle_stage(b, sb, k0);
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < kRowTiles; ++t) {
+            const float* ta = sa + (wr0 + 16 * t) * SETTLE_STAGE_LD;
+            auto fa = [&](int r, int k) { return ta[r * SETTLE_STAGE_LD + k]; };
+            auto fb = [&](int c, int k) { return sb[c * SETTLE_STAGE_LD + k]; };
+            for (int kk = 0; kk < SETTLE_STAGE_K; kk += FepMma<In>::kK) FepMma<In>::template run<kNT>(acc[t], fa, fb, kk);
+        }
+    }
+    __syncthreads();  // the stage is free for the epilogue
+    const int lane = (int)fep_lane();
+#pragma unroll
+    for (int t = 0; t < kRowTiles; ++t)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+            for (int i = 0; i < FEP_MMA_ACC; ++i)
+                epi(wr0 + 16 * t + FepMma<In>::acc_row(lane, i), 16 * j + FepMma<In>::acc_col(lane, i), acc[t][j][i]);
 }

@@ -7,11 +7,9 @@
 // precision, error and update fused into its operand loads and epilogue.
 //
 // Block tile rows are samples. SETTLE_WARPS warps (4 on NVIDIA, 2 on AMD) share the 64 rows:
-// each takes 64 / SETTLE_WARPS of them in 16-row tensor-core tiles, all 64 columns at once.
+// each takes 64 / SETTLE_WARPS of them in 16-row tensor-core tiles, all 64 columns at once, from
+// operands staged in shared memory 32 k at a time (settle_block_gemm in settle.cuh).
 #include "settle.cuh"
-
-#define SETTLE_S_NT (SETTLE_BLOCK_COLS / 16)
-#define SETTLE_S_ROW_TILES (SETTLE_BLOCK_ROWS / 16 / SETTLE_WARPS)
 
 // Whether any sample of the block's rows still runs (block-uniform).
 FEP_DEVICE bool settle_rows_active(const SettleArgs& p, int64_t row0, int rows) {
@@ -25,129 +23,135 @@ FEP_DEVICE bool settle_rows_active(const SettleArgs& p, int64_t row0, int rows) 
     return r;
 }
 
+// Loops a block over the 64 x 64 tiles of a rows x cols output (grid-stride in both directions):
+// body(row0, rows_in_tile, c0).
+template <typename Body>
+FEP_DEVICE void settle_for_tiles(int64_t rows, int cols, const Body& body) {
+    const int64_t row_tiles = (rows + SETTLE_BLOCK_ROWS - 1) / SETTLE_BLOCK_ROWS;
+    const int col_tiles = (cols + SETTLE_BLOCK_COLS - 1) / SETTLE_BLOCK_COLS;
+    for (int64_t bt = blockIdx.y; bt < row_tiles; bt += gridDim.y)
+        for (int ct = blockIdx.x; ct < col_tiles; ct += gridDim.x) {
+            const int64_t row0 = bt * SETTLE_BLOCK_ROWS;
+            body(row0, (int)min((int64_t)SETTLE_BLOCK_ROWS, rows - row0), ct * SETTLE_BLOCK_COLS, ct);
+        }
+}
+
 // Layer p.layer: mode SETTLE_INIT writes x_l = mu_l; SETTLE_EVAL writes eps_l = x_l - mu_l and
-// this tile's share of 1/2 sum Pi eps^2 per sample into epart.
+// this tile's share of sum Pi eps^2 per sample into epart.
 template <typename T>
 FEP_DEVICE void settle_forward(const SettleArgs& p) {
     const SettleLayer* lay = settle_layers(p);
-    __shared__ float red[SETTLE_BLOCK_ROWS][SETTLE_BLOCK_COLS + 1];
+    __shared__ float stage[SETTLE_STAGE_FLOATS];
     const SettleLayer& L = lay[p.layer - 1];
     const float* xin = p.layer == 1 ? p.x0 : lay[p.layer - 2].x;
-    const int c0 = blockIdx.x * SETTLE_BLOCK_COLS;
-    const int64_t row_tiles = ((int64_t)p.batch + SETTLE_BLOCK_ROWS - 1) / SETTLE_BLOCK_ROWS;
+    const T* bias = (const T*)L.b;
     const bool eval = p.mode == SETTLE_EVAL;
-    for (int64_t bt = blockIdx.y; bt < row_tiles; bt += gridDim.y) {
-        const int64_t row0 = bt * SETTLE_BLOCK_ROWS;
-        const int rows = (int)min((int64_t)SETTLE_BLOCK_ROWS, (int64_t)p.batch - row0);
-        if (eval && !settle_rows_active(p, row0, rows)) continue;
-        for (int i = threadIdx.x; i < SETTLE_BLOCK_ROWS * (SETTLE_BLOCK_COLS + 1); i += SETTLE_THREADS)
-            (&red[0][0])[i] = 0.0f;
-        __syncthreads();
-        for (int rt = 0; rt < SETTLE_S_ROW_TILES; ++rt) {
-            const int r0 = ((int)fep_warp_id() * SETTLE_S_ROW_TILES + rt) * 16;
-            const int64_t g0 = row0 + r0;
-            const int trows = max(0, min(16, rows - r0));
-            settle_forward_tile<T, SETTLE_S_NT>(L, xin + g0 * L.n_in, L.n_in, trows, c0, [&](int r, int j, float mu) {
-                const int64_t i = (g0 + r) * L.n + j;
-                if (!eval) {
+    settle_for_tiles(p.batch, L.n, [&](int64_t row0, int rows, int c0, int ct) {
+        if (eval && !settle_rows_active(p, row0, rows)) return;
+        const SettleForwardA a{xin + row0 * L.n_in, L.n_in, rows, L.n_in, L.act, L.alpha};
+        const SettleWeightRows<T> b{(const T*)L.w, L.n, L.n_in, c0};
+        // After the product the stage holds pi e^2 per element, [64][65]: every element is
+        // written (0 outside the layer), column 64 is left for the row sums.
+        float* red = stage;
+        settle_block_gemm<T>(L.n_in, a, b, stage, [&](int r, int c, float acc) {
+            const int j = c0 + c;
+            float contrib = 0.0f;
+            if (r < rows && j < L.n) {
+                const float mu = acc + (bias ? fep_to_f32(bias[j]) : 0.0f);
+                const int64_t i = (row0 + r) * L.n + j;
+                if (eval) {
+                    const float e = L.x[i] - mu;
+                    L.eps[i] = e;
+                    contrib = settle_pi(L, j) * e * e;
+                } else {
                     L.x[i] = mu;
-                    return;
                 }
-                const float e = L.x[i] - mu;
-                L.eps[i] = e;
-                red[r0 + r][j - c0] = settle_pi(L, j) * e * e;
-            });
-        }
-        __syncthreads();
-        if (eval) {
-            // Row sums of the tile: two threads per row, then one adds the halves.
-            constexpr int kHalf = SETTLE_BLOCK_COLS / 2;
-            float* half = &red[0][SETTLE_BLOCK_COLS];  // column 64 of each row is free
-            for (int q = threadIdx.x; q < 2 * SETTLE_BLOCK_ROWS; q += SETTLE_THREADS) {
-                const int r = q / 2, h = q % 2;
-                float s = 0.0f;
-                for (int c = h * kHalf; c < (h + 1) * kHalf; ++c) s += red[r][c];
-                if (h == 1) half[r * (SETTLE_BLOCK_COLS + 1)] = s;
-                __syncthreads();
-                if (h == 0 && r < rows) {
-                    const float all = s + half[r * (SETTLE_BLOCK_COLS + 1)];
-                    p.epart[(row0 + r) * p.ep_cols + L.ep_col + blockIdx.x] = all;
-                }
-                __syncthreads();
             }
-        }
-    }
+            red[r * (SETTLE_BLOCK_COLS + 1) + c] = contrib;
+        });
+        if (!eval) return;
+        __syncthreads();
+        // Row sums: two threads per row (one per half), then one adds the halves.
+        static_assert(SETTLE_THREADS == 2 * SETTLE_BLOCK_ROWS, "two threads per row");
+        constexpr int kHalf = SETTLE_BLOCK_COLS / 2, kLd = SETTLE_BLOCK_COLS + 1;
+        const int r = threadIdx.x / 2, h = threadIdx.x % 2;
+        float sum = 0.0f;
+        for (int c = h * kHalf; c < (h + 1) * kHalf; ++c) sum += red[r * kLd + c];
+        if (h == 1) red[r * kLd + SETTLE_BLOCK_COLS] = sum;
+        __syncthreads();
+        if (h == 0 && r < rows) p.epart[(row0 + r) * p.ep_cols + L.ep_col + ct] = sum + red[r * kLd + SETTLE_BLOCK_COLS];
+    });
 }
 
 // Free layer p.layer: v <- beta v + g, x <- x - eta v for the samples that have not stopped.
 template <typename T>
 FEP_DEVICE void settle_backward(const SettleArgs& p) {
     const SettleLayer* lay = settle_layers(p);
+    __shared__ float stage[SETTLE_STAGE_FLOATS];
     const SettleLayer& L = lay[p.layer - 1];
     const bool top = p.layer == p.depth;
-    const int act_above = top ? -1 : lay[p.layer].act;
-    const float alpha_above = top ? 0.0f : lay[p.layer].alpha;
-    const int c0 = blockIdx.x * SETTLE_BLOCK_COLS;
-    const int64_t row_tiles = ((int64_t)p.batch + SETTLE_BLOCK_ROWS - 1) / SETTLE_BLOCK_ROWS;
-    for (int64_t bt = blockIdx.y; bt < row_tiles; bt += gridDim.y) {
-        const int64_t row0 = bt * SETTLE_BLOCK_ROWS;
-        const int rows = (int)min((int64_t)SETTLE_BLOCK_ROWS, (int64_t)p.batch - row0);
-        if (!settle_rows_active(p, row0, rows)) continue;
-        for (int rt = 0; rt < SETTLE_S_ROW_TILES; ++rt) {
-            const int r0 = ((int)fep_warp_id() * SETTLE_S_ROW_TILES + rt) * 16;
-            const int64_t g0 = row0 + r0;
-            const int trows = max(0, min(16, rows - r0));
-            auto epi = [&](int r, int j, float back) {
-                if (p.done[g0 + r]) return;
-                const int64_t i = (g0 + r) * L.n + j;
-                float x = L.x[i], v = L.v[i];
-                settle_update(x, v, L.eps[i], settle_pi(L, j), back, act_above, alpha_above, p.eta, p.beta);
-                L.x[i] = x;
-                L.v[i] = v;
-            };
-            if (top) {
-                const int lane = (int)fep_lane();
-                for (int t = 0; t < SETTLE_S_NT; ++t)
-                    for (int i = 0; i < FEP_MMA_ACC; ++i) {
-                        const int r = FepMma<T>::acc_row(lane, i);
-                        const int j = c0 + 16 * t + FepMma<T>::acc_col(lane, i);
-                        if (r < trows && j < L.n) epi(r, j, 0.0f);
-                    }
-            } else {
-                const SettleLayer& A = lay[p.layer];
-                settle_backward_tile<T, SETTLE_S_NT>(A, A.eps + g0 * A.n, A.n, trows, L.n, c0, epi);
-            }
-        }
-    }
+    // The top layer has no layer above: K = 0 gives back = 0 (A is then not read).
+    const SettleLayer& A = lay[top ? p.layer - 1 : p.layer];
+    const int K = top ? 0 : A.n;
+    const int act_above = top ? -1 : A.act;
+    const float alpha_above = top ? 0.0f : A.alpha;
+    settle_for_tiles(p.batch, L.n, [&](int64_t row0, int rows, int c0, int) {
+        if (!settle_rows_active(p, row0, rows)) return;
+        const SettleBackwardA a{A.eps + row0 * A.n, A.n, A.pi, A.pi_s, rows, K};
+        const SettleWeightCols<T> b{(const T*)A.w, L.n, K, c0};
+        settle_block_gemm<T>(K, a, b, stage, [&](int r, int c, float back) {
+            const int j = c0 + c;
+            if (r >= rows || j >= L.n || p.done[row0 + r]) return;
+            const int64_t i = (row0 + r) * L.n + j;
+            float x = L.x[i], v = L.v[i];
+            settle_update(x, v, L.eps[i], settle_pi(L, j), back, act_above, alpha_above, p.eta, p.beta);
+            L.x[i] = x;
+            L.v[i] = v;
+        });
+    });
 }
 
-// dE/dW_l [n_l, n_{l-1}] = -(1/B) sum_b (Pi eps_l)[b, j] f_l(x_{l-1})[b, i], into p.grad: a GEMM
-// over the batch with rows j and columns i.
+// Operands of the weight gradient, a product over the batch (k = sample): both are read along
+// their unit index (consecutive in memory), not along k.
+struct SettleGradA {  // A(r, k) = Pi_j eps_l[k, j], j = j0 + r
+    static constexpr bool kKFast = false;
+    const float* eps;
+    const float* pi;
+    float pi_s;
+    int n, batch, j0;
+    FEP_DEVICE float operator()(int r, int k) const {
+        const int j = j0 + r;
+        return (j < n && k < batch) ? (pi ? pi[j] : pi_s) * eps[(int64_t)k * n + j] : 0.0f;
+    }
+};
+struct SettleGradB {  // B(c, k) = f_l(x_{l-1}[k, i]), i = i0 + c
+    static constexpr bool kKFast = false;
+    const float* x;
+    int n_in, batch, i0, act;
+    float alpha;
+    FEP_DEVICE float operator()(int c, int k) const {
+        const int i = i0 + c;
+        return (i < n_in && k < batch) ? settle_f(act, alpha, x[(int64_t)k * n_in + i]) : 0.0f;
+    }
+};
+
+// dE/dW_l [n_l, n_{l-1}] = -(1/B) sum_b (Pi eps_l)[b, j] f_l(x_{l-1})[b, i], into p.grad.
 template <typename T>
 FEP_DEVICE void settle_grad_w(const SettleArgs& p) {
     const SettleLayer* lay = settle_layers(p);
+    __shared__ float stage[SETTLE_STAGE_FLOATS];
     const SettleLayer& L = lay[p.layer - 1];
     const float* xin = p.layer == 1 ? p.x0 : lay[p.layer - 2].x;
-    const int c0 = blockIdx.x * SETTLE_BLOCK_COLS;
-    const int64_t row_tiles = ((int64_t)L.n + SETTLE_BLOCK_ROWS - 1) / SETTLE_BLOCK_ROWS;
     const float scale = -1.0f / (float)p.batch;
-    for (int64_t bt = blockIdx.y; bt < row_tiles; bt += gridDim.y) {
-        for (int rt = 0; rt < SETTLE_S_ROW_TILES; ++rt) {
-            const int j0 = (int)(bt * SETTLE_BLOCK_ROWS) + ((int)fep_warp_id() * SETTLE_S_ROW_TILES + rt) * 16;
-            auto a = [&](int r, int k) {
-                const int j = j0 + r;
-                return (j < L.n && k < p.batch) ? settle_pi(L, j) * L.eps[(int64_t)k * L.n + j] : 0.0f;
-            };
-            auto b = [&](int c, int k) {
-                const int i = c0 + c;
-                return (i < L.n_in && k < p.batch) ? settle_f(L.act, L.alpha, xin[(int64_t)k * L.n_in + i]) : 0.0f;
-            };
-            fep_mma_tile<T, SETTLE_S_NT>(p.batch, a, b, [&](int r, int c, float acc) {
-                const int j = j0 + r, i = c0 + c;
-                if (j < L.n && i < L.n_in) p.grad[(int64_t)j * L.n_in + i] = scale * acc;
-            });
-        }
-    }
+    settle_for_tiles(L.n, L.n_in, [&](int64_t j0, int rows, int i0, int) {
+        const SettleGradA a{L.eps, L.pi, L.pi_s, L.n, p.batch, (int)j0};
+        const SettleGradB b{xin, L.n_in, p.batch, i0, L.act, L.alpha};
+        settle_block_gemm<T>(p.batch, a, b, stage, [&](int r, int c, float acc) {
+            const int64_t j = j0 + r;
+            const int i = i0 + c;
+            if (r < rows && i < L.n_in) p.grad[j * L.n_in + i] = scale * acc;
+        });
+    });
 }
 
 #define SETTLE_STEPPED_KERNELS(suffix, T)                                                              \
