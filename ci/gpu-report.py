@@ -32,7 +32,8 @@ md += [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} U
        f"- device (name, driver, memory, max SM clock): {device}", ""]
 
 md += ["## Our benches (criterion, benches/*.rs)", "",
-       "| group | benchmark | median time | throughput (sample-steps/s) |", "|---|---|---|---|"]
+       "| group | benchmark | median time | per step (T from the id) | throughput (sample-steps/s) |",
+       "|---|---|---|---|---|"]
 found = False
 for est in sorted(glob.glob(os.path.join(args.out, "criterion", "**", "new", "estimates.json"), recursive=True)):
     parts = est.split(os.sep)
@@ -46,24 +47,49 @@ for est in sorted(glob.glob(os.path.join(args.out, "criterion", "**", "new", "es
             thr = f"{t['Elements'] / (med * 1e-9):.3e}"
     except OSError:
         pass
-    md.append(f"| {group} | {bench} | {med / 1e6:.4f} ms | {thr} |")
+    steps = re.search(r"_T(\d+)$", bench)
+    per_step = f"{med / 1e3 / int(steps.group(1)):.2f} us" if steps and int(steps.group(1)) > 0 else ""
+    md.append(f"| {group} | {bench} | {med / 1e6:.4f} ms | {per_step} | {thr} |")
     found = True
 if not found:
-    md.append("| (no criterion results found) | | | |")
+    md.append("| (no criterion results found) | | | | |")
 md.append("")
+
+
+def fmt(v, spec, missing="-"):
+    return format(v, spec) if v is not None else missing
+
+
+def lca_rows(recs):
+    rows = ["| config | impl | ms | ratio impl/ours | active fraction | rel. error vs ours | note |",
+            "|---|---|---|---|---|---|---|"]
+    for r in recs:
+        rows.append(f"| {r['config']} (B={r['B']} n={r['n']} m={r['m']} T={r['T']}) | {r['impl']} | "
+                    f"{fmt(r.get('ms'), '.4f', 'failed')} | {fmt(r.get('ratio_vs_ours'), '.2f')} | "
+                    f"{fmt(r.get('active_fraction'), '.3f')} | {fmt(r.get('rel_err_vs_ours'), '.2e')} | "
+                    f"{r.get('note') or ''} |")
+    return rows
+
+
+def settle_rows(recs):
+    rows = ["| config | mode | dtype | impl | ms per settle | us per step | ratio impl/ours | "
+            "rel. error vs ours | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        widths = "-".join(str(w) for w in r["widths"])
+        failed = "skipped" if (r.get("note") or "").startswith("SKIPPED") else "failed"
+        per_step = r["ms_per_step"] * 1e3 if r.get("ms_per_step") is not None else None
+        rows.append(f"| {r['config']} ({widths}, B={r['B']}, T={r['T']}) | {r['mode']} | {r['dtype']} | "
+                    f"{r['impl']} | {fmt(r.get('ms'), '.4f', failed)} | {fmt(per_step, '.1f')} | "
+                    f"{fmt(r.get('ratio_vs_ours'), '.2f')} | {fmt(r.get('rel_err_vs_ours'), '.2e')} | "
+                    f"{r.get('note') or ''} |")
+    return rows
+
 
 for peers in sorted(glob.glob(os.path.join(args.out, "peers-*.json"))):
     op = os.path.basename(peers)[len("peers-"):-len(".json")]
     recs = json.load(open(peers))
-    md += [f"## {op}: peers in the same run (benches/peers/{op}.py)", "",
-           "| config | impl | ms | ratio impl/ours | active fraction | rel. error vs ours | note |",
-           "|---|---|---|---|---|---|---|"]
-    for r in recs:
-        ms = f"{r['ms']:.4f}" if r.get("ms") is not None else "failed"
-        ratio = f"{r['ratio_vs_ours']:.2f}" if r.get("ratio_vs_ours") is not None else "-"
-        af = f"{r['active_fraction']:.3f}" if r.get("active_fraction") is not None else "-"
-        err = f"{r['rel_err_vs_ours']:.2e}" if r.get("rel_err_vs_ours") is not None else "-"
-        md.append(f"| {r['config']} (B={r['B']} n={r['n']} m={r['m']} T={r['T']}) | {r['impl']} | {ms} | {ratio} | {af} | {err} | {r.get('note') or ''} |")
+    md += [f"## {op}: peers in the same run (benches/peers/{op}.py)", ""]
+    md += settle_rows(recs) if recs and "widths" in recs[0] else lca_rows(recs)
     md.append("")
 
 text = "\n".join(md) + "\n"

@@ -30,11 +30,12 @@ echo "=== tour"
 echo "=== benches"
 export CRITERION_HOME="$OUT/criterion"
 for b in "$stage"/bench-*; do
-  "$b" --bench --noplot 2>&1 | tee -a "$OUT/bench.log" | grep -E "lca |time:|thrpt:|^[a-z]+_lca"
+  "$b" --bench --noplot 2>&1 | tee -a "$OUT/bench.log" | grep -E "lca |settle |time:|thrpt:|^[a-z]+_(lca|settle)"
 done
 
 echo "=== peers"
 python3 benches/peers/lca.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-lca.json" 2>&1 | tee "$OUT/peers.log"
+python3 benches/peers/settle.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-settle.json" 2>&1 | tee -a "$OUT/peers.log"
 
 echo "=== report"
 python3 ci/gpu-report.py --out "$OUT" --commit "$(cat "$stage/COMMIT")"

@@ -2,7 +2,7 @@
 # Builds, on this (GPU-less) machine, everything the GPU suite runs, into gpu-stage/ (git-ignored,
 # kept well under the 64 MiB a device call can carry):
 #   gpu-stage/tests/<name>      release test binaries built with --features cuda
-#   gpu-stage/bench-lca         the criterion bench binary
+#   gpu-stage/bench-<op>        the criterion bench binaries (bench-lca, bench-settle)
 #   gpu-stage/tour              the tour example
 #   gpu-stage/libfep_kernels.so the cdylib, for bindings/python and benches/peers
 #   gpu-stage/COMMIT            the commit (and whether the tree was dirty)

@@ -145,6 +145,10 @@ typedef struct FepSettleParams {
     uint32_t steps; /* T >= 1 */
     float tol;      /* a sample stops when |E_t - E_{t-1}| <= tol * E_{t-1}; 0 runs all T */
     int32_t init;   /* FEP_SETTLE_INIT_FEEDFORWARD, or _GIVEN: the free layers start from x_out */
+    int32_t skip_input_checks; /* 0: reject NaN/Inf inputs, weights, biases and non-positive
+                                * diagonal precisions first, which on a GPU reads back a few
+                                * floats (the call waits for the stream); 1: skip the checks and
+                                * return without synchronising */
 } FepSettleParams;
 
 /* Settles `batch` samples x0 (f32, batch x n_0) with x_L free. Writes x_out[l-1] and

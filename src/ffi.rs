@@ -404,6 +404,7 @@ pub struct FepSettleParams {
     pub steps: u32,
     pub tol: f32,
     pub init: i32,
+    pub skip_input_checks: i32,
 }
 
 /// `len` entries of a C array, or an error naming it when it is NULL.
@@ -481,7 +482,7 @@ fn settle_spec(p: &FepSettleParams) -> Result<SettleSpec> {
         steps: p.steps,
         tol: p.tol,
         init,
-        check_finite: true,
+        check_finite: p.skip_input_checks == 0,
     })
 }
 

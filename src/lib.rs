@@ -2,9 +2,9 @@
 //!
 //! Fused GPU kernels for inference by energy minimisation, written once for NVIDIA (CUDA,
 //! feature `cuda`) and AMD (HIP, feature `rocm`), with an f64 CPU reference backend that
-//! always builds. This release ships the foundation and LCA sparse coding ([`lca`]);
-//! precision-weighted attention, predictive-coding settling and variational message passing
-//! follow on the same runtime.
+//! always builds. This release ships the foundation, LCA sparse coding ([`lca`]) and
+//! predictive-coding settling and learning ([`settle`]); precision-weighted attention and
+//! variational message passing follow on the same runtime.
 //!
 //! ```
 //! use fep_kernels::{Device, lca::{Dictionary, LcaSpec}};

@@ -7,7 +7,7 @@
 //! Both files are embedded at compile time, so the test binary checks them on a machine without
 //! the source tree (the GPU suite's), and the header is compiled from a temporary copy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 const HEADER: &str = include_str!(concat!(
@@ -105,28 +105,48 @@ fn is_ident(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_'
 }
 
-/// A C type (`const float *`, `FepLcaDict **`, `int32_t`) in Rust spelling (`*const f32`,
-/// `*mut *mut FepLcaDict`, `i32`).
+/// A C type (`const float *`, `FepLcaDict **`, `float *const *`, `int32_t`) in Rust spelling
+/// (`*const f32`, `*mut *mut FepLcaDict`, `*const *mut f32`, `i32`).
+///
+/// C qualifies each level separately: a `const` before the first `*` (`const float`, `float
+/// const`) makes the base type const, and a `const` after a `*` makes that pointer itself const.
+/// Rust spells the constness of the pointee instead, so each pointer becomes `*const` when what
+/// it points to is const (the base for the innermost pointer, the pointer one level in for the
+/// others): `float *const *p` is `*const *mut f32`, `const float *const *p` is
+/// `*const *const f32`. A `const` on the outermost pointer (a const parameter or field,
+/// `float *const p`) does not change the type and so is `*mut f32`.
 fn c_type_to_rust(ty: &str) -> Result<String, String> {
-    let ty = ty.replace('*', " * ");
-    let tokens: Vec<&str> = ty.split_whitespace().collect();
-    let stars = tokens.iter().filter(|&&t| t == "*").count();
+    let spaced = ty.replace('*', " * ");
+    let tokens: Vec<&str> = spaced.split_whitespace().collect();
     let first_star = tokens
         .iter()
         .position(|&t| t == "*")
         .unwrap_or(tokens.len());
-    if tokens[first_star..].iter().any(|&t| t != "*") {
-        return Err(format!("unsupported qualifier after `*` in `{ty}`"));
-    }
-    let base: Vec<&str> = tokens[..first_star]
+    let (base_tokens, declarator) = tokens.split_at(first_star);
+    let base_const = base_tokens.contains(&"const");
+    let base: Vec<&str> = base_tokens
         .iter()
         .copied()
         .filter(|&t| t != "const")
         .collect();
-    let pointee_const = tokens[..first_star].contains(&"const");
+    // One entry per `*`, innermost first: whether that pointer itself is const.
+    let mut levels: Vec<bool> = Vec::new();
+    for &t in declarator {
+        match (t, levels.last_mut()) {
+            ("*", _) => levels.push(false),
+            ("const", Some(c)) if !*c => *c = true,
+            ("const", _) => return Err(format!("`const` twice on one pointer in `{}`", ty.trim())),
+            (other, _) => {
+                return Err(format!(
+                    "unsupported qualifier `{other}` after `*` in `{}`",
+                    ty.trim()
+                ));
+            }
+        }
+    }
     let base = match base.as_slice() {
-        ["void"] if stars == 0 => "()",
-        ["void"] => "c_void",
+        ["void"] if levels.is_empty() && !base_const => "()",
+        ["void"] if !levels.is_empty() => "c_void",
         ["char"] => "c_char",
         ["int8_t"] => "i8",
         ["uint8_t"] => "u8",
@@ -140,19 +160,19 @@ fn c_type_to_rust(ty: &str) -> Result<String, String> {
         _ => {
             return Err(format!(
                 "no Rust equivalent known for the C type `{}`",
-                base.join(" ")
+                base_tokens.join(" ")
             ));
         }
     };
     let mut out = base.to_string();
-    for level in 0..stars {
-        let qual = if level == 0 && pointee_const {
-            "*const "
-        } else {
-            "*mut "
-        };
-        out = format!("{qual}{out}");
+    let mut pointee_const = base_const;
+    for &self_const in &levels {
+        let qual = if pointee_const { "*const" } else { "*mut" };
+        out = format!("{qual} {out}");
+        pointee_const = self_const;
     }
+    // `pointee_const` now says whether the outermost pointer is itself const: no Rust spelling,
+    // and no difference to the ABI.
     Ok(out)
 }
 
@@ -177,11 +197,17 @@ fn rust_type(ty: &str) -> String {
     out.join(" ")
 }
 
+/// (field name, type in Rust spelling), in declaration order.
+type Fields = Vec<(String, String)>;
+
 #[derive(Debug, Default)]
 struct Header {
     defines: BTreeMap<String, i64>,
     functions: BTreeMap<String, Sig>,
-    params_fields: Vec<(String, String)>,
+    /// Every `typedef struct Fep… { … } Fep…;`: its fields.
+    structs: BTreeMap<String, Fields>,
+    /// Every `typedef struct Fep… Fep…;` (opaque handles).
+    opaque: BTreeSet<String>,
     problems: Vec<String>,
 }
 
@@ -198,6 +224,100 @@ fn parse_int(v: &str) -> Option<i64> {
         None => v.parse::<i64>().ok()?,
     };
     Some(if neg { -n } else { n })
+}
+
+/// The identifier at the start of `s` (after whitespace) and the rest after it.
+fn leading_ident(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    let end = s.find(|c: char| !is_ident(c)).unwrap_or(s.len());
+    (&s[..end], &s[end..])
+}
+
+/// Every `typedef struct Tag { <type> <name>; … } Name;` and `typedef struct Tag Name;` of the
+/// (comment- and preprocessor-free) header text.
+fn parse_header_structs(body: &str, h: &mut Header) {
+    let mut rest = body;
+    while let Some(at) = rest.find("typedef struct") {
+        rest = &rest[at + "typedef struct".len()..];
+        let (tag, after) = leading_ident(rest);
+        if tag.is_empty() {
+            h.problems.push(
+                "header: `typedef struct` without a tag (use `typedef struct FepX {…} FepX;`)"
+                    .into(),
+            );
+            continue;
+        }
+        let after = after.trim_start();
+        if let Some(inner) = after.strip_prefix('{') {
+            let Some(close) = inner.find('}') else {
+                h.problems
+                    .push(format!("header: struct {tag}: no closing brace"));
+                return;
+            };
+            let fields_text = &inner[..close];
+            let (name, tail) = leading_ident(&inner[close + 1..]);
+            rest = tail;
+            if name != tag {
+                h.problems.push(format!(
+                    "header: `typedef struct {tag} {{…}} {name};`: the typedef name must be the tag"
+                ));
+            }
+            if !tail.trim_start().starts_with(';') {
+                h.problems.push(format!(
+                    "header: struct {tag}: expected `;` after `}} {name}`"
+                ));
+            }
+            if fields_text.contains('{') {
+                h.problems.push(format!(
+                    "header: struct {tag}: nested braces (nested struct/union) are not supported"
+                ));
+                continue;
+            }
+            let mut fields = Fields::new();
+            for decl in fields_text
+                .split(';')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+            {
+                if decl.contains([',', '[', ':', '(']) {
+                    h.problems.push(format!(
+                        "header: {tag}: field `{decl}`: one plain declarator per field only \
+                         (no arrays, bit-fields, function pointers or `a, b` lists)"
+                    ));
+                    continue;
+                }
+                let name_at = decl.rfind(|c: char| !is_ident(c)).map_or(0, |i| i + 1);
+                let (ty, fname) = (&decl[..name_at], &decl[name_at..]);
+                if fname.is_empty() || ty.trim().is_empty() {
+                    h.problems.push(format!(
+                        "header: {tag}: field `{decl}` has no name or no type"
+                    ));
+                    continue;
+                }
+                match c_type_to_rust(ty) {
+                    Ok(t) => fields.push((fname.to_string(), t)),
+                    Err(e) => h.problems.push(format!("header: {tag}.{fname}: {e}")),
+                }
+            }
+            if h.structs.insert(tag.to_string(), fields).is_some() {
+                h.problems
+                    .push(format!("header: struct {tag} defined twice"));
+            }
+        } else {
+            let (name, tail) = leading_ident(after);
+            rest = tail;
+            if name != tag || !tail.trim_start().starts_with(';') {
+                h.problems.push(format!(
+                    "header: `typedef struct {tag} {name}…`: expected `typedef struct {tag} {tag};`"
+                ));
+                continue;
+            }
+            if !h.opaque.insert(tag.to_string()) {
+                h.problems
+                    .push(format!("header: opaque {tag} declared twice"));
+            }
+        }
+    }
 }
 
 fn parse_header(src: &str) -> Header {
@@ -230,28 +350,7 @@ fn parse_header(src: &str) -> Header {
         .collect::<Vec<_>>()
         .join("\n");
 
-    // typedef struct FepLcaParams { <type> <name>; ... } FepLcaParams;
-    match body.find("typedef struct FepLcaParams") {
-        None => h
-            .problems
-            .push("header: no `typedef struct FepLcaParams`".into()),
-        Some(at) => {
-            let open = at + body[at..].find('{').unwrap();
-            let close = open + body[open..].find('}').unwrap();
-            for decl in body[open + 1..close]
-                .split(';')
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-            {
-                let name_at = decl.rfind(|c: char| !is_ident(c)).map_or(0, |i| i + 1);
-                let (ty, name) = (&decl[..name_at], &decl[name_at..]);
-                match c_type_to_rust(ty) {
-                    Ok(t) => h.params_fields.push((name.to_string(), t)),
-                    Err(e) => h.problems.push(format!("header: FepLcaParams.{name}: {e}")),
-                }
-            }
-        }
-    }
+    parse_header_structs(&body, &mut h);
 
     // Function declarations: an identifier fep_* followed by `(`, its return type being the
     // text back to the previous `;`, `{` or `}`.
@@ -311,12 +410,20 @@ fn parse_header(src: &str) -> Header {
     h
 }
 
+/// A `pub struct Fep…` of ffi.rs.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct RustStruct {
+    /// Its fields (none for a unit or tuple struct).
+    fields: Fields,
+    /// Whether it is `#[repr(C)]` (possibly with more hints, `#[repr(C, align(8))]`).
+    repr_c: bool,
+}
+
 #[derive(Debug, Default)]
 struct RustFfi {
     consts: BTreeMap<String, i64>,
     functions: BTreeMap<String, Sig>,
-    params_fields: Vec<(String, String)>,
-    params_repr_c: bool,
+    structs: BTreeMap<String, RustStruct>,
     problems: Vec<String>,
 }
 
@@ -405,27 +512,67 @@ fn parse_ffi_rs(src: &str) -> RustFfi {
             r.problems.push(format!("ffi.rs: {name} defined twice"));
         }
     }
-    // #[repr(C)] ... pub struct FepLcaParams { pub name: type, ... }
-    match code.find("pub struct FepLcaParams") {
-        None => r
-            .problems
-            .push("ffi.rs: no `pub struct FepLcaParams`".into()),
-        Some(at) => {
-            let item_from = code[..at].rfind(['}', ';']).map_or(0, |p| p + 1);
-            r.params_repr_c = code[item_from..at].contains("#[repr(C)]");
-            let open = at + code[at..].find('{').unwrap();
-            let close = open + code[open..].find('}').unwrap();
-            for f in split_top(&code[open + 1..close]) {
-                match f.trim_start_matches("pub ").split_once(':') {
-                    Some((name, ty)) => r
-                        .params_fields
-                        .push((name.trim().to_string(), rust_type(ty))),
-                    None => r.problems.push(format!("ffi.rs: FepLcaParams field `{f}`")),
+    parse_rust_structs(&code, &mut r);
+    r
+}
+
+/// Every `pub struct Fep…` of the (comment-free) Rust text: `#[repr(C)]` or not, and its fields.
+fn parse_rust_structs(code: &str, r: &mut RustFfi) {
+    let mut i = 0;
+    while let Some(off) = code[i..].find("pub struct ") {
+        let at = i + off;
+        i = at + "pub struct ".len();
+        let (name, after) = leading_ident(&code[i..]);
+        if !name.starts_with("Fep") {
+            continue;
+        }
+        let item_from = code[..at].rfind(['}', ';']).map_or(0, |p| p + 1);
+        let attrs = &code[item_from..at];
+        let repr_c = attrs.match_indices("#[repr(").any(|(p, m)| {
+            let list = &attrs[p + m.len()..];
+            list[..list.find(')').unwrap_or(list.len())]
+                .split(',')
+                .any(|h| h.trim() == "C")
+        });
+        let after = after.trim_start();
+        let mut st = RustStruct {
+            fields: Fields::new(),
+            repr_c,
+        };
+        if let Some(inner) = after.strip_prefix('{') {
+            let Some(close) = inner.find('}') else {
+                r.problems
+                    .push(format!("ffi.rs: struct {name}: no closing brace"));
+                return;
+            };
+            for f in split_top(&inner[..close]) {
+                // Visibility (`pub`, `pub(crate)`) and the field's attributes are not its name.
+                let f = f
+                    .split_whitespace()
+                    .filter(|w| !w.starts_with("#["))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let f = f
+                    .strip_prefix("pub(crate) ")
+                    .or_else(|| f.strip_prefix("pub "))
+                    .unwrap_or(&f);
+                match f.split_once(':') {
+                    Some((fname, ty)) => st.fields.push((fname.trim().to_string(), rust_type(ty))),
+                    None => r
+                        .problems
+                        .push(format!("ffi.rs: {name}: cannot parse field `{f}`")),
                 }
             }
+        } else if !after.starts_with([';', '(']) {
+            r.problems.push(format!(
+                "ffi.rs: struct {name}: generics or where clauses are not supported here"
+            ));
+        }
+        if r.structs.insert(name.to_string(), st).is_some() {
+            r.problems
+                .push(format!("ffi.rs: struct {name} defined twice"));
         }
     }
-    r
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -488,14 +635,69 @@ fn compare(h: &Header, r: &RustFfi) -> Vec<String> {
             "{name} is exported by ffi.rs but not declared in the header"
         ));
     }
-    if h.params_fields != r.params_fields {
-        errs.push(format!(
-            "FepLcaParams fields differ:\n  header  {:?}\n  ffi.rs  {:?}",
-            h.params_fields, r.params_fields
-        ));
+    errs.extend(compare_structs(h, r));
+    errs
+}
+
+/// Every struct of the header against ffi.rs's struct of the same name, both ways round.
+fn compare_structs(h: &Header, r: &RustFfi) -> Vec<String> {
+    let mut errs = Vec::new();
+    for (name, hf) in &h.structs {
+        let Some(rs) = r.structs.get(name) else {
+            errs.push(format!(
+                "struct {name} is defined in the header but is not a `#[repr(C)] pub struct {name}` in ffi.rs"
+            ));
+            continue;
+        };
+        if !rs.repr_c {
+            errs.push(format!(
+                "ffi.rs: {name} is not #[repr(C)] (its layout would not be C's)"
+            ));
+        }
+        if hf.len() != rs.fields.len() {
+            errs.push(format!(
+                "{name}: {} fields in the header, {} in ffi.rs",
+                hf.len(),
+                rs.fields.len()
+            ));
+        }
+        for (k, (hfld, rfld)) in hf.iter().zip(&rs.fields).enumerate() {
+            if hfld.0 != rfld.0 {
+                errs.push(format!(
+                    "{name} field {k}: named `{}` in the header, `{}` in ffi.rs (order differs?)",
+                    hfld.0, rfld.0
+                ));
+            }
+            if hfld.1 != rfld.1 {
+                errs.push(format!(
+                    "{name}.{} (field {k}): header type {}, ffi.rs type {}",
+                    hfld.0, hfld.1, rfld.1
+                ));
+            }
+        }
+        if hf.len() != rs.fields.len() {
+            errs.push(format!(
+                "{name} fields:\n  header  {hf:?}\n  ffi.rs  {:?}",
+                rs.fields
+            ));
+        }
     }
-    if !r.params_repr_c {
-        errs.push("ffi.rs: FepLcaParams is not #[repr(C)]".into());
+    for name in &h.opaque {
+        if !r.structs.contains_key(name) {
+            errs.push(format!(
+                "opaque {name} is declared in the header but there is no `pub struct {name}` in ffi.rs"
+            ));
+        }
+    }
+    for (name, rs) in &r.structs {
+        if h.structs.contains_key(name) || h.opaque.contains(name) {
+            continue;
+        }
+        errs.push(if rs.repr_c {
+            format!("#[repr(C)] struct {name} is in ffi.rs but not defined in the header")
+        } else {
+            format!("pub struct {name} is in ffi.rs but not declared (even opaque) in the header")
+        });
     }
     errs
 }
@@ -505,11 +707,22 @@ fn header_and_ffi_rs_declare_the_same_abi() {
     let h = parse_header(HEADER);
     let r = parse_ffi_rs(FFI_RS);
     println!(
-        "header: {} constants, {} functions, FepLcaParams {:?}",
+        "header: {} constants, {} functions, {} structs, opaque {:?}",
         h.defines.len(),
         h.functions.len(),
-        h.params_fields
+        h.structs.len(),
+        h.opaque
     );
+    for (name, fields) in &h.structs {
+        println!(
+            "  struct {name} {{ {} }}",
+            fields
+                .iter()
+                .map(|(n, t)| format!("{n}: {t}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     for (name, sig) in &h.functions {
         println!(
             "  {} {name}({})",
@@ -532,7 +745,29 @@ fn header_and_ffi_rs_declare_the_same_abi() {
         "too few functions parsed: {:?}",
         h.functions.keys()
     );
-    assert!(!h.params_fields.is_empty());
+    for name in ["FepLcaParams", "FepSettleNet", "FepSettleParams"] {
+        assert!(
+            h.structs.get(name).is_some_and(|f| f.len() >= 3),
+            "struct {name} not parsed from the header (or too few fields): {:?}",
+            h.structs
+        );
+        assert!(
+            r.structs.get(name).is_some_and(|s| s.fields.len() >= 3),
+            "struct {name} not parsed from ffi.rs (or too few fields): {:?}",
+            r.structs
+        );
+    }
+    assert!(
+        h.opaque.contains("FepLcaDict"),
+        "opaque FepLcaDict not parsed: {:?}",
+        h.opaque
+    );
+    assert!(
+        h.functions.contains_key("fep_settle_infer")
+            && h.functions.contains_key("fep_settle_learn"),
+        "the settle functions were not parsed: {:?}",
+        h.functions.keys()
+    );
     let errs = compare(&h, &r);
     assert!(
         errs.is_empty(),
@@ -565,7 +800,22 @@ fn constants_match_the_compiled_values() {
         ("FEP_LCA_SOFT_NONNEG", FEP_LCA_SOFT_NONNEG),
         ("FEP_LCA_HARD", FEP_LCA_HARD),
         ("FEP_LCA_HARD_NONNEG", FEP_LCA_HARD_NONNEG),
+        ("FEP_ACT_IDENTITY", FEP_ACT_IDENTITY),
+        ("FEP_ACT_TANH", FEP_ACT_TANH),
+        ("FEP_ACT_RELU", FEP_ACT_RELU),
+        ("FEP_ACT_LEAKY_RELU", FEP_ACT_LEAKY_RELU),
+        ("FEP_ACT_SIGMOID", FEP_ACT_SIGMOID),
+        ("FEP_ACT_GELU", FEP_ACT_GELU),
+        ("FEP_SETTLE_INIT_FEEDFORWARD", FEP_SETTLE_INIT_FEEDFORWARD),
+        ("FEP_SETTLE_INIT_GIVEN", FEP_SETTLE_INIT_GIVEN),
     ];
+    // Every constant of the header is in the list above (so none is compared only as text).
+    for name in h.defines.keys() {
+        assert!(
+            compiled.iter().any(|(n, _)| n == name),
+            "{name}: add it to the list in constants_match_the_compiled_values"
+        );
+    }
     for (name, v) in compiled {
         assert_eq!(h.defines.get(name), Some(&(v as i64)), "{name}");
     }
@@ -588,6 +838,23 @@ fn constants_match_the_compiled_values() {
     ] {
         assert_eq!(Some(&(d.code() as i64)), h.defines.get(name), "{d:?}");
     }
+    use fep_kernels::settle::Activation;
+    for a in Activation::ALL {
+        let name = match a {
+            Activation::Identity => "FEP_ACT_IDENTITY",
+            Activation::Tanh => "FEP_ACT_TANH",
+            Activation::Relu => "FEP_ACT_RELU",
+            Activation::LeakyRelu(_) => "FEP_ACT_LEAKY_RELU",
+            Activation::Sigmoid => "FEP_ACT_SIGMOID",
+            Activation::Gelu => "FEP_ACT_GELU",
+        };
+        assert_eq!(Some(&(a.code() as i64)), h.defines.get(name), "{a:?}");
+        assert_eq!(
+            Activation::from_code(a.code(), a.alpha()).unwrap(),
+            a,
+            "{a:?} round trip"
+        );
+    }
 }
 
 /// The parser on a small header and Rust file, including what it must reject.
@@ -595,7 +862,10 @@ fn constants_match_the_compiled_values() {
 fn parser_self_check() {
     let header = "/* c */ #define FEP_A 3\n#define FEP_B (-0x10)\n// x\n\
                   typedef struct FepLcaParams { int32_t a; float b; } FepLcaParams;\n\
-                  const char *fep_f(void);\nvoid fep_g(const FepLcaDict *d, void *s,\n  uint64_t **n);";
+                  typedef struct FepNet {\n    const uint64_t *w; /* c */\n    void *const *p;\n    \
+                  const float *const *d;\n} FepNet;\ntypedef struct FepH FepH;\n\
+                  const char *fep_f(void);\nvoid fep_g(const FepLcaDict *d, void *s,\n  uint64_t **n);\n\
+                  int32_t fep_h(const FepNet *net, float *const *x, float const *y, FepH **out);";
     let h = parse_header(header);
     assert!(h.problems.is_empty(), "{:?}", h.problems);
     assert_eq!(h.defines["FEP_B"], -16);
@@ -615,14 +885,38 @@ fn parser_self_check() {
         ]
     );
     assert_eq!(h.functions["fep_g"].ret, "()");
+    assert_eq!(
+        h.functions["fep_h"].params,
+        [
+            ("net".to_string(), "*const FepNet".to_string()),
+            ("x".into(), "*const *mut f32".into()),
+            ("y".into(), "*const f32".into()),
+            ("out".into(), "*mut *mut FepH".into())
+        ]
+    );
+    assert_eq!(
+        h.structs["FepNet"],
+        [
+            ("w".to_string(), "*const u64".to_string()),
+            ("p".into(), "*const *mut c_void".into()),
+            ("d".into(), "*const *const f32".into())
+        ]
+    );
+    assert_eq!(h.structs["FepLcaParams"].len(), 2);
+    assert!(h.opaque.contains("FepH") && h.opaque.len() == 1);
     let rust = "pub const FEP_A: i32 = 3;\npub const FEP_B: i32 = -16;\n#[repr(C)]\npub struct FepLcaParams {\n    pub a: i32,\n    pub b: f32,\n}\n\
+                /// Doc.\n#[repr(C)]\n#[derive(Clone, Copy, Debug)]\npub struct FepNet {\n    pub w: *const u64,\n    \
+                pub p: *const *mut std::ffi::c_void,\n    pub d: *const *const f32,\n}\n\
+                pub struct FepH {\n    inner: Vec<u8>,\n}\n\
                 #[unsafe(no_mangle)]\npub extern \"C\" fn fep_f() -> *const c_char { x }\n\
-                #[unsafe(no_mangle)]\npub unsafe extern \"C\" fn fep_g(\n    d: *const FepLcaDict,\n    s: *mut std::ffi::c_void,\n    n: *mut *mut u64,\n) {\n}\n";
+                #[unsafe(no_mangle)]\npub unsafe extern \"C\" fn fep_g(\n    d: *const FepLcaDict,\n    s: *mut std::ffi::c_void,\n    n: *mut *mut u64,\n) {\n}\n\
+                #[unsafe(no_mangle)]\npub unsafe extern \"C\" fn fep_h(net: *const FepNet, x: *const *mut f32, y: *const f32, out: *mut *mut FepH) -> i32 {\n}\n";
     let r = parse_ffi_rs(rust);
+    assert!(r.structs["FepNet"].repr_c && !r.structs["FepH"].repr_c);
     assert!(compare(&h, &r).is_empty(), "{:?}", compare(&h, &r));
     // Swapped names, a changed value, a missing no_mangle, a missing function: all caught.
     let bad = rust
-        .replace("d: *const", "dd: *const")
+        .replace("d: *const FepLcaDict", "dd: *const FepLcaDict")
         .replace("= -16", "= 16")
         .replacen("#[unsafe(no_mangle)]\npub extern", "pub extern", 1);
     let errs = compare(&h, &parse_ffi_rs(&bad));
@@ -632,7 +926,114 @@ fn parser_self_check() {
         &r,
     );
     assert_eq!(errs.len(), 1, "{errs:#?}");
-    assert!(c_type_to_rust("float * const").is_err());
+    // Struct mismatches, each alone: the const level of a field, its name, the order of two
+    // fields, a missing repr(C), a missing field, a struct missing on either side.
+    let one_error = |rust: &str, what: &str| {
+        let errs = compare(&h, &parse_ffi_rs(rust));
+        assert!(!errs.is_empty(), "{what}: not caught");
+        assert!(
+            errs.iter()
+                .all(|e| e.contains("FepNet") || e.contains("FepLcaParams")),
+            "{what}: {errs:#?}"
+        );
+        errs
+    };
+    assert_eq!(
+        one_error(
+            &rust.replace("pub p: *const *mut", "pub p: *mut *mut"),
+            "pointer level"
+        )
+        .len(),
+        1
+    );
+    assert_eq!(
+        one_error(
+            &rust.replace("pub d: *const *const", "pub d: *const *mut"),
+            "inner const"
+        )
+        .len(),
+        1
+    );
+    assert_eq!(
+        one_error(&rust.replace("pub w:", "pub widths:"), "field name").len(),
+        1
+    );
+    one_error(
+        &rust.replace(
+            "pub a: i32,\n    pub b: f32,",
+            "pub b: f32,\n    pub a: i32,",
+        ),
+        "field order",
+    );
+    assert_eq!(
+        one_error(
+            &rust.replacen(
+                "#[repr(C)]\npub struct FepLcaParams",
+                "pub struct FepLcaParams",
+                1
+            ),
+            "repr(C)"
+        ),
+        ["ffi.rs: FepLcaParams is not #[repr(C)] (its layout would not be C's)"]
+    );
+    one_error(
+        &rust.replace("    pub d: *const *const f32,\n", ""),
+        "missing field",
+    );
+    one_error(
+        &rust.replace("pub struct FepNet", "pub struct Net"),
+        "struct missing in ffi.rs",
+    );
+    let errs = compare(
+        &parse_header(&header.replace("typedef struct FepH FepH;", "")),
+        &r,
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].contains("FepH"), "{errs:#?}");
+    // The C types, const at every level.
+    let cases = [
+        ("float *const *", "*const *mut f32"),
+        ("const float *const *", "*const *const f32"),
+        ("float const *const *", "*const *const f32"),
+        ("void *const *", "*const *mut c_void"),
+        ("const void *", "*const c_void"),
+        ("const uint64_t *", "*const u64"),
+        ("FepLcaDict **", "*mut *mut FepLcaDict"),
+        ("float **const *", "*const *mut *mut f32"),
+        ("const float **", "*mut *const f32"),
+        ("float * const", "*mut f32"),
+        ("const int32_t", "i32"),
+        ("void", "()"),
+    ];
+    for (c, rust) in cases {
+        assert_eq!(c_type_to_rust(c).as_deref(), Ok(rust), "{c}");
+    }
+    for bad in [
+        "float * restrict",
+        "float * const const",
+        "unsigned int",
+        "const void",
+        "",
+        "float volatile *",
+    ] {
+        assert!(c_type_to_rust(bad).is_err(), "{bad:?} accepted");
+    }
+    // Unsupported field declarators are reported, not skipped.
+    for bad in [
+        "float a[4];",
+        "uint32_t a : 3;",
+        "float a, b;",
+        "void (*f)(int32_t x);",
+    ] {
+        let h = parse_header(&format!("typedef struct FepX {{ {bad} }} FepX;"));
+        assert_eq!(h.problems.len(), 1, "{bad}: {:?}", h.problems);
+    }
+    assert_eq!(
+        parse_header("typedef struct FepX { int32_t a; } FepY;")
+            .problems
+            .len(),
+        1
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -640,14 +1041,67 @@ fn parser_self_check() {
 // ---------------------------------------------------------------------------------------------
 
 /// Size and alignment of the Rust spelling of a C field type.
-fn size_align(ty: &str) -> (usize, usize) {
-    match ty {
+fn size_align(ty: &str) -> Result<(usize, usize), String> {
+    Ok(match ty {
         "i8" | "u8" => (1, 1),
         "i32" | "u32" | "f32" => (4, 4),
         "i64" | "u64" | "f64" => (8, 8),
         t if t.starts_with('*') => (size_of::<usize>(), align_of::<usize>()),
-        t => panic!("no layout known for {t}"),
+        t => return Err(format!("no layout known for the field type {t}")),
+    })
+}
+
+/// The repr(C) layout that a list of field types gives: (offset per field, size, alignment).
+fn c_layout(fields: &Fields) -> Result<(Vec<usize>, usize, usize), String> {
+    let (mut offset, mut align, mut offsets) = (0usize, 1usize, Vec::new());
+    for (_, ty) in fields {
+        let (s, a) = size_align(ty)?;
+        offset = offset.next_multiple_of(a);
+        offsets.push(offset);
+        offset += s;
+        align = align.max(a);
     }
+    Ok((offsets, offset.next_multiple_of(align), align))
+}
+
+/// The compiled layout of a struct of fep_kernels::ffi: size, alignment and each field's offset.
+struct Compiled {
+    size: usize,
+    align: usize,
+    offsets: Vec<(&'static str, usize)>,
+}
+
+macro_rules! compiled {
+    ($t:ident: $($f:ident),* $(,)?) => {
+        Compiled {
+            size: size_of::<fep_kernels::ffi::$t>(),
+            align: align_of::<fep_kernels::ffi::$t>(),
+            offsets: vec![$((stringify!($f), std::mem::offset_of!(fep_kernels::ffi::$t, $f))),*],
+        }
+    };
+}
+
+/// The structs of the header as compiled. A new struct in the header fails the layout test
+/// until it is listed here (with its fields, so a renamed field fails to compile).
+fn compiled_layout(name: &str) -> Option<Compiled> {
+    Some(match name {
+        "FepLcaParams" => compiled!(FepLcaParams: threshold, lambda, eta, steps, tol),
+        "FepSettleNet" => compiled!(
+            FepSettleNet: layers,
+            widths,
+            activations,
+            leaky_alpha,
+            dtype,
+            weights,
+            biases,
+            precision,
+            precision_diag
+        ),
+        "FepSettleParams" => {
+            compiled!(FepSettleParams: eta, momentum, steps, tol, init, skip_input_checks)
+        }
+        _ => return None,
+    })
 }
 
 #[test]
@@ -657,32 +1111,61 @@ fn header_compiles_as_c_and_cxx_with_rust_layout() {
     let header = dir.join("fep_kernels.h");
     std::fs::write(&header, HEADER).unwrap();
 
-    // The repr(C) offsets of FepLcaParams from its Rust field types, checked against Rust's own
-    // size, then asserted in C and C++ against the header's struct.
-    let fields = parse_ffi_rs(FFI_RS).params_fields;
-    let (mut offset, mut align) = (0usize, 1usize);
-    let mut asserts = String::new();
-    for (name, ty) in &fields {
-        let (s, a) = size_align(ty);
-        offset = offset.next_multiple_of(a);
-        asserts += &format!(
-            "STATIC_ASSERT(offsetof(FepLcaParams, {name}) == {offset}, \"offset of {name}\");\n"
-        );
-        offset += s;
-        align = align.max(a);
-    }
-    let size = offset.next_multiple_of(align);
-    assert_eq!(
-        size,
-        size_of::<fep_kernels::ffi::FepLcaParams>(),
-        "layout computed from the fields"
+    // For every struct of the header: the repr(C) offsets from its Rust field types, checked
+    // against the compiled Rust struct (size, alignment and every field's offset), then asserted
+    // in C and C++ against the header's struct.
+    let h = parse_header(HEADER);
+    let r = parse_ffi_rs(FFI_RS);
+    assert!(
+        h.structs.len() >= 3,
+        "structs parsed: {:?}",
+        h.structs.keys()
     );
-    asserts +=
-        &format!("STATIC_ASSERT(sizeof(FepLcaParams) == {size}, \"size of FepLcaParams\");\n");
+    let mut asserts = String::new();
+    let mut uses = Vec::new();
+    for name in h.structs.keys() {
+        let fields = &r
+            .structs
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not in ffi.rs"))
+            .fields;
+        let (offsets, size, align) = c_layout(fields).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let compiled = compiled_layout(name).unwrap_or_else(|| {
+            panic!("{name}: add it to compiled_layout() in tests/ffi_header.rs")
+        });
+        let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+        let compiled_names: Vec<&str> = compiled.offsets.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names, compiled_names,
+            "{name}: the fields in ffi.rs differ from compiled_layout()'s list: update the list"
+        );
+        for ((field, off), (_, c_off)) in names.iter().zip(&offsets).zip(&compiled.offsets) {
+            assert_eq!(
+                off, c_off,
+                "{name}.{field}: offset from the field types vs compiled"
+            );
+            asserts += &format!(
+                "STATIC_ASSERT(offsetof({name}, {field}) == {off}, \"offset of {name}.{field}\");\n"
+            );
+        }
+        assert_eq!(
+            (size, align),
+            (compiled.size, compiled.align),
+            "{name}: (size, alignment) from the field types vs compiled"
+        );
+        asserts += &format!(
+            "STATIC_ASSERT(sizeof({name}) == {size}, \"size of {name}\");\n\
+             STATIC_ASSERT(_Alignof({name}) == {align}, \"alignment of {name}\");\n"
+        );
+        uses.push(format!("sizeof(*(const {name} *)0)"));
+        println!("{name}: size {size}, align {align}, offsets {offsets:?}");
+    }
     let unit = format!(
         "#include \"fep_kernels.h\"\n#include <stddef.h>\n#ifdef __cplusplus\n#define STATIC_ASSERT static_assert\n\
-         #else\n#define STATIC_ASSERT _Static_assert\n#endif\n{asserts}\
-         int fep_header_check(const FepLcaParams *p) {{ return (int)p->steps + FEP_OK; }}\n"
+         #define _Alignof alignof\n#else\n#define STATIC_ASSERT _Static_assert\n#endif\n{asserts}\
+         int fep_header_check(const FepLcaParams *p) {{ return (int)p->steps + FEP_OK; }}\n\
+         unsigned long fep_header_sizes(void) {{ return (unsigned long)({}); }}\n",
+        uses.join(" + ")
     );
     let unit_path = dir.join("check.c");
     std::fs::write(&unit_path, unit).unwrap();
