@@ -143,7 +143,8 @@ typedef struct FepSettleParams {
     float eta;      /* > 0: step size of the state update */
     float momentum; /* in [0, 1) */
     uint32_t steps; /* T >= 1 */
-    float tol;      /* a sample stops when |E_t - E_{t-1}| <= tol * E_{t-1}; 0 runs all T */
+    float tol;      /* a sample stops when |E_t - E_{t-1}| <= tol * E_{t-1} or E_t <= tol * E_0;
+                     * 0 runs all T steps */
     int32_t init;   /* FEP_SETTLE_INIT_FEEDFORWARD, or _GIVEN: the free layers start from x_out */
     int32_t skip_input_checks; /* 0: reject NaN/Inf inputs, weights, biases and non-positive
                                 * diagonal precisions first, which on a GPU reads back a few

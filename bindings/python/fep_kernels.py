@@ -851,7 +851,7 @@ class SettleNet:
         ``g_l = Pi_l eps_l - f'_{l+1}(x_l) * W_{l+1}^T (Pi_{l+1} eps_{l+1})`` with momentum:
         ``v <- momentum v + g; x <- x - eta v`` (all layers from the same step's errors).
         ``eta`` > 0, ``steps`` T >= 1, ``momentum`` in [0, 1); ``tol`` > 0 stops a sample once
-        ``|E_t - E_{t-1}| <= tol E_{t-1}`` (0: exactly T steps). ``init``: None (the free layers
+        ``|E_t - E_{t-1}| <= tol E_{t-1}`` or ``E_t <= tol E_0`` (0: exactly T steps). ``init``: None (the free layers
         start at the feedforward prediction, where every error, and so the energy, is 0 with a
         free top), or L float32 tensors x_1 ... x_L [B, n_l] to start from (copied).
 

@@ -10,7 +10,7 @@ from the contract and not from the library:
     g_l = Pi_l eps_l - f'_{l+1}(x_l) * W_{l+1}^T (Pi_{l+1} eps_{l+1})   (no second term at l = L)
     v_l <- beta v_l + g_l,  x_l <- x_l - eta v_l                      (free layers, synchronous)
     trace: the energy at the start and after each step (T + 1 per sample); a sample stops after
-    step t when |E_t - E_{t-1}| <= tol E_{t-1} and then repeats its values
+    step t when |E_t - E_{t-1}| <= tol E_{t-1} or E_t <= tol E_0, and then repeats its values
     grad_W_l = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T,  grad_b_l = -(1/B) sum_b Pi_l eps_l
 
 Run from the repository root, after `cargo build --release` (no pytest needed):
@@ -115,7 +115,7 @@ def reference(weights, biases, acts, precs, x0, eta, steps, momentum=0.0, tol=0.
         prev = trace[-1]
         energy = torch.where(active, energy, prev)
         if tol > 0:
-            stop = active & ((energy - prev).abs() <= tol * prev)
+            stop = active & (((energy - prev).abs() <= tol * prev) | (energy <= tol * trace[0]))
             nsteps[stop] = t
             active = active & ~stop
         trace.append(energy)

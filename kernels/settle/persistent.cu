@@ -107,7 +107,7 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
     FEP_DYNAMIC_SMEM(float, smem);
     const SettleLayer* lay = settle_layers(p);
     __shared__ float part[SETTLE_THREADS];
-    __shared__ float energy[SETTLE_TILE_ROWS], prev[SETTLE_TILE_ROWS];
+    __shared__ float energy[SETTLE_TILE_ROWS], prev[SETTLE_TILE_ROWS], start[SETTLE_TILE_ROWS];
     __shared__ int32_t done[SETTLE_TILE_ROWS];
     __shared__ int32_t active;
     __shared__ int32_t offsets[SETTLE_MAX_LAYERS];
@@ -153,6 +153,7 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
         settle_p_energy(p, lay, s, part, energy);
         if (threadIdx.x < (unsigned)rows) {
             prev[threadIdx.x] = energy[threadIdx.x];
+            start[threadIdx.x] = energy[threadIdx.x];
             if (p.trace) p.trace[(row0 + threadIdx.x) * t1] = energy[threadIdx.x];
             p.steps[row0 + threadIdx.x] = 0;
         }
@@ -178,7 +179,7 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
                 const int r = threadIdx.x;
                 if (!done[r]) {
                     p.steps[row0 + r] = t;
-                    if (settle_converged(energy[r], prev[r], p.tol)) done[r] = 1;
+                    if (settle_converged(energy[r], prev[r], start[r], p.tol)) done[r] = 1;
                     prev[r] = energy[r];
                 }
                 if (p.trace) p.trace[(row0 + r) * t1 + t] = prev[r];

@@ -77,6 +77,7 @@ struct SettleArgs {
     uint32_t* steps;                        // [batch]
     int32_t* done;                          // [batch] (stepped)
     float* prev;                            // [batch]: the last energy (stepped)
+    float* start;                           // [batch]: the starting energy (stepped)
     float* epart;                           // [batch, ep_cols]: energy partials (stepped)
     float* grad;                            // gradient output (grad kernels)
     int32_t depth, batch, total_steps, t;
@@ -190,10 +191,11 @@ FEP_DEVICE void settle_update(float& x, float& v, float e, float pi, float back,
     x = fmaf(-eta, v, x);
 }
 
-// The early-stop rule, shared by both kernels: after step t >= 1 with energy e and the previous
-// energy prev, a sample stops when |e - prev| <= tol * prev (tol > 0).
-FEP_DEVICE bool settle_converged(float e, float prev, float tol) {
-    return tol > 0.0f && fabsf(e - prev) <= tol * prev;
+// The early-stop rule, shared by both kernels (and cpu.rs): after step t >= 1 with energy e, the
+// previous energy prev and the starting energy start, a sample stops when |e - prev| <= tol prev
+// or e <= tol start (tol > 0).
+FEP_DEVICE bool settle_converged(float e, float prev, float start, float tol) {
+    return tol > 0.0f && (fabsf(e - prev) <= tol * prev || e <= tol * start);
 }
 
 // ---- the stepped kernels' block product ---------------------------------------------------------

@@ -179,7 +179,8 @@ FEP_KERNEL void FEP_LAUNCH_BOUNDS(SETTLE_THREADS) settle_step_end(SettleArgs p) 
         e *= 0.5f;
         if (p.t == 0) {
             p.done[b] = 0;
-        } else if (settle_converged(e, p.prev[b], p.tol)) {
+            p.start[b] = e;
+        } else if (settle_converged(e, p.prev[b], p.start[b], p.tol)) {
             p.done[b] = 1;
         }
         p.steps[b] = p.t;

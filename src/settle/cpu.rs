@@ -160,7 +160,7 @@ pub(crate) fn settle_sample(
         let e = errors(layers, &x, &mut eps);
         let prev = trace[trace.len() - 1];
         trace.push(e);
-        if tol > 0.0 && (e - prev).abs() <= tol * prev {
+        if converged(e, prev, trace[0], tol) {
             done = t;
             break;
         }
@@ -173,6 +173,13 @@ pub(crate) fn settle_sample(
         trace,
         steps: done,
     }
+}
+
+/// The early-stop rule (module docs): the relative change is within tol, or the energy has
+/// fallen to tol times its start (a descent towards E = 0 changes by a constant fraction per
+/// step, so its relative change alone never falls below tol).
+pub(crate) fn converged(e: f64, prev: f64, start: f64, tol: f64) -> bool {
+    tol > 0.0 && ((e - prev).abs() <= tol * prev || e <= tol * start)
 }
 
 /// Gradients at the settled states: ∂E/∂W_l = −(1/B) Σ_b (π ε_l) f_l(x_{l−1})ᵀ, ∂E/∂b_l.

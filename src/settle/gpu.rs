@@ -61,6 +61,7 @@ struct SettleArgs {
     steps: u64,
     done: u64,
     prev: u64,
+    start: u64,
     epart: u64,
     grad: u64,
     depth: i32,
@@ -250,6 +251,7 @@ pub(super) fn run<T: Element>(
         steps,
         done: 0,
         prev: 0,
+        start: 0,
         epart: 0,
         grad: 0,
         depth: depth as i32,
@@ -350,9 +352,11 @@ fn stepped<T: Element>(
     let done = Scratch::new(dev, 4 * batch, stream)?;
     fill(dev, done.addr, batch, 0.0, stream)?;
     let prev = Scratch::new(dev, 4 * batch, stream)?;
+    let start = Scratch::new(dev, 4 * batch, stream)?;
     let epart = Scratch::new(dev, 4 * batch * args.ep_cols as usize, stream)?;
     args.done = done.addr;
     args.prev = prev.addr;
+    args.start = start.addr;
     args.epart = epart.addr;
 
     let forward = kernel::<T>("settle_forward");

@@ -17,8 +17,11 @@
 //! (x_l = μ_l) or at a given state.
 //!
 //! Steps, energies and early stop: `trace[b][0]` is the energy at the start, `trace[b][t]` after
-//! t updates. A sample stops after step t when |E_t − E_{t−1}| ≤ tol · E_{t−1} (tol > 0); it is
-//! then frozen (its trace repeats), so a sample's result never depends on the rest of its batch.
+//! t updates. A sample stops after step t when |E_t − E_{t−1}| ≤ tol · E_{t−1}, or when
+//! E_t ≤ tol · E_0 (tol > 0); it is then frozen (its trace repeats), so a sample's result never
+//! depends on the rest of its batch. The second rule is ours, beside DESIGN's relative change:
+//! inference descending towards E = 0 loses a constant fraction of its energy per step, so its
+//! relative change alone would never fall below a small tol.
 //! ε and the energy returned are those of the settled state.
 //!
 //! ```
@@ -339,7 +342,8 @@ pub struct SettleSpec {
     pub momentum: f32,
     /// T ≥ 1: the most steps.
     pub steps: u32,
-    /// Stop a sample when its relative energy change is ≤ tol; 0 runs all T steps.
+    /// Stop a sample when its relative energy change is ≤ tol or its energy is ≤ tol times its
+    /// start; 0 runs all T steps.
     pub tol: f32,
     /// Where the free layers start.
     pub init: Init,
@@ -516,42 +520,89 @@ fn check_outputs<T: Element>(
         same_device(&format!("eps[{}]", l - 1), out.eps[l - 1].device(), dev)?;
         check_len(&format!("eps[{}]", l - 1), out.eps[l - 1].len(), n)?;
     }
-    // Every output is distinct memory: the kernels read some while writing others.
-    let mut spans: Vec<(&str, u64, u64)> = Vec::new();
-    for v in out.x.iter() {
-        spans.push(("x", v.addr, v.addr + 4 * v.len() as u64));
-    }
-    for v in out.eps.iter() {
-        spans.push(("eps", v.addr, v.addr + 4 * v.len() as u64));
-    }
     if let Some(e) = &out.energy {
         same_device("energy", e.device(), dev)?;
         check_len("energy", e.len(), batch)?;
-        spans.push(("energy", e.addr, e.addr + 4 * batch as u64));
     }
     if let Some(t) = &out.trace {
         same_device("trace", t.device(), dev)?;
-        let len = batch * (spec.steps as usize + 1);
-        check_len("trace", t.len(), len)?;
-        spans.push(("trace", t.addr, t.addr + 4 * len as u64));
+        check_len("trace", t.len(), batch * (spec.steps as usize + 1))?;
     }
     if let Some(s) = &out.steps {
         same_device("steps", s.device(), dev)?;
         check_len("steps", s.len(), batch)?;
-        spans.push(("steps", s.addr, s.addr + 4 * batch as u64));
     }
-    for i in 0..spans.len() {
-        for j in 0..i {
-            let (a, b) = (spans[i], spans[j]);
-            if a.1 < b.2 && b.1 < a.2 {
-                return Err(Error::invalid(
-                    a.0,
-                    format!(
-                        "overlaps the output {} (outputs must not share memory)",
-                        b.0
-                    ),
-                ));
-            }
+    Ok(())
+}
+
+/// A named byte range of device memory.
+type Span = (String, u64, u64);
+
+fn span<E: bytemuck::Pod>(name: String, addr: u64, len: usize) -> Span {
+    (name, addr, addr + (len * std::mem::size_of::<E>()) as u64)
+}
+
+/// Outputs must not share memory with each other or with any input: the kernels read some while
+/// writing others. (Two empty ranges never overlap.)
+fn check_no_overlap<T: Element>(
+    net: &Network<'_, T>,
+    x0: &View<'_, f32>,
+    target: Option<&View<'_, f32>>,
+    out: &SettleOutputs<'_>,
+    grads: Option<&Gradients<'_>>,
+) -> Result<()> {
+    let mut outs: Vec<Span> = Vec::new();
+    for (l, v) in out.x.iter().enumerate() {
+        outs.push(span::<f32>(format!("x[{l}]"), v.addr, v.len()));
+    }
+    for (l, v) in out.eps.iter().enumerate() {
+        outs.push(span::<f32>(format!("eps[{l}]"), v.addr, v.len()));
+    }
+    if let Some(v) = &out.energy {
+        outs.push(span::<f32>("energy".into(), v.addr, v.len()));
+    }
+    if let Some(v) = &out.trace {
+        outs.push(span::<f32>("trace".into(), v.addr, v.len()));
+    }
+    if let Some(v) = &out.steps {
+        outs.push(span::<u32>("steps".into(), v.addr, v.len()));
+    }
+    if let Some(g) = grads {
+        for (l, v) in g.weights.iter().enumerate() {
+            outs.push(span::<f32>(format!("grad weights[{l}]"), v.addr, v.len()));
+        }
+        for (l, v) in g.biases.iter().enumerate() {
+            outs.push(span::<f32>(format!("grad biases[{l}]"), v.addr, v.len()));
+        }
+    }
+    let mut ins: Vec<Span> = vec![span::<f32>("x0".into(), x0.addr, x0.len())];
+    if let Some(t) = target {
+        ins.push(span::<f32>("target".into(), t.addr, t.len()));
+    }
+    for (i, layer) in net.layers.iter().enumerate() {
+        let w = &layer.weight;
+        ins.push(span::<T>(format!("layers[{i}].weight"), w.addr, w.len()));
+        if let Some(b) = &layer.bias {
+            ins.push(span::<T>(format!("layers[{i}].bias"), b.addr, b.len()));
+        }
+        if let Precision::Diagonal(p) = &layer.precision {
+            ins.push(span::<f32>(
+                format!("layers[{i}].precision"),
+                p.addr,
+                p.len(),
+            ));
+        }
+    }
+    let overlaps = |a: &Span, b: &Span| a.1 < a.2 && b.1 < b.2 && a.1 < b.2 && b.1 < a.2;
+    for (i, a) in outs.iter().enumerate() {
+        if let Some(b) = outs[..i].iter().chain(&ins).find(|b| overlaps(a, b)) {
+            return Err(Error::invalid(
+                a.0.clone(),
+                format!(
+                    "overlaps {} (outputs must be distinct from each other and from the inputs)",
+                    b.0
+                ),
+            ));
         }
     }
     Ok(())
@@ -590,6 +641,7 @@ pub fn infer_into<T: Element>(
     let batch = batch_of("x0", x0.len(), net.widths[0])?;
     same_device("x0", x0.device(), net.device())?;
     check_outputs(net, spec, batch, &out)?;
+    check_no_overlap(net, x0, None, &out, None)?;
     let p = Problem {
         net,
         spec: *spec,
@@ -632,6 +684,7 @@ pub fn learn_step_into<T: Element>(
         same_device(&name, grads.biases[l - 1].device(), net.device())?;
         check_len(&name, grads.biases[l - 1].len(), n)?;
     }
+    check_no_overlap(net, x0, Some(target), &out, Some(&grads))?;
     let p = Problem {
         net,
         spec: *spec,
