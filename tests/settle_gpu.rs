@@ -381,6 +381,10 @@ fn small_cases() -> Vec<Case> {
             seed += 1;
         }
     }
+    // More than one 64 x 64 block tile in both directions (the stepped kernels' row and column
+    // tiles, the energy partials of several column tiles), and more than one persistent tile.
+    v.push(Case::new(&[70, 130, 3], DType::F32, 70, true, 50));
+    v.push(Case::new(&[66, 129, 65], DType::BF16, 67, false, 51));
     // Feedforward inference (the state is already the minimum: E = 0 throughout).
     let mut ff = Case::new(&[6, 10, 4], DType::F32, 5, false, 99);
     ff.given = false;
