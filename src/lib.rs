@@ -27,6 +27,7 @@
 #![cfg_attr(not(fep_gpu), allow(dead_code, unused_variables))]
 
 mod backend;
+pub mod diagnostics;
 pub mod element;
 pub mod error;
 pub mod ffi;
