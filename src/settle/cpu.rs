@@ -1,6 +1,9 @@
 //! The settling reference: f64 throughout, one sample per rayon task, written to be read next
 //! to DESIGN.md §4.2 (and the module docs), not to be fast.
 
+// Layer numbers l = 1 … L index several per-layer arrays at once, as in the maths.
+#![allow(clippy::needless_range_loop)]
+
 use rayon::prelude::*;
 
 use super::{Activation, Gradients, Init, Precision, Problem, SettleOutputs};

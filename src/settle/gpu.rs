@@ -6,6 +6,9 @@
 //! global memory; per step one launch per free layer, one per layer, one for the energies).
 //! [`SettleArgs`] mirrors `SettleArgs` of kernels/settle/settle.cuh field for field.
 
+// Layer numbers l = 1 … L index several per-layer arrays at once, as in the maths.
+#![allow(clippy::needless_range_loop)]
+
 use std::ffi::c_void;
 
 use super::{Gradients, Init, Precision, Problem, SettleOutputs};
