@@ -2,8 +2,8 @@
 // shared memory for a tile of 16 samples.
 //
 // One block per tile of SETTLE_TILE_ROWS samples (grid-stride over tiles). x_l, eps_l and the
-// momentum v_l of every layer l >= 1 stay in shared memory (12 bytes per unit and sample) for
-// the whole settling; x_0 and the weights are read from global memory (L2) each step. A step is
+// momentum v_l of every layer l >= 1 stay in shared memory (12 bytes per unit and sample, 8
+// without momentum) for the whole settling; x_0 and the weights are read from global memory (L2) each step. A step is
 // two phases separated by barriers:
 //   update:   every free layer, from this step's errors (the backward products)
 //   evaluate: every layer's error and the energy (the forward products)
@@ -17,9 +17,10 @@
 #define SETTLE_P_COLS (16 * SETTLE_P_NT)
 
 struct SettleSmem {
-    float* base;  // per layer l: x [16][n_l], eps [16][n_l], v [16][n_l], at offset off[l - 1]
+    float* base;  // per layer l: x [16][n_l], eps [16][n_l], and v [16][n_l] when has_v, at off[l - 1]
     // In shared memory too: a register array indexed by the layer would live on the stack.
     const int32_t* off;
+    bool has_v;  // momentum > 0 (without momentum v is g itself and is not kept)
     FEP_DEVICE float* x(int l) const { return base + off[l - 1]; }
     FEP_DEVICE float* eps(int l, int n) const { return base + off[l - 1] + SETTLE_TILE_ROWS * n; }
     FEP_DEVICE float* v(int l, int n) const { return base + off[l - 1] + 2 * SETTLE_TILE_ROWS * n; }
@@ -63,7 +64,7 @@ FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleLayer* lay, con
     const SettleLayer& L = lay[l - 1];
     float* x = s.x(l);
     float* eps = s.eps(l, L.n);
-    float* v = s.v(l, L.n);
+    float* v = s.has_v ? s.v(l, L.n) : nullptr;
     const bool top = l == p.depth;
     const int act_above = top ? -1 : lay[l].act;
     const float alpha_above = top ? 0.0f : lay[l].alpha;
@@ -72,7 +73,9 @@ FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleLayer* lay, con
         auto epi = [&](int r, int j, float back) {
             if (done[r]) return;
             const int i = r * L.n + j;
-            settle_update(x[i], v[i], eps[i], settle_pi(L, j), back, act_above, alpha_above, p.eta, p.beta);
+            float vi = v ? v[i] : 0.0f;
+            settle_update(x[i], vi, eps[i], settle_pi(L, j), back, act_above, alpha_above, p.eta, p.beta);
+            if (v) v[i] = vi;
         };
         // The top layer has no layer above: K = 0 gives back = 0 with the same element ownership.
         const SettleLayer& A = lay[top ? l - 1 : l];
@@ -115,13 +118,14 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
         int32_t off = 0;
         for (int l = 1; l <= p.depth; ++l) {
             offsets[l - 1] = off;
-            off += 3 * SETTLE_TILE_ROWS * lay[l - 1].n;
+            off += (p.beta != 0.0f ? 3 : 2) * SETTLE_TILE_ROWS * lay[l - 1].n;
         }
     }
     __syncthreads();
     SettleSmem s;
     s.base = smem;
     s.off = offsets;
+    s.has_v = p.beta != 0.0f;
     const int top_free = p.clamped ? p.depth - 1 : p.depth;
     const int64_t tiles = ((int64_t)p.batch + SETTLE_TILE_ROWS - 1) / SETTLE_TILE_ROWS;
     const int64_t t1 = p.total_steps + 1;
@@ -137,7 +141,7 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
                 const int r = i / L.n;
                 s.x(l)[i] = (load && r < rows) ? L.x[row0 * L.n + i] : 0.0f;
                 s.eps(l, L.n)[i] = 0.0f;
-                s.v(l, L.n)[i] = 0.0f;
+                if (s.has_v) s.v(l, L.n)[i] = 0.0f;
             }
         }
         if (threadIdx.x < SETTLE_TILE_ROWS) done[threadIdx.x] = threadIdx.x >= (unsigned)rows;

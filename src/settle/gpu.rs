@@ -1,7 +1,8 @@
 //! Settling on a GPU: launches of kernels/settle/{persistent,stepped,tensors}.cu.
 //!
 //! The choice of kernel is automatic: the persistent kernel (all T steps in one launch, the
-//! state of a 16-sample tile in shared memory) when 12 bytes × 16 samples × Σ_{l≥1} n_l fit in
+//! state of a 16-sample tile in shared memory) when 12 bytes (8 without momentum) × 16 samples ×
+//! Σ_{l≥1} n_l fit in
 //! the device's shared memory per block and L ≤ 16; otherwise the stepped kernels (the state in
 //! global memory; per step one launch per free layer, one per layer, one for the energies).
 //! [`SettleArgs`] mirrors `SettleArgs` of kernels/settle/settle.cuh field for field.
@@ -24,8 +25,9 @@ const THREADS: u32 = 128;
 const MAX_LAYERS: usize = 16;
 const TILE_ROWS: usize = 16;
 const BLOCK: usize = 64;
-/// Shared memory per unit and sample of the persistent kernel: x, eps, v in f32.
+/// Shared memory per unit and sample of the persistent kernel: x, eps and (with momentum) v in f32.
 const SMEM_PER_UNIT: usize = 12;
+const SMEM_PER_UNIT_NO_MOMENTUM: usize = 8;
 /// Room kept for the kernels' static shared memory.
 const STATIC_SMEM_MARGIN: usize = 1024;
 /// Grid limits below every vendor's; kernels loop past them.
@@ -207,12 +209,17 @@ fn check_inputs<T: Element>(
 }
 
 /// Whether the persistent kernel takes this network on `dev`, and its dynamic shared memory.
-fn persistent_smem(dev: &Device, widths: &[usize]) -> Option<u32> {
+fn persistent_smem(dev: &Device, widths: &[usize], momentum: bool) -> Option<u32> {
     if widths.len() - 1 > MAX_LAYERS {
         return None;
     }
     let units: usize = widths[1..].iter().sum();
-    let bytes = SMEM_PER_UNIT * TILE_ROWS * units;
+    let per_unit = if momentum {
+        SMEM_PER_UNIT
+    } else {
+        SMEM_PER_UNIT_NO_MOMENTUM
+    };
+    let bytes = per_unit * TILE_ROWS * units;
     (bytes + STATIC_SMEM_MARGIN <= dev.max_shared_per_block()).then_some(bytes as u32)
 }
 
@@ -297,7 +304,7 @@ pub(super) fn run<T: Element>(
         Init::Feedforward => MODE_INIT,
         Init::FromOutputs => MODE_EVAL,
     };
-    if let Some(smem) = persistent_smem(dev, widths) {
+    if let Some(smem) = persistent_smem(dev, widths, p.spec.momentum != 0.0) {
         let mut a = SettleArgs { mode: init, ..args };
         let cfg = LaunchConfig {
             grid: (batch.div_ceil(TILE_ROWS).clamp(1, MAX_GRID_X) as u32, 1, 1),
