@@ -504,4 +504,38 @@ fn settle_rejects_bad_input_on_the_gpu() {
         assert_eq!(xo.to_vec().unwrap(), vec![7.0; 2], "{what}: x written");
         assert_eq!(eo.to_vec().unwrap(), vec![7.0; 2], "{what}: eps written");
     }
+    // Checked before any device work, the same on every device: η ≤ 0, a width mismatch.
+    let mut xo = dev.upload(&[7.0f32; 2]).unwrap();
+    let mut eo = dev.upload(&[7.0f32; 2]).unwrap();
+    let out = SettleOutputs {
+        x: vec![xo.view_mut()],
+        eps: vec![eo.view_mut()],
+        energy: None,
+        trace: None,
+        steps: None,
+    };
+    let r = settle::infer_into(
+        &net(&w, Precision::Scalar(1.0)),
+        &SettleSpec::new(0.0),
+        &x0.view(),
+        out,
+        dev.default_stream(),
+    );
+    assert!(
+        matches!(r, Err(Error::InvalidArgument { ref name, .. }) if name == "eta"),
+        "eta 0: {r:?}"
+    );
+    let r = Network::new(
+        &[4, 2],
+        vec![Layer::new(
+            w.view(),
+            Activation::Tanh,
+            Precision::Scalar(1.0),
+        )],
+    );
+    assert!(
+        matches!(r, Err(Error::InvalidArgument { ref name, .. }) if name == "layers[0].weight"),
+        "width mismatch: {r:?}"
+    );
+    assert_eq!(xo.to_vec().unwrap(), vec![7.0; 2]);
 }
