@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite, on a GPU machine without Rust, over the binaries of ci/gpu-stage.sh:
 #   1. every test binary, with FEP_REQUIRE_GPU=1 (a GPU test that finds no GPU fails here);
-#   2. the criterion benches;
+#   2. the tour, the digits example and the Python binding tests (on CUDA tensors);
+#      then the criterion benches;
 #   3. the peer scripts (PyTorch) on the same shapes, through the C ABI;
 #   4. benches/results/<gpu>.md from 2 and 3 (written into $OUT too).
 # Logs go to $OUT (default gpu-out/). Exits non-zero if any test failed.
@@ -26,6 +27,16 @@ grep -E "^test result|SKIPPED|FAILED|panicked" "$OUT/tests.log" | head -50
 
 echo "=== tour"
 "$stage/tour" 2>&1 | tee "$OUT/tour.log"
+
+echo "=== pc_digits (predictive-coding training on the GPU; >= 95% test accuracy expected)"
+"$stage/pc_digits" 2>&1 | tee "$OUT/pc_digits.log" | tail -4
+
+echo "=== Python bindings on CUDA tensors"
+if ! FEP_KERNELS_LIB="$stage/libfep_kernels.so" python3 bindings/python/test_settle.py >"$OUT/python.log" 2>&1; then
+  echo "FAILED: bindings/python/test_settle.py"
+  failed=1
+fi
+tail -3 "$OUT/python.log"
 
 echo "=== benches"
 export CRITERION_HOME="$OUT/criterion"
