@@ -19,6 +19,24 @@
 //! # Ok::<(), fep_kernels::Error>(())
 //! ```
 //!
+//! Predictive coding ([`settle`]): describe a network over your weight tensors, then settle it
+//! or take a learning step (the gradients come back; [`settle::sgd`] applies them).
+//!
+//! ```
+//! use fep_kernels::{Device, settle::{self, Activation, Layer, Network, Precision, SettleSpec}};
+//! let dev = Device::best();
+//! let w1 = dev.upload(&[0.3f32, -0.2, 0.5, 0.1])?; // 2 -> 2
+//! let w2 = dev.upload(&[0.7f32, -0.4])?; // 2 -> 1
+//! let net = Network::new(&[2, 2, 1], vec![
+//!     Layer::new(w1.view(), Activation::Identity, Precision::Scalar(1.0)),
+//!     Layer::new(w2.view(), Activation::Tanh, Precision::Scalar(1.0)),
+//! ])?;
+//! let (x0, y) = (dev.upload(&[1.0f32, 0.5])?, dev.upload(&[0.2f32])?);
+//! let out = settle::learn_step(&net, &SettleSpec::new(0.1).steps(30), &x0.view(), &y.view())?;
+//! println!("dE/dW2 = {:?}", out.grad_w[1].to_vec()?);
+//! # Ok::<(), fep_kernels::Error>(())
+//! ```
+//!
 //! Frameworks pass their own memory and streams: [`View::from_raw`], [`ViewMut::from_raw`],
 //! [`Stream::from_raw`], or the C ABI in `include/fep_kernels.h`.
 
