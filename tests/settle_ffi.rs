@@ -161,7 +161,7 @@ fn c_abi_matches_rust(dev: &Device) {
     let want = settle::learn_step(&network(&s), &spec, &s.x0.view(), &s.y.view()).unwrap();
     let mut xs = nan_buffers(dev);
     let mut es = nan_buffers(dev);
-    let mut trace = dev
+    let trace = dev
         .upload(&vec![f32::NAN; BATCH * (STEPS as usize + 1)])
         .unwrap();
     let mut gw: Vec<DeviceBuffer<f32>> = (1..4)
@@ -248,8 +248,8 @@ fn c_abi_matches_rust(dev: &Device) {
     let want = settle::infer(&network(&s), &spec, &s.x0.view(), Some(&views)).unwrap();
     let mut xs: Vec<DeviceBuffer<f32>> = start.iter().map(|v| dev.upload(v).unwrap()).collect();
     let mut es = nan_buffers(dev);
-    let mut energy = dev.upload(&vec![f32::NAN; BATCH]).unwrap();
-    let mut steps = dev.upload(&vec![u32::MAX; BATCH]).unwrap();
+    let energy = dev.upload(&vec![f32::NAN; BATCH]).unwrap();
+    let steps = dev.upload(&vec![u32::MAX; BATCH]).unwrap();
     let (xp, ep) = (ptrs(&mut xs), ptrs(&mut es));
     let c = c_net(&s);
     let net = describe(&c);
