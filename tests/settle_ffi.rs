@@ -248,8 +248,8 @@ fn c_abi_matches_rust(dev: &Device) {
     let want = settle::infer(&network(&s), &spec, &s.x0.view(), Some(&views)).unwrap();
     let mut xs: Vec<DeviceBuffer<f32>> = start.iter().map(|v| dev.upload(v).unwrap()).collect();
     let mut es = nan_buffers(dev);
-    let energy = dev.upload(&vec![f32::NAN; BATCH]).unwrap();
-    let steps = dev.upload(&vec![u32::MAX; BATCH]).unwrap();
+    let energy = dev.upload(&[f32::NAN; BATCH]).unwrap();
+    let steps = dev.upload(&[u32::MAX; BATCH]).unwrap();
     let (xp, ep) = (ptrs(&mut xs), ptrs(&mut es));
     let c = c_net(&s);
     let net = describe(&c);
