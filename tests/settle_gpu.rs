@@ -539,3 +539,47 @@ fn settle_rejects_bad_input_on_the_gpu() {
     );
     assert_eq!(xo.to_vec().unwrap(), vec![7.0; 2]);
 }
+
+/// `settle::sgd` on the GPU against the CPU, every dtype: p − lr·g rounded once to the dtype
+/// (an f32 fma then one rounding on the GPU, f64 then one rounding on the CPU: at most one unit
+/// in the last place apart, when the f32 fma result lies within an f32 rounding of a tie).
+#[test]
+fn settle_sgd_matches_the_reference() {
+    let Some(dev) = gpu("settle_sgd_matches_the_reference") else {
+        return;
+    };
+    fn check<T: Element + Copy>(dev: &Device, bits: impl Fn(T) -> i64) {
+        let n = 1031;
+        let mut r = rng(600);
+        let p: Vec<T> = randn(&mut r, n, 1.0)
+            .into_iter()
+            .map(|v| T::from_f64(v as f64))
+            .collect();
+        let g = randn(&mut r, n, 3.0);
+        let mut want = p.clone();
+        settle::sgd(
+            &mut fep_kernels::ViewMut::host(&mut want),
+            &fep_kernels::View::host(&g),
+            0.1,
+            Device::cpu().default_stream(),
+        )
+        .unwrap();
+        let mut dp = dev.upload(&p).unwrap();
+        let dg = dev.upload(&g).unwrap();
+        settle::sgd(&mut dp.view_mut(), &dg.view(), 0.1, dev.default_stream()).unwrap();
+        let got = dp.to_vec().unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            let ulps = (bits(*a) - bits(*b)).abs();
+            assert!(
+                ulps <= 1,
+                "{:?} element {i}: {} vs {}",
+                T::DTYPE,
+                a.to_f64(),
+                b.to_f64()
+            );
+        }
+    }
+    check::<f32>(&dev, |v| v.to_bits() as i64);
+    check::<f16>(&dev, |v| v.to_bits() as i64);
+    check::<bf16>(&dev, |v| v.to_bits() as i64);
+}

@@ -112,52 +112,105 @@ fn fill(dev: &Device, addr: u64, n: usize, value: f32, stream: Stream) -> Result
     )
 }
 
-/// Counts the non-finite elements of `len` values at `addr` (dtype E) and their minimum.
-fn scan<E: Element>(dev: &Device, addr: u64, len: usize, stream: Stream) -> Result<(usize, f32)> {
-    if len == 0 {
-        return Ok((0, f32::INFINITY));
-    }
-    let grid = blocks(len, 256).min(SCAN_BLOCKS as u32);
-    let out = Scratch::new(dev, grid as usize * 8, stream)?;
-    let (mut v, mut n, mut o) = (addr, len as i64, out.addr);
-    let cfg = LaunchConfig {
-        grid: (grid, 1, 1),
-        block: 256,
-        smem: 0,
-    };
-    dev.launch(
-        TENSORS,
-        &kernel::<E>("settle_scan"),
-        cfg,
-        &mut [arg(&mut v), arg(&mut n), arg(&mut o)],
-        stream,
-    )?;
-    let vals =
-        unsafe { View::<f32>::from_raw(dev, out.addr, 2 * grid as usize) }.to_vec_on(stream)?;
-    let bad = vals.iter().step_by(2).map(|&c| c as usize).sum();
-    let lo = vals
-        .iter()
-        .skip(1)
-        .step_by(2)
-        .fold(f32::INFINITY, |a, &b| a.min(b));
-    Ok((bad, lo))
+/// The input scans of one call: every tensor is scanned into its own slots of one scratch
+/// buffer, and all results come back in a single read (one wait for the stream, not one per
+/// tensor).
+struct Scans<'d> {
+    dev: &'d Device,
+    stream: Stream,
+    /// (name, kind, first block, blocks) per tensor; kind: whether precisions must be > 0.
+    entries: Vec<(String, bool, usize, usize)>,
+    /// The scratch buffers, one per tensor (2 floats per block: non-finite count, minimum).
+    outs: Vec<Scratch>,
 }
 
-fn check_finite<E: Element>(
-    dev: &Device,
-    name: &str,
-    addr: u64,
-    len: usize,
-    stream: Stream,
-) -> Result<()> {
-    let (bad, _) = scan::<E>(dev, addr, len, stream)?;
-    if bad > 0 {
-        return Err(Error::invalid(
-            name,
-            format!("holds {bad} NaN or Inf values"),
-        ));
+impl<'d> Scans<'d> {
+    fn new(dev: &'d Device, stream: Stream) -> Self {
+        Scans {
+            dev,
+            stream,
+            entries: Vec::new(),
+            outs: Vec::new(),
+        }
     }
-    Ok(())
+
+    /// Enqueues the scan of `len` values of dtype E at `addr`; `positive` also requires > 0.
+    fn add<E: Element>(
+        &mut self,
+        name: String,
+        addr: u64,
+        len: usize,
+        positive: bool,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let grid = blocks(len, 256).min(SCAN_BLOCKS as u32);
+        let out = Scratch::new(self.dev, grid as usize * 8, self.stream)?;
+        let (mut v, mut n, mut o) = (addr, len as i64, out.addr);
+        let cfg = LaunchConfig {
+            grid: (grid, 1, 1),
+            block: 256,
+            smem: 0,
+        };
+        self.dev.launch(
+            TENSORS,
+            &kernel::<E>("settle_scan"),
+            cfg,
+            &mut [arg(&mut v), arg(&mut n), arg(&mut o)],
+            self.stream,
+        )?;
+        self.entries
+            .push((name, positive, self.outs.len(), grid as usize));
+        self.outs.push(out);
+        Ok(())
+    }
+
+    /// Waits once, then the first failing tensor as an error.
+    fn finish(self) -> Result<()> {
+        if self.outs.is_empty() {
+            return Ok(());
+        }
+        // Gather every tensor's block results into one buffer, then one read.
+        let total: usize = self.entries.iter().map(|e| 2 * e.3).sum();
+        let all = Scratch::new(self.dev, total * 4, self.stream)?;
+        let mut at = 0;
+        for (e, out) in self.entries.iter().zip(&self.outs) {
+            unsafe {
+                self.dev
+                    .copy_dtod(all.addr + 4 * at as u64, out.addr, 8 * e.3, self.stream)?
+            };
+            at += 2 * e.3;
+        }
+        let vals =
+            unsafe { View::<f32>::from_raw(self.dev, all.addr, total) }.to_vec_on(self.stream)?;
+        let mut at = 0;
+        for (name, positive, _, blocks) in &self.entries {
+            let mine = &vals[at..at + 2 * blocks];
+            at += 2 * blocks;
+            let bad: usize = mine.iter().step_by(2).map(|&c| c as usize).sum();
+            let lo = mine
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .fold(f32::INFINITY, |a, &b| a.min(b));
+            if *positive && (bad > 0 || lo <= 0.0) {
+                return Err(Error::invalid(
+                    name.clone(),
+                    format!(
+                        "precisions must be finite and > 0; found {bad} NaN/Inf and a minimum of {lo}"
+                    ),
+                ));
+            }
+            if bad > 0 {
+                return Err(Error::invalid(
+                    name.clone(),
+                    format!("holds {bad} NaN or Inf values"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Everything the kernels read, checked before anything is written.
@@ -171,41 +224,28 @@ fn check_inputs<T: Element>(
     if !p.spec.check_finite {
         return Ok(());
     }
-    let dev = p.net.device();
+    let mut scans = Scans::new(p.net.device(), stream);
     for (i, layer) in p.net.layers().iter().enumerate() {
         if let Precision::Diagonal(v) = &layer.precision {
-            let (bad, lo) = scan::<f32>(dev, v.addr(), v.len(), stream)?;
-            if bad > 0 || lo <= 0.0 {
-                return Err(Error::invalid(
-                    format!("layers[{i}].precision"),
-                    format!(
-                        "precisions must be finite and > 0; found {bad} NaN/Inf and a minimum of {lo}"
-                    ),
-                ));
-            }
+            scans.add::<f32>(format!("layers[{i}].precision"), v.addr(), v.len(), true)?;
         }
-        check_finite::<T>(
-            dev,
-            &format!("layers[{i}].weight"),
-            layer.weight.addr(),
-            layer.weight.len(),
-            stream,
-        )?;
+        let w = &layer.weight;
+        scans.add::<T>(format!("layers[{i}].weight"), w.addr(), w.len(), false)?;
         if let Some(b) = &layer.bias {
-            check_finite::<T>(dev, &format!("layers[{i}].bias"), b.addr(), b.len(), stream)?;
+            scans.add::<T>(format!("layers[{i}].bias"), b.addr(), b.len(), false)?;
         }
     }
-    check_finite::<f32>(dev, "x0", x0.addr(), x0.len(), stream)?;
+    scans.add::<f32>("x0".into(), x0.addr(), x0.len(), false)?;
     if let Some(t) = target {
-        check_finite::<f32>(dev, "target", t.addr(), t.len(), stream)?;
+        scans.add::<f32>("target".into(), t.addr(), t.len(), false)?;
     }
     if p.spec.init == Init::FromOutputs {
         let top_free = p.net.depth() - p.clamped as usize;
         for (l, x) in out.x.iter().take(top_free).enumerate() {
-            check_finite::<f32>(dev, &format!("x[{l}] (the start)"), x.addr, x.len(), stream)?;
+            scans.add::<f32>(format!("x[{l}] (the start)"), x.addr, x.len(), false)?;
         }
     }
-    Ok(())
+    scans.finish()
 }
 
 /// Whether the persistent kernel takes this network on `dev`, and its dynamic shared memory.
