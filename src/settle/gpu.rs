@@ -2,9 +2,9 @@
 //!
 //! The choice of kernel is automatic: the persistent kernel (all T steps in one launch, the
 //! state of a 16-sample tile in shared memory) when 12 bytes (8 without momentum) × 16 samples ×
-//! Σ_{l≥1} n_l fit in
-//! the device's shared memory per block and L ≤ 16; otherwise the stepped kernels (the state in
-//! global memory; per step one launch per free layer, one per layer, one for the energies).
+//! Σ_{l≥1} n_l fit in the device's shared memory per block; otherwise the stepped kernels (the
+//! state in global memory; per step one launch per free layer, one per layer, one for the
+//! energies). Both take networks of up to 16 layers (the kernels' layer table).
 //! [`SettleArgs`] mirrors `SettleArgs` of kernels/settle/settle.cuh field for field.
 
 // Layer numbers l = 1 … L index several per-layer arrays at once, as in the maths.

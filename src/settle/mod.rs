@@ -24,6 +24,10 @@
 //! relative change alone would never fall below a small tol.
 //! ε and the energy returned are those of the settled state.
 //!
+//! On a GPU the kernel is chosen by size (src/settle/gpu.rs): all T steps in one launch when a
+//! 16-sample tile's state fits in shared memory, else a few launches per step; networks of up
+//! to 16 layers (more: `Error::Unsupported` on a GPU; the CPU takes any depth).
+//!
 //! ```
 //! use fep_kernels::{Device, settle::{self, Activation, Layer, Network, Precision, SettleSpec}};
 //! let dev = Device::best();
