@@ -583,3 +583,46 @@ fn settle_sgd_matches_the_reference() {
     check::<f16>(&dev, |v| v.to_bits() as i64);
     check::<bf16>(&dev, |v| v.to_bits() as i64);
 }
+
+/// More than 16 layers: a clear `Unsupported` on a GPU (the kernels' layer table), nothing
+/// written; the CPU reference takes any depth.
+#[test]
+fn settle_more_than_16_layers_is_unsupported_on_the_gpu() {
+    let Some(dev) = gpu("settle_more_than_16_layers_is_unsupported_on_the_gpu") else {
+        return;
+    };
+    let depth = 17;
+    let widths = vec![2usize; depth + 1];
+    let w = dev.upload(&[0.5f32, -0.25, 0.25, 0.5]).unwrap();
+    let layers = (0..depth)
+        .map(|_| Layer::new(w.view(), Activation::Tanh, Precision::Scalar(1.0)))
+        .collect();
+    let net = Network::new(&widths, layers).unwrap();
+    let x0 = dev.upload(&[1.0f32, -1.0]).unwrap();
+    let mut xs: Vec<DeviceBuffer<f32>> = (0..depth)
+        .map(|_| dev.upload(&[7.0f32; 2]).unwrap())
+        .collect();
+    let mut es: Vec<DeviceBuffer<f32>> = (0..depth)
+        .map(|_| dev.upload(&[7.0f32; 2]).unwrap())
+        .collect();
+    let out = SettleOutputs {
+        x: xs.iter_mut().map(|b| b.view_mut()).collect(),
+        eps: es.iter_mut().map(|b| b.view_mut()).collect(),
+        energy: None,
+        trace: None,
+        steps: None,
+    };
+    let r = settle::infer_into(
+        &net,
+        &SettleSpec::new(0.1),
+        &x0.view(),
+        out,
+        dev.default_stream(),
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "17 layers: {r:?}");
+    assert!(
+        xs.iter()
+            .chain(&es)
+            .all(|b| b.to_vec().unwrap() == vec![7.0; 2])
+    );
+}
