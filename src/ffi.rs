@@ -445,13 +445,18 @@ unsafe fn net_view<'a, T: Element>(
         non_null(&format!("net.weights[{l}]"), weights[l])?;
         let w =
             unsafe { View::<T>::from_raw(dev, weights[l] as u64, product("net.widths", n, n_in)?) };
-        let precision = match unsafe { net.precision_diag.as_ref() } {
-            Some(_) if !unsafe { *net.precision_diag.add(l) }.is_null() => {
-                let p = unsafe { *net.precision_diag.add(l) };
-                Precision::Diagonal(unsafe { View::from_raw(dev, p as u64, n) })
-            }
-            _ if net.precision.is_null() => Precision::Scalar(1.0),
-            _ => Precision::Scalar(unsafe { *net.precision.add(l) }),
+        // A diagonal where given, else the scalar (1 without a scalar array).
+        let diag = if net.precision_diag.is_null() {
+            std::ptr::null()
+        } else {
+            unsafe { *net.precision_diag.add(l) }
+        };
+        let precision = if !diag.is_null() {
+            Precision::Diagonal(unsafe { View::from_raw(dev, diag as u64, n) })
+        } else if net.precision.is_null() {
+            Precision::Scalar(1.0)
+        } else {
+            Precision::Scalar(unsafe { *net.precision.add(l) })
         };
         let mut layer = Layer::new(w, Activation::from_code(acts[l], alpha)?, precision);
         if !net.biases.is_null() {
@@ -534,6 +539,71 @@ fn open_device(kind: i32, ordinal: i32) -> Result<Device> {
     Device::open(kind_from(kind)?, ordinal)
 }
 
+/// What both settle entry points read first: the device, the network's widths, the batch, the
+/// spec and the view of x0, every pointer checked.
+struct SettleCall {
+    dev: Device,
+    net: FepSettleNet,
+    widths: Vec<usize>,
+    batch: usize,
+    steps: u32,
+    spec: SettleSpec,
+}
+
+unsafe fn settle_call(
+    kind: i32,
+    ordinal: i32,
+    net: *const FepSettleNet,
+    params: *const FepSettleParams,
+    batch: u64,
+    x0: *const f32,
+) -> Result<SettleCall> {
+    non_null("net", net)?;
+    non_null("params", params)?;
+    non_null("x0", x0)?;
+    let (net, p) = unsafe { (*net, *params) };
+    Ok(SettleCall {
+        dev: open_device(kind, ordinal)?,
+        widths: unsafe { net_widths(&net)? },
+        batch: usize_of("batch", batch)?,
+        steps: p.steps,
+        spec: settle_spec(&p)?,
+        net,
+    })
+}
+
+impl SettleCall {
+    /// A view of `per_sample` f32 values per sample at `ptr`.
+    unsafe fn rows<'a>(&self, ptr: *const f32, per_sample: usize) -> Result<View<'a, f32>> {
+        let len = product("batch", self.batch, per_sample)?;
+        Ok(unsafe { View::from_raw(&self.dev, ptr as u64, len) })
+    }
+
+    /// Views of the caller's outputs.
+    unsafe fn outputs<'a>(
+        &self,
+        x_out: *const *mut f32,
+        eps_out: *const *mut f32,
+        energy_out: *mut f32,
+        trace_out: *mut f32,
+        steps_out: *mut u32,
+    ) -> Result<SettleOutputs<'a>> {
+        unsafe {
+            settle_outputs(
+                &self.dev,
+                &self.widths,
+                self.batch,
+                self.steps,
+                x_out,
+                eps_out,
+                energy_out,
+                trace_out,
+                steps_out,
+            )
+        }
+    }
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_settle_infer(
     kind: i32,
@@ -550,25 +620,13 @@ pub unsafe extern "C" fn fep_settle_infer(
     steps_out: *mut u32,
 ) -> i32 {
     guard(|| {
-        non_null("net", net)?;
-        non_null("params", params)?;
-        non_null("x0", x0)?;
-        let (net, p) = unsafe { (*net, *params) };
-        let dev = open_device(kind, ordinal)?;
-        let widths = unsafe { net_widths(&net)? };
-        let batch = usize_of("batch", batch)?;
-        let spec = settle_spec(&p)?;
-        let x0 =
-            unsafe { View::<f32>::from_raw(&dev, x0 as u64, product("batch", batch, widths[0])?) };
-        let out = unsafe {
-            settle_outputs(
-                &dev, &widths, batch, p.steps, x_out, eps_out, energy_out, trace_out, steps_out,
-            )?
-        };
+        let c = unsafe { settle_call(kind, ordinal, net, params, batch, x0)? };
+        let x0 = unsafe { c.rows(x0, c.widths[0])? };
+        let out = unsafe { c.outputs(x_out, eps_out, energy_out, trace_out, steps_out)? };
         let stream = raw_stream(stream);
-        with_dtype!(net.dtype, T => {
-            let network = unsafe { net_view::<T>(&dev, &net, &widths)? };
-            settle::infer_into(&network, &spec, &x0, out, stream)
+        with_dtype!(c.net.dtype, T => {
+            let network = unsafe { net_view::<T>(&c.dev, &c.net, &c.widths)? };
+            settle::infer_into(&network, &c.spec, &x0, out, stream)
         })
     })
 }
@@ -593,9 +651,6 @@ pub unsafe extern "C" fn fep_settle_learn(
     lr: f32,
 ) -> i32 {
     guard(|| {
-        non_null("net", net)?;
-        non_null("params", params)?;
-        non_null("x0", x0)?;
         non_null("target", target)?;
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(Error::invalid(
@@ -603,22 +658,12 @@ pub unsafe extern "C" fn fep_settle_learn(
                 format!("must be finite and >= 0, got {lr}"),
             ));
         }
-        let (net, p) = unsafe { (*net, *params) };
-        let dev = open_device(kind, ordinal)?;
-        let widths = unsafe { net_widths(&net)? };
+        let c = unsafe { settle_call(kind, ordinal, net, params, batch, x0)? };
+        let (dev, widths) = (&c.dev, &c.widths);
         let depth = widths.len() - 1;
-        let batch = usize_of("batch", batch)?;
-        let spec = settle_spec(&p)?;
-        let x0 =
-            unsafe { View::<f32>::from_raw(&dev, x0 as u64, product("batch", batch, widths[0])?) };
-        let target = unsafe {
-            View::<f32>::from_raw(&dev, target as u64, product("batch", batch, widths[depth])?)
-        };
-        let out = unsafe {
-            settle_outputs(
-                &dev, &widths, batch, p.steps, x_out, eps_out, energy_out, trace_out, steps_out,
-            )?
-        };
+        let x0 = unsafe { c.rows(x0, widths[0])? };
+        let target = unsafe { c.rows(target, widths[depth])? };
+        let out = unsafe { c.outputs(x_out, eps_out, energy_out, trace_out, steps_out)? };
         let gw = unsafe { slice_of("grad_w", grad_w, depth)? };
         let gb = unsafe { slice_of("grad_b", grad_b, depth)? };
         let mut grads = Gradients {
@@ -632,18 +677,18 @@ pub unsafe extern "C" fn fep_settle_learn(
             unsafe {
                 grads
                     .weights
-                    .push(ViewMut::from_raw(&dev, gw[l] as u64, n_w));
+                    .push(ViewMut::from_raw(dev, gw[l] as u64, n_w));
                 grads
                     .biases
-                    .push(ViewMut::from_raw(&dev, gb[l] as u64, widths[l + 1]));
+                    .push(ViewMut::from_raw(dev, gb[l] as u64, widths[l + 1]));
             }
         }
         let stream = raw_stream(stream);
-        with_dtype!(net.dtype, T => {
-            let network = unsafe { net_view::<T>(&dev, &net, &widths)? };
-            settle::learn_step_into(&network, &spec, &x0, &target, out, grads, stream)?;
+        with_dtype!(c.net.dtype, T => {
+            let network = unsafe { net_view::<T>(dev, &c.net, widths)? };
+            settle::learn_step_into(&network, &c.spec, &x0, &target, out, grads, stream)?;
             if lr > 0.0 {
-                unsafe { apply_sgd::<T>(&dev, &net, &widths, gw, gb, lr, stream) }
+                unsafe { apply_sgd::<T>(dev, &c.net, widths, gw, gb, lr, stream) }
             } else {
                 Ok(())
             }

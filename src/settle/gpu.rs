@@ -113,25 +113,32 @@ fn fill(dev: &Device, addr: u64, n: usize, value: f32, stream: Stream) -> Result
 }
 
 /// The input scans of one call: every tensor is scanned into its own slots of one scratch
-/// buffer, and all results come back in a single read (one wait for the stream, not one per
-/// tensor).
+/// buffer (2 floats per block: non-finite count, minimum), and all results come back in a
+/// single read: one wait for the stream, not one per tensor.
 struct Scans<'d> {
     dev: &'d Device,
     stream: Stream,
-    /// (name, kind, first block, blocks) per tensor; kind: whether precisions must be > 0.
-    entries: Vec<(String, bool, usize, usize)>,
-    /// The scratch buffers, one per tensor (2 floats per block: non-finite count, minimum).
-    outs: Vec<Scratch>,
+    out: Scratch,
+    /// Room in `out`, in blocks.
+    capacity: usize,
+    /// (name, whether the values must be > 0, blocks) per tensor, in slot order.
+    entries: Vec<(String, bool, usize)>,
+    /// Blocks used so far.
+    used: usize,
 }
 
 impl<'d> Scans<'d> {
-    fn new(dev: &'d Device, stream: Stream) -> Self {
-        Scans {
+    /// Room for `tensors` scans.
+    fn new(dev: &'d Device, tensors: usize, stream: Stream) -> Result<Self> {
+        let capacity = tensors * SCAN_BLOCKS;
+        Ok(Scans {
             dev,
             stream,
+            out: Scratch::new(dev, capacity * 8, stream)?,
+            capacity,
             entries: Vec::new(),
-            outs: Vec::new(),
-        }
+            used: 0,
+        })
     }
 
     /// Enqueues the scan of `len` values of dtype E at `addr`; `positive` also requires > 0.
@@ -146,8 +153,8 @@ impl<'d> Scans<'d> {
             return Ok(());
         }
         let grid = blocks(len, 256).min(SCAN_BLOCKS as u32);
-        let out = Scratch::new(self.dev, grid as usize * 8, self.stream)?;
-        let (mut v, mut n, mut o) = (addr, len as i64, out.addr);
+        debug_assert!(self.used + grid as usize <= self.capacity);
+        let (mut v, mut n, mut o) = (addr, len as i64, self.out.addr + 8 * self.used as u64);
         let cfg = LaunchConfig {
             grid: (grid, 1, 1),
             block: 256,
@@ -160,40 +167,25 @@ impl<'d> Scans<'d> {
             &mut [arg(&mut v), arg(&mut n), arg(&mut o)],
             self.stream,
         )?;
-        self.entries
-            .push((name, positive, self.outs.len(), grid as usize));
-        self.outs.push(out);
+        self.entries.push((name, positive, grid as usize));
+        self.used += grid as usize;
         Ok(())
     }
 
     /// Waits once, then the first failing tensor as an error.
     fn finish(self) -> Result<()> {
-        if self.outs.is_empty() {
+        if self.used == 0 {
             return Ok(());
         }
-        // Gather every tensor's block results into one buffer, then one read.
-        let total: usize = self.entries.iter().map(|e| 2 * e.3).sum();
-        let all = Scratch::new(self.dev, total * 4, self.stream)?;
-        let mut at = 0;
-        for (e, out) in self.entries.iter().zip(&self.outs) {
-            unsafe {
-                self.dev
-                    .copy_dtod(all.addr + 4 * at as u64, out.addr, 8 * e.3, self.stream)?
-            };
-            at += 2 * e.3;
-        }
-        let vals =
-            unsafe { View::<f32>::from_raw(self.dev, all.addr, total) }.to_vec_on(self.stream)?;
-        let mut at = 0;
-        for (name, positive, _, blocks) in &self.entries {
-            let mine = &vals[at..at + 2 * blocks];
-            at += 2 * blocks;
-            let bad: usize = mine.iter().step_by(2).map(|&c| c as usize).sum();
-            let lo = mine
-                .iter()
-                .skip(1)
-                .step_by(2)
-                .fold(f32::INFINITY, |a, &b| a.min(b));
+        let vals = unsafe { View::<f32>::from_raw(self.dev, self.out.addr, 2 * self.used) }
+            .to_vec_on(self.stream)?;
+        let mut slots = vals.chunks(2);
+        for (name, positive, blocks) in &self.entries {
+            let (mut bad, mut lo) = (0usize, f32::INFINITY);
+            for slot in slots.by_ref().take(*blocks) {
+                bad += slot[0] as usize;
+                lo = lo.min(slot[1]);
+            }
             if *positive && (bad > 0 || lo <= 0.0) {
                 return Err(Error::invalid(
                     name.clone(),
@@ -224,7 +216,8 @@ fn check_inputs<T: Element>(
     if !p.spec.check_finite {
         return Ok(());
     }
-    let mut scans = Scans::new(p.net.device(), stream);
+    // At most: per layer precision, weight, bias; x0, target; the start of every layer.
+    let mut scans = Scans::new(p.net.device(), 4 * p.net.depth() + 2, stream)?;
     for (i, layer) in p.net.layers().iter().enumerate() {
         if let Precision::Diagonal(v) = &layer.precision {
             scans.add::<f32>(format!("layers[{i}].precision"), v.addr(), v.len(), true)?;
