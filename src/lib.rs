@@ -52,6 +52,7 @@ pub mod ffi;
 pub mod lca;
 pub mod settle;
 mod tensor;
+pub mod vmp;
 
 pub use backend::{Device, DeviceBuffer, DeviceKind, Stream, View, ViewMut};
 pub use element::{DType, Element};
