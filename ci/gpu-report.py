@@ -32,8 +32,11 @@ md += [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} U
        f"- device (name, driver, memory, max SM clock): {device}", ""]
 
 md += ["## Our benches (criterion, benches/*.rs)", "",
-       "| group | benchmark | median time | per step (T from the id) | throughput (sample-steps/s) |",
-       "|---|---|---|---|---|"]
+       "Throughput counts elements per second: sample-steps (B·T) for lca and settle, "
+       "agent-iterations (N·K) for vmp state inference, agent-policies (N·P) for vmp policy "
+       "inference. Per step: the median over T (lca, settle) or K (vmp) from the id.", "",
+       "| group | benchmark | median time | per step / iteration | throughput (elements/s) | agents/s (vmp) |",
+       "|---|---|---|---|---|---|"]
 found = False
 for est in sorted(glob.glob(os.path.join(args.out, "criterion", "**", "new", "estimates.json"), recursive=True)):
     parts = est.split(os.sep)
@@ -47,12 +50,14 @@ for est in sorted(glob.glob(os.path.join(args.out, "criterion", "**", "new", "es
             thr = f"{t['Elements'] / (med * 1e-9):.3e}"
     except OSError:
         pass
-    steps = re.search(r"_T(\d+)$", bench)
+    steps = re.search(r"_[TK](\d+)$", bench)
     per_step = f"{med / 1e3 / int(steps.group(1)):.2f} us" if steps and int(steps.group(1)) > 0 else ""
-    md.append(f"| {group} | {bench} | {med / 1e6:.4f} ms | {per_step} | {thr} |")
+    agents = re.match(r"N(\d+)_", bench) if "_vmp_" in group else None
+    agents = f"{int(agents.group(1)) / (med * 1e-9):.3e}" if agents else ""
+    md.append(f"| {group} | {bench} | {med / 1e6:.4f} ms | {per_step} | {thr} | {agents} |")
     found = True
 if not found:
-    md.append("| (no criterion results found) | | | | |")
+    md.append("| (no criterion results found) | | | | | |")
 md.append("")
 
 
@@ -85,11 +90,37 @@ def settle_rows(recs):
     return rows
 
 
+def vmp_rows(recs):
+    rows = ["Issue 4's targets for the ratio pymdp_jax/ours are shown next to the measured ratio: "
+            ">= 100x for state inference at N = 100k, >= 50x for policy inference at N = 10k. "
+            "Throughput: agent-iterations/s (N·K) for state inference, agent-policies/s (N·P) "
+            "for policy inference. max abs diff: of qs (states) or q(pi) (policies) between "
+            "pymdp (float32) and ours.", "",
+            "| config | N | impl | ms per call | agents/s | throughput | ratio impl/ours | "
+            "target | max abs diff vs ours | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        shape = f"K={r['K']}" if r.get("K") else f"P={r.get('P')} H={r.get('H')}"
+        failed = "skipped" if (r.get("note") or "").startswith("SKIPPED") else "failed"
+        target = f">= {r['target_ratio']:g}x" if r.get("target_ratio") else ""
+        thr = (f"{r['throughput']:.3e} {r.get('throughput_unit', '')}"
+               if r.get("throughput") is not None else "-")
+        rows.append(f"| {r['config']} ({r['model']}, {shape}) | {r['N']} | {r['impl']} | "
+                    f"{fmt(r.get('ms'), '.4f', failed)} | {fmt(r.get('agents_per_s'), '.3e')} | "
+                    f"{thr} | {fmt(r.get('ratio_vs_ours'), '.2f')} | {target} | "
+                    f"{fmt(r.get('max_abs_diff_vs_ours'), '.2e')} | {r.get('note') or ''} |")
+    return rows
+
+
 for peers in sorted(glob.glob(os.path.join(args.out, "peers-*.json"))):
     op = os.path.basename(peers)[len("peers-"):-len(".json")]
     recs = json.load(open(peers))
     md += [f"## {op}: peers in the same run (benches/peers/{op}.py)", ""]
-    md += settle_rows(recs) if recs and "widths" in recs[0] else lca_rows(recs)
+    if recs and recs[0].get("op") == "vmp":
+        md += vmp_rows(recs)
+    elif recs and "widths" in recs[0]:
+        md += settle_rows(recs)
+    else:
+        md += lca_rows(recs)
     md.append("")
 
 text = "\n".join(md) + "\n"

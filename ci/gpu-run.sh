@@ -3,7 +3,9 @@
 #   1. every test binary, with FEP_REQUIRE_GPU=1 (a GPU test that finds no GPU fails here);
 #   2. the tour, the digits example and the Python binding tests (on CUDA tensors);
 #      then the criterion benches;
-#   3. the peer scripts (PyTorch) on the same shapes, through the C ABI;
+#   3. the peer scripts (PyTorch, JAX, pymdp) on the same shapes, through the C ABI; pymdp is
+#      installed from the wheels of gpu-stage/wheels/ into a temporary folder that only
+#      benches/peers/vmp.py searches (this machine has no network; nothing system-wide changes);
 #   4. benches/results/<gpu>.md from 2 and 3 (written into $OUT too).
 # Logs go to $OUT (default gpu-out/). Exits non-zero if any test failed.
 set -uo pipefail
@@ -32,21 +34,40 @@ echo "=== pc_digits (predictive-coding training on the GPU; >= 95% test accuracy
 "$stage/pc_digits" 2>&1 | tee "$OUT/pc_digits.log" | tail -4
 
 echo "=== Python bindings on CUDA tensors"
-if ! FEP_KERNELS_LIB="$stage/libfep_kernels.so" python3 bindings/python/test_settle.py >"$OUT/python.log" 2>&1; then
-  echo "FAILED: bindings/python/test_settle.py"
-  failed=1
-fi
-tail -3 "$OUT/python.log"
+: >"$OUT/python.log"
+for t in test_settle.py test_vmp.py; do
+  echo "--- bindings/python/$t" >>"$OUT/python.log"
+  if ! FEP_KERNELS_LIB="$stage/libfep_kernels.so" python3 "bindings/python/$t" >>"$OUT/python.log" 2>&1; then
+    echo "FAILED: bindings/python/$t"
+    failed=1
+  fi
+done
+grep -E "^--- |passed|SKIPPED|FAILED|Error" "$OUT/python.log" | tail -12
 
 echo "=== benches"
 export CRITERION_HOME="$OUT/criterion"
 for b in "$stage"/bench-*; do
-  "$b" --bench --noplot 2>&1 | tee -a "$OUT/bench.log" | grep -E "lca |settle |time:|thrpt:|^[a-z]+_(lca|settle)"
+  "$b" --bench --noplot 2>&1 | tee -a "$OUT/bench.log" | grep -E "lca |settle |vmp |time:|thrpt:|^[a-z]+_(lca|settle|vmp)"
 done
 
 echo "=== peers"
 python3 benches/peers/lca.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-lca.json" 2>&1 | tee "$OUT/peers.log"
 python3 benches/peers/settle.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-settle.json" 2>&1 | tee -a "$OUT/peers.log"
+# pymdp (pure Python) and the pure-Python packages it imports that a JAX install lacks, from the
+# wheels ci/gpu-stage.sh downloaded; vmp.py appends the folder to sys.path, after the system's
+# packages. pip where there is one, else the wheels are unpacked (what installing a
+# pure-Python wheel amounts to).
+pydeps=$(mktemp -d "${TMPDIR:-/tmp}/fep-pydeps.XXXXXX")
+if ls "$stage"/wheels/*.whl >/dev/null 2>&1; then
+  if ! python3 -m pip install --quiet --no-index --no-deps --target "$pydeps" "$stage"/wheels/*.whl >>"$OUT/peers.log" 2>&1; then
+    echo "pip could not install $stage/wheels; unpacking them into $pydeps" | tee -a "$OUT/peers.log"
+    for w in "$stage"/wheels/*.whl; do python3 -m zipfile -e "$w" "$pydeps"; done
+  fi
+else
+  echo "no wheels in $stage/wheels (ci/gpu-stage.sh downloads them): pymdp will be SKIPPED" | tee -a "$OUT/peers.log"
+fi
+timeout 240 python3 benches/peers/vmp.py --lib "$stage/libfep_kernels.so" --pydeps "$pydeps" --out "$OUT/peers-vmp.json" 2>&1 | tee -a "$OUT/peers.log"
+rm -rf "$pydeps"
 
 echo "=== report"
 python3 ci/gpu-report.py --out "$OUT" --commit "$(cat "$stage/COMMIT")"

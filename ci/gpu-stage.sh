@@ -2,9 +2,10 @@
 # Builds, on this (GPU-less) machine, everything the GPU suite runs, into gpu-stage/ (git-ignored,
 # kept well under the 64 MiB a device call can carry):
 #   gpu-stage/tests/<name>      release test binaries built with --features cuda
-#   gpu-stage/bench-<op>        the criterion bench binaries (bench-lca, bench-settle)
+#   gpu-stage/bench-<op>        the criterion bench binaries (bench-lca, bench-settle, bench-vmp)
 #   gpu-stage/tour              the tour example
 #   gpu-stage/libfep_kernels.so the cdylib, for bindings/python and benches/peers
+#   gpu-stage/wheels/           pymdp and its pure-Python dependencies, for benches/peers/vmp.py
 #   gpu-stage/COMMIT            the commit (and whether the tree was dirty)
 # Then, on the GPU machine (no Rust there): bash ci/gpu-run.sh
 # FEP_CUDA_ARCHS defaults to 90a here (H100/H200); set it for other GPUs.
@@ -44,5 +45,21 @@ PY
 rm -f "$json"
 strip "$stage"/tests/* "$stage"/bench-* "$stage"/tour "$stage"/*.so 2>/dev/null || true
 echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo '-dirty')" >"$stage/COMMIT"
+
+# pymdp for benches/peers/vmp.py: the GPU machine has PyTorch, JAX and CuPy but neither pymdp nor
+# a network. Its pure-Python wheel and those of the pure-Python packages its Agent imports that
+# a JAX install lacks (equinox, jaxtyping, wadler-lindig, multimethod; typing-extensions and
+# opt-einsum as well, though torch and jax bring them: vmp.py searches these after the system's
+# packages), pinned to versions that support Python >= 3.10, pymdp's own floor. Nothing with
+# compiled code (jax, jaxlib, numpy, scipy, torch come from the machine), and not matplotlib,
+# seaborn, mctx, networkx or numpyro, which the agent's code never calls (pymdp.utils imports
+# matplotlib.pyplot at the top; vmp.py puts an empty stand-in there where it is missing).
+# ci/gpu-run.sh installs them with pip --target into a temporary folder.
+mkdir -p "$stage/wheels"
+if ! python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.10 \
+  -d "$stage/wheels" inferactively-pymdp==1.0.4 equinox==0.13.8 jaxtyping==0.3.7 \
+  wadler-lindig==0.1.8 multimethod==2.0.2 typing-extensions==4.16.0 opt-einsum==3.4.0; then
+  echo "WARNING: could not download the pymdp wheels; benches/peers/vmp.py will skip pymdp" >&2
+fi
 du -sh "$stage" >&2
 ls -la "$stage" "$stage/tests" >&2

@@ -1,6 +1,7 @@
 //! A tour of fep-kernels: LCA sparse coding on the best device available (CUDA, then HIP, then
 //! the CPU reference), a few steps of dictionary learning, then predictive-coding settling and a
-//! learning step of an MNIST-sized network.
+//! learning step of an MNIST-sized network, then discrete active inference (VMP) for a batch of
+//! agents in a T-maze.
 //!
 //!     cargo run --release --example tour                 # CPU
 //!     cargo run --release --features cuda --example tour # NVIDIA GPU if present
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use fep_kernels::lca::{Dictionary, LcaSpec, Threshold};
 use fep_kernels::settle::{self, Activation, Layer, Network, Precision, SettleSpec};
+use fep_kernels::vmp::{self, FpiSpec, Model, ModelSpec, Obs, PolicySpec};
 use fep_kernels::{Device, Result};
 
 /// A small deterministic generator, so the tour needs no dependency.
@@ -115,7 +117,8 @@ fn main() -> Result<()> {
         "5 learning epochs in {:.2} ms",
         t2.elapsed().as_secs_f64() * 1e3
     );
-    settle_tour(&dev, &mut rng)
+    settle_tour(&dev, &mut rng)?;
+    vmp_tour(&dev, &mut rng)
 }
 
 /// Predictive coding on PCX's MNIST network shape, 784-128-128-10 with tanh, random weights and
@@ -166,6 +169,88 @@ fn settle_tour(dev: &Device, rng: &mut Lcg) -> Result<()> {
         "one learning step: {:.3} ms ({:.2} µs per settling step)",
         per * 1e3,
         per * 1e6 / steps as f64
+    );
+    Ok(())
+}
+
+/// A T-maze in pymdp's layout: where the agent is (centre, left arm, right arm, cue; four
+/// actions, each moving there) and which arm is rewarded (two contexts, uncontrolled). It sees
+/// its location, the reward (none, reward, punishment: 98% right in an arm) and, at the cue, the
+/// context. A batch of agents at the centre infers its state, then scores the 16 two-step
+/// policies (utility + information gain) and picks a first move.
+fn vmp_tour(dev: &Device, rng: &mut Lcg) -> Result<()> {
+    let (loc, ctx) = (4usize, 2usize);
+    let mut a_reward = vec![0.0; 3 * loc * ctx]; // [o, location, context]
+    let mut a_cue = vec![0.0; 2 * loc * ctx]; // [o, location, context]
+    for c in 0..ctx {
+        for l in 0..loc {
+            let at = |o: usize| (o * loc + l) * ctx + c;
+            match l {
+                1 | 2 => {
+                    let good = (l == 1) == (c == 0); // the left arm pays in context 0
+                    a_reward[at(1)] = if good { 0.98 } else { 0.02 };
+                    a_reward[at(2)] = if good { 0.02 } else { 0.98 };
+                }
+                _ => a_reward[at(0)] = 1.0,
+            }
+            for o in 0..2 {
+                a_cue[at(o)] = if l == 3 { (o == c) as u8 as f64 } else { 0.5 };
+            }
+        }
+    }
+    let identity =
+        |n: usize| -> Vec<f64> { (0..n * n).map(|i| (i / n == i % n) as u8 as f64).collect() };
+    // B_location[s', s, u] = [s' = u]: each action moves to its location.
+    let b_loc = (0..loc * loc * loc)
+        .map(|i| (i / (loc * loc) == i % loc) as u8 as f64)
+        .collect();
+    let spec = ModelSpec {
+        num_states: vec![loc, ctx],
+        num_controls: vec![loc, 1],
+        num_obs: vec![loc, 3, 2],
+        a_deps: vec![vec![0], vec![0, 1], vec![0, 1]],
+        a: vec![identity(loc), a_reward, a_cue],
+        b: vec![b_loc, identity(ctx)],
+        c: vec![vec![0.0; loc], vec![0.0, 3.0, -3.0], vec![0.0; 2]],
+        d: vec![vec![1.0, 0.0, 0.0, 0.0], vec![0.5, 0.5]],
+        policies: vmp::construct_policies(&[loc, 1], 2),
+        policy_len: 2,
+        ..Default::default()
+    };
+    let model = Model::new(dev, &spec)?;
+    let n = if dev.is_gpu() { 100_000 } else { 1000 };
+    println!("\ndiscrete active inference (VMP): T-maze, {n} agents, 16 iterations, 16 policies");
+    // Every agent is at the centre, sees no reward, and an uninformative cue signal.
+    let obs: Vec<i32> = (0..n)
+        .flat_map(|_| [0, 0, (rng.uniform() < 0.5) as i32])
+        .collect();
+    let obs = dev.upload(&obs)?;
+    let fpi = FpiSpec::new().check_inputs(false);
+    let post = vmp::infer_states(&model, &fpi, &Obs::Index(obs.view()), None)?; // warm-up
+    let t = Instant::now();
+    let reps = if dev.is_gpu() { 20 } else { 2 };
+    for _ in 0..reps {
+        let _ = vmp::infer_states(&model, &fpi, &Obs::Index(obs.view()), None)?;
+    }
+    dev.synchronize(dev.default_stream())?;
+    let per = t.elapsed().as_secs_f64() / reps as f64;
+    let vfe = post.vfe.to_vec()?;
+    println!(
+        "state inference: mean F {:.4}, {:.3} ms per call ({:.2e} agent-iterations/s)",
+        vfe.iter().sum::<f32>() / n as f32,
+        per * 1e3,
+        (n * 16) as f64 / per
+    );
+    let pol = vmp::infer_policies(&model, &PolicySpec::new().gamma(4.0), &post.qs.view())?;
+    let q_pi = pol.q_pi.to_vec()?;
+    let p = model.num_policies();
+    let mut first = [0.0f64; 4]; // q(first move), averaged over the agents
+    for (i, q) in q_pi.iter().enumerate() {
+        first[(i % p) / loc] += *q as f64 / n as f64; // policy i = (move 1) · 4 + move 2
+    }
+    println!(
+        "q(first move): centre {:.3}, left {:.3}, right {:.3}, cue {:.3}",
+        first[0], first[1], first[2], first[3]
     );
     Ok(())
 }

@@ -61,6 +61,19 @@ extern "C" {
 #define FEP_SETTLE_INIT_FEEDFORWARD 0
 #define FEP_SETTLE_INIT_GIVEN 1
 
+/* how VMP observations are given */
+#define FEP_VMP_OBS_INDEX 0 /* int32_t indices, one per modality: o_m in 0 .. O_m - 1 */
+#define FEP_VMP_OBS_DIST 1  /* float distributions, O_m per modality, modalities concatenated */
+
+/* sequence update rules (pymdp's `vmp` and `mmp`) */
+#define FEP_VMP_METHOD_VMP 0
+#define FEP_VMP_METHOD_MMP 1
+
+/* which Dirichlet counts fep_vmp_model_counts reads */
+#define FEP_VMP_COUNTS_A 0
+#define FEP_VMP_COUNTS_B 1
+#define FEP_VMP_COUNTS_D 2
+
 /* The library version, e.g. "0.1.0". Static storage, never NULL. */
 const char *fep_version(void);
 
@@ -171,6 +184,142 @@ int32_t fep_settle_learn(int32_t kind, int32_t ordinal, void *stream, const FepS
                          const float *target, float *const *x_out, float *const *eps_out,
                          float *energy_out, float *trace_out, uint32_t *steps_out,
                          float *const *grad_w, float *const *grad_b, float lr);
+
+/* ---- Variational message passing for discrete active inference (DESIGN.md section 4.4) ----
+ *
+ * Conventions are pymdp 1.0.4's (tests/fixtures/VMP-CONVENTIONS.md). F hidden-state factors
+ * with S_f states and U_f controls; M modalities with O_m outcomes, modality m depending on the
+ * factors deps(m). N agents share one model; each has its own observations, prior and beliefs.
+ * Beliefs are float [N, sum S]: factor f at offset S_0 + ... + S_{f-1} of an agent's row.
+ * Every log is ln max(x, 2.22e-16), as pymdp's.
+ *
+ * Tensors of the calls below live on the model's device (host memory for FEP_DEVICE_CPU); their
+ * lengths follow from n, steps and the model (fep_vmp_model_info). Outputs must not overlap
+ * each other or the inputs. */
+
+/* A validated generative model stored on one device. */
+typedef struct FepVmpModel FepVmpModel;
+
+/* A generative model in pymdp's layouts, all row-major, all in HOST memory whatever the device
+ * (fep_vmp_model_new copies it). */
+typedef struct FepVmpModelDesc {
+    uint64_t num_factors;       /* F >= 1 */
+    uint64_t num_modalities;    /* M >= 1 */
+    const uint64_t *num_states; /* F: S_f >= 1 */
+    const uint64_t *num_controls; /* F: U_f >= 1, or NULL: every factor uncontrolled (U_f = 1) */
+    const uint64_t *num_obs;    /* M: O_m >= 1 */
+    const uint64_t *a_num_deps; /* M: |deps(m)| >= 1 */
+    const uint64_t *a_deps;     /* sum_m |deps(m)|: deps(0), then deps(1), ...; each in A_m's
+                                 * axis order (any order, no repeats) */
+    const double *const *a;     /* M: A_m [O_m, S_deps(m)[0], S_deps(m)[1], ...], p(o | s): every
+                                 * column sums to 1 */
+    const double *const *b;     /* F: B_f [S_f, S_f, U_f], B_f[s', s, u] = p(s' | s, u): columns
+                                 * sum to 1 */
+    const double *const *c;     /* M: C_m [O_m] log-preferences, used as given; or NULL (an entry
+                                 * may be NULL): zeros */
+    const double *const *d;     /* F: D_f [S_f], the prior over initial states; or NULL (an entry
+                                 * may be NULL): uniform */
+    const int32_t *policies;    /* [num_policies, policy_len, F] actions, each in 0 .. U_f - 1;
+                                 * or NULL (num_policies 0): no policy inference */
+    uint64_t num_policies;      /* P */
+    uint64_t policy_len;        /* H >= 1 with a policy table */
+    const double *e;            /* [P] prior over policies, or NULL: uniform */
+    const double *const *pa;    /* M: Dirichlet counts shaped like A_m (>= 0), or NULL: none */
+    const double *const *pb;    /* F: counts shaped like B_f, or NULL: none */
+    const double *const *pd;    /* F: counts shaped like D_f, or NULL: none */
+} FepVmpModelDesc;
+
+/* State inference (pymdp's `fpi`). */
+typedef struct FepVmpFpiParams {
+    uint32_t num_iter; /* K >= 1 Jacobi iterations (pymdp: 16); one exact pass when F = 1 */
+    float tol;         /* >= 0: an agent stops after iteration k >= 2 once |F_k - F_{k-1}| <= tol
+                        * (0: always K, as pymdp) */
+    int32_t skip_input_checks; /* 0: on a GPU, scan the observations and priors first (indices
+                                * in range, values finite and >= 0), which reads back one word
+                                * (the call waits for the stream); 1: skip the scan (bad indices
+                                * are clamped) and return without synchronising */
+} FepVmpFpiParams;
+
+/* Sequence inference over a window of T steps. */
+typedef struct FepVmpSequenceParams {
+    int32_t method;    /* FEP_VMP_METHOD_VMP or _MMP */
+    uint32_t num_iter; /* K >= 1 (pymdp: 16) */
+    float tau;         /* step size in (0, 1] (pymdp's Agent: 1) */
+    int32_t skip_input_checks; /* as in FepVmpFpiParams */
+} FepVmpSequenceParams;
+
+/* Policy inference: q(pi) = softmax(-gamma G + ln max(E, eps)) with G = -(pymdp's neg_efe). */
+typedef struct FepVmpPolicyParams {
+    float gamma;             /* >= 0 */
+    int32_t utility;         /* != 0: add q(o) . C_m */
+    int32_t state_info_gain; /* != 0: add H[q(o_m)] - E_q[H[A_m(.|s)]] */
+    int32_t param_info_gain; /* != 0: add the novelty of pA and pB (the model must have one) */
+    int32_t skip_input_checks; /* as in FepVmpFpiParams (the beliefs: finite and >= 0) */
+} FepVmpPolicyParams;
+
+/* Dirichlet learning rates; 0 leaves those counts as they are, > 0 needs the model to have them. */
+typedef struct FepVmpLearnParams {
+    float lr_a; /* pA_m += lr_a sum_{agents, t} o_m (x) q_t(s_deps(m)) */
+    float lr_b; /* pB_f[:, :, u] += lr_b sum_{agents, t} [a_t = u] q_{t+1} (x) q_t */
+    float lr_d; /* pD_f += lr_d sum_agents q_0, where pD_f > 0 */
+    int32_t skip_input_checks; /* as in FepVmpFpiParams */
+} FepVmpLearnParams;
+
+/* Validates `desc` (shapes, normalised columns of A, B and D, non-negative counts, dependencies
+ * and policy actions in range) and stores the model on the device (kind, ordinal). */
+int32_t fep_vmp_model_new(int32_t kind, int32_t ordinal, const FepVmpModelDesc *desc,
+                          FepVmpModel **out);
+
+/* Frees a model (NULL is a no-op). Work already enqueued must not still use it. */
+void fep_vmp_model_free(FepVmpModel *model);
+
+/* The model's sizes; any pointer may be NULL. belief_len = sum S_f, obs_len = sum O_m (the
+ * width of a distributional observation), num_policies = P (0 without a table), policy_len = H. */
+int32_t fep_vmp_model_info(const FepVmpModel *model, uint64_t *num_factors,
+                           uint64_t *num_modalities, uint64_t *belief_len, uint64_t *obs_len,
+                           uint64_t *num_policies, uint64_t *policy_len);
+
+/* Copies the current Dirichlet counts `which` (FEP_VMP_COUNTS_A, _B, _D) of modality or factor
+ * `index` into `out`, HOST memory of exactly `len` doubles (the size of A_m, B_f or D_f), after
+ * the work enqueued on `stream` (the stream fep_vmp_learn ran on) is done: the call waits.
+ * FEP_ERR_INVALID_ARGUMENT when the model has no such counts. */
+int32_t fep_vmp_model_counts(const FepVmpModel *model, void *stream, int32_t which,
+                             uint64_t index, double *out, uint64_t len);
+
+/* State inference for n agents. obs: [n, M] int32 indices (obs_kind FEP_VMP_OBS_INDEX) or
+ * [n, sum O] float distributions (FEP_VMP_OBS_DIST; non-negative, used as sum_o o ln A).
+ * prior: [n, sum S], or NULL: every agent starts from D. Writes qs [n, sum S]; optional (NULL to
+ * skip): vfe [n] (the free energy F), iterations [n] (iterations run), vfe_trace
+ * [n, num_iter] (F after each iteration; repeated after an early stop). */
+int32_t fep_vmp_infer_states(const FepVmpModel *model, void *stream,
+                             const FepVmpFpiParams *params, int32_t obs_kind, const void *obs,
+                             uint64_t n, const float *prior, float *qs, float *vfe,
+                             int32_t *iterations, float *vfe_trace);
+
+/* Sequence inference over windows of `steps` = T >= 1 steps. obs: [n, T, M] indices or
+ * [n, T, sum O] distributions; actions: [n, T - 1, F] int32 (action t moves the state from step
+ * t to t + 1; may be NULL only when T = 1); prior: [n, sum S] for step 0, or NULL: D. Writes qs
+ * [n, T, sum S]; optional: vfe [n] (the window's free energy), vfe_t [n, T] (its per-step
+ * terms). */
+int32_t fep_vmp_infer_sequence(const FepVmpModel *model, void *stream,
+                               const FepVmpSequenceParams *params, uint64_t steps,
+                               int32_t obs_kind, const void *obs, uint64_t n,
+                               const int32_t *actions, const float *prior, float *qs, float *vfe,
+                               float *vfe_t);
+
+/* Policy inference for n agents with beliefs qs [n, sum S] (needs a policy table). Writes q_pi
+ * [n, P]; optional: g [n, P], the expected free energy G (lower is better). */
+int32_t fep_vmp_infer_policies(const FepVmpModel *model, void *stream,
+                               const FepVmpPolicyParams *params, const float *qs, uint64_t n,
+                               float *g, float *q_pi);
+
+/* Dirichlet learning from n windows of `steps` = T steps: obs as for fep_vmp_infer_sequence,
+ * qs [n, T, sum S] the posteriors, actions [n, T - 1, F] (needed when lr_b > 0 and T > 1, else
+ * may be NULL). Updates the model's counts in place, summed over agents and steps; read them
+ * with fep_vmp_model_counts. */
+int32_t fep_vmp_learn(FepVmpModel *model, void *stream, const FepVmpLearnParams *params,
+                      uint64_t steps, int32_t obs_kind, const void *obs, uint64_t n,
+                      const float *qs, const int32_t *actions);
 
 #ifdef __cplusplus
 }

@@ -37,6 +37,29 @@
 //! # Ok::<(), fep_kernels::Error>(())
 //! ```
 //!
+//! Discrete active inference ([`vmp`]): a generative model validated once and stored on the
+//! device, then state inference, policy inference and learning for a batch of agents per call.
+//!
+//! ```
+//! use fep_kernels::{Device, vmp::{self, FpiSpec, Model, ModelSpec, Obs, PolicySpec}};
+//! let dev = Device::best();
+//! // One factor (2 states, 2 actions that set the state), one modality that reports it 90% right.
+//! let model = Model::new(&dev, &ModelSpec {
+//!     num_states: vec![2], num_obs: vec![2], num_controls: vec![2],
+//!     a_deps: vec![vec![0]], a: vec![vec![0.9, 0.1, 0.1, 0.9]],
+//!     b: vec![vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]], // B[s', s, u] = [s' = u]
+//!     c: vec![vec![2.0, 0.0]],                               // prefers outcome 0
+//!     policies: vmp::construct_policies(&[2], 1), policy_len: 1,
+//!     ..Default::default()
+//! })?;
+//! let obs = dev.upload(&[1i32, 0, 1])?; // three agents
+//! let post = vmp::infer_states(&model, &FpiSpec::new(), &Obs::Index(obs.view()), None)?;
+//! let pol = vmp::infer_policies(&model, &PolicySpec::new(), &post.qs.view())?;
+//! let q_pi = pol.q_pi.to_vec()?;
+//! assert!(q_pi[0] > q_pi[1]); // every agent prefers the action that leads to outcome 0
+//! # Ok::<(), fep_kernels::Error>(())
+//! ```
+//!
 //! Frameworks pass their own memory and streams: [`View::from_raw`], [`ViewMut::from_raw`],
 //! [`Stream::from_raw`], or the C ABI in `include/fep_kernels.h`.
 

@@ -1,8 +1,9 @@
 //! include/fep_kernels.h and src/ffi.rs describe the same C ABI (DESIGN.md §1): every
 //! `#define FEP_*` constant is a `pub const FEP_*: i32` of the same value, every function of the
 //! header is a `#[no_mangle] pub (unsafe) extern "C" fn` with the same parameters (count, names
-//! and types) and return type, and `FepLcaParams` has the same fields in the same order with the
-//! same types and layout; all both ways round. The header also compiles as C and as C++.
+//! and types) and return type, and every struct (`FepLcaParams`, `FepSettleNet`, the `FepVmp*`
+//! descriptions and parameters) has the same fields in the same order with the same types and
+//! layout; all both ways round. The header also compiles as C and as C++.
 //!
 //! Both files are embedded at compile time, so the test binary checks them on a machine without
 //! the source tree (the GPU suite's), and the header is compiled from a temporary copy.
@@ -745,7 +746,16 @@ fn header_and_ffi_rs_declare_the_same_abi() {
         "too few functions parsed: {:?}",
         h.functions.keys()
     );
-    for name in ["FepLcaParams", "FepSettleNet", "FepSettleParams"] {
+    for name in [
+        "FepLcaParams",
+        "FepSettleNet",
+        "FepSettleParams",
+        "FepVmpModelDesc",
+        "FepVmpFpiParams",
+        "FepVmpSequenceParams",
+        "FepVmpPolicyParams",
+        "FepVmpLearnParams",
+    ] {
         assert!(
             h.structs.get(name).is_some_and(|f| f.len() >= 3),
             "struct {name} not parsed from the header (or too few fields): {:?}",
@@ -757,17 +767,31 @@ fn header_and_ffi_rs_declare_the_same_abi() {
             r.structs
         );
     }
-    assert!(
-        h.opaque.contains("FepLcaDict"),
-        "opaque FepLcaDict not parsed: {:?}",
-        h.opaque
-    );
-    assert!(
-        h.functions.contains_key("fep_settle_infer")
-            && h.functions.contains_key("fep_settle_learn"),
-        "the settle functions were not parsed: {:?}",
-        h.functions.keys()
-    );
+    for name in ["FepLcaDict", "FepVmpModel"] {
+        assert!(
+            h.opaque.contains(name),
+            "opaque {name} not parsed: {:?}",
+            h.opaque
+        );
+    }
+    for name in [
+        "fep_settle_infer",
+        "fep_settle_learn",
+        "fep_vmp_model_new",
+        "fep_vmp_model_free",
+        "fep_vmp_model_info",
+        "fep_vmp_model_counts",
+        "fep_vmp_infer_states",
+        "fep_vmp_infer_sequence",
+        "fep_vmp_infer_policies",
+        "fep_vmp_learn",
+    ] {
+        assert!(
+            h.functions.contains_key(name),
+            "{name} was not parsed from the header: {:?}",
+            h.functions.keys()
+        );
+    }
     let errs = compare(&h, &r);
     assert!(
         errs.is_empty(),
@@ -808,6 +832,13 @@ fn constants_match_the_compiled_values() {
         ("FEP_ACT_GELU", FEP_ACT_GELU),
         ("FEP_SETTLE_INIT_FEEDFORWARD", FEP_SETTLE_INIT_FEEDFORWARD),
         ("FEP_SETTLE_INIT_GIVEN", FEP_SETTLE_INIT_GIVEN),
+        ("FEP_VMP_OBS_INDEX", FEP_VMP_OBS_INDEX),
+        ("FEP_VMP_OBS_DIST", FEP_VMP_OBS_DIST),
+        ("FEP_VMP_METHOD_VMP", FEP_VMP_METHOD_VMP),
+        ("FEP_VMP_METHOD_MMP", FEP_VMP_METHOD_MMP),
+        ("FEP_VMP_COUNTS_A", FEP_VMP_COUNTS_A),
+        ("FEP_VMP_COUNTS_B", FEP_VMP_COUNTS_B),
+        ("FEP_VMP_COUNTS_D", FEP_VMP_COUNTS_D),
     ];
     // Every constant of the header is in the list above (so none is compared only as text).
     for name in h.defines.keys() {
@@ -854,6 +885,14 @@ fn constants_match_the_compiled_values() {
             a,
             "{a:?} round trip"
         );
+    }
+    use fep_kernels::vmp::Method;
+    for (m, name) in [
+        (Method::Vmp, "FEP_VMP_METHOD_VMP"),
+        (Method::Mmp, "FEP_VMP_METHOD_MMP"),
+    ] {
+        assert_eq!(Some(&(m.code() as i64)), h.defines.get(name), "{m:?}");
+        assert_eq!(Method::from_code(m.code()).unwrap(), m, "{m:?} round trip");
     }
 }
 
@@ -1100,6 +1139,38 @@ fn compiled_layout(name: &str) -> Option<Compiled> {
         "FepSettleParams" => {
             compiled!(FepSettleParams: eta, momentum, steps, tol, init, skip_input_checks)
         }
+        "FepVmpModelDesc" => compiled!(
+            FepVmpModelDesc: num_factors,
+            num_modalities,
+            num_states,
+            num_controls,
+            num_obs,
+            a_num_deps,
+            a_deps,
+            a,
+            b,
+            c,
+            d,
+            policies,
+            num_policies,
+            policy_len,
+            e,
+            pa,
+            pb,
+            pd
+        ),
+        "FepVmpFpiParams" => compiled!(FepVmpFpiParams: num_iter, tol, skip_input_checks),
+        "FepVmpSequenceParams" => {
+            compiled!(FepVmpSequenceParams: method, num_iter, tau, skip_input_checks)
+        }
+        "FepVmpPolicyParams" => compiled!(
+            FepVmpPolicyParams: gamma,
+            utility,
+            state_info_gain,
+            param_info_gain,
+            skip_input_checks
+        ),
+        "FepVmpLearnParams" => compiled!(FepVmpLearnParams: lr_a, lr_b, lr_d, skip_input_checks),
         _ => return None,
     })
 }

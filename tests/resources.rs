@@ -19,12 +19,18 @@
 use std::collections::BTreeMap;
 
 /// Kernels the report must list for every target of each vendor.
-const REQUIRED: [&str; 5] = [
+const REQUIRED: [&str; 11] = [
     "lca_solve_persistent",
     "lca_solve_stepped",
     "lca_gemm_f32",
     "lca_gemm_f16",
     "lca_gemm_bf16",
+    "vmp_fpi",
+    "vmp_sequence",
+    "vmp_policies",
+    "vmp_wnorm",
+    "vmp_learn_partial",
+    "vmp_learn_apply",
 ];
 
 /// The architecture list build.rs used: the same variable, read when this test was compiled

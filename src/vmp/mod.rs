@@ -632,6 +632,7 @@ pub fn infer_states(
 /// Sequence inference over windows of `steps` = T steps, into `out`, on `stream`. `obs`:
 /// `[N, T, M]` indices or `[N, T, ΣO]` distributions; `actions`: `[N, T−1, F]` (action t moves
 /// the state from step t to t+1; None only when T = 1); `prior`: `[N, ΣS]` for step 0 (None: D).
+#[allow(clippy::too_many_arguments)]
 pub fn infer_sequence_into(
     model: &Model,
     spec: &SequenceSpec,

@@ -112,8 +112,7 @@ pub(crate) struct Tables {
     pub b: Vec<Vec<f64>>,
     pub ln_b: Vec<Vec<f64>>,
     pub bn: Vec<Vec<f64>>,
-    /// D_f and ln max(D_f, eps).
-    pub d: Vec<Vec<f64>>,
+    /// ln max(D_f, eps).
     pub ln_d: Vec<Vec<f64>>,
     /// `[P, H, F]`, P, H, and ln max(E, eps) `[P]`.
     pub policies: Vec<i32>,
@@ -303,11 +302,11 @@ impl ModelSpec {
             s.iter().map(|&n| vec![1.0 / n as f64; n]).collect()
         } else {
             len_is("d", self.d.len(), f_count, "one vector per factor")?;
-            for f in 0..f_count {
+            for (f, (d, &n)) in self.d.iter().zip(&s).enumerate() {
                 let name = format!("d[{f}]");
-                len_is(&name, self.d[f].len(), s[f], "[S_f]")?;
-                finite_nonneg(&name, &self.d[f])?;
-                columns_normalised(&name, &self.d[f], s[f], 1)?;
+                len_is(&name, d.len(), n, "[S_f]")?;
+                finite_nonneg(&name, d)?;
+                columns_normalised(&name, d, n, 1)?;
             }
             self.d.clone()
         };
@@ -422,7 +421,6 @@ impl ModelSpec {
             b: self.b.clone(),
             ln_b,
             bn,
-            d,
             ln_d,
             policies: self.policies.clone(),
             num_policies,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod gpu;
+pub mod vmp;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -135,10 +136,15 @@ pub fn max_abs_diff<A: Copy + Into<f64>, B: Copy + Into<f64>>(out: &[A], referen
 
 /// Path of a file under tests/fixtures/.
 pub fn fixture_path(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
-        .join(name)
+    let built_here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // On the GPU machine the test binaries run from the repository root of a copy of the tree
+    // at another path than the one they were built in.
+    let root = if built_here.join("tests").is_dir() {
+        built_here.to_path_buf()
+    } else {
+        std::path::PathBuf::from(".")
+    };
+    root.join("tests").join("fixtures").join(name)
 }
 
 /// Parses the JSON fixture tests/fixtures/`name`.
