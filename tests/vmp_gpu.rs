@@ -626,36 +626,8 @@ fn learning_matches_the_reference() {
                 HostObs::Index(&idx)
             };
             let want = reference::learn(&host, &lspec, steps, hobs, &qs, Some(&actions)).unwrap();
-            let what = format!("{} {lspec:?}", shape.name);
-            // Sums over up to n·T terms in f32 (per chunk, then over chunks): relative 1e-5.
-            for m in 0..spec.num_obs.len() {
-                let got = to_f32(&model.counts_a(m).unwrap().unwrap());
-                assert_close(
-                    &format!("{what}: pA[{m}]"),
-                    &got,
-                    &want.a.as_ref().unwrap()[m],
-                    true,
-                    1e-5,
-                );
-            }
-            for f in 0..spec.num_states.len() {
-                let got = to_f32(&model.counts_b(f).unwrap().unwrap());
-                assert_close(
-                    &format!("{what}: pB[{f}]"),
-                    &got,
-                    &want.b.as_ref().unwrap()[f],
-                    true,
-                    1e-5,
-                );
-                let got = to_f32(&model.counts_d(f).unwrap().unwrap());
-                assert_close(
-                    &format!("{what}: pD[{f}]"),
-                    &got,
-                    &want.d.as_ref().unwrap()[f],
-                    true,
-                    1e-5,
-                );
-            }
+            let want = [want.a.unwrap(), want.b.unwrap(), want.d.unwrap()];
+            assert_counts(&format!("{} {lspec:?}", shape.name), &model, &want);
         }
     }
 }
@@ -811,38 +783,34 @@ fn pymdp_fixtures_on_the_gpu() {
                 dev.default_stream(),
             )
             .unwrap();
-            let qa = &l["qA"][a];
-            for mi in 0..fx.spec.num_obs.len() {
-                let got = to_f32(&m.counts_a(mi).unwrap().unwrap());
-                assert_close(
-                    &format!("{name} agent {a} qA[{mi}]"),
-                    &got,
-                    &tensor_data(&qa[mi]),
-                    true,
-                    1e-5,
-                );
-            }
-            let qb = &l["qB"][a];
-            let qd = &l["qD"][a];
-            for f in 0..fx.spec.num_states.len() {
-                let got = to_f32(&m.counts_b(f).unwrap().unwrap());
-                assert_close(
-                    &format!("{name} agent {a} qB[{f}]"),
-                    &got,
-                    &tensor_data(&qb[f]),
-                    true,
-                    1e-5,
-                );
-                let got = to_f32(&m.counts_d(f).unwrap().unwrap());
-                assert_close(
-                    &format!("{name} agent {a} qD[{f}]"),
-                    &got,
-                    &flat_f64(&qd[f]),
-                    true,
-                    1e-5,
-                );
-            }
+            let per_agent = |key: &str, dense: bool| -> Vec<Vec<f64>> {
+                let v = l[key][a].as_array().unwrap();
+                v.iter()
+                    .map(|t| if dense { tensor_data(t) } else { flat_f64(t) })
+                    .collect()
+            };
+            let want = [
+                per_agent("qA", true),
+                per_agent("qB", true),
+                per_agent("qD", false),
+            ];
+            assert_counts(&format!("{name} agent {a}"), &m, &want);
         }
+    }
+}
+
+/// The model's counts (pA per modality, pB and pD per factor) against `want`. They are sums of
+/// up to n·T products in f32 (per chunk of agents, then over chunks): relative error 1e-5.
+fn assert_counts(what: &str, model: &Model, want: &[Vec<Vec<f64>>; 3]) {
+    for (i, w) in want[0].iter().enumerate() {
+        let got = to_f32(&model.counts_a(i).unwrap().unwrap());
+        assert_close(&format!("{what}: pA[{i}]"), &got, w, true, 1e-5);
+    }
+    for (i, (wb, wd)) in want[1].iter().zip(&want[2]).enumerate() {
+        let got = to_f32(&model.counts_b(i).unwrap().unwrap());
+        assert_close(&format!("{what}: pB[{i}]"), &got, wb, true, 1e-5);
+        let got = to_f32(&model.counts_d(i).unwrap().unwrap());
+        assert_close(&format!("{what}: pD[{i}]"), &got, wd, true, 1e-5);
     }
 }
 
