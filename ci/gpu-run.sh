@@ -13,6 +13,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 stage=gpu-stage
+# ci/gpu-stage.sh's archive (what a device call carries), unpacked once.
+if [ ! -d "$stage" ] && [ -f gpu-stage.tar.xz ]; then
+  tar xJf gpu-stage.tar.xz || python3 -m tarfile -e gpu-stage.tar.xz .
+fi
 export FEP_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$OUT/device.txt" 2>&1 || true
 cat "$OUT/device.txt"

@@ -7,7 +7,9 @@
 #   gpu-stage/libfep_kernels.so the cdylib, for bindings/python and benches/peers
 #   gpu-stage/wheels/           pymdp and its pure-Python dependencies, for benches/peers/vmp.py
 #   gpu-stage/COMMIT            the commit (and whether the tree was dirty)
-# Then, on the GPU machine (no Rust there): bash ci/gpu-run.sh
+# and packs it as gpu-stage.tar.xz: every binary embeds the same kernel images, so xz shrinks the
+# ~66 MB folder to ~7 MB, well under what a device call carries (64 MiB). Carry that file.
+# Then, on the GPU machine (no Rust there): bash ci/gpu-run.sh (it unpacks the archive).
 # FEP_CUDA_ARCHS defaults to 90a here (H100/H200); set it for other GPUs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -63,3 +65,6 @@ if ! python3 -m pip download --quiet --no-deps --only-binary=:all: --python-vers
 fi
 du -sh "$stage" >&2
 ls -la "$stage" "$stage/tests" >&2
+rm -f gpu-stage.tar.xz
+tar cJf gpu-stage.tar.xz "$stage"
+ls -la gpu-stage.tar.xz >&2
