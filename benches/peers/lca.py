@@ -98,51 +98,9 @@ def lca_stepped(step, x, phi, G, lam, eta, steps):
 # ---- timing ----
 
 
-class Timer:
-    def __init__(self, device):
-        import torch
-
-        self.torch = torch
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-    def once(self, fn):
-        """Milliseconds of one call of fn (synchronised)."""
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return (time.perf_counter() - t0) * 1e3
-
-    def median(self, fn, reps, warmup):
-        """Median milliseconds over reps calls of fn (CUDA events on the current stream)."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        if not self.cuda:
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        ev = [
-            (self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True))
-            for _ in range(reps)
-        ]
-        for start, end in ev:
-            start.record()
-            fn()
-            end.record()
-        self.torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in ev)
-
-
-def pick_reps(ms_one, budget_ms, lo, hi):
-    return int(max(lo, min(hi, budget_ms // max(ms_one, 1e-3))))
+# Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import Timer, pick_reps  # noqa: E402
 
 
 def capture_graph(torch, fn):
@@ -380,7 +338,7 @@ def main():
     torch.manual_seed(SEED)
     print(f"fep-kernels {fk.version()} | torch {torch.__version__} | {dev_name} | "
           f"float32 matmul precision {torch.get_float32_matmul_precision()}")
-    timer = Timer(device)
+    timer = Timer(device.type == "cuda")
     wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(wanted) - {c[0] for c in CONFIGS}
     if unknown:

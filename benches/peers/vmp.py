@@ -141,55 +141,9 @@ def make_inputs(M, op, n, seed):
 # ---- timing ----
 
 
-class Timer:
-    def __init__(self, cuda):
-        self.cuda = cuda
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def once(self, fn, block=None):
-        """Milliseconds of one call of fn (synchronised)."""
-        self.sync()
-        t0 = time.perf_counter()
-        r = fn()
-        if block:
-            block(r)
-        self.sync()
-        return (time.perf_counter() - t0) * 1e3
-
-    def median(self, fn, reps, warmup, block=None):
-        """Median milliseconds over reps calls of fn: CUDA events on the current stream, or the
-        wall clock (CPU, or work outside PyTorch's stream such as JAX's: then ``block`` waits
-        for each call's result)."""
-        for _ in range(warmup):
-            r = fn()
-            if block:
-                block(r)
-        self.sync()
-        if not self.cuda or block is not None:
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                r = fn()
-                if block:
-                    block(r)
-                self.sync()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-        for start, end in ev:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in ev)
-
-
-def pick_reps(ms_one, budget_ms, lo, hi):
-    return int(max(lo, min(hi, budget_ms // max(ms_one, 1e-3))))
+# Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import Timer, pick_reps  # noqa: E402
 
 
 # ---- ours (through the C ABI) ----
