@@ -957,6 +957,14 @@ fn bad_data_is_rejected_on_the_gpu_and_outputs_stay_untouched() {
         "outputs were written"
     );
 
+    // Beyond the kernels' tables: 17 factors is Unsupported on a GPU (the CPU takes it).
+    let wide = random_model(&mut r, &[2; 17], &[2], &[vec![0]], &[1; 17], 0, false);
+    assert!(Model::new(&Device::cpu(), &wide).is_ok());
+    match Model::new(&dev, &wide) {
+        Err(Error::Unsupported(why)) => println!("17 factors: {why}"),
+        other => panic!("17 factors on a GPU: expected Unsupported, got {other:?}"),
+    }
+
     // Learning from a bad observation leaves the counts as they were.
     let mut lm = Model::new(&dev, &spec).unwrap();
     let before = lm.counts_a(0).unwrap().unwrap();

@@ -24,6 +24,12 @@
 //!
 //! Every log is ln max(x, eps) with pymdp's eps = 2.22e-16 (the float64 epsilon, in every dtype).
 //!
+//! On a GPU (kernels/vmp/NOTES.md has the design): state and sequence inference run all K
+//! iterations in one launch, one agent per thread with its beliefs in shared memory (a global
+//! workspace when they do not fit); policy inference runs one block per agent. A GPU model
+//! takes at most 16 factors, 16 modalities and 8 dependencies per modality (more:
+//! `Error::Unsupported` from [`Model::new`]); the CPU takes any.
+//!
 //! ```
 //! use fep_kernels::{Device, vmp::{self, FpiSpec, Model, ModelSpec, Obs}};
 //! let dev = Device::best();
