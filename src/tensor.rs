@@ -25,3 +25,27 @@ pub(crate) fn same_device(name: &str, got: &Device, want: &Device) -> Result<()>
     }
     Ok(())
 }
+
+/// Inputs and outputs as (name, address, bytes) spans; `Err` naming the first output that
+/// overlaps another output or an input (empty spans overlap nothing).
+pub(crate) fn check_no_overlap(
+    ins: &[(&str, u64, usize)],
+    outs: &[(&str, u64, usize)],
+) -> Result<()> {
+    let overlaps = |a: &(&str, u64, usize), b: &(&str, u64, usize)| {
+        let (a0, a1, b0, b1) = (a.1, a.1 + a.2 as u64, b.1, b.1 + b.2 as u64);
+        a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1
+    };
+    for (i, a) in outs.iter().enumerate() {
+        if let Some(b) = outs[..i].iter().chain(ins).find(|b| overlaps(a, b)) {
+            return Err(Error::invalid(
+                a.0,
+                format!(
+                    "overlaps {} (outputs must be distinct from each other and from the inputs)",
+                    b.0
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

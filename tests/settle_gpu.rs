@@ -254,6 +254,8 @@ fn tf32(dev: &Device) -> bool {
     match dev.kind() {
         DeviceKind::Cuda => true,
         DeviceKind::Hip | DeviceKind::Cpu => false,
+        // The emulated device (a variant only with the `emulate` feature).
+        #[allow(unreachable_patterns)]
         _ => dev.name().contains("warp 32"),
     }
 }

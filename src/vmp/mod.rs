@@ -59,7 +59,7 @@ pub use model::{EPS, Model, ModelSpec, construct_policies, dirichlet_mean};
 
 use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
 use crate::error::{Error, Result};
-use crate::tensor::{check_len, same_device};
+use crate::tensor::{check_len, check_no_overlap, same_device};
 
 /// The f64 reference on host slices (what the CPU device runs, and what the tests hold up
 /// against pymdp at 1e-6).
@@ -480,27 +480,6 @@ fn batch_of(name: &str, len: usize, per: usize) -> Result<usize> {
         ));
     }
     Ok(len / per)
-}
-
-/// Inputs and outputs as (name, first byte, end byte) spans; `Err` if an output overlaps
-/// another output or an input.
-fn check_no_overlap(ins: &[(&str, u64, usize)], outs: &[(&str, u64, usize)]) -> Result<()> {
-    let overlaps = |a: &(&str, u64, usize), b: &(&str, u64, usize)| {
-        let (a0, a1, b0, b1) = (a.1, a.1 + a.2 as u64, b.1, b.1 + b.2 as u64);
-        a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1
-    };
-    for (i, a) in outs.iter().enumerate() {
-        if let Some(b) = outs[..i].iter().chain(ins).find(|b| overlaps(a, b)) {
-            return Err(Error::invalid(
-                a.0,
-                format!(
-                    "overlaps {} (outputs must be distinct from each other and from the inputs)",
-                    b.0
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn out_len<T: bytemuck::Pod>(
