@@ -67,6 +67,7 @@
 // Without a GPU feature the launch plumbing has no caller; it is still compiled and checked.
 #![cfg_attr(not(fep_gpu), allow(dead_code, unused_variables))]
 
+pub mod attention;
 mod backend;
 pub mod diagnostics;
 pub mod element;

@@ -1,0 +1,529 @@
+//! Precision-weighted attention, forward (DESIGN.md §4.1), with the conventions of
+//! tests/fixtures/ATTENTION-CONVENTIONS.md (the PyTorch float64 fixtures).
+//!
+//! q `[B, Hq, Lq, D]`, k `[B, Hkv, Lk, D]`, v `[B, Hkv, Lk, Dv]` with Hq % Hkv == 0 (query head h
+//! reads kv head h / (Hq / Hkv): GQA/MQA without copies), each a [`Tensor4`] with the last
+//! dimension contiguous and free strides otherwise (BHLD and BLHD alike). Precision
+//! π_ij = π_h · π_j (per query head `[Hq]`, per kv head and key `[B, Hkv, Lk]`, either optional,
+//! every entry > 0). With d² = ‖q_i − k_j‖² and the scale τ (default 1/√D for Dot, 1 otherwise):
+//!
+//! ```text
+//! Dot          s = τ π q·k
+//! Gaussian     s = −½ τ π d²                       (+ (D/2) ln π with the normaliser)
+//! StudentT(ν)  s = −((ν + D)/2) ln(1 + τ π d²/ν)   (+ (D/2) ln π)
+//! Laplace      s = −√(τ π) d                       (+ (D/2) ln π)
+//! o_i = Σ_j softmax_j(s_ij) v_j,   lse_i = ln Σ_j e^{s_ij},   e_i = Σ_j w_ij π_ij d²_ij
+//! ```
+//!
+//! over the visible keys: all, or with `causal` those j ≤ i + Lk − Lq (bottom-right aligned),
+//! with a `window` W also j > i + Lk − Lq − W, and with per-batch key lengths only j < kv_len\[b\].
+//! A row with no visible key gives o = 0, lse = −∞, e = 0. The normaliser (D/2) ln π (on by
+//! default; Dot has none) matters only when π varies per key.
+//!
+//! This release has the f64 CPU reference; the GPU kernels (tensor-core tiles through
+//! kernels/port/mma.cuh, online softmax) are issue 5's next step, and a GPU device returns
+//! `Error::Unsupported` until then.
+//!
+//! ```
+//! use fep_kernels::{Device, attention::{self, AttentionSpec, Precisions, Score, Tensor4}};
+//! let dev = Device::cpu();
+//! // One batch, one head, two queries and three keys of dimension 2 (BHLD).
+//! let q = dev.upload(&[1.0f32, 0.0, 0.0, 1.0])?;
+//! let k = dev.upload(&[1.0f32, 0.0, 0.0, 1.0, -1.0, 0.0])?;
+//! let v = dev.upload(&[1.0f32, 2.0, 3.0])?; // Dv = 1
+//! let (q, k, v) = (
+//!     Tensor4::bhld(q.view(), [1, 1, 2, 2]),
+//!     Tensor4::bhld(k.view(), [1, 1, 3, 2]),
+//!     Tensor4::bhld(v.view(), [1, 1, 3, 1]),
+//! );
+//! let spec = AttentionSpec::new(Score::StudentT(1.0)).causal(true);
+//! let out = attention::forward(&spec, &q, &k, &v, &Precisions::default(), None)?;
+//! let o = out.o.to_vec()?;
+//! // Bottom-right causal: query 0 sees keys 0 and 1, query 1 all three.
+//! assert!(o[0] > 1.0 && o[0] < 2.0);
+//! # Ok::<(), fep_kernels::Error>(())
+//! ```
+
+mod cpu;
+
+use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::tensor::{check_len, check_no_overlap, same_device};
+
+/// The score family.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Score {
+    /// s = τ π q·k.
+    Dot,
+    /// s = −½ τ π d².
+    Gaussian,
+    /// s = −((ν + D)/2) ln(1 + τ π d²/ν), ν > 0.
+    StudentT(f32),
+    /// s = −√(τ π d²).
+    Laplace,
+}
+
+impl Score {
+    /// Every family (Student-t with ν = 5); for tests and benches.
+    pub const ALL: [Score; 4] = [
+        Score::Dot,
+        Score::Gaussian,
+        Score::StudentT(5.0),
+        Score::Laplace,
+    ];
+
+    /// The C ABI code (`FEP_SCORE_*`).
+    pub fn code(self) -> i32 {
+        match self {
+            Score::Dot => 0,
+            Score::Gaussian => 1,
+            Score::StudentT(_) => 2,
+            Score::Laplace => 3,
+        }
+    }
+
+    /// Whether s depends on q and k through d² (all but Dot).
+    pub fn is_distance(self) -> bool {
+        self != Score::Dot
+    }
+}
+
+/// A `[B, H, L, D]` tensor over borrowed memory: element strides for B, H and L, the last
+/// dimension contiguous.
+#[derive(Clone, Debug)]
+pub struct Tensor4<'a, T: Element> {
+    /// The elements (the view must cover every addressed element).
+    pub data: View<'a, T>,
+    /// [B, H, L, D].
+    pub shape: [usize; 4],
+    /// Element strides of B, H and L.
+    pub strides: [usize; 3],
+}
+
+impl<'a, T: Element> Tensor4<'a, T> {
+    /// Row-major `[B, H, L, D]` (PyTorch's usual attention layout).
+    pub fn bhld(data: View<'a, T>, shape: [usize; 4]) -> Self {
+        let [_, h, l, d] = shape;
+        Tensor4 {
+            data,
+            shape,
+            strides: [h * l * d, l * d, d],
+        }
+    }
+
+    /// Row-major `[B, L, H, D]` memory (FlashAttention's layout), seen as `[B, H, L, D]`;
+    /// `shape` is given in BHLD order.
+    pub fn blhd(data: View<'a, T>, shape: [usize; 4]) -> Self {
+        let [_, h, l, d] = shape;
+        Tensor4 {
+            data,
+            shape,
+            strides: [l * h * d, d, h * d],
+        }
+    }
+}
+
+/// A `[B, H, L, D]` output tensor (as [`Tensor4`]).
+#[derive(Debug)]
+pub struct Tensor4Mut<'a, T: Element> {
+    /// The elements.
+    pub data: ViewMut<'a, T>,
+    /// [B, H, L, D].
+    pub shape: [usize; 4],
+    /// Element strides of B, H and L.
+    pub strides: [usize; 3],
+}
+
+impl<'a, T: Element> Tensor4Mut<'a, T> {
+    /// Row-major `[B, H, L, D]`.
+    pub fn bhld(data: ViewMut<'a, T>, shape: [usize; 4]) -> Self {
+        let [_, h, l, d] = shape;
+        Tensor4Mut {
+            data,
+            shape,
+            strides: [h * l * d, l * d, d],
+        }
+    }
+
+    /// Row-major `[B, L, H, D]` memory seen as `[B, H, L, D]`.
+    pub fn blhd(data: ViewMut<'a, T>, shape: [usize; 4]) -> Self {
+        let [_, h, l, d] = shape;
+        Tensor4Mut {
+            data,
+            shape,
+            strides: [l * h * d, d, h * d],
+        }
+    }
+}
+
+/// What to compute besides the tensors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionSpec {
+    /// The score family.
+    pub score: Score,
+    /// τ; None: 1/√D for Dot, 1 for the distance families. f64 so the reference takes any τ
+    /// exactly (the kernels round it once to f32).
+    pub scale: Option<f64>,
+    /// Keys after the (bottom-right aligned) diagonal are masked.
+    pub causal: bool,
+    /// Sliding window W ≥ 1: only the W keys ending at the diagonal are visible (implies causal).
+    pub window: Option<u32>,
+    /// Add (D/2) ln π to the distance families' scores (ignored for Dot).
+    pub normalizer: bool,
+    /// On a GPU, scan the precisions (> 0, finite) and key lengths (in 0..=Lk) before the
+    /// launch (one read-back, so the call waits); off: fully asynchronous.
+    pub check_inputs: bool,
+}
+
+impl AttentionSpec {
+    /// `score` with the default scale, no mask, the normaliser on, inputs checked.
+    pub fn new(score: Score) -> Self {
+        AttentionSpec {
+            score,
+            scale: None,
+            causal: false,
+            window: None,
+            normalizer: true,
+            check_inputs: true,
+        }
+    }
+
+    /// τ.
+    pub fn scale(mut self, tau: f64) -> Self {
+        self.scale = Some(tau);
+        self
+    }
+
+    /// Causal (bottom-right aligned) masking.
+    pub fn causal(mut self, on: bool) -> Self {
+        self.causal = on;
+        self
+    }
+
+    /// A sliding window of `w` keys ending at the diagonal (implies causal).
+    pub fn window(mut self, w: u32) -> Self {
+        self.window = Some(w);
+        self
+    }
+
+    /// The (D/2) ln π normaliser of the distance families.
+    pub fn normalizer(mut self, on: bool) -> Self {
+        self.normalizer = on;
+        self
+    }
+
+    /// Whether to scan the inputs on a GPU.
+    pub fn check_inputs(mut self, on: bool) -> Self {
+        self.check_inputs = on;
+        self
+    }
+
+    /// τ for head dim `d`.
+    pub fn tau(&self, d: usize) -> f64 {
+        match self.scale {
+            Some(t) => t,
+            None if self.score == Score::Dot => 1.0 / (d as f64).sqrt(),
+            None => 1.0,
+        }
+    }
+
+    /// Whether keys past the diagonal are masked (causal, or a window).
+    pub fn is_causal(&self) -> bool {
+        self.causal || self.window.is_some()
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Score::StudentT(nu) = self.score {
+            if !(nu.is_finite() && nu > 0.0) {
+                return Err(Error::invalid(
+                    "nu",
+                    format!("must be finite and > 0, got {nu}"),
+                ));
+            }
+        }
+        if let Some(t) = self.scale {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(Error::invalid(
+                    "scale",
+                    format!("must be finite and > 0, got {t}"),
+                ));
+            }
+        }
+        if self.window == Some(0) {
+            return Err(Error::invalid("window", "must be >= 1"));
+        }
+        Ok(())
+    }
+}
+
+/// The precisions π_h `[Hq]` and π_j `[B, Hkv, Lk]` (row-major), either optional, every entry
+/// finite and > 0.
+#[derive(Clone, Debug, Default)]
+pub struct Precisions<'a> {
+    /// Per query head.
+    pub head: Option<View<'a, f32>>,
+    /// Per kv head and key.
+    pub key: Option<View<'a, f32>>,
+}
+
+/// Where [`forward_into`] writes: o `[B, Hq, Lq, Dv]` in the input dtype, lse and e
+/// `[B, Hq, Lq]` f32 (row-major), both optional.
+#[derive(Debug)]
+pub struct AttentionOutputs<'a, T: Element> {
+    /// The output.
+    pub o: Tensor4Mut<'a, T>,
+    /// ln Σ_j e^{s_ij}.
+    pub lse: Option<ViewMut<'a, f32>>,
+    /// Σ_j w_ij π_ij d²_ij.
+    pub e: Option<ViewMut<'a, f32>>,
+}
+
+/// What [`forward`] returns (o in BHLD).
+#[derive(Debug)]
+pub struct AttentionResult<T: Element> {
+    /// `[B, Hq, Lq, Dv]`.
+    pub o: DeviceBuffer<T>,
+    /// `[B, Hq, Lq]`.
+    pub lse: DeviceBuffer<f32>,
+    /// `[B, Hq, Lq]`.
+    pub e: DeviceBuffer<f32>,
+}
+
+/// The checked sizes of a call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+/// The largest element offset a tensor addresses, +1 (0 for an empty tensor).
+fn extent(shape: [usize; 4], strides: [usize; 3]) -> usize {
+    if shape.contains(&0) {
+        return 0;
+    }
+    (0..3).map(|i| (shape[i] - 1) * strides[i]).sum::<usize>() + shape[3]
+}
+
+fn check_tensor(name: &str, shape: [usize; 4], strides: [usize; 3], len: usize) -> Result<()> {
+    if shape.contains(&0) {
+        return Err(Error::invalid(
+            name,
+            format!("shape {shape:?} has a zero dimension"),
+        ));
+    }
+    let need = extent(shape, strides);
+    if need > len {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "shape {shape:?} with strides {strides:?} addresses {need} elements; the view has {len}"
+            ),
+        ));
+    }
+    // Rows of length D must not overlap each other (a stride below D in any dimension of size
+    // > 1 would make rows alias).
+    if let Some(i) = (0..3).find(|&i| shape[i] > 1 && strides[i] < shape[3]) {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "stride {} of dimension {i} is below the row length {}",
+                strides[i], shape[3]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Head dims the GPU kernels take (the CPU reference takes any).
+pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+
+fn dims<T: Element>(q: &Tensor4<'_, T>, k: &Tensor4<'_, T>, v: &Tensor4<'_, T>) -> Result<Dims> {
+    check_tensor("q", q.shape, q.strides, q.data.len())?;
+    check_tensor("k", k.shape, k.strides, k.data.len())?;
+    check_tensor("v", v.shape, v.strides, v.data.len())?;
+    let [b, hq, lq, d] = q.shape;
+    let [kb, hkv, lk, kd] = k.shape;
+    let [vb, vh, vl, dv] = v.shape;
+    if kb != b || vb != b {
+        return Err(Error::invalid(
+            "k",
+            format!("batch {kb} (v: {vb}) differs from q's {b}"),
+        ));
+    }
+    if kd != d {
+        return Err(Error::invalid(
+            "k",
+            format!("head dim {kd} differs from q's {d}"),
+        ));
+    }
+    if vh != hkv || vl != lk {
+        return Err(Error::invalid(
+            "v",
+            format!("heads {vh} and length {vl} differ from k's {hkv} and {lk}"),
+        ));
+    }
+    if hq % hkv != 0 {
+        return Err(Error::invalid(
+            "k",
+            format!("{hkv} kv heads do not divide the {hq} query heads"),
+        ));
+    }
+    Ok(Dims {
+        b,
+        hq,
+        hkv,
+        lq,
+        lk,
+        d,
+        dv,
+    })
+}
+
+/// Everything a backend needs, checked.
+pub(crate) struct Problem<'p, 'a, T: Element> {
+    pub spec: AttentionSpec,
+    pub dims: Dims,
+    pub q: &'p Tensor4<'a, T>,
+    pub k: &'p Tensor4<'a, T>,
+    pub v: &'p Tensor4<'a, T>,
+    pub precision: &'p Precisions<'a>,
+    pub kv_len: Option<&'p View<'a, i32>>,
+}
+
+/// Precision-weighted attention, forward, into `out`, enqueued on `stream`. `kv_len`: per-batch
+/// key lengths `[B]` (keys j ≥ kv_len\[b\] are padding). Everything is checked before anything is
+/// written: shapes, strides, heads, devices, ν, τ, the window, outputs that alias an input or
+/// each other, and (on the CPU, or on a GPU with `check_inputs`) every precision > 0 and every
+/// key length in 0..=Lk.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_into<'a, T: Element>(
+    spec: &AttentionSpec,
+    q: &Tensor4<'a, T>,
+    k: &Tensor4<'a, T>,
+    v: &Tensor4<'a, T>,
+    precision: &Precisions<'a>,
+    kv_len: Option<&View<'a, i32>>,
+    out: AttentionOutputs<'_, T>,
+    stream: Stream,
+) -> Result<()> {
+    spec.validate()?;
+    let dims = dims(q, k, v)?;
+    let dev = q.data.device();
+    same_device("k", k.data.device(), dev)?;
+    same_device("v", v.data.device(), dev)?;
+    if let Some(h) = &precision.head {
+        same_device("precision.head", h.device(), dev)?;
+        check_len("precision.head", h.len(), dims.hq)?;
+    }
+    if let Some(p) = &precision.key {
+        same_device("precision.key", p.device(), dev)?;
+        check_len("precision.key", p.len(), dims.b * dims.hkv * dims.lk)?;
+    }
+    if let Some(l) = kv_len {
+        same_device("kv_len", l.device(), dev)?;
+        check_len("kv_len", l.len(), dims.b)?;
+    }
+    let want = [dims.b, dims.hq, dims.lq, dims.dv];
+    if out.o.shape != want {
+        return Err(Error::invalid(
+            "o",
+            format!("shape {:?}, expected {want:?}", out.o.shape),
+        ));
+    }
+    same_device("o", out.o.data.device(), dev)?;
+    check_tensor("o", out.o.shape, out.o.strides, out.o.data.len())?;
+    let rows = dims.b * dims.hq * dims.lq;
+    for (name, v) in [("lse", &out.lse), ("e", &out.e)] {
+        if let Some(v) = v {
+            same_device(name, v.device(), dev)?;
+            check_len(name, v.len(), rows)?;
+        }
+    }
+    // Byte spans of everything read and written: an output may alias nothing.
+    let span = |name, addr: u64, elems: usize, size: usize| (name, addr, elems * size);
+    let el = std::mem::size_of::<T>();
+    let mut ins = vec![
+        span("q", q.data.addr(), extent(q.shape, q.strides), el),
+        span("k", k.data.addr(), extent(k.shape, k.strides), el),
+        span("v", v.data.addr(), extent(v.shape, v.strides), el),
+    ];
+    for (name, p) in [
+        ("precision.head", &precision.head),
+        ("precision.key", &precision.key),
+    ] {
+        if let Some(p) = p {
+            ins.push(span(name, p.addr(), p.len(), 4));
+        }
+    }
+    if let Some(l) = kv_len {
+        ins.push(span("kv_len", l.addr(), l.len(), 4));
+    }
+    let mut outs = vec![span(
+        "o",
+        out.o.data.addr,
+        extent(out.o.shape, out.o.strides),
+        el,
+    )];
+    for (name, v) in [("lse", &out.lse), ("e", &out.e)] {
+        if let Some(v) = v {
+            outs.push(span(name, v.addr, v.len(), 4));
+        }
+    }
+    check_no_overlap(&ins, &outs)?;
+    let p = Problem {
+        spec: *spec,
+        dims,
+        q,
+        k,
+        v,
+        precision,
+        kv_len,
+    };
+    if !dev.is_gpu() {
+        return cpu::forward_views(&p, out);
+    }
+    let _ = stream;
+    Err(Error::Unsupported(
+        "precision-weighted attention has no GPU kernels yet (issue 5); use Device::cpu()".into(),
+    ))
+}
+
+/// Forward on the default stream into new buffers (o in BHLD, lse and e).
+pub fn forward<'a, T: Element>(
+    spec: &AttentionSpec,
+    q: &Tensor4<'a, T>,
+    k: &Tensor4<'a, T>,
+    v: &Tensor4<'a, T>,
+    precision: &Precisions<'a>,
+    kv_len: Option<&View<'a, i32>>,
+) -> Result<AttentionResult<T>> {
+    spec.validate()?;
+    let d = dims(q, k, v)?;
+    let dev: &Device = q.data.device();
+    let shape = [d.b, d.hq, d.lq, d.dv];
+    let rows = d.b * d.hq * d.lq;
+    let mut r = AttentionResult {
+        o: dev.alloc(rows * d.dv)?,
+        lse: dev.alloc(rows)?,
+        e: dev.alloc(rows)?,
+    };
+    let out = AttentionOutputs {
+        o: Tensor4Mut::bhld(r.o.view_mut(), shape),
+        lse: Some(r.lse.view_mut()),
+        e: Some(r.e.view_mut()),
+    };
+    forward_into(spec, q, k, v, precision, kv_len, out, dev.default_stream())?;
+    Ok(r)
+}
+
+/// The f64 reference on host slices (what the CPU device runs; tests hold it against the
+/// PyTorch fixtures at 1e-11).
+pub mod reference {
+    pub use super::cpu::{RefInputs, RefOutputs, forward};
+}
