@@ -3,7 +3,7 @@
 #   1. every test binary, with FEP_REQUIRE_GPU=1 (a GPU test that finds no GPU fails here);
 #   2. the tour, the digits example and the Python binding tests (on CUDA tensors);
 #      then the criterion benches;
-#   3. the peer scripts (PyTorch, JAX, pymdp) on the same shapes, through the C ABI; pymdp is
+#   3. the peer scripts (PyTorch SDPA and FlexAttention, JAX, pymdp) on the same shapes, through the C ABI; pymdp is
 #      installed from the wheels of gpu-stage/wheels/ into a temporary folder that only
 #      benches/peers/vmp.py searches (this machine has no network; nothing system-wide changes);
 #   4. benches/results/<gpu>.md from 2 and 3 (written into $OUT too).
@@ -39,7 +39,7 @@ echo "=== pc_digits (predictive-coding training on the GPU; >= 95% test accuracy
 
 echo "=== Python bindings on CUDA tensors"
 : >"$OUT/python.log"
-for t in test_settle.py test_vmp.py; do
+for t in test_settle.py test_vmp.py test_attention.py; do
   echo "--- bindings/python/$t" >>"$OUT/python.log"
   if ! FEP_KERNELS_LIB="$stage/libfep_kernels.so" python3 "bindings/python/$t" >>"$OUT/python.log" 2>&1; then
     echo "FAILED: bindings/python/$t"
@@ -51,7 +51,7 @@ grep -E "^--- |passed|SKIPPED|FAILED|Error" "$OUT/python.log" | tail -12
 echo "=== benches"
 export CRITERION_HOME="$OUT/criterion"
 for b in "$stage"/bench-*; do
-  "$b" --bench --noplot 2>&1 | tee -a "$OUT/bench.log" | grep -E "lca |settle |vmp |time:|thrpt:|^[a-z]+_(lca|settle|vmp)"
+  "$b" --bench --noplot 2>&1 | tee -a "$OUT/bench.log" | grep -E "lca |settle |vmp |attention |time:|thrpt:|SKIPPED|^[a-z]+_(lca|settle|vmp|attention)"
 done
 
 echo "=== peers"
@@ -72,6 +72,9 @@ else
 fi
 timeout 240 python3 benches/peers/vmp.py --lib "$stage/libfep_kernels.so" --pydeps "$pydeps" --out "$OUT/peers-vmp.json" 2>&1 | tee -a "$OUT/peers.log"
 rm -rf "$pydeps"
+# FlexAttention compiles once per family (dynamic shapes); the script stops starting new shapes
+# after its own budget (165 s) and writes its JSON as it goes, so the timeout only guards a hang.
+timeout 200 python3 benches/peers/attention.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-attention.json" 2>&1 | tee -a "$OUT/peers.log"
 
 echo "=== report"
 python3 ci/gpu-report.py --out "$OUT" --commit "$(cat "$stage/COMMIT")"

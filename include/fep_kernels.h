@@ -74,6 +74,12 @@ extern "C" {
 #define FEP_VMP_COUNTS_B 1
 #define FEP_VMP_COUNTS_D 2
 
+/* attention score families (DESIGN.md 4.1; d2 = |q_i - k_j|^2, pi = pi_h pi_j, tau the scale) */
+#define FEP_SCORE_DOT 0       /* s = tau pi q.k */
+#define FEP_SCORE_GAUSSIAN 1  /* s = -1/2 tau pi d2 */
+#define FEP_SCORE_STUDENT_T 2 /* s = -((nu + D)/2) ln(1 + tau pi d2 / nu) */
+#define FEP_SCORE_LAPLACE 3   /* s = -sqrt(tau pi d2) */
+
 /* The library version, e.g. "0.1.0". Static storage, never NULL. */
 const char *fep_version(void);
 
@@ -320,6 +326,48 @@ int32_t fep_vmp_infer_policies(const FepVmpModel *model, void *stream,
 int32_t fep_vmp_learn(FepVmpModel *model, void *stream, const FepVmpLearnParams *params,
                       uint64_t steps, int32_t obs_kind, const void *obs, uint64_t n,
                       const float *qs, const int32_t *actions);
+
+/* ---- precision-weighted attention (DESIGN.md 4.1) ---- */
+
+/* A [B, H, L, D] tensor on the call's device: element (b, h, l, x) is at
+ * data + b strides[0] + h strides[1] + l strides[2] + x elements (the last dimension is
+ * contiguous). Row-major BHLD: strides {H L D, L D, D}; row-major BLHD memory (FlashAttention's
+ * layout) seen as BHLD: {L H D, D, H D}. Rows of D elements may not overlap. */
+typedef struct FepAttnTensor {
+    void *data;
+    uint64_t shape[4];   /* B, H, L, D (in this order whatever the memory layout) */
+    uint64_t strides[3]; /* element strides of B, H and L */
+} FepAttnTensor;
+
+typedef struct FepAttentionParams {
+    int32_t score;     /* FEP_SCORE_DOT, _GAUSSIAN, _STUDENT_T or _LAPLACE */
+    float nu;          /* FEP_SCORE_STUDENT_T: degrees of freedom, finite and > 0 (else unused) */
+    double scale;      /* tau; <= 0 or NaN: the default (1/sqrt(D) for DOT, 1 otherwise) */
+    int32_t causal;    /* != 0: keys j > i + Lk - Lq are masked (bottom-right aligned) */
+    int32_t window;    /* W >= 1: only keys i + Lk - Lq - W < j <= i + Lk - Lq are visible
+                        * (implies causal); 0: no window */
+    int32_t normalizer; /* != 0: add (D/2) ln pi to the distance families' scores (not DOT) */
+    int32_t skip_input_checks; /* 0: on a GPU, scan pi_head, pi_key (finite, > 0) and kv_len (in
+                                * 0 .. Lk) first, which reads back one word (the call waits for
+                                * the stream); 1: skip the scan and return without synchronising.
+                                * The CPU always checks. */
+} FepAttentionParams;
+
+/* o_i = sum_j softmax_j(s_ij) v_j over the visible keys, with q [B, Hq, Lq, D], k [B, Hkv, Lk, D],
+ * v [B, Hkv, Lk, Dv] (Hq % Hkv == 0: query head h reads kv head h / (Hq / Hkv)), all of `dtype`
+ * (FEP_DTYPE_F32, _F16 or _BF16), o [B, Hq, Lq, Dv] of `dtype` (any strides, as the inputs).
+ * Optional (NULL: none): pi_head [Hq] and pi_key [B, Hkv, Lk] float precisions (pi = 1 where
+ * absent), kv_len [B] int32 key lengths (keys j >= kv_len[b] are padding); outputs lse
+ * [B, Hq, Lq] = ln sum_j e^{s_ij} and e [B, Hq, Lq] = sum_j w_ij pi_ij d2_ij, float, row-major.
+ * A row with no visible key gets o = 0, lse = -inf, e = 0. Outputs may not alias any input or each
+ * other. On the CPU the computation is the float64 reference; GPU devices return
+ * FEP_ERR_UNSUPPORTED in this release (the kernels are not there yet). */
+int32_t fep_attention_forward(int32_t kind, int32_t ordinal, void *stream,
+                              const FepAttentionParams *params, int32_t dtype,
+                              const FepAttnTensor *q, const FepAttnTensor *k,
+                              const FepAttnTensor *v, const float *pi_head, const float *pi_key,
+                              const int32_t *kv_len, const FepAttnTensor *o, float *lse,
+                              float *e);
 
 #ifdef __cplusplus
 }

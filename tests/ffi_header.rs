@@ -280,10 +280,28 @@ fn parse_header_structs(body: &str, h: &mut Header) {
                 .map(str::trim)
                 .filter(|d| !d.is_empty())
             {
+                // One fixed-size array dimension, `T name[N]`, is `[T; N]` in Rust.
+                let (decl, array) = match decl.split_once('[') {
+                    Some((head, tail)) => match tail
+                        .strip_suffix(']')
+                        .and_then(|n| n.trim().parse::<usize>().ok())
+                        .filter(|&n| n > 0)
+                    {
+                        Some(n) => (head.trim_end(), Some(n)),
+                        None => {
+                            h.problems.push(format!(
+                                "header: {tag}: field `{decl}`: arrays need one constant size \
+                                 `name[N]`, N >= 1"
+                            ));
+                            continue;
+                        }
+                    },
+                    None => (decl, None),
+                };
                 if decl.contains([',', '[', ':', '(']) {
                     h.problems.push(format!(
                         "header: {tag}: field `{decl}`: one plain declarator per field only \
-                         (no arrays, bit-fields, function pointers or `a, b` lists)"
+                         (no bit-fields, function pointers or `a, b` lists)"
                     ));
                     continue;
                 }
@@ -296,7 +314,13 @@ fn parse_header_structs(body: &str, h: &mut Header) {
                     continue;
                 }
                 match c_type_to_rust(ty) {
-                    Ok(t) => fields.push((fname.to_string(), t)),
+                    Ok(t) => fields.push((
+                        fname.to_string(),
+                        match array {
+                            Some(n) => format!("[{t}; {n}]"),
+                            None => t,
+                        },
+                    )),
                     Err(e) => h.problems.push(format!("header: {tag}.{fname}: {e}")),
                 }
             }
@@ -755,6 +779,8 @@ fn header_and_ffi_rs_declare_the_same_abi() {
         "FepVmpSequenceParams",
         "FepVmpPolicyParams",
         "FepVmpLearnParams",
+        "FepAttnTensor",
+        "FepAttentionParams",
     ] {
         assert!(
             h.structs.get(name).is_some_and(|f| f.len() >= 3),
@@ -785,6 +811,7 @@ fn header_and_ffi_rs_declare_the_same_abi() {
         "fep_vmp_infer_sequence",
         "fep_vmp_infer_policies",
         "fep_vmp_learn",
+        "fep_attention_forward",
     ] {
         assert!(
             h.functions.contains_key(name),
@@ -839,6 +866,10 @@ fn constants_match_the_compiled_values() {
         ("FEP_VMP_COUNTS_A", FEP_VMP_COUNTS_A),
         ("FEP_VMP_COUNTS_B", FEP_VMP_COUNTS_B),
         ("FEP_VMP_COUNTS_D", FEP_VMP_COUNTS_D),
+        ("FEP_SCORE_DOT", FEP_SCORE_DOT),
+        ("FEP_SCORE_GAUSSIAN", FEP_SCORE_GAUSSIAN),
+        ("FEP_SCORE_STUDENT_T", FEP_SCORE_STUDENT_T),
+        ("FEP_SCORE_LAPLACE", FEP_SCORE_LAPLACE),
     ];
     // Every constant of the header is in the list above (so none is compared only as text).
     for name in h.defines.keys() {
@@ -893,6 +924,16 @@ fn constants_match_the_compiled_values() {
     ] {
         assert_eq!(Some(&(m.code() as i64)), h.defines.get(name), "{m:?}");
         assert_eq!(Method::from_code(m.code()).unwrap(), m, "{m:?} round trip");
+    }
+    use fep_kernels::attention::Score;
+    for s in Score::ALL {
+        let name = match s {
+            Score::Dot => "FEP_SCORE_DOT",
+            Score::Gaussian => "FEP_SCORE_GAUSSIAN",
+            Score::StudentT(_) => "FEP_SCORE_STUDENT_T",
+            Score::Laplace => "FEP_SCORE_LAPLACE",
+        };
+        assert_eq!(Some(&(s.code() as i64)), h.defines.get(name), "{s:?}");
     }
 }
 
@@ -1058,8 +1099,21 @@ fn parser_self_check() {
         assert!(c_type_to_rust(bad).is_err(), "{bad:?} accepted");
     }
     // Unsupported field declarators are reported, not skipped.
+    let h = parse_header("typedef struct FepX { uint64_t s[3]; void *p; } FepX;");
+    assert!(h.problems.is_empty(), "{:?}", h.problems);
+    assert_eq!(
+        h.structs["FepX"],
+        vec![
+            ("s".to_string(), "[u64; 3]".to_string()),
+            ("p".to_string(), "*mut c_void".to_string())
+        ]
+    );
+    assert_eq!(rust_type("[u64;  3]"), "[u64; 3]");
+    assert_eq!(size_align("[u64; 3]"), Ok((24, 8)));
     for bad in [
-        "float a[4];",
+        "float a[];",
+        "float a[0];",
+        "float a[2][3];",
         "uint32_t a : 3;",
         "float a, b;",
         "void (*f)(int32_t x);",
@@ -1086,6 +1140,17 @@ fn size_align(ty: &str) -> Result<(usize, usize), String> {
         "i32" | "u32" | "f32" => (4, 4),
         "i64" | "u64" | "f64" => (8, 8),
         t if t.starts_with('*') => (size_of::<usize>(), align_of::<usize>()),
+        t if t.starts_with('[') && t.ends_with(']') => {
+            let (elem, n) = t[1..t.len() - 1]
+                .rsplit_once(';')
+                .ok_or_else(|| format!("bad array type {t}"))?;
+            let n: usize = n
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad array length in {t}"))?;
+            let (s, a) = size_align(elem.trim())?;
+            (s * n, a)
+        }
         t => return Err(format!("no layout known for the field type {t}")),
     })
 }
@@ -1171,6 +1236,16 @@ fn compiled_layout(name: &str) -> Option<Compiled> {
             skip_input_checks
         ),
         "FepVmpLearnParams" => compiled!(FepVmpLearnParams: lr_a, lr_b, lr_d, skip_input_checks),
+        "FepAttnTensor" => compiled!(FepAttnTensor: data, shape, strides),
+        "FepAttentionParams" => compiled!(
+            FepAttentionParams: score,
+            nu,
+            scale,
+            causal,
+            window,
+            normalizer,
+            skip_input_checks
+        ),
         _ => return None,
     })
 }

@@ -1547,3 +1547,200 @@ class VmpModel(_Owned):
             h, self._stream(), ctypes.byref(params), steps, kind, _ptr(obs), n, _ptr(qs),
             _ptr(actions),
         ))
+
+
+# ---- precision-weighted attention (DESIGN.md 4.1) ----
+
+FEP_SCORE_DOT = 0
+FEP_SCORE_GAUSSIAN = 1
+FEP_SCORE_STUDENT_T = 2
+FEP_SCORE_LAPLACE = 3
+
+_SCORES = {
+    "dot": FEP_SCORE_DOT,
+    "gaussian": FEP_SCORE_GAUSSIAN,
+    "student_t": FEP_SCORE_STUDENT_T,
+    "laplace": FEP_SCORE_LAPLACE,
+}
+
+__all__ += [
+    "attention_forward",
+    "FEP_SCORE_DOT",
+    "FEP_SCORE_GAUSSIAN",
+    "FEP_SCORE_STUDENT_T",
+    "FEP_SCORE_LAPLACE",
+]
+
+
+class _FepAttnTensor(ctypes.Structure):
+    """struct FepAttnTensor of the header."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("shape", ctypes.c_uint64 * 4),
+        ("strides", ctypes.c_uint64 * 3),
+    ]
+
+
+class _FepAttentionParams(ctypes.Structure):
+    """struct FepAttentionParams of the header."""
+
+    _fields_ = [
+        ("score", ctypes.c_int32),
+        ("nu", ctypes.c_float),
+        ("scale", ctypes.c_double),
+        ("causal", ctypes.c_int32),
+        ("window", ctypes.c_int32),
+        ("normalizer", ctypes.c_int32),
+        ("skip_input_checks", ctypes.c_int32),
+    ]
+
+
+_attn_declared = None
+
+
+def _declare_attention(lib):
+    vp, i32 = ctypes.c_void_p, ctypes.c_int32
+    p_t = ctypes.POINTER(_FepAttnTensor)
+    f = lib.fep_attention_forward
+    f.restype = i32
+    f.argtypes = [i32, i32, vp, ctypes.POINTER(_FepAttentionParams), i32, p_t, p_t, p_t, vp, vp,
+                  vp, p_t, vp, vp]
+
+
+def _attn_tensor(t, what, layout):
+    """(FepAttnTensor, BHLD shape) of a 4-d tensor given in ``layout`` ("bhld" or "blhd"): the
+    tensor's own element strides, so views (e.g. a BLHD tensor, a slice of a packed qkv) pass
+    without a copy; only the last dimension must be contiguous."""
+    torch = _torch()
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.dim() != 4:
+        raise ValueError(f"{what}: expected a dense 4-d tensor, got shape {list(t.shape)}")
+    shape, st = list(t.shape), list(t.stride())
+    if layout == "blhd":  # [B, L, H, D] -> seen as [B, H, L, D]
+        shape = [shape[0], shape[2], shape[1], shape[3]]
+        st = [st[0], st[2], st[1], st[3]]
+    if st[3] != 1 and shape[3] != 1:
+        raise ValueError(f"{what}: the last dimension must be contiguous (stride {st[3]})")
+    if any(s < 0 for s in st):
+        raise ValueError(f"{what}: negative strides are not supported")
+    d = _FepAttnTensor()
+    d.data = t.data_ptr()
+    for i in range(4):
+        d.shape[i] = shape[i]
+    for i in range(3):
+        d.strides[i] = st[i]
+    return d, shape
+
+
+def attention_forward(q, k, v, score="dot", nu=5.0, scale=None, causal=False, window=None,
+                      normalizer=True, pi_head=None, pi_key=None, kv_len=None, layout="bhld",
+                      out=None, check=True):
+    """Precision-weighted attention, forward (DESIGN.md 4.1): returns ``(o, lse, e)``.
+
+    ``q`` [B, Hq, Lq, D], ``k`` [B, Hkv, Lk, D], ``v`` [B, Hkv, Lk, Dv] (``layout="bhld"``), or
+    [B, L, H, D] each (``layout="blhd"``, FlashAttention's), all of one dtype (float32, float16
+    or bfloat16) on one device; Hq % Hkv == 0 (GQA/MQA: query head h reads kv head
+    h // (Hq // Hkv)). The tensors' strides are passed as they are (no copies); only the last
+    dimension must be contiguous. With d2 = |q_i - k_j|^2, pi = pi_head[h] * pi_key[b, h_kv, j]
+    and tau = ``scale`` (None: 1/sqrt(D) for "dot", 1 otherwise):
+
+    - "dot":       s = tau pi q.k
+    - "gaussian":  s = -tau pi d2 / 2                         (+ (D/2) ln pi with ``normalizer``)
+    - "student_t": s = -((nu + D)/2) ln(1 + tau pi d2 / nu)   (+ (D/2) ln pi)
+    - "laplace":   s = -sqrt(tau pi d2)                       (+ (D/2) ln pi)
+
+    o_i = sum_j softmax_j(s_ij) v_j, lse_i = ln sum_j exp(s_ij), e_i = sum_j w_ij pi_ij d2_ij,
+    over the visible keys: ``causal`` keeps j <= i + Lk - Lq (bottom-right aligned), ``window`` W
+    also j > i + Lk - Lq - W (and implies causal), ``kv_len`` [B] int32 keeps j < kv_len[b]. A
+    row with no visible key gives o = 0, lse = -inf, e = 0. ``pi_head`` [Hq] and ``pi_key``
+    [B, Hkv, Lk] are float32 (> 0), contiguous, optional (1 where absent).
+
+    Returns o (in ``layout``, the inputs' dtype; ``out`` may be given: a tensor of that shape,
+    dtype and device with a contiguous last dimension, any other strides), lse and e
+    [B, Hq, Lq] float32. ``check=False`` skips the GPU's scan of pi and kv_len (no read-back, the
+    call does not wait). GPU tensors currently raise :class:`FepError` FEP_ERR_UNSUPPORTED (the
+    kernels are issue 5's next step); CPU tensors run the float64 reference.
+
+    Example::
+
+        import torch
+        import fep_kernels as fk
+
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 4, 8, 32, generator=g)        # [B, Hq, Lq, D]
+        k = torch.randn(2, 2, 8, 32, generator=g)        # 2 kv heads: GQA
+        v = torch.randn(2, 2, 8, 16, generator=g)
+        o, lse, e = fk.attention_forward(q, k, v, score="gaussian", causal=True)
+        print(o.shape, lse.shape, e.shape)                # [2, 4, 8, 16], [2, 4, 8], [2, 4, 8]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+        o_dot, _, _ = fk.attention_forward(q, k, v, causal=True)
+        print((o_dot - ref).abs().max())                  # ~1e-7 (dot is SDPA's softmax)
+    """
+    torch = _torch()
+    lib = _get()
+    global _attn_declared
+    if _attn_declared is not lib:
+        _declare_attention(lib)
+        _attn_declared = lib
+    if layout not in ("bhld", "blhd"):
+        raise ValueError(f"layout: {layout!r} is not 'bhld' or 'blhd'")
+    if score not in _SCORES:
+        raise ValueError(f"score: {score!r} is not one of {list(_SCORES)}")
+    qd, qs = _attn_tensor(q, "q", layout)
+    kd, ks = _attn_tensor(k, "k", layout)
+    vd, vs = _attn_tensor(v, "v", layout)
+    dtype = _dtype_code(q, "q")
+    for t, what in ((k, "k"), (v, "v")):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{what}: dtype {t.dtype} differs from q's {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{what}: on {t.device}, expected {q.device} (q's device)")
+    dev = _norm_device(q.device)
+    b, hq, lq, _ = qs
+    _, hkv, lk, _ = ks
+    dv = vs[3]
+    opt = []
+    for t, what, shape, dt in ((pi_head, "pi_head", [hq], torch.float32),
+                               (pi_key, "pi_key", [b, hkv, lk], torch.float32),
+                               (kv_len, "kv_len", [b], torch.int32)):
+        if t is not None:
+            _check_tensor(t, what, shape, dtype=dt, device=q.device, owner="q's device")
+        opt.append(t)
+    o_shape = [b, lq, hq, dv] if layout == "blhd" else [b, hq, lq, dv]
+    if out is None:
+        o = torch.empty(o_shape, dtype=q.dtype, device=q.device)
+    else:
+        o = out
+        if not isinstance(o, torch.Tensor) or list(o.shape) != o_shape:
+            raise ValueError(f"out: expected shape {o_shape}, got "
+                             f"{list(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__}")
+        if o.dtype != q.dtype or o.device != q.device:
+            raise ValueError(f"out: expected {q.dtype} on {q.device}, got {o.dtype} on {o.device}")
+    od, _ = _attn_tensor(o, "out", layout)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    e = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    p = _FepAttentionParams()
+    p.score = _SCORES[score]
+    p.nu = _number(nu, "nu") if score == "student_t" else 0.0
+    p.scale = 0.0 if scale is None else _number(scale, "scale")
+    if scale is not None and not p.scale > 0:
+        raise ValueError(f"scale: must be > 0 (None for the default), got {scale}")
+    p.causal = 1 if causal else 0
+    if window is None:
+        p.window = 0
+    else:
+        w = operator.index(window)
+        if not 1 <= w <= 2**31 - 1:
+            raise ValueError(f"window: must be in 1 ..= 2**31 - 1 (None: no window), got {w}")
+        p.window = w
+    p.normalizer = 1 if normalizer else 0
+    p.skip_input_checks = 0 if check else 1
+    kind, ordinal, stream = _device_args(dev, "q")
+    _check(lib.fep_attention_forward(
+        kind, ordinal, stream, ctypes.byref(p), dtype, ctypes.byref(qd), ctypes.byref(kd),
+        ctypes.byref(vd), _ptr(opt[0]), _ptr(opt[1]), _ptr(opt[2]), ctypes.byref(od), _ptr(lse),
+        _ptr(e)))
+    return o, lse, e

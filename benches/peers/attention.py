@@ -1,0 +1,569 @@
+#!/usr/bin/env python3
+"""Peer benchmark for precision-weighted attention, forward (DESIGN.md sections 4.1 and 7, issue 5).
+
+Times, on the same shapes and the same tensors, in the same run:
+
+  ours        fk.attention_forward (bindings/python/fep_kernels.py, the C ABI on the torch
+              tensors; o preallocated (`out`), check=False as benches/attention.rs does; the
+              binding also writes lse and e, which the Rust bench does not ask for)
+  sdpa        torch.nn.functional.scaled_dot_product_attention, flash backend (Dot only)
+  flex        FlexAttention (torch.nn.attention.flex_attention) with the same score as
+              score_mod, every family: torch.compile(flex_attention, dynamic=True) once, one
+              score_mod per family reused across lengths, causal and full through one mask_mod
+              (a captured flag), so each family compiles once per dtype and head dim (the first
+              call, reported apart). The distance families get d^2 = |q|^2 + |k|^2 - 2 q.k from
+              norms computed in the timed call, the precision (per head or per key) and its log
+              (the normaliser) as captured tensors.
+  sdpa_pad    the padded-q/k SDPA trick for Gaussian (x-transformers style): with per-head
+              precision q~ = [pi_h q, -pi_h/2, 0...], k~ = [k, |k|^2, 0...] (v zero-padded to
+              the same head dim, a multiple of 8), scale tau, so tau q~.k~ = -tau pi_h d^2/2 up
+              to a per-row constant; the padding is built in the timed call; flash backend
+
+Families and precisions as benches/attention.rs: Dot (tau = 1/sqrt(D), no precision), Gaussian
+with per-head precision, StudentT(nu = 5) and Laplace with per-key precision (tau = 1,
+normaliser on). Shapes as benches/attention.rs: B*L = 16k tokens, Hq = Hkv = 2048 / D, BHLD,
+causal and full; inputs uniform(-1, 1), precisions uniform(0.5, 2), from a fixed seed.
+
+Default subset (meant to stay under 3 minutes on an H100, compiles included): bf16, D = 128
+then 64, L in {1k, 4k, 16k}, causal and full, every family (8 flex compiles). A time budget
+(--budget-s, default 165 s) stops starting new shapes past it and lists them as SKIPPED, and the
+JSON is rewritten after each shape, so a slow compile costs shapes, not the run. --full runs
+every shape of the bench (bf16 and f16, L in {512, ..., 16k}: 16 compiles; give it
+--budget-s 600); --dtypes, --dims, --lengths and --families select others.
+
+Agreement is checked once per family, dtype and head dim, at the shortest length measured: the
+relative error max|o - ref| / max|ref| of every implementation's o on batch 0, heads 0-1, against
+a float32 evaluation of the formulas (DESIGN 4.1) from the same (rounded) inputs.
+
+FLOPs by FlashAttention's convention (4*B*Hq*Lq*Lk*D, halved when causal) for every
+implementation, whatever it computes (sdpa_pad's padded head dim is not counted).
+
+Targets of issue 5 on an H100, printed next to the measurements (never as a verdict): Dot >= 350
+TFLOP/s non-causal at L >= 4k; every family at least as fast as flex with the same score
+(flex/ours >= 1); Gaussian (per-head pi) within 10% of Dot; Student-t >= 60% of Dot.
+
+Timing (benches/peers/timing.py): one call (first, compiles), one more, then the median of N
+repetitions (N from the second call so each takes ~0.2 s, at least 3) by CUDA events.
+
+Usage:
+    python3 benches/peers/attention.py --lib target/release/libfep_kernels.so --out attn.json
+    python3 benches/peers/attention.py --smoke   # tiny shapes on the CPU, flex eager: a test
+
+A missing piece (PyTorch, CUDA, FlexAttention, the library, attention_forward, GPU kernels)
+makes the implementations that need it SKIPPED; a failing call is FAILED; neither is fatal.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "bindings", "python"))
+sys.path.insert(0, HERE)
+from timing import Timer, pick_reps  # noqa: E402
+
+TOKENS = 16 * 1024
+MODEL_DIM = 2048
+NU = 5.0
+FAMILIES = ["dot", "gaussian", "studentt", "laplace"]
+PREC = {"dot": None, "gaussian": "head", "studentt": "key", "laplace": "key"}
+OURS_SCORE = {"dot": "dot", "gaussian": "gaussian", "studentt": "student_t", "laplace": "laplace"}
+ALL_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
+DEFAULT_LENGTHS = [1024, 4096, 16384]
+SEED = 20250505
+
+torch = None
+F = None
+
+
+def fail_msg(e):
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
+
+
+def flops(B, H, L, D, causal):
+    f = 4.0 * B * H * L * L * D
+    return f / 2 if causal else f
+
+
+def tau_of(fam, D):
+    return 1.0 / math.sqrt(D) if fam == "dot" else 1.0
+
+
+def target_text(fam, causal, impl, L):
+    """Issue 5's target for this row (a reminder, not a check)."""
+    if impl == "ours":
+        if fam == "dot" and not causal and L >= 4096:
+            return ">=350 TFLOP/s"
+        if fam == "gaussian":
+            return ">=0.9x our dot"
+        if fam == "studentt":
+            return ">=0.6x our dot"
+        return ""
+    if impl == "flex":
+        return "flex/ours>=1"
+    return ""
+
+
+# ---- the float32 reference (DESIGN 4.1) on a slice ----
+
+
+def reference(fam, q, k, v, pih, pik, causal, tau):
+    """o for q, k, v [b, h, L, D] (float32), pih [h] or None, pik [b, h, L] or None."""
+    D = q.shape[-1]
+    pi = torch.ones(q.shape[0], q.shape[1], 1, k.shape[2], dtype=torch.float32, device=q.device)
+    if pih is not None:
+        pi = pi * pih.view(1, -1, 1, 1)
+    if pik is not None:
+        pi = pi * pik[:, :, None, :]
+    if fam == "dot":
+        s = tau * pi * (q @ k.transpose(-1, -2))
+    else:
+        d2 = ((q * q).sum(-1)[..., :, None] + (k * k).sum(-1)[..., None, :]
+              - 2 * (q @ k.transpose(-1, -2))).clamp_min(0)
+        if fam == "gaussian":
+            s = -0.5 * tau * pi * d2
+        elif fam == "studentt":
+            s = -((NU + D) / 2) * torch.log1p(tau * pi * d2 / NU)
+        else:
+            s = -torch.sqrt(tau * pi * d2)
+        s = s + (D / 2) * torch.log(pi)
+    if causal:
+        Lq, Lk = q.shape[2], k.shape[2]
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (Lk - Lq), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+# ---- FlexAttention ----
+
+
+class Captured:
+    """The tensors score_mod and mask_mod read; swapped per shape (dynamo lifts them as graph
+    inputs, guarded on metadata, so with dynamic shapes the compiled kernel is reused)."""
+    qn = kn = pih = lpih = pik = lpik = full = None
+
+
+CAP = Captured()
+
+
+def make_score_mod(fam, D):
+    half_d = D / 2.0
+    c_t = (NU + D) / 2.0
+    inv_nu = 1.0 / NU
+
+    if fam == "dot":
+        def score_mod(score, b, h, qi, ki):
+            return score
+    elif fam == "gaussian":
+        def score_mod(score, b, h, qi, ki):
+            d2 = torch.clamp(CAP.qn[b, h, qi] + CAP.kn[b, h, ki] - 2.0 * score, min=0.0)
+            return -0.5 * CAP.pih[h] * d2 + half_d * CAP.lpih[h]
+    elif fam == "studentt":
+        def score_mod(score, b, h, qi, ki):
+            d2 = torch.clamp(CAP.qn[b, h, qi] + CAP.kn[b, h, ki] - 2.0 * score, min=0.0)
+            return -c_t * torch.log1p(CAP.pik[b, h, ki] * d2 * inv_nu) + half_d * CAP.lpik[b, h, ki]
+    else:
+        def score_mod(score, b, h, qi, ki):
+            d2 = torch.clamp(CAP.qn[b, h, qi] + CAP.kn[b, h, ki] - 2.0 * score, min=0.0)
+            return -torch.sqrt(CAP.pik[b, h, ki] * d2) + half_d * CAP.lpik[b, h, ki]
+    return score_mod
+
+
+def mask_mod(b, h, qi, ki):
+    # Lq = Lk here, so top-left and bottom-right alignment agree; CAP.full: every key visible
+    return (qi >= ki) | CAP.full
+
+
+def setup_torch(args):
+    global torch, F
+    try:
+        import torch as _torch
+        import torch.nn.functional as _F
+        torch, F = _torch, _F
+    except Exception as e:
+        return {"ok": False, "why": f"PyTorch is not installed ({fail_msg(e)})"}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return {"ok": False, "why": "torch.cuda.is_available() is False (no GPU or a CPU-only "
+                "PyTorch)"}
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" \
+        else torch.device("cpu")
+    name = torch.cuda.get_device_name(device) if args.device == "cuda" else "cpu (smoke test)"
+    return {"ok": True, "device": device, "name": name, "cuda": args.device == "cuda"}
+
+
+def setup_flex(args, tx):
+    if not tx["ok"]:
+        return {"ok": False, "why": tx["why"]}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except Exception as e:
+        return {"ok": False, "why": f"FlexAttention does not import ({fail_msg(e)}; torch "
+                f"{torch.__version__})"}
+    try:
+        import torch._dynamo
+        torch._dynamo.config.specialize_float = True  # ATTENTION-CONVENTIONS.md section 9
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+    except Exception:
+        pass
+    if args.smoke or not tx["cuda"]:
+        fn = flex_attention  # eager on the CPU (traces score_mod, no Triton)
+        mode = "eager"
+    else:
+        fn = torch.compile(flex_attention, dynamic=True)
+        mode = "torch.compile(dynamic=True)"
+    return {"ok": True, "fn": fn, "create_block_mask": create_block_mask, "mode": mode}
+
+
+def setup_ours(args, tx):
+    if not tx["ok"]:
+        return {"ok": False, "why": tx["why"]}
+    try:
+        import fep_kernels as fk
+    except Exception as e:
+        return {"ok": False, "why": f"bindings/python/fep_kernels.py: {fail_msg(e)}"}
+    if not hasattr(fk, "attention_forward"):
+        return {"ok": False, "why": "bindings/python/fep_kernels.py has no attention_forward yet"}
+    try:
+        fk.load(args.lib)
+    except Exception as e:
+        return {"ok": False, "why": f"cannot load the library: {fail_msg(e)}"}
+    if tx["cuda"]:
+        kind = "hip" if getattr(torch.version, "hip", None) else "cuda"
+        try:
+            if fk.device_count(kind) < 1:
+                return {"ok": False, "why": f"the library sees no {kind} device (built without "
+                        f"the {kind} feature?)"}
+        except Exception as e:
+            return {"ok": False, "why": f"device_count: {fail_msg(e)}"}
+    try:
+        version = fk.version()
+    except Exception:
+        version = "unknown"
+    return {"ok": True, "fk": fk, "version": version}
+
+
+def is_unsupported(e):
+    s = f"{type(e).__name__} {e}".lower()
+    return "unsupported" in s or "no gpu kernels" in s or "undefined symbol" in s
+
+
+# ---- one dtype and head dim ----
+
+
+def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, records):
+    dev = tx["device"]
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype_name]
+    tokens, model_dim = args.tokens, args.model_dim
+    H = model_dim // D
+    gen = torch.Generator(device="cpu").manual_seed(SEED + D)
+    n = tokens * model_dim
+    # one q, k, v per dtype and D (B*L*H*D is the same for every L), as benches/attention.rs
+    base = [(torch.rand(n, generator=gen) * 2 - 1).to(dtype).to(dev) for _ in range(3)]
+    pih_all = (0.5 + 1.5 * torch.rand(H, generator=gen)).to(dev)
+    pik_all = (0.5 + 1.5 * torch.rand(tokens * H, generator=gen)).to(dev)
+    checked = set()
+    for fam in families:
+        score_mod = make_score_mod(fam, D)
+        first_flex = True
+        for L in lengths:
+            B = tokens // L
+            q, k, v = (x.view(B, H, L, D) for x in base)
+            pih = pih_all if PREC[fam] == "head" else None
+            pik = pik_all.view(B, H, L) if PREC[fam] == "key" else None
+            tau = tau_of(fam, D)
+            for causal in (False, True):
+                mask = "causal" if causal else "full"
+                if time.perf_counter() > args.deadline:
+                    print(f"-- {fam} {mask} {dtype_name} D={D} L={L}: SKIPPED (past the "
+                          f"--budget-s time budget)")
+                    args.budget_skipped += 1
+                    continue
+                print(f"-- {fam} {mask} {dtype_name} D={D} L={L} B={B} H={H}")
+                results = []
+                outs = {}
+
+                def measure(impl, fn):
+                    nonlocal first_flex
+                    try:
+                        t_first = timer.once(fn)
+                        t1 = timer.once(fn)
+                        reps = pick_reps(t1, args.budget_ms, args.min_reps, args.max_reps)
+                        ms = timer.median(fn, reps, warmup=0)
+                    except Exception as e:
+                        msg = fail_msg(e)
+                        kind = "SKIPPED" if impl == "ours" and is_unsupported(e) else "FAILED"
+                        print(f"  {impl:<9} {kind} ({msg})")
+                        results.append({"impl": impl, "ms": None, "note": f"{kind}: {msg}"})
+                        return None
+                    note = ""
+                    if impl == "flex" and first_flex:
+                        note = f"first call (compile) {t_first / 1e3:.1f} s"
+                        first_flex = False
+                    elif t_first > 5 * max(ms, 1e-3):
+                        note = f"first call {t_first:.1f} ms"
+                    results.append({"impl": impl, "ms": ms, "first_ms": t_first, "reps": reps,
+                                    "note": note})
+                    tf = flops(B, H, L, D, causal) / (ms * 1e-3) / 1e12
+                    print(f"  {impl:<9} {ms:10.4f} ms  {tf:8.2f} TFLOP/s  (reps {reps}) {note}")
+                    return ms
+
+                def skip(impl, why):
+                    print(f"  {impl:<9} SKIPPED ({why})")
+                    results.append({"impl": impl, "ms": None, "note": f"SKIPPED: {why}"})
+
+                # ours
+                if not ours["ok"]:
+                    skip("ours", ours["why"])
+                elif fam in ours.get("unsupported", {}):
+                    skip("ours", ours["unsupported"][fam])
+                else:
+                    fk = ours["fk"]
+                    o_ours = torch.empty_like(q)
+                    kw = dict(score=OURS_SCORE[fam], causal=causal, pi_head=pih, pi_key=pik, check=False)
+                    if fam == "studentt":
+                        kw["nu"] = NU
+
+                    def run_ours():
+                        return fk.attention_forward(q, k, v, out=o_ours, **kw)[0]
+
+                    if measure("ours", run_ours) is not None:
+                        outs["ours"] = o_ours
+                    elif results[-1]["note"].startswith("SKIPPED"):
+                        ours.setdefault("unsupported", {})[fam] = results[-1]["note"][9:]
+
+                # sdpa (Dot) and the padded trick (Gaussian)
+                if fam == "dot":
+                    def run_sdpa():
+                        with sdpa_ctx(tx):
+                            return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                  scale=tau)
+                    if measure("sdpa", run_sdpa) is not None:
+                        outs["sdpa"] = run_sdpa()
+                if fam == "gaussian":
+                    pad = (D + 1 + 7) // 8 * 8
+                    ph = pih.view(1, H, 1, 1).to(dtype)
+
+                    def run_pad():
+                        qt = q.new_zeros(B, H, L, pad)
+                        kt = k.new_zeros(B, H, L, pad)
+                        vt = v.new_zeros(B, H, L, pad)
+                        qt[..., :D] = q * ph
+                        qt[..., D] = (-0.5 * ph).expand(B, H, L, 1)[..., 0]
+                        kt[..., :D] = k
+                        kt[..., D] = (k.float() ** 2).sum(-1).to(dtype)
+                        vt[..., :D] = v
+                        with sdpa_ctx(tx):
+                            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
+                                                               scale=tau)
+                        return o[..., :D]
+                    if measure("sdpa_pad", run_pad) is not None:
+                        outs["sdpa_pad"] = run_pad()
+
+                # flex
+                if not flex["ok"]:
+                    skip("flex", flex["why"])
+                else:
+                    try:
+                        qf = q.float()
+                        kf = k.float()
+                        CAP.qn = (qf * qf).sum(-1)
+                        CAP.kn = (kf * kf).sum(-1)
+                        del qf, kf
+                        CAP.pih, CAP.lpih = (pih, pih.log()) if pih is not None else (None, None)
+                        CAP.pik, CAP.lpik = (pik, pik.log()) if pik is not None else (None, None)
+                        CAP.full = torch.tensor(not causal, device=dev)
+                        bm = flex["create_block_mask"](mask_mod, None, None, L, L, device=dev)
+                        ffn = flex["fn"]
+                        fscale = tau if fam == "dot" else 1.0
+                        norms = fam != "dot"
+
+                        def run_flex():
+                            if norms:  # what a user computes per call
+                                CAP.qn = q.float().square().sum(-1)
+                                CAP.kn = k.float().square().sum(-1)
+                            return ffn(q, k, v, score_mod=score_mod, block_mask=bm, scale=fscale)
+                    except Exception as e:
+                        msg = fail_msg(e)
+                        print(f"  flex      FAILED ({msg})")
+                        results.append({"impl": "flex", "ms": None, "note": f"FAILED: {msg}"})
+                    else:
+                        if measure("flex", run_flex) is not None:
+                            outs["flex"] = run_flex()
+
+                # agreement, once per family, dtype and D (at the shortest length)
+                key = (fam, dtype_name, D, causal)
+                if key not in checked and outs:
+                    checked.add(key)
+                    hs = min(2, H)
+                    sl = lambda x: x[:1, :hs].float()  # noqa: E731
+                    ref = reference(fam, sl(q), sl(k), sl(v),
+                                    pih[:hs].float() if pih is not None else None,
+                                    pik[:1, :hs].float() if pik is not None else None,
+                                    causal, tau)
+                    scale = ref.abs().max().item()
+                    for r in results:
+                        if r["impl"] in outs:
+                            r["rel_err"] = (sl(outs[r["impl"]]) - ref).abs().max().item() / scale
+                            print(f"  rel. error vs float32 reference (b0, heads 0-{hs - 1}): "
+                                  f"{r['impl']} {r['rel_err']:.2e}")
+                outs.clear()
+
+                ours_ms = next((r["ms"] for r in results if r["impl"] == "ours"), None)
+                fl = flops(B, H, L, D, causal)
+                for r in results:
+                    ms = r["ms"]
+                    records.append({
+                        "op": "attention",
+                        "family": fam,
+                        "precision": PREC[fam] or "none",
+                        "causal": causal,
+                        "dtype": dtype_name,
+                        "D": D, "L": L, "B": B, "H": H,
+                        "impl": r["impl"],
+                        "ms": ms,
+                        "first_call_ms": r.get("first_ms"),
+                        "reps": r.get("reps"),
+                        "gflop": fl / 1e9,
+                        "tflops": fl / (ms * 1e-3) / 1e12 if ms else None,
+                        "ratio_vs_ours": (ms / ours_ms) if (ms is not None and ours_ms) else None,
+                        "target": target_text(fam, causal, r["impl"], L),
+                        "rel_err_vs_ref": r.get("rel_err"),
+                        "device": tx.get("name"),
+                        "flex_mode": flex.get("mode") if r["impl"] == "flex" else None,
+                        "torch": torch.__version__,
+                        "note": r["note"],
+                    })
+                write_out(args, records)  # as it goes: a timeout still leaves the records
+    CAP.qn = CAP.kn = CAP.pih = CAP.lpih = CAP.pik = CAP.lpik = CAP.full = None
+    del base
+
+
+def write_out(args, records):
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+            f.write("\n")
+
+
+def sdpa_ctx(tx):
+    """The flash backend on CUDA; the default selection on the CPU (smoke)."""
+    import contextlib
+    if not tx["cuda"]:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+
+
+def print_table(records):
+    print()
+    hdr = (f"{'family':<9} {'mask':<6} {'dtype':<5} {'D':>4} {'L':>6} {'impl':<9} {'ms':>10} "
+           f"{'TFLOP/s':>8} {'peer/ours':>9} {'target':<15} {'rel.err':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in records:
+        head = (f"{r['family']:<9} {'causal' if r['causal'] else 'full':<6} {r['dtype']:<5} "
+                f"{r['D']:>4} {r['L']:>6} {r['impl']:<9}")
+        if r["ms"] is None:
+            print(f"{head} {'-':>10}   {r['note']}")
+            continue
+        ratio = f"{r['ratio_vs_ours']:.2f}x" if r["ratio_vs_ours"] is not None else "-"
+        err = f"{r['rel_err_vs_ref']:.1e}" if r["rel_err_vs_ref"] is not None else "-"
+        print(f"{head} {r['ms']:10.4f} {r['tflops']:8.2f} {ratio:>9} {r['target']:<15} {err:>8}")
+    print("(TFLOP/s: FlashAttention's convention 4*B*H*L^2*D, halved when causal; peer/ours: time "
+          "ratio, > 1: ours is faster; target: issue 5's goal for that row, not a verdict; "
+          "rel.err: max|o - ref| / max|ref| vs float32 on batch 0, heads 0-1, shortest length)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lib", help="libfep_kernels.so (default: $FEP_KERNELS_LIB or "
+                    "target/release/libfep_kernels.so)")
+    ap.add_argument("--out", help="write the records as JSON here")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, f32, flex eager, on the CPU: tests the script")
+    ap.add_argument("--full", action="store_true",
+                    help="every shape of benches/attention.rs (bf16 and f16, all six lengths)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated: bf16, f16")
+    ap.add_argument("--dims", default=None, help="comma-separated head dims (default 64,128)")
+    ap.add_argument("--lengths", default=None, help="comma-separated L (default 1024,4096,16384)")
+    ap.add_argument("--families", default=None, help="comma-separated subset of " +
+                    ", ".join(FAMILIES))
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                    help="default cuda (cpu with --smoke)")
+    ap.add_argument("--budget-s", type=float, default=165.0,
+                    help="stop starting new shapes after this many seconds (default 165: the "
+                    "script stays under 3 minutes; the shapes left are listed as SKIPPED)")
+    args = ap.parse_args()
+    args.device = args.device or ("cpu" if args.smoke else "cuda")
+    quick = args.quick or args.smoke
+    args.budget_ms = 30.0 if quick else 150.0
+    args.min_reps, args.max_reps = (2, 5) if quick else (3, 30)
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
+    if args.smoke:
+        args.tokens, args.model_dim = 128, 32
+        dtypes = ["f32"]
+        dims = [16]
+        lengths = [32, 64]
+    else:
+        args.tokens, args.model_dim = TOKENS, MODEL_DIM
+        dtypes = ["bf16", "f16"] if args.full else ["bf16"]
+        dims = [128, 64]  # D = 128 first: what a short budget keeps
+        lengths = ALL_LENGTHS if args.full else DEFAULT_LENGTHS
+    dtypes = args.dtypes.split(",") if args.dtypes else dtypes
+    dims = ints(args.dims) if args.dims else dims
+    lengths = ints(args.lengths) if args.lengths else lengths
+    families = args.families.split(",") if args.families else FAMILIES
+    bad = set(families) - set(FAMILIES)
+    if bad:
+        ap.error(f"unknown families {sorted(bad)}")
+
+    tx = setup_torch(args)
+    if not tx["ok"]:
+        print(f"benches/peers/attention.py: SKIPPED: {tx['why']}")
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("[]\n")
+        return 0
+    flex = setup_flex(args, tx)
+    ours = setup_ours(args, tx)
+    print(f"torch {torch.__version__} on {tx['name']} | flex: "
+          f"{flex['mode'] if flex['ok'] else 'SKIPPED (' + flex['why'] + ')'} | ours: "
+          f"{'fep-kernels ' + ours['version'] if ours['ok'] else 'SKIPPED (' + ours['why'] + ')'}")
+    print(f"shapes: B*L = {args.tokens} tokens, Hq*D = {args.model_dim}, dtypes {dtypes}, "
+          f"D {dims}, L {lengths}, causal and full, families {families}")
+    timer = Timer(tx["cuda"])
+    records = []
+    t0 = time.perf_counter()
+    args.deadline = t0 + args.budget_s
+    args.budget_skipped = 0
+    with torch.no_grad():
+        for dt in dtypes:
+            for D in dims:
+                try:
+                    run_dim(args, tx, flex, ours, timer, dt, D, lengths, families, records)
+                except Exception as e:  # e.g. out of memory: report, go on
+                    print(f"== {dt} D={D}: FAILED ({fail_msg(e)})")
+                if tx["cuda"]:
+                    torch.cuda.empty_cache()
+    print_table(records)
+    if args.budget_skipped:
+        print(f"{args.budget_skipped} shape(s) SKIPPED: past the {args.budget_s:g} s budget")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    write_out(args, records)
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
