@@ -369,34 +369,23 @@ fn fixture_learning_matches_pymdp() {
                 r.b.clone().unwrap(),
                 r.d.clone().unwrap(),
             );
-            for (m, qa_m) in qa.iter().enumerate() {
-                let want = tensor_data(&j["qA"][i][m]);
-                let rescaled = at_f32_rate(want.clone(), &fm.spec.pa[m], "lr_pA");
-                dev.check("learning.qA", &ctx, qa_m, &want);
-                dev.check("learning.qA (at the f32 rate)", &ctx, qa_m, &rescaled);
-                let e = &j["E_qA"][i][m];
-                if !e.is_null() {
-                    dev.check(
-                        "learning.E_qA",
-                        &ctx,
-                        &dirichlet_mean(qa_m, num_obs[m]),
-                        &tensor_data(e),
-                    );
-                }
-            }
-            for (f, qb_f) in qb.iter().enumerate() {
-                let want = tensor_data(&j["qB"][i][f]);
-                let rescaled = at_f32_rate(want.clone(), &fm.spec.pb[f], "lr_pB");
-                dev.check("learning.qB", &ctx, qb_f, &want);
-                dev.check("learning.qB (at the f32 rate)", &ctx, qb_f, &rescaled);
-                let e = &j["E_qB"][i][f];
-                if !e.is_null() {
-                    dev.check(
-                        "learning.E_qB",
-                        &ctx,
-                        &dirichlet_mean(qb_f, num_states[f]),
-                        &tensor_data(e),
-                    );
+            // qA (rows O_m) and qB (rows S_f): the counts, the same at the f32 rate, and E[·].
+            let parts = [
+                ("A", &qa, &num_obs, &fm.spec.pa),
+                ("B", &qb, &num_states, &fm.spec.pb),
+            ];
+            for (x, counts, rows, prior) in parts {
+                for (t, got) in counts.iter().enumerate() {
+                    let want = tensor_data(&j[format!("q{x}")][i][t]);
+                    let rescaled = at_f32_rate(want.clone(), &prior[t], &format!("lr_p{x}"));
+                    dev.check(&format!("learning.q{x}"), &ctx, got, &want);
+                    let what = format!("learning.q{x} (at the f32 rate)");
+                    dev.check(&what, &ctx, got, &rescaled);
+                    let e = &j[format!("E_q{x}")][i][t];
+                    if !e.is_null() {
+                        let mean = dirichlet_mean(got, rows[t]);
+                        dev.check(&format!("learning.E_q{x}"), &ctx, &mean, &tensor_data(e));
+                    }
                 }
             }
             for (f, qd_f) in qd.iter().enumerate() {

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +35,7 @@ except ImportError:  # pragma: no cover
     sys.exit(0)
 
 import fep_kernels as fk
+from _runner import run_tests
 
 F64 = torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -310,30 +310,7 @@ def test_cuda_tensors():
 
 
 def main():
-    try:
-        fk.load()
-    except (OSError, RuntimeError) as e:
-        print(f"test_attention.py: cannot load the library: {e}")
-        return 1
-    print(f"fep-kernels {fk.version()} at {fk._lib_path}, torch {torch.__version__}")
-    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
-    passed = failed = skipped = 0
-    for name, fn in tests:
-        try:
-            note = fn()
-        except Exception:
-            failed += 1
-            print(f"FAIL {name}")
-            traceback.print_exc()
-            continue
-        if isinstance(note, str) and note.startswith("SKIPPED"):
-            skipped += 1
-            print(f"skip {name}: {note}")
-        else:
-            passed += 1
-            print(f"ok   {name}")
-    print(f"{passed} passed, {failed} failed, {skipped} skipped")
-    return 1 if failed else 0
+    return run_tests(globals(), "test_attention.py")
 
 
 if __name__ == "__main__":

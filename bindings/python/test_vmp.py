@@ -19,7 +19,6 @@ Needs PyTorch and NumPy; without them, it prints that it was skipped and exits 0
 import json
 import os
 import sys
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -32,6 +31,7 @@ except ImportError as e:  # pragma: no cover
     sys.exit(0)
 
 import fep_kernels as fk
+from _runner import run_tests
 
 FIXTURE = os.path.join(HERE, "..", "..", "tests", "fixtures", "vmp_pymdp.json")
 F32_TOL = 1e-5
@@ -357,31 +357,7 @@ def test_cuda_tensors():
 
 
 def main():
-    try:
-        fk.load()
-    except (OSError, RuntimeError) as e:
-        print(f"test_vmp.py: cannot load the library: {e}")
-        return 1
-    print(f"fep-kernels {fk.version()} at {fk._lib_path}, torch {torch.__version__}, "
-          f"pymdp fixtures {DATA['pymdp_version']}")
-    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
-    passed = failed = skipped = 0
-    for name, fn in tests:
-        try:
-            note = fn()
-        except Exception:
-            failed += 1
-            print(f"FAIL {name}")
-            traceback.print_exc()
-            continue
-        if isinstance(note, str) and note.startswith("SKIPPED"):
-            skipped += 1
-            print(f"skip {name}: {note}")
-        else:
-            passed += 1
-            print(f"ok   {name}")
-    print(f"{passed} passed, {failed} failed, {skipped} skipped")
-    return 1 if failed else 0
+    return run_tests(globals(), "test_vmp.py", f", pymdp fixtures {DATA['pymdp_version']}")
 
 
 if __name__ == "__main__":
