@@ -108,19 +108,14 @@ fn fixture_fpi_matches_pymdp() {
         let n = r.vfe.len();
         dev.check("fpi.qs", &ctx, &r.qs, &flat_f64(&j["qs"]));
         dev.check("fpi.vfe", &ctx, &r.vfe, &flat_f64(&j["vfe"]));
-        dev.check(
-            "fpi.neg_entropy",
-            &ctx,
-            &r.neg_entropy,
-            &flat_f64(&j["neg_entropy"]),
-        );
-        dev.check(
-            "fpi.prior_cross_entropy",
-            &ctx,
-            &r.prior_cross_entropy,
-            &flat_f64(&j["prior_cross_entropy"]),
-        );
-        dev.check("fpi.accuracy", &ctx, &r.accuracy, &flat_f64(&j["accuracy"]));
+        let terms = [
+            ("neg_entropy", &r.neg_entropy),
+            ("prior_cross_entropy", &r.prior_cross_entropy),
+            ("accuracy", &r.accuracy),
+        ];
+        for (key, got) in terms {
+            dev.check(&format!("fpi.{key}"), &ctx, got, &flat_f64(&j[key]));
+        }
         assert_eq!(r.iterations, flat_i32(&j["iterations_run"]), "{ctx}");
 
         // Per iteration: pymdp's trace is run_factorized_fpi with num_iter = k, k = 1…kmax (kmax

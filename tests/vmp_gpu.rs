@@ -814,6 +814,14 @@ fn assert_counts(what: &str, model: &Model, want: &[Vec<Vec<f64>>; 3]) {
     }
 }
 
+/// Every element still NaN: the call that failed wrote nothing.
+fn assert_untouched(buf: &DeviceBuffer<f32>) {
+    assert!(
+        buf.to_vec().unwrap().iter().all(|v| v.is_nan()),
+        "outputs were written"
+    );
+}
+
 fn states_out(qs: &mut DeviceBuffer<f32>) -> StatesOutputs<'_> {
     StatesOutputs {
         qs: qs.view_mut(),
@@ -856,10 +864,7 @@ fn bad_data_is_rejected_on_the_gpu_and_outputs_stay_untouched() {
         dev.default_stream(),
     );
     expect_invalid(run, "obs", "observation index out of range");
-    assert!(
-        qs.to_vec().unwrap().iter().all(|v| v.is_nan()),
-        "outputs were written"
-    );
+    assert_untouched(&qs);
 
     let mut dist = to_f32(&random_dist_obs(&mut r, &spec.num_obs, n));
     dist[2] = -0.5;
@@ -889,10 +894,7 @@ fn bad_data_is_rejected_on_the_gpu_and_outputs_stay_untouched() {
         dev.default_stream(),
     );
     expect_invalid(run, "prior", "NaN prior");
-    assert!(
-        qs.to_vec().unwrap().iter().all(|v| v.is_nan()),
-        "outputs were written"
-    );
+    assert_untouched(&qs);
 
     // Without the scans a bad index is clamped, never read out of bounds.
     let unchecked = FpiSpec::new().check_inputs(false);
@@ -931,10 +933,7 @@ fn bad_data_is_rejected_on_the_gpu_and_outputs_stay_untouched() {
         dev.default_stream(),
     );
     expect_invalid(run, "actions", "action out of range");
-    assert!(
-        sq.to_vec().unwrap().iter().all(|v| v.is_nan()),
-        "outputs were written"
-    );
+    assert_untouched(&sq);
 
     // Negative beliefs for policy inference.
     let mut b = to_f32(&random_beliefs(&mut r, &spec.num_states, n));
@@ -952,10 +951,7 @@ fn bad_data_is_rejected_on_the_gpu_and_outputs_stay_untouched() {
         dev.default_stream(),
     );
     expect_invalid(run, "qs", "negative beliefs");
-    assert!(
-        q_pi.to_vec().unwrap().iter().all(|v| v.is_nan()),
-        "outputs were written"
-    );
+    assert_untouched(&q_pi);
 
     // Beyond the kernels' tables: 17 factors is Unsupported on a GPU (the CPU takes it).
     let wide = random_model(&mut r, &[2; 17], &[2], &[vec![0]], &[1; 17], 0, false);

@@ -89,6 +89,16 @@ impl Score {
     }
 }
 
+/// Element strides of B, H and L for row-major `[B, H, L, D]` memory.
+fn bhld_strides([_, h, l, d]: [usize; 4]) -> [usize; 3] {
+    [h * l * d, l * d, d]
+}
+
+/// Element strides of B, H and L for row-major `[B, L, H, D]` memory seen as `[B, H, L, D]`.
+fn blhd_strides([_, h, l, d]: [usize; 4]) -> [usize; 3] {
+    [l * h * d, d, h * d]
+}
+
 /// A `[B, H, L, D]` tensor over borrowed memory: element strides for B, H and L, the last
 /// dimension contiguous.
 #[derive(Clone, Debug)]
@@ -104,22 +114,20 @@ pub struct Tensor4<'a, T: Element> {
 impl<'a, T: Element> Tensor4<'a, T> {
     /// Row-major `[B, H, L, D]` (PyTorch's usual attention layout).
     pub fn bhld(data: View<'a, T>, shape: [usize; 4]) -> Self {
-        let [_, h, l, d] = shape;
         Tensor4 {
             data,
             shape,
-            strides: [h * l * d, l * d, d],
+            strides: bhld_strides(shape),
         }
     }
 
     /// Row-major `[B, L, H, D]` memory (FlashAttention's layout), seen as `[B, H, L, D]`;
     /// `shape` is given in BHLD order.
     pub fn blhd(data: View<'a, T>, shape: [usize; 4]) -> Self {
-        let [_, h, l, d] = shape;
         Tensor4 {
             data,
             shape,
-            strides: [l * h * d, d, h * d],
+            strides: blhd_strides(shape),
         }
     }
 }
@@ -138,21 +146,19 @@ pub struct Tensor4Mut<'a, T: Element> {
 impl<'a, T: Element> Tensor4Mut<'a, T> {
     /// Row-major `[B, H, L, D]`.
     pub fn bhld(data: ViewMut<'a, T>, shape: [usize; 4]) -> Self {
-        let [_, h, l, d] = shape;
         Tensor4Mut {
             data,
             shape,
-            strides: [h * l * d, l * d, d],
+            strides: bhld_strides(shape),
         }
     }
 
     /// Row-major `[B, L, H, D]` memory seen as `[B, H, L, D]`.
     pub fn blhd(data: ViewMut<'a, T>, shape: [usize; 4]) -> Self {
-        let [_, h, l, d] = shape;
         Tensor4Mut {
             data,
             shape,
-            strides: [l * h * d, d, h * d],
+            strides: blhd_strides(shape),
         }
     }
 }

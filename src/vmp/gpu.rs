@@ -88,6 +88,19 @@ fn push(tab: &mut Vec<f32>, v: &[f64]) -> usize {
     at
 }
 
+/// Writes `fields` into the first descriptor words of `w` (each must fit an int32).
+fn put(w: &mut [i32], fields: impl IntoIterator<Item = usize>) -> Result<()> {
+    for (dst, v) in w.iter_mut().zip(fields) {
+        *dst = to_i32("a model size or table offset", v)?;
+    }
+    Ok(())
+}
+
+/// The offset of counts tensor `i` of `kind` (0 pA, 1 pB, 2 pD), or -1 when the model has none.
+fn count_at(count_off: &[Option<Vec<usize>>; 3], kind: usize, i: usize) -> i32 {
+    count_off[kind].as_ref().map_or(-1, |o| o[i] as i32)
+}
+
 /// The descriptor words (VmpModel of vmp.cuh) and the f32 tables.
 fn desc_words(
     t: &Tables,
@@ -108,11 +121,9 @@ fn desc_words(
             push(&mut tab, &t.bn[f]),
             push(&mut tab, &t.ln_d[f]),
         ];
-        for (dst, v) in w.iter_mut().zip(fields) {
-            *dst = to_i32("a model table offset", v)?;
-        }
-        w[7] = count_off[1].as_ref().map_or(-1, |o| o[f] as i32);
-        w[8] = count_off[2].as_ref().map_or(-1, |o| o[f] as i32);
+        put(w, fields)?;
+        w[7] = count_at(count_off, 1, f);
+        w[8] = count_at(count_off, 2, f);
     }
     for m in 0..nm {
         let base = HEADER_WORDS + MAX_FACTORS * FACTOR_WORDS + m * MODALITY_WORDS;
@@ -127,10 +138,8 @@ fn desc_words(
             push(&mut tab, &t.h_a[m]),
             push(&mut tab, &t.c[m]),
         ];
-        for (dst, v) in w.iter_mut().zip(fields) {
-            *dst = to_i32("a model table offset", v)?;
-        }
-        w[8] = count_off[0].as_ref().map_or(-1, |o| o[m] as i32);
+        put(w, fields)?;
+        w[8] = count_at(count_off, 0, m);
         w[9] = to_i32("sum of P_m", sum_p)?;
         for (j, &d) in t.deps[m].iter().enumerate() {
             w[10 + j] = d as i32;
@@ -148,9 +157,7 @@ fn desc_words(
         ln_e,
         sum_p,
     ];
-    for (dst, v) in words.iter_mut().zip(header) {
-        *dst = to_i32("a model size", v)?;
-    }
+    put(&mut words, header)?;
     to_i32("the model's table size", tab.len())?;
     // The limits the scans check indices against: O_m, then U_f.
     words.extend(t.o.iter().map(|&o| o as i32));
