@@ -50,6 +50,11 @@ inline uint32_t __float_as_uint(float f) {
     return u;
 }
 
+// CUDA's 16-byte vector type (tile loads move 16 bytes at a time).
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+
 // IEEE binary16, converted in software (round to nearest even).
 struct __half {
     uint16_t bits;

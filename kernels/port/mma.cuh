@@ -76,6 +76,26 @@ struct FepMma {
 #endif
     }
 
+    // Rows of C per lane ("slots"): accumulator i holds row slot_row(lane, row_slot(i)). The
+    // lanes holding one row differ only in their low log2(kRowLanes) lane bits, so a row
+    // reduction is a butterfly over those bits (row_allreduce).
+#if defined(FEP_MMA_NV)
+    static constexpr int kRowSlots = 2, kRowLanes = 4;
+    static FEP_DEVICE int row_slot(int i) { return (i >> 1) & 1; }
+    static FEP_DEVICE int slot_row(int lane, int s) { return (lane >> 2) + 8 * s; }
+#else
+    static constexpr int kRowSlots = 4, kRowLanes = 16;
+    static FEP_DEVICE int row_slot(int i) { return i; }
+    static FEP_DEVICE int slot_row(int lane, int s) { return 4 * (lane >> 4) + s; }
+#endif
+    // `op` over the kRowLanes lanes that hold the same rows; every lane gets the result.
+    template <typename Op>
+    static FEP_DEVICE float row_allreduce(float v, Op op) {
+#pragma unroll
+        for (int m = 1; m < kRowLanes; m <<= 1) v = op(v, fep_shfl_xor(v, m));
+        return v;
+    }
+
     // For NT tiles side by side: acc[j] += A[0:16][k0:k0+kK] B[k0:k0+kK][16j:16j+16], with the
     // A fragment loaded once. Every lane of the warp calls it, with the same k0.
     template <int NT, typename FA, typename FB>
@@ -244,4 +264,25 @@ FEP_DEVICE void fep_mma_tile(int K, const FA& a, const FB& b, const Epi& epi) {
 #pragma unroll
         for (int i = 0; i < FEP_MMA_ACC; ++i)
             epi(FepMma<In>::acc_row(lane, i), 16 * j + FepMma<In>::acc_col(lane, i), acc[j][i]);
+}
+
+// As FepMma<In>::run, accurate to f32 for In = float on NVIDIA: tf32 keeps 10 mantissa bits,
+// so each operand is split into tf32 high and low parts and three products are summed
+// (hi*hi + hi*lo + lo*hi, the lo*lo term is below f32 rounding). AMD's f32 MFMA and the 16-bit
+// types need one pass.
+template <typename In, int NT, typename FA, typename FB>
+FEP_DEVICE void fep_mma_run_accurate(float (&acc)[NT][FEP_MMA_ACC], const FA& a, const FB& b, int k0) {
+#if defined(FEP_MMA_NV)
+    if constexpr (sizeof(In) == 4) {
+        auto a_hi = [&](int r, int k) { return fep_mma_round<float>(a(r, k)); };
+        auto b_hi = [&](int c, int k) { return fep_mma_round<float>(b(c, k)); };
+        auto a_lo = [&](int r, int k) { const float x = a(r, k); return x - fep_mma_round<float>(x); };
+        auto b_lo = [&](int c, int k) { const float x = b(c, k); return x - fep_mma_round<float>(x); };
+        FepMma<float>::template run<NT>(acc, a_lo, b_hi, k0);
+        FepMma<float>::template run<NT>(acc, a_hi, b_lo, k0);
+        FepMma<float>::template run<NT>(acc, a_hi, b_hi, k0);
+        return;
+    }
+#endif
+    FepMma<In>::template run<NT>(acc, a, b, k0);
 }

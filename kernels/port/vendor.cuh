@@ -120,3 +120,25 @@ FEP_DEVICE T fep_shfl(T v, int src_lane) {
 
 FEP_DEVICE unsigned fep_lane() { return threadIdx.x % FEP_WARP_SIZE; }
 FEP_DEVICE unsigned fep_warp_id() { return threadIdx.x / FEP_WARP_SIZE; }
+
+// ---- fast base-2 exponential and logarithm (the special-function units) ------------------------
+// ex2.approx / lg2.approx on NVIDIA (MUFU, 2^-22 relative), v_exp_f32 / v_log_f32 on AMD (1 ULP);
+// exp2(-inf) = 0 on both. The emulator uses the exact library functions.
+#if defined(FEP_EMULATE)
+FEP_DEVICE float fep_exp2(float x) { return std::exp2(x); }
+FEP_DEVICE float fep_log2(float x) { return std::log2(x); }
+#elif defined(FEP_HIP)
+FEP_DEVICE float fep_exp2(float x) { return __builtin_amdgcn_exp2f(x); }
+FEP_DEVICE float fep_log2(float x) { return __builtin_amdgcn_logf(x); }
+#else
+FEP_DEVICE float fep_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+FEP_DEVICE float fep_log2(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#endif

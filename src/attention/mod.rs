@@ -45,6 +45,8 @@
 //! ```
 
 mod cpu;
+#[cfg(fep_gpu)]
+mod gpu;
 
 use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
 use crate::element::Element;
@@ -494,10 +496,15 @@ pub fn forward_into<'a, T: Element>(
     if !dev.is_gpu() {
         return cpu::forward_views(&p, out);
     }
-    let _ = stream;
-    Err(Error::Unsupported(
-        "precision-weighted attention has no GPU kernels yet (issue 5); use Device::cpu()".into(),
-    ))
+    #[cfg(fep_gpu)]
+    {
+        gpu::forward(&p, out, stream)
+    }
+    #[cfg(not(fep_gpu))]
+    {
+        let _ = stream;
+        unreachable!("a GPU device in a build without GPU backends")
+    }
 }
 
 /// Forward on the default stream into new buffers (o in BHLD, lse and e).

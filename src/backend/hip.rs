@@ -18,6 +18,8 @@ pub(crate) struct HipDevice {
     pub name: String,
     pub stream: hip::hipStream_t,
     pub smem_optin: usize,
+    /// Lanes per wavefront (64 on the CDNA GPUs the kernels are built for).
+    pub warp: usize,
     modules: Mutex<HashMap<&'static str, hip::hipModule_t>>,
     functions: Mutex<HashMap<(&'static str, String), hip::hipFunction_t>>,
 }
@@ -92,6 +94,11 @@ impl HipDevice {
                 hip::hipDeviceGetAttribute(&mut smem, attr, id)
             })?;
         }
+        let mut warp = 0;
+        let attr = hip::hipDeviceAttribute_t::hipDeviceAttributeWarpSize;
+        check("hipDeviceGetAttribute", unsafe {
+            hip::hipDeviceGetAttribute(&mut warp, attr, id)
+        })?;
         let mut stream = std::ptr::null_mut();
         check("hipStreamCreateWithFlags", unsafe {
             hip::hipStreamCreateWithFlags(&mut stream, 1 /* hipStreamNonBlocking */)
@@ -101,6 +108,7 @@ impl HipDevice {
             name,
             stream,
             smem_optin: smem.max(0) as usize,
+            warp: warp.max(1) as usize,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         })

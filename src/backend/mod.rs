@@ -404,6 +404,19 @@ impl Device {
         }
     }
 
+    /// Lanes per warp (NVIDIA, 32) or wavefront (AMD CDNA, 64); 1 on the CPU.
+    pub(crate) fn warp_size(&self) -> usize {
+        match &*self.backend {
+            Backend::Cpu => 1,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => 32,
+            #[cfg(feature = "rocm")]
+            Backend::Hip(d) => d.warp,
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(d) => d.warp,
+        }
+    }
+
     /// The most dynamic shared memory one block may use (after opting in), in bytes.
     pub(crate) fn max_shared_per_block(&self) -> usize {
         match &*self.backend {

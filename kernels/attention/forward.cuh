@@ -1,0 +1,278 @@
+// forward.cuh: precision-weighted attention, forward, one (batch, query head, kBr query rows)
+// block at a time (DESIGN.md §4.1; the maths and its reference: src/attention/{mod,cpu}.rs).
+//
+// Per key tile of kBc keys:
+//   1. K and V rows into shared memory (rows past the batch's key length are zeros), then one
+//      thread per key computes the per-key terms: ‖k_j‖², π_ij = π_h π_j, and the score's
+//      multiplier a_j and bias b_j in base-2 units (b_j = −∞ for a key past the key length, so
+//      the length mask costs nothing per score).
+//   2. x = q·k on the tensor cores (port/mma.cuh), then per score, with d² = ‖q‖² + ‖k‖² − 2x
+//      clamped at 0 (rounding can push it below):
+//        Dot        s = a_j x + b_j                    a = τπ log2(e)
+//        Gaussian   s = a_j (x − ½‖q‖²) + b_j          b = −½ a ‖k_j‖² + N_j; with one
+//                                                      precision per row the ‖q‖² term is a
+//                                                      constant of the row: dropped here and
+//                                                      added to lse (Dot plus a per-key bias)
+//        Student-t  s = −((ν + D)/2) log2(1 + a_j d²) + b_j     a = τπ/ν,  b = N_j
+//        Laplace    s = −a_j √d² + b_j                 a = √(τπ) log2(e),  b = N_j
+//      with N_j = (D/2) log2 π_ij when the normaliser is on; causal and window masks per score
+//      only in tiles that cross the diagonal or the window's edge.
+//   3. Online softmax in base 2: row max over the lanes holding the row, rescale of o, l and e
+//      by 2^(m_old − m_new); p = 2^(s − m) into the warp's P rows in shared memory.
+//   4. o += P V on the tensor cores.
+// A row that saw no visible key keeps l = 0 and ends with o = 0, lse = −∞, e = 0.
+//
+// wave64: nothing here depends on the warp size; the accumulator layout (which rows and columns
+// a lane holds, which lanes share a row) comes from FepMma.
+#pragma once
+#include "../port/mma.cuh"
+#include "../port/reduce.cuh"
+#include "params.cuh"
+#include "traits.cuh"
+
+#define ATTN_LOG2E 1.4426950408889634f
+#define ATTN_LN2 0.6931471805599453f
+#define ATTN_NEG_INF (-__uint_as_float(0x7f800000u))
+
+// `rows` rows of kCols elements (row r at src + r * stride) into shared memory rows of kDs
+// elements; rows at or past `valid` become zeros (never read: a masked key's v must be 0, not
+// whatever padding holds, since its weight 0 times NaN is NaN).
+template <typename In, int kCols, int kDs, int kThreads>
+FEP_DEVICE void attn_load_rows(In* dst, const In* src, long long stride, int rows, int valid, bool vec) {
+    if (vec) {
+        constexpr int kChunk = 16 / (int)sizeof(In), kChunks = kCols / kChunk;
+        for (int idx = threadIdx.x; idx < rows * kChunks; idx += kThreads) {
+            const int r = idx / kChunks, c = (idx % kChunks) * kChunk;
+            uint4 w;
+            w.x = 0, w.y = 0, w.z = 0, w.w = 0;
+            if (r < valid) w = *(const uint4*)(src + r * stride + c);
+            *(uint4*)(dst + r * kDs + c) = w;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < rows * kCols; idx += kThreads) {
+            const int r = idx / kCols, c = idx % kCols;
+            dst[r * kDs + c] = r < valid ? src[r * stride + c] : fep_from_f32<In>(0.0f);
+        }
+    }
+}
+
+template <typename In, int kD, int kDv>
+FEP_DEVICE void attn_forward(const AttnParams& p) {
+    using Tr = AttnTraits<In, kD, kDv>;
+    using Mma = FepMma<In>;
+    constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kNT = kBc / 16, kNV = kDv / 16;
+    constexpr int kSlots = Mma::kRowSlots, kAcc = FEP_MMA_ACC;
+    FEP_DYNAMIC_SMEM(uint4, smem);
+    // The host mirrors the tile shape; on a mismatch write nothing (poisoned outputs then fail).
+    if (p.smem != Tr::kSmem || (int)blockDim.x != Tr::kThreads) return;
+    In* sq = (In*)smem;
+    In* sk = sq + kBr * Tr::kQs;
+    In* sv = sk + kBc * Tr::kKs;
+    In* sp = sv + kBc * Tr::kVs;
+    float* ka = (float*)(sp + Tr::kWarps * 16 * Tr::kPs);
+    float* kb = ka + kBc;
+    float* kn = kb + kBc;
+    float* kp = kn + kBc;
+
+    const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBr;
+    const int hk = h / (p.hq / p.hkv);
+    const int warp = (int)fep_warp_id(), lane = (int)fep_lane();
+    const int off = p.lk - p.lq;  // row i sees keys j <= i + off (bottom-right aligned)
+    const int kv_end = p.kv_len ? min(max(p.kv_len[b], 0), p.lk) : p.lk;
+    const int i_last = min(i0 + kBr, p.lq) - 1;  // the block's last real row
+    const int j_end = p.causal ? min(kv_end, i_last + off + 1) : kv_end;
+    const int j_begin = p.window > 0 ? max(0, i0 + off - p.window + 1) : 0;
+
+    const In* qg = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1];
+    const In* kg = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1];
+    const In* vg = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1];
+    const float* pik = p.pi_key ? p.pi_key + ((long long)b * p.hkv + hk) * p.lk : nullptr;
+    const bool vec = p.vec_loads != 0;
+    attn_load_rows<In, kD, Tr::kQs, Tr::kThreads>(sq, qg + (long long)i0 * p.q_stride[2], p.q_stride[2], kBr,
+                                                  p.lq - i0, vec);
+
+    const int family = p.family;
+    const float pi_h = p.pi_head ? p.pi_head[h] : 1.0f;
+    const bool want_e = p.e != nullptr;
+    // Gaussian with one precision per row: −½τπ‖q_i‖² is a constant of the row (see above).
+    const bool gauss_bias = family == ATTN_GAUSSIAN && !p.pi_key;
+    const bool norm = p.normalizer && family != ATTN_DOT;
+    const float kappa = 0.5f * (p.nu + (float)kD);
+    __syncthreads();
+
+    const In* qs = sq + warp * 16 * Tr::kQs;  // this warp's 16 rows
+    In* ps = sp + warp * 16 * Tr::kPs;
+    float qn[kSlots];  // ‖q‖² of this lane's rows
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+        const In* row = qs + Mma::slot_row(lane, s) * Tr::kQs;
+        float a = 0.0f;
+        for (int d = 0; d < kD; ++d) a = fmaf(fep_to_f32(row[d]), fep_to_f32(row[d]), a);
+        qn[s] = a;
+    }
+    float m[kSlots], l[kSlots], ep[kSlots];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) m[s] = ATTN_NEG_INF, l[s] = 0.0f, ep[s] = 0.0f;
+    float o[kNV][kAcc];
+#pragma unroll
+    for (int t = 0; t < kNV; ++t)
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) o[t][i] = 0.0f;
+
+    auto aq = [&](int r, int k) { return fep_to_f32(qs[r * Tr::kQs + k]); };
+    auto bk = [&](int c, int k) { return fep_to_f32(sk[c * Tr::kKs + k]); };
+    auto ap = [&](int r, int k) { return fep_to_f32(ps[r * Tr::kPs + k]); };
+    auto bv = [&](int c, int k) { return fep_to_f32(sv[k * Tr::kVs + c]); };
+
+    for (int j0 = (j_begin / kBc) * kBc; j0 < j_end; j0 += kBc) {
+        __syncthreads();  // the previous tile's K, V, P and per-key terms are consumed
+        attn_load_rows<In, kD, Tr::kKs, Tr::kThreads>(sk, kg + (long long)j0 * p.k_stride[2], p.k_stride[2], kBc,
+                                                      kv_end - j0, vec);
+        attn_load_rows<In, kDv, Tr::kVs, Tr::kThreads>(sv, vg + (long long)j0 * p.v_stride[2], p.v_stride[2], kBc,
+                                                       kv_end - j0, vec);
+        __syncthreads();
+        for (int c = threadIdx.x; c < kBc; c += Tr::kThreads) {
+            const bool live = j0 + c < kv_end;
+            float n = 0.0f;
+            for (int d = 0; d < kD; ++d) n = fmaf(fep_to_f32(sk[c * Tr::kKs + d]), fep_to_f32(sk[c * Tr::kKs + d]), n);
+            const float pi = pi_h * (pik && live ? pik[j0 + c] : 1.0f);
+            const float tp = p.tau * pi;
+            const float nj = norm ? 0.5f * (float)kD * log2f(pi) : 0.0f;
+            float a, bias;
+            switch (family) {
+                case ATTN_DOT: a = tp * ATTN_LOG2E, bias = 0.0f; break;
+                case ATTN_GAUSSIAN: a = tp * ATTN_LOG2E, bias = fmaf(-0.5f * a, n, nj); break;
+                case ATTN_STUDENT_T: a = tp / p.nu, bias = nj; break;
+                default: a = sqrtf(tp) * ATTN_LOG2E, bias = nj; break;  // Laplace
+            }
+            ka[c] = a;
+            kb[c] = live ? bias : ATTN_NEG_INF;
+            kn[c] = n;
+            kp[c] = pi;
+        }
+        __syncthreads();
+
+        float x[kNT][kAcc];
+#pragma unroll
+        for (int t = 0; t < kNT; ++t)
+#pragma unroll
+            for (int i = 0; i < kAcc; ++i) x[t][i] = 0.0f;
+#pragma unroll
+        for (int k0 = 0; k0 < kD; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(x, aq, bk, k0);
+
+        // Scores (base 2), in place of x, and the tile's row maxima.
+        const bool edge = (p.causal && j0 + kBc - 1 > i0 + off) || (p.window > 0 && j0 <= i_last + off - p.window);
+        float mx[kSlots];
+#pragma unroll
+        for (int s = 0; s < kSlots; ++s) mx[s] = ATTN_NEG_INF;
+#pragma unroll
+        for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+            for (int i = 0; i < kAcc; ++i) {
+                const int c = 16 * t + Mma::acc_col(lane, i), sl = Mma::row_slot(i);
+                const float xv = x[t][i];
+                float v;
+                if (family == ATTN_DOT) {
+                    v = fmaf(xv, ka[c], kb[c]);
+                } else if (family == ATTN_GAUSSIAN) {
+                    v = fmaf(ka[c], gauss_bias ? xv : xv - 0.5f * qn[sl], kb[c]);
+                } else {
+                    const float d2 = fmaxf(fmaf(-2.0f, xv, qn[sl] + kn[c]), 0.0f);
+                    v = family == ATTN_STUDENT_T ? fmaf(-kappa, fep_log2(fmaf(ka[c], d2, 1.0f)), kb[c])
+                                                 : fmaf(-ka[c], sqrtf(d2), kb[c]);
+                }
+                if (edge) {
+                    const int i_row = i0 + warp * 16 + Mma::acc_row(lane, i), j = j0 + c;
+                    if (j > i_row + off || (p.window > 0 && j <= i_row + off - p.window)) v = ATTN_NEG_INF;
+                }
+                x[t][i] = v;
+                mx[sl] = fmaxf(mx[sl], v);
+            }
+        }
+
+        // Online softmax: new maxima, rescale what was accumulated.
+        float mu[kSlots];
+#pragma unroll
+        for (int s = 0; s < kSlots; ++s) {
+            const float mn = fmaxf(m[s], Mma::row_allreduce(mx[s], FepMax()));
+            mu[s] = mn == ATTN_NEG_INF ? 0.0f : mn;  // nothing visible yet: keep everything 0
+            const float alpha = fep_exp2(m[s] - mu[s]);
+            m[s] = mn;
+            l[s] *= alpha;
+            ep[s] *= alpha;
+            mx[s] = alpha;
+        }
+#pragma unroll
+        for (int t = 0; t < kNV; ++t)
+#pragma unroll
+            for (int i = 0; i < kAcc; ++i) o[t][i] *= mx[Mma::row_slot(i)];
+
+        // p = 2^(s − m) into this warp's P rows; l accumulates per lane (reduced at the end).
+#pragma unroll
+        for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+            for (int i = 0; i < kAcc; ++i) {
+                const int r = Mma::acc_row(lane, i), c = 16 * t + Mma::acc_col(lane, i), sl = Mma::row_slot(i);
+                const float pv = fep_exp2(x[t][i] - mu[sl]);
+                l[sl] += pv;
+                ps[r * Tr::kPs + c] = fep_from_f32<In>(pv);
+            }
+        }
+        // e needs d² again: q·k is recomputed rather than kept beside the scores (the registers
+        // of a second score tile would cost every call; this costs only calls that ask for e).
+        // Each lane reads back its own p (as rounded for P V).
+        if (want_e) {
+#pragma unroll
+            for (int t = 0; t < kNT; ++t)
+#pragma unroll
+                for (int i = 0; i < kAcc; ++i) x[t][i] = 0.0f;
+#pragma unroll
+            for (int k0 = 0; k0 < kD; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(x, aq, bk, k0);
+#pragma unroll
+            for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+                for (int i = 0; i < kAcc; ++i) {
+                    const int r = Mma::acc_row(lane, i), c = 16 * t + Mma::acc_col(lane, i), sl = Mma::row_slot(i);
+                    const float d2 = fmaxf(fmaf(-2.0f, x[t][i], qn[sl] + kn[c]), 0.0f);
+                    ep[sl] = fmaf(fep_to_f32(ps[r * Tr::kPs + c]) * kp[c], d2, ep[sl]);
+                }
+            }
+        }
+        __syncthreads();  // P rows are read by other lanes of the warp
+#pragma unroll
+        for (int k0 = 0; k0 < kBc; k0 += Mma::kK) fep_mma_run_accurate<In, kNV>(o, ap, bv, k0);
+    }
+
+    // Row totals over the lanes of each row, then o / l, lse and e.
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+        l[s] = Mma::row_allreduce(l[s], FepSum());
+        ep[s] = Mma::row_allreduce(ep[s], FepSum());
+    }
+    const long long row0 = ((long long)b * p.hq + h) * p.lq;
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) {
+        // The lane holding column 0 of a row writes its lse and e.
+        const int r = Mma::acc_row(lane, i), sl = Mma::row_slot(i), row = i0 + warp * 16 + r;
+        if (Mma::acc_col(lane, i) != 0 || row >= p.lq) continue;
+        const bool seen = l[sl] > 0.0f;
+        if (p.lse) {
+            const float shift = gauss_bias ? -0.5f * p.tau * pi_h * qn[sl] : 0.0f;
+            p.lse[row0 + row] = seen ? fmaf(m[sl] + log2f(l[sl]), ATTN_LN2, shift) : ATTN_NEG_INF;
+        }
+        if (want_e) p.e[row0 + row] = seen ? ep[sl] / l[sl] : 0.0f;
+    }
+    In* og = (In*)p.o + b * p.o_stride[0] + h * p.o_stride[1];
+    float inv[kSlots];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) inv[s] = l[s] > 0.0f ? 1.0f / l[s] : 0.0f;
+#pragma unroll
+    for (int t = 0; t < kNV; ++t) {
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) {
+            const int row = i0 + warp * 16 + Mma::acc_row(lane, i);
+            if (row < p.lq)
+                og[row * p.o_stride[2] + 16 * t + Mma::acc_col(lane, i)] = fep_from_f32<In>(o[t][i] * inv[Mma::row_slot(i)]);
+        }
+    }
+}

@@ -1,0 +1,37 @@
+// params.cuh: the one argument of the forward kernels, mirrored field for field by
+// `AttnParams` in src/attention/gpu.rs (#[repr(C)]; pointers and 64-bit strides first, so
+// neither side has padding to disagree about).
+#pragma once
+#include "../port/types.cuh"
+
+// Score families (src/attention/mod.rs Score::code).
+#define ATTN_DOT 0
+#define ATTN_GAUSSIAN 1
+#define ATTN_STUDENT_T 2
+#define ATTN_LAPLACE 3
+
+struct AttnParams {
+    const void* q;          // [B, Hq, Lq, D] at q_stride
+    const void* k;          // [B, Hkv, Lk, D]
+    const void* v;          // [B, Hkv, Lk, Dv]
+    void* o;                // [B, Hq, Lq, Dv]
+    const float* pi_head;   // [Hq] or null (1)
+    const float* pi_key;    // [B, Hkv, Lk] row-major, or null (1)
+    const int* kv_len;      // [B] or null (Lk); clamped to [0, Lk]
+    float* lse;             // [B, Hq, Lq] or null
+    float* e;               // [B, Hq, Lq] or null
+    long long q_stride[3];  // element strides of B, H, L (D is contiguous)
+    long long k_stride[3];
+    long long v_stride[3];
+    long long o_stride[3];
+    int b, hq, hkv, lq, lk;
+    int family;             // ATTN_*
+    float tau;              // the scale
+    float nu;               // Student-t's ν
+    int causal;             // bottom-right aligned
+    int window;             // 0: none; W >= 1 (then causal is set too)
+    int normalizer;         // add (D/2) ln π to the distance families
+    int vec_loads;          // every base address and stride allows 16-byte loads
+    int smem;               // the dynamic shared memory the launch gave (checked)
+    int pad_;
+};

@@ -1,0 +1,275 @@
+//! Attention on a GPU: the input scan (kernels/attention/check.cu) and the one dispatch point of
+//! the forward kernels (kernels/attention/forward_<dtype>.cu, `attn_fwd_<dtype>_d<D>_v<Dv>`).
+//!
+//! The tile shape of each instantiation is chosen at compile time by `attn_tile` in
+//! kernels/attention/traits.cuh; [`tile`] mirrors it to size the launch (a kernel handed a
+//! different shared-memory size or block writes nothing, so a drift fails every GPU test).
+
+use std::ffi::c_void;
+
+use super::{AttentionOutputs, HEAD_DIMS, Problem, Score, Tensor4};
+use crate::backend::{Device, LaunchConfig, Scratch, Stream, View};
+use crate::element::Element;
+use crate::error::{Error, Result};
+
+const CHECK: &str = "attention/check";
+/// ATTN_SMEM_BUDGET of traits.cuh.
+const SMEM_BUDGET: usize = 65536;
+/// ATTN_CHECK_THREADS of check.cu, and at most this many scan blocks.
+const CHECK_THREADS: usize = 256;
+const CHECK_BLOCKS: usize = 128;
+/// CUDA's and HIP's limit on gridDim.y and gridDim.z.
+const GRID_YZ: usize = 65535;
+
+/// `AttnParams` of kernels/attention/params.cuh, field for field.
+#[repr(C)]
+struct AttnParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    pi_head: u64,
+    pi_key: u64,
+    kv_len: u64,
+    lse: u64,
+    e: u64,
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    v_stride: [i64; 3],
+    o_stride: [i64; 3],
+    b: i32,
+    hq: i32,
+    hkv: i32,
+    lq: i32,
+    lk: i32,
+    family: i32,
+    tau: f32,
+    nu: f32,
+    causal: i32,
+    window: i32,
+    normalizer: i32,
+    vec_loads: i32,
+    smem: i32,
+    pad: i32,
+}
+
+/// `attn_smem` of traits.cuh: Q, K, V and P tiles of `size`-byte elements with rows padded by
+/// 16 bytes, then four per-key float arrays.
+fn smem(size: usize, d: usize, dv: usize, warps: usize, bc: usize) -> usize {
+    let pad = 16 / size;
+    size * (16 * warps * (d + pad) + bc * (d + pad) + bc * (dv + pad) + 16 * warps * (bc + pad))
+        + 16 * bc
+}
+
+/// `attn_tile` of traits.cuh: (warps per block, keys per tile, shared memory bytes).
+pub(crate) fn tile(size: usize, d: usize, dv: usize) -> (usize, usize, usize) {
+    const CANDIDATES: [(usize, usize); 7] = [
+        (4, 64),
+        (4, 32),
+        (2, 64),
+        (2, 32),
+        (2, 16),
+        (1, 32),
+        (1, 16),
+    ];
+    CANDIDATES
+        .iter()
+        .map(|&(w, bc)| (w, bc, smem(size, d, dv, w, bc)))
+        .find(|&(_, _, s)| s <= SMEM_BUDGET)
+        .expect("every supported head-dim pair has a tile shape")
+}
+
+fn arg<T>(v: &mut T) -> *mut c_void {
+    (v as *mut T).cast()
+}
+
+fn to_i32(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::Unsupported(format!(
+            "{name} = {v} exceeds the attention kernels' 32-bit sizes"
+        ))
+    })
+}
+
+fn strides(s: [usize; 3]) -> [i64; 3] {
+    s.map(|x| x as i64)
+}
+
+/// Scans the precisions (finite, > 0) and key lengths (0..=Lk) on the device: one launch, one
+/// read-back; the first bad element of the first failing array becomes the error.
+fn scan_inputs<T: Element>(p: &Problem<'_, '_, T>, dev: &Device, stream: Stream) -> Result<()> {
+    let arrays: [(&str, Option<u64>, usize); 3] = [
+        (
+            "precision.head",
+            p.precision.head.as_ref().map(|v| v.addr()),
+            p.dims.hq,
+        ),
+        (
+            "precision.key",
+            p.precision.key.as_ref().map(|v| v.addr()),
+            p.dims.b * p.dims.hkv * p.dims.lk,
+        ),
+        ("kv_len", p.kv_len.map(|v| v.addr()), p.dims.b),
+    ];
+    let lens: Vec<usize> = arrays
+        .iter()
+        .map(|(_, a, n)| if a.is_some() { *n } else { 0 })
+        .collect();
+    let most = lens.iter().copied().max().unwrap_or(0);
+    if most == 0 {
+        return Ok(());
+    }
+    let grid = most.div_ceil(CHECK_THREADS).clamp(1, CHECK_BLOCKS);
+    let out = Scratch::new(dev, 8 * 3 * grid, stream)?;
+    let (mut a0, mut a1, mut a2) = (
+        arrays[0].1.unwrap_or(0),
+        arrays[1].1.unwrap_or(0),
+        arrays[2].1.unwrap_or(0),
+    );
+    let (mut n0, mut n1, mut n2) = (lens[0] as i64, lens[1] as i64, lens[2] as i64);
+    let mut lk = to_i32("Lk", p.dims.lk)?;
+    let mut first = out.addr;
+    let cfg = LaunchConfig {
+        grid: (grid as u32, 1, 1),
+        block: CHECK_THREADS as u32,
+        smem: 0,
+    };
+    dev.launch(
+        CHECK,
+        "attn_check",
+        cfg,
+        &mut [
+            arg(&mut a0),
+            arg(&mut n0),
+            arg(&mut a1),
+            arg(&mut n1),
+            arg(&mut a2),
+            arg(&mut n2),
+            arg(&mut lk),
+            arg(&mut first),
+        ],
+        stream,
+    )?;
+    let firsts = unsafe { View::<i64>::from_raw(dev, out.addr, 3 * grid) }.to_vec_on(stream)?;
+    for (a, (name, addr, _)) in arrays.iter().enumerate() {
+        let n = lens[a];
+        let Some(i) = (0..grid)
+            .map(|g| firsts[3 * g + a] as usize)
+            .filter(|&i| i < n)
+            .min()
+        else {
+            continue;
+        };
+        let at = addr.unwrap_or(0) + 4 * i as u64;
+        let reason = if a == 2 {
+            let v = unsafe { View::<i32>::from_raw(dev, at, 1) }.to_vec_on(stream)?[0];
+            format!(
+                "element {i} is {v}; key lengths must be in 0..={}",
+                p.dims.lk
+            )
+        } else {
+            let v = unsafe { View::<f32>::from_raw(dev, at, 1) }.to_vec_on(stream)?[0];
+            format!("element {i} is {v}; every precision must be finite and > 0")
+        };
+        return Err(Error::invalid(*name, reason));
+    }
+    Ok(())
+}
+
+/// Whether every tensor's base address and strides allow 16-byte loads and stores.
+fn aligned<T: Element>(ts: &[(&u64, [usize; 3])]) -> bool {
+    let size = std::mem::size_of::<T>();
+    ts.iter()
+        .all(|(addr, s)| **addr % 16 == 0 && s.iter().all(|x| (x * size) % 16 == 0))
+}
+
+/// Checks what only the GPU path limits, scans the inputs if asked, and launches.
+pub(crate) fn forward<T: Element>(
+    p: &Problem<'_, '_, T>,
+    out: AttentionOutputs<'_, T>,
+    stream: Stream,
+) -> Result<()> {
+    let d = p.dims;
+    let dev = p.q.data.device();
+    for (name, v) in [("D", d.d), ("Dv", d.dv)] {
+        if !HEAD_DIMS.contains(&v) {
+            return Err(Error::Unsupported(format!(
+                "head dim {name} = {v}: the GPU kernels take {HEAD_DIMS:?} (the CPU device takes any)"
+            )));
+        }
+    }
+    if d.hq > GRID_YZ || d.b > GRID_YZ {
+        return Err(Error::Unsupported(format!(
+            "B = {} and Hq = {} must each be at most {GRID_YZ} on a GPU",
+            d.b, d.hq
+        )));
+    }
+    let size = std::mem::size_of::<T>();
+    let (warps, _, smem) = tile(size, d.d, d.dv);
+    if smem > dev.max_shared_per_block() {
+        return Err(Error::Unsupported(format!(
+            "the attention kernel for D = {}, Dv = {} needs {smem} bytes of shared memory per block; \
+             the device allows {}",
+            d.d,
+            d.dv,
+            dev.max_shared_per_block()
+        )));
+    }
+    if p.spec.check_inputs {
+        scan_inputs(p, dev, stream)?;
+    }
+    let tau = p.spec.tau(d.d) as f32;
+    let (q, k, v): (&Tensor4<'_, T>, &Tensor4<'_, T>, &Tensor4<'_, T>) = (p.q, p.k, p.v);
+    let o_addr = out.o.data.addr;
+    let vec_loads = aligned::<T>(&[
+        (&q.data.addr(), q.strides),
+        (&k.data.addr(), k.strides),
+        (&v.data.addr(), v.strides),
+        (&o_addr, out.o.strides),
+    ]);
+    let mut params = AttnParams {
+        q: q.data.addr(),
+        k: k.data.addr(),
+        v: v.data.addr(),
+        o: o_addr,
+        pi_head: p.precision.head.as_ref().map_or(0, |v| v.addr()),
+        pi_key: p.precision.key.as_ref().map_or(0, |v| v.addr()),
+        kv_len: p.kv_len.map_or(0, |v| v.addr()),
+        lse: out.lse.as_ref().map_or(0, |v| v.addr),
+        e: out.e.as_ref().map_or(0, |v| v.addr),
+        q_stride: strides(q.strides),
+        k_stride: strides(k.strides),
+        v_stride: strides(v.strides),
+        o_stride: strides(out.o.strides),
+        b: to_i32("B", d.b)?,
+        hq: to_i32("Hq", d.hq)?,
+        hkv: to_i32("Hkv", d.hkv)?,
+        lq: to_i32("Lq", d.lq)?,
+        lk: to_i32("Lk", d.lk)?,
+        family: p.spec.score.code(),
+        tau,
+        nu: match p.spec.score {
+            Score::StudentT(nu) => nu,
+            _ => 1.0,
+        },
+        causal: p.spec.is_causal() as i32,
+        window: p.spec.window.map_or(0, |w| w.min(i32::MAX as u32) as i32),
+        normalizer: p.spec.normalizer as i32,
+        vec_loads: vec_loads as i32,
+        smem: smem as i32,
+        pad: 0,
+    };
+    let rows = 16 * warps;
+    let cfg = LaunchConfig {
+        grid: (d.lq.div_ceil(rows) as u32, d.hq as u32, d.b as u32),
+        block: (warps * dev.warp_size()) as u32,
+        smem: smem as u32,
+    };
+    let module = match T::DTYPE.suffix() {
+        "f32" => "attention/forward_f32",
+        "f16" => "attention/forward_f16",
+        _ => "attention/forward_bf16",
+    };
+    let kernel = format!("attn_fwd_{}_d{}_v{}", T::DTYPE.suffix(), d.d, d.dv);
+    dev.launch(module, &kernel, cfg, &mut [arg(&mut params)], stream)
+}
