@@ -45,8 +45,8 @@
 //! Gaussian (per-head π) within 10% of Dot; Student-t ≥ 60% of Dot; every family at least as
 //! fast as FlexAttention with the same score (benches/peers/attention.py).
 //!
-//! A GPU backend whose `forward_into` returns an error (today `Error::Unsupported`: the kernels
-//! are issue 5's next step) prints `SKIPPED` with the reason, once per group, and goes on. The
+//! A GPU backend whose `forward_into` returns an error (an `Error::Unsupported` limit, say)
+//! prints `SKIPPED` with the reason, once per group, and goes on. The
 //! CPU backend (the f64 reference) runs one tiny smoke configuration per group (f32, B = 1,
 //! H = 2, L = 64, D = 32), so `cargo bench --bench attention` stays short on a machine without
 //! a GPU. `FEP_BENCH_QUICK=1` shortens the runs and, on a GPU, measures L ∈ {1k, 4k, 16k} only.

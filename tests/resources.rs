@@ -18,8 +18,9 @@
 
 use std::collections::BTreeMap;
 
-/// Kernels the report must list for every target of each vendor.
-const REQUIRED: [&str; 11] = [
+/// Kernels the report must list for every target of each vendor (besides the attention
+/// kernels of [`required`]).
+const REQUIRED: [&str; 12] = [
     "lca_solve_persistent",
     "lca_solve_stepped",
     "lca_gemm_f32",
@@ -31,7 +32,22 @@ const REQUIRED: [&str; 11] = [
     "vmp_wnorm",
     "vmp_learn_partial",
     "vmp_learn_apply",
+    "attn_check",
 ];
+
+/// REQUIRED, and the attention forward kernel of every dtype and (D, Dv) pair the API accepts
+/// (kernels/attention/traits.cuh instantiates the same list).
+fn required() -> Vec<String> {
+    let mut all: Vec<String> = REQUIRED.iter().map(|s| s.to_string()).collect();
+    for dtype in ["f32", "f16", "bf16"] {
+        for d in fep_kernels::attention::HEAD_DIMS {
+            for dv in fep_kernels::attention::HEAD_DIMS {
+                all.push(format!("attn_fwd_{dtype}_d{d}_v{dv}"));
+            }
+        }
+    }
+    all
+}
 
 /// The architecture list build.rs used: the same variable, read when this test was compiled
 /// (cargo compiles the test and runs build.rs with the same environment, and rebuilds both when
@@ -226,7 +242,7 @@ fn no_kernel_spills_and_every_kernel_is_reported() {
             .iter()
             .map(|a| cuda_target(a))
             .collect();
-        for kernel in REQUIRED {
+        for kernel in &required() {
             for t in &targets {
                 let n = r
                     .cuda
@@ -252,8 +268,8 @@ fn no_kernel_spills_and_every_kernel_is_reported() {
     if rocm {
         let targets = archs(option_env!("FEP_ROCM_ARCHS"), "gfx942;gfx90a");
         // HIP remarks do not name the target: each kernel has one block per target.
-        for kernel in REQUIRED {
-            let n = r.hip.get(kernel).map_or(0, |b| b.len());
+        for kernel in &required() {
+            let n = r.hip.get(kernel.as_str()).map_or(0, |b| b.len());
             if n != targets.len() {
                 fails.push(format!(
                     "HIP {kernel}: {n} resource blocks, expected one per target {targets:?}"

@@ -1660,8 +1660,9 @@ def attention_forward(q, k, v, score="dot", nu=5.0, scale=None, causal=False, wi
     Returns o (in ``layout``, the inputs' dtype; ``out`` may be given: a tensor of that shape,
     dtype and device with a contiguous last dimension, any other strides), lse and e
     [B, Hq, Lq] float32. ``check=False`` skips the GPU's scan of pi and kv_len (no read-back, the
-    call does not wait). GPU tensors currently raise :class:`FepError` FEP_ERR_UNSUPPORTED (the
-    kernels are issue 5's next step); CPU tensors run the float64 reference.
+    call does not wait). GPU tensors run the fused kernels (head dims 32, 64, 96, 128, 256 for
+    D and Dv; others raise FEP_ERR_UNSUPPORTED) on the current stream; CPU tensors run the
+    float64 reference.
 
     Example::
 

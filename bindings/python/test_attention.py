@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tests of attention_forward of bindings/python/fep_kernels.py against the real library, on CPU
-tensors (and, for now, the refusal of CUDA tensors).
+tensors, and on CUDA (or ROCm) tensors when there is a GPU.
 
 The reference is a small pure-PyTorch float64 implementation of DESIGN.md section 4.1, written
 from the contract and not from the library (d2 = |q_i - k_j|^2, pi = pi_h pi_j, tau = scale):
@@ -299,14 +299,34 @@ def test_cuda_tensors():
     kind = "hip" if getattr(torch.version, "hip", None) else "cuda"
     if fk.device_count(kind) == 0:
         return f"SKIPPED: the library sees no {kind} device (built without the feature?)"
-    # The GPU kernels are not there yet (issue 5): the library refuses GPU tensors with
-    # FEP_ERR_UNSUPPORTED. When the kernels land this becomes a real comparison against
-    # reference() (float32 / float16 / bfloat16, BHLD and BLHD, GQA, masks, on the current
-    # stream).
-    q, k, v, kw = problem(device="cuda")
+    # Every family, f32/f16/bf16, BHLD and a strided BLHD view, GQA, masks and both precision
+    # kinds, against reference() on the same (dtype-rounded) values; on the current stream.
+    tols = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+    for seed, score in enumerate(("dot", "gaussian", "student_t", "laplace")):
+        q, k, v, kw = problem(Lq=33, Lk=70, D=32, Dv=64, seed=10 + seed, device="cuda")
+        kv_len = torch.tensor([70, 41], dtype=torch.int32, device="cuda")
+        for dtype, tol in tols.items():
+            qd, kd, vd = (x.to(dtype) for x in (q, k, v))
+            got = fk.attention_forward(qd, kd, vd, score=score, causal=True, kv_len=kv_len, **kw)
+            torch.cuda.current_stream().synchronize()
+            cpu = {n: t.cpu() for n, t in kw.items()}
+            want = reference(qd.cpu(), kd.cpu(), vd.cpu(), score=score, causal=True,
+                             kv_len=kv_len.cpu(), **cpu)
+            assert got[0].is_cuda and got[0].dtype == dtype
+            assert_close(f"cuda {score} {dtype}", [t.cpu() for t in got], want, tol)
+        # BLHD views of a packed qkv, window, no precisions.
+        qkv = torch.randn(2, 40, 3, 2, 64, device="cuda", dtype=torch.float16)
+        qs, ks, vs = qkv.unbind(2)
+        got = fk.attention_forward(qs, ks, vs, score=score, layout="blhd", window=9)
+        want = reference(*(x.transpose(1, 2).cpu() for x in (qs, ks, vs)), score=score, window=9)
+        assert_close(f"cuda blhd {score}", (got[0].transpose(1, 2).cpu(), got[1].cpu(),
+                                            got[2].cpu()), want, 2e-2)
+    # Bad data found by the device scan.
+    q, k, v, kw = problem(D=32, Dv=32, device="cuda")
+    kw["pi_key"][1, 0, 3] = -1.0
     e = expect_error(fk.FepError, lambda: fk.attention_forward(q, k, v, score="gaussian", **kw),
-                     "no GPU kernels")
-    assert e.status == fk.FEP_ERR_UNSUPPORTED, e
+                     "precision.key")
+    assert e.status == fk.FEP_ERR_INVALID_ARGUMENT, e
 
 
 def main():

@@ -62,6 +62,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
     using Mma = FepMma<In>;
     constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kNT = kBc / 16, kNV = kDv / 16;
     constexpr int kSlots = Mma::kRowSlots, kAcc = FEP_MMA_ACC;
+    constexpr int kUnrollPV = sizeof(In) == 4 && kDv >= 256 ? 1 : kBc / Mma::kK;
     FEP_DYNAMIC_SMEM(uint4, smem);
     // The host mirrors the tile shape; on a mismatch write nothing (poisoned outputs then fail).
     if (p.smem != Tr::kSmem || (int)blockDim.x != Tr::kThreads) return;
@@ -239,7 +240,9 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
             }
         }
         __syncthreads();  // P rows are read by other lanes of the warp
-#pragma unroll
+        // f32 takes three products per step (port/mma.cuh): unrolled, their fragments would
+        // not fit beside a 256-wide o in registers.
+#pragma unroll(kUnrollPV)
         for (int k0 = 0; k0 < kBc; k0 += Mma::kK) fep_mma_run_accurate<In, kNV>(o, ap, bv, k0);
     }
 

@@ -20,9 +20,12 @@
 //! A row with no visible key gives o = 0, lse = −∞, e = 0. The normaliser (D/2) ln π (on by
 //! default; Dot has none) matters only when π varies per key.
 //!
-//! This release has the f64 CPU reference; the GPU kernels (tensor-core tiles through
-//! kernels/port/mma.cuh, online softmax) are issue 5's next step, and a GPU device returns
-//! `Error::Unsupported` until then.
+//! On the CPU device this runs the f64 reference ([`reference`]). On a GPU it runs one fused
+//! kernel (kernels/attention/): q·k on the tensor cores (kernels/port/mma.cuh; f32 inputs
+//! through three tf32 products on NVIDIA, f32 MFMA on AMD), the score in registers, an online
+//! base-2 softmax, P·V on the tensor cores; no Lq × Lk matrix in memory. GPU head dims:
+//! [`HEAD_DIMS`] for D and Dv (any pair); o is accumulated in f32 and written in the input type,
+//! lse and e in f32. Asking for e costs a second q·k product per tile.
 //!
 //! ```
 //! use fep_kernels::{Device, attention::{self, AttentionSpec, Precisions, Score, Tensor4}};
