@@ -512,3 +512,99 @@ fn bad_input_is_rejected_on_the_device() {
     assert!(r.expect_err("3 vs 2 heads").to_string().contains("divide"));
     assert!(untouched(&o.to_vec().unwrap()));
 }
+
+/// The PyTorch float64 fixtures (tests/fixtures/attention_torch.json) whose head dims the
+/// kernels take, in f32 on the device: o (the stored rows), lse and e against PyTorch's values.
+/// The inputs are rounded to f32 first, so the bound covers that rounding too: 1e-4 relative,
+/// except for the `extreme` (π up to 1e6) and `large_d2` groups, whose scores move by π·d²·2^-24
+/// per rounding; those are held to the f64 reference rerun on the rounded inputs instead, at the
+/// same bound. (The emulator skips the 1000-key cases: minutes on host threads.)
+#[test]
+fn pytorch_fixtures_on_the_device() {
+    let Some(dev) = gpu("pytorch_fixtures_on_the_device") else {
+        return;
+    };
+    let fixture = common::load_fixture("attention_torch.json");
+    let mut ran = 0;
+    for c in fixture["cases"].as_array().unwrap() {
+        let case = common::attention::load_case(c);
+        if !attention::HEAD_DIMS.contains(&case.d) || !attention::HEAD_DIMS.contains(&case.dv) {
+            continue;
+        }
+        if is_emulated(&dev) && case.lk.max(case.lq) > 200 {
+            continue;
+        }
+        let group = c["group"].as_str().unwrap();
+        let r32 = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let (q, k, v) = (r32(&case.q), r32(&case.k), r32(&case.v));
+        let ph = case.pi_head.as_deref().map(r32);
+        let pk = case.pi_key.as_deref().map(r32);
+        let up = |x: &[f32]| dev.upload(x).unwrap();
+        let (qd, kd, vd) = (up(&q), up(&k), up(&v));
+        let (phd, pkd) = (ph.as_deref().map(up), pk.as_deref().map(up));
+        let kld = case.kv_len.as_ref().map(|x| dev.upload(x).unwrap());
+        let os = [case.b, case.hq, case.lq, case.dv];
+        let rows = case.b * case.hq * case.lq;
+        let mut o = dev.upload(&vec![f32::NAN; shape_len(os)]).unwrap();
+        let mut lse = dev.upload(&vec![f32::NAN; rows]).unwrap();
+        let mut e = dev.upload(&vec![f32::NAN; rows]).unwrap();
+        let kv = kld.as_ref().map(|x| x.view());
+        attention::forward_into(
+            &case.spec,
+            &Tensor4::bhld(qd.view(), [case.b, case.hq, case.lq, case.d]),
+            &Tensor4::bhld(kd.view(), [case.b, case.hkv, case.lk, case.d]),
+            &Tensor4::bhld(vd.view(), [case.b, case.hkv, case.lk, case.dv]),
+            &Precisions {
+                head: phd.as_ref().map(|x| x.view()),
+                key: pkd.as_ref().map(|x| x.view()),
+            },
+            kv.as_ref(),
+            AttentionOutputs {
+                o: Tensor4Mut::bhld(o.view_mut(), os),
+                lse: Some(lse.view_mut()),
+                e: Some(e.view_mut()),
+            },
+            dev.default_stream(),
+        )
+        .unwrap_or_else(|err| panic!("{}: {err}", case.name));
+        let (want_o, want_lse, want_e) = if matches!(group, "extreme" | "large_d2") {
+            let f = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+            let (qf, kf, vf) = (f(&q), f(&k), f(&v));
+            let (phf, pkf) = (ph.as_deref().map(f), pk.as_deref().map(f));
+            let r = reference::forward(
+                &case.spec,
+                &RefInputs {
+                    q: &qf,
+                    k: &kf,
+                    v: &vf,
+                    pi_head: phf.as_deref(),
+                    pi_key: pkf.as_deref(),
+                    ..case.inputs()
+                },
+            )
+            .unwrap();
+            (case.sample_o(&r.o), r.lse, r.e)
+        } else {
+            (case.o.clone(), case.lse.clone(), case.e.clone())
+        };
+        let o_h: Vec<f64> = o.to_vec().unwrap().iter().map(|&x| x as f64).collect();
+        let err_o = rel_err(&case.sample_o(&o_h), &want_o);
+        let lse_h = lse.to_vec().unwrap();
+        let lse_ok = lse_h.iter().zip(&want_lse).all(|(&g, &w)| {
+            if w == f64::NEG_INFINITY {
+                g == f32::NEG_INFINITY
+            } else {
+                (g as f64 - w).abs() <= 1e-4 * w.abs().max(1.0)
+            }
+        });
+        let err_e = rel_err(&e.to_vec().unwrap(), &want_e);
+        assert!(
+            err_o < 1e-4 && err_e < 1e-4 && lse_ok,
+            "{} ({group}): o {err_o:e}, e {err_e:e}, lse within bound: {lse_ok}",
+            case.name
+        );
+        ran += 1;
+    }
+    println!("{ran} fixture cases on {dev:?}");
+    assert!(ran >= if is_emulated(&dev) { 40 } else { 96 }, "{ran}");
+}

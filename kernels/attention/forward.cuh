@@ -120,10 +120,11 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) o[t][i] = 0.0f;
 
-    auto aq = [&](int r, int k) { return fep_to_f32(qs[r * Tr::kQs + k]); };
-    auto bk = [&](int c, int k) { return fep_to_f32(sk[c * Tr::kKs + k]); };
-    auto ap = [&](int r, int k) { return fep_to_f32(ps[r * Tr::kPs + k]); };
-    auto bv = [&](int c, int k) { return fep_to_f32(sv[k * Tr::kVs + c]); };
+    // The operands as stored (type In): no conversion in the MMA loops.
+    auto aq = [&](int r, int k) { return qs[r * Tr::kQs + k]; };
+    auto bk = [&](int c, int k) { return sk[c * Tr::kKs + k]; };
+    auto ap = [&](int r, int k) { return ps[r * Tr::kPs + k]; };
+    auto bv = [&](int c, int k) { return sv[k * Tr::kVs + c]; };
 
     for (int j0 = (j_begin / kBc) * kBc; j0 < j_end; j0 += kBc) {
         __syncthreads();  // the previous tile's K, V, P and per-key terms are consumed

@@ -3,8 +3,8 @@
 //   C[16][16] (f32) += A[16][kK] * B[kK][16]
 //
 // A and B are read element by element through functors: a(row, k) and b(col, k) return f32
-// values (the caller applies bounds, activations and precisions there); they are rounded to the
-// input type In on load. In = float (tf32 on NVIDIA, full f32 on AMD), fep_f16 or fep_bf16;
+// values (the caller applies bounds, activations and precisions there), rounded to the input type
+// In on load, or values of type In, used as they are. In = float (tf32 on NVIDIA, full f32 on AMD), fep_f16 or fep_bf16;
 // accumulation is f32 everywhere.
 //
 //   NVIDIA (warp 32): two mma.sync.m16n8k8 (tf32) or m16n8k16 (f16/bf16) per 16 x 16 tile;
@@ -52,6 +52,30 @@ template <>
 FEP_DEVICE float fep_mma_round<fep_f16>(float v) { return fep_to_f32(fep_from_f32<fep_f16>(v)); }
 template <>
 FEP_DEVICE float fep_mma_round<fep_bf16>(float v) { return fep_to_f32(fep_from_f32<fep_bf16>(v)); }
+
+// An operand as the input type: functors may return f32 (rounded here) or In itself (taken as
+// is: no conversion in the inner loop when the caller already holds In, e.g. in shared memory).
+template <typename A, typename B>
+struct fep_same_type {
+    static constexpr bool value = false;
+};
+template <typename A>
+struct fep_same_type<A, A> {
+    static constexpr bool value = true;
+};
+template <typename In, typename V>
+FEP_DEVICE In fep_mma_in(V v) {
+    if constexpr (fep_same_type<V, In>::value) {
+        return v;
+    } else {
+        return fep_from_f32<In>(v);
+    }
+}
+// The value the hardware multiplies (the emulator's operand).
+template <typename In, typename V>
+FEP_DEVICE float fep_mma_operand(V v) {
+    return fep_mma_round<In>(fep_to_f32(fep_mma_in<In>(v)));
+}
 
 template <typename In>
 struct FepMma {
@@ -114,7 +138,7 @@ FEP_DEVICE void FepMma<In>::run(float (&acc)[NT][FEP_MMA_ACC], const FA& a, cons
             const int r = acc_row(lane, i), c = 16 * j + acc_col(lane, i);
             float s = acc[j][i];
             for (int k = 0; k < kK; ++k)
-                s = fmaf(fep_mma_round<In>(a(r, k0 + k)), fep_mma_round<In>(b(c, k0 + k)), s);
+                s = fmaf(fep_mma_operand<In>(a(r, k0 + k)), fep_mma_operand<In>(b(c, k0 + k)), s);
             acc[j][i] = s;
         }
     }
@@ -168,8 +192,8 @@ FEP_DEVICE void fep_mma_m16n8k16(float* c, uint32_t a0, uint32_t a1, uint32_t a2
 template <typename In, int NT, typename FA, typename FB>
 FEP_DEVICE void fep_mma_nv16(float (&acc)[NT][FEP_MMA_ACC], const FA& a, const FB& b, int k0) {
     const int lane = (int)fep_lane(), g = lane >> 2, t = lane & 3;
-    auto pa = [&](int r, int k) { return fep_pack2(fep_from_f32<In>(a(r, k)), fep_from_f32<In>(a(r, k + 1))); };
-    auto pb = [&](int c, int k) { return fep_pack2(fep_from_f32<In>(b(c, k)), fep_from_f32<In>(b(c, k + 1))); };
+    auto pa = [&](int r, int k) { return fep_pack2(fep_mma_in<In>(a(r, k)), fep_mma_in<In>(a(r, k + 1))); };
+    auto pb = [&](int c, int k) { return fep_pack2(fep_mma_in<In>(b(c, k)), fep_mma_in<In>(b(c, k + 1))); };
     const uint32_t a0 = pa(g, k0 + 2 * t), a1 = pa(g + 8, k0 + 2 * t);
     const uint32_t a2 = pa(g, k0 + 2 * t + 8), a3 = pa(g + 8, k0 + 2 * t + 8);
 #pragma unroll
@@ -221,12 +245,12 @@ FEP_DEVICE void FepMma<fep_f16>::run(float (&acc)[NT][FEP_MMA_ACC], const FA& a,
     const int lane = (int)fep_lane(), r = lane & 15, k = k0 + 4 * (lane >> 4);
     fep_h16x4 av;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) av[i] = (_Float16)a(r, k + i);
+    for (int i = 0; i < 4; ++i) av[i] = __builtin_bit_cast(_Float16, fep_mma_in<fep_f16>(a(r, k + i)));
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         fep_h16x4 bv;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) bv[i] = (_Float16)b(16 * j + r, k + i);
+        for (int i = 0; i < 4; ++i) bv[i] = __builtin_bit_cast(_Float16, fep_mma_in<fep_f16>(b(16 * j + r, k + i)));
         fep_mfma(acc, j, __builtin_amdgcn_mfma_f32_16x16x16f16(av, bv, fep_mfma_acc(acc, j), 0, 0, 0));
     }
 }
@@ -236,12 +260,12 @@ FEP_DEVICE void FepMma<fep_bf16>::run(float (&acc)[NT][FEP_MMA_ACC], const FA& a
     const int lane = (int)fep_lane(), r = lane & 15, k = k0 + 4 * (lane >> 4);
     fep_s16x4 av;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) av[i] = (short)fep_from_f32<fep_bf16>(a(r, k + i)).bits;
+    for (int i = 0; i < 4; ++i) av[i] = (short)fep_mma_in<fep_bf16>(a(r, k + i)).bits;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         fep_s16x4 bv;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) bv[i] = (short)fep_from_f32<fep_bf16>(b(16 * j + r, k + i)).bits;
+        for (int i = 0; i < 4; ++i) bv[i] = (short)fep_mma_in<fep_bf16>(b(16 * j + r, k + i)).bits;
         fep_mfma(acc, j, __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(av, bv, fep_mfma_acc(acc, j), 0, 0, 0));
     }
 }
