@@ -56,6 +56,29 @@ FEP_DEVICE void attn_load_rows(In* dst, const In* src, long long stride, int row
     }
 }
 
+template <int F>
+struct AttnFamily {
+    static constexpr int value = F;
+};
+
+// One score in base 2 from x = q·k and the per-key terms (a, b, ‖k‖²) and per-row terms
+// (‖q‖², Gaussian's ½‖q‖² or 0); kappa = (ν + D)/2.
+template <int F>
+FEP_DEVICE float attn_score(float x, float a, float b, float qn, float hq, float kn, float kappa) {
+    if constexpr (F == ATTN_DOT) {
+        return fmaf(x, a, b);
+    } else if constexpr (F == ATTN_GAUSSIAN) {
+        return fmaf(a, x - hq, b);
+    } else {
+        const float d2 = fmaxf(fmaf(-2.0f, x, qn + kn), 0.0f);  // rounding can make it < 0
+        if constexpr (F == ATTN_STUDENT_T) {
+            return fmaf(-kappa, fep_log2(fmaf(a, d2, 1.0f)), b);
+        } else {
+            return fmaf(-a, sqrtf(d2), b);
+        }
+    }
+}
+
 template <typename In, int kD, int kDv>
 FEP_DEVICE void attn_forward(const AttnParams& p) {
     using Tr = AttnTraits<In, kD, kDv>;
@@ -111,6 +134,10 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
         for (int d = 0; d < kD; ++d) a = fmaf(fep_to_f32(row[d]), fep_to_f32(row[d]), a);
         qn[s] = a;
     }
+    // Gaussian's ½‖q‖² per row: 0 when it is a constant of the row (gauss_bias).
+    float hq[kSlots];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) hq[s] = gauss_bias ? 0.0f : 0.5f * qn[s];
     float m[kSlots], l[kSlots], ep[kSlots];
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) m[s] = ATTN_NEG_INF, l[s] = 0.0f, ep[s] = 0.0f;
@@ -162,34 +189,34 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
 #pragma unroll
         for (int k0 = 0; k0 < kD; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(x, aq, bk, k0);
 
-        // Scores (base 2), in place of x, and the tile's row maxima.
+        // Scores (base 2), in place of x, and the tile's row maxima; one loop per family, so
+        // the per-score code has no branch on it.
         const bool edge = (p.causal && j0 + kBc - 1 > i0 + off) || (p.window > 0 && j0 <= i_last + off - p.window);
         float mx[kSlots];
 #pragma unroll
         for (int s = 0; s < kSlots; ++s) mx[s] = ATTN_NEG_INF;
+        auto scores = [&](auto family_tag) {
+            constexpr int kFamily = decltype(family_tag)::value;
 #pragma unroll
-        for (int t = 0; t < kNT; ++t) {
+            for (int t = 0; t < kNT; ++t) {
 #pragma unroll
-            for (int i = 0; i < kAcc; ++i) {
-                const int c = 16 * t + Mma::acc_col(lane, i), sl = Mma::row_slot(i);
-                const float xv = x[t][i];
-                float v;
-                if (family == ATTN_DOT) {
-                    v = fmaf(xv, ka[c], kb[c]);
-                } else if (family == ATTN_GAUSSIAN) {
-                    v = fmaf(ka[c], gauss_bias ? xv : xv - 0.5f * qn[sl], kb[c]);
-                } else {
-                    const float d2 = fmaxf(fmaf(-2.0f, xv, qn[sl] + kn[c]), 0.0f);
-                    v = family == ATTN_STUDENT_T ? fmaf(-kappa, fep_log2(fmaf(ka[c], d2, 1.0f)), kb[c])
-                                                 : fmaf(-ka[c], sqrtf(d2), kb[c]);
+                for (int i = 0; i < kAcc; ++i) {
+                    const int c = 16 * t + Mma::acc_col(lane, i), sl = Mma::row_slot(i);
+                    float v = attn_score<kFamily>(x[t][i], ka[c], kb[c], qn[sl], hq[sl], kn[c], kappa);
+                    if (edge) {
+                        const int i_row = i0 + warp * 16 + Mma::acc_row(lane, i), j = j0 + c;
+                        if (j > i_row + off || (p.window > 0 && j <= i_row + off - p.window)) v = ATTN_NEG_INF;
+                    }
+                    x[t][i] = v;
+                    mx[sl] = fmaxf(mx[sl], v);
                 }
-                if (edge) {
-                    const int i_row = i0 + warp * 16 + Mma::acc_row(lane, i), j = j0 + c;
-                    if (j > i_row + off || (p.window > 0 && j <= i_row + off - p.window)) v = ATTN_NEG_INF;
-                }
-                x[t][i] = v;
-                mx[sl] = fmaxf(mx[sl], v);
             }
+        };
+        switch (family) {
+            case ATTN_DOT: scores(AttnFamily<ATTN_DOT>()); break;
+            case ATTN_GAUSSIAN: scores(AttnFamily<ATTN_GAUSSIAN>()); break;
+            case ATTN_STUDENT_T: scores(AttnFamily<ATTN_STUDENT_T>()); break;
+            default: scores(AttnFamily<ATTN_LAPLACE>()); break;
         }
 
         // Online softmax: new maxima, rescale what was accumulated.
