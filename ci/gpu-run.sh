@@ -8,6 +8,8 @@
 #      benches/peers/vmp.py searches (this machine has no network; nothing system-wide changes);
 #   4. benches/results/<gpu>.md from 2 and 3 (written into $OUT too).
 # Logs go to $OUT (default gpu-out/). Exits non-zero if any test failed.
+# FEP_GPU_STEPS (default "tests python benches peers") picks the steps, so a device call that
+# would pass its 10-minute limit can be split in two (the report covers what ran).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu-out}
@@ -21,7 +23,11 @@ export FEP_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$OUT/device.txt" 2>&1 || true
 cat "$OUT/device.txt"
 
+steps=" ${FEP_GPU_STEPS:-tests python benches peers} "
+want() { [[ "$steps" == *" $1 "* ]]; }
+
 failed=0
+if want tests; then
 for t in "$stage"/tests/*; do
   echo "=== test $(basename "$t")"
   if ! "$t" --test-threads=1 >>"$OUT/tests.log" 2>&1; then
@@ -30,7 +36,9 @@ for t in "$stage"/tests/*; do
   fi
 done
 grep -E "^test result|SKIPPED|FAILED|panicked" "$OUT/tests.log" | head -50
+fi
 
+if want python; then
 echo "=== tour"
 "$stage/tour" 2>&1 | tee "$OUT/tour.log"
 
@@ -47,13 +55,18 @@ for t in test_settle.py test_vmp.py test_attention.py; do
   fi
 done
 grep -E "^--- |passed|SKIPPED|FAILED|Error" "$OUT/python.log" | tail -12
+fi
 
+if want benches; then
 echo "=== benches"
 export CRITERION_HOME="$OUT/criterion"
 for b in "$stage"/bench-*; do
   "$b" --bench --noplot 2>&1 | tee -a "$OUT/bench.log" | grep -E "lca |settle |vmp |attention |time:|thrpt:|SKIPPED|^[a-z]+_(lca|settle|vmp|attention)"
 done
 
+fi
+
+if want peers; then
 echo "=== peers"
 python3 benches/peers/lca.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-lca.json" 2>&1 | tee "$OUT/peers.log"
 python3 benches/peers/settle.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-settle.json" 2>&1 | tee -a "$OUT/peers.log"
@@ -75,6 +88,7 @@ rm -rf "$pydeps"
 # FlexAttention compiles once per family (dynamic shapes); the script stops starting new shapes
 # after its own budget (165 s) and writes its JSON as it goes, so the timeout only guards a hang.
 timeout 200 python3 benches/peers/attention.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-attention.json" 2>&1 | tee -a "$OUT/peers.log"
+fi
 
 echo "=== report"
 python3 ci/gpu-report.py --out "$OUT" --commit "$(cat "$stage/COMMIT")"

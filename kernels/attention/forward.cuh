@@ -62,8 +62,10 @@ struct AttnFamily {
 };
 
 // One score in base 2 from x = q·k and the per-key terms (a, b, ‖k‖²) and per-row terms
-// (‖q‖², Gaussian's ½‖q‖² or 0); kappa = (ν + D)/2.
-template <int F>
+// (‖q‖², Gaussian's ½‖q‖² or 0); kappa = (ν + D)/2. kExact: Student-t's log2 from the libm
+// routine rather than the special-function unit, whose 2^-22 error is multiplied by kappa (up to
+// ~140) in the score: fine for 16-bit inputs, not for the f32 path's bound.
+template <int F, bool kExact>
 FEP_DEVICE float attn_score(float x, float a, float b, float qn, float hq, float kn, float kappa) {
     if constexpr (F == ATTN_DOT) {
         return fmaf(x, a, b);
@@ -72,7 +74,8 @@ FEP_DEVICE float attn_score(float x, float a, float b, float qn, float hq, float
     } else {
         const float d2 = fmaxf(fmaf(-2.0f, x, qn + kn), 0.0f);  // rounding can make it < 0
         if constexpr (F == ATTN_STUDENT_T) {
-            return fmaf(-kappa, fep_log2(fmaf(a, d2, 1.0f)), b);
+            const float u = fmaf(a, d2, 1.0f);
+            return fmaf(-kappa, kExact ? log2f(u) : fep_log2(u), b);
         } else {
             return fmaf(-a, sqrtf(d2), b);
         }
@@ -152,6 +155,15 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
     auto bk = [&](int c, int k) { return sk[c * Tr::kKs + k]; };
     auto ap = [&](int r, int k) { return ps[r * Tr::kPs + k]; };
     auto bv = [&](int c, int k) { return sv[k * Tr::kVs + c]; };
+    // x = q·k for this warp's 16 rows and the tile's kBc keys.
+    auto qk = [&](float (&x)[kNT][kAcc]) {
+#pragma unroll
+        for (int t = 0; t < kNT; ++t)
+#pragma unroll
+            for (int i = 0; i < kAcc; ++i) x[t][i] = 0.0f;
+#pragma unroll
+        for (int k0 = 0; k0 < kD; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(x, aq, bk, k0);
+    };
 
     for (int j0 = (j_begin / kBc) * kBc; j0 < j_end; j0 += kBc) {
         __syncthreads();  // the previous tile's K, V, P and per-key terms are consumed
@@ -182,12 +194,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
         __syncthreads();
 
         float x[kNT][kAcc];
-#pragma unroll
-        for (int t = 0; t < kNT; ++t)
-#pragma unroll
-            for (int i = 0; i < kAcc; ++i) x[t][i] = 0.0f;
-#pragma unroll
-        for (int k0 = 0; k0 < kD; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(x, aq, bk, k0);
+        qk(x);
 
         // Scores (base 2), in place of x, and the tile's row maxima; one loop per family, so
         // the per-score code has no branch on it.
@@ -202,7 +209,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
 #pragma unroll
                 for (int i = 0; i < kAcc; ++i) {
                     const int c = 16 * t + Mma::acc_col(lane, i), sl = Mma::row_slot(i);
-                    float v = attn_score<kFamily>(x[t][i], ka[c], kb[c], qn[sl], hq[sl], kn[c], kappa);
+                    float v = attn_score<kFamily, sizeof(In) == 4>(x[t][i], ka[c], kb[c], qn[sl], hq[sl], kn[c], kappa);
                     if (edge) {
                         const int i_row = i0 + warp * 16 + Mma::acc_row(lane, i), j = j0 + c;
                         if (j > i_row + off || (p.window > 0 && j <= i_row + off - p.window)) v = ATTN_NEG_INF;
@@ -251,12 +258,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
         // of a second score tile would cost every call; this costs only calls that ask for e).
         // Each lane reads back its own p (as rounded for P V).
         if (want_e) {
-#pragma unroll
-            for (int t = 0; t < kNT; ++t)
-#pragma unroll
-                for (int i = 0; i < kAcc; ++i) x[t][i] = 0.0f;
-#pragma unroll
-            for (int k0 = 0; k0 < kD; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(x, aq, bk, k0);
+            qk(x);
 #pragma unroll
             for (int t = 0; t < kNT; ++t) {
 #pragma unroll
