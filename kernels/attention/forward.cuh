@@ -88,7 +88,11 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
     using Mma = FepMma<In>;
     constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kNT = kBc / 16, kNV = kDv / 16;
     constexpr int kSlots = Mma::kRowSlots, kAcc = FEP_MMA_ACC;
-    constexpr int kUnrollPV = sizeof(In) == 4 && kDv >= 256 ? 1 : kBc / Mma::kK;
+    // f32 takes three products per MMA step (port/mma.cuh): unrolled, their fragments do not
+    // fit in registers beside o and the scores (spills at Dv = 256 and at D = Dv = 32), so its
+    // k-loops stay rolled. f32 is the accuracy path, not a speed target.
+    constexpr int kUnrollQK = sizeof(In) == 4 ? 1 : kD / Mma::kK;
+    constexpr int kUnrollPV = sizeof(In) == 4 ? 1 : kBc / Mma::kK;
     FEP_DYNAMIC_SMEM(uint4, smem);
     // The host mirrors the tile shape; on a mismatch write nothing (poisoned outputs then fail).
     if (p.smem != Tr::kSmem || (int)blockDim.x != Tr::kThreads) return;
@@ -161,7 +165,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
         for (int t = 0; t < kNT; ++t)
 #pragma unroll
             for (int i = 0; i < kAcc; ++i) x[t][i] = 0.0f;
-#pragma unroll
+#pragma unroll(kUnrollQK)
         for (int k0 = 0; k0 < kD; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(x, aq, bk, k0);
     };
 
@@ -270,8 +274,6 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
             }
         }
         __syncthreads();  // P rows are read by other lanes of the warp
-        // f32 takes three products per step (port/mma.cuh): unrolled, their fragments would
-        // not fit beside a 256-wide o in registers.
 #pragma unroll(kUnrollPV)
         for (int k0 = 0; k0 < kBc; k0 += Mma::kK) fep_mma_run_accurate<In, kNV>(o, ap, bv, k0);
     }
