@@ -7,7 +7,7 @@
 
 use std::ffi::c_void;
 
-use super::{AttentionOutputs, HEAD_DIMS, Problem, Score, Tensor4};
+use super::{AttentionOutputs, HEAD_DIMS, Problem, Score};
 use crate::backend::{Device, LaunchConfig, Scratch, Stream, View};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -177,10 +177,10 @@ fn scan_inputs<T: Element>(p: &Problem<'_, '_, T>, dev: &Device, stream: Stream)
 }
 
 /// Whether every tensor's base address and strides allow 16-byte loads and stores.
-fn aligned<T: Element>(ts: &[(&u64, [usize; 3])]) -> bool {
+fn aligned<T: Element>(ts: &[(u64, [usize; 3])]) -> bool {
     let size = std::mem::size_of::<T>();
     ts.iter()
-        .all(|(addr, s)| **addr % 16 == 0 && s.iter().all(|x| (x * size) % 16 == 0))
+        .all(|(addr, s)| addr % 16 == 0 && s.iter().all(|x| (x * size) % 16 == 0))
 }
 
 /// Checks what only the GPU path limits, scans the inputs if asked, and launches.
@@ -219,13 +219,13 @@ pub(crate) fn forward<T: Element>(
         scan_inputs(p, dev, stream)?;
     }
     let tau = p.spec.tau(d.d) as f32;
-    let (q, k, v): (&Tensor4<'_, T>, &Tensor4<'_, T>, &Tensor4<'_, T>) = (p.q, p.k, p.v);
+    let (q, k, v) = (p.q, p.k, p.v);
     let o_addr = out.o.data.addr;
     let vec_loads = aligned::<T>(&[
-        (&q.data.addr(), q.strides),
-        (&k.data.addr(), k.strides),
-        (&v.data.addr(), v.strides),
-        (&o_addr, out.o.strides),
+        (q.data.addr(), q.strides),
+        (k.data.addr(), k.strides),
+        (v.data.addr(), v.strides),
+        (o_addr, out.o.strides),
     ]);
     let mut params = AttnParams {
         q: q.data.addr(),
