@@ -87,14 +87,16 @@ fn shape_len(s: [usize; 4]) -> usize {
     s.iter().product()
 }
 
-/// BHLD data laid out as BLHD (the test then reads it through strides).
-fn to_blhd<T: Copy>(x: &[T], [b, h, l, d]: [usize; 4]) -> Vec<T> {
+/// BHLD data laid out as BLHD (`to_blhd`), or BLHD memory read back as BHLD; `[b, h, l, d]` is
+/// the BHLD shape either way.
+fn relayout<T: Copy>(x: &[T], [b, h, l, d]: [usize; 4], to_blhd: bool) -> Vec<T> {
     let mut out = x.to_vec();
     for bi in 0..b {
         for hi in 0..h {
             for li in 0..l {
-                let src = ((bi * h + hi) * l + li) * d;
-                let dst = ((bi * l + li) * h + hi) * d;
+                let bhld = ((bi * h + hi) * l + li) * d;
+                let blhd = ((bi * l + li) * h + hi) * d;
+                let (src, dst) = if to_blhd { (bhld, blhd) } else { (blhd, bhld) };
                 out[dst..dst + d].copy_from_slice(&x[src..src + d]);
             }
         }
@@ -199,7 +201,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
     );
     let lay = |data: &[T], s| {
         if c.blhd {
-            to_blhd(data, s)
+            relayout(data, s, true)
         } else {
             data.to_vec()
         }
@@ -253,18 +255,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
     }
     let mut o_h = o.to_vec().unwrap();
     if c.blhd {
-        // Back to BHLD: element (b, h, l) of BLHD memory.
-        let mut bhld = o_h.clone();
-        for bi in 0..c.b {
-            for hi in 0..c.hq {
-                for li in 0..c.lq {
-                    let src = ((bi * c.lq + li) * c.hq + hi) * c.dv;
-                    let dst = ((bi * c.hq + hi) * c.lq + li) * c.dv;
-                    bhld[dst..dst + c.dv].copy_from_slice(&o_h[src..src + c.dv]);
-                }
-            }
-        }
-        o_h = bhld;
+        o_h = relayout(&o_h, os, false);
     }
     let o_f: Vec<f64> = o_h.iter().map(|a| a.to_f64()).collect();
     let tol = tol::<T>();
