@@ -51,6 +51,8 @@
 //! H = 2, L = 64, D = 32), so `cargo bench --bench attention` stays short on a machine without
 //! a GPU. `FEP_BENCH_QUICK=1` shortens the runs and, on a GPU, measures L ∈ {1k, 4k, 16k} only.
 
+mod common;
+
 use std::collections::HashSet;
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
@@ -60,7 +62,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use fep_kernels::attention::{
     self, AttentionOutputs, AttentionSpec, Precisions, Score, Tensor4, Tensor4Mut,
 };
-use fep_kernels::{Device, DeviceBuffer, DeviceKind, Element, bf16, f16};
+use fep_kernels::{Device, DeviceBuffer, Element, bf16, f16};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// H100 SXM HBM3 bandwidth, for the "time at the DRAM floor" figures.
@@ -162,21 +164,6 @@ fn floor(s: Shape, score: Score, causal: bool, el: usize) -> Floor {
         transcendentals,
         text,
     }
-}
-
-/// Median of the per-iteration times of criterion's last `samples` measurements.
-fn median_per_iter(record: &[(u64, Duration)], samples: usize) -> Option<f64> {
-    let from = record.len().saturating_sub(samples);
-    let mut v: Vec<f64> = record[from..]
-        .iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, d)| d.as_secs_f64() / *n as f64)
-        .collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
 }
 
 fn uniform<T: Element>(n: usize, lo: f64, hi: f64, seed: u64) -> Vec<T> {
@@ -286,7 +273,7 @@ fn bench_shape<T: Element>(
                 })
             });
             group.finish();
-            if let Some(t) = median_per_iter(&record.lock().unwrap(), samples) {
+            if let Some(t) = common::median_per_iter(&record.lock().unwrap(), samples) {
                 println!(
                     "{group_name}/{}: {} per call, {:.2} TFLOP/s ({:.4e} FLOP/s), {:.3} G transcendentals/s, {:.1} GB/s of the DRAM floor ({:.2}% of 3.35 TB/s); {}",
                     s.id(),
@@ -339,15 +326,8 @@ fn bench_gpu_dtype<T: Element>(cr: &mut Criterion, run: &mut Run<'_>, seed: u64)
 }
 
 fn bench(cr: &mut Criterion) {
-    let quick = std::env::var("FEP_BENCH_QUICK").is_ok_and(|v| v == "1");
-    let mut devices = vec![];
-    for kind in [DeviceKind::Cuda, DeviceKind::Hip] {
-        match Device::open(kind, 0) {
-            Ok(d) => devices.push(d),
-            Err(e) => eprintln!("attention bench: no {kind:?} device ({e})"),
-        }
-    }
-    devices.push(Device::cpu());
+    let quick = common::quick();
+    let devices = common::devices("attention");
     for dev in &devices {
         let mut run = Run {
             dev,

@@ -14,12 +14,14 @@
 //! The CPU reference is benchmarked at the small configuration only (the large one takes
 //! minutes per solve in f64). `FEP_BENCH_QUICK=1` shortens the runs.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fep_kernels::lca::{Dictionary, LcaOutputs, LcaSpec, Threshold};
-use fep_kernels::{Device, DeviceBuffer, DeviceKind};
+use fep_kernels::{Device, DeviceBuffer};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
 
@@ -174,15 +176,8 @@ fn floors(c: &Config, rho: f64) -> String {
 }
 
 fn bench(cr: &mut Criterion) {
-    let quick = std::env::var("FEP_BENCH_QUICK").is_ok_and(|v| v == "1");
-    let mut devices = vec![];
-    for kind in [DeviceKind::Cuda, DeviceKind::Hip] {
-        match Device::open(kind, 0) {
-            Ok(d) => devices.push(d),
-            Err(e) => eprintln!("lca bench: no {kind:?} device ({e})"),
-        }
-    }
-    devices.push(Device::cpu());
+    let quick = common::quick();
+    let devices = common::devices("lca");
     for dev in &devices {
         let backend = dev.kind().name();
         for (ci, c) in CONFIGS.iter().enumerate() {

@@ -26,6 +26,8 @@
 //! f32, bf16 and f16 weights on a GPU; f32 and bf16 on the CPU. `FEP_BENCH_QUICK=1` shortens
 //! the runs.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,7 +36,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use fep_kernels::settle::{
     self, Activation, Gradients, Layer, Network, Precision, SettleOutputs, SettleSpec,
 };
-use fep_kernels::{Device, DeviceBuffer, DeviceKind, Element, bf16, f16};
+use fep_kernels::{Device, DeviceBuffer, Element, bf16, f16};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
 
@@ -222,21 +224,6 @@ impl Outputs {
     }
 }
 
-/// Median of the per-iteration times of criterion's last `samples` measurements.
-fn median_per_iter(record: &[(u64, Duration)], samples: usize) -> Option<f64> {
-    let from = record.len().saturating_sub(samples);
-    let mut v: Vec<f64> = record[from..]
-        .iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, d)| d.as_secs_f64() / *n as f64)
-        .collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
-}
-
 fn bench_dtype<T: Element>(cr: &mut Criterion, dev: &Device, c: &Config, ci: usize, quick: bool) {
     let dtype = T::DTYPE.suffix();
     let p = problem(c, 11 + ci as u64);
@@ -345,7 +332,7 @@ fn bench_dtype<T: Element>(cr: &mut Criterion, dev: &Device, c: &Config, ci: usi
                     elapsed
                 })
             });
-            if let Some(per_settle) = median_per_iter(&record.lock().unwrap(), samples) {
+            if let Some(per_settle) = common::median_per_iter(&record.lock().unwrap(), samples) {
                 let (step_flops, grad_flops) = flops(c);
                 let total =
                     steps as f64 * step_flops + if mode == Mode::Learn { grad_flops } else { 0.0 };
@@ -364,15 +351,8 @@ fn bench_dtype<T: Element>(cr: &mut Criterion, dev: &Device, c: &Config, ci: usi
 }
 
 fn bench(cr: &mut Criterion) {
-    let quick = std::env::var("FEP_BENCH_QUICK").is_ok_and(|v| v == "1");
-    let mut devices = vec![];
-    for kind in [DeviceKind::Cuda, DeviceKind::Hip] {
-        match Device::open(kind, 0) {
-            Ok(d) => devices.push(d),
-            Err(e) => eprintln!("settle bench: no {kind:?} device ({e})"),
-        }
-    }
-    devices.push(Device::cpu());
+    let quick = common::quick();
+    let devices = common::devices("settle");
     for dev in &devices {
         for (ci, c) in CONFIGS.iter().enumerate() {
             if dev.is_gpu() == c.cpu {

@@ -53,6 +53,8 @@
 //! five-factor N = 100, grid policies N = 32), so `cargo bench --bench vmp` stays short on a
 //! machine without a GPU. `FEP_BENCH_QUICK=1` shortens the runs.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,7 +63,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use fep_kernels::vmp::{
     self, FpiSpec, Model, ModelSpec, Obs, PolicyOutputs, PolicySpec, StatesOutputs,
 };
-use fep_kernels::{Device, DeviceBuffer, DeviceKind};
+use fep_kernels::{Device, DeviceBuffer};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::Value;
 
@@ -369,21 +371,6 @@ fn beliefs(s: &ModelSpec, n: usize, seed: u64) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Median of the per-iteration times of criterion's last `samples` measurements.
-fn median_per_iter(record: &[(u64, Duration)], samples: usize) -> Option<f64> {
-    let from = record.len().saturating_sub(samples);
-    let mut v: Vec<f64> = record[from..]
-        .iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, d)| d.as_secs_f64() / *n as f64)
-        .collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
-}
-
 fn bench_variant(cr: &mut Criterion, dev: &Device, v: &Variant, vi: usize, quick: bool) {
     let (spec, gamma) = fixture_model(v.model);
     let model = Model::new(dev, &spec).expect("the fixture model is valid");
@@ -489,7 +476,7 @@ fn bench_variant(cr: &mut Criterion, dev: &Device, v: &Variant, vi: usize, quick
                 });
             }
         }
-        if let Some(t) = median_per_iter(&record.lock().unwrap(), samples) {
+        if let Some(t) = common::median_per_iter(&record.lock().unwrap(), samples) {
             let rate = match v.op {
                 Op::States => format!(
                     "{:.4e} agent-iterations/s, {:.4e} agents/s",
@@ -516,15 +503,8 @@ fn bench_variant(cr: &mut Criterion, dev: &Device, v: &Variant, vi: usize, quick
 }
 
 fn bench(cr: &mut Criterion) {
-    let quick = std::env::var("FEP_BENCH_QUICK").is_ok_and(|v| v == "1");
-    let mut devices = vec![];
-    for kind in [DeviceKind::Cuda, DeviceKind::Hip] {
-        match Device::open(kind, 0) {
-            Ok(d) => devices.push(d),
-            Err(e) => eprintln!("vmp bench: no {kind:?} device ({e})"),
-        }
-    }
-    devices.push(Device::cpu());
+    let quick = common::quick();
+    let devices = common::devices("vmp");
     for dev in &devices {
         for (vi, v) in VARIANTS.iter().enumerate() {
             bench_variant(cr, dev, v, vi, quick);
