@@ -54,3 +54,63 @@ pub fn mma_tile(dev: &Device, dtype: DType, a: &[f32], b: &[f32], k: usize) -> R
     dev.synchronize(stream)?;
     dc.to_vec()
 }
+
+/// Rows and columns of Q (`[16, 32]`), K and V (`[32, 32]`) and of S and O (`[16, 32]`) in
+/// [`fragment_tiles`].
+pub const FRAG_N: usize = 32;
+
+/// The register-operand path of kernels/port/fragment.cuh on its own (one warp): S = Q Kᵀ with
+/// operands loaded from shared memory by ldmatrix (NVIDIA) or 8-byte reads (CDNA), then
+/// O = P V with P = S rounded to `dtype` and taken straight from the score registers. Inputs are
+/// row-major f32 (Q `[16, 32]`, K and V `[32, 32]`), rounded to `dtype` (f16 or bf16) on the
+/// device; returns (S, O), each `[16, 32]`. Errors: wrong lengths, another dtype, a device
+/// that is not a GPU.
+pub fn fragment_tiles(
+    dev: &Device,
+    dtype: DType,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    check_len("q", q.len(), 16 * FRAG_N)?;
+    check_len("k", k.len(), FRAG_N * FRAG_N)?;
+    check_len("v", v.len(), FRAG_N * FRAG_N)?;
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return Err(Error::invalid(
+            "dtype",
+            format!("{dtype:?}: the fragment path is for f16 and bf16"),
+        ));
+    }
+    if !dev.is_gpu() {
+        return Err(Error::Unsupported(format!(
+            "fragment_tiles runs on a GPU, not on {dev:?}"
+        )));
+    }
+    let (dq, dk, dv) = (dev.upload(q)?, dev.upload(k)?, dev.upload(v)?);
+    let mut ds = dev.upload(&vec![f32::NAN; 16 * FRAG_N])?;
+    let mut d_o = dev.upload(&vec![f32::NAN; 16 * FRAG_N])?;
+    let (mut pq, mut pk, mut pv) = (dq.addr(), dk.addr(), dv.addr());
+    let (mut ps, mut po) = (ds.view_mut().addr, d_o.view_mut().addr);
+    let cfg = LaunchConfig {
+        grid: (1, 1, 1),
+        block: 64,
+        smem: 0,
+    };
+    let params: &mut [*mut std::ffi::c_void] = &mut [
+        (&mut pq as *mut u64).cast(),
+        (&mut pk as *mut u64).cast(),
+        (&mut pv as *mut u64).cast(),
+        (&mut ps as *mut u64).cast(),
+        (&mut po as *mut u64).cast(),
+    ];
+    let stream = dev.default_stream();
+    dev.launch(
+        "port/mma_check",
+        &format!("fep_frag_check_{}", dtype.suffix()),
+        cfg,
+        params,
+        stream,
+    )?;
+    dev.synchronize(stream)?;
+    Ok((ds.to_vec()?, d_o.to_vec()?))
+}

@@ -77,3 +77,54 @@ fn mma_tile_rejects_bad_input() {
         .is_err()
     );
 }
+
+#[test]
+fn fragment_path_matches_the_host_exactly() {
+    use fep_kernels::diagnostics::{FRAG_N, fragment_tiles};
+    let Some(dev) = gpu("fragment_path_matches_the_host_exactly") else {
+        return;
+    };
+    // Entries in {-1, 0, 1} for Q and K (|S| <= 32: exact in bf16 as P), {-2..2} for V; each
+    // position distinct enough that a swapped row, column or k shows up.
+    let q: Vec<f32> = (0..16 * FRAG_N)
+        .map(|i| ((i * 7 + i / FRAG_N) % 3) as f32 - 1.0)
+        .collect();
+    let k: Vec<f32> = (0..FRAG_N * FRAG_N)
+        .map(|i| ((i * 5 + 2 * (i / FRAG_N)) % 3) as f32 - 1.0)
+        .collect();
+    let v: Vec<f32> = (0..FRAG_N * FRAG_N)
+        .map(|i| ((i * 3 + i / FRAG_N) % 5) as f32 - 2.0)
+        .collect();
+    let mut s = vec![0f32; 16 * FRAG_N];
+    let mut o = vec![0f32; 16 * FRAG_N];
+    for r in 0..16 {
+        for j in 0..FRAG_N {
+            s[r * FRAG_N + j] = (0..FRAG_N)
+                .map(|d| q[r * FRAG_N + d] * k[j * FRAG_N + d])
+                .sum();
+        }
+        for c in 0..FRAG_N {
+            o[r * FRAG_N + c] = (0..FRAG_N)
+                .map(|j| s[r * FRAG_N + j] * v[j * FRAG_N + c])
+                .sum();
+        }
+    }
+    for dtype in [DType::F16, DType::BF16] {
+        let (gs, go) = fragment_tiles(&dev, dtype, &q, &k, &v).expect("fragment_tiles");
+        for (name, got, want) in [("S", &gs, &s), ("O", &go, &o)] {
+            let bad: Vec<String> = got
+                .iter()
+                .zip(want.iter())
+                .enumerate()
+                .filter(|(_, (g, w))| g != w)
+                .take(8)
+                .map(|(i, (g, w))| {
+                    format!("{name}[{}][{}] = {g}, expected {w}", i / FRAG_N, i % FRAG_N)
+                })
+                .collect();
+            assert!(bad.is_empty(), "{dtype:?}: {}", bad.join("; "));
+        }
+    }
+    assert!(fragment_tiles(&dev, DType::F32, &q, &k, &v).is_err());
+    assert!(fragment_tiles(&dev, DType::F16, &q[1..], &k, &v).is_err());
+}

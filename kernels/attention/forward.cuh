@@ -27,12 +27,8 @@
 #pragma once
 #include "../port/mma.cuh"
 #include "../port/reduce.cuh"
-#include "params.cuh"
+#include "score.cuh"
 #include "traits.cuh"
-
-#define ATTN_LOG2E 1.4426950408889634f
-#define ATTN_LN2 0.6931471805599453f
-#define ATTN_NEG_INF (-__uint_as_float(0x7f800000u))
 
 // `rows` rows of kCols elements (row r at src + r * stride) into shared memory rows of kDs
 // elements; rows at or past `valid` become zeros (never read: a masked key's v must be 0, not
@@ -52,32 +48,6 @@ FEP_DEVICE void attn_load_rows(In* dst, const In* src, long long stride, int row
         for (int idx = threadIdx.x; idx < rows * kCols; idx += kThreads) {
             const int r = idx / kCols, c = idx % kCols;
             dst[r * kDs + c] = r < valid ? src[r * stride + c] : fep_from_f32<In>(0.0f);
-        }
-    }
-}
-
-template <int F>
-struct AttnFamily {
-    static constexpr int value = F;
-};
-
-// One score in base 2 from x = q·k and the per-key terms (a, b, ‖k‖²) and per-row terms
-// (‖q‖², Gaussian's ½‖q‖² or 0); kappa = (ν + D)/2. kExact: Student-t's log2 from the libm
-// routine rather than the special-function unit, whose 2^-22 error is multiplied by kappa (up to
-// ~140) in the score: fine for 16-bit inputs, not for the f32 path's bound.
-template <int F, bool kExact>
-FEP_DEVICE float attn_score(float x, float a, float b, float qn, float hq, float kn, float kappa) {
-    if constexpr (F == ATTN_DOT) {
-        return fmaf(x, a, b);
-    } else if constexpr (F == ATTN_GAUSSIAN) {
-        return fmaf(a, x - hq, b);
-    } else {
-        const float d2 = fmaxf(fmaf(-2.0f, x, qn + kn), 0.0f);  // rounding can make it < 0
-        if constexpr (F == ATTN_STUDENT_T) {
-            const float u = fmaf(a, d2, 1.0f);
-            return fmaf(-kappa, kExact ? log2f(u) : fep_log2(u), b);
-        } else {
-            return fmaf(-a, sqrtf(d2), b);
         }
     }
 }
@@ -181,15 +151,8 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
             float n = 0.0f;
             for (int d = 0; d < kD; ++d) n = fmaf(fep_to_f32(sk[c * Tr::kKs + d]), fep_to_f32(sk[c * Tr::kKs + d]), n);
             const float pi = pi_h * (pik && live ? pik[j0 + c] : 1.0f);
-            const float tp = p.tau * pi;
-            const float nj = norm ? 0.5f * (float)kD * log2f(pi) : 0.0f;
             float a, bias;
-            switch (family) {
-                case ATTN_DOT: a = tp * ATTN_LOG2E, bias = 0.0f; break;
-                case ATTN_GAUSSIAN: a = tp * ATTN_LOG2E, bias = fmaf(-0.5f * a, n, nj); break;
-                case ATTN_STUDENT_T: a = tp / p.nu, bias = nj; break;
-                default: a = sqrtf(tp) * ATTN_LOG2E, bias = nj; break;  // Laplace
-            }
+            attn_key_terms(family, p.tau, p.nu, pi, n, norm, (float)kD, a, bias);
             ka[c] = a;
             kb[c] = live ? bias : ATTN_NEG_INF;
             kn[c] = n;

@@ -1,45 +1,78 @@
 // traits.cuh: the tile shape of each (input type, D, Dv) instantiation, and the list of them.
 //
-// A block holds kBr = 16 * kWarps query rows (each warp, of 32 or 64 lanes, owns one 16-row
-// strip: one m16 / 16x16 MMA row of tiles) and walks the keys kBc at a time. Q, K, V and each
-// warp's probabilities P live in shared memory as the input type, rows padded by 16 bytes (row
-// strides of 4 mod 32 banks: the fragment loads of mma.cuh, 8 rows x 4 k-steps per
-// instruction, hit 32 distinct banks). The first shape from the candidate list whose shared
-// memory fits 64 KiB is taken: that is every AMD CDNA GPU's LDS, and leaves room for three
-// blocks per SM on an H100 (227 KiB).
+// Two kernels (NOTES.md):
+// - f32 (forward.cuh, v1): each warp (32 or 64 lanes) owns one 16-row strip; Q, K, V and each
+//   warp's P in shared memory, rows padded by 16 bytes; the first of kCandidates whose shared
+//   memory fits 64 KiB (every CDNA LDS; three blocks per SM on an H100).
+// - f16/bf16 (forward16.cuh, v2): each warp owns kMT 16-row strips (32 rows when registers
+//   allow: K and V fragments are then loaded once for two strips), P stays in registers, K and V
+//   are double-buffered (two stages) and Q stays in shared memory for the whole key loop. Rows
+//   are padded by 16 bytes: a row stride of 16 mod 128 bytes puts the 8 rows of an ldmatrix (or
+//   the 16 rows of a ds_read_b64) in distinct 4-bank groups (NOTES.md, bank analysis). The
+//   first shape of kCandidates16 that fits the shared-memory budget (96 KiB on NVIDIA: two
+//   blocks per SM; 64 KiB on CDNA) and an estimate of the registers per thread (the score and
+//   output accumulators of kMT strips, the K fragments of one k-step, ~48 for addresses, row
+//   statistics and the rest, within 190: ptxas 13.0 then needs 210-250 of its 255 without
+//   spilling, found by compiling; on CDNA a lane holds half as many accumulators) is taken.
 //
 // src/attention/gpu.rs mirrors `attn_tile` (kernels check the smem size they are given against
-// their own and write nothing on a mismatch, so a drift fails every GPU test).
+// their own and write nothing on a mismatch, so a drift fails every GPU test); ci/sass-census
+// compiles this file on the host to size the kernels' dynamic shared memory.
 #pragma once
 
 #define ATTN_SMEM_BUDGET 65536
 
 struct AttnTile {
-    int warps, bc, smem;
+    int warps, bc, smem, mt;  // warps per block, keys per tile, shared bytes, 16-row strips per warp
 };
 
-// Shared memory of a shape: Q [kBr][D+pad], K [kBc][D+pad], V [kBc][Dv+pad], P [warps*16][kBc+pad]
-// of `size`-byte elements, then four per-key float arrays of kBc.
+// v1 (f32): Q [kBr][D+pad], K [kBc][D+pad], V [kBc][Dv+pad], P [warps*16][kBc+pad] of `size`-byte
+// elements, then four per-key float arrays of kBc.
 constexpr int attn_smem(int size, int d, int dv, int warps, int bc) {
     const int pad = 16 / size;
     return size * (16 * warps * (d + pad) + bc * (d + pad) + bc * (dv + pad) + 16 * warps * (bc + pad)) + 4 * 4 * bc;
 }
 
-constexpr AttnTile attn_tile(int size, int d, int dv) {
-    constexpr int kCandidates[7][2] = {{4, 64}, {4, 32}, {2, 64}, {2, 32}, {2, 16}, {1, 32}, {1, 16}};
-    for (int i = 0; i < 7; ++i) {
-        const int w = kCandidates[i][0], bc = kCandidates[i][1];
-        if (attn_smem(size, d, dv, w, bc) <= ATTN_SMEM_BUDGET) return AttnTile{w, bc, attn_smem(size, d, dv, w, bc)};
+// v2 (16-bit): Q [16 mt warps][D+8], two stages of K [kBc][D+8] and V [kBc][Dv+8], then one
+// float4 of per-key terms per key.
+constexpr int attn_smem16(int d, int dv, int warps, int mt, int bc) {
+    return 2 * (16 * mt * warps * (d + 8) + 2 * bc * (d + 8) + 2 * bc * (dv + 8)) + 16 * bc;
+}
+
+// Registers per thread the v2 kernel needs, roughly: acc f32 accumulators per lane and 16 x 16
+// tile (8 on NVIDIA, 4 on CDNA).
+constexpr int attn_regs16(int dv, int mt, int bc, int acc) {
+    return acc * mt * (bc + dv) / 16 + (acc / 2) * (bc / 16) + 48;
+}
+
+constexpr AttnTile attn_tile(int size, int d, int dv, int warp = 32) {
+    if (size == 4) {
+        constexpr int kCandidates[7][2] = {{4, 64}, {4, 32}, {2, 64}, {2, 32}, {2, 16}, {1, 32}, {1, 16}};
+        for (int i = 0; i < 7; ++i) {
+            const int w = kCandidates[i][0], bc = kCandidates[i][1];
+            if (attn_smem(size, d, dv, w, bc) <= ATTN_SMEM_BUDGET)
+                return AttnTile{w, bc, attn_smem(size, d, dv, w, bc), 1};
+        }
+        return AttnTile{0, 0, 0, 0};
     }
-    return AttnTile{0, 0, 0};
+    constexpr int kCandidates16[9][3] = {{4, 2, 64}, {4, 2, 32}, {4, 1, 64}, {4, 1, 32}, {4, 1, 16},
+                                         {2, 1, 64}, {2, 1, 32}, {1, 1, 32}, {1, 1, 16}};
+    const int budget = warp == 64 ? 65536 : 98304, acc = 256 / warp;
+    for (int i = 0; i < 9; ++i) {
+        const int w = kCandidates16[i][0], mt = kCandidates16[i][1], bc = kCandidates16[i][2];
+        const int smem = attn_smem16(d, dv, w, mt, bc);
+        if (smem <= budget && attn_regs16(dv, mt, bc, acc) <= 190) return AttnTile{w, bc, smem, mt};
+    }
+    return AttnTile{0, 0, 0, 0};
 }
 
 template <typename In, int kD, int kDv>
 struct AttnTraits {
-    static constexpr AttnTile kTile = attn_tile((int)sizeof(In), kD, kDv);
+    static constexpr AttnTile kTile = attn_tile((int)sizeof(In), kD, kDv, FEP_WARP_SIZE);
     static_assert(kTile.warps > 0, "no tile shape fits the shared-memory budget");
     static constexpr int kWarps = kTile.warps;
-    static constexpr int kBr = 16 * kWarps;
+    static constexpr int kMT = kTile.mt;
+    static constexpr int kBr = 16 * kMT * kWarps;
     static constexpr int kBc = kTile.bc;
     static constexpr int kSmem = kTile.smem;
     static constexpr int kPad = 16 / (int)sizeof(In);

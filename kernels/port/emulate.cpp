@@ -26,10 +26,15 @@ struct Launch {
     std::barrier<> block_barrier;
     std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
     std::vector<uint64_t> slots;
+    std::vector<unsigned char> shared_frags;  // fep_emu_warp_share: kFragBytes per lane
     std::vector<unsigned char> dynamic_smem;
 
     Launch(int threads, int warp_size, size_t smem)
-        : warp(warp_size), block_barrier(threads), slots(threads), dynamic_smem(smem + 16) {
+        : warp(warp_size),
+          block_barrier(threads),
+          slots(threads),
+          shared_frags((size_t)threads * FEP_EMU_SHARE_BYTES),
+          dynamic_smem(smem + 16) {
         for (int w = 0; w < threads / warp_size; ++w) warp_barriers.emplace_back(new std::barrier<>(warp_size));
     }
 };
@@ -57,6 +62,46 @@ uint64_t fep_emu_exchange(uint64_t bits, int src_lane, bool keep_if_out_of_range
     }
     bar.arrive_and_wait();  // nobody overwrites a slot before everyone has read
     return r;
+}
+
+// Every lane of the warp publishes `bytes` of its registers; returns the warp's table (lane i's
+// at i * FEP_EMU_SHARE_BYTES), valid until fep_emu_warp_release().
+const unsigned char* fep_emu_warp_share(const void* mine, size_t bytes) {
+    const int t = (int)threadIdx.x, w = current->warp;
+    std::memcpy(current->shared_frags.data() + (size_t)t * FEP_EMU_SHARE_BYTES, mine, bytes);
+    current->warp_barriers[t / w]->arrive_and_wait();
+    return current->shared_frags.data() + (size_t)(t / w * w) * FEP_EMU_SHARE_BYTES;
+}
+void fep_emu_warp_release() { current->warp_barriers[threadIdx.x / current->warp]->arrive_and_wait(); }
+
+// Asynchronous copies (port/copy.cuh): the source is read when the copy is issued (global memory
+// does not change during a launch), the destination written only when a wait retires its group,
+// so a kernel that reads a buffer before waiting for it reads stale data and fails its tests.
+namespace {
+struct PendingCopy {
+    void* dst;
+    unsigned char data[16];
+    int group;
+};
+thread_local std::vector<PendingCopy> pending_copies;
+thread_local int open_group = 0;
+}  // namespace
+void fep_emu_copy16(void* dst, const void* src, bool valid) {
+    PendingCopy c{dst, {}, open_group};
+    if (valid) std::memcpy(c.data, src, 16);
+    pending_copies.push_back(c);
+}
+void fep_emu_copy_commit() { ++open_group; }
+void fep_emu_copy_wait(int pending_groups) {
+    std::vector<PendingCopy> keep;
+    for (const PendingCopy& c : pending_copies) {
+        if (c.group < open_group - pending_groups) {
+            std::memcpy(c.dst, c.data, 16);
+        } else {
+            keep.push_back(c);
+        }
+    }
+    pending_copies.swap(keep);
 }
 
 struct FepEmuKernel {
@@ -99,6 +144,7 @@ extern "C" int fep_emu_launch(int warp, const char* module, const char* name, un
                     for (unsigned x = 0; x < gx; ++x) {
                         blockIdx = {x, y, z};
                         entry(params);
+                        fep_emu_copy_wait(0);  // a kernel may end with copies in flight
                         launch.block_barrier.arrive_and_wait();
                     }
         });

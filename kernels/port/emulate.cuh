@@ -26,6 +26,14 @@ extern thread_local fep_dim3 gridDim;
 void fep_emu_syncthreads();
 uint64_t fep_emu_exchange(uint64_t bits, int src_lane, bool keep_if_out_of_range);
 void* fep_emu_dynamic_smem();
+// Register fragments exchanged within a warp (port/fragment.cuh), and asynchronous copies
+// (port/copy.cuh): see emulate.cpp.
+#define FEP_EMU_SHARE_BYTES 512
+const unsigned char* fep_emu_warp_share(const void* mine, size_t bytes);
+void fep_emu_warp_release();
+void fep_emu_copy16(void* dst, const void* src, bool valid);
+void fep_emu_copy_commit();
+void fep_emu_copy_wait(int pending_groups);
 
 #define __global__
 #define __device__
@@ -54,6 +62,14 @@ inline uint32_t __float_as_uint(float f) {
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 // IEEE binary16, converted in software (round to nearest even).
 struct __half {

@@ -142,3 +142,37 @@ FEP_DEVICE float fep_log2(float x) {
     return y;
 }
 #endif
+
+// ---- 2^x on the FMA units (FlashAttention-4's trick), for x <= 0 ------------------------------
+// Moves part of a kernel's exponentials off the special-function unit when that unit is the
+// bottleneck (Student-t and Laplace take two special functions per score). x is split as j + f
+// with j = round(x) (adding 1.5 * 2^23 rounds in the FADD unit; no conversion instruction) and
+// f in [-0.5, 0.5]; 2^f is a degree-3 polynomial (weighted minimax, relative error 7.5e-5: below
+// half an f16 ulp, far below bf16's), and j goes straight into the exponent bits. x < -126
+// (including -inf) gives 0. About 10 FMA-pipe instructions against one MUFU.EX2.
+FEP_DEVICE float fep_exp2_poly(float x) {
+    const float xc = fmaxf(x, -126.0f);
+    const float magic = 12582912.0f;  // 1.5 * 2^23
+    const float t = xc + magic;
+    const float f = xc - (t - magic);
+    float p = fmaf(0.05517113208770752f, f, 0.24261008203029633f);
+    p = fmaf(p, f, 0.6932609677314758f);
+    p = fmaf(p, f, 0.9999281167984009f);
+    const int j = (int)(__float_as_uint(t) - __float_as_uint(magic));
+    const float r = __uint_as_float(__float_as_uint(p) + ((uint32_t)j << 23));
+    return x < -126.0f ? 0.0f : r;
+}
+
+// Square root without IEEE rounding (the 16-bit paths' Laplace distance): MUFU.SQRT on NVIDIA,
+// v_sqrt_f32 on AMD, exact in the emulator.
+#if defined(FEP_EMULATE)
+FEP_DEVICE float fep_sqrt_approx(float x) { return std::sqrt(x); }
+#elif defined(FEP_HIP)
+FEP_DEVICE float fep_sqrt_approx(float x) { return __builtin_amdgcn_sqrtf(x); }
+#else
+FEP_DEVICE float fep_sqrt_approx(float x) {
+    float y;
+    asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#endif

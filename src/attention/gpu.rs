@@ -13,7 +13,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 
 const CHECK: &str = "attention/check";
-/// ATTN_SMEM_BUDGET of traits.cuh.
+/// ATTN_SMEM_BUDGET of traits.cuh (the f32 kernel's budget).
 const SMEM_BUDGET: usize = 65536;
 /// ATTN_CHECK_THREADS of check.cu, and at most this many scan blocks.
 const CHECK_THREADS: usize = 256;
@@ -53,29 +53,78 @@ struct AttnParams {
     pad: i32,
 }
 
-/// `attn_smem` of traits.cuh: Q, K, V and P tiles of `size`-byte elements with rows padded by
-/// 16 bytes, then four per-key float arrays.
+/// `attn_smem` of traits.cuh (the f32 kernel): Q, K, V and P tiles of `size`-byte elements with
+/// rows padded by 16 bytes, then four per-key float arrays.
 fn smem(size: usize, d: usize, dv: usize, warps: usize, bc: usize) -> usize {
     let pad = 16 / size;
     size * (16 * warps * (d + pad) + bc * (d + pad) + bc * (dv + pad) + 16 * warps * (bc + pad))
         + 16 * bc
 }
 
-/// `attn_tile` of traits.cuh: (warps per block, keys per tile, shared memory bytes).
-pub(crate) fn tile(size: usize, d: usize, dv: usize) -> (usize, usize, usize) {
-    const CANDIDATES: [(usize, usize); 7] = [
-        (4, 64),
-        (4, 32),
-        (2, 64),
-        (2, 32),
-        (2, 16),
-        (1, 32),
-        (1, 16),
+/// `attn_smem16` of traits.cuh (the f16/bf16 kernel): Q, two stages of K and V, rows padded by
+/// 16 bytes, then four per-key float arrays.
+fn smem16(d: usize, dv: usize, warps: usize, mt: usize, bc: usize) -> usize {
+    2 * (16 * mt * warps * (d + 8) + 2 * bc * (d + 8) + 2 * bc * (dv + 8)) + 16 * bc
+}
+
+/// `attn_regs16` of traits.cuh: the register estimate that bounds the f16/bf16 tile shape.
+fn regs16(dv: usize, mt: usize, bc: usize, acc: usize) -> usize {
+    acc * mt * (bc + dv) / 16 + (acc / 2) * (bc / 16) + 48
+}
+
+/// A tile shape: warps per block, keys per tile, shared memory bytes, 16-row strips per warp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tile {
+    pub warps: usize,
+    pub bc: usize,
+    pub smem: usize,
+    pub mt: usize,
+}
+
+/// `attn_tile` of traits.cuh for a device of `warp` lanes (32: NVIDIA; 64: CDNA).
+pub(crate) fn tile(size: usize, d: usize, dv: usize, warp: usize) -> Tile {
+    if size == 4 {
+        const CANDIDATES: [(usize, usize); 7] = [
+            (4, 64),
+            (4, 32),
+            (2, 64),
+            (2, 32),
+            (2, 16),
+            (1, 32),
+            (1, 16),
+        ];
+        return CANDIDATES
+            .iter()
+            .map(|&(warps, bc)| Tile {
+                warps,
+                bc,
+                smem: smem(size, d, dv, warps, bc),
+                mt: 1,
+            })
+            .find(|t| t.smem <= SMEM_BUDGET)
+            .expect("every supported head-dim pair has a tile shape");
+    }
+    const CANDIDATES16: [(usize, usize, usize); 9] = [
+        (4, 2, 64),
+        (4, 2, 32),
+        (4, 1, 64),
+        (4, 1, 32),
+        (4, 1, 16),
+        (2, 1, 64),
+        (2, 1, 32),
+        (1, 1, 32),
+        (1, 1, 16),
     ];
-    CANDIDATES
+    let (budget, acc) = if warp == 64 { (65536, 4) } else { (98304, 8) };
+    CANDIDATES16
         .iter()
-        .map(|&(w, bc)| (w, bc, smem(size, d, dv, w, bc)))
-        .find(|&(_, _, s)| s <= SMEM_BUDGET)
+        .map(|&(warps, mt, bc)| Tile {
+            warps,
+            bc,
+            smem: smem16(d, dv, warps, mt, bc),
+            mt,
+        })
+        .find(|t| t.smem <= budget && regs16(dv, t.mt, t.bc, acc) <= 190)
         .expect("every supported head-dim pair has a tile shape")
 }
 
@@ -205,7 +254,9 @@ pub(crate) fn forward<T: Element>(
         )));
     }
     let size = std::mem::size_of::<T>();
-    let (warps, _, smem) = tile(size, d.d, d.dv);
+    let Tile {
+        warps, smem, mt, ..
+    } = tile(size, d.d, d.dv, dev.warp_size());
     if smem > dev.max_shared_per_block() {
         return Err(Error::Unsupported(format!(
             "the attention kernel for D = {}, Dv = {} needs {smem} bytes of shared memory per block; \
@@ -259,7 +310,7 @@ pub(crate) fn forward<T: Element>(
         smem: smem as i32,
         pad: 0,
     };
-    let rows = 16 * warps;
+    let rows = 16 * mt * warps;
     let cfg = LaunchConfig {
         grid: (d.lq.div_ceil(rows) as u32, d.hq as u32, d.b as u32),
         block: (warps * dev.warp_size()) as u32,

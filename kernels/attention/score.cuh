@@ -1,0 +1,65 @@
+// score.cuh: what both forward kernels share: the score of each family in base 2 (from q·k and
+// per-key and per-row terms), and the per-key terms themselves.
+#pragma once
+#include "params.cuh"
+
+#define ATTN_LOG2E 1.4426950408889634f
+#define ATTN_LN2 0.6931471805599453f
+#define ATTN_NEG_INF (-__uint_as_float(0x7f800000u))
+
+template <int F>
+struct AttnFamily {
+    static constexpr int value = F;
+};
+
+// One score in base 2 from x = q·k and the per-key terms (a, b, ‖k‖²) and per-row terms
+// (‖q‖², Gaussian's ½‖q‖² or 0); kappa = (ν + D)/2. kExact: Student-t's log2 from the libm
+// routine rather than the special-function unit, whose 2^-22 error is multiplied by kappa (up to
+// ~140) in the score: fine for 16-bit inputs, not for the f32 path's bound (likewise Laplace's
+// square root).
+template <int F, bool kExact>
+FEP_DEVICE float attn_score(float x, float a, float b, float qn, float hq, float kn, float kappa) {
+    if constexpr (F == ATTN_DOT) {
+        return fmaf(x, a, b);
+    } else if constexpr (F == ATTN_GAUSSIAN) {
+        return fmaf(a, x - hq, b);
+    } else {
+        const float d2 = fmaxf(fmaf(-2.0f, x, qn + kn), 0.0f);  // rounding can make it < 0
+        if constexpr (F == ATTN_STUDENT_T) {
+            const float u = fmaf(a, d2, 1.0f);
+            return fmaf(-kappa, kExact ? log2f(u) : fep_log2(u), b);
+        } else {
+            return fmaf(-a, kExact ? sqrtf(d2) : fep_sqrt_approx(d2), b);
+        }
+    }
+}
+
+// d² back from a visible score s (the inverse of attn_score, for e = Σ p π d² without keeping q·k):
+// Dot and Gaussian through x = q·k, Student-t and Laplace directly. Rounding makes it approximate
+// (a few ulps of s, relative to d² where d² is small), well within the 16-bit paths' bound.
+template <int F>
+FEP_DEVICE float attn_d2_from_score(float s, float a, float b, float qn, float hq, float kn, float kappa) {
+    if constexpr (F == ATTN_DOT || F == ATTN_GAUSSIAN) {
+        const float x = (s - b) / a + (F == ATTN_GAUSSIAN ? hq : 0.0f);
+        return fmaxf(fmaf(-2.0f, x, qn + kn), 0.0f);
+    } else if constexpr (F == ATTN_STUDENT_T) {
+        return fmaxf((fep_exp2((b - s) / kappa) - 1.0f) / a, 0.0f);
+    } else {
+        const float r = (b - s) / a;
+        return r * r;
+    }
+}
+
+// The per-key multiplier a and bias b of a score (before the key-length mask), from π_ij = π_h π_j,
+// the scale τ, ‖k_j‖² (n) and the normaliser's (D/2) log2 π when `norm`.
+FEP_DEVICE void attn_key_terms(int family, float tau, float nu, float pi, float n, bool norm, float d, float& a,
+                               float& b) {
+    const float tp = tau * pi;
+    const float nj = norm ? 0.5f * d * log2f(pi) : 0.0f;
+    switch (family) {
+        case ATTN_DOT: a = tp * ATTN_LOG2E, b = 0.0f; break;
+        case ATTN_GAUSSIAN: a = tp * ATTN_LOG2E, b = fmaf(-0.5f * a, n, nj); break;
+        case ATTN_STUDENT_T: a = tp / nu, b = nj; break;
+        default: a = sqrtf(tp) * ATTN_LOG2E, b = nj; break;  // Laplace
+    }
+}
