@@ -1,12 +1,21 @@
 #!/usr/bin/env python3
 """Writes benches/results/<gpu>.md from one GPU-suite run (ci/gpu-run.sh): date, commit, device,
-every criterion figure of our benches, and the peer timings with their ratio to ours.
+what ran and what was cut for time, every criterion figure of our benches, and the peer timings
+with their ratio to ours.
 
-Reads $OUT/device.txt, $OUT/criterion/**/new/estimates.json (CRITERION_HOME) and
-$OUT/peers-*.json; writes the markdown into benches/results/ and a copy into $OUT. Only measured
-figures are written: a missing input leaves its section saying so."""
+Reads, in the run folder (--run, ci/gpu-run.sh's $OUT/run; the same folder packed in
+$OUT/gpu-run.tar.gz): device.txt, steps.tsv (one line per item: status, seconds, limit, note),
+expected.txt (the criterion ids the quick step should measure), criterion/**/new/estimates.json
+(CRITERION_HOME) and peers-*.json. Writes the markdown into --out and, with --results-dir, into
+that folder too (benches/results/ on a GPU machine; not for a dry run). Only measured figures are
+written: a record without a figure (failed, skipped, cut) says why instead, and what was cut for
+time is listed in its own section.
+
+    python3 ci/gpu-report.py --run gpu-out/run --out gpu-out --commit abc123
+    (older runs: --out DIR alone reads DIR)"""
 
 import argparse
+import collections
 import datetime
 import glob
 import json
@@ -14,35 +23,87 @@ import os
 import re
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--out", required=True)
+ap.add_argument("--run", help="the run folder (default: --out)")
+ap.add_argument("--out", required=True, help="where to write <gpu>.md")
 ap.add_argument("--commit", default="unknown")
+ap.add_argument("--results-dir", help="write <gpu>.md here too (benches/results)")
+ap.add_argument("--dry-run", action="store_true", help="a CPU dry run: named dry-run.md")
 args = ap.parse_args()
+run = args.run or args.out
 
 device = "unknown GPU"
 try:
-    lines = [l.strip() for l in open(os.path.join(args.out, "device.txt")) if l.strip()]
+    lines = [l.strip() for l in open(os.path.join(run, "device.txt")) if l.strip()]
     if len(lines) >= 2:
         device = lines[1]
 except OSError:
     pass
 gpu = re.sub(r"[^a-z0-9]+", "-", device.split(",")[0].lower()).strip("-") or "gpu"
+if args.dry_run:
+    gpu = "dry-run"
 
-md = [f"# fep-kernels on {device.split(',')[0]}", ""]
+# ---- what ran (steps.tsv) ----
+Item = collections.namedtuple("Item", "order step item status seconds limit note")
+runs = []
+try:
+    with open(os.path.join(run, "steps.tsv")) as f:
+        for i, line in enumerate(f):
+            cols = line.rstrip("\n").split("\t")
+            if i == 0 or len(cols) < 7:
+                continue
+            runs.append(Item(int(cols[0]) if cols[0].isdigit() else 999, *cols[1:7]))
+except OSError:
+    pass
+last = {}  # the last run of each item (an item cut in its step may have run in step 4)
+for r in runs:
+    last[f"{r.step}.{r.item}"] = r
+
+title = "a dry run on the CPU (no GPU: fixed costs and control flow only)" if args.dry_run \
+    else device.split(",")[0]
+md = [f"# fep-kernels on {title}", ""]
 md += [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", f"- commit: {args.commit}",
-       f"- device (name, driver, memory, max SM clock): {device}", ""]
+       f"- device (name, driver, memory, max SM clock, SM clock, temperature, power): {device}"]
+if runs:
+    total = sum(float(r.seconds) for r in runs if r.seconds.replace(".", "").isdigit())
+    md.append(f"- the suite: ci/gpu-run.sh, one device call; {len(last)} items, "
+              f"{total:.0f} s of item time")
+md.append("")
+
+# ---- the run, and what was cut ----
+if runs:
+    md += ["## The run (ci/gpu-run.sh)", "",
+           "One line per item in plan order (step 1 port, 2 tests, 3 quick benches, 4 the rest). "
+           "ok / FAILED / TIMEOUT (its own limit); KILLED: stopped when its step's budget ran "
+           "out; CUT: not started, the step's budget was spent; SKIPPED: not selected or not "
+           "run on a GPU machine by design; MISSING: not in the stage. An item cut in its step "
+           "and run in step 4 shows both lines.", "",
+           "| step | item | status | seconds | limit (s) | note |", "|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: r.order):
+        md.append(f"| {r.step} | {r.item} | {r.status} | {r.seconds} | {r.limit} | "
+                  f"{r.note.replace('|', '/')} |")
+    md.append("")
+
+cut_lines = []
+for k, r in last.items():
+    if r.status in ("CUT", "KILLED"):
+        cut_lines.append(f"- {k}: {r.status} ({r.note})")
 
 md += ["## Our benches (criterion, benches/*.rs)", "",
        "Throughput counts elements per second: sample-steps (B·T) for lca and settle, "
        "agent-iterations (N·K) for vmp state inference, agent-policies (N·P) for vmp policy "
        "inference, FLOPs for attention (FlashAttention's convention 4·B·Hq·Lq·Lk·D, halved when "
        "causal: the TFLOP/s column). Per step: the median over T (lca, settle) or K (vmp) from "
-       "the id.", "",
+       "the id. Step 3 measures with FEP_BENCH_QUICK=1 (10 samples, short warm-up and measurement, "
+       "a filter per bench); where step 4's full bench measured the same id later, its figure "
+       "is the one shown.", "",
        "| group | benchmark | median time | per step / iteration | throughput (elements/s) | agents/s (vmp) | TFLOP/s (attention) |",
        "|---|---|---|---|---|---|---|"]
 found = False
-for est in sorted(glob.glob(os.path.join(args.out, "criterion", "**", "new", "estimates.json"), recursive=True)):
+found_ids = set()
+for est in sorted(glob.glob(os.path.join(run, "criterion", "**", "new", "estimates.json"), recursive=True)):
     parts = est.split(os.sep)
     group, bench = parts[-4], parts[-3]
+    found_ids.add(f"{group}/{bench}")
     med = json.load(open(est))["median"]["point_estimate"]  # ns
     bench_json = os.path.join(os.path.dirname(est), "benchmark.json")
     thr = tflops = ""
@@ -63,6 +124,23 @@ for est in sorted(glob.glob(os.path.join(args.out, "criterion", "**", "new", "es
 if not found:
     md.append("| (no criterion results found) | | | | | | |")
 md.append("")
+
+# the quick step's criterion ids that were not measured (the bench was cut, killed or failed)
+try:
+    missing = collections.defaultdict(list)
+    for line in open(os.path.join(run, "expected.txt")):
+        item, _, bid = line.strip().partition(" ")
+        if bid and bid not in found_ids:
+            missing[item].append(bid)
+    for item, ids in missing.items():
+        why = last[item].status if item in last else "not run"
+        how = ("cut for time" if why in ("CUT", "KILLED") else
+               "its own timeout" if why == "TIMEOUT" else
+               "the bench skipped or failed them: see its log" if why in ("ok", "FAILED") else why)
+        cut_lines.append(f"- {item} ({why}): {len(ids)} benchmark(s) not measured ({how}): "
+                         + ", ".join(ids))
+except OSError:
+    pass
 
 
 def fmt(v, spec, missing="-"):
@@ -137,12 +215,35 @@ def attention_rows(recs):
     return rows
 
 
-for peers in sorted(glob.glob(os.path.join(args.out, "peers-*.json"))):
+def cut_desc(r):
+    keys = ("family", "config", "mode", "dtype", "D", "L", "N", "T")
+    parts = []
+    for k in keys:
+        if r.get(k) is None:
+            continue
+        v = r[k]
+        parts.append(f"{k}={v}" if k in ("D", "L", "N", "T") else str(v))
+    if "causal" in r:
+        parts.insert(1, "causal" if r["causal"] else "full")
+    return " ".join(parts)
+
+
+for peers in sorted(glob.glob(os.path.join(run, "peers-*.json"))):
     op = os.path.basename(peers)[len("peers-"):-len(".json")]
-    recs = json.load(open(peers))
-    md += [f"## {op}: peers in the same run (benches/peers/{op}.py)", ""]
+    script = op.split("-")[0]
+    try:
+        recs = json.load(open(peers))
+    except (OSError, ValueError) as e:
+        md += [f"## {op}: peers (benches/peers/{script}.py)", "", f"(unreadable: {e})", ""]
+        continue
+    cut = [r for r in recs if r.get("cut")]
+    recs = [r for r in recs if not r.get("cut")]
+    if cut:
+        cut_lines.append(f"- peers-{op} (its own --budget-s): {len(cut)} configuration(s) not "
+                         "measured: " + "; ".join(cut_desc(r) for r in cut))
+    md += [f"## {op}: peers in the same run (benches/peers/{script}.py)", ""]
     if not recs:
-        md.append("(no records: the script was skipped; see peers.log)")
+        md.append("(no records: the script was skipped or cut; see its log in gpu-run.tar.gz)")
     elif recs[0].get("op") == "attention":
         md += attention_rows(recs)
     elif recs[0].get("op") == "vmp":
@@ -153,9 +254,23 @@ for peers in sorted(glob.glob(os.path.join(args.out, "peers-*.json"))):
         md += lca_rows(recs)
     md.append("")
 
+# what was cut for time, after the header (before the figures)
+cut_md = ["## Cut for time, or not measured", "",
+          "What the plan asked for and this run did not measure: items not started (CUT) or "
+          "stopped (KILLED) when their step's budget ran out, criterion ids of step 3 with no "
+          "figure, and the configurations the peer scripts did not start within their own "
+          "--budget-s. No figure is written for any of them.", ""]
+cut_md += cut_lines if cut_lines else ["Nothing: every item and configuration of the plan ran."]
+cut_md.append("")
+at = next((i for i, l in enumerate(md) if l.startswith("## Our benches")), len(md))
+md[at:at] = cut_md
+
 text = "\n".join(md) + "\n"
-os.makedirs("benches/results", exist_ok=True)
-for path in (f"benches/results/{gpu}.md", os.path.join(args.out, f"{gpu}.md")):
+paths = [os.path.join(args.out, f"{gpu}.md")]
+if args.results_dir:
+    os.makedirs(args.results_dir, exist_ok=True)
+    paths.append(os.path.join(args.results_dir, f"{gpu}.md"))
+for path in paths:
     with open(path, "w") as f:
         f.write(text)
-print(text)
+    print(f"wrote {path}")

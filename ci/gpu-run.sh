@@ -1,95 +1,497 @@
 #!/usr/bin/env bash
-# The GPU suite, on a GPU machine without Rust, over the binaries of ci/gpu-stage.sh:
-#   1. every test binary, with FEP_REQUIRE_GPU=1 (a GPU test that finds no GPU fails here);
-#   2. the tour, the digits example and the Python binding tests (on CUDA tensors);
-#      then the criterion benches;
-#   3. the peer scripts (PyTorch SDPA and FlexAttention, JAX, pymdp) on the same shapes, through the C ABI; pymdp is
-#      installed from the wheels of gpu-stage/wheels/ into a temporary folder that only
-#      benches/peers/vmp.py searches (this machine has no network; nothing system-wide changes);
-#   4. benches/results/<gpu>.md from 2 and 3 (written into $OUT too).
-# Logs go to $OUT (default gpu-out/). Exits non-zero if any test failed.
-# FEP_GPU_STEPS (default "tests python benches peers") picks the steps, so a device call that
-# would pass its 10-minute limit can be split in two (the report covers what ran).
+# The GPU suite, on a GPU machine without Rust, over the binaries of ci/gpu-stage.sh (gpu-stage/,
+# or its archive gpu-stage.tar.xz, unpacked here). Everything of value in ONE device call: the
+# steps run in order of value, each with its own time budget; a step starts no new work once its
+# budget is spent (what it did not start is CUT, what it had to stop is KILLED), every process
+# runs under `timeout`, and the report says what was cut. Budgets sum to 450 s (7.5 min) so the
+# call ends within 8 minutes; a step that ends early leaves its time to step 4.
+#
+# Plan. Budget: seconds the step may start work in (a step's items are cut to what is left of it;
+# its unused time goes to step 4); an item's limit is its own `timeout`, and a peer script gets
+# --budget-s = its share (stops starting new configurations; the timeout adds 10-20 s for the
+# one in flight). Dry: measured with FEP_GPU_DRY_RUN=1 on the 2-core build machine over the CPU
+# stand-in, without PyTorch (GPU tests skip, benches measure the CPU reference's smoke configs,
+# peer scripts start and skip): the fixed costs and the control flow, ~103 s in all. H200 est.:
+# from the FLOP counts and criterion's settings, assuming ~300 TFLOP/s for our bf16 attention.
+#
+# | step / item                              | budget | dry   | H200 est. | how the estimate is made                                    |
+# |------------------------------------------|--------|-------|-----------|-------------------------------------------------------------|
+# | 0 unpack gpu-stage.tar.xz                |  (10)  |  -    |   5-10 s  | xz -d of ~450 MB (not budgeted; counts against the total)  |
+# | 1 port: mma_gpu (tensor-core fragment    |   20   |  1 s  |    5 s    | one CUDA context + module load (~2 s), a few 16x8 tiles;    |
+# |   layouts), nvidia-smi, binaries load    |        |       |           | ldd + --list of every binary, the .so in Python             |
+# | 2 tests, FEP_REQUIRE_GPU=1, 4 at once:   |  110   |  7 s  |   40-80 s | CPU-reference bound: f64 references on 16 cores (LCA m =    |
+# |   attention_gpu lca_gpu settle_gpu       | (each  |       |           | 16000, 20 steps: 10 GFLOP; attention L = 1000: ~1 GFLOP per |
+# |   vmp_gpu, then the *_ffi, then the      |  90/60 |       |           | case and dtype); the GPU work is milliseconds; 3 Python     |
+# |   Python bindings on CUDA tensors        | limit) |       |           | processes importing torch (~5 s each)                       |
+# | 3 quick benches: ours, then the peers    |  280   | 16 s  |  ~245 s   |                                                             |
+# |   ours attention bf16, 48 configs        | (75)   |  4 s  |   30 s    | 48 x (0.1 s warm-up + 0.3 s measurement + ~0.1 s analysis); |
+# |   (4 families x causal/full x D 64/128   |        |       |           | one call of each of the 48 = 34.6 TFLOP = 0.12 s at 300     |
+# |   x L 1k/4k/16k)                         |        |       |           | TFLOP/s; L=16k full D=128 = 2.2 TFLOP = 7 ms: 55 calls 0.4 s |
+# |   ours lca large                         | (20)   |  2 s  |    4 s    | 12 calibration solves + 0.2 s + 1 s + process start         |
+# |   ours settle pcx f32 (T 8/32, both      | (25)   |  3 s  |    8 s    | 4 x (0.2 s + 1 s + analysis) + inputs for every config     |
+# |   modes)                                 |        |       |           |                                                             |
+# |   ours vmp at the targets (tmaze, five-  | (20)   |  6 s  |    7 s    | 3 x 1.3 s + batches of 100k built on the host               |
+# |   factor N=100k, grid N=10k)             |        |       |           |                                                             |
+# |   peers attention (SDPA, flex, padded    |   85   |  0 s  |   90 s    | 8 flex compiles (4 families x 2 head dims, one per family   |
+# |   SDPA) on the same 48 shapes            |        |       |           | and D, reused across lengths): ~20 s cold, ~6 s after;      |
+# |                                          |        |       |           | 48 shapes x ~3.3 impls x ~0.12 s (2 calls + 50 ms of reps)  |
+# |   peers lca large (eager, CUDA graph,    |   35   |  0 s  |   35 s    | torch.compile of one step ~20 s; eager 200 steps of a       |
+# |   compiled, compiled + graph)            |        |       |           | 4096x1024x1024 fp32 product (8.6 GFLOP, ~0.2 ms each)       |
+# |   peers settle pcx f32 (eager, compiled, |   35   |  0 s  |   35 s    | torch.compile ~20 s + 2 JAX jits (~3 s) + 4 x 4 x 0.2 s     |
+# |   JAX as PCX)                            |        |       |           |                                                             |
+# |   peers vmp at the targets (pymdp JAX)   |   40   |  0 s  |   35 s    | pymdp's agent jitted once per config (~8 s each) + timing   |
+# | 4 the rest, in this order, until 440 s:  |  rest  | 79 s  |  (cut)    | tour 9 s, pc_digits 24 s, full lca 7 s, vmp 16 s, settle    |
+# |   step 1-3 items that were CUT, tour,    | (~125  |       |           | 12 s, attention 11 s in the dry run; on the H200 whatever   |
+# |   pc_digits, ours attention f16 quick,   |  s on  |       |           | fits: the full attention bench alone (192 configs) is       |
+# |   full lca/vmp/settle benches, peers f16 |  the   |       |           | ~250 s, so it is last and usually KILLED (its figures so    |
+# |   attention, full peers, full attention  |  est.) |       |           | far are kept)                                               |
+# | 5 report (reserved)                      |   10   | 0.5 s |    2 s    |                                                             |
+# |------------------------------------------|--------|-------|-----------|-------------------------------------------------------------|
+# | total                                    |  450   | 103 s |  ~325 s   | + step 4; the call ends by ~450 s (8 min = 480 s)           |
+#
+# The *_cpu, ffi_header, resources, settle_digits and census test binaries are NOT run on the
+# GPU machine: they need no GPU and CI runs them on every submission from the same sources (the
+# cuda feature changes nothing they test; census reads the build machine's own kernels and skips
+# elsewhere). FEP_GPU_CPU_TESTS=1 runs them last in step 4.
+#
+# Environment:
+#   OUT                  where the results go (default gpu-out/; dry run: target/gpu-dry-out/).
+#                        At the end $OUT holds only: <gpu>.md (the report), summary.txt,
+#                        console.log and gpu-run.tar.gz (every log, the criterion estimates, the
+#                        peer JSONs: `tar xzf` it and `python3 ci/gpu-report.py --run run` redoes
+#                        the report), so the device tool's 8-file limit is kept.
+#   FEP_GPU_STEPS        words picking what runs: step names (port tests quick rest), item names
+#                        (quick.peers-attention, tests.lca_gpu, ...: see summary.txt), or the old
+#                        step names python (binding tests, tour, pc_digits), benches (our criterion
+#                        benches) and peers (the peer scripts). Default: everything.
+#   FEP_GPU_BUDGET_S     the total budget (default 450); every step budget scales with it.
+#   FEP_GPU_DRY_RUN=1    the same steps on a machine without a GPU: no FEP_REQUIRE_GPU, our benches
+#                        on the CPU reference's smoke configurations, peers with --smoke.
+#   FEP_GPU_STAGE        the stage folder (default gpu-stage; dry run: gpu-stage, else
+#                        target/gpu-stage-cpu from FEP_GPU_STAGE_CPU=1 bash ci/gpu-stage.sh).
+#   FEP_GPU_TEST_JOBS    test processes at once in step 2 (default 4; 1: one after another).
+#   FEP_GPU_TEST_THREADS --test-threads for each test binary (default: libtest's, one per core).
+#   FEP_GPU_CPU_TESTS=1  also run the CPU-only test binaries, last.
+#   FEP_GPU_KEEP_RUN=1   keep $OUT/run/ unpacked (the default in the dry run).
+# Exits 1 if a test failed or timed out (port and tests steps), 0 otherwise (cut work is reported,
+# not failed); 2 if nothing could run (no stage).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-gpu-out}
+ROOT=$PWD
+
+# Helpers the items call (bash ci/gpu-run.sh --load-check STAGE | --pydeps STAGE DIR).
+if [ "${1:-}" = --load-check ]; then
+  # every binary's shared libraries resolve, every test binary lists its tests, the library
+  # loads in Python and (on a GPU machine) sees a CUDA device
+  bad=0
+  for f in "$2"/tests/* "$2"/bench-* "$2"/tour "$2"/pc_digits "$2"/*.so; do
+    [ -e "$f" ] || continue
+    if ldd "$f" 2>&1 | grep -q "not found"; then echo "$f: $(ldd "$f" | grep 'not found' | tr '\n' ' ')"; bad=1; fi
+  done
+  n=0
+  for f in "$2"/tests/*; do
+    if "$f" --list >/dev/null 2>&1; then n=$((n + 1)); else echo "$f --list failed"; bad=1; fi
+  done
+  echo "$n test binaries list their tests"
+  python3 - "$2/libfep_kernels.so" "${FEP_GPU_DRY_RUN:-0}" <<'PY' || bad=1
+import sys
+sys.path.insert(0, "bindings/python")
+import fep_kernels as fk
+fk.load(sys.argv[1])
+n = fk.device_count("cuda")
+print(f"libfep_kernels.so {fk.version()} (ABI {fk.abi_version()}) loads in Python; CUDA devices: {n}")
+if n < 1 and sys.argv[2] != "1":
+    sys.exit("the library sees no CUDA device")
+PY
+  exit $bad
+fi
+if [ "${1:-}" = --pydeps ]; then
+  # pymdp and the pure-Python packages it imports that the machine lacks, from the wheels
+  # ci/gpu-stage.sh downloaded, into a folder only benches/peers/vmp.py searches (no network
+  # there; nothing system-wide changes): pip where there is one, else the wheels are unpacked
+  # (what installing a pure-Python wheel amounts to). Once per run: the suite starts it in the
+  # background at its start, and the vmp peer items wait for that (60 s at most).
+  for _ in $(seq 120); do
+    [ -e "$3/.done" ] && exit 0
+    [ -e "$3/.started" ] || break
+    sleep 0.5
+  done
+  [ -e "$3/.done" ] && exit 0
+  mkdir -p "$3"
+  touch "$3/.started"
+  if ls "$2"/wheels/*.whl >/dev/null 2>&1; then
+    if ! python3 -m pip install --quiet --no-index --no-deps --target "$3" "$2"/wheels/*.whl; then
+      echo "pip could not install $2/wheels; unpacking them into $3"
+      for w in "$2"/wheels/*.whl; do python3 -m zipfile -e "$w" "$3"; done
+    fi
+  else
+    echo "no wheels in $2/wheels (ci/gpu-stage.sh downloads them): pymdp will be SKIPPED"
+  fi
+  touch "$3/.done"
+  exit 0
+fi
+DRY=${FEP_GPU_DRY_RUN:-0}
+[ "$DRY" = 1 ] && OUT=${OUT:-target/gpu-dry-out} || OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-stage=gpu-stage
-# ci/gpu-stage.sh's archive (what a device call carries), unpacked once.
-if [ ! -d "$stage" ] && [ -f gpu-stage.tar.xz ]; then
-  tar xJf gpu-stage.tar.xz || python3 -m tarfile -e gpu-stage.tar.xz .
-fi
-export FEP_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$OUT/device.txt" 2>&1 || true
-cat "$OUT/device.txt"
+OUT=$(cd "$OUT" && pwd)
+RUN=$OUT/run
+rm -rf "$RUN" "$OUT/gpu-run.tar.gz" "$OUT/summary.txt"
+mkdir -p "$RUN"
+exec > >(tee "$OUT/console.log") 2>&1
+TEE_PID=$!
 
-steps=" ${FEP_GPU_STEPS:-tests python benches peers} "
-want() { [[ "$steps" == *" $1 "* ]]; }
+now_ms() { local t=${EPOCHREALTIME//[.,]/}; echo $((t / 1000)); }
+T0=$(now_ms)
+el() { echo $((($(now_ms) - T0) / 1000)); }  # seconds since the start
 
-failed=0
-if want tests; then
-for t in "$stage"/tests/*; do
-  echo "=== test $(basename "$t")"
-  if ! "$t" --test-threads=1 >>"$OUT/tests.log" 2>&1; then
-    echo "FAILED: $(basename "$t")"
-    failed=1
-  fi
-done
-grep -E "^test result|SKIPPED|FAILED|panicked" "$OUT/tests.log" | head -50
-fi
+TOTAL=${FEP_GPU_BUDGET_S:-450}
+# scaled budget: sb SECONDS (nominal, for a 450 s total)
+sb() { echo $(($1 * TOTAL / 450)); }
+REPORT_RESERVE=$(sb 10)
+END_MS=$((T0 + (TOTAL - REPORT_RESERVE) * 1000)) # no step runs past this
 
-if want python; then
-echo "=== tour"
-"$stage/tour" 2>&1 | tee "$OUT/tour.log"
-
-echo "=== pc_digits (predictive-coding training on the GPU; >= 95% test accuracy expected)"
-"$stage/pc_digits" 2>&1 | tee "$OUT/pc_digits.log" | tail -4
-
-echo "=== Python bindings on CUDA tensors"
-: >"$OUT/python.log"
-for t in test_settle.py test_vmp.py test_attention.py; do
-  echo "--- bindings/python/$t" >>"$OUT/python.log"
-  if ! FEP_KERNELS_LIB="$stage/libfep_kernels.so" python3 "bindings/python/$t" >>"$OUT/python.log" 2>&1; then
-    echo "FAILED: bindings/python/$t"
-    failed=1
-  fi
-done
-grep -E "^--- |passed|SKIPPED|FAILED|Error" "$OUT/python.log" | tail -12
-fi
-
-if want benches; then
-echo "=== benches"
-export CRITERION_HOME="$OUT/criterion"
-for b in "$stage"/bench-*; do
-  "$b" --bench --noplot 2>&1 | tee -a "$OUT/bench.log" | grep -E "lca |settle |vmp |attention |time:|thrpt:|SKIPPED|^[a-z]+_(lca|settle|vmp|attention)"
-done
-
-fi
-
-if want peers; then
-echo "=== peers"
-python3 benches/peers/lca.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-lca.json" 2>&1 | tee "$OUT/peers.log"
-python3 benches/peers/settle.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-settle.json" 2>&1 | tee -a "$OUT/peers.log"
-# pymdp (pure Python) and the pure-Python packages it imports that a JAX install lacks, from the
-# wheels ci/gpu-stage.sh downloaded; vmp.py appends the folder to sys.path, after the system's
-# packages. pip where there is one, else the wheels are unpacked (what installing a
-# pure-Python wheel amounts to).
-pydeps=$(mktemp -d "${TMPDIR:-/tmp}/fep-pydeps.XXXXXX")
-if ls "$stage"/wheels/*.whl >/dev/null 2>&1; then
-  if ! python3 -m pip install --quiet --no-index --no-deps --target "$pydeps" "$stage"/wheels/*.whl >>"$OUT/peers.log" 2>&1; then
-    echo "pip could not install $stage/wheels; unpacking them into $pydeps" | tee -a "$OUT/peers.log"
-    for w in "$stage"/wheels/*.whl; do python3 -m zipfile -e "$w" "$pydeps"; done
-  fi
+if [ "$DRY" = 1 ]; then
+  if [ -n "${FEP_GPU_STAGE:-}" ]; then stage=$FEP_GPU_STAGE
+  elif [ -d gpu-stage ] || [ -f gpu-stage.tar.xz ]; then stage=gpu-stage
+  else stage=target/gpu-stage-cpu; fi
+  BENCH_DEVICES=cpu
+  unset FEP_REQUIRE_GPU
 else
-  echo "no wheels in $stage/wheels (ci/gpu-stage.sh downloads them): pymdp will be SKIPPED" | tee -a "$OUT/peers.log"
+  stage=${FEP_GPU_STAGE:-gpu-stage}
+  BENCH_DEVICES=gpu
+  export FEP_REQUIRE_GPU=1
 fi
-timeout 240 python3 benches/peers/vmp.py --lib "$stage/libfep_kernels.so" --pydeps "$pydeps" --out "$OUT/peers-vmp.json" 2>&1 | tee -a "$OUT/peers.log"
-rm -rf "$pydeps"
-# FlexAttention compiles once per family (dynamic shapes); the script stops starting new shapes
-# after its own budget (165 s) and writes its JSON as it goes, so the timeout only guards a hang.
-timeout 200 python3 benches/peers/attention.py --lib "$stage/libfep_kernels.so" --out "$OUT/peers-attention.json" 2>&1 | tee -a "$OUT/peers.log"
+export PYTHONUNBUFFERED=1 CRITERION_HOME="$RUN/criterion"
+LIB=$ROOT/$stage/libfep_kernels.so
+[[ $stage == /* ]] && LIB=$stage/libfep_kernels.so
+
+echo "=== fep-kernels GPU suite: $( [ "$DRY" = 1 ] && echo "DRY RUN (CPU, no GPU required)" || echo "GPU run" ), budget ${TOTAL} s, stage $stage, out $OUT"
+# ci/gpu-stage.sh's archive (what a device call carries), unpacked once.
+if [ ! -d "$stage" ] && [ "$stage" = gpu-stage ] && [ -f gpu-stage.tar.xz ]; then
+  echo "unpacking gpu-stage.tar.xz"
+  tar xJf gpu-stage.tar.xz || python3 -m tarfile -e gpu-stage.tar.xz .
+  echo "unpacked in $(el) s"
+fi
+if [ ! -d "$stage" ]; then
+  echo "MISSING: no $stage/ (and no gpu-stage.tar.xz): build it with 'bash ci/gpu-stage.sh'" \
+    "(or a CPU stand-in for the dry run: FEP_GPU_STAGE_CPU=1 bash ci/gpu-stage.sh); items that" \
+    "need its binaries are reported MISSING"
+fi
+COMMIT=$(cat "$stage/COMMIT" 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)
+[ -f "$stage/CPU-ONLY" ] && [ "$DRY" != 1 ] &&
+  echo "WARNING: $stage is the CPU-only stand-in (no cuda feature): every GPU test will fail"
+
+# ---- the item runner ----
+# An item: a name "<step>.<item>", a timeout (seconds, its own limit), a command (a string run by
+# bash -c, in the repository root, output to $RUN/<step>.<item>.log). In the command, @BUDGET@
+# becomes the seconds the item may use (its timeout as cut to the step's time left, less
+# @MARGIN@ seconds for the work in flight when a script's own --budget-s runs out).
+# $RUN/steps.tsv gets one line per item run or not run:
+#   order  step  item  status  seconds  limit_s  note
+# status: ok, FAILED, TIMEOUT (its own limit), KILLED (stopped at the step's budget: cut),
+# CUT (not started: the step's budget was spent), SKIPPED (not selected, not applicable),
+# MISSING (a binary of the stage is missing).
+declare -A CMD TMO MARGIN NEED
+ORDER=()
+add() { # add STEP.ITEM TIMEOUT_S MARGIN_S NEEDS(file or -) COMMAND
+  CMD[$1]=$5; TMO[$1]=$2; MARGIN[$1]=$3; NEED[$1]=$4; ORDER+=("$1")
+}
+order_of() { local i; for i in "${!ORDER[@]}"; do [ "${ORDER[$i]}" = "$1" ] && { echo "$i"; return; }; done; echo 999; }
+record() { # record NAME STATUS SECONDS LIMIT NOTE
+  local name=$1
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(order_of "$name")" "${name%%.*}" "${name#*.}" "$2" "$3" "$4" "$5" >>"$RUN/steps.tsv"
+  printf '  %-34s %-8s %6s s / %-5s %s\n' "$name" "$2" "$3" "$4" "$5"
+}
+
+selected() { # selected STEP.ITEM
+  [ -z "${FEP_GPU_STEPS:-}" ] && return 0
+  local step=${1%%.*} item=${1#*.} w
+  for w in $FEP_GPU_STEPS; do
+    case "$w" in
+      "$step" | "$1") return 0 ;;
+      python) [[ $item == py-* || $item == tour || $item == pc_digits ]] && return 0 ;;
+      benches) [[ $item == bench-* ]] && return 0 ;;
+      peers) [[ $item == peers-* ]] && return 0 ;;
+    esac
+  done
+  return 1
+}
+
+STEP_END=0 # the current step's deadline (ms since the epoch)
+
+# What a finished item's log says, for the note (test counts, skips, cut shapes).
+summarise() { # summarise LOG
+  local log=$1
+  if grep -q "^test result:" "$log" 2>/dev/null; then
+    awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i - 1)
+        if ($i == "failed;") f += $(i - 1); if ($i == "ignored;") g += $(i - 1) } }
+      /^SKIPPED/ { if (!($0 in seen)) s++; seen[$0] = 1 }
+      END { printf "%d passed, %d failed, %d ignored", p, f, g; if (s) printf ", %d SKIPPED (no GPU)", s }' "$log"
+  elif grep -qE "^[0-9]+ passed, [0-9]+ failed" "$log" 2>/dev/null; then
+    grep -E "^[0-9]+ passed, [0-9]+ failed" "$log" | tail -1
+  elif grep -qE "SKIPPED: |: skipped: " "$log" 2>/dev/null; then
+    grep -m1 -oE "(SKIPPED|skipped): .{0,90}" "$log"
+  fi
+  grep -m1 -E "^thread .* panicked at|^Error: |^error: " "$log" 2>/dev/null | cut -c1-120 | sed 's/^/; /'
+
+  if grep -qE "^(--|==) .*: CUT" "$log" 2>/dev/null; then
+    echo "; $(grep -cE "^(--|==) .*: CUT" "$log") configs CUT by its own --budget-s"
+  fi
+  if [[ $log == *bench-* ]]; then
+    echo "; $(grep -cE "^Benchmarking .*: Analyzing" "$log") benchmarks measured"
+    grep -qE ": SKIPPED \(" "$log" && echo "; $(grep -cE ": SKIPPED \(" "$log") groups SKIPPED by the bench"
+  fi
+}
+
+run_item() { # run_item NAME: runs it now (foreground) if selected and time remains
+  local name=$1 log="$RUN/$1.log" now left t budget rc t1 secs status note need
+  if ! selected "$name"; then record "$name" SKIPPED 0 - "not selected (FEP_GPU_STEPS)"; return; fi
+  need=${NEED[$name]}
+  if [ "$need" != - ] && [ ! -e "$need" ]; then record "$name" MISSING 0 - "no $need"; return; fi
+  now=$(now_ms)
+  left=$(((STEP_END < END_MS ? STEP_END : END_MS) - now))
+  t=${TMO[$name]}
+  # start while the step has time left (at least min(own timeout, 5 s)); the timeout is cut
+  # to what is left, so an item that cannot finish in time is KILLED at the step's end
+  if ((left < 1000 * (t < 5 ? t : 5))); then
+    record "$name" CUT 0 "$t" "not started: the step's budget was spent ($((left / 1000)) s left)"
+    return
+  fi
+  ((t * 1000 > left)) && t=$((left / 1000))
+  budget=$((t - ${MARGIN[$name]}))
+  ((budget < t / 2)) && budget=$((t / 2))
+  local cmd=${CMD[$name]//@BUDGET@/$budget}
+  printf '%s: %s\n' "$name" "$cmd" >>"$RUN/commands.txt"
+  : >"$log"
+  t1=$(now_ms)
+  timeout -k 5 "$t" bash -c "$cmd" >>"$log" 2>&1 </dev/null
+  rc=$?
+  secs=$(awk -v a="$t1" -v b="$(now_ms)" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
+  note=$(summarise "$log" | tr '\n' ' ' | sed 's/ *$//; s/^; //')
+  # else the last line it printed (the load check's, pc_digits' accuracy, ...)
+  [ -z "$note" ] && note=$(grep -v '^[[:space:]]*$' "$log" | tail -1 | cut -c1-110)
+  if ((rc == 0)); then
+    status=ok
+  elif ((rc == 124 || rc == 137)); then
+    if ((t < ${TMO[$name]})); then status=KILLED; note="stopped at the step's budget ($t s); $note"
+    else status=TIMEOUT; note="its own limit ($t s); $note"; fi
+  else
+    status=FAILED; note="exit $rc; $note"
+  fi
+  # A test that skipped its GPU part on a GPU machine did not test what it is here for (every
+  # skip in tests/*_gpu.rs, *_ffi.rs and bindings/python is "no GPU" or "the emulator").
+  if [ "$status" = ok ] && [ "$DRY" != 1 ] && [[ $name == tests.* || $name == port.mma_gpu ]] &&
+    grep -qE "^SKIPPED|^skip " "$log"; then
+    status=FAILED; note="a GPU test was SKIPPED on the GPU machine; $note"
+  fi
+  record "$name" "$status" "$secs" "$t" "$note"
+}
+
+run_parallel() { # run_parallel JOBS NAME...: the items in order, JOBS at a time
+  local jobs=$1 name p alive pids=()
+  shift
+  for name in "$@"; do
+    while :; do
+      alive=0
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+      ((alive < jobs)) && break
+      sleep 0.5
+    done
+    run_item "$name" &
+    pids+=($!)
+    sleep 0.2
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+}
+
+step() { # step NAME BUDGET_S: starts a step
+  STEP_END=$(($(now_ms) + $2 * 1000))
+  ((STEP_END > END_MS)) && STEP_END=$END_MS
+  echo
+  echo "=== step $1 (budget $2 s, at $(el) s of ${TOTAL} s)"
+}
+
+# ---- the items ----
+B="$stage"
+py=python3
+bq="env FEP_BENCH_QUICK=1 FEP_BENCH_DEVICES=$BENCH_DEVICES"
+bf="env FEP_BENCH_DEVICES=$BENCH_DEVICES"
+crit="--bench --noplot --nresamples 10000"
+if [ "$DRY" = 1 ]; then
+  smoke="--smoke"; lcadev="--device cpu --configs small"
+  f_att="cpu_attention_.*_f32/"
+  f_att16="cpu_attention_.*_f16/"
+  f_lca="cpu_lca_small_f32/"
+  f_settle="cpu_settle_smoke_(infer|learn)_f32/"
+  f_vmp="cpu_vmp_(tmaze_states_f32/N1000_|five_factor_states_f32/N100_|grid_policies_f32/N32_)"
+  p_att="" p_lca="" p_settle="" p_vmp=""
+else
+  smoke=""; lcadev=""
+  f_att="cuda_attention_.*_bf16/D(64|128)_L(1024|4096|16384)_"
+  f_att16="cuda_attention_.*_f16/D(64|128)_L(1024|4096|16384)_"
+  f_lca="cuda_lca_large_f32/"
+  f_settle="cuda_settle_pcx_(infer|learn)_f32/"
+  f_vmp="cuda_vmp_((tmaze|five_factor)_states_f32/N100000_|grid_policies_f32/N10000_)"
+  p_att="--quick" p_lca="--quick --configs large" p_settle="--quick --configs pcx --dtypes f32"
+  p_vmp="--quick --targets-only"
+fi
+pydeps=$RUN/pydeps
+vmpdeps="--pydeps $pydeps"
+
+# 1. port
+add port.mma_gpu 30 0 "$B/tests/mma_gpu" "$B/tests/mma_gpu --color never --show-output"
+smi="nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,temperature.gpu,power.draw --format=csv | tee $RUN/device.txt && nvidia-smi -L"
+[ "$DRY" = 1 ] && smi="if command -v nvidia-smi >/dev/null; then $smi; else echo 'SKIPPED: no nvidia-smi (dry run)'; fi"
+add port.nvidia-smi 15 0 - "$smi"
+add port.load 20 0 "$B" "bash ci/gpu-run.sh --load-check $B"
+
+# 2. tests: the GPU ones by value, then the C ABI ones, then the Python bindings on CUDA tensors
+threads=${FEP_GPU_TEST_THREADS:+--test-threads=$FEP_GPU_TEST_THREADS}
+TESTS=()
+for t in attention_gpu lca_gpu settle_gpu vmp_gpu attention_ffi settle_ffi vmp_ffi; do
+  add "tests.$t" 90 0 "$B/tests/$t" "$B/tests/$t --color never --show-output $threads"
+  TESTS+=("tests.$t")
+done
+# any other test binary that is not CPU-only (a new one) runs after those
+CPU_TESTS=()
+for f in "$B"/tests/*; do
+  [ -e "$f" ] || continue
+  t=$(basename "$f")
+  case "$t" in
+    mma_gpu | attention_gpu | lca_gpu | settle_gpu | vmp_gpu | attention_ffi | settle_ffi | vmp_ffi) ;;
+    *_cpu | ffi_header | resources | settle_digits | census) CPU_TESTS+=("$t") ;;
+    *) add "tests.$t" 90 0 "$f" "$f --color never --show-output $threads"; TESTS+=("tests.$t") ;;
+  esac
+done
+for t in attention settle vmp; do
+  add "tests.py-$t" 60 0 "$B/libfep_kernels.so" "FEP_KERNELS_LIB=$LIB $py bindings/python/test_$t.py"
+  TESTS+=("tests.py-$t")
+done
+
+# 3. quick benches: ours (criterion, FEP_BENCH_QUICK=1, a filter), then the peers (--quick,
+#    their own --budget-s, JSON written as they go)
+add quick.bench-attention 75 0 "$B/bench-attention" "$bq $B/bench-attention $crit '$f_att'"
+add quick.bench-lca 20 0 "$B/bench-lca" "$bq $B/bench-lca $crit '$f_lca'"
+add quick.bench-settle 25 0 "$B/bench-settle" "$bq $B/bench-settle $crit '$f_settle'"
+add quick.bench-vmp 20 0 "$B/bench-vmp" "$bq $B/bench-vmp $crit '$f_vmp'"
+add quick.peers-attention "$(sb 85)" 15 - "$py benches/peers/attention.py --lib $LIB $smoke $p_att --budget-s @BUDGET@ --out $RUN/peers-attention.json"
+add quick.peers-lca "$(sb 35)" 10 - "$py benches/peers/lca.py --lib $LIB $lcadev $p_lca --budget-s @BUDGET@ --out $RUN/peers-lca.json"
+add quick.peers-settle "$(sb 35)" 10 - "$py benches/peers/settle.py --lib $LIB $smoke $p_settle --budget-s @BUDGET@ --out $RUN/peers-settle.json"
+add quick.peers-vmp "$(sb 40)" 10 - "bash ci/gpu-run.sh --pydeps $B $pydeps; $py benches/peers/vmp.py --lib $LIB $smoke $p_vmp $vmpdeps --budget-s @BUDGET@ --out $RUN/peers-vmp.json"
+QUICK=(quick.bench-attention quick.bench-lca quick.bench-settle quick.bench-vmp
+  quick.peers-attention quick.peers-lca quick.peers-settle quick.peers-vmp)
+
+# 4. the rest, in order of value
+add rest.tour 60 0 "$B/tour" "$B/tour"
+add rest.pc_digits 60 0 "$B/pc_digits" "$B/pc_digits"
+add rest.bench-attention-f16 60 0 "$B/bench-attention" "$bq $B/bench-attention $crit '$f_att16'"
+add rest.bench-lca 40 0 "$B/bench-lca" "$bf $B/bench-lca $crit"
+add rest.bench-vmp 60 0 "$B/bench-vmp" "$bf $B/bench-vmp $crit"
+add rest.bench-settle 120 0 "$B/bench-settle" "$bf $B/bench-settle $crit"
+add rest.peers-attention-f16 120 15 - "$py benches/peers/attention.py --lib $LIB $smoke ${p_att:+--quick --dtypes f16} --budget-s @BUDGET@ --out $RUN/peers-attention-f16.json"
+add rest.peers-vmp-full 120 10 - "bash ci/gpu-run.sh --pydeps $B $pydeps; $py benches/peers/vmp.py --lib $LIB $smoke $vmpdeps --budget-s @BUDGET@ --out $RUN/peers-vmp-full.json"
+add rest.peers-lca-full 90 10 - "$py benches/peers/lca.py --lib $LIB $lcadev --budget-s @BUDGET@ --out $RUN/peers-lca-full.json"
+add rest.peers-settle-full 150 10 - "$py benches/peers/settle.py --lib $LIB $smoke --budget-s @BUDGET@ --out $RUN/peers-settle-full.json"
+add rest.bench-attention-full 400 0 "$B/bench-attention" "$bf $B/bench-attention $crit"
+REST=(rest.tour rest.pc_digits rest.bench-attention-f16 rest.bench-lca rest.bench-vmp rest.bench-settle
+  rest.peers-attention-f16 rest.peers-vmp-full rest.peers-lca-full rest.peers-settle-full
+  rest.bench-attention-full)
+for t in "${CPU_TESTS[@]}"; do
+  add "rest.$t" 120 0 "$B/tests/$t" "$B/tests/$t --color never"
+  REST+=("rest.$t")
+done
+
+# The criterion ids step 3 should measure (the report lists those it cannot find as not
+# measured); they follow the id formats of benches/*.rs.
+if [ "$DRY" != 1 ]; then
+  {
+    for fam in dot gaussian studentt laplace; do for mask in full causal; do for d in 128 64; do
+      for l in 1024 4096 16384; do
+        echo "quick.bench-attention cuda_attention_${fam}_${mask}_bf16/D${d}_L${l}_B$((16384 / l))_H$((2048 / d))"
+      done; done; done; done
+    echo "quick.bench-lca cuda_lca_large_f32/B4096_n256_m1024_T200"
+    for mode in infer learn; do for t in 8 32; do
+      echo "quick.bench-settle cuda_settle_pcx_${mode}_f32/B256_784-128-128-128-10_T$t"; done; done
+    echo "quick.bench-vmp cuda_vmp_tmaze_states_f32/N100000_K16"
+    echo "quick.bench-vmp cuda_vmp_five_factor_states_f32/N100000_K16"
+    echo "quick.bench-vmp cuda_vmp_grid_policies_f32/N10000_P64_H3"
+  } >"$RUN/expected.txt"
 fi
 
-echo "=== report"
-python3 ci/gpu-report.py --out "$OUT" --commit "$(cat "$stage/COMMIT")"
-exit $failed
+# ---- the steps ----
+printf 'order\tstep\titem\tstatus\tseconds\tlimit_s\tnote\n' >"$RUN/steps.tsv"
+# pymdp's wheels install in the background meanwhile (CPU only; the vmp peers wait for it)
+if selected quick.peers-vmp || selected rest.peers-vmp-full; then
+  bash ci/gpu-run.sh --pydeps "$B" "$pydeps" >"$RUN/pydeps.log" 2>&1 &
+  PYDEPS_PID=$!
+fi
+
+step "1 port (tensor-core layouts, device, binaries load)" "$(sb 20)"
+for n in port.mma_gpu port.nvidia-smi port.load; do run_item "$n"; done
+[ -s "$RUN/device.txt" ] || [ "$DRY" = 1 ] ||
+  timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$RUN/device.txt" 2>/dev/null
+awk -F, 'NF > 1 { n++ } END { exit n < 2 }' "$RUN/device.txt" 2>/dev/null || echo "name, driver_version, memory.total [MiB], clocks.max.sm [MHz]
+$( [ "$DRY" = 1 ] && echo "no GPU (dry run on $(nproc) CPUs)" || echo "unknown GPU (nvidia-smi failed)")" >"$RUN/device.txt"
+
+step "2 tests (FEP_REQUIRE_GPU=${FEP_REQUIRE_GPU:-0}, ${FEP_GPU_TEST_JOBS:-4} at once)" "$(sb 110)"
+run_parallel "${FEP_GPU_TEST_JOBS:-4}" "${TESTS[@]}"
+
+step "3 quick benches (ours, then the peers)" "$(sb 280)"
+for n in "${QUICK[@]}"; do run_item "$n"; done
+
+step "4 the rest, until $((TOTAL - REPORT_RESERVE)) s" "$TOTAL"
+# first what steps 1-3 did not start for want of time
+mapfile -t retry < <(awk -F'\t' '$4 == "CUT" { print $2 "." $3 }' "$RUN/steps.tsv")
+if ((${#retry[@]})); then
+  echo "  (first the ${#retry[@]} item(s) cut earlier: ${retry[*]})"
+  for n in "${retry[@]}"; do run_item "$n"; done
+fi
+for n in "${REST[@]}"; do
+  if [[ $n == rest.*_cpu || $n == rest.ffi_header || $n == rest.resources || $n == rest.settle_digits || $n == rest.census ]] &&
+    [ "${FEP_GPU_CPU_TESTS:-0}" != 1 ]; then
+    record "$n" SKIPPED 0 - "CPU-only test: CI runs it (FEP_GPU_CPU_TESTS=1 runs it here)"
+    continue
+  fi
+  run_item "$n"
+done
+
+echo
+echo "=== report (at $(el) s)"
+results=(--results-dir benches/results)
+[ "$DRY" = 1 ] && results=(--dry-run)
+$py ci/gpu-report.py --run "$RUN" --out "$OUT" --commit "$COMMIT" "${results[@]}" >"$RUN/report.log" 2>&1 ||
+  { echo "ci/gpu-report.py failed:"; tail -20 "$RUN/report.log"; }
+grep -E "^wrote " "$RUN/report.log"
+
+# The summary, last (the device tool returns the end of the output).
+{
+  echo "=== summary ($(el) s of ${TOTAL} s; $( [ "$DRY" = 1 ] && echo "DRY RUN" || sed -n 2p "$RUN/device.txt"); commit $COMMIT)"
+  printf "%-6s %-24s %-8s %8s   %-5s %s\n" step item status seconds limit note
+  # one line per run of an item, in plan order (an item cut in its step and retried in step 4
+  # has two); then what stayed cut
+  tail -n +2 "$RUN/steps.tsv" | sort -t$'\t' -k1,1n -s | awk -F'\t' '
+    $4 == "SKIPPED" && $7 ~ /^not selected/ { ns = ns " " $2 "." $3; next }
+    $4 == "SKIPPED" && $7 ~ /^CPU-only/ { cpu = cpu " " $3; next }
+    { printf "%-6s %-24s %-8s %6s s   %-5s %s\n", $2, $3, $4, $5, $6, substr($7, 1, 110) }
+    END { if (ns != "") print "not selected (FEP_GPU_STEPS):" ns
+      if (cpu != "") print "not run here (CPU-only tests: CI runs them; FEP_GPU_CPU_TESTS=1):" cpu }'
+  awk -F'\t' 'NR > 1 { last[$2 "." $3] = $4; if (!($2 "." $3 in seen)) { seen[$2 "." $3] = 1; order[++n] = $2 "." $3 } }
+    END { for (i = 1; i <= n; i++) if (last[order[i]] == "CUT" || last[order[i]] == "KILLED") s = s order[i] " "
+      print "cut for time: " (s == "" ? "nothing" : s) }' "$RUN/steps.tsv"
+} | tee "$OUT/summary.txt"
+# a test item's last run failed or timed out (nvidia-smi's line is informative only)
+failed=$(awk -F'\t' 'NR > 1 { k = $2 "." $3; last[k] = $4 }
+  END { for (k in last) if (k ~ /^(port\.(mma_gpu|load)|tests\.)/ && (last[k] == "FAILED" || last[k] == "TIMEOUT")) n++
+    print n + 0 }' "$RUN/steps.tsv")
+
+[ -n "${PYDEPS_PID:-}" ] && wait "$PYDEPS_PID"
+rm -rf "$pydeps"
+tar czf "$OUT/gpu-run.tar.gz" -C "$OUT" run 2>/dev/null
+if [ "${FEP_GPU_KEEP_RUN:-$DRY}" != 1 ]; then rm -rf "$RUN"; fi
+echo "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+rc=0
+((failed)) && { echo "$failed test item(s) failed"; rc=1; }
+[ -d "$stage" ] || rc=2
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null # console.log complete before the device tool collects $OUT
+exit $rc

@@ -11,18 +11,28 @@
 # ~450 MB folder to ~15 MB, well under what a device call carries (64 MiB). Carry that file.
 # Then, on the GPU machine (no Rust there): bash ci/gpu-run.sh (it unpacks the archive).
 # FEP_CUDA_ARCHS defaults to 90a here (H100/H200); set it for other GPUs.
+# FEP_GPU_STAGE_CPU=1 builds a CPU-only stand-in instead (no cuda feature, no nvcc, no wheels, not
+# packed) into target/gpu-stage-cpu, for the suite's dry run on a machine without a GPU:
+#   FEP_GPU_STAGE_CPU=1 bash ci/gpu-stage.sh
+#   FEP_GPU_DRY_RUN=1 FEP_GPU_STAGE=target/gpu-stage-cpu bash ci/gpu-run.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-eval "$(bash ci/setup-cuda.sh)"
-export FEP_CUDA_ARCHS=${FEP_CUDA_ARCHS:-90a}
-stage=gpu-stage
+if [ "${FEP_GPU_STAGE_CPU:-0}" = 1 ]; then
+  features=()
+  stage=target/gpu-stage-cpu
+else
+  eval "$(bash ci/setup-cuda.sh)"
+  export FEP_CUDA_ARCHS=${FEP_CUDA_ARCHS:-90a}
+  features=(--features cuda)
+  stage=gpu-stage
+fi
 rm -rf "$stage"
 mkdir -p "$stage/tests"
 
 json=$(mktemp)
-cargo test --release --features cuda --tests --no-run --message-format=json >"$json"
-cargo bench --features cuda --no-run --message-format=json >>"$json"
-cargo build --release --features cuda --lib --examples --message-format=json >>"$json"
+cargo test --release "${features[@]}" --tests --no-run --message-format=json >"$json"
+cargo bench "${features[@]}" --no-run --message-format=json >>"$json"
+cargo build --release "${features[@]}" --lib --examples --message-format=json >>"$json"
 python3 - "$json" "$stage" <<'PY'
 import json, shutil, sys, os
 src, stage = sys.argv[1], sys.argv[2]
@@ -47,6 +57,11 @@ PY
 rm -f "$json"
 strip "$stage"/tests/* "$stage"/bench-* "$stage"/tour "$stage"/*.so 2>/dev/null || true
 echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo '-dirty')" >"$stage/COMMIT"
+if [ "${FEP_GPU_STAGE_CPU:-0}" = 1 ]; then
+  echo "CPU-only stand-in (no cuda feature) for FEP_GPU_DRY_RUN=1" >"$stage/CPU-ONLY"
+  du -sh "$stage" >&2
+  exit 0
+fi
 
 # pymdp for benches/peers/vmp.py: the GPU machine has PyTorch, JAX and CuPy but neither pymdp nor
 # a network. Its pure-Python wheel and those of the pure-Python packages its Agent imports that

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the ROCm (HIP) device-code toolchain used by build.rs on Debian 12:
-#   - installs clang-19, lld-19, llvm-19, libamdhip64-dev and rocm-device-libs from Debian (as root)
-#     when any of them is missing;
+#   - installs clang-19, clang-tools-19 (clang-offload-bundler), lld-19, llvm-19 (llvm-objdump-19,
+#     llvm-readelf-19), libamdhip64-dev and rocm-device-libs from Debian (as root) when any of
+#     them is missing;
 #   - copies Debian's device bitcode libraries (ROCm 5.2) into <repo>/.toolchains/rocm-device-libs/
 #     and adds oclc_isa_version_942.bc (gfx942 / MI300), made from the gfx940 one with the ISA
 #     version constant 9400 changed to 9402;
@@ -17,7 +18,7 @@ SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
 REPO_ROOT="$(cd -- "${SCRIPT_DIR}/.." && pwd -P)"
 DEST="${REPO_ROOT}/.toolchains/rocm-device-libs"
 
-PACKAGES=(clang-19 lld-19 llvm-19 libamdhip64-dev rocm-device-libs)
+PACKAGES=(clang-19 clang-tools-19 lld-19 llvm-19 libamdhip64-dev rocm-device-libs)
 HIP_CLANG_BIN=/usr/bin/clang-19
 LLVM_DIS=/usr/bin/llvm-dis-19
 LLVM_AS=/usr/bin/llvm-as-19
@@ -67,7 +68,9 @@ else
     log "packages already installed: ${PACKAGES[*]}"
 fi
 
-for tool in "$HIP_CLANG_BIN" "$LLVM_DIS" "$LLVM_AS" /usr/lib/llvm-19/bin/lld /usr/lib/llvm-19/bin/clang-offload-bundler; do
+# clang-offload-bundler, llvm-objdump and llvm-readelf: ci/sass-census reads the bundles with them.
+for tool in "$HIP_CLANG_BIN" "$LLVM_DIS" "$LLVM_AS" /usr/lib/llvm-19/bin/lld /usr/lib/llvm-19/bin/clang-offload-bundler \
+            /usr/lib/llvm-19/bin/llvm-objdump /usr/lib/llvm-19/bin/llvm-readelf; do
     [[ -x "$tool" ]] || die "$tool not found although its package is installed"
 done
 [[ -f "${HIP_PREFIX}/include/hip/hip_runtime_api.h" ]] || die "${HIP_PREFIX}/include/hip/hip_runtime_api.h not found (libamdhip64-dev)"

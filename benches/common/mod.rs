@@ -1,5 +1,7 @@
-//! What every bench shares: the devices to measure, the quick switch, and the median of
-//! criterion's own measurements.
+//! What every bench shares: the devices to measure (`FEP_BENCH_DEVICES`), the quick switch
+//! (`FEP_BENCH_QUICK`), and the median of criterion's own measurements. The GPU suite
+//! (ci/gpu-run.sh) picks configurations with criterion's own filter (the bench binary's first
+//! free argument, a regex over `group/id`).
 
 #![allow(dead_code)] // each bench uses its own subset
 
@@ -12,17 +14,42 @@ pub fn quick() -> bool {
     std::env::var("FEP_BENCH_QUICK").is_ok_and(|v| v == "1")
 }
 
-/// The first CUDA and the first HIP device that open, then the CPU; `bench` names the bench in
-/// the line printed for a missing device.
+/// Whether `FEP_BENCH_DEVICES` (comma-separated from `cuda`, `hip`, `cpu`, or `gpu` for both
+/// GPU kinds; unset or `all`: every kind) asks for `kind`.
+fn wanted(kind: DeviceKind) -> bool {
+    let Ok(list) = std::env::var("FEP_BENCH_DEVICES") else {
+        return true;
+    };
+    list.split(',').map(str::trim).any(|w| match w {
+        "all" | "" => true,
+        "gpu" => kind != DeviceKind::Cpu,
+        "cuda" => kind == DeviceKind::Cuda,
+        "hip" => kind == DeviceKind::Hip,
+        "cpu" => kind == DeviceKind::Cpu,
+        _ => false,
+    })
+}
+
+/// The first CUDA and the first HIP device that open, then the CPU, each where
+/// `FEP_BENCH_DEVICES` asks for it (the GPU suite sets `gpu`: the CPU reference's smoke
+/// configurations already ran in CI); `bench` names the bench in the line printed for a missing
+/// or unwanted device.
 pub fn devices(bench: &str) -> Vec<Device> {
     let mut devices = vec![];
     for kind in [DeviceKind::Cuda, DeviceKind::Hip] {
+        if !wanted(kind) {
+            continue;
+        }
         match Device::open(kind, 0) {
             Ok(d) => devices.push(d),
             Err(e) => eprintln!("{bench} bench: no {kind:?} device ({e})"),
         }
     }
-    devices.push(Device::cpu());
+    if wanted(DeviceKind::Cpu) {
+        devices.push(Device::cpu());
+    } else {
+        eprintln!("{bench} bench: the CPU reference not measured (FEP_BENCH_DEVICES)");
+    }
     devices
 }
 

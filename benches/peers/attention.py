@@ -8,12 +8,14 @@ Times, on the same shapes and the same tensors, in the same run:
               binding also writes lse and e, which the Rust bench does not ask for)
   sdpa        torch.nn.functional.scaled_dot_product_attention, flash backend (Dot only)
   flex        FlexAttention (torch.nn.attention.flex_attention) with the same score as
-              score_mod, every family: torch.compile(flex_attention, dynamic=True) once, one
-              score_mod per family reused across lengths, causal and full through one mask_mod
-              (a captured flag), so each family compiles once per dtype and head dim (the first
-              call, reported apart). The distance families get d^2 = |q|^2 + |k|^2 - 2 q.k from
-              norms computed in the timed call, the precision (per head or per key) and its log
-              (the normaliser) as captured tensors.
+              score_mod, every family: one torch.compile(..., dynamic=True) per family and head
+              dim (the head dim is a compile-time constant of flex's kernel), reused across
+              lengths (dynamic shapes) and for causal and full through one mask_mod (a captured
+              flag), so each family compiles once per dtype and head dim (the first call,
+              reported apart with the number of graphs dynamo compiled so far: a recompile per
+              length would show there). The distance families get d^2 = |q|^2 + |k|^2 - 2 q.k
+              from norms computed in the timed call, the precision (per head or per key) and its
+              log (the normaliser) as captured tensors.
   sdpa_pad    the padded-q/k SDPA trick for Gaussian (x-transformers style): with per-head
               precision q~ = [pi_h q, -pi_h/2, 0...], k~ = [k, |k|^2, 0...] (v zero-padded to
               the same head dim, a multiple of 8), scale tau, so tau q~.k~ = -tau pi_h d^2/2 up
@@ -24,12 +26,14 @@ with per-head precision, StudentT(nu = 5) and Laplace with per-key precision (ta
 normaliser on). Shapes as benches/attention.rs: B*L = 16k tokens, Hq = Hkv = 2048 / D, BHLD,
 causal and full; inputs uniform(-1, 1), precisions uniform(0.5, 2), from a fixed seed.
 
-Default subset (meant to stay under 3 minutes on an H100, compiles included): bf16, D = 128
-then 64, L in {1k, 4k, 16k}, causal and full, every family (8 flex compiles). A time budget
-(--budget-s, default 165 s) stops starting new shapes past it and lists them as SKIPPED, and the
-JSON is rewritten after each shape, so a slow compile costs shapes, not the run. --full runs
-every shape of the bench (bf16 and f16, L in {512, ..., 16k}: 16 compiles; give it
---budget-s 600); --dtypes, --dims, --lengths and --families select others.
+Default subset, and the GPU suite's quick step (--quick: the same shapes, fewer repetitions):
+bf16, D = 128 then 64, L in {1k, 4k, 16k}, causal and full, every family (48 shapes, 8 flex
+compiles). A time budget (--budget-s, default 165 s) stops starting new shapes past it, and does
+not start a family's first shape (its compile) when less time is left than the slowest compile
+so far; the shapes left are written to the JSON as records with "cut": true (no figures) and
+listed at the end, and the JSON is rewritten after each shape, so a slow compile costs shapes,
+not the run. --full runs every shape of the bench (bf16 and f16, L in {512, ..., 16k}:
+16 compiles; give it --budget-s 600); --dtypes, --dims, --lengths and --families select others.
 
 Agreement is checked once per family, dtype and head dim, at the shortest length measured: the
 relative error max|o - ref| / max|ref| of every implementation's o on batch 0, heads 0-1, against
@@ -42,11 +46,13 @@ Targets of issue 5 on an H100, printed next to the measurements (never as a verd
 TFLOP/s non-causal at L >= 4k; every family at least as fast as flex with the same score
 (flex/ours >= 1); Gaussian (per-head pi) within 10% of Dot; Student-t >= 60% of Dot.
 
-Timing (benches/peers/timing.py): one call (first, compiles), one more, then the median of N
-repetitions (N from the second call so each takes ~0.2 s, at least 3) by CUDA events.
+Timing (benches/peers/timing.py): one call (first, compiles: the only warm-up), one more, then
+the median of N repetitions (N from the second call so each takes ~0.15 s, at least 3; with
+--quick ~0.05 s, 3 to 20) by CUDA events.
 
 Usage:
     python3 benches/peers/attention.py --lib target/release/libfep_kernels.so --out attn.json
+    python3 benches/peers/attention.py --quick --budget-s 100 --out attn.json  # ci/gpu-run.sh
     python3 benches/peers/attention.py --smoke   # tiny shapes on the CPU, flex eager: a test
 
 A missing piece (PyTorch, CUDA, FlexAttention, the library, attention_forward, GPU kernels)
@@ -214,12 +220,30 @@ def setup_flex(args, tx):
     except Exception:
         pass
     if args.smoke or not tx["cuda"]:
-        fn = flex_attention  # eager on the CPU (traces score_mod, no Triton)
+        def compiled(score_mod):  # eager on the CPU (traces score_mod, no Triton)
+            return lambda q, k, v, block_mask, scale: flex_attention(
+                q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
         mode = "eager"
     else:
-        fn = torch.compile(flex_attention, dynamic=True)
-        mode = "torch.compile(dynamic=True)"
-    return {"ok": True, "fn": fn, "create_block_mask": create_block_mask, "mode": mode}
+        def compiled(score_mod):
+            # one compiled function per family and head dim, reused across lengths and masks:
+            # dynamic=True from the first call, so a new length is no new graph
+            def run(q, k, v, block_mask, scale):
+                return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                      scale=scale)
+            return torch.compile(run, dynamic=True)
+        mode = "torch.compile(dynamic=True), one per family and head dim"
+    return {"ok": True, "compiled": compiled, "create_block_mask": create_block_mask,
+            "mode": mode}
+
+
+def graphs_compiled():
+    """How many graphs dynamo has compiled in this process (None where torch does not say)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return None
 
 
 def setup_ours(args, tx):
@@ -272,7 +296,9 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
     checked = set()
     for fam in families:
         score_mod = make_score_mod(fam, D)
+        ffn = flex["compiled"](score_mod) if flex["ok"] else None
         first_flex = True
+        flex_failed = None  # a family whose first flex call failed is not compiled again
         for L in lengths:
             B = tokens // L
             q, k, v = (x.view(B, H, L, D) for x in base)
@@ -281,10 +307,22 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
             tau = tau_of(fam, D)
             for causal in (False, True):
                 mask = "causal" if causal else "full"
-                if time.perf_counter() > args.deadline:
-                    print(f"-- {fam} {mask} {dtype_name} D={D} L={L}: SKIPPED (past the "
-                          f"--budget-s time budget)")
+                left = args.deadline - time.perf_counter()
+                # a family's first flex call compiles: start it only if the slowest compile so
+                # far still fits
+                need = args.compile_s if (first_flex and flex["ok"]) else 0.0
+                if left <= need:
+                    why = (f"past the {args.budget_s:g} s budget" if left <= 0 else
+                           f"{left:.0f} s left of the {args.budget_s:g} s budget, less than a "
+                           f"flex compile ({need:.0f} s)")
+                    print(f"-- {fam} {mask} {dtype_name} D={D} L={L}: CUT ({why})")
                     args.budget_skipped += 1
+                    records.append({"op": "attention", "family": fam,
+                                    "precision": PREC[fam] or "none", "causal": causal,
+                                    "dtype": dtype_name, "D": D, "L": L, "B": B, "H": H,
+                                    "impl": "all", "ms": None, "cut": True,
+                                    "note": f"CUT: {why}"})
+                    write_out(args, records)
                     continue
                 print(f"-- {fam} {mask} {dtype_name} D={D} L={L} B={B} H={H}")
                 results = []
@@ -302,13 +340,19 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
                         kind = "SKIPPED" if impl == "ours" and is_unsupported(e) else "FAILED"
                         print(f"  {impl:<9} {kind} ({msg})")
                         results.append({"impl": impl, "ms": None, "note": f"{kind}: {msg}"})
+                        if impl == "flex" and first_flex:
+                            first_flex = False
+                            return "failed:" + msg
                         return None
                     note = ""
                     if impl == "flex" and first_flex:
                         note = f"first call (compile) {t_first / 1e3:.1f} s"
+                        args.compile_s = max(args.compile_s, t_first / 1e3)
                         first_flex = False
                     elif t_first > 5 * max(ms, 1e-3):
                         note = f"first call {t_first:.1f} ms"
+                    if impl == "flex" and graphs_compiled() is not None:
+                        note += f"{'; ' if note else ''}{graphs_compiled()} graphs compiled so far"
                     results.append({"impl": impl, "ms": ms, "first_ms": t_first, "reps": reps,
                                     "note": note})
                     tf = flops(B, H, L, D, causal) / (ms * 1e-3) / 1e12
@@ -370,6 +414,9 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
                 # flex
                 if not flex["ok"]:
                     skip("flex", flex["why"])
+                elif flex_failed:
+                    skip("flex", f"its first call for this family and head dim failed "
+                         f"({flex_failed})")
                 else:
                     try:
                         qf = q.float()
@@ -381,7 +428,6 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
                         CAP.pik, CAP.lpik = (pik, pik.log()) if pik is not None else (None, None)
                         CAP.full = torch.tensor(not causal, device=dev)
                         bm = flex["create_block_mask"](mask_mod, None, None, L, L, device=dev)
-                        ffn = flex["fn"]
                         fscale = tau if fam == "dot" else 1.0
                         norms = fam != "dot"
 
@@ -389,13 +435,16 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
                             if norms:  # what a user computes per call
                                 CAP.qn = q.float().square().sum(-1)
                                 CAP.kn = k.float().square().sum(-1)
-                            return ffn(q, k, v, score_mod=score_mod, block_mask=bm, scale=fscale)
+                            return ffn(q, k, v, bm, fscale)
                     except Exception as e:
                         msg = fail_msg(e)
                         print(f"  flex      FAILED ({msg})")
                         results.append({"impl": "flex", "ms": None, "note": f"FAILED: {msg}"})
                     else:
-                        if measure("flex", run_flex) is not None:
+                        got = measure("flex", run_flex)
+                        if isinstance(got, str):
+                            flex_failed = got[len("failed:"):]
+                        elif got is not None:
                             outs["flex"] = run_flex()
 
                 # agreement, once per family, dtype and D (at the shortest length)
@@ -469,7 +518,10 @@ def print_table(records):
            f"{'TFLOP/s':>8} {'peer/ours':>9} {'target':<15} {'rel.err':>8}")
     print(hdr)
     print("-" * len(hdr))
+    cut = [r for r in records if r.get("cut")]
     for r in records:
+        if r.get("cut"):
+            continue
         head = (f"{r['family']:<9} {'causal' if r['causal'] else 'full':<6} {r['dtype']:<5} "
                 f"{r['D']:>4} {r['L']:>6} {r['impl']:<9}")
         if r["ms"] is None:
@@ -481,6 +533,10 @@ def print_table(records):
     print("(TFLOP/s: FlashAttention's convention 4*B*H*L^2*D, halved when causal; peer/ours: time "
           "ratio, > 1: ours is faster; target: issue 5's goal for that row, not a verdict; "
           "rel.err: max|o - ref| / max|ref| vs float32 on batch 0, heads 0-1, shortest length)")
+    if cut:
+        print(f"CUT for time ({len(cut)} shapes, not measured): " + ", ".join(
+            f"{r['family']} {'causal' if r['causal'] else 'full'} {r['dtype']} D={r['D']} "
+            f"L={r['L']}" for r in cut))
 
 
 def main():
@@ -488,7 +544,9 @@ def main():
     ap.add_argument("--lib", help="libfep_kernels.so (default: $FEP_KERNELS_LIB or "
                     "target/release/libfep_kernels.so)")
     ap.add_argument("--out", help="write the records as JSON here")
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--quick", action="store_true",
+                    help="the GPU suite's quick step: bf16, D 128 and 64, L 1k/4k/16k, causal "
+                    "and full, every family (the default subset), fewer repetitions")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes, f32, flex eager, on the CPU: tests the script")
     ap.add_argument("--full", action="store_true",
@@ -506,8 +564,10 @@ def main():
     args = ap.parse_args()
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     quick = args.quick or args.smoke
-    args.budget_ms = 30.0 if quick else 150.0
-    args.min_reps, args.max_reps = (2, 5) if quick else (3, 30)
+    args.budget_ms = 50.0 if quick else 150.0
+    args.min_reps, args.max_reps = (3, 20) if quick else (3, 30)
+    if args.smoke:
+        args.budget_ms, args.min_reps, args.max_reps = 30.0, 2, 5
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     if args.smoke:
         args.tokens, args.model_dim = 128, 32
@@ -519,6 +579,8 @@ def main():
         dtypes = ["bf16", "f16"] if args.full else ["bf16"]
         dims = [128, 64]  # D = 128 first: what a short budget keeps
         lengths = ALL_LENGTHS if args.full else DEFAULT_LENGTHS
+        if args.quick and args.full:
+            ap.error("--quick is the default subset; --full is every shape")
     dtypes = args.dtypes.split(",") if args.dtypes else dtypes
     dims = ints(args.dims) if args.dims else dims
     lengths = ints(args.lengths) if args.lengths else lengths
@@ -546,6 +608,7 @@ def main():
     t0 = time.perf_counter()
     args.deadline = t0 + args.budget_s
     args.budget_skipped = 0
+    args.compile_s = 0.0  # the slowest flex compile so far
     with torch.no_grad():
         for dt in dtypes:
             for D in dims:
@@ -557,7 +620,7 @@ def main():
                     torch.cuda.empty_cache()
     print_table(records)
     if args.budget_skipped:
-        print(f"{args.budget_skipped} shape(s) SKIPPED: past the {args.budget_s:g} s budget")
+        print(f"{args.budget_skipped} shape(s) CUT: the {args.budget_s:g} s budget")
     print(f"total {time.perf_counter() - t0:.1f} s")
     write_out(args, records)
     if args.out:

@@ -29,6 +29,10 @@ repetitions (N chosen from a first measurement so each implementation takes ~1 s
 Usage:
     python3 benches/peers/lca.py --lib target/release/libfep_kernels.so --out lca_peers.json
     python3 benches/peers/lca.py --quick            # fewer repetitions and bisection steps
+    python3 benches/peers/lca.py --quick --configs large --budget-s 40   # ci/gpu-run.sh's quick step
+
+--budget-s stops starting new configurations once spent: those left are written as records with
+"cut": true (no figures); the JSON is rewritten after each configuration.
 
 Prints a table (config, impl, ms, active fraction, ratio peer/ours, rel. error vs ours) and
 writes the records as JSON to --out. Exits 0 with a message when PyTorch or CUDA is missing.
@@ -37,10 +41,8 @@ the script, not a benchmark.
 """
 
 import argparse
-import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -100,7 +102,7 @@ def lca_stepped(step, x, phi, G, lam, eta, steps):
 
 # Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Timer, pick_reps  # noqa: E402
+from timing import Budget, Timer, pick_reps, write_json  # noqa: E402
 
 
 def capture_graph(torch, fn):
@@ -274,7 +276,8 @@ def print_table(records):
     print("-" * len(hdr))
     for r in records:
         if r["ms"] is None:
-            print(f"{r['config']:<7} {r['impl']:<20} {'failed':>10}   {r['note']}")
+            what = "cut" if r.get("cut") else "failed"
+            print(f"{r['config']:<7} {r['impl']:<20} {what:>10}   {r['note']}")
             continue
         ratio = f"{r['ratio_vs_ours']:.2f}x" if r["ratio_vs_ours"] is not None else "-"
         print(
@@ -298,7 +301,10 @@ def main():
                     "compile)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: smoke-test the script only (not a benchmark)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new configuration after this many seconds (default: none)")
     args = ap.parse_args()
+    budget = Budget(args.budget_s)
     args.bisect = 6 if args.quick else 12
     args.budget_ms = 300.0 if args.quick else 1000.0
     args.min_reps, args.max_reps = (3, 20) if args.quick else (5, 100)
@@ -354,15 +360,20 @@ def main():
     t0 = time.perf_counter()
     with torch.no_grad():
         for cfg in CONFIGS:
-            if cfg[0] in wanted:
+            if cfg[0] not in wanted:
+                continue
+            if budget.spent():
+                name, B, n, m, T = cfg
+                print(f"== {name}: {budget.why()}")
+                records.append({"config": name, "B": B, "n": n, "m": m, "T": T, "impl": "all",
+                                "ms": None, "cut": True, "note": budget.why()})
+            else:
                 run_config(args, torch, fk, timer, device, dev_name, cfg, records)
+            write_json(args.out, records)
     print_table(records)
     print(f"total {time.perf_counter() - t0:.1f} s")
+    write_json(args.out, records)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-            f.write("\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -43,6 +43,11 @@ takes ~0.3 s). Every figure is also given per step (ms / T).
 Usage:
     python3 benches/peers/settle.py --lib target/release/libfep_kernels.so --out settle_peers.json
     python3 benches/peers/settle.py --smoke         # tiny shapes on the CPU: a test of the script
+    python3 benches/peers/settle.py --quick --configs pcx --dtypes f32 --budget-s 45
+                                                    # ci/gpu-run.sh's quick step
+
+--budget-s stops starting new (configuration, dtype, mode, T) once spent: those left are written
+as records with "cut": true (no figures); the JSON is rewritten as the records come.
 
 Prints a table (config, mode, dtype, impl, ms per settle, us per step, ratio peer/ours, rel. error
 vs ours) and writes the records as JSON to --out (read by ci/gpu-report.py). Exits 0 with a
@@ -51,9 +56,7 @@ fails is reported as SKIPPED / FAILED, never fatal.
 """
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 
@@ -194,7 +197,7 @@ def make_jax_settle(jax, jnp, L, clamped):
 
 # Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Timer, pick_reps  # noqa: E402
+from timing import Budget, Timer, pick_reps, write_json  # noqa: E402
 
 
 # ---- main ----
@@ -258,6 +261,13 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
             top_free = torch.full((), 1.0 if mode == "infer" else 0.0, device=device)
             for T in Ts:
                 tag = f"{name} {mode} {dtype} T={T}"
+                if args.budget.spent():
+                    print(f"-- {tag}: {args.budget.why()}")
+                    records.append({"config": name, "widths": widths, "B": B, "T": T,
+                                    "mode": mode, "dtype": dtype, "impl": "all", "ms": None,
+                                    "cut": True, "note": args.budget.why()})
+                    write_json(args.out, records)
+                    continue
                 print(f"-- {tag}")
                 out = {
                     "x": [torch.empty(B, n, device=device) for n in widths[1:]],
@@ -377,6 +387,7 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
                         "device": dev_name,
                         "note": note,
                     })
+                write_json(args.out, records)  # as it goes: a timeout still leaves the records
 
 
 def print_table(records):
@@ -440,7 +451,10 @@ def main():
                     help="f32 matmuls of the peers in full f32 (ours uses TF32 for f32 weights)")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
                     help="default cuda (cpu with --smoke); cpu is a smoke test, not a benchmark")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start nothing new after this many seconds (default: none)")
     args = ap.parse_args()
+    args.budget = Budget(args.budget_s)
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     quick = args.quick or args.smoke
     args.budget_ms = 100.0 if quick else 300.0
@@ -510,11 +524,8 @@ def main():
                 run_config(args, fk, jx, timer, device, dev_name, cfg, records)
     print_table(records)
     print(f"total {time.perf_counter() - t0:.1f} s")
+    write_json(args.out, records)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-            f.write("\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -1,9 +1,13 @@
-"""The timing harness the peer scripts share (lca.py, settle.py, vmp.py): one synchronised call,
-and the median over repetitions by CUDA events on the current stream or by the wall clock.
+"""The timing harness the peer scripts share (lca.py, settle.py, vmp.py, attention.py): one
+synchronised call, and the median over repetitions by CUDA events on the current stream or by the
+wall clock; the --budget-s time budget; the JSON written as the records come.
 
 PyTorch is imported only when timing CUDA work, so the scripts still run (and skip) without it.
 """
 
+import json
+import math
+import os
 import statistics
 import time
 
@@ -61,3 +65,39 @@ class Timer:
 
 def pick_reps(ms_one, budget_ms, lo, hi):
     return int(max(lo, min(hi, budget_ms // max(ms_one, 1e-3))))
+
+
+class Budget:
+    """A script's --budget-s: the caller asks before starting each configuration and starts none
+    once it is spent; what it does not start becomes a record with "cut": true and no figures
+    (ci/gpu-report.py lists those as cut for time). None: no budget."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.t0 = time.perf_counter()
+
+    def left(self):
+        if self.seconds is None:
+            return math.inf
+        return self.seconds - (time.perf_counter() - self.t0)
+
+    def spent(self, need=0.0):
+        """Whether less than ``need`` seconds (0: nothing) are left."""
+        return self.left() <= need
+
+    def why(self, need=0.0):
+        left = self.left()
+        if left <= 0:
+            return f"CUT: past the {self.seconds:g} s budget"
+        return f"CUT: {left:.0f} s left of the {self.seconds:g} s budget, less than {need:.0f} s"
+
+
+def write_json(path, records):
+    """Writes the records (again) to path, if any: called after each configuration, so a script
+    stopped by a timeout still leaves what it measured."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+        f.write("\n")

@@ -37,6 +37,9 @@ Targets of issue 4, printed next to the measured ratio pymdp/ours (never as a ve
 Usage:
     python3 benches/peers/vmp.py --lib target/release/libfep_kernels.so --out vmp_peers.json
     python3 benches/peers/vmp.py --smoke      # tiny shapes on the CPU: a test of the script
+    python3 benches/peers/vmp.py --quick --targets-only --budget-s 45
+                                              # ci/gpu-run.sh's quick step: the batches that
+                                              # have a target (N = 100k states, 10k policies)
     python3 benches/peers/vmp.py --pydeps DIR # also look for pymdp and its pure-Python
                                               # dependencies in DIR (searched after the system's
                                               # site-packages; ci/gpu-run.sh installs the wheels
@@ -143,7 +146,7 @@ def make_inputs(M, op, n, seed):
 
 # Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Timer, pick_reps  # noqa: E402
+from timing import Budget, Timer, pick_reps, write_json  # noqa: E402
 
 
 # ---- ours (through the C ABI) ----
@@ -290,7 +293,18 @@ def run_config(args, ours, px, timer, cfg, models, records):
             model = ours_model(ours, M)
         except Exception as e:
             ours = {"ok": False, "why": f"VmpModel: {fail_msg(e)}"}
+    if args.targets_only:
+        batches = [n for n in batches if (op, n) in TARGETS]
     for n in batches:
+        if args.budget.spent():
+            print(f"-- {name} N={n}: {args.budget.why()}")
+            records.append({"op": "vmp", "config": name, "model": model_name, "mode": op,
+                            "N": n, "K": K if op == "states" else None,
+                            "P": P if op == "policies" else None,
+                            "H": H if op == "policies" else None, "impl": "all", "ms": None,
+                            "cut": True, "note": args.budget.why()})
+            write_json(args.out, records)
+            continue
         print(f"-- {name} N={n}")
         x = make_inputs(M, op, n, SEED + 7919 * len(name) + n)
         results = []  # dicts: impl, ms, first_ms, diff, diff_g, note
@@ -425,6 +439,7 @@ def run_config(args, ours, px, timer, cfg, models, records):
                 "pymdp_version": px.get("version"),
                 "note": r["note"],
             })
+        write_json(args.out, records)  # as it goes: a timeout still leaves the records
     if model is not None:
         model.close()
 
@@ -467,7 +482,13 @@ def main():
                     "--target), searched after the system's packages")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
                     help="default cuda (cpu with --smoke); cpu is a smoke test, not a benchmark")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="only the batches issue 4 sets a target for (N = 100k for state "
+                    "inference, 10k for policy inference)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new batch after this many seconds (default: none)")
     args = ap.parse_args()
+    args.budget = Budget(args.budget_s)
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     quick = args.quick or args.smoke
     args.budget_ms = 50.0 if quick else 200.0
@@ -513,11 +534,8 @@ def main():
             ctx.__exit__(None, None, None)
     print_table(records)
     print(f"total {time.perf_counter() - t0:.1f} s")
+    write_json(args.out, records)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-            f.write("\n")
         print(f"wrote {args.out}")
     return 0
 
