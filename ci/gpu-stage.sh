@@ -31,7 +31,8 @@ mkdir -p "$stage/tests"
 
 json=$(mktemp)
 cargo test --release "${features[@]}" --tests --no-run --message-format=json >"$json"
-cargo bench "${features[@]}" --no-run --message-format=json >>"$json"
+# --release --benches, not `cargo bench`: the bench profile would run build.rs (every kernel) a second time.
+cargo build --release "${features[@]}" --benches --message-format=json >>"$json"
 cargo build --release "${features[@]}" --lib --examples --message-format=json >>"$json"
 python3 - "$json" "$stage" <<'PY'
 import json, shutil, sys, os

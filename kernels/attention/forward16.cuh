@@ -24,6 +24,7 @@
 #include "../port/copy.cuh"
 #include "../port/fragment.cuh"
 #include "../port/reduce.cuh"
+#include "forward.cuh"
 #include "score.cuh"
 #include "traits.cuh"
 
@@ -66,7 +67,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     using Frag = typename T::Frag;
     constexpr int kMT = Tr::kMT, kBc = Tr::kBc, kBr = Tr::kBr, kNK = kBc / 16, kND = kD / 16, kNV = kDv / 16;
     constexpr int kS = T::kRowSlots, kAcc = T::kAcc;
-    constexpr int kVChunk = kNV <= 4 ? kNV : (kNV % 4 == 0 ? 4 : 3);  // V fragments in registers at once
+    constexpr int kVChunk = kNV <= 4 ? kNV : 2;  // V fragments in registers at once (more spilled)
     static_assert(kNV % kVChunk == 0, "Dv must be a multiple of the V chunk");
     // Student-t and Laplace take two special functions per score: one 16-key block in four
     // takes its exponentials on the FMA units instead (NOTES.md).
@@ -208,7 +209,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
 #pragma unroll
                 for (int mt = 0; mt < kMT; ++mt) {
                     float v = F == ATTN_DOT && !terms ? s[mt][n][i] * a_u
-                                                      : attn_score<F, false>(s[mt][n][i], ka, kb, qn[mt][sl], hq[mt][sl], kn, kappa);
+                                                      : attn_score<F, false, true>(s[mt][n][i], ka, kb, qn[mt][sl], hq[mt][sl], kn, kappa);
                     if (edge) {
                         const int i_row = i0 + rw + 16 * mt + T::row(lane, i), j = j0 + c;
                         if (j >= kv_end || (p.causal && j > i_row + off) ||
@@ -320,10 +321,14 @@ FEP_DEVICE void attn_forward16(const AttnParams& p) {
     using Tr = AttnTraits<In, kD, kDv>;
     // The host mirrors the tile shape; on a mismatch write nothing (poisoned outputs then fail).
     if (p.smem != Tr::kSmem || (int)blockDim.x != Tr::kThreads) return;
-    switch (p.family) {
-        case ATTN_DOT: attn_forward16_family<In, kD, kDv, ATTN_DOT>(p); break;
-        case ATTN_GAUSSIAN: attn_forward16_family<In, kD, kDv, ATTN_GAUSSIAN>(p); break;
-        case ATTN_STUDENT_T: attn_forward16_family<In, kD, kDv, ATTN_STUDENT_T>(p); break;
-        default: attn_forward16_family<In, kD, kDv, ATTN_LAPLACE>(p); break;
+    if constexpr (kDv == 256) {
+        attn_forward<In, kD, kDv>(p);  // traits.cuh: v1's shape and kernel
+    } else {
+        switch (p.family) {
+            case ATTN_DOT: attn_forward16_family<In, kD, kDv, ATTN_DOT>(p); break;
+            case ATTN_GAUSSIAN: attn_forward16_family<In, kD, kDv, ATTN_GAUSSIAN>(p); break;
+            case ATTN_STUDENT_T: attn_forward16_family<In, kD, kDv, ATTN_STUDENT_T>(p); break;
+            default: attn_forward16_family<In, kD, kDv, ATTN_LAPLACE>(p); break;
+        }
     }
 }

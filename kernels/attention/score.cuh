@@ -15,9 +15,9 @@ struct AttnFamily {
 // One score in base 2 from x = q·k and the per-key terms (a, b, ‖k‖²) and per-row terms
 // (‖q‖², Gaussian's ½‖q‖² or 0); kappa = (ν + D)/2. kExact: Student-t's log2 from the libm
 // routine rather than the special-function unit, whose 2^-22 error is multiplied by kappa (up to
-// ~140) in the score: fine for 16-bit inputs, not for the f32 path's bound (likewise Laplace's
-// square root).
-template <int F, bool kExact>
+// ~140) in the score: fine for 16-bit inputs, not for the f32 path's bound. kFastSqrt: Laplace's
+// square root without IEEE rounding (the 16-bit v2 kernel; in v1 it cost a spill at Dv = 256).
+template <int F, bool kExact, bool kFastSqrt = false>
 FEP_DEVICE float attn_score(float x, float a, float b, float qn, float hq, float kn, float kappa) {
     if constexpr (F == ATTN_DOT) {
         return fmaf(x, a, b);
@@ -29,7 +29,7 @@ FEP_DEVICE float attn_score(float x, float a, float b, float qn, float hq, float
             const float u = fmaf(a, d2, 1.0f);
             return fmaf(-kappa, kExact ? log2f(u) : fep_log2(u), b);
         } else {
-            return fmaf(-a, kExact ? sqrtf(d2) : fep_sqrt_approx(d2), b);
+            return fmaf(-a, kFastSqrt ? fep_sqrt_approx(d2) : sqrtf(d2), b);
         }
     }
 }

@@ -1,7 +1,8 @@
 // traits.cuh: the tile shape of each (input type, D, Dv) instantiation, and the list of them.
 //
 // Two kernels (NOTES.md):
-// - f32 (forward.cuh, v1): each warp (32 or 64 lanes) owns one 16-row strip; Q, K, V and each
+// - f32, and f16/bf16 with Dv = 256 (forward.cuh, v1; v2's 128 output accumulators per lane
+//   left ptxas 8 bytes of stack there): each warp (32 or 64 lanes) owns one 16-row strip; Q, K, V and each
 //   warp's P in shared memory, rows padded by 16 bytes; the first of kCandidates whose shared
 //   memory fits 64 KiB (every CDNA LDS; three blocks per SM on an H100).
 // - f16/bf16 (forward16.cuh, v2): each warp owns kMT 16-row strips (32 rows when registers
@@ -12,8 +13,7 @@
 //   first shape of kCandidates16 that fits the shared-memory budget (96 KiB on NVIDIA: two
 //   blocks per SM; 64 KiB on CDNA) and an estimate of the registers per thread (the score and
 //   output accumulators of kMT strips, the K fragments of one k-step, ~48 for addresses, row
-//   statistics and the rest, within 190: ptxas 13.0 then needs 210-250 of its 255 without
-//   spilling, found by compiling; on CDNA a lane holds half as many accumulators) is taken.
+//   statistics and the rest, within 180: ptxas 13.0 then needs 210-255 of its 255 without spilling, found by compiling; on CDNA a lane holds half as many accumulators) is taken.
 //
 // src/attention/gpu.rs mirrors `attn_tile` (kernels check the smem size they are given against
 // their own and write nothing on a mismatch, so a drift fails every GPU test); ci/sass-census
@@ -46,7 +46,7 @@ constexpr int attn_regs16(int dv, int mt, int bc, int acc) {
 }
 
 constexpr AttnTile attn_tile(int size, int d, int dv, int warp = 32) {
-    if (size == 4) {
+    if (size == 4 || dv == 256) {  // f32, and Dv = 256 (v2 spilled there): the v1 kernel
         constexpr int kCandidates[7][2] = {{4, 64}, {4, 32}, {2, 64}, {2, 32}, {2, 16}, {1, 32}, {1, 16}};
         for (int i = 0; i < 7; ++i) {
             const int w = kCandidates[i][0], bc = kCandidates[i][1];
@@ -61,7 +61,7 @@ constexpr AttnTile attn_tile(int size, int d, int dv, int warp = 32) {
     for (int i = 0; i < 9; ++i) {
         const int w = kCandidates16[i][0], mt = kCandidates16[i][1], bc = kCandidates16[i][2];
         const int smem = attn_smem16(d, dv, w, mt, bc);
-        if (smem <= budget && attn_regs16(dv, mt, bc, acc) <= 190) return AttnTile{w, bc, smem, mt};
+        if (smem <= budget && attn_regs16(dv, mt, bc, acc) <= 180) return AttnTile{w, bc, smem, mt};
     }
     return AttnTile{0, 0, 0, 0};
 }

@@ -83,7 +83,8 @@ pub(crate) struct Tile {
 
 /// `attn_tile` of traits.cuh for a device of `warp` lanes (32: NVIDIA; 64: CDNA).
 pub(crate) fn tile(size: usize, d: usize, dv: usize, warp: usize) -> Tile {
-    if size == 4 {
+    if size == 4 || dv == 256 {
+        // f32, and Dv = 256 in every dtype: the v1 kernel (forward.cuh).
         const CANDIDATES: [(usize, usize); 7] = [
             (4, 64),
             (4, 32),
@@ -124,7 +125,7 @@ pub(crate) fn tile(size: usize, d: usize, dv: usize, warp: usize) -> Tile {
             smem: smem16(d, dv, warps, mt, bc),
             mt,
         })
-        .find(|t| t.smem <= budget && regs16(dv, t.mt, t.bc, acc) <= 190)
+        .find(|t| t.smem <= budget && regs16(dv, t.mt, t.bc, acc) <= 180)
         .expect("every supported head-dim pair has a tile shape")
 }
 
