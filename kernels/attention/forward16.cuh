@@ -35,14 +35,19 @@
 template <typename In, int kRows, int kCols, int kDs, int kThreads>
 FEP_DEVICE void attn16_copy_rows(In* dst, const In* src, long long stride, int valid, bool vec) {
     if (vec) {
-        constexpr int kChunks = kCols / 8;
+        constexpr int kChunks = kCols / 8, kTotal = kRows * kChunks, kIters = (kTotal + kThreads - 1) / kThreads;
 #pragma unroll
-        for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
+        for (int it = 0; it < kIters; ++it) {
+            const int idx = threadIdx.x + it * kThreads;
+            if (kTotal % kThreads != 0 && idx >= kTotal) break;
             const int r = idx / kChunks, c = (idx % kChunks) * 8;
             const bool live = r < valid;
             fep_copy16(dst + r * kDs + c, live ? src + r * stride + c : src, live);
         }
     } else {
+        // The fallback for strides or addresses that forbid 16-byte copies: kept rolled, out of
+        // the way of the hot loop's code.
+#pragma unroll 1
         for (int idx = threadIdx.x; idx < kRows * kCols; idx += kThreads) {
             const int r = idx / kCols, c = idx % kCols;
             dst[r * kDs + c] = r < valid ? src[r * stride + c] : fep_from_f32<In>(0.0f);
@@ -78,10 +83,11 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     In* sq = (In*)smem;
     In* sk = sq + kBr * Tr::kQs;
     In* sv = sk + 2 * kBc * Tr::kKs;
-    float* kta = (float*)(sv + 2 * kBc * Tr::kVs);  // per key: the score's a and b, ‖k‖², π
+    float* kta = (float*)(sv + 2 * kBc * Tr::kVs);  // per key: the score's a and b, ‖k‖², π, 1/a
     float* ktb = kta + kBc;
     float* ktn = ktb + kBc;
     float* ktp = ktn + kBc;
+    float* kti = ktp + kBc;
 
     const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBr;
     const int hk = h / (p.hq / p.hkv);
@@ -106,7 +112,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     // Gaussian with one precision per row: −½τπ‖q_i‖² is a constant of the row (score.cuh).
     const bool gauss_bias = F == ATTN_GAUSSIAN && !pik;
     const bool norm = p.normalizer && F != ATTN_DOT;
-    const float kappa = 0.5f * (p.nu + (float)kD);
+    const float kappa = 0.5f * (p.nu + (float)kD), inv_kappa = 1.0f / kappa;
 
     auto load_kv = [&](int j0, int stage) {
         attn16_copy_rows<In, kBc, kD, Tr::kKs, Tr::kThreads>(sk + stage * kBc * Tr::kKs,
@@ -119,6 +125,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     const int j_first = (j_begin / kBc) * kBc;
     attn16_copy_rows<In, kBr, kD, Tr::kQs, Tr::kThreads>(sq, qg + (long long)i0 * p.q_stride[2], p.q_stride[2],
                                                          p.lq - i0, vec);
+    fep_copy_commit();
     if (j_first < j_end) load_kv(j_first, 0);
     fep_copy_commit();
 
@@ -127,44 +134,60 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-        for (int s = 0; s < kS; ++s) m[mt][s] = ATTN_NEG_INF, l[mt][s] = 0.0f, ep[mt][s] = 0.0f, qn[mt][s] = 0.0f,
-                                      hq[mt][s] = 0.0f;
+        for (int s = 0; s < kS; ++s) m[mt][s] = ATTN_NEG_INF, l[mt][s] = 0.0f, ep[mt][s] = 0.0f, qn[mt][s] = 0.0f;
 #pragma unroll
         for (int t = 0; t < kNV; ++t)
 #pragma unroll
             for (int i = 0; i < kAcc; ++i) o[mt][t][i] = 0.0f;
     }
+    if (kDist || F == ATTN_GAUSSIAN || want_e) {
+        fep_copy_wait<1>();  // Q (the older group)
+        __syncthreads();
+        // ‖q‖² of this lane's rows: the 4 lanes of a row each sum a quarter of the row.
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int s = 0; s < kS; ++s) {
+                const In* row = sq + (rw + 16 * mt + T::slot_row(lane, s)) * Tr::kQs;
+                float a = 0.0f;
+                for (int d = T::row_part(lane); d < kD; d += 4) a = fmaf(fep_to_f32(row[d]), fep_to_f32(row[d]), a);
+                qn[mt][s] = T::row_allreduce(a, FepSum());
+            }
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int s = 0; s < kS; ++s) hq[mt][s] = gauss_bias ? 0.0f : 0.5f * qn[mt][s];
 
     int stage = 0;
     for (int j0 = j_first; j0 < j_end; j0 += kBc, stage ^= 1) {
         fep_copy_wait<0>();
         __syncthreads();  // this tile (and Q) landed for every thread; the last tile is consumed
-        if (j0 == j_first && (kDist || F == ATTN_GAUSSIAN || want_e)) {
-            // ‖q‖² of this lane's rows: the 4 lanes of a row each sum a quarter of the row.
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                for (int s = 0; s < kS; ++s) {
-                    const In* row = sq + (rw + 16 * mt + T::slot_row(lane, s)) * Tr::kQs;
-                    float a = 0.0f;
-                    for (int d = T::row_part(lane); d < kD; d += 4) a = fmaf(fep_to_f32(row[d]), fep_to_f32(row[d]), a);
-                    qn[mt][s] = T::row_allreduce(a, FepSum());
-                    hq[mt][s] = gauss_bias ? 0.0f : 0.5f * qn[mt][s];
-                }
-        }
         if (j0 + kBc < j_end) load_kv(j0 + kBc, stage ^ 1);  // overlaps this tile's work
         fep_copy_commit();
         const In* skt = sk + stage * kBc * Tr::kKs;
         const In* svt = sv + stage * kBc * Tr::kVs;
         if (terms) {
-            for (int c = threadIdx.x; c < kBc; c += Tr::kThreads) {
+            // kTPK threads per key sum ‖k‖² over 16-byte chunks, then the first computes the terms.
+            constexpr int kTPK = Tr::kThreads / kBc;
+            static_assert(kTPK >= 1 && kTPK * kBc == Tr::kThreads && kTPK <= FEP_WARP_SIZE, "threads per key");
+            const int c = threadIdx.x / kTPK, part = threadIdx.x % kTPK;
+            float n = 0.0f;
+#pragma unroll
+            for (int ch = part; ch < kD / 8; ch += kTPK) {
+                const uint4 w = *(const uint4*)(skt + c * Tr::kKs + 8 * ch);
+                const In* e = (const In*)&w;
+#pragma unroll
+                for (int u = 0; u < 8; ++u) n = fmaf(fep_to_f32(e[u]), fep_to_f32(e[u]), n);
+            }
+#pragma unroll
+            for (int msk = 1; msk < kTPK; msk <<= 1) n += fep_shfl_xor(n, msk);
+            if (part == 0) {
                 const bool live = j0 + c < kv_end;
-                float n = 0.0f;
-                for (int d = 0; d < kD; ++d) n = fmaf(fep_to_f32(skt[c * Tr::kKs + d]), fep_to_f32(skt[c * Tr::kKs + d]), n);
                 const float pi = pi_h * (pik && live ? pik[j0 + c] : 1.0f);
                 float a, bias;
                 attn_key_terms(F, p.tau, p.nu, pi, n, norm, (float)kD, a, bias);
-                kta[c] = a, ktb[c] = live ? bias : ATTN_NEG_INF, ktn[c] = n, ktp[c] = pi;
+                kta[c] = a, ktb[c] = live ? bias : ATTN_NEG_INF, ktn[c] = n, ktp[c] = pi, kti[c] = 1.0f / a;
             }
             __syncthreads();
         }
@@ -177,7 +200,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
             for (int n = 0; n < kNK; ++n)
 #pragma unroll
                 for (int i = 0; i < kAcc; ++i) s[mt][n][i] = 0.0f;
-#pragma unroll 2
+#pragma unroll
         for (int kd = 0; kd < kND; ++kd) {
             Frag kf[kNK];
 #pragma unroll
@@ -190,9 +213,19 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
             }
         }
 
-        // Scores in place, and the tile's row maxima.
+        // Scores in place, and the tile's row maxima. In an edge tile a row's visible keys are
+        // [lo, hi): the window's start, and the first key past the diagonal or the key length.
         const bool edge = j0 + kBc > kv_end || (p.causal && j0 + kBc - 1 > i0 + off) ||
                           (p.window > 0 && j0 <= i_last + off - p.window);
+        int lo[kMT][kS], hi[kMT][kS];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int sl = 0; sl < kS; ++sl) {
+                const int i_row = i0 + rw + 16 * mt + T::slot_row(lane, sl);
+                hi[mt][sl] = p.causal ? min(kv_end, i_row + off + 1) : kv_end;
+                lo[mt][sl] = p.window > 0 ? i_row + off - p.window + 1 : 0;
+            }
         float mx[kMT][kS];
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
@@ -211,10 +244,8 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
                     float v = F == ATTN_DOT && !terms ? s[mt][n][i] * a_u
                                                       : attn_score<F, false, true>(s[mt][n][i], ka, kb, qn[mt][sl], hq[mt][sl], kn, kappa);
                     if (edge) {
-                        const int i_row = i0 + rw + 16 * mt + T::row(lane, i), j = j0 + c;
-                        if (j >= kv_end || (p.causal && j > i_row + off) ||
-                            (p.window > 0 && j <= i_row + off - p.window))
-                            v = ATTN_NEG_INF;
+                        const int j = j0 + c;
+                        v = (j < lo[mt][sl]) | (j >= hi[mt][sl]) ? ATTN_NEG_INF : v;
                     }
                     s[mt][n][i] = v;
                     mx[mt][sl] = fmaxf(mx[mt][sl], v);
@@ -242,24 +273,35 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
                 for (int i = 0; i < kAcc; ++i) o[mt][t][i] *= alpha[T::slot(i)];
         }
         // p = 2^(s − m) in place. e = Σ p π d² takes d² back from the score (score.cuh: no second
-        // q·k product and no second score tile in registers), with p as rounded for P V.
+        // q·k product and no second score tile in registers), with p as rounded for P V; one
+        // branch for the whole tile, so calls without e run the plain loop.
+        auto probabilities = [&](auto with_e) {
+            constexpr bool kE = decltype(with_e)::value;
 #pragma unroll
-        for (int n = 0; n < kNK; ++n) {
+            for (int n = 0; n < kNK; ++n) {
 #pragma unroll
-            for (int i = 0; i < kAcc; ++i) {
-                const int c = 16 * n + T::col(lane, i), sl = T::slot(i);
+                for (int i = 0; i < kAcc; ++i) {
+                    const int c = 16 * n + T::col(lane, i), sl = T::slot(i);
 #pragma unroll
-                for (int mt = 0; mt < kMT; ++mt) {
-                    const float sv_ = s[mt][n][i], x = sv_ - mu[mt][sl];
-                    const float pv = (kSplitExp && ((mt * kNK + n) & 3) == 3) ? attn_exp2<true>(x) : attn_exp2<false>(x);
-                    l[mt][sl] += pv;
-                    s[mt][n][i] = pv;
-                    if (want_e && pv > 0.0f) {
-                        const float d2 = attn_d2_from_score<F>(sv_, kta[c], ktb[c], qn[mt][sl], hq[mt][sl], ktn[c], kappa);
-                        ep[mt][sl] = fmaf(fep_to_f32(fep_from_f32<In>(pv)) * ktp[c], d2, ep[mt][sl]);
+                    for (int mt = 0; mt < kMT; ++mt) {
+                        const float sc = s[mt][n][i], x = sc - mu[mt][sl];
+                        const float pv =
+                            (kSplitExp && ((mt * kNK + n) & 3) == 3) ? attn_exp2<true>(x) : attn_exp2<false>(x);
+                        l[mt][sl] += pv;
+                        s[mt][n][i] = pv;
+                        if constexpr (kE) {
+                            const float d2 =
+                                attn_d2_from_score<F>(sc, kti[c], ktb[c], qn[mt][sl], hq[mt][sl], ktn[c], inv_kappa);
+                            ep[mt][sl] = fmaf(T::as_operand(pv) * ktp[c], pv > 0.0f ? d2 : 0.0f, ep[mt][sl]);
+                        }
                     }
                 }
             }
+        };
+        if (want_e) {
+            probabilities(AttnBool<true>());
+        } else {
+            probabilities(AttnBool<false>());
         }
 
         // o += P V, P from the score registers.

@@ -11,6 +11,10 @@ template <int F>
 struct AttnFamily {
     static constexpr int value = F;
 };
+template <bool B>
+struct AttnBool {
+    static constexpr bool value = B;
+};
 
 // One score in base 2 from x = q·k and the per-key terms (a, b, ‖k‖²) and per-row terms
 // (‖q‖², Gaussian's ½‖q‖² or 0); kappa = (ν + D)/2. kExact: Student-t's log2 from the libm
@@ -35,17 +39,18 @@ FEP_DEVICE float attn_score(float x, float a, float b, float qn, float hq, float
 }
 
 // d² back from a visible score s (the inverse of attn_score, for e = Σ p π d² without keeping q·k):
-// Dot and Gaussian through x = q·k, Student-t and Laplace directly. Rounding makes it approximate
-// (a few ulps of s, relative to d² where d² is small), well within the 16-bit paths' bound.
+// Dot and Gaussian through x = q·k, Student-t and Laplace directly; inv_a = 1/a, inv_kappa =
+// 1/kappa (no division per score). Rounding makes it approximate (a few ulps of s, relative to d²
+// where d² is small), well within the 16-bit paths' bound.
 template <int F>
-FEP_DEVICE float attn_d2_from_score(float s, float a, float b, float qn, float hq, float kn, float kappa) {
+FEP_DEVICE float attn_d2_from_score(float s, float inv_a, float b, float qn, float hq, float kn, float inv_kappa) {
     if constexpr (F == ATTN_DOT || F == ATTN_GAUSSIAN) {
-        const float x = (s - b) / a + (F == ATTN_GAUSSIAN ? hq : 0.0f);
+        const float x = fmaf(s - b, inv_a, F == ATTN_GAUSSIAN ? hq : 0.0f);
         return fmaxf(fmaf(-2.0f, x, qn + kn), 0.0f);
     } else if constexpr (F == ATTN_STUDENT_T) {
-        return fmaxf((fep_exp2((b - s) / kappa) - 1.0f) / a, 0.0f);
+        return fmaxf((fep_exp2((b - s) * inv_kappa) - 1.0f) * inv_a, 0.0f);
     } else {
-        const float r = (b - s) / a;
+        const float r = (b - s) * inv_a;
         return r * r;
     }
 }

@@ -33,10 +33,10 @@ constexpr int attn_smem(int size, int d, int dv, int warps, int bc) {
     return size * (16 * warps * (d + pad) + bc * (d + pad) + bc * (dv + pad) + 16 * warps * (bc + pad)) + 4 * 4 * bc;
 }
 
-// v2 (16-bit): Q [16 mt warps][D+8], two stages of K [kBc][D+8] and V [kBc][Dv+8], then one
-// float4 of per-key terms per key.
+// v2 (16-bit): Q [16 mt warps][D+8], two stages of K [kBc][D+8] and V [kBc][Dv+8], then five
+// per-key float arrays (a, b, ‖k‖², π, 1/a).
 constexpr int attn_smem16(int d, int dv, int warps, int mt, int bc) {
-    return 2 * (16 * mt * warps * (d + 8) + 2 * bc * (d + 8) + 2 * bc * (dv + 8)) + 16 * bc;
+    return 2 * (16 * mt * warps * (d + 8) + 2 * bc * (d + 8) + 2 * bc * (dv + 8)) + 20 * bc;
 }
 
 // Registers per thread the v2 kernel needs, roughly: acc f32 accumulators per lane and 16 x 16

@@ -66,12 +66,30 @@ struct FepTile {
         return op(v, fep_shfl_xor(v, kRowMask1));
     }
 
+    // Two f32 as one register of In (round to nearest even): one cvt on NVIDIA (sm_80+), the
+    // software rounding of types.cuh elsewhere (gfx942 has no packed bf16 conversion).
     static FEP_DEVICE uint32_t pack(float lo, float hi) {
+#if defined(FEP_CUDA)
+        uint32_t r;
+        if constexpr (fep_same_type<In, fep_f16>::value) {
+            asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        } else {
+            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        }
+        return r;
+#else
         const In a = fep_from_f32<In>(lo), b = fep_from_f32<In>(hi);
         uint16_t ua, ub;
         __builtin_memcpy(&ua, &a, 2);
         __builtin_memcpy(&ub, &b, 2);
         return (uint32_t)ua | ((uint32_t)ub << 16);
+#endif
+    }
+    // v as the P operand holds it (rounded to In), back in f32.
+    static FEP_DEVICE float as_operand(float v) {
+        const uint32_t r = pack(v, 0.0f);
+        const In x = *(const In*)&r;
+        return fep_to_f32(x);
     }
 
     static FEP_DEVICE Frag p_frag(const float (&s)[kAcc]) {

@@ -62,9 +62,9 @@ fn smem(size: usize, d: usize, dv: usize, warps: usize, bc: usize) -> usize {
 }
 
 /// `attn_smem16` of traits.cuh (the f16/bf16 kernel): Q, two stages of K and V, rows padded by
-/// 16 bytes, then four per-key float arrays.
+/// 16 bytes, then five per-key float arrays.
 fn smem16(d: usize, dv: usize, warps: usize, mt: usize, bc: usize) -> usize {
-    2 * (16 * mt * warps * (d + 8) + 2 * bc * (d + 8) + 2 * bc * (dv + 8)) + 16 * bc
+    2 * (16 * mt * warps * (d + 8) + 2 * bc * (d + 8) + 2 * bc * (dv + 8)) + 20 * bc
 }
 
 /// `attn_regs16` of traits.cuh: the register estimate that bounds the f16/bf16 tile shape.
