@@ -32,19 +32,30 @@
 // rows at or past `valid` become zeros (a masked key's v must be 0, not whatever padding holds:
 // its weight 0 times NaN is NaN). vec: 16-byte copies that may complete later (port/copy.cuh);
 // otherwise element by element, complete on return.
-template <typename In, int kRows, int kCols, int kDs, int kThreads>
-FEP_DEVICE void attn16_copy_rows(In* dst, const In* src, long long stride, int valid, bool vec) {
+template <int kRows, int kCols, int kThreads>
+struct Attn16Copy {
+    static constexpr int kChunks = kCols / 8, kTotal = kRows * kChunks;
+    static constexpr int kIters = (kTotal + kThreads - 1) / kThreads;  // 16-byte copies per thread
+};
+
+// kLand: the same walk after the group's wait, landing each copy (port/copy.cuh).
+template <typename In, int kRows, int kCols, int kDs, int kThreads, int kSlot, bool kLand = false, typename G>
+FEP_DEVICE void attn16_copy_rows(G& g, In* dst, const In* src, long long stride, int valid, bool vec) {
+    using C = Attn16Copy<kRows, kCols, kThreads>;
     if (vec) {
-        constexpr int kChunks = kCols / 8, kTotal = kRows * kChunks, kIters = (kTotal + kThreads - 1) / kThreads;
 #pragma unroll
-        for (int it = 0; it < kIters; ++it) {
+        for (int it = 0; it < C::kIters; ++it) {
             const int idx = threadIdx.x + it * kThreads;
-            if (kTotal % kThreads != 0 && idx >= kTotal) break;
-            const int r = idx / kChunks, c = (idx % kChunks) * 8;
-            const bool live = r < valid;
-            fep_copy16(dst + r * kDs + c, live ? src + r * stride + c : src, live);
+            if (C::kTotal % kThreads != 0 && idx >= C::kTotal) break;
+            const int r = idx / C::kChunks, c = (idx % C::kChunks) * 8;
+            if constexpr (kLand) {
+                g.land(kSlot + it, dst + r * kDs + c);
+            } else {
+                const bool live = r < valid;
+                g.copy16(kSlot + it, dst + r * kDs + c, live ? src + r * stride + c : src, live);
+            }
         }
-    } else {
+    } else if (!kLand) {
         // The fallback for strides or addresses that forbid 16-byte copies: kept rolled, out of
         // the way of the hot loop's code.
 #pragma unroll 1
@@ -114,20 +125,29 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     const bool norm = p.normalizer && F != ATTN_DOT;
     const float kappa = 0.5f * (p.nu + (float)kD), inv_kappa = 1.0f / kappa;
 
-    auto load_kv = [&](int j0, int stage) {
-        attn16_copy_rows<In, kBc, kD, Tr::kKs, Tr::kThreads>(sk + stage * kBc * Tr::kKs,
-                                                            kg + (long long)j0 * p.k_stride[2], p.k_stride[2],
-                                                            kv_end - j0, vec);
-        attn16_copy_rows<In, kBc, kDv, Tr::kVs, Tr::kThreads>(sv + stage * kBc * Tr::kVs,
-                                                             vg + (long long)j0 * p.v_stride[2], p.v_stride[2],
-                                                             kv_end - j0, vec);
+    // K and V of a tile in one group of copies; Q in its own, landed before the key loop.
+    using CK = Attn16Copy<kBc, kD, Tr::kThreads>;
+    using CV = Attn16Copy<kBc, kDv, Tr::kThreads>;
+    FepCopies<CK::kIters + CV::kIters> kv;
+    auto load_kv = [&](auto land, int j0, int stage) {
+        constexpr bool kLand = decltype(land)::value;
+        attn16_copy_rows<In, kBc, kD, Tr::kKs, Tr::kThreads, 0, kLand>(kv, sk + stage * kBc * Tr::kKs,
+                                                                      kg + (long long)j0 * p.k_stride[2],
+                                                                      p.k_stride[2], kv_end - j0, vec);
+        attn16_copy_rows<In, kBc, kDv, Tr::kVs, Tr::kThreads, CK::kIters, kLand>(
+            kv, sv + stage * kBc * Tr::kVs, vg + (long long)j0 * p.v_stride[2], p.v_stride[2], kv_end - j0, vec);
     };
     const int j_first = (j_begin / kBc) * kBc;
-    attn16_copy_rows<In, kBr, kD, Tr::kQs, Tr::kThreads>(sq, qg + (long long)i0 * p.q_stride[2], p.q_stride[2],
-                                                         p.lq - i0, vec);
-    fep_copy_commit();
-    if (j_first < j_end) load_kv(j_first, 0);
-    fep_copy_commit();
+    {
+        FepCopies<Attn16Copy<kBr, kD, Tr::kThreads>::kIters> qc;
+        const In* q0 = qg + (long long)i0 * p.q_stride[2];
+        attn16_copy_rows<In, kBr, kD, Tr::kQs, Tr::kThreads, 0>(qc, sq, q0, p.q_stride[2], p.lq - i0, vec);
+        fep_copy_commit();
+        if (j_first < j_end) load_kv(AttnBool<false>(), j_first, 0);
+        fep_copy_commit();
+        fep_copy_wait<1>();  // Q (the older group)
+        attn16_copy_rows<In, kBr, kD, Tr::kQs, Tr::kThreads, 0, true>(qc, sq, q0, p.q_stride[2], p.lq - i0, vec);
+    }
 
     float m[kMT][kS], l[kMT][kS], ep[kMT][kS], qn[kMT][kS], hq[kMT][kS];
     float o[kMT][kNV][kAcc];
@@ -141,8 +161,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
             for (int i = 0; i < kAcc; ++i) o[mt][t][i] = 0.0f;
     }
     if (kDist || F == ATTN_GAUSSIAN || want_e) {
-        fep_copy_wait<1>();  // Q (the older group)
-        __syncthreads();
+        __syncthreads();  // Q visible to the block
         // ‖q‖² of this lane's rows: the 4 lanes of a row each sum a quarter of the row.
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
@@ -162,8 +181,9 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     int stage = 0;
     for (int j0 = j_first; j0 < j_end; j0 += kBc, stage ^= 1) {
         fep_copy_wait<0>();
+        load_kv(AttnBool<true>(), j0, stage);  // CDNA: the registers staged last iteration to LDS
         __syncthreads();  // this tile (and Q) landed for every thread; the last tile is consumed
-        if (j0 + kBc < j_end) load_kv(j0 + kBc, stage ^ 1);  // overlaps this tile's work
+        if (j0 + kBc < j_end) load_kv(AttnBool<false>(), j0 + kBc, stage ^ 1);  // overlaps this tile
         fep_copy_commit();
         const In* skt = sk + stage * kBc * Tr::kKs;
         const In* svt = sv + stage * kBc * Tr::kVs;
@@ -176,7 +196,8 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
 #pragma unroll
             for (int ch = part; ch < kD / 8; ch += kTPK) {
                 const uint4 w = *(const uint4*)(skt + c * Tr::kKs + 8 * ch);
-                const In* e = (const In*)&w;
+                In e[8];
+                __builtin_memcpy(e, &w, 16);  // not a cast: In may not alias uint4 (g++ drops such reads)
 #pragma unroll
                 for (int u = 0; u < 8; ++u) n = fmaf(fep_to_f32(e[u]), fep_to_f32(e[u]), n);
             }

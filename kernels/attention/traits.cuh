@@ -40,9 +40,11 @@ constexpr int attn_smem16(int d, int dv, int warps, int mt, int bc) {
 }
 
 // Registers per thread the v2 kernel needs, roughly: acc f32 accumulators per lane and 16 x 16
-// tile (8 on NVIDIA, 4 on CDNA).
-constexpr int attn_regs16(int dv, int mt, int bc, int acc) {
-    return acc * mt * (bc + dv) / 16 + (acc / 2) * (bc / 16) + 48;
+// tile (8 on NVIDIA, 4 on CDNA); on CDNA also the next K/V tile staged in registers (4 per
+// 16-byte copy of `threads`; port/copy.cuh).
+constexpr int attn_regs16(int d, int dv, int mt, int bc, int acc, int threads) {
+    const int staged = acc == 4 ? 4 * ((bc * (d + dv) / 8 + threads - 1) / threads) : 0;
+    return acc * mt * (bc + dv) / 16 + (acc / 2) * (bc / 16) + 48 + staged;
 }
 
 constexpr AttnTile attn_tile(int size, int d, int dv, int warp = 32) {
@@ -61,7 +63,8 @@ constexpr AttnTile attn_tile(int size, int d, int dv, int warp = 32) {
     for (int i = 0; i < 9; ++i) {
         const int w = kCandidates16[i][0], mt = kCandidates16[i][1], bc = kCandidates16[i][2];
         const int smem = attn_smem16(d, dv, w, mt, bc);
-        if (smem <= budget && attn_regs16(dv, mt, bc, acc) <= 180) return AttnTile{w, bc, smem, mt};
+        if (smem <= budget && attn_regs16(d, dv, mt, bc, acc, w * warp) <= (warp == 64 ? 110 : 180))
+            return AttnTile{w, bc, smem, mt};
     }
     return AttnTile{0, 0, 0, 0};
 }

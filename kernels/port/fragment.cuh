@@ -88,7 +88,8 @@ struct FepTile {
     // v as the P operand holds it (rounded to In), back in f32.
     static FEP_DEVICE float as_operand(float v) {
         const uint32_t r = pack(v, 0.0f);
-        const In x = *(const In*)&r;
+        In x;
+        __builtin_memcpy(&x, &r, 2);  // the low half (little-endian on every target)
         return fep_to_f32(x);
     }
 

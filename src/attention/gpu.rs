@@ -68,8 +68,13 @@ fn smem16(d: usize, dv: usize, warps: usize, mt: usize, bc: usize) -> usize {
 }
 
 /// `attn_regs16` of traits.cuh: the register estimate that bounds the f16/bf16 tile shape.
-fn regs16(dv: usize, mt: usize, bc: usize, acc: usize) -> usize {
-    acc * mt * (bc + dv) / 16 + (acc / 2) * (bc / 16) + 48
+fn regs16(d: usize, dv: usize, mt: usize, bc: usize, acc: usize, threads: usize) -> usize {
+    let staged = if acc == 4 {
+        4 * (bc * (d + dv) / 8).div_ceil(threads)
+    } else {
+        0
+    };
+    acc * mt * (bc + dv) / 16 + (acc / 2) * (bc / 16) + 48 + staged
 }
 
 /// A tile shape: warps per block, keys per tile, shared memory bytes, 16-row strips per warp.
@@ -116,7 +121,11 @@ pub(crate) fn tile(size: usize, d: usize, dv: usize, warp: usize) -> Tile {
         (1, 1, 32),
         (1, 1, 16),
     ];
-    let (budget, acc) = if warp == 64 { (65536, 4) } else { (98304, 8) };
+    let (budget, acc, regs) = if warp == 64 {
+        (65536, 4, 110)
+    } else {
+        (98304, 8, 180)
+    };
     CANDIDATES16
         .iter()
         .map(|&(warps, mt, bc)| Tile {
@@ -125,7 +134,7 @@ pub(crate) fn tile(size: usize, d: usize, dv: usize, warp: usize) -> Tile {
             smem: smem16(d, dv, warps, mt, bc),
             mt,
         })
-        .find(|t| t.smem <= budget && regs16(dv, t.mt, t.bc, acc) <= 180)
+        .find(|t| t.smem <= budget && regs16(d, dv, t.mt, t.bc, acc, t.warps * warp) <= regs)
         .expect("every supported head-dim pair has a tile shape")
 }
 
