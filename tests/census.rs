@@ -2,9 +2,9 @@
 //! hottest loop of the bf16/f16 kernels with D = Dv = 64 and D = Dv = 128, read from this build's
 //! machine code, must
 //! - CUDA sm_90a: load its MMA fragments with LDSM (ldmatrix), stage K/V with LDGSTS (cp.async),
-//!   and spend at most [`CUDA_BUDGET`] other instructions per MMA;
+//!   and spend at most [`budget`] other instructions per MMA;
 //! - HIP gfx942: read shared memory 8 or 16 bytes at a time (ds_read_b64 / ds_read_b128, or the
-//!   ds_load_ names), and spend at most [`HIP_BUDGET`] other instructions per MFMA.
+//!   ds_load_ names), and spend at most [`budget`] other instructions per MFMA.
 //!
 //! The census runs on this build's own kernels (`OUT_DIR`, where build.rs put them), with
 //! cuobjdump/nvdisasm from ci/setup-cuda.sh and LLVM 19 from ci/setup-rocm.sh; a missing tool
@@ -16,11 +16,21 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// Non-MMA instructions per HMMA in the hottest loop, counted statically (each instruction
-/// once): see kernels/attention/NOTES.md, "census budget". Provisional until the lead sets it.
-const CUDA_BUDGET: f64 = 6.0;
-/// The same per MFMA on gfx942 (kernels/attention/NOTES.md, "census budget"). Provisional.
-const HIP_BUDGET: f64 = 8.0;
+/// Non-MMA instructions per MMA (HMMA m16n8k16 on sm_90a, MFMA 16x16x16 on gfx942) allowed in
+/// the hottest loop, counted statically (each instruction once, so the loop's cold paths count
+/// too: e, per-key terms, mask edges). kernels/attention/NOTES.md, "The census and its budget",
+/// derives the issue-rate budget of the executed Dot path (≤ 10 per HMMA for the 350 TFLOP/s
+/// target; ≤ 15 per MFMA at full rate) and records v2's figures; these static bounds are v2's
+/// measured static figures plus ~8%, a guard against regressions in what the GPU must issue.
+fn budget(vendor: &str, kernel: &str) -> f64 {
+    let d64 = kernel.contains("_d64_");
+    match (vendor, d64) {
+        ("cuda", true) => 22.0,
+        ("cuda", false) => 14.5,
+        (_, true) => 41.0,
+        (_, false) => 32.0,
+    }
+}
 /// The kernels held to the budget.
 const KERNELS: [&str; 4] = [
     "attn_fwd_bf16_d64_v64",
@@ -93,7 +103,7 @@ fn failures(records: &[Value], vendor: &str) -> Vec<String> {
                     ("LDSM (ldmatrix fragment loads)", count(c, "LDSM") > 0),
                     ("LDGSTS (cp.async global->shared)", count(c, "LDGSTS") > 0),
                 ],
-                CUDA_BUDGET,
+                budget(vendor, kernel),
             )
         } else {
             let reads = &c["ds_read"];
@@ -102,7 +112,7 @@ fn failures(records: &[Value], vendor: &str) -> Vec<String> {
                     "ds_read_b64 / ds_read_b128 (8- or 16-byte LDS reads)",
                     count(reads, "b64") + count(reads, "b128") > 0,
                 )],
-                HIP_BUDGET,
+                budget(vendor, kernel),
             )
         };
         for (what, found) in needs {
@@ -180,7 +190,8 @@ fn checks_catch_a_slow_loop() {
     let v1 = serde_json::json!({"instructions": 3856, "mma": 96, "LDS": 449, "LDSM": 0,
                                 "LDGSTS": 0, "ds_read": {"b32": 34, "u16": 77}});
     assert_eq!(failures(&all(v1.clone(), 39.17.into()), "cuda").len(), 12);
-    assert_eq!(failures(&all(v1, 39.56.into()), "hip").len(), 8);
+    // gfx942 v1: no 8-byte reads anywhere; over the D = 128 budget only.
+    assert_eq!(failures(&all(v1, 39.56.into()), "hip").len(), 6);
     let good = serde_json::json!({"instructions": 400, "mma": 96, "LDSM": 24, "LDGSTS": 8,
                                   "ds_read": {"b128": 16}});
     assert!(failures(&all(good.clone(), 3.2.into()), "cuda").is_empty());

@@ -63,7 +63,10 @@ constexpr AttnTile attn_tile(int size, int d, int dv, int warp = 32) {
     for (int i = 0; i < 9; ++i) {
         const int w = kCandidates16[i][0], mt = kCandidates16[i][1], bc = kCandidates16[i][2];
         const int smem = attn_smem16(d, dv, w, mt, bc);
-        if (smem <= budget && attn_regs16(d, dv, mt, bc, acc, w * warp) <= (warp == 64 ? 110 : 180))
+        // NVIDIA, D >= 128: two strips spilled at every Dv (ptxas keeps the unrolled k-steps'
+        // fragments live), so one.
+        const bool fits_mt = mt == 1 || warp == 64 || d < 128;
+        if (fits_mt && smem <= budget && attn_regs16(d, dv, mt, bc, acc, w * warp) <= (warp == 64 ? 110 : 180))
             return AttnTile{w, bc, smem, mt};
     }
     return AttnTile{0, 0, 0, 0};

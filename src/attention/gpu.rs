@@ -134,7 +134,11 @@ pub(crate) fn tile(size: usize, d: usize, dv: usize, warp: usize) -> Tile {
             smem: smem16(d, dv, warps, mt, bc),
             mt,
         })
-        .find(|t| t.smem <= budget && regs16(d, dv, t.mt, t.bc, acc, t.warps * warp) <= regs)
+        .find(|t| {
+            // traits.cuh: on NVIDIA, D >= 128 takes one strip per warp (two spilled).
+            let fits_mt = t.mt == 1 || warp == 64 || d < 128;
+            fits_mt && t.smem <= budget && regs16(d, dv, t.mt, t.bc, acc, t.warps * warp) <= regs
+        })
         .expect("every supported head-dim pair has a tile shape")
 }
 
