@@ -85,16 +85,15 @@ fn fragment_path_matches_the_host_exactly() {
         return;
     };
     // Entries in {-1, 0, 1} for Q and K (|S| <= 32: exact in bf16 as P), {-2..2} for V; each
-    // position distinct enough that a swapped row, column or k shows up.
-    let q: Vec<f32> = (0..16 * FRAG_N)
-        .map(|i| ((i * 7 + i / FRAG_N) % 3) as f32 - 1.0)
-        .collect();
-    let k: Vec<f32> = (0..FRAG_N * FRAG_N)
-        .map(|i| ((i * 5 + 2 * (i / FRAG_N)) % 3) as f32 - 1.0)
-        .collect();
-    let v: Vec<f32> = (0..FRAG_N * FRAG_N)
-        .map(|i| ((i * 3 + i / FRAG_N) % 5) as f32 - 2.0)
-        .collect();
+    // depends on its row and its column and on their product (not periodic in either), so a
+    // swapped 8 x 8 block, row, column or k changes the product.
+    let pick = |i: usize, m: usize| {
+        let (r, c) = (i / FRAG_N, i % FRAG_N);
+        ((r * 5 + c * 3 + (r * c) % 7) % m) as f32 - (m / 2) as f32
+    };
+    let q: Vec<f32> = (0..16 * FRAG_N).map(|i| pick(i, 3)).collect();
+    let k: Vec<f32> = (0..FRAG_N * FRAG_N).map(|i| pick(i + 7, 3)).collect();
+    let v: Vec<f32> = (0..FRAG_N * FRAG_N).map(|i| pick(i + 3, 5)).collect();
     let mut s = vec![0f32; 16 * FRAG_N];
     let mut o = vec![0f32; 16 * FRAG_N];
     for r in 0..16 {
