@@ -75,25 +75,18 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
     float* kn = kb + kBc;
     float* kp = kn + kBc;
 
-    const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBr;
-    const int hk = h / (p.hq / p.hkv);
+    const AttnBlock<In> blk(p, kBr);
+    const int b = blk.b, h = blk.h, i0 = blk.i0, off = blk.off, kv_end = blk.kv_end, i_last = blk.i_last;
+    const int j_begin = blk.j_begin, j_end = blk.j_end;
+    const In *qg = blk.q, *kg = blk.k, *vg = blk.v;
+    const float* pik = blk.pi_key;
     const int warp = (int)fep_warp_id(), lane = (int)fep_lane();
-    const int off = p.lk - p.lq;  // row i sees keys j <= i + off (bottom-right aligned)
-    const int kv_end = p.kv_len ? min(max(p.kv_len[b], 0), p.lk) : p.lk;
-    const int i_last = min(i0 + kBr, p.lq) - 1;  // the block's last real row
-    const int j_end = p.causal ? min(kv_end, i_last + off + 1) : kv_end;
-    const int j_begin = p.window > 0 ? max(0, i0 + off - p.window + 1) : 0;
-
-    const In* qg = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1];
-    const In* kg = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1];
-    const In* vg = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1];
-    const float* pik = p.pi_key ? p.pi_key + ((long long)b * p.hkv + hk) * p.lk : nullptr;
     const bool vec = p.vec_loads != 0;
     attn_load_rows<In, kD, Tr::kQs, Tr::kThreads>(sq, qg + (long long)i0 * p.q_stride[2], p.q_stride[2], kBr,
                                                   p.lq - i0, vec);
 
     const int family = p.family;
-    const float pi_h = p.pi_head ? p.pi_head[h] : 1.0f;
+    const float pi_h = blk.pi_h;
     const bool want_e = p.e != nullptr;
     // Gaussian with one precision per row: −½τπ‖q_i‖² is a constant of the row (see above).
     const bool gauss_bias = family == ATTN_GAUSSIAN && !p.pi_key;

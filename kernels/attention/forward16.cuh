@@ -100,22 +100,15 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     float* ktp = ktn + kBc;
     float* kti = ktp + kBc;
 
-    const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBr;
-    const int hk = h / (p.hq / p.hkv);
+    const AttnBlock<In> blk(p, kBr);
+    const int b = blk.b, h = blk.h, i0 = blk.i0, off = blk.off, kv_end = blk.kv_end, i_last = blk.i_last;
+    const int j_begin = blk.j_begin, j_end = blk.j_end;
+    const In *qg = blk.q, *kg = blk.k, *vg = blk.v;
+    const float* pik = blk.pi_key;
+    const float pi_h = blk.pi_h;
     const int warp = (int)fep_warp_id(), lane = (int)fep_lane();
     const int rw = warp * 16 * kMT;  // the warp's first row in the block
-    const int off = p.lk - p.lq;     // row i sees keys j <= i + off (bottom-right aligned)
-    const int kv_end = p.kv_len ? min(max(p.kv_len[b], 0), p.lk) : p.lk;
-    const int i_last = min(i0 + kBr, p.lq) - 1;
-    const int j_end = p.causal ? min(kv_end, i_last + off + 1) : kv_end;
-    const int j_begin = p.window > 0 ? max(0, i0 + off - p.window + 1) : 0;
-
-    const In* qg = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1];
-    const In* kg = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1];
-    const In* vg = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1];
-    const float* pik = p.pi_key ? p.pi_key + ((long long)b * p.hkv + hk) * p.lk : nullptr;
     const bool vec = p.vec_loads != 0;
-    const float pi_h = p.pi_head ? p.pi_head[h] : 1.0f;
     const bool want_e = p.e != nullptr;
     // Dot with no per-key precision needs no per-key terms: a = τ π_h log2(e) for every key.
     const bool terms = F != ATTN_DOT || pik != nullptr || want_e;

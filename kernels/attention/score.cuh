@@ -1,11 +1,41 @@
-// score.cuh: what both forward kernels share: the score of each family in base 2 (from q·k and
-// per-key and per-row terms), and the per-key terms themselves.
+// score.cuh: what both forward kernels share: the block's place in the problem (AttnBlock), the
+// score of each family in base 2 (from q·k and per-key and per-row terms), and the per-key terms.
 #pragma once
 #include "params.cuh"
 
 #define ATTN_LOG2E 1.4426950408889634f
 #define ATTN_LN2 0.6931471805599453f
 #define ATTN_NEG_INF (-__uint_as_float(0x7f800000u))
+
+// One block's rows [i0, i0 + kBr) of head h in batch b, the keys they may see and where its
+// tensors start.
+template <typename In>
+struct AttnBlock {
+    int b, h, hk, i0;
+    int off;       // row i sees keys j <= i + off (bottom-right aligned)
+    int kv_end;    // the batch's key length
+    int i_last;    // the block's last real row
+    int j_begin;   // the first key a row of the block may see (window), and one past the last
+    int j_end;
+    const In *q, *k, *v;  // this head's rows
+    const float* pi_key;  // this KV head's per-key precisions, or null
+    float pi_h;
+
+    FEP_DEVICE AttnBlock(const AttnParams& p, int kBr) {
+        b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBr;
+        hk = h / (p.hq / p.hkv);
+        off = p.lk - p.lq;
+        kv_end = p.kv_len ? min(max(p.kv_len[b], 0), p.lk) : p.lk;
+        i_last = min(i0 + kBr, p.lq) - 1;
+        j_end = p.causal ? min(kv_end, i_last + off + 1) : kv_end;
+        j_begin = p.window > 0 ? max(0, i0 + off - p.window + 1) : 0;
+        q = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1];
+        k = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1];
+        v = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1];
+        pi_key = p.pi_key ? p.pi_key + ((long long)b * p.hkv + hk) * p.lk : nullptr;
+        pi_h = p.pi_head ? p.pi_head[h] : 1.0f;
+    }
+};
 
 template <int F>
 struct AttnFamily {
