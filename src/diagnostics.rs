@@ -32,27 +32,30 @@ pub fn mma_tile(dev: &Device, dtype: DType, a: &[f32], b: &[f32], k: usize) -> R
     let db = dev.upload(b)?;
     let mut dc = dev.upload(&vec![f32::NAN; MMA_TILE_ROWS * MMA_TILE_COLS])?;
     let (mut pa, mut pb, mut pc, mut pk) = (da.addr(), db.addr(), dc.view_mut().addr, k as i32);
+    run_check(
+        dev,
+        &format!("fep_mma_check_{}", dtype.suffix()),
+        &mut [
+            (&mut pa as *mut u64).cast(),
+            (&mut pb as *mut u64).cast(),
+            (&mut pc as *mut u64).cast(),
+            (&mut pk as *mut i32).cast(),
+        ],
+    )?;
+    dc.to_vec()
+}
+
+/// Launches one block of 64 threads (a wave64, or two warps computing the same tile) of a
+/// kernel of kernels/port/mma_check.cu on the default stream and waits for it.
+fn run_check(dev: &Device, kernel: &str, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
     let cfg = LaunchConfig {
         grid: (1, 1, 1),
         block: 64,
         smem: 0,
     };
-    let params: &mut [*mut std::ffi::c_void] = &mut [
-        (&mut pa as *mut u64).cast(),
-        (&mut pb as *mut u64).cast(),
-        (&mut pc as *mut u64).cast(),
-        (&mut pk as *mut i32).cast(),
-    ];
     let stream = dev.default_stream();
-    dev.launch(
-        "port/mma_check",
-        &format!("fep_mma_check_{}", dtype.suffix()),
-        cfg,
-        params,
-        stream,
-    )?;
-    dev.synchronize(stream)?;
-    dc.to_vec()
+    dev.launch("port/mma_check", kernel, cfg, params, stream)?;
+    dev.synchronize(stream)
 }
 
 /// Rows and columns of Q (`[16, 32]`), K and V (`[32, 32]`) and of S and O (`[16, 32]`) in
@@ -91,26 +94,16 @@ pub fn fragment_tiles(
     let mut d_o = dev.upload(&vec![f32::NAN; 16 * FRAG_N])?;
     let (mut pq, mut pk, mut pv) = (dq.addr(), dk.addr(), dv.addr());
     let (mut ps, mut po) = (ds.view_mut().addr, d_o.view_mut().addr);
-    let cfg = LaunchConfig {
-        grid: (1, 1, 1),
-        block: 64,
-        smem: 0,
-    };
-    let params: &mut [*mut std::ffi::c_void] = &mut [
-        (&mut pq as *mut u64).cast(),
-        (&mut pk as *mut u64).cast(),
-        (&mut pv as *mut u64).cast(),
-        (&mut ps as *mut u64).cast(),
-        (&mut po as *mut u64).cast(),
-    ];
-    let stream = dev.default_stream();
-    dev.launch(
-        "port/mma_check",
+    run_check(
+        dev,
         &format!("fep_frag_check_{}", dtype.suffix()),
-        cfg,
-        params,
-        stream,
+        &mut [
+            (&mut pq as *mut u64).cast(),
+            (&mut pk as *mut u64).cast(),
+            (&mut pv as *mut u64).cast(),
+            (&mut ps as *mut u64).cast(),
+            (&mut po as *mut u64).cast(),
+        ],
     )?;
-    dev.synchronize(stream)?;
     Ok((ds.to_vec()?, d_o.to_vec()?))
 }

@@ -45,6 +45,8 @@ FEP_DEVICE void attn_load_rows(In* dst, const In* src, long long stride, int row
             *(uint4*)(dst + r * kDs + c) = w;
         }
     } else {
+        // Kept rolled: the fallback for unaligned strides stays out of the way of hot code.
+#pragma unroll 1
         for (int idx = threadIdx.x; idx < rows * kCols; idx += kThreads) {
             const int r = idx / kCols, c = idx % kCols;
             dst[r * kDs + c] = r < valid ? src[r * stride + c] : fep_from_f32<In>(0.0f);

@@ -56,13 +56,8 @@ FEP_DEVICE void attn16_copy_rows(G& g, In* dst, const In* src, long long stride,
             }
         }
     } else if (!kLand) {
-        // The fallback for strides or addresses that forbid 16-byte copies: kept rolled, out of
-        // the way of the hot loop's code.
-#pragma unroll 1
-        for (int idx = threadIdx.x; idx < kRows * kCols; idx += kThreads) {
-            const int r = idx / kCols, c = idx % kCols;
-            dst[r * kDs + c] = r < valid ? src[r * stride + c] : fep_from_f32<In>(0.0f);
-        }
+        // Strides or addresses that forbid 16-byte copies: v1's element copy, complete on return.
+        attn_load_rows<In, kCols, kDs, kThreads>(dst, src, stride, kRows, valid, false);
     }
 }
 
@@ -85,9 +80,8 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     constexpr int kS = T::kRowSlots, kAcc = T::kAcc;
     constexpr int kVChunk = kNV <= 4 ? kNV : 2;  // V fragments in registers at once (more spilled)
     static_assert(kNV % kVChunk == 0, "Dv must be a multiple of the V chunk");
-    // Student-t and Laplace take two special functions per score: one 16-key block in four
-    // takes its exponentials on the FMA units instead (NOTES.md).
-    constexpr bool kSplitExp = F == ATTN_STUDENT_T || F == ATTN_LAPLACE;
+    // The distance families (d² from ‖q‖², ‖k‖² and q·k) take two special functions per score:
+    // one 16-key block in four takes its exponentials on the FMA units instead (NOTES.md).
     constexpr bool kDist = F == ATTN_STUDENT_T || F == ATTN_LAPLACE;
 
     FEP_DYNAMIC_SMEM(uint4, smem);
@@ -300,7 +294,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
                     for (int mt = 0; mt < kMT; ++mt) {
                         const float sc = s[mt][n][i], x = sc - mu[mt][sl];
                         const float pv =
-                            (kSplitExp && ((mt * kNK + n) & 3) == 3) ? attn_exp2<true>(x) : attn_exp2<false>(x);
+                            (kDist && ((mt * kNK + n) & 3) == 3) ? attn_exp2<true>(x) : attn_exp2<false>(x);
                         l[mt][sl] += pv;
                         s[mt][n][i] = pv;
                         if constexpr (kE) {

@@ -47,7 +47,7 @@ constexpr int attn_regs16(int d, int dv, int mt, int bc, int acc, int threads) {
     return acc * mt * (bc + dv) / 16 + (acc / 2) * (bc / 16) + 48 + staged;
 }
 
-constexpr AttnTile attn_tile(int size, int d, int dv, int warp = 32) {
+constexpr AttnTile attn_tile(int size, int d, int dv, int warp) {
     if (size == 4 || dv == 256) {  // f32, and Dv = 256 (v2 spilled there): the v1 kernel
         constexpr int kCandidates[7][2] = {{4, 64}, {4, 32}, {2, 64}, {2, 32}, {2, 16}, {1, 32}, {1, 16}};
         for (int i = 0; i < 7; ++i) {

@@ -66,10 +66,6 @@ struct alignas(16) uint4 {
 struct alignas(8) uint2 {
     unsigned x, y;
 };
-struct alignas(16) float4 {
-    float x, y, z, w;
-};
-inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 // IEEE binary16, converted in software (round to nearest even).
 struct __half {

@@ -109,6 +109,17 @@ struct FepTile {
     static FEP_DEVICE void pv(float (&o)[N][kAcc], const Frag& p, const Frag (&v)[N]);
 };
 
+#if defined(FEP_EMULATE)
+// Element h (0: low half) of a register of two In, as f32: the emulated products read operands so.
+template <typename In>
+FEP_DEVICE float fep_emu_half(uint32_t r, int h) {
+    const uint16_t bits = (uint16_t)(r >> (16 * h));
+    In v;
+    std::memcpy(&v, &bits, 2);
+    return fep_to_f32(v);
+}
+#endif
+
 // ---- NVIDIA: ldmatrix and mma.sync (and the emulator at warp 32) -----------------------------
 #if defined(FEP_MMA_NV)
 // ldmatrix.x4: lanes 8j..8j+7 give the row addresses of 8 x 8 matrix j; register j of lane L
@@ -184,13 +195,6 @@ FEP_DEVICE void FepTile<In>::load_v(Frag& f, const In* tile, int stride) {
 //   B (two n8 tiles side by side, as load_k / load_v leave them): register j element h holds
 //      B[k = 2t + h + 8 (j & 1)][n = g + 8 (j >> 1)]
 //   C: row tile (row, col) above. g = L / 4, t = L % 4.
-template <typename In>
-FEP_DEVICE float fep_emu_half(uint32_t r, int h) {
-    const uint16_t bits = (uint16_t)(r >> (16 * h));
-    In v;
-    std::memcpy(&v, &bits, 2);
-    return fep_to_f32(v);
-}
 template <typename In, int N>
 FEP_DEVICE void fep_emu_mma_nv(float (&c)[N][FEP_MMA_ACC], const typename FepTile<In>::Frag& a,
                                const typename FepTile<In>::Frag (&b)[N]) {
@@ -280,28 +284,23 @@ FEP_DEVICE void FepTile<In>::load_v(Frag& f, const In* tile, int stride) {
 // C[4 (l / 16) + i][l % 16], element i = 2 (register) + half.
 template <typename In, int N>
 FEP_DEVICE void fep_emu_mfma(float (&c)[N][FEP_MMA_ACC], const typename FepTile<In>::Frag (&a)[N],
-                             const typename FepTile<In>::Frag (&b)[N]) {
+                             const typename FepTile<In>::Frag& b) {
     using Frag = typename FepTile<In>::Frag;
     struct All {
-        Frag a[N], b[N];
+        Frag a[N], b;
     } mine;
-    for (int n = 0; n < N; ++n) mine.a[n] = a[n], mine.b[n] = b[n];
+    for (int n = 0; n < N; ++n) mine.a[n] = a[n];
+    mine.b = b;
     static_assert(sizeof(All) <= FEP_EMU_SHARE_BYTES, "fragments too large to share");
     const unsigned char* table = fep_emu_warp_share(&mine, sizeof(All));
-    float A[N][16][16], B[N][16][16];  // A[n][m][k], B[n][k][col]
+    float A[N][16][16], B[16][16];  // A[n][m][k], B[k][col]
     for (int L = 0; L < 64; ++L) {
         All other;
         std::memcpy(&other, table + L * FEP_EMU_SHARE_BYTES, sizeof(All));
-        for (int n = 0; n < N; ++n)
-            for (int e = 0; e < 4; ++e) {
-                uint16_t ba = (uint16_t)(other.a[n].r[e >> 1] >> (16 * (e & 1)));
-                uint16_t bb = (uint16_t)(other.b[n].r[e >> 1] >> (16 * (e & 1)));
-                In va, vb;
-                std::memcpy(&va, &ba, 2);
-                std::memcpy(&vb, &bb, 2);
-                A[n][L & 15][4 * (L >> 4) + e] = fep_to_f32(va);
-                B[n][4 * (L >> 4) + e][L & 15] = fep_to_f32(vb);
-            }
+        for (int e = 0; e < 4; ++e) {
+            for (int n = 0; n < N; ++n) A[n][L & 15][4 * (L >> 4) + e] = fep_emu_half<In>(other.a[n].r[e >> 1], e & 1);
+            B[4 * (L >> 4) + e][L & 15] = fep_emu_half<In>(other.b.r[e >> 1], e & 1);
+        }
     }
     fep_emu_warp_release();
     const int lane = (int)fep_lane();
@@ -309,28 +308,28 @@ FEP_DEVICE void fep_emu_mfma(float (&c)[N][FEP_MMA_ACC], const typename FepTile<
         for (int i = 0; i < 4; ++i) {
             const int r = 4 * (lane >> 4) + i, col = lane & 15;
             float s = c[n][i];
-            for (int k = 0; k < 16; ++k) s = fmaf(A[n][r][k], B[n][k][col], s);
+            for (int k = 0; k < 16; ++k) s = fmaf(A[n][r][k], B[k][col], s);
             c[n][i] = s;
         }
 }
 template <typename In, int N>
 FEP_DEVICE void fep_tile_mfma(float (&c)[N][FEP_MMA_ACC], const typename FepTile<In>::Frag (&a)[N],
-                              const typename FepTile<In>::Frag (&b)[N]) {
+                              const typename FepTile<In>::Frag& b) {
     fep_emu_mfma<In, N>(c, a, b);
 }
 #else
 template <typename In, int N>
 FEP_DEVICE void fep_tile_mfma(float (&c)[N][FEP_MMA_ACC], const typename FepTile<In>::Frag (&a)[N],
-                              const typename FepTile<In>::Frag (&b)[N]) {
+                              const typename FepTile<In>::Frag& b) {
 #pragma unroll
     for (int n = 0; n < N; ++n) {
         fep_f32x4 acc = {c[n][0], c[n][1], c[n][2], c[n][3]};
         if constexpr (fep_same_type<In, fep_f16>::value) {
             acc = __builtin_amdgcn_mfma_f32_16x16x16f16(__builtin_bit_cast(fep_h16x4, a[n]),
-                                                       __builtin_bit_cast(fep_h16x4, b[n]), acc, 0, 0, 0);
+                                                       __builtin_bit_cast(fep_h16x4, b), acc, 0, 0, 0);
         } else {
             acc = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(__builtin_bit_cast(fep_s16x4, a[n]),
-                                                           __builtin_bit_cast(fep_s16x4, b[n]), acc, 0, 0, 0);
+                                                           __builtin_bit_cast(fep_s16x4, b), acc, 0, 0, 0);
         }
         c[n][0] = acc[0], c[n][1] = acc[1], c[n][2] = acc[2], c[n][3] = acc[3];
     }
@@ -341,18 +340,12 @@ FEP_DEVICE void fep_tile_mfma(float (&c)[N][FEP_MMA_ACC], const typename FepTile
 template <typename In>
 template <int N>
 FEP_DEVICE void FepTile<In>::qk(float (&s)[N][kAcc], const Frag& q, const Frag (&k)[N]) {
-    Frag qs[N];
-#pragma unroll
-    for (int n = 0; n < N; ++n) qs[n] = q;
-    fep_tile_mfma<In, N>(s, k, qs);
+    fep_tile_mfma<In, N>(s, k, q);
 }
 // O^T = V^T P^T: A = V^T (load_v), B = P^T, which is the score tile's layout.
 template <typename In>
 template <int N>
 FEP_DEVICE void FepTile<In>::pv(float (&o)[N][kAcc], const Frag& p, const Frag (&v)[N]) {
-    Frag ps[N];
-#pragma unroll
-    for (int n = 0; n < N; ++n) ps[n] = p;
-    fep_tile_mfma<In, N>(o, v, ps);
+    fep_tile_mfma<In, N>(o, v, p);
 }
 #endif
