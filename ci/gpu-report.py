@@ -92,7 +92,8 @@ md += ["## Our benches (criterion, benches/*.rs)", "",
        "Throughput counts elements per second: sample-steps (B·T) for lca and settle, "
        "agent-iterations (N·K) for vmp state inference, agent-policies (N·P) for vmp policy "
        "inference, FLOPs for attention (FlashAttention's convention 4·B·Hq·Lq·Lk·D, halved when "
-       "causal: the TFLOP/s column). Per step: the median over T (lca, settle) or K (vmp) from "
+       "causal: the TFLOP/s column; backward 2.5x the forward), bytes of the KV cache read for attention "
+       "decode (GB/s). Per step: the median over T (lca, settle) or K (vmp) from "
        "the id. Step 3 measures with FEP_BENCH_QUICK=1 (10 samples, short warm-up and measurement, "
        "a filter per bench); where step 4's full bench measured the same id later, its figure "
        "is the one shown.", "",
@@ -113,6 +114,9 @@ for est in sorted(glob.glob(os.path.join(run, "criterion", "**", "new", "estimat
             thr = f"{t['Elements'] / (med * 1e-9):.3e}"
             if "_attention_" in group:
                 tflops = f"{t['Elements'] / (med * 1e-9) / 1e12:.2f}"
+        elif "Bytes" in t:
+            # attention decode: the KV cache read per call, as GB/s (the HBM floor is in the bench)
+            thr = f"{t['Bytes'] / (med * 1e-9) / 1e9:.1f} GB/s"
     except OSError:
         pass
     steps = re.search(r"_[TK](\d+)$", bench)

@@ -46,6 +46,19 @@
 # |   full lca/vmp/settle benches, peers f16 |  the   |       |           | ~250 s, so it is last and usually KILLED (its figures so    |
 # |   attention, full peers, full attention  |  est.) |       |           | far are kept)                                               |
 # | 5 report (reserved)                      |   10   | 0.5 s |    2 s    |                                                             |
+#
+# Attention backward and decode (added after the table's figures): step 2 runs
+# attention_backward_gpu and attention_decode right after attention_gpu (budget 110 -> 120 s);
+# step 3 (budget 280 -> 300 s) adds ours bench-attention-bwd (FEP_BENCH_OPS=backward: D = 128,
+# L = 4k, bf16, 14 configs, timeout 40 s, est. ~12 s) and bench-attention-decode
+# (FEP_BENCH_OPS=decode: Lq 1/16 x Lk 64k (B 1, 4) and 1M (B 1), 4 families, 24 configs, timeout
+# 45 s, est. ~20 s incl. uploading 2 x 2 GiB of cache), and the peers --op backward (45 s:
+# FlexAttention fwd+bwd compile per family, SDPA / padded SDPA backward) and --op decode (30 s).
+# To pay for them: peers-attention (forward) measures D = 128 only (85 -> 55 s; D = 64 moved to
+# rest.peers-attention-d64), peers lca 35 -> 30, settle 35 -> 30, vmp 40 -> 35. Every bench item
+# names its part and dtype (FEP_BENCH_OPS, FEP_BENCH_DTYPES), so none uploads or probes what its
+# filter drops. Sum: 20 + 120 + 300 + 10 = 450 s; step 3's estimate (~305 s) may cut its last
+# item (retried first in step 4). Dry run of the attention items: 65 s.
 # |------------------------------------------|--------|-------|-----------|-------------------------------------------------------------|
 # | total                                    |  450   | 103 s |  ~325 s   | + step 4; the call ends by ~450 s (8 min = 480 s)           |
 #
@@ -321,18 +334,24 @@ if [ "$DRY" = 1 ]; then
   smoke="--smoke"; lcadev="--device cpu --configs small"
   f_att="cpu_attention_.*_f32/"
   f_att16="cpu_attention_.*_f16/"
+  f_bwd="cpu_attention_bwd_.*_f32/"
+  f_dec="cpu_attention_decode_.*_f32/"
+  dt_q=f32 dt_16=f16
   f_lca="cpu_lca_small_f32/"
   f_settle="cpu_settle_smoke_(infer|learn)_f32/"
   f_vmp="cpu_vmp_(tmaze_states_f32/N1000_|five_factor_states_f32/N100_|grid_policies_f32/N32_)"
-  p_att="" p_lca="" p_settle="" p_vmp=""
+  p_att="" p_att64="" p_lca="" p_settle="" p_vmp=""
 else
   smoke=""; lcadev=""
-  f_att="cuda_attention_.*_bf16/D(64|128)_L(1024|4096|16384)_"
-  f_att16="cuda_attention_.*_f16/D(64|128)_L(1024|4096|16384)_"
+  f_att="cuda_attention_(dot|gaussian|studentt|laplace)_(full|causal)_bf16/D(64|128)_L(1024|4096|16384)_"
+  f_att16="cuda_attention_(dot|gaussian|studentt|laplace)_(full|causal)_f16/D(64|128)_L(1024|4096|16384)_"
+  f_bwd="cuda_attention_bwd_.*_bf16/D128_L4096_"
+  f_dec="cuda_attention_decode_.*_bf16/"
+  dt_q=bf16 dt_16=f16
   f_lca="cuda_lca_large_f32/"
   f_settle="cuda_settle_pcx_(infer|learn)_f32/"
   f_vmp="cuda_vmp_((tmaze|five_factor)_states_f32/N100000_|grid_policies_f32/N10000_)"
-  p_att="--quick" p_lca="--quick --configs large" p_settle="--quick --configs pcx --dtypes f32"
+  p_att="--quick --dims 128" p_att64="--quick --dims 64" p_lca="--quick --configs large" p_settle="--quick --configs pcx --dtypes f32"
   p_vmp="--quick --targets-only"
 fi
 pydeps=$RUN/pydeps
@@ -348,7 +367,7 @@ add port.load 20 0 "$B" "bash ci/gpu-run.sh --load-check $B"
 # 2. tests: the GPU ones by value, then the C ABI ones, then the Python bindings on CUDA tensors
 threads=${FEP_GPU_TEST_THREADS:+--test-threads=$FEP_GPU_TEST_THREADS}
 TESTS=()
-for t in attention_gpu lca_gpu settle_gpu vmp_gpu attention_ffi settle_ffi vmp_ffi; do
+for t in attention_gpu attention_backward_gpu attention_decode lca_gpu settle_gpu vmp_gpu attention_ffi settle_ffi vmp_ffi; do
   add "tests.$t" 90 0 "$B/tests/$t" "$B/tests/$t --color never --show-output $threads"
   TESTS+=("tests.$t")
 done
@@ -358,7 +377,7 @@ for f in "$B"/tests/*; do
   [ -e "$f" ] || continue
   t=$(basename "$f")
   case "$t" in
-    mma_gpu | attention_gpu | lca_gpu | settle_gpu | vmp_gpu | attention_ffi | settle_ffi | vmp_ffi) ;;
+    mma_gpu | attention_gpu | attention_backward_gpu | attention_decode | lca_gpu | settle_gpu | vmp_gpu | attention_ffi | settle_ffi | vmp_ffi) ;;
     *_cpu | ffi_header | resources | settle_digits | census) CPU_TESTS+=("$t") ;;
     *) add "tests.$t" 90 0 "$f" "$f --color never --show-output $threads"; TESTS+=("tests.$t") ;;
   esac
@@ -370,21 +389,28 @@ done
 
 # 3. quick benches: ours (criterion, FEP_BENCH_QUICK=1, a filter), then the peers (--quick,
 #    their own --budget-s, JSON written as they go)
-add quick.bench-attention 75 0 "$B/bench-attention" "$bq $B/bench-attention $crit '$f_att'"
+att="$B/bench-attention"
+add quick.bench-attention 75 0 "$att" "$bq FEP_BENCH_OPS=forward FEP_BENCH_DTYPES=$dt_q $att $crit '$f_att'"
+add quick.bench-attention-bwd 40 0 "$att" "$bq FEP_BENCH_OPS=backward FEP_BENCH_DTYPES=$dt_q $att $crit '$f_bwd'"
+add quick.bench-attention-decode 45 0 "$att" "$bq FEP_BENCH_OPS=decode FEP_BENCH_DTYPES=$dt_q $att $crit '$f_dec'"
 add quick.bench-lca 20 0 "$B/bench-lca" "$bq $B/bench-lca $crit '$f_lca'"
 add quick.bench-settle 25 0 "$B/bench-settle" "$bq $B/bench-settle $crit '$f_settle'"
 add quick.bench-vmp 20 0 "$B/bench-vmp" "$bq $B/bench-vmp $crit '$f_vmp'"
-add quick.peers-attention "$(sb 85)" 15 - "$py benches/peers/attention.py --lib $LIB $smoke $p_att --budget-s @BUDGET@ --out $RUN/peers-attention.json"
-add quick.peers-lca "$(sb 35)" 10 - "$py benches/peers/lca.py --lib $LIB $lcadev $p_lca --budget-s @BUDGET@ --out $RUN/peers-lca.json"
-add quick.peers-settle "$(sb 35)" 10 - "$py benches/peers/settle.py --lib $LIB $smoke $p_settle --budget-s @BUDGET@ --out $RUN/peers-settle.json"
-add quick.peers-vmp "$(sb 40)" 10 - "bash ci/gpu-run.sh --pydeps $B $pydeps; $py benches/peers/vmp.py --lib $LIB $smoke $p_vmp $vmpdeps --budget-s @BUDGET@ --out $RUN/peers-vmp.json"
-QUICK=(quick.bench-attention quick.bench-lca quick.bench-settle quick.bench-vmp
-  quick.peers-attention quick.peers-lca quick.peers-settle quick.peers-vmp)
+add quick.peers-attention "$(sb 55)" 15 - "$py benches/peers/attention.py --lib $LIB $smoke $p_att --budget-s @BUDGET@ --out $RUN/peers-attention.json"
+add quick.peers-attention-bwd "$(sb 45)" 15 - "$py benches/peers/attention.py --op backward --lib $LIB $smoke ${p_att:+--quick} --criterion $RUN/criterion --budget-s @BUDGET@ --out $RUN/peers-attention-bwd.json"
+add quick.peers-attention-decode "$(sb 30)" 10 - "$py benches/peers/attention.py --op decode --lib $LIB $smoke ${p_att:+--quick} --budget-s @BUDGET@ --out $RUN/peers-attention-decode.json"
+add quick.peers-lca "$(sb 30)" 10 - "$py benches/peers/lca.py --lib $LIB $lcadev $p_lca --budget-s @BUDGET@ --out $RUN/peers-lca.json"
+add quick.peers-settle "$(sb 30)" 10 - "$py benches/peers/settle.py --lib $LIB $smoke $p_settle --budget-s @BUDGET@ --out $RUN/peers-settle.json"
+add quick.peers-vmp "$(sb 35)" 10 - "bash ci/gpu-run.sh --pydeps $B $pydeps; $py benches/peers/vmp.py --lib $LIB $smoke $p_vmp $vmpdeps --budget-s @BUDGET@ --out $RUN/peers-vmp.json"
+QUICK=(quick.bench-attention quick.bench-attention-bwd quick.bench-attention-decode quick.bench-lca
+  quick.bench-settle quick.bench-vmp quick.peers-attention quick.peers-attention-bwd
+  quick.peers-attention-decode quick.peers-lca quick.peers-settle quick.peers-vmp)
 
 # 4. the rest, in order of value
 add rest.tour 60 0 "$B/tour" "$B/tour"
 add rest.pc_digits 60 0 "$B/pc_digits" "$B/pc_digits"
-add rest.bench-attention-f16 60 0 "$B/bench-attention" "$bq $B/bench-attention $crit '$f_att16'"
+add rest.bench-attention-f16 60 0 "$att" "$bq FEP_BENCH_OPS=forward FEP_BENCH_DTYPES=$dt_16 $att $crit '$f_att16'"
+add rest.peers-attention-d64 60 15 - "$py benches/peers/attention.py --lib $LIB $smoke $p_att64 --budget-s @BUDGET@ --out $RUN/peers-attention-d64.json"
 add rest.bench-lca 40 0 "$B/bench-lca" "$bf $B/bench-lca $crit"
 add rest.bench-vmp 60 0 "$B/bench-vmp" "$bf $B/bench-vmp $crit"
 add rest.bench-settle 120 0 "$B/bench-settle" "$bf $B/bench-settle $crit"
@@ -393,7 +419,7 @@ add rest.peers-vmp-full 120 10 - "bash ci/gpu-run.sh --pydeps $B $pydeps; $py be
 add rest.peers-lca-full 90 10 - "$py benches/peers/lca.py --lib $LIB $lcadev --budget-s @BUDGET@ --out $RUN/peers-lca-full.json"
 add rest.peers-settle-full 150 10 - "$py benches/peers/settle.py --lib $LIB $smoke --budget-s @BUDGET@ --out $RUN/peers-settle-full.json"
 add rest.bench-attention-full 400 0 "$B/bench-attention" "$bf $B/bench-attention $crit"
-REST=(rest.tour rest.pc_digits rest.bench-attention-f16 rest.bench-lca rest.bench-vmp rest.bench-settle
+REST=(rest.tour rest.pc_digits rest.bench-attention-f16 rest.peers-attention-d64 rest.bench-lca rest.bench-vmp rest.bench-settle
   rest.peers-attention-f16 rest.peers-vmp-full rest.peers-lca-full rest.peers-settle-full
   rest.bench-attention-full)
 for t in "${CPU_TESTS[@]}"; do
@@ -409,6 +435,15 @@ if [ "$DRY" != 1 ]; then
       for l in 1024 4096 16384; do
         echo "quick.bench-attention cuda_attention_${fam}_${mask}_bf16/D${d}_L${l}_B$((16384 / l))_H$((2048 / d))"
       done; done; done; done
+    for fam in dot gaussian_V studentt_V laplace_V; do for mask in full causal; do for v in learnpi fixedpi; do
+      [ "$fam" = dot ] && [ "$v" = fixedpi ] && continue
+      g=${fam/_V/_${mask}_$v}; [ "$fam" = dot ] && g=dot_$mask
+      echo "quick.bench-attention-bwd cuda_attention_bwd_${g}_bf16/D128_L4096_B4_H16"
+    done; done; done
+    for fam in dot gaussian studentt laplace; do for lq in 1 16; do
+      for bl in 1:65536 4:65536 1:1048576; do
+        echo "quick.bench-attention-decode cuda_attention_decode_${fam}_bf16/Lq${lq}_Lk${bl#*:}_B${bl%%:*}_Hq32_Hkv8_D128"
+      done; done; done
     echo "quick.bench-lca cuda_lca_large_f32/B4096_n256_m1024_T200"
     for mode in infer learn; do for t in 8 32; do
       echo "quick.bench-settle cuda_settle_pcx_${mode}_f32/B256_784-128-128-128-10_T$t"; done; done
@@ -433,10 +468,10 @@ for n in port.mma_gpu port.nvidia-smi port.load; do run_item "$n"; done
 awk -F, 'NF > 1 { n++ } END { exit n < 2 }' "$RUN/device.txt" 2>/dev/null || echo "name, driver_version, memory.total [MiB], clocks.max.sm [MHz]
 $( [ "$DRY" = 1 ] && echo "no GPU (dry run on $(nproc) CPUs)" || echo "unknown GPU (nvidia-smi failed)")" >"$RUN/device.txt"
 
-step "2 tests (FEP_REQUIRE_GPU=${FEP_REQUIRE_GPU:-0}, ${FEP_GPU_TEST_JOBS:-4} at once)" "$(sb 110)"
+step "2 tests (FEP_REQUIRE_GPU=${FEP_REQUIRE_GPU:-0}, ${FEP_GPU_TEST_JOBS:-4} at once)" "$(sb 120)"
 run_parallel "${FEP_GPU_TEST_JOBS:-4}" "${TESTS[@]}"
 
-step "3 quick benches (ours, then the peers)" "$(sb 280)"
+step "3 quick benches (ours, then the peers)" "$(sb 300)"
 for n in "${QUICK[@]}"; do run_item "$n"; done
 
 step "4 the rest, until $((TOTAL - REPORT_RESERVE)) s" "$TOTAL"

@@ -360,14 +360,62 @@ typedef struct FepAttentionParams {
  * absent), kv_len [B] int32 key lengths (keys j >= kv_len[b] are padding); outputs lse
  * [B, Hq, Lq] = ln sum_j e^{s_ij} and e [B, Hq, Lq] = sum_j w_ij pi_ij d2_ij, float, row-major.
  * A row with no visible key gets o = 0, lse = -inf, e = 0. Outputs may not alias any input or each
- * other. On the CPU the computation is the float64 reference; GPU devices return
- * FEP_ERR_UNSUPPORTED in this release (the kernels are not there yet). */
+ * other. On the CPU the computation is the float64 reference; on a GPU the fused kernels,
+ * enqueued on `stream`, for D and Dv each one of 32, 64, 96, 128, 256 (others:
+ * FEP_ERR_UNSUPPORTED). */
 int32_t fep_attention_forward(int32_t kind, int32_t ordinal, void *stream,
                               const FepAttentionParams *params, int32_t dtype,
                               const FepAttnTensor *q, const FepAttnTensor *k,
                               const FepAttnTensor *v, const float *pi_head, const float *pi_key,
                               const int32_t *kv_len, const FepAttnTensor *o, float *lse,
                               float *e);
+
+/* The gradients of a loss L(o, e) of a forward call (the same params, dtype, q, k, v, pi_head,
+ * pi_key and kv_len as that call) with respect to q, k, v, the precisions and nu, given
+ * d_o = dL/do and optionally d_e = dL/de. The maths is in src/attention/backward.rs.
+ * Inputs, all on the call's device:
+ *   q, k, v, pi_head, pi_key, kv_len   as for fep_attention_forward (pi_head, pi_key and kv_len
+ *                                      may be NULL: pi = 1, every key visible)
+ *   o     [B, Hq, Lq, Dv] of `dtype` (any strides): the forward's o
+ *   lse   [B, Hq, Lq] float, row-major: the forward's lse (required)
+ *   d_o   [B, Hq, Lq, Dv] of `dtype` (any strides): dL/do
+ *   e     [B, Hq, Lq] float: the forward's e; required when d_e is given, else may be NULL
+ *   d_e   [B, Hq, Lq] float: dL/de, or NULL when the loss does not use e
+ * Outputs (written, not accumulated into):
+ *   dq    [B, Hq, Lq, D], dk [B, Hkv, Lk, D], dv [B, Hkv, Lk, Dv], of `dtype`, any strides
+ *         (required; dk and dv summed over the query heads of each kv head's group)
+ *   dpi_head [Hq], dpi_key [B, Hkv, Lk], dnu [1]: float, each NULL when not wanted: dL/dpi_h,
+ *         dL/dpi_j (at pi = 1 for a precision the call did not pass) and dL/dnu (0 unless the
+ *         score is FEP_SCORE_STUDENT_T)
+ * Rows with no visible key contribute nothing. No output may alias an input or another output.
+ * Deterministic (no floating-point atomics): two calls give the same bits. On the CPU the
+ * computation is the float64 reference (which recomputes the forward: o and lse are checked but
+ * not read); on a GPU three kernels enqueued on `stream`, for D and Dv each one of 32, 64, 96,
+ * 128, 256 and, in float32, D + Dv <= 384 (others: FEP_ERR_UNSUPPORTED). */
+int32_t fep_attention_backward(int32_t kind, int32_t ordinal, void *stream,
+                               const FepAttentionParams *params, int32_t dtype,
+                               const FepAttnTensor *q, const FepAttnTensor *k,
+                               const FepAttnTensor *v, const float *pi_head, const float *pi_key,
+                               const int32_t *kv_len, const FepAttnTensor *o, const float *lse,
+                               const FepAttnTensor *d_o, const float *e, const float *d_e,
+                               const FepAttnTensor *dq, const FepAttnTensor *dk,
+                               const FepAttnTensor *dv, float *dpi_head, float *dpi_key,
+                               float *dnu);
+
+/* Merges `splits` = S >= 1 partial attention results of the same rows, each over a subset of
+ * the keys (a split decode, or shards of a sequence on several devices), by their lse:
+ *   lse = ln sum_c e^{lse_c},  o = sum_c e^{lse_c - lse} o_c,  e = sum_c e^{lse_c - lse} e_c
+ * (a row whose every lse_c is -inf gives o = 0, lse = -inf, e = 0). The shape B, Hq, Lq, Dv is
+ * o's. Inputs, row-major on the call's device:
+ *   o_parts   [S, B, Hq, Lq, Dv] of `dtype`: each part's normalised o
+ *   lse_parts [S, B, Hq, Lq] float: each part's lse (-inf for a part with no visible key)
+ *   e_parts   [S, B, Hq, Lq] float: each part's e, or NULL (then e must be NULL)
+ * Outputs: o [B, Hq, Lq, Dv] of `dtype`, any strides (required); lse and e [B, Hq, Lq] float,
+ * row-major, or NULL. No output may alias an input or another output. On the CPU the merge runs
+ * in float64; on a GPU one kernel enqueued on `stream`, accumulating in float. */
+int32_t fep_attention_merge(int32_t kind, int32_t ordinal, void *stream, int32_t dtype,
+                            uint64_t splits, const void *o_parts, const float *lse_parts,
+                            const float *e_parts, const FepAttnTensor *o, float *lse, float *e);
 
 #ifdef __cplusplus
 }

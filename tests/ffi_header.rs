@@ -812,6 +812,8 @@ fn header_and_ffi_rs_declare_the_same_abi() {
         "fep_vmp_infer_policies",
         "fep_vmp_learn",
         "fep_attention_forward",
+        "fep_attention_backward",
+        "fep_attention_merge",
     ] {
         assert!(
             h.functions.contains_key(name),

@@ -35,11 +35,22 @@ const REQUIRED: [&str; 12] = [
     "attn_check",
 ];
 
-/// REQUIRED, and the attention forward kernel of every dtype and (D, Dv) pair the API accepts
-/// (kernels/attention/traits.cuh instantiates the same list).
+/// REQUIRED, the attention forward kernel of every dtype and (D, Dv) pair the API accepts
+/// (kernels/attention/traits.cuh instantiates the same list), the backward kernels of every
+/// dtype and head-dim bucket, and the merge of every dtype.
 fn required() -> Vec<String> {
     let mut all: Vec<String> = REQUIRED.iter().map(|s| s.to_string()).collect();
+    all.push("attn_bwd_reduce".to_string());
     for dtype in ["f32", "f16", "bf16"] {
+        all.push(format!("attn_merge_{dtype}"));
+        // The backward kernels' head-dim buckets (kernels/attention/backward_params.cuh).
+        for d in [64, 128, 256] {
+            for dv in [64, 128, 256] {
+                all.push(format!("attn_bwd_dq_{dtype}_d{d}_v{dv}"));
+                all.push(format!("attn_bwd_kv_{dtype}_d{d}_v{dv}"));
+                all.push(format!("attn_bwd_dk_{dtype}_d{d}_v{dv}"));
+            }
+        }
         for d in fep_kernels::attention::HEAD_DIMS {
             for dv in fep_kernels::attention::HEAD_DIMS {
                 all.push(format!("attn_fwd_{dtype}_d{d}_v{dv}"));

@@ -1,5 +1,6 @@
 //! What every bench shares: the devices to measure (`FEP_BENCH_DEVICES`), the quick switch
-//! (`FEP_BENCH_QUICK`), and the median of criterion's own measurements. The GPU suite
+//! (`FEP_BENCH_QUICK`), the parts of a bench and the dtypes to measure (`FEP_BENCH_OPS`,
+//! `FEP_BENCH_DTYPES`), and the median of criterion's own measurements. The GPU suite
 //! (ci/gpu-run.sh) picks configurations with criterion's own filter (the bench binary's first
 //! free argument, a regex over `group/id`).
 
@@ -12,6 +13,31 @@ use fep_kernels::{Device, DeviceKind};
 /// `FEP_BENCH_QUICK=1`: shorter runs (and fewer sizes where a bench says so).
 pub fn quick() -> bool {
     std::env::var("FEP_BENCH_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// Whether the comma-separated list in the environment variable `var` (unset, empty or `all`:
+/// everything) names `what`.
+fn listed(var: &str, what: &str) -> bool {
+    let Ok(list) = std::env::var(var) else {
+        return true;
+    };
+    list.split(',')
+        .map(str::trim)
+        .any(|w| w.is_empty() || w == "all" || w == what)
+}
+
+/// `FEP_BENCH_OPS` (comma-separated; unset or `all`: every one): which parts of a bench with
+/// several (attention: `forward`, `backward`, `decode`) run. Criterion's filter selects groups
+/// but not the setup around them (inputs uploaded, a probe call per group), so the GPU suite
+/// names the part an item measures.
+pub fn op_wanted(op: &str) -> bool {
+    listed("FEP_BENCH_OPS", op)
+}
+
+/// `FEP_BENCH_DTYPES` (comma-separated from `f32`, `f16`, `bf16`; unset or `all`: every one)
+/// asks for the dtype with this suffix (for the benches that honour it: attention).
+pub fn dtype_wanted(suffix: &str) -> bool {
+    listed("FEP_BENCH_DTYPES", suffix)
 }
 
 /// Whether `FEP_BENCH_DEVICES` (comma-separated from `cuda`, `hip`, `cpu`, or `gpu` for both

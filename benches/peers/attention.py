@@ -55,6 +55,22 @@ Usage:
     python3 benches/peers/attention.py --quick --budget-s 100 --out attn.json  # ci/gpu-run.sh
     python3 benches/peers/attention.py --smoke   # tiny shapes on the CPU, flex eager: a test
 
+--op backward: the backward alone (torch.autograd.grad of o with the graph retained), bf16, D = 128,
+L = 4k, causal and full (--full: bf16 and f16, D 128 and 64, L 1k/4k/16k, precisions learned and
+fixed), families dot, studentt, gaussian, laplace: flex with the same score_mod, the precision a
+captured tensor that requires grad (learned) and the norms computed from q and k in the graph
+(checked first on a tiny case: whether this PyTorch propagates gradients into captured tensors;
+if not, flex is SKIPPED for the distance families with the reason), SDPA (Dot), padded SDPA
+(Gaussian), ours through the binding's attention_backward or from criterion (--criterion, the
+same run's benches/attention.rs). FLOPs 2.5x the forward's. Records "kind": "backward".
+
+--op decode: benches/attention.rs's decode shapes (Hq 32, Hkv 8, D 128, Lq 1 and 16, Lk 64k with
+B 1 and 4 and 1M with B 1; --full Lk 4k to 1M), causal, per-batch cache lengths: ours
+(attention_forward with kv_len), SDPA for Dot (query heads folded into rows, a boolean mask),
+flex (enable_gqa, block mask from the lengths; key norms cached). Records "kind": "decode", L =
+Lk, and "gbps" (KV cache bytes read per second), also in the target column against the H100's
+3.35 and the H200's 4.8 TB/s.
+
 A missing piece (PyTorch, CUDA, FlexAttention, the library, attention_forward, GPU kernels)
 makes the implementations that need it SKIPPED; a failing call is FAILED; neither is fatal.
 """
@@ -152,32 +168,42 @@ def reference(fam, q, k, v, pih, pik, causal, tau):
 class Captured:
     """The tensors score_mod and mask_mod read; swapped per shape (dynamo lifts them as graph
     inputs, guarded on metadata, so with dynamic shapes the compiled kernel is reused)."""
-    qn = kn = pih = lpih = pik = lpik = full = None
+    qn = kn = pih = lpih = pik = lpik = full = kv_len = offset = None
 
 
 CAP = Captured()
 
 
-def make_score_mod(fam, D):
+def make_score_mod(fam, D, group=1):
+    """The family's score as a score_mod; ``group`` > 1: GQA (query head h reads kv head
+    h // group, the key norms and per-key precisions being per kv head)."""
     half_d = D / 2.0
     c_t = (NU + D) / 2.0
     inv_nu = 1.0 / NU
+
+    if group == 1:
+        def kvh(h):
+            return h
+    else:
+        def kvh(h):
+            return h // group
 
     if fam == "dot":
         def score_mod(score, b, h, qi, ki):
             return score
     elif fam == "gaussian":
         def score_mod(score, b, h, qi, ki):
-            d2 = torch.clamp(CAP.qn[b, h, qi] + CAP.kn[b, h, ki] - 2.0 * score, min=0.0)
+            d2 = torch.clamp(CAP.qn[b, h, qi] + CAP.kn[b, kvh(h), ki] - 2.0 * score, min=0.0)
             return -0.5 * CAP.pih[h] * d2 + half_d * CAP.lpih[h]
     elif fam == "studentt":
         def score_mod(score, b, h, qi, ki):
-            d2 = torch.clamp(CAP.qn[b, h, qi] + CAP.kn[b, h, ki] - 2.0 * score, min=0.0)
-            return -c_t * torch.log1p(CAP.pik[b, h, ki] * d2 * inv_nu) + half_d * CAP.lpik[b, h, ki]
+            d2 = torch.clamp(CAP.qn[b, h, qi] + CAP.kn[b, kvh(h), ki] - 2.0 * score, min=0.0)
+            return (-c_t * torch.log1p(CAP.pik[b, kvh(h), ki] * d2 * inv_nu)
+                    + half_d * CAP.lpik[b, kvh(h), ki])
     else:
         def score_mod(score, b, h, qi, ki):
-            d2 = torch.clamp(CAP.qn[b, h, qi] + CAP.kn[b, h, ki] - 2.0 * score, min=0.0)
-            return -torch.sqrt(CAP.pik[b, h, ki] * d2) + half_d * CAP.lpik[b, h, ki]
+            d2 = torch.clamp(CAP.qn[b, h, qi] + CAP.kn[b, kvh(h), ki] - 2.0 * score, min=0.0)
+            return -torch.sqrt(CAP.pik[b, kvh(h), ki] * d2) + half_d * CAP.lpik[b, kvh(h), ki]
     return score_mod
 
 
@@ -219,21 +245,20 @@ def setup_flex(args, tx):
                 setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
     except Exception:
         pass
-    if args.smoke or not tx["cuda"]:
-        def compiled(score_mod):  # eager on the CPU (traces score_mod, no Triton)
-            return lambda q, k, v, block_mask, scale: flex_attention(
-                q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
-        mode = "eager"
-    else:
-        def compiled(score_mod):
-            # one compiled function per family and head dim, reused across lengths and masks:
-            # dynamic=True from the first call, so a new length is no new graph
-            def run(q, k, v, block_mask, scale):
-                return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                      scale=scale)
-            return torch.compile(run, dynamic=True)
-        mode = "torch.compile(dynamic=True), one per family and head dim"
-    return {"ok": True, "compiled": compiled, "create_block_mask": create_block_mask,
+    def make(score_mod, gqa, compile_it):
+        def run(q, k, v, block_mask, scale):
+            kw = {"enable_gqa": True} if gqa else {}
+            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                  scale=scale, **kw)
+        # one compiled function per family and head dim, reused across lengths and masks:
+        # dynamic=True from the first call, so a new length is no new graph
+        return torch.compile(run, dynamic=True) if compile_it else run
+
+    eager = args.smoke or not tx["cuda"]  # eager on the CPU (traces score_mod, no Triton)
+    mode = "eager" if eager else "torch.compile(dynamic=True), one per family and head dim"
+    return {"ok": True, "compiled": lambda sm: make(sm, False, not eager),
+            "compiled_gqa": lambda sm: make(sm, True, not eager),
+            "flex_attention": flex_attention, "create_block_mask": create_block_mask,
             "mode": mode}
 
 
@@ -495,6 +520,443 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
     del base
 
 
+
+# ---- backward (--op backward) and decode (--op decode) ----
+
+BWD_FAMILIES = ["dot", "studentt", "gaussian", "laplace"]  # by value: a short budget keeps the first
+
+
+def bwd_flops(B, H, L, D, causal):
+    return 2.5 * flops(B, H, L, D, causal)
+
+
+def criterion_ms(args, group, bid):
+    """Our median from criterion's estimates of benches/attention.rs in the same run (None if
+    absent): the Python binding has no backward, so the GPU suite passes --criterion."""
+    if not args.criterion:
+        return None
+    path = os.path.join(args.criterion, group, bid, "new", "estimates.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["median"]["point_estimate"] / 1e6
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def cut_record(args, records, rec, why):
+    print(f"-- {rec['family']} {'causal' if rec['causal'] else 'full'} {rec['dtype']} "
+          f"D={rec['D']} L={rec['L']}: CUT ({why})")
+    args.budget_skipped += 1
+    rec.update({"impl": "all", "ms": None, "cut": True, "note": f"CUT: {why}"})
+    records.append(rec)
+    write_out(args, records)
+
+
+def budget_why(args, need):
+    left = args.deadline - time.perf_counter()
+    if left > need:
+        return None
+    return (f"past the {args.budget_s:g} s budget" if left <= 0 else
+            f"{left:.0f} s left of the {args.budget_s:g} s budget, less than a flex compile "
+            f"({need:.0f} s)")
+
+
+class Measurer:
+    """measure(impl, fn): the forward peer's timing (one call, a second, the median of N) for
+    one configuration, results collected in .results; a family's first flex call is its compile."""
+
+    def __init__(self, args, timer, unit_flops):
+        self.args, self.timer, self.unit_flops = args, timer, unit_flops
+        self.results = []
+        self.first_flex = True
+
+    def skip(self, impl, why):
+        print(f"  {impl:<9} SKIPPED ({why})")
+        self.results.append({"impl": impl, "ms": None, "note": f"SKIPPED: {why}"})
+
+    def fail(self, impl, e):
+        print(f"  {impl:<9} FAILED ({fail_msg(e)})")
+        self.results.append({"impl": impl, "ms": None, "note": f"FAILED: {fail_msg(e)}"})
+
+    def measure(self, impl, fn, note=""):
+        a = self.args
+        try:
+            t_first = self.timer.once(fn)
+            t1 = self.timer.once(fn)
+            reps = pick_reps(t1, a.budget_ms, a.min_reps, a.max_reps)
+            ms = self.timer.median(fn, reps, warmup=0)
+        except Exception as e:
+            msg = fail_msg(e)
+            print(f"  {impl:<9} FAILED ({msg})")
+            self.results.append({"impl": impl, "ms": None, "note": f"FAILED: {msg}"})
+            if impl == "flex":
+                self.first_flex = False
+            return None
+        notes = [note] if note else []
+        if impl == "flex" and self.first_flex:
+            notes.append(f"first call (compile) {t_first / 1e3:.1f} s")
+            a.compile_s = max(a.compile_s, t_first / 1e3)
+            self.first_flex = False
+        elif t_first > 5 * max(ms, 1e-3):
+            notes.append(f"first call {t_first:.1f} ms")
+        if impl == "flex" and graphs_compiled() is not None:
+            notes.append(f"{graphs_compiled()} graphs compiled so far")
+        note = "; ".join(notes)
+        self.results.append({"impl": impl, "ms": ms, "first_ms": t_first, "reps": reps,
+                             "note": note})
+        tf = self.unit_flops / (ms * 1e-3) / 1e12
+        print(f"  {impl:<9} {ms:10.4f} ms  {tf:8.2f} TFLOP/s  (reps {reps}) {note}")
+        return ms
+
+
+def flex_captured_grad(tx, flex):
+    """Whether FlexAttention propagates gradients into a tensor score_mod captures (a learned
+    bias or precision): a tiny case on the device, against autograd through the float32
+    reference. (True, text) or (False, why)."""
+    try:
+        dev = tx["device"]
+        g = torch.Generator(device="cpu").manual_seed(SEED)
+        q, k, v = ((torch.rand(1, 2, 128, 16, generator=g) * 2 - 1).to(dev).requires_grad_()
+                   for _ in range(3))
+        pik = (0.5 + 1.5 * torch.rand(1, 2, 128, generator=g)).to(dev).requires_grad_()
+        CAP.pik = pik
+
+        def sm(score, b, h, qi, ki):
+            return score * CAP.pik[b, h, ki]
+        fa = flex["flex_attention"]
+        o = fa(q, k, v, score_mod=sm, scale=0.25)
+        gp = torch.autograd.grad(o.sum(), [pik], allow_unused=True)[0]
+        CAP.pik = None
+        if gp is None:
+            return False, f"no gradient for the captured tensor (torch {torch.__version__})"
+        qd, kd, vd, pd = (x.detach().clone().requires_grad_() for x in (q, k, v, pik))
+        s = 0.25 * (qd @ kd.transpose(-1, -2)) * pd[:, :, None, :]
+        ref = torch.autograd.grad((torch.softmax(s, -1) @ vd).sum(), [pd])[0]
+        err = (gp.float() - ref).abs().max().item() / ref.abs().max().item()
+        if not err < 1e-2:
+            return False, f"the captured tensor's gradient is off by {err:.1e} (torch {torch.__version__})"
+        return True, f"gradients of captured tensors supported (torch {torch.__version__}, rel. error {err:.1e})"
+    except Exception as e:
+        CAP.pik = None
+        return False, f"{fail_msg(e)} (torch {torch.__version__})"
+
+
+def is_unsupported_text(note):
+    s = note.lower()
+    return "unsupported" in s or "no gpu kernels" in s or "undefined symbol" in s
+
+
+def run_backward(args, tx, flex, ours, timer, dtype_name, D, lengths, families, records):
+    """FlexAttention's backward with the same score_mod (the precision a captured tensor that
+    requires grad: learned), SDPA's backward (Dot) and the padded-SDPA Gaussian's, each timed as
+    the backward alone (torch.autograd.grad of o, the graph retained) as benches/attention.rs
+    times backward_into alone; ours through the binding's attention_backward where it has one,
+    else from criterion (--criterion)."""
+    dev = tx["device"]
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype_name]
+    tokens, model_dim = args.tokens, args.model_dim
+    H = model_dim // D
+    gen = torch.Generator(device="cpu").manual_seed(SEED + 1000 + D)
+    n = tokens * model_dim
+    base = [(torch.rand(n, generator=gen) * 2 - 1).to(dtype).to(dev) for _ in range(4)]
+    pih_all = (0.5 + 1.5 * torch.rand(H, generator=gen)).to(dev)
+    pik_all = (0.5 + 1.5 * torch.rand(tokens * H, generator=gen)).to(dev)
+    backend = "cuda" if tx["cuda"] else "cpu"
+    for fam in families:
+        variants = [False] if PREC[fam] is None else ([True, False] if args.full else [True])
+        for learned in variants:
+            score_mod = make_score_mod(fam, D)
+            ffn = flex["compiled"](score_mod) if flex["ok"] else None
+            flex_failed = None
+            m_first = True
+            for L in lengths:
+                B = tokens // L
+                tau = tau_of(fam, D)
+                for causal in (False, True):
+                    mask = "causal" if causal else "full"
+                    var = "" if PREC[fam] is None else ("_learnpi" if learned else "_fixedpi")
+                    prec = (PREC[fam] or "none") + ("" if PREC[fam] is None else
+                                                    (" (learned)" if learned else " (fixed)"))
+                    rec0 = {"op": "attention", "kind": "backward", "family": fam,
+                            "precision": prec, "causal": causal, "dtype": dtype_name, "D": D,
+                            "L": L, "B": B, "H": H}
+                    why = budget_why(args, args.compile_s if (m_first and flex["ok"]) else 0.0)
+                    if why:
+                        cut_record(args, records, dict(rec0), why)
+                        continue
+                    print(f"-- backward {fam} {mask} {prec} {dtype_name} D={D} L={L} B={B} H={H}")
+                    M = Measurer(args, timer, bwd_flops(B, H, L, D, causal))
+                    M.first_flex = m_first
+                    q, k, v = (x.view(B, H, L, D).detach().clone().requires_grad_()
+                               for x in base[:3])
+                    d_o = base[3].view(B, H, L, D)
+                    pih = pih_all.clone().requires_grad_(learned) if PREC[fam] == "head" else None
+                    pik = (pik_all.view(B, H, L).clone().requires_grad_(learned)
+                           if PREC[fam] == "key" else None)
+                    pi = pih if pih is not None else pik
+                    wrt = [q, k, v] + ([pi] if learned else [])
+
+                    # ours: through the binding where it has attention_backward (the forward's
+                    # o and lse computed once, not timed), else benches/attention.rs's
+                    # criterion figure for the same group and id
+                    group = f"{backend}_attention_bwd_{fam}_{mask}{var}_{dtype_name}"
+                    ours_ms = criterion_ms(args, group, f"D{D}_L{L}_B{B}_H{H}")
+                    fk = ours.get("fk") if ours["ok"] else None
+                    if fk is not None and hasattr(fk, "attention_backward"):
+                        try:
+                            kw = dict(score=OURS_SCORE[fam], causal=causal,
+                                      pi_head=None if pih is None else pih.detach(),
+                                      pi_key=None if pik is None else pik.detach(), check=False)
+                            if fam == "studentt":
+                                kw["nu"] = NU
+                            with torch.no_grad():
+                                o_f, lse_f = fk.attention_forward(q.detach(), k.detach(),
+                                                                  v.detach(), **kw)[:2]
+
+                            def run_ours():
+                                with torch.no_grad():
+                                    return fk.attention_backward(
+                                        q.detach(), k.detach(), v.detach(), o_f, lse_f, d_o,
+                                        precision_grads=learned, **kw)
+                            crit = (f"; criterion {ours_ms:.4f} ms" if ours_ms is not None
+                                    else "")
+                            got = M.measure("ours", run_ours, "fk.attention_backward, "
+                                            f"precision_grads={learned} (dpi_h, dpi_j and dnu "
+                                            f"when True){crit}")
+                            if got is None and is_unsupported_text(M.results[-1]["note"]):
+                                M.results[-1]["note"] = "SKIPPED" + M.results[-1]["note"][6:]
+                        except Exception as e:
+                            M.fail("ours", e)
+                    elif ours_ms is not None:
+                        M.results.append({"impl": "ours", "ms": ours_ms, "note":
+                                          f"criterion {group} (benches/attention.rs, same run)"})
+                        print(f"  ours      {ours_ms:10.4f} ms  (criterion)")
+                    else:
+                        M.skip("ours", "no backward in the Python binding, and no criterion "
+                               f"figure for {group} (--criterion)")
+
+                    def backward_of(o):
+                        def run():
+                            return torch.autograd.grad(o, wrt, d_o, retain_graph=True,
+                                                       allow_unused=True)
+                        return run
+
+                    if fam == "dot":
+                        try:
+                            with sdpa_ctx(tx):
+                                o = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                   scale=tau)
+                            M.measure("sdpa", backward_of(o))
+                            del o
+                        except Exception as e:
+                            M.fail("sdpa", e)
+                    if fam == "gaussian":
+                        try:
+                            pad = (D + 1 + 7) // 8 * 8
+                            ph = pih.view(1, H, 1, 1).to(dtype)
+                            zq = q.new_zeros(B, H, L, pad - D - 1)
+                            qt = torch.cat([q * ph, (-0.5 * ph).expand(B, H, L, 1), zq], -1)
+                            kt = torch.cat([k, (k.float() ** 2).sum(-1, keepdim=True).to(dtype),
+                                            zq], -1)
+                            vt = torch.cat([v, v.new_zeros(B, H, L, pad - D)], -1)
+                            with sdpa_ctx(tx):
+                                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
+                                                                   scale=tau)[..., :D]
+                            M.measure("sdpa_pad", backward_of(o),
+                                      "backward through the padding (dpi_h by autograd)")
+                            del o, qt, kt, vt
+                        except Exception as e:
+                            M.fail("sdpa_pad", e)
+                    if not flex["ok"]:
+                        M.skip("flex", flex["why"])
+                    elif flex_failed:
+                        M.skip("flex", f"its first call for this family failed ({flex_failed})")
+                    elif fam != "dot" and not args.captured_grad[0]:
+                        M.skip("flex", "score_mod reads captured tensors (norms, precision) "
+                               f"that need gradients: {args.captured_grad[1]}")
+                    else:
+                        try:
+                            # what a user computes: the norms from q and k (in the graph, so
+                            # their gradients flow back), the precision's log for the normaliser
+                            CAP.qn = q.float().square().sum(-1)
+                            CAP.kn = k.float().square().sum(-1)
+                            CAP.pih, CAP.lpih = (pih, pih.log()) if pih is not None else (None, None)
+                            CAP.pik, CAP.lpik = (pik, pik.log()) if pik is not None else (None, None)
+                            CAP.full = torch.tensor(not causal, device=dev)
+                            bm = flex["create_block_mask"](mask_mod, None, None, L, L, device=dev)
+                            o = ffn(q, k, v, bm, tau if fam == "dot" else 1.0)
+                            got = M.measure("flex", backward_of(o),
+                                            "the norms' backward included")
+                            if got is None:
+                                flex_failed = M.results[-1]["note"]
+                            elif learned:
+                                gp = torch.autograd.grad(o, [pi], d_o, retain_graph=True,
+                                                         allow_unused=True)[0]
+                                if gp is None:
+                                    M.results[-1]["note"] += "; NO gradient reached the precision"
+                            del o
+                        except Exception as e:
+                            msg = fail_msg(e)
+                            print(f"  flex      FAILED ({msg})")
+                            M.results.append({"impl": "flex", "ms": None, "note": f"FAILED: {msg}"})
+                            flex_failed = msg
+                            M.first_flex = False
+                        CAP.qn = CAP.kn = CAP.pih = CAP.lpih = CAP.pik = CAP.lpik = None
+                    m_first = M.first_flex
+                    ours_ms = next((r["ms"] for r in M.results if r["impl"] == "ours"), None)
+                    fl = bwd_flops(B, H, L, D, causal)
+                    for r in M.results:
+                        ms = r["ms"]
+                        records.append(dict(rec0, **{
+                            "impl": r["impl"], "ms": ms, "first_call_ms": r.get("first_ms"),
+                            "reps": r.get("reps"), "gflop": fl / 1e9,
+                            "tflops": fl / (ms * 1e-3) / 1e12 if ms else None,
+                            "ratio_vs_ours": (ms / ours_ms) if (ms is not None and ours_ms) else None,
+                            "target": "flex/ours>=1" if r["impl"] == "flex" else "",
+                            "rel_err_vs_ref": None, "device": tx.get("name"),
+                            "flex_mode": flex.get("mode") if r["impl"] == "flex" else None,
+                            "torch": torch.__version__,
+                            "note": ("backward alone, FlashAttention's 2.5x convention; "
+                                     + r["note"]).rstrip("; ")}))
+                    write_out(args, records)
+                    del q, k, v, pih, pik, pi, wrt
+                    if tx["cuda"]:
+                        torch.cuda.empty_cache()
+    del base
+
+
+DECODE_HQ, DECODE_HKV, DECODE_D = 32, 8, 128
+DECODE_LK = [4096, 65536, 262144, 1 << 20]
+DECODE_QUICK_LK = [65536, 1 << 20]
+
+
+def decode_shapes(args):
+    if args.smoke:
+        return [dict(B=2, Hq=4, Hkv=2, Lq=lq, Lk=256, D=16) for lq in (1, 16)]
+    lks = args.decode_lk or (DECODE_LK if args.full else DECODE_QUICK_LK)
+    return [dict(B=b, Hq=DECODE_HQ, Hkv=DECODE_HKV, Lq=lq, Lk=lk, D=DECODE_D)
+            for lq in (1, 16) for lk in lks for b in (1, 4) if b * lk <= (1 << 20)]
+
+
+def run_decode(args, tx, flex, ours, timer, dtype_name, families, records):
+    """Decode (benches/attention.rs's decode group): ours (attention_forward with kv_len, the
+    automatic key split), SDPA for Dot (the query heads of a kv head folded into rows, as
+    decode servers do, with a boolean mask for the cache lengths and the bottom-right causal
+    mask: the memory-efficient backend, flash takes no mask), FlexAttention (enable_gqa, a
+    block mask from the cache lengths; its decoding kernel where torch picks it for short Lq)."""
+    dev = tx["device"]
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype_name]
+    el = torch.tensor([], dtype=dtype).element_size()
+    shapes = decode_shapes(args)
+    gen = torch.Generator(device="cpu").manual_seed(SEED + 2000)
+    ffns = {}
+    first = {fam: True for fam in families}
+    failed = {}
+    for s in shapes:
+        B, Hq, Hkv, Lq, Lk, D = s["B"], s["Hq"], s["Hkv"], s["Lq"], s["Lk"], s["D"]
+        G = Hq // Hkv
+        lens = [Lk - i * Lk // 8 for i in range(B)]
+        kv_bytes = Hkv * sum(lens) * 2 * D * el
+        q = (torch.rand(B, Hq, Lq, D, generator=gen) * 2 - 1).to(dtype).to(dev)
+        k = torch.empty(B, Hkv, Lk, D, dtype=dtype, device=dev).uniform_(-1, 1)
+        v = torch.empty(B, Hkv, Lk, D, dtype=dtype, device=dev).uniform_(-1, 1)
+        kv_len = torch.tensor(lens, dtype=torch.int32, device=dev)
+        pih_all = (0.5 + 1.5 * torch.rand(Hq, generator=gen)).to(dev)
+        pik_all = torch.empty(B, Hkv, Lk, device=dev).uniform_(0.5, 2.0)
+        for fam in families:
+            rec0 = {"op": "attention", "kind": "decode", "family": fam,
+                    "precision": PREC[fam] or "none", "causal": True, "dtype": dtype_name,
+                    "D": D, "L": Lk, "Lq": Lq, "B": B, "H": Hq, "Hkv": Hkv, "lens": lens}
+            why = budget_why(args, args.compile_s if (first[fam] and flex["ok"]) else 0.0)
+            if why:
+                cut_record(args, records, dict(rec0), why)
+                continue
+            print(f"-- decode {fam} {dtype_name} Lq={Lq} Lk={Lk} B={B} Hq={Hq} Hkv={Hkv} "
+                  f"D={D} lens={lens}")
+            fl = 4.0 * Hq * Lq * sum(lens) * D
+            M = Measurer(args, timer, fl)
+            M.first_flex = first[fam]
+            pih = pih_all if PREC[fam] == "head" else None
+            pik = pik_all if PREC[fam] == "key" else None
+            tau = tau_of(fam, D)
+            if not ours["ok"]:
+                M.skip("ours", ours["why"])
+            else:
+                o_ours = torch.empty_like(q)
+                kw = dict(score=OURS_SCORE[fam], causal=True, pi_head=pih, pi_key=pik,
+                          kv_len=kv_len, check=False)
+                if fam == "studentt":
+                    kw["nu"] = NU
+                M.measure("ours", lambda: ours["fk"].attention_forward(q, k, v, out=o_ours, **kw))
+            if fam == "dot":
+                try:
+                    i = torch.arange(Lq, device=dev).repeat(G)[:, None]  # row g*Lq + i
+                    j = torch.arange(Lk, device=dev)[None, :]
+                    am = (j[None] < kv_len.view(B, 1, 1)) & (j <= i + (Lk - Lq))[None]
+                    am = am[:, None]  # [B, 1, G*Lq, Lk]
+                    qf = q.view(B, Hkv, G * Lq, D)
+
+                    def run_sdpa():
+                        return F.scaled_dot_product_attention(qf, k, v, attn_mask=am, scale=tau)
+                    M.measure("sdpa", run_sdpa, "query heads folded into rows, boolean mask")
+                except Exception as e:
+                    M.fail("sdpa", e)
+            if not flex["ok"]:
+                M.skip("flex", flex["why"])
+            elif fam in failed:
+                M.skip("flex", f"its first call for this family failed ({failed[fam]})")
+            else:
+                try:
+                    if fam not in ffns:
+                        ffns[fam] = flex["compiled_gqa"](make_score_mod(fam, D, G))
+                    CAP.kn = k.float().square().sum(-1)  # cached with the keys, not per call
+                    CAP.pih, CAP.lpih = (pih, pih.log()) if pih is not None else (None, None)
+                    CAP.pik, CAP.lpik = (pik, pik.log()) if pik is not None else (None, None)
+                    CAP.kv_len, CAP.offset = kv_len, torch.tensor(Lk - Lq, device=dev)
+                    bm = flex["create_block_mask"](decode_mask_mod, B, None, Lq, Lk, device=dev)
+                    norms = fam != "dot"
+
+                    def run_flex():
+                        if norms:
+                            CAP.qn = q.float().square().sum(-1)
+                        return ffns[fam](q, k, v, bm, tau if fam == "dot" else 1.0)
+                    if M.measure("flex", run_flex, "enable_gqa; key norms cached") is None:
+                        failed[fam] = M.results[-1]["note"]
+                except Exception as e:
+                    msg = fail_msg(e)
+                    print(f"  flex      FAILED ({msg})")
+                    M.results.append({"impl": "flex", "ms": None, "note": f"FAILED: {msg}"})
+                    failed[fam] = msg
+                    M.first_flex = False
+                CAP.qn = CAP.kn = CAP.pih = CAP.lpih = CAP.pik = CAP.lpik = None
+            first[fam] = M.first_flex
+            ours_ms = next((r["ms"] for r in M.results if r["impl"] == "ours"), None)
+            for r in M.results:
+                ms = r["ms"]
+                gbs = kv_bytes / (ms * 1e-3) / 1e9 if ms else None
+                hbm = (f"{gbs:.0f} GB/s of KV cache = {gbs / 3350 * 100:.1f}% of H100 3.35 TB/s, "
+                       f"{gbs / 4800 * 100:.1f}% of H200 4.8 TB/s" if gbs else "")
+                records.append(dict(rec0, **{
+                    "impl": r["impl"], "ms": ms, "first_call_ms": r.get("first_ms"),
+                    "reps": r.get("reps"), "gflop": fl / 1e9, "kv_mb": kv_bytes / 1e6,
+                    "gbps": gbs, "tflops": fl / (ms * 1e-3) / 1e12 if ms else None,
+                    "ratio_vs_ours": (ms / ours_ms) if (ms is not None and ours_ms) else None,
+                    "target": hbm, "rel_err_vs_ref": None, "device": tx.get("name"),
+                    "flex_mode": flex.get("mode") if r["impl"] == "flex" else None,
+                    "torch": torch.__version__,
+                    "note": (f"decode Lq={Lq} Hkv={Hkv}; " + r["note"]).rstrip("; ")}))
+            write_out(args, records)
+        del q, k, v, kv_len, pik_all
+        CAP.kv_len = CAP.offset = None
+        if tx["cuda"]:
+            torch.cuda.empty_cache()
+
+
+def decode_mask_mod(b, h, qi, ki):
+    # the cache length of batch b, and bottom-right causal (Lq <= Lk)
+    return (ki < CAP.kv_len[b]) & (ki <= qi + CAP.offset)
+
+
 def write_out(args, records):
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -558,6 +1020,15 @@ def main():
                     ", ".join(FAMILIES))
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
                     help="default cuda (cpu with --smoke)")
+    ap.add_argument("--op", default="forward", choices=["forward", "backward", "decode"],
+                    help="forward (default), backward (default subset bf16, D = 128, L = 4k, "
+                    "learned precisions; --full: bf16 and f16, D 128 and 64, L 1k/4k/16k, learned "
+                    "and fixed) or decode (default subset Lk 64k (B 1, 4) and 1M (B 1), Lq 1 and "
+                    "16, bf16; --full: Lk 4k to 1M)")
+    ap.add_argument("--criterion", default=None,
+                    help="criterion's output folder ($CRITERION_HOME) of a benches/attention.rs "
+                    "run: --op backward takes ours from it (the binding has no backward)")
+    ap.add_argument("--decode-lk", default=None, help="comma-separated Lk for --op decode")
     ap.add_argument("--budget-s", type=float, default=165.0,
                     help="stop starting new shapes after this many seconds (default 165: the "
                     "script stays under 3 minutes; the shapes left are listed as SKIPPED)")
@@ -581,10 +1052,17 @@ def main():
         lengths = ALL_LENGTHS if args.full else DEFAULT_LENGTHS
         if args.quick and args.full:
             ap.error("--quick is the default subset; --full is every shape")
+    if args.op == "backward" and not args.full:
+        dims = [16] if args.smoke else [128]
+        lengths = [64] if args.smoke else [4096]
+    if args.op == "decode" and args.full and not args.dtypes:
+        dtypes = ["bf16", "f16"]
+    args.decode_lk = ints(args.decode_lk) if args.decode_lk else None
     dtypes = args.dtypes.split(",") if args.dtypes else dtypes
     dims = ints(args.dims) if args.dims else dims
     lengths = ints(args.lengths) if args.lengths else lengths
-    families = args.families.split(",") if args.families else FAMILIES
+    families = args.families.split(",") if args.families else (
+        BWD_FAMILIES if args.op == "backward" else FAMILIES)
     bad = set(families) - set(FAMILIES)
     if bad:
         ap.error(f"unknown families {sorted(bad)}")
@@ -601,23 +1079,45 @@ def main():
     print(f"torch {torch.__version__} on {tx['name']} | flex: "
           f"{flex['mode'] if flex['ok'] else 'SKIPPED (' + flex['why'] + ')'} | ours: "
           f"{'fep-kernels ' + ours['version'] if ours['ok'] else 'SKIPPED (' + ours['why'] + ')'}")
-    print(f"shapes: B*L = {args.tokens} tokens, Hq*D = {args.model_dim}, dtypes {dtypes}, "
-          f"D {dims}, L {lengths}, causal and full, families {families}")
+    if args.op == "decode":
+        print(f"decode shapes: {decode_shapes(args)}, causal, per-batch cache lengths, dtypes "
+              f"{dtypes}, families {families}")
+    else:
+        print(f"{args.op} shapes: B*L = {args.tokens} tokens, Hq*D = {args.model_dim}, dtypes "
+              f"{dtypes}, D {dims}, L {lengths}, causal and full, families {families}")
+    args.captured_grad = (False, "not checked")
+    if args.op == "backward" and flex["ok"]:
+        args.captured_grad = flex_captured_grad(tx, flex)
+        print(f"FlexAttention, gradients of captured tensors: "
+              f"{'yes' if args.captured_grad[0] else 'NO'}: {args.captured_grad[1]}")
     timer = Timer(tx["cuda"])
     records = []
     t0 = time.perf_counter()
     args.deadline = t0 + args.budget_s
     args.budget_skipped = 0
     args.compile_s = 0.0  # the slowest flex compile so far
-    with torch.no_grad():
-        for dt in dtypes:
-            for D in dims:
-                try:
-                    run_dim(args, tx, flex, ours, timer, dt, D, lengths, families, records)
-                except Exception as e:  # e.g. out of memory: report, go on
-                    print(f"== {dt} D={D}: FAILED ({fail_msg(e)})")
-                if tx["cuda"]:
-                    torch.cuda.empty_cache()
+    for dt in dtypes:
+        if args.op == "decode":
+            try:
+                with torch.no_grad():
+                    run_decode(args, tx, flex, ours, timer, dt, families, records)
+            except Exception as e:  # e.g. out of memory: report, go on
+                print(f"== decode {dt}: FAILED ({fail_msg(e)})")
+            if tx["cuda"]:
+                torch.cuda.empty_cache()
+            continue
+        for D in dims:
+            try:
+                if args.op == "backward":
+                    run_backward(args, tx, flex, ours, timer, dt, D, lengths, families,
+                                 records)
+                else:
+                    with torch.no_grad():
+                        run_dim(args, tx, flex, ours, timer, dt, D, lengths, families, records)
+            except Exception as e:  # e.g. out of memory: report, go on
+                print(f"== {args.op} {dt} D={D}: FAILED ({fail_msg(e)})")
+            if tx["cuda"]:
+                torch.cuda.empty_cache()
     print_table(records)
     if args.budget_skipped:
         print(f"{args.budget_skipped} shape(s) CUT: the {args.budget_s:g} s budget")

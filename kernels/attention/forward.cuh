@@ -66,8 +66,10 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
     constexpr int kUnrollQK = sizeof(In) == 4 ? 1 : kD / Mma::kK;
     constexpr int kUnrollPV = sizeof(In) == 4 ? 1 : kBc / Mma::kK;
     FEP_DYNAMIC_SMEM(uint4, smem);
-    // The host mirrors the tile shape; on a mismatch write nothing (poisoned outputs then fail).
-    if (p.smem != Tr::kSmem || (int)blockDim.x != Tr::kThreads) return;
+    // The host mirrors the tile shape (and keeps a key split a whole number of key tiles); on a
+    // mismatch write nothing (poisoned outputs then fail).
+    if (p.smem != Tr::kSmem || (int)blockDim.x != Tr::kThreads || p.split <= 0 || p.split % Tr::kBc != 0)
+        return;
     In* sq = (In*)smem;
     In* sk = sq + kBr * Tr::kQs;
     In* sv = sk + kBc * Tr::kKs;
@@ -242,7 +244,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
         l[s] = Mma::row_allreduce(l[s], FepSum());
         ep[s] = Mma::row_allreduce(ep[s], FepSum());
     }
-    const long long row0 = ((long long)b * p.hq + h) * p.lq;
+    const long long row0 = blk.row0(p);  // this split's part of the outputs (score.cuh)
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) {
         // The lane holding column 0 of a row writes its lse and e.
@@ -255,7 +257,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
         }
         if (want_e) p.e[row0 + row] = seen ? ep[sl] / l[sl] : 0.0f;
     }
-    In* og = (In*)p.o + b * p.o_stride[0] + h * p.o_stride[1];
+    In* og = blk.out(p);
     float inv[kSlots];
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) inv[s] = l[s] > 0.0f ? 1.0f / l[s] : 0.0f;

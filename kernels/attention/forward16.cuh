@@ -331,8 +331,8 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     }
 
     // Row totals over the lanes of each row, then o / l, lse and e.
-    const long long row0 = ((long long)b * p.hq + h) * p.lq;
-    In* og = (In*)p.o + b * p.o_stride[0] + h * p.o_stride[1];
+    const long long row0 = blk.row0(p);  // this split's part of the outputs (score.cuh)
+    In* og = blk.out(p);
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
         float inv[kS];
@@ -369,8 +369,10 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
 template <typename In, int kD, int kDv>
 FEP_DEVICE void attn_forward16(const AttnParams& p) {
     using Tr = AttnTraits<In, kD, kDv>;
-    // The host mirrors the tile shape; on a mismatch write nothing (poisoned outputs then fail).
-    if (p.smem != Tr::kSmem || (int)blockDim.x != Tr::kThreads) return;
+    // The host mirrors the tile shape (and keeps a key split a whole number of key tiles); on a
+    // mismatch write nothing (poisoned outputs then fail).
+    if (p.smem != Tr::kSmem || (int)blockDim.x != Tr::kThreads || p.split <= 0 || p.split % Tr::kBc != 0)
+        return;
     if constexpr (kDv == 256) {
         attn_forward<In, kD, kDv>(p);  // traits.cuh: v1's shape and kernel
     } else {

@@ -14,16 +14,18 @@ struct AttnParams {
     const void* q;          // [B, Hq, Lq, D] at q_stride
     const void* k;          // [B, Hkv, Lk, D]
     const void* v;          // [B, Hkv, Lk, Dv]
-    void* o;                // [B, Hq, Lq, Dv]
+    void* o;                // [B, Hq, Lq, Dv]; split: the parts [S, B, Hq, Lq, Dv] (input type)
     const float* pi_head;   // [Hq] or null (1)
     const float* pi_key;    // [B, Hkv, Lk] row-major, or null (1)
     const int* kv_len;      // [B] or null (Lk); clamped to [0, Lk]
-    float* lse;             // [B, Hq, Lq] or null
-    float* e;               // [B, Hq, Lq] or null
+    float* lse;             // [B, Hq, Lq] or null; split: [S, B, Hq, Lq]
+    float* e;               // [B, Hq, Lq] or null; split: [S, B, Hq, Lq]
     long long q_stride[3];  // element strides of B, H, L (D is contiguous)
     long long k_stride[3];
     long long v_stride[3];
     long long o_stride[3];
+    long long split_o;      // split s writes o at o + s split_o (elements)
+    long long split_row;    // ... and lse, e at + s split_row
     int b, hq, hkv, lq, lk;
     int family;             // ATTN_*
     float tau;              // the scale
@@ -33,5 +35,7 @@ struct AttnParams {
     int normalizer;         // add (D/2) ln π to the distance families
     int vec_loads;          // every base address and stride allows 16-byte loads
     int smem;               // the dynamic shared memory the launch gave (checked)
-    int pad_;
+    int split;              // keys per split, a multiple of the key tile (checked; unsplit: one
+                            // split of Lk rounded up). Split s = blockIdx.x / row tiles sees keys
+                            // [s split, (s + 1) split) and writes part s of o, lse, e
 };

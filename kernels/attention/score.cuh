@@ -8,7 +8,11 @@
 #define ATTN_NEG_INF (-__uint_as_float(0x7f800000u))
 
 // One block's rows [i0, i0 + kBr) of head h in batch b, the keys they may see and where its
-// tensors start.
+// tensors start. With a key split (decode) grid.x is row tiles × splits: split
+// s = blockIdx.x / row tiles sees only keys [s split, (s + 1) split), a whole number of key tiles,
+// so every key tile lies in one split and the tile-level mask logic (causal, window, key length,
+// all in absolute key indices) holds as it is; the split writes its normalised o, lse and e to
+// part s of the outputs (merged by lse afterwards, merge.cu).
 template <typename In>
 struct AttnBlock {
     int b, h, hk, i0;
@@ -20,15 +24,31 @@ struct AttnBlock {
     const In *q, *k, *v;  // this head's rows
     const float* pi_key;  // this KV head's per-key precisions, or null
     float pi_h;
+    int split;  // the block's split (0 without one)
+
+    // Where the block writes, computed after the key loop (pointers to its part held across the
+    // loop cost registers: d96_v32 spilled): this head's output rows and first row of lse and e.
+    FEP_DEVICE In* out(const AttnParams& p) const {
+        return (In*)p.o + split * p.split_o + b * p.o_stride[0] + h * p.o_stride[1];
+    }
+    FEP_DEVICE long long row0(const AttnParams& p) const {
+        return split * p.split_row + ((long long)b * p.hq + h) * p.lq;
+    }
 
     FEP_DEVICE AttnBlock(const AttnParams& p, int kBr) {
-        b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBr;
+        const int tiles = (p.lq + kBr - 1) / kBr;
+        split = (int)blockIdx.x / tiles;
+        b = blockIdx.z, h = blockIdx.y, i0 = ((int)blockIdx.x - split * tiles) * kBr;
         hk = h / (p.hq / p.hkv);
         off = p.lk - p.lq;
         kv_end = p.kv_len ? min(max(p.kv_len[b], 0), p.lk) : p.lk;
         i_last = min(i0 + kBr, p.lq) - 1;
         j_end = p.causal ? min(kv_end, i_last + off + 1) : kv_end;
         j_begin = p.window > 0 ? max(0, i0 + off - p.window + 1) : 0;
+        // Unsplit, the host passes one split covering every key (no branch here: with one, clang
+        // duplicated the key loop). It keeps S split within int.
+        j_begin = max(j_begin, split * p.split);
+        j_end = min(j_end, (split + 1) * p.split);
         q = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1];
         k = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1];
         v = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1];

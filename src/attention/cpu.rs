@@ -74,7 +74,7 @@ fn check_precision(name: &str, values: &[f64]) -> Result<()> {
     Ok(())
 }
 
-fn validate(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<()> {
+pub(crate) fn validate(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<()> {
     spec.validate()?;
     if inp.hkv == 0 || inp.hq % inp.hkv != 0 {
         return Err(Error::invalid(
@@ -113,7 +113,12 @@ fn validate(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<()> {
 }
 
 /// The visible keys `[lo, hi)` of query row `i` in batch `b` (empty when lo ≥ hi).
-fn visible(spec: &AttentionSpec, inp: &RefInputs<'_>, b: usize, i: usize) -> (usize, usize) {
+pub(crate) fn visible(
+    spec: &AttentionSpec,
+    inp: &RefInputs<'_>,
+    b: usize,
+    i: usize,
+) -> (usize, usize) {
     let lk = inp.lk as i64;
     let diag = i as i64 + lk - inp.lq as i64; // i' (bottom-right aligned)
     let lo = match spec.window {
@@ -232,7 +237,7 @@ pub fn forward(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<RefOutputs> 
 }
 
 /// A strided `[B, H, L, D]` host tensor gathered into row-major BHLD f64.
-fn gather<T: Element>(t: &Tensor4<'_, T>) -> Vec<f64> {
+pub(crate) fn gather<T: Element>(t: &Tensor4<'_, T>) -> Vec<f64> {
     let src = t.data.host_slice();
     let [nb, nh, nl, nd] = t.shape;
     let [sb, sh, sl] = t.strides;

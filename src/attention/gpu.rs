@@ -4,9 +4,14 @@
 //! The tile shape of each instantiation is chosen at compile time by `attn_tile` in
 //! kernels/attention/traits.cuh; [`tile`] mirrors it to size the launch (a kernel handed a
 //! different shared-memory size or block writes nothing, so a drift fails every GPU test).
+//!
+//! Decode: with a key split ([`key_split`]) the grid's x is row tiles × S, the kernels write S
+//! normalised parts to a workspace, and kernels/attention/merge.cu merges them by lse into the
+//! caller's outputs (NOTES.md, "Decode").
 
 use std::ffi::c_void;
 
+use super::gpu_merge::{self, MergeArgs};
 use super::{AttentionOutputs, HEAD_DIMS, Problem, Score};
 use crate::backend::{Device, LaunchConfig, Scratch, Stream, View};
 use crate::element::Element;
@@ -20,6 +25,11 @@ const CHECK_THREADS: usize = 256;
 const CHECK_BLOCKS: usize = 128;
 /// CUDA's and HIP's limit on gridDim.y and gridDim.z.
 const GRID_YZ: usize = 65535;
+/// The longest query a split is chosen for automatically (a decode step).
+const DECODE_MAX_LQ: usize = 16;
+/// The fewest keys an automatic split gives a chunk (rounded up to the key tile): below this the
+/// workspace traffic and the merge cost more than the parallelism gains.
+const DECODE_MIN_CHUNK: usize = 256;
 
 /// `AttnParams` of kernels/attention/params.cuh, field for field.
 #[repr(C)]
@@ -37,6 +47,8 @@ struct AttnParams {
     k_stride: [i64; 3],
     v_stride: [i64; 3],
     o_stride: [i64; 3],
+    split_o: i64,
+    split_row: i64,
     b: i32,
     hq: i32,
     hkv: i32,
@@ -50,7 +62,7 @@ struct AttnParams {
     normalizer: i32,
     vec_loads: i32,
     smem: i32,
-    pad: i32,
+    split: i32,
 }
 
 /// `attn_smem` of traits.cuh (the f32 kernel): Q, K, V and P tiles of `size`-byte elements with
@@ -142,11 +154,11 @@ pub(crate) fn tile(size: usize, d: usize, dv: usize, warp: usize) -> Tile {
         .expect("every supported head-dim pair has a tile shape")
 }
 
-fn arg<T>(v: &mut T) -> *mut c_void {
+pub(crate) fn arg<T>(v: &mut T) -> *mut c_void {
     (v as *mut T).cast()
 }
 
-fn to_i32(name: &str, v: usize) -> Result<i32> {
+pub(crate) fn to_i32(name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         Error::Unsupported(format!(
             "{name} = {v} exceeds the attention kernels' 32-bit sizes"
@@ -154,13 +166,17 @@ fn to_i32(name: &str, v: usize) -> Result<i32> {
     })
 }
 
-fn strides(s: [usize; 3]) -> [i64; 3] {
+pub(crate) fn strides(s: [usize; 3]) -> [i64; 3] {
     s.map(|x| x as i64)
 }
 
 /// Scans the precisions (finite, > 0) and key lengths (0..=Lk) on the device: one launch, one
 /// read-back; the first bad element of the first failing array becomes the error.
-fn scan_inputs<T: Element>(p: &Problem<'_, '_, T>, dev: &Device, stream: Stream) -> Result<()> {
+pub(crate) fn scan_inputs<T: Element>(
+    p: &Problem<'_, '_, T>,
+    dev: &Device,
+    stream: Stream,
+) -> Result<()> {
     let arrays: [(&str, Option<u64>, usize); 3] = [
         (
             "precision.head",
@@ -239,8 +255,42 @@ fn scan_inputs<T: Element>(p: &Problem<'_, '_, T>, dev: &Device, stream: Stream)
     Ok(())
 }
 
+/// The key split of a call: (S, keys per split), S = 1 (and 0 keys) for none. `forced`: the
+/// spec's count (S chunks of equal whole key tiles, some empty when S exceeds them); None: split
+/// when Lq ≤ 16 and the `blocks` (batch × head × row tile) are fewer than two per multiprocessor:
+/// S = min(⌈Lk / chunk_min⌉, ⌈2 SMs / blocks⌉) with chunk_min = 256 keys rounded up to the tile
+/// `bc`, then the chunk ⌈Lk / S⌉ rounded up to the tile and S = the chunks that hold keys.
+pub(crate) fn key_split(
+    forced: Option<u32>,
+    lq: usize,
+    lk: usize,
+    blocks: usize,
+    sms: usize,
+    bc: usize,
+) -> (usize, usize) {
+    let s = match forced {
+        Some(n) => n as usize,
+        None if lq <= DECODE_MAX_LQ => {
+            let chunk_min = DECODE_MIN_CHUNK.next_multiple_of(bc);
+            lk.div_ceil(chunk_min)
+                .min((2 * sms).div_ceil(blocks.max(1)))
+        }
+        None => 1,
+    };
+    if s <= 1 {
+        return (1, 0);
+    }
+    let chunk = lk.div_ceil(s).next_multiple_of(bc);
+    let s = if forced.is_some() {
+        s
+    } else {
+        lk.div_ceil(chunk)
+    };
+    if s <= 1 { (1, 0) } else { (s, chunk) }
+}
+
 /// Whether every tensor's base address and strides allow 16-byte loads and stores.
-fn aligned<T: Element>(ts: &[(u64, [usize; 3])]) -> bool {
+pub(crate) fn aligned<T: Element>(ts: &[(u64, [usize; 3])]) -> bool {
     let size = std::mem::size_of::<T>();
     ts.iter()
         .all(|(addr, s)| addr % 16 == 0 && s.iter().all(|x| (x * size) % 16 == 0))
@@ -269,7 +319,10 @@ pub(crate) fn forward<T: Element>(
     }
     let size = std::mem::size_of::<T>();
     let Tile {
-        warps, smem, mt, ..
+        warps,
+        smem,
+        mt,
+        bc,
     } = tile(size, d.d, d.dv, dev.warp_size());
     if smem > dev.max_shared_per_block() {
         return Err(Error::Unsupported(format!(
@@ -280,17 +333,73 @@ pub(crate) fn forward<T: Element>(
             dev.max_shared_per_block()
         )));
     }
+    let rows = 16 * mt * warps;
+    let tiles = d.lq.div_ceil(rows);
+    let (splits, chunk) = key_split(
+        p.spec.key_splits,
+        d.lq,
+        d.lk,
+        d.b * d.hq * tiles,
+        dev.multiprocessor_count(),
+        bc,
+    );
+    // Unsplit: one split over every key (the kernels clamp to it without a branch).
+    let chunk = if splits > 1 {
+        chunk
+    } else {
+        d.lk.next_multiple_of(bc)
+    };
+    let grid_x = tiles
+        .checked_mul(splits)
+        .filter(|&g| g <= i32::MAX as usize && splits.saturating_mul(chunk) <= i32::MAX as usize)
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{splits} key splits of {chunk} keys over {tiles} row tiles exceed the grid's 32-bit sizes"
+            ))
+        })?;
     if p.spec.check_inputs {
         scan_inputs(p, dev, stream)?;
     }
     let tau = p.spec.tau(d.d) as f32;
     let (q, k, v) = (p.q, p.k, p.v);
-    let o_addr = out.o.data.addr;
+    let n_rows = d.b * d.hq * d.lq;
+    // With a split: the parts [S, B, Hq, Lq, Dv] (T), then lse and e parts [S, B, Hq, Lq] (f32),
+    // freed (stream-ordered) after the merge.
+    let workspace = if splits > 1 {
+        let o_bytes = splits * n_rows * d.dv * size;
+        Some((
+            Scratch::new(dev, o_bytes + 8 * splits * n_rows, stream)?,
+            o_bytes,
+        ))
+    } else {
+        None
+    };
+    let (o_addr, o_stride, lse_addr, e_addr) = match &workspace {
+        Some((ws, o_bytes)) => {
+            let lse = ws.addr + *o_bytes as u64;
+            (
+                ws.addr,
+                [d.hq * d.lq * d.dv, d.lq * d.dv, d.dv],
+                lse,
+                if out.e.is_some() {
+                    lse + 4 * (splits * n_rows) as u64
+                } else {
+                    0
+                },
+            )
+        }
+        None => (
+            out.o.data.addr,
+            out.o.strides,
+            out.lse.as_ref().map_or(0, |v| v.addr),
+            out.e.as_ref().map_or(0, |v| v.addr),
+        ),
+    };
     let vec_loads = aligned::<T>(&[
         (q.data.addr(), q.strides),
         (k.data.addr(), k.strides),
         (v.data.addr(), v.strides),
-        (o_addr, out.o.strides),
+        (o_addr, o_stride),
     ]);
     let mut params = AttnParams {
         q: q.data.addr(),
@@ -300,12 +409,14 @@ pub(crate) fn forward<T: Element>(
         pi_head: p.precision.head.as_ref().map_or(0, |v| v.addr()),
         pi_key: p.precision.key.as_ref().map_or(0, |v| v.addr()),
         kv_len: p.kv_len.map_or(0, |v| v.addr()),
-        lse: out.lse.as_ref().map_or(0, |v| v.addr),
-        e: out.e.as_ref().map_or(0, |v| v.addr),
+        lse: lse_addr,
+        e: e_addr,
         q_stride: strides(q.strides),
         k_stride: strides(k.strides),
         v_stride: strides(v.strides),
-        o_stride: strides(out.o.strides),
+        o_stride: strides(o_stride),
+        split_o: (n_rows * d.dv) as i64,
+        split_row: n_rows as i64,
         b: to_i32("B", d.b)?,
         hq: to_i32("Hq", d.hq)?,
         hkv: to_i32("Hkv", d.hkv)?,
@@ -322,11 +433,10 @@ pub(crate) fn forward<T: Element>(
         normalizer: p.spec.normalizer as i32,
         vec_loads: vec_loads as i32,
         smem: smem as i32,
-        pad: 0,
+        split: chunk as i32,
     };
-    let rows = 16 * mt * warps;
     let cfg = LaunchConfig {
-        grid: (d.lq.div_ceil(rows) as u32, d.hq as u32, d.b as u32),
+        grid: (grid_x as u32, d.hq as u32, d.b as u32),
         block: (warps * dev.warp_size()) as u32,
         smem: smem as u32,
     };
@@ -336,5 +446,44 @@ pub(crate) fn forward<T: Element>(
         _ => "attention/forward_bf16",
     };
     let kernel = format!("attn_fwd_{}_d{}_v{}", T::DTYPE.suffix(), d.d, d.dv);
-    dev.launch(module, &kernel, cfg, &mut [arg(&mut params)], stream)
+    dev.launch(module, &kernel, cfg, &mut [arg(&mut params)], stream)?;
+    if workspace.is_none() {
+        return Ok(());
+    }
+    gpu_merge::launch::<T>(
+        dev,
+        &MergeArgs {
+            o_parts: o_addr,
+            lse_parts: lse_addr,
+            e_parts: e_addr,
+            o: out.o.data.addr,
+            o_stride: out.o.strides,
+            lse: out.lse.as_ref().map_or(0, |v| v.addr),
+            e: out.e.as_ref().map_or(0, |v| v.addr),
+            shape: [d.b, d.hq, d.lq, d.dv],
+            splits,
+        },
+        stream,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_split;
+
+    #[test]
+    fn key_split_rule() {
+        // Decode, few blocks: min(⌈Lk / 256⌉, ⌈2 SMs / blocks⌉) chunks of whole tiles.
+        assert_eq!(key_split(None, 1, 2000, 4, 132, 64), (8, 256));
+        assert_eq!(key_split(None, 16, 300, 4, 8, 64), (2, 192));
+        assert_eq!(key_split(None, 1, 5000, 100, 132, 64), (3, 1728));
+        // Enough blocks, a short cache, or too many rows: no split.
+        assert_eq!(key_split(None, 1, 2000, 264, 132, 64), (1, 0));
+        assert_eq!(key_split(None, 1, 256, 4, 132, 64), (1, 0));
+        assert_eq!(key_split(None, 17, 2000, 4, 132, 64), (1, 0));
+        // Forced: n chunks whatever Lq, empty ones kept; 1 never splits.
+        assert_eq!(key_split(Some(8), 1, 70, 4, 132, 64), (8, 64));
+        assert_eq!(key_split(Some(3), 100, 1, 4, 132, 32), (3, 32));
+        assert_eq!(key_split(Some(1), 1, 2000, 1, 132, 64), (1, 0));
+    }
 }

@@ -1,5 +1,6 @@
-//! Precision-weighted attention, forward (DESIGN.md §4.1), with the conventions of
-//! tests/fixtures/ATTENTION-CONVENTIONS.md (the PyTorch float64 fixtures).
+//! Precision-weighted attention (DESIGN.md §4.1): forward, backward ([`backward`]: deterministic
+//! gradients of q, k, v, the precisions and ν) and decode with the lse merge ([`merge`]), with
+//! the conventions of tests/fixtures/ATTENTION-CONVENTIONS.md (the PyTorch float64 fixtures).
 //!
 //! q `[B, Hq, Lq, D]`, k `[B, Hkv, Lk, D]`, v `[B, Hkv, Lk, Dv]` with Hq % Hkv == 0 (query head h
 //! reads kv head h / (Hq / Hkv): GQA/MQA without copies), each a [`Tensor4`] with the last
@@ -27,6 +28,12 @@
 //! [`HEAD_DIMS`] for D and Dv (any pair); o is accumulated in f32 and written in the input type,
 //! lse and e in f32. Asking for e costs a second q·k product per tile.
 //!
+//! Decode (Lq ≤ 16 against a long KV cache) on a GPU: with few (batch, head, row tile) blocks
+//! for the device, the keys are split into S chunks run by S blocks each (each writing its
+//! normalised o, lse and e to a workspace), then merged by lse ([`merge()`], the same merge the
+//! public [`merge_into`] runs). [`AttentionSpec::key_splits`] overrides the choice. On the CPU
+//! device the f64 reference runs unsplit, whatever `key_splits` says.
+//!
 //! ```
 //! use fep_kernels::{Device, attention::{self, AttentionSpec, Precisions, Score, Tensor4}};
 //! let dev = Device::cpu();
@@ -47,9 +54,20 @@
 //! # Ok::<(), fep_kernels::Error>(())
 //! ```
 
+mod backward;
 mod cpu;
+mod cpu_backward;
 #[cfg(fep_gpu)]
 mod gpu;
+#[cfg(fep_gpu)]
+mod gpu_backward;
+#[cfg(fep_gpu)]
+mod gpu_merge;
+mod merge;
+
+pub use backward::{BackwardInputs, GradientResult, Gradients, backward, backward_into};
+
+pub use merge::{MergeParts, merge, merge_into};
 
 use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
 use crate::element::Element;
@@ -185,6 +203,12 @@ pub struct AttentionSpec {
     /// On a GPU, scan the precisions (> 0, finite) and key lengths (in 0..=Lk) before the
     /// launch (one read-back, so the call waits); off: fully asynchronous.
     pub check_inputs: bool,
+    /// On a GPU, how many chunks the keys are split into (each attended by its own blocks, then
+    /// merged by lse): None chooses (a split only when Lq ≤ 16 and the problem has too few
+    /// blocks to fill the device; chunks of at least 256 keys), Some(1) never splits, Some(n)
+    /// splits into n chunks of equal whole key tiles (some empty when n exceeds them), whatever
+    /// Lq. No effect on the CPU device (the f64 reference runs unsplit); ≥ 1.
+    pub key_splits: Option<u32>,
 }
 
 impl AttentionSpec {
@@ -197,6 +221,7 @@ impl AttentionSpec {
             window: None,
             normalizer: true,
             check_inputs: true,
+            key_splits: None,
         }
     }
 
@@ -230,6 +255,12 @@ impl AttentionSpec {
         self
     }
 
+    /// Split the keys into `n` chunks on a GPU (1: never split; see [`Self::key_splits`]).
+    pub fn key_splits(mut self, n: u32) -> Self {
+        self.key_splits = Some(n);
+        self
+    }
+
     /// τ for head dim `d`.
     pub fn tau(&self, d: usize) -> f64 {
         match self.scale {
@@ -244,7 +275,7 @@ impl AttentionSpec {
         self.causal || self.window.is_some()
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if let Score::StudentT(nu) = self.score {
             if !(nu.is_finite() && nu > 0.0) {
                 return Err(Error::invalid(
@@ -263,6 +294,9 @@ impl AttentionSpec {
         }
         if self.window == Some(0) {
             return Err(Error::invalid("window", "must be >= 1"));
+        }
+        if self.key_splits == Some(0) {
+            return Err(Error::invalid("key_splits", "must be >= 1"));
         }
         Ok(())
     }
@@ -314,14 +348,19 @@ pub(crate) struct Dims {
 }
 
 /// The largest element offset a tensor addresses, +1 (0 for an empty tensor).
-fn extent(shape: [usize; 4], strides: [usize; 3]) -> usize {
+pub(crate) fn extent(shape: [usize; 4], strides: [usize; 3]) -> usize {
     if shape.contains(&0) {
         return 0;
     }
     (0..3).map(|i| (shape[i] - 1) * strides[i]).sum::<usize>() + shape[3]
 }
 
-fn check_tensor(name: &str, shape: [usize; 4], strides: [usize; 3], len: usize) -> Result<()> {
+pub(crate) fn check_tensor(
+    name: &str,
+    shape: [usize; 4],
+    strides: [usize; 3],
+    len: usize,
+) -> Result<()> {
     if shape.contains(&0) {
         return Err(Error::invalid(
             name,
@@ -354,7 +393,11 @@ fn check_tensor(name: &str, shape: [usize; 4], strides: [usize; 3], len: usize) 
 /// Head dims the GPU kernels take (the CPU reference takes any).
 pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
 
-fn dims<T: Element>(q: &Tensor4<'_, T>, k: &Tensor4<'_, T>, v: &Tensor4<'_, T>) -> Result<Dims> {
+pub(crate) fn dims<T: Element>(
+    q: &Tensor4<'_, T>,
+    k: &Tensor4<'_, T>,
+    v: &Tensor4<'_, T>,
+) -> Result<Dims> {
     check_tensor("q", q.shape, q.strides, q.data.len())?;
     check_tensor("k", k.shape, k.strides, k.data.len())?;
     check_tensor("v", v.shape, v.strides, v.data.len())?;
@@ -542,4 +585,6 @@ pub fn forward<'a, T: Element>(
 /// PyTorch fixtures at 1e-11).
 pub mod reference {
     pub use super::cpu::{RefInputs, RefOutputs, forward};
+    pub use super::cpu_backward::{RefGradInputs, RefGradients, backward};
+    pub use super::merge::merge_reference as merge;
 }

@@ -18,6 +18,8 @@ pub(crate) struct CudaDevice {
     pub name: String,
     pub stream: sys::CUstream,
     pub smem_optin: usize,
+    /// Streaming multiprocessors.
+    pub sms: usize,
     device: sys::CUdevice,
     ctx: sys::CUcontext,
     modules: Mutex<HashMap<&'static str, sys::CUmodule>>,
@@ -92,6 +94,14 @@ impl CudaDevice {
             )
         }
         .map_err(|e| driver_err("cuDeviceGetAttribute", e))? as usize;
+        let sms = unsafe {
+            result::device::get_attribute(
+                device,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+        }
+        .map_err(|e| driver_err("cuDeviceGetAttribute", e))?
+        .max(1) as usize;
         // The primary context: the one the CUDA runtime (and so PyTorch, JAX, CuPy) uses, so
         // pointers and streams from those frameworks are valid here.
         let ctx = unsafe { result::primary_ctx::retain(device) }
@@ -104,6 +114,7 @@ impl CudaDevice {
             name,
             stream,
             smem_optin,
+            sms,
             device,
             ctx,
             modules: Mutex::new(HashMap::new()),

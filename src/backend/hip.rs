@@ -20,6 +20,8 @@ pub(crate) struct HipDevice {
     pub smem_optin: usize,
     /// Lanes per wavefront (64 on the CDNA GPUs the kernels are built for).
     pub warp: usize,
+    /// Compute units.
+    pub sms: usize,
     modules: Mutex<HashMap<&'static str, hip::hipModule_t>>,
     functions: Mutex<HashMap<(&'static str, String), hip::hipFunction_t>>,
 }
@@ -99,6 +101,11 @@ impl HipDevice {
         check("hipDeviceGetAttribute", unsafe {
             hip::hipDeviceGetAttribute(&mut warp, attr, id)
         })?;
+        let mut sms = 0;
+        let attr = hip::hipDeviceAttribute_t::hipDeviceAttributeMultiprocessorCount;
+        check("hipDeviceGetAttribute", unsafe {
+            hip::hipDeviceGetAttribute(&mut sms, attr, id)
+        })?;
         let mut stream = std::ptr::null_mut();
         check("hipStreamCreateWithFlags", unsafe {
             hip::hipStreamCreateWithFlags(&mut stream, 1 /* hipStreamNonBlocking */)
@@ -109,6 +116,7 @@ impl HipDevice {
             stream,
             smem_optin: smem.max(0) as usize,
             warp: warp.max(1) as usize,
+            sms: sms.max(1) as usize,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         })

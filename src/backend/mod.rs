@@ -417,6 +417,20 @@ impl Device {
         }
     }
 
+    /// Streaming multiprocessors (NVIDIA) or compute units (AMD): what launch heuristics size
+    /// grids by. The emulated device reports `EMULATED_SMS`; the CPU 1.
+    pub(crate) fn multiprocessor_count(&self) -> usize {
+        match &*self.backend {
+            Backend::Cpu => 1,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => d.sms,
+            #[cfg(feature = "rocm")]
+            Backend::Hip(d) => d.sms,
+            #[cfg(feature = "emulate")]
+            Backend::Emulated(_) => EMULATED_SMS,
+        }
+    }
+
     /// The most dynamic shared memory one block may use (after opting in), in bytes.
     pub(crate) fn max_shared_per_block(&self) -> usize {
         match &*self.backend {
@@ -430,6 +444,11 @@ impl Device {
         }
     }
 }
+
+/// The multiprocessor count the emulated device reports: small, like a slice of a GPU, so
+/// heuristics that scale grids by it (attention's decode split) stay cheap on host threads.
+#[cfg(feature = "emulate")]
+pub(crate) const EMULATED_SMS: usize = 8;
 
 /// Grid, block and dynamic shared memory of a launch.
 #[derive(Clone, Copy, Debug)]

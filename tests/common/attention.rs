@@ -17,6 +17,10 @@ pub const TID_V: u64 = 3;
 pub const TID_PI_HEAD: u64 = 4;
 pub const TID_PI_KEY: u64 = 5;
 pub const TID_KV_LEN: u64 = 6;
+/// ∂L/∂o of the backward fixture (ATTENTION-CONVENTIONS.md §11).
+pub const TID_D_O: u64 = 7;
+/// ∂L/∂e of the backward fixture.
+pub const TID_D_E: u64 = 8;
 
 pub fn mix64(mut z: u64) -> u64 {
     z ^= z >> 30;
@@ -150,6 +154,18 @@ fn uz(v: &Value) -> usize {
 
 /// A case of the fixture, inputs regenerated.
 pub fn load_case(c: &Value) -> Case {
+    let mut case = load_inputs(c);
+    case.o_rows = c["o_rows"].as_array().unwrap().iter().map(uz).collect();
+    case.o = tensor_data(&c["o"]);
+    case.lse = tensor_data(&c["lse"]);
+    case.e = tensor_data(&c["e"]);
+    case.fully_masked_rows = uz(&c["fully_masked_rows"]);
+    case
+}
+
+/// The inputs of a case (of either fixture) regenerated, with its spec; the stored outputs
+/// (`o_rows`, `o`, `lse`, `e`, `fully_masked_rows`) are left empty.
+pub fn load_inputs(c: &Value) -> Case {
     let seed = c["seed"].as_u64().unwrap();
     let sh = &c["shape"];
     let (b, hq, hkv, lq, lk, d, dv) = (
@@ -259,10 +275,68 @@ pub fn load_case(c: &Value) -> Case {
         pi_head,
         pi_key,
         kv_len,
-        o_rows: c["o_rows"].as_array().unwrap().iter().map(uz).collect(),
-        o: tensor_data(&c["o"]),
-        lse: tensor_data(&c["lse"]),
-        e: tensor_data(&c["e"]),
+        o_rows: Vec::new(),
+        o: Vec::new(),
+        lse: Vec::new(),
+        e: Vec::new(),
+        fully_masked_rows: 0,
+    }
+}
+
+/// `n` values uniform in [−1, 1) from tensor id `tid` (the upstream gradients d_o and d_e of the
+/// backward fixture: never scaled).
+pub fn uniform_tensor(seed: u64, tid: u64, n: usize) -> Vec<f64> {
+    raw_bits(seed, tid, n)
+        .into_iter()
+        .map(uniform_pm1)
+        .collect()
+}
+
+/// One case of tests/fixtures/attention_backward_torch.json: the inputs and upstream gradients
+/// regenerated, the gradients as stored (torch float64 autograd).
+#[derive(Clone, Debug)]
+pub struct BackwardCase {
+    /// Inputs and spec (no forward outputs).
+    pub case: Case,
+    /// ∂L/∂o `[B, Hq, Lq, Dv]` (tensor id 7).
+    pub d_o: Vec<f64>,
+    /// ∂L/∂e `[B, Hq, Lq]` (tensor id 8), None when the loss has no e term.
+    pub d_e: Option<Vec<f64>>,
+    /// `[B, Hq, Lq, D]`.
+    pub dq: Vec<f64>,
+    /// `[B, Hkv, Lk, D]`.
+    pub dk: Vec<f64>,
+    /// `[B, Hkv, Lk, Dv]`.
+    pub dv: Vec<f64>,
+    /// `[Hq]` (at π_h = 1 when the case has no per-head precision).
+    pub dpi_head: Vec<f64>,
+    /// `[B, Hkv, Lk]` (at π_j = 1 when the case has no per-key precision).
+    pub dpi_key: Vec<f64>,
+    /// ∂L/∂ν; None unless Student-t.
+    pub dnu: Option<f64>,
+    pub fully_masked_rows: usize,
+}
+
+/// A case of the backward fixture.
+pub fn load_backward_case(c: &Value) -> BackwardCase {
+    let case = load_inputs(c);
+    let rows = case.b * case.hq * case.lq;
+    let d_o = uniform_tensor(case.seed, TID_D_O, rows * case.dv);
+    let d_e = c["loss_has_e"]
+        .as_bool()
+        .expect("loss_has_e")
+        .then(|| uniform_tensor(case.seed, TID_D_E, rows));
+    let g = &c["grad"];
+    BackwardCase {
+        d_o,
+        d_e,
+        dq: tensor_data(&g["q"]),
+        dk: tensor_data(&g["k"]),
+        dv: tensor_data(&g["v"]),
+        dpi_head: tensor_data(&g["pi_head"]),
+        dpi_key: tensor_data(&g["pi_key"]),
+        dnu: g["nu"].as_f64(),
         fully_masked_rows: uz(&c["fully_masked_rows"]),
+        case,
     }
 }

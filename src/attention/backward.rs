@@ -1,0 +1,332 @@
+//! Attention backward: the gradients of a loss L(o, e) with respect to q, k, v, the precisions
+//! π_h and π_j, and Student-t's ν, given ∂L/∂o (and ∂L/∂e when the loss uses the energy e).
+//! Deterministic: no output is summed with floating-point atomics, so two runs give the same bits.
+//!
+//! # The gradients (derived by hand; the f64 reference in `reference::backward` codes them)
+//!
+//! Per query row i and visible key j, with x = q_i·k_j, d² = ‖q_i − k_j‖², π = π_h π_j,
+//! w_ij = softmax_j(s_ij), o_i = Σ_j w_ij v_j and e_i = Σ_j w_ij π d²:
+//!
+//! ```text
+//! ∂L/∂w_ij = dO_i·v_j + dE_i π d²                       (dO = ∂L/∂o, dE = ∂L/∂e)
+//! Δ_i      = Σ_j w_ij ∂L/∂w_ij = dO_i·o_i + dE_i e_i
+//! dS_ij    = w_ij (∂L/∂w_ij − Δ_i)                      (the softmax's Jacobian)
+//! dv_j     = Σ_i w_ij dO_i
+//! g_ij     = dS_ij ∂s/∂d² + dE_i w_ij π                 (the coefficient of d²)
+//! M_ij     = dS_ij ∂s/∂x − 2 g_ij
+//! dq_i     = Σ_j M_ij k_j + 2 (Σ_j g_ij) q_i            (∂d²/∂q = 2(q − k))
+//! dk_j     = Σ_i M_ij q_i + 2 (Σ_i g_ij) k_j
+//! P_ij     = dS_ij π ∂s/∂π + dE_i w_ij π d²             (π ∂L/∂π_ij)
+//! dπ_h     = Σ_{b,i,j} P_ij / π_h,   dπ_j = Σ_{h in the group, i} P_ij / π_j
+//! dν       = Σ dS_ij ∂s/∂ν
+//! ```
+//!
+//! The partial derivatives of each family (τ the scale, c = D/2 with the normaliser, else 0):
+//!
+//! ```text
+//!              ∂s/∂x    ∂s/∂d²                     π ∂s/∂π                 ∂s/∂ν
+//! Dot          τπ       0                          τπx                     0
+//! Gaussian     0        −½τπ                       −½τπd² + c              0
+//! Student-t    0        −κ (τπ/ν) / (1 + a)        −κ a / (1 + a) + c      −½ ln(1 + a) + κ (a/ν) / (1 + a)
+//! Laplace      0        −√(τπ) / (2d)              −½ √(τπ) d + c          0
+//! ```
+//!
+//! with a = τπd²/ν and κ = (ν + D)/2. Laplace's d is not differentiable at q = k: there the
+//! gradient through d is taken as 0 (its minimum-norm subgradient). A row with no visible key has
+//! w = 0 and contributes nothing. GQA sums dk, dv and dπ_j over the query heads of each group.
+//! The precision gradients are the gradients at the values used: with no per-head precision
+//! dπ_h is ∂L/∂π_h at π_h = 1 (and the same for π_j).
+//!
+//! # Where it runs
+//!
+//! On the CPU device: the f64 reference (which recomputes the forward; o and lse are checked but
+//! not read). On a GPU: three kernels (kernels/attention/backward*.cuh): Δ_i and dq with the
+//! per-tile partial sums of dπ_h and dν (query-major), dk, dv and dπ_j (key-major, each block
+//! owning its keys and summing the group's heads in a fixed order), then an ordered sum of the
+//! partials. Each recomputes the scores from q, k and lse (FlashAttention-2's scheme, without its
+//! dq atomics: the query-major pass writes dq itself), so nothing the size of Lq × Lk is stored.
+//!
+//! ```
+//! use fep_kernels::{Device, attention::{self, AttentionSpec, BackwardInputs, Precisions, Score, Tensor4}};
+//! let dev = Device::cpu();
+//! let q = dev.upload(&[1.0f32, 0.0, 0.0, 1.0])?;
+//! let k = dev.upload(&[1.0f32, 0.0, 0.0, 1.0, -1.0, 0.0])?;
+//! let v = dev.upload(&[1.0f32, 2.0, 3.0])?;
+//! let pk = dev.upload(&[1.0f32, 2.0, 0.5])?; // a per-key precision, learned
+//! let (q, k, v) = (
+//!     Tensor4::bhld(q.view(), [1, 1, 2, 2]),
+//!     Tensor4::bhld(k.view(), [1, 1, 3, 2]),
+//!     Tensor4::bhld(v.view(), [1, 1, 3, 1]),
+//! );
+//! let pi = Precisions { head: None, key: Some(pk.view()) };
+//! let spec = AttentionSpec::new(Score::StudentT(3.0));
+//! let fwd = attention::forward(&spec, &q, &k, &v, &pi, None)?;
+//! // L = Σ o: ∂L/∂o = 1.
+//! let d_o = dev.upload(&[1.0f32, 1.0])?;
+//! let inputs = BackwardInputs {
+//!     o: Tensor4::bhld(fwd.o.view(), [1, 1, 2, 1]),
+//!     lse: fwd.lse.view(),
+//!     d_o: Tensor4::bhld(d_o.view(), [1, 1, 2, 1]),
+//!     e: None,
+//!     d_e: None,
+//! };
+//! let g = attention::backward(&spec, &q, &k, &v, &pi, None, &inputs)?;
+//! // Raising the precision of key 2 (value 3) pulls the outputs towards 3 only if it is the
+//! // nearest key of a row; here the gradient of Σ o with respect to π_2 is finite and nonzero.
+//! let dpk = g.dpi_key.to_vec()?;
+//! assert!(dpk[2].is_finite() && dpk[2] != 0.0);
+//! # Ok::<(), fep_kernels::Error>(())
+//! ```
+
+use super::{AttentionSpec, Precisions, Problem, Tensor4, Tensor4Mut, check_tensor, dims, extent};
+use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::tensor::{check_len, check_no_overlap, same_device};
+
+/// What the backward pass reads besides the forward's inputs.
+#[derive(Clone, Debug)]
+pub struct BackwardInputs<'a, T: Element> {
+    /// The forward's output o `[B, Hq, Lq, Dv]`.
+    pub o: Tensor4<'a, T>,
+    /// The forward's lse `[B, Hq, Lq]`.
+    pub lse: View<'a, f32>,
+    /// ∂L/∂o `[B, Hq, Lq, Dv]`.
+    pub d_o: Tensor4<'a, T>,
+    /// The forward's e `[B, Hq, Lq]`; required with `d_e`.
+    pub e: Option<View<'a, f32>>,
+    /// ∂L/∂e `[B, Hq, Lq]`, or None when the loss does not use e.
+    pub d_e: Option<View<'a, f32>>,
+}
+
+/// Where [`backward_into`] writes: dq `[B, Hq, Lq, D]`, dk `[B, Hkv, Lk, D]`, dv
+/// `[B, Hkv, Lk, Dv]` in the input dtype; dπ_h `[Hq]`, dπ_j `[B, Hkv, Lk]` and dν `[1]` in f32,
+/// each optional.
+#[derive(Debug)]
+pub struct Gradients<'a, T: Element> {
+    /// ∂L/∂q.
+    pub dq: Tensor4Mut<'a, T>,
+    /// ∂L/∂k.
+    pub dk: Tensor4Mut<'a, T>,
+    /// ∂L/∂v.
+    pub dv: Tensor4Mut<'a, T>,
+    /// ∂L/∂π_h.
+    pub dpi_head: Option<ViewMut<'a, f32>>,
+    /// ∂L/∂π_j.
+    pub dpi_key: Option<ViewMut<'a, f32>>,
+    /// ∂L/∂ν (0 unless the score is Student-t).
+    pub dnu: Option<ViewMut<'a, f32>>,
+}
+
+/// What [`backward`] returns (dq, dk, dv in BHLD).
+#[derive(Debug)]
+pub struct GradientResult<T: Element> {
+    /// `[B, Hq, Lq, D]`.
+    pub dq: DeviceBuffer<T>,
+    /// `[B, Hkv, Lk, D]`.
+    pub dk: DeviceBuffer<T>,
+    /// `[B, Hkv, Lk, Dv]`.
+    pub dv: DeviceBuffer<T>,
+    /// `[Hq]`.
+    pub dpi_head: DeviceBuffer<f32>,
+    /// `[B, Hkv, Lk]`.
+    pub dpi_key: DeviceBuffer<f32>,
+    /// `[1]`.
+    pub dnu: DeviceBuffer<f32>,
+}
+
+/// The backward problem, checked.
+pub(crate) struct BackwardProblem<'p, 'a, T: Element> {
+    pub fwd: Problem<'p, 'a, T>,
+    pub inputs: &'p BackwardInputs<'a, T>,
+}
+
+/// Attention backward into `out`, enqueued on `stream`. The arguments before `inputs` are the
+/// forward's (the same spec, tensors, precisions and key lengths); `inputs` holds o and lse from
+/// that forward and the upstream gradients. Everything is checked before anything is written, as
+/// for [`super::forward_into`]; an output may alias nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<'a, T: Element>(
+    spec: &AttentionSpec,
+    q: &Tensor4<'a, T>,
+    k: &Tensor4<'a, T>,
+    v: &Tensor4<'a, T>,
+    precision: &Precisions<'a>,
+    kv_len: Option<&View<'a, i32>>,
+    inputs: &BackwardInputs<'a, T>,
+    out: Gradients<'_, T>,
+    stream: Stream,
+) -> Result<()> {
+    spec.validate()?;
+    let dm = dims(q, k, v)?;
+    let dev = q.data.device();
+    same_device("k", k.data.device(), dev)?;
+    same_device("v", v.data.device(), dev)?;
+    if let Some(h) = &precision.head {
+        same_device("precision.head", h.device(), dev)?;
+        check_len("precision.head", h.len(), dm.hq)?;
+    }
+    if let Some(p) = &precision.key {
+        same_device("precision.key", p.device(), dev)?;
+        check_len("precision.key", p.len(), dm.b * dm.hkv * dm.lk)?;
+    }
+    if let Some(l) = kv_len {
+        same_device("kv_len", l.device(), dev)?;
+        check_len("kv_len", l.len(), dm.b)?;
+    }
+    let rows = dm.b * dm.hq * dm.lq;
+    let o_shape = [dm.b, dm.hq, dm.lq, dm.dv];
+    for (name, t) in [("o", &inputs.o), ("d_o", &inputs.d_o)] {
+        if t.shape != o_shape {
+            return Err(Error::invalid(
+                name,
+                format!("shape {:?}, expected {o_shape:?}", t.shape),
+            ));
+        }
+        same_device(name, t.data.device(), dev)?;
+        check_tensor(name, t.shape, t.strides, t.data.len())?;
+    }
+    same_device("lse", inputs.lse.device(), dev)?;
+    check_len("lse", inputs.lse.len(), rows)?;
+    match (&inputs.e, &inputs.d_e) {
+        (None, Some(_)) => {
+            return Err(Error::invalid(
+                "e",
+                "the forward's e is required when d_e is given",
+            ));
+        }
+        (e, de) => {
+            for (name, x) in [("e", e), ("d_e", de)] {
+                if let Some(x) = x {
+                    same_device(name, x.device(), dev)?;
+                    check_len(name, x.len(), rows)?;
+                }
+            }
+        }
+    }
+    let want = [
+        ("dq", &out.dq, [dm.b, dm.hq, dm.lq, dm.d]),
+        ("dk", &out.dk, [dm.b, dm.hkv, dm.lk, dm.d]),
+        ("dv", &out.dv, [dm.b, dm.hkv, dm.lk, dm.dv]),
+    ];
+    for (name, t, shape) in want {
+        if t.shape != shape {
+            return Err(Error::invalid(
+                name,
+                format!("shape {:?}, expected {shape:?}", t.shape),
+            ));
+        }
+        same_device(name, t.data.device(), dev)?;
+        check_tensor(name, t.shape, t.strides, t.data.len())?;
+    }
+    let small = [
+        ("dpi_head", &out.dpi_head, dm.hq),
+        ("dpi_key", &out.dpi_key, dm.b * dm.hkv * dm.lk),
+        ("dnu", &out.dnu, 1),
+    ];
+    for (name, x, n) in small {
+        if let Some(x) = x {
+            same_device(name, x.device(), dev)?;
+            check_len(name, x.len(), n)?;
+        }
+    }
+    // Byte spans: no output may alias an input or another output.
+    let el = std::mem::size_of::<T>();
+    let t4 = |name, t: &Tensor4<'_, T>| (name, t.data.addr(), extent(t.shape, t.strides) * el);
+    let mut ins = vec![
+        t4("q", q),
+        t4("k", k),
+        t4("v", v),
+        t4("o", &inputs.o),
+        t4("d_o", &inputs.d_o),
+        ("lse", inputs.lse.addr(), 4 * inputs.lse.len()),
+    ];
+    for (name, x) in [
+        ("precision.head", &precision.head),
+        ("precision.key", &precision.key),
+        ("e", &inputs.e),
+        ("d_e", &inputs.d_e),
+    ] {
+        if let Some(x) = x {
+            ins.push((name, x.addr(), 4 * x.len()));
+        }
+    }
+    if let Some(l) = kv_len {
+        ins.push(("kv_len", l.addr(), 4 * l.len()));
+    }
+    let m4 = |name, t: &Tensor4Mut<'_, T>| (name, t.data.addr, extent(t.shape, t.strides) * el);
+    let mut outs = vec![m4("dq", &out.dq), m4("dk", &out.dk), m4("dv", &out.dv)];
+    for (name, x, _) in small {
+        if let Some(x) = x {
+            outs.push((name, x.addr, 4 * x.len()));
+        }
+    }
+    check_no_overlap(&ins, &outs)?;
+    let p = BackwardProblem {
+        fwd: Problem {
+            spec: *spec,
+            dims: dm,
+            q,
+            k,
+            v,
+            precision,
+            kv_len,
+        },
+        inputs,
+    };
+    if !dev.is_gpu() {
+        return super::cpu_backward::backward_views(&p, out);
+    }
+    #[cfg(fep_gpu)]
+    {
+        super::gpu_backward::backward(&p, out, stream)
+    }
+    #[cfg(not(fep_gpu))]
+    {
+        let _ = stream;
+        unreachable!("a GPU device in a build without GPU backends")
+    }
+}
+
+/// Backward on the default stream into new buffers (dq, dk, dv in BHLD; every gradient).
+pub fn backward<'a, T: Element>(
+    spec: &AttentionSpec,
+    q: &Tensor4<'a, T>,
+    k: &Tensor4<'a, T>,
+    v: &Tensor4<'a, T>,
+    precision: &Precisions<'a>,
+    kv_len: Option<&View<'a, i32>>,
+    inputs: &BackwardInputs<'a, T>,
+) -> Result<GradientResult<T>> {
+    spec.validate()?;
+    let d = dims(q, k, v)?;
+    let dev: &Device = q.data.device();
+    let mut r = GradientResult {
+        dq: dev.alloc(d.b * d.hq * d.lq * d.d)?,
+        dk: dev.alloc(d.b * d.hkv * d.lk * d.d)?,
+        dv: dev.alloc(d.b * d.hkv * d.lk * d.dv)?,
+        dpi_head: dev.alloc(d.hq)?,
+        dpi_key: dev.alloc(d.b * d.hkv * d.lk)?,
+        dnu: dev.alloc(1)?,
+    };
+    let out = Gradients {
+        dq: Tensor4Mut::bhld(r.dq.view_mut(), [d.b, d.hq, d.lq, d.d]),
+        dk: Tensor4Mut::bhld(r.dk.view_mut(), [d.b, d.hkv, d.lk, d.d]),
+        dv: Tensor4Mut::bhld(r.dv.view_mut(), [d.b, d.hkv, d.lk, d.dv]),
+        dpi_head: Some(r.dpi_head.view_mut()),
+        dpi_key: Some(r.dpi_key.view_mut()),
+        dnu: Some(r.dnu.view_mut()),
+    };
+    backward_into(
+        spec,
+        q,
+        k,
+        v,
+        precision,
+        kv_len,
+        inputs,
+        out,
+        dev.default_stream(),
+    )?;
+    Ok(r)
+}

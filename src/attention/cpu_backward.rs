@@ -1,0 +1,330 @@
+//! The attention gradients in f64 (the reference of [`super::backward`]): the forward is
+//! recomputed per (batch, kv head), so the reference needs neither o nor lse from the caller.
+//! The derivation is in the module docs of `attention::backward`.
+
+use rayon::prelude::*;
+
+use super::backward::{BackwardProblem, Gradients};
+use super::cpu::{RefInputs, gather, validate, visible};
+use super::{AttentionSpec, Score, Tensor4Mut};
+use crate::backend::View;
+use crate::element::Element;
+use crate::error::{Error, Result};
+
+/// The upstream gradients of [`backward`] (f64, row-major).
+#[derive(Clone, Copy, Debug)]
+pub struct RefGradInputs<'a> {
+    /// ∂L/∂o `[B, Hq, Lq, Dv]`.
+    pub d_o: &'a [f64],
+    /// ∂L/∂e `[B, Hq, Lq]`, or None (e not used by the loss).
+    pub d_e: Option<&'a [f64]>,
+}
+
+/// [`backward`]'s results, row-major.
+#[derive(Clone, Debug, Default)]
+pub struct RefGradients {
+    /// `[B, Hq, Lq, D]`.
+    pub dq: Vec<f64>,
+    /// `[B, Hkv, Lk, D]` (summed over the query heads of each group).
+    pub dk: Vec<f64>,
+    /// `[B, Hkv, Lk, Dv]`.
+    pub dv: Vec<f64>,
+    /// ∂L/∂π_h `[Hq]` (at π_h = 1 when the call has no per-head precision).
+    pub dpi_head: Vec<f64>,
+    /// ∂L/∂π_j `[B, Hkv, Lk]` (at π_j = 1 when the call has no per-key precision).
+    pub dpi_key: Vec<f64>,
+    /// ∂L/∂ν (Student-t; 0 for the other families).
+    pub dnu: f64,
+}
+
+/// The partial derivatives of one score s(x, d², π, ν), x = q·k, in natural units:
+/// (∂s/∂x, ∂s/∂d², π ∂s/∂π, ∂s/∂ν). `c` is the normaliser's D/2 (0 when off).
+pub(crate) fn score_partials(
+    score: Score,
+    tau: f64,
+    dim: f64,
+    c: f64,
+    x: f64,
+    d2: f64,
+    pi: f64,
+) -> (f64, f64, f64, f64) {
+    match score {
+        Score::Dot => (tau * pi, 0.0, tau * pi * x, 0.0),
+        Score::Gaussian => (0.0, -0.5 * tau * pi, -0.5 * tau * pi * d2 + c, 0.0),
+        Score::StudentT(nu) => {
+            let nu = nu as f64;
+            let kappa = (nu + dim) / 2.0;
+            let a = tau * pi * d2 / nu;
+            let s_d2 = -kappa * (tau * pi / nu) / (1.0 + a);
+            let s_lnpi = -kappa * a / (1.0 + a) + c;
+            let s_nu = -0.5 * a.ln_1p() + kappa * (a / nu) / (1.0 + a);
+            (0.0, s_d2, s_lnpi, s_nu)
+        }
+        Score::Laplace => {
+            let r = (tau * pi).sqrt();
+            let dd = d2.sqrt();
+            // d is not differentiable at q = k: the minimum-norm subgradient, 0.
+            let s_d2 = if dd > 0.0 { -r / (2.0 * dd) } else { 0.0 };
+            (0.0, s_d2, -0.5 * r * dd + c, 0.0)
+        }
+    }
+}
+
+/// The score itself in natural units (as the forward reference computes it).
+pub(crate) fn score_value(
+    score: Score,
+    tau: f64,
+    dim: f64,
+    c: f64,
+    x: f64,
+    d2: f64,
+    pi: f64,
+) -> f64 {
+    let s = match score {
+        Score::Dot => tau * pi * x,
+        Score::Gaussian => -0.5 * tau * pi * d2,
+        Score::StudentT(nu) => {
+            let nu = nu as f64;
+            -((nu + dim) / 2.0) * (tau * pi * d2 / nu).ln_1p()
+        }
+        Score::Laplace => -(tau * pi).sqrt() * d2.sqrt(),
+    };
+    s + c * pi.ln()
+}
+
+/// What one (batch, kv head) task returns: dq of its query heads, dk, dv and ∂L/∂π_j of its keys,
+/// its share of ∂L/∂π_h per query head of the group, and of ∂L/∂ν.
+struct Part {
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+    dv: Vec<f64>,
+    dpi_key: Vec<f64>,
+    dpi_head: Vec<f64>,
+    dnu: f64,
+}
+
+/// The gradients of a loss L(o, e) with respect to q, k, v, the precisions and ν, given ∂L/∂o and
+/// ∂L/∂e, in f64 (the module docs of `attention::backward` derive them). Rows with no visible key
+/// contribute nothing.
+pub fn backward(
+    spec: &AttentionSpec,
+    inp: &RefInputs<'_>,
+    grad: &RefGradInputs<'_>,
+) -> Result<RefGradients> {
+    validate(spec, inp)?;
+    let RefInputs {
+        b: nb,
+        hq,
+        hkv,
+        lq,
+        lk,
+        d,
+        dv,
+        ..
+    } = *inp;
+    let rows = nb * hq * lq;
+    if grad.d_o.len() != rows * dv {
+        return Err(Error::invalid(
+            "d_o",
+            format!("has {} elements, expected {}", grad.d_o.len(), rows * dv),
+        ));
+    }
+    if let Some(de) = grad.d_e {
+        if de.len() != rows {
+            return Err(Error::invalid(
+                "d_e",
+                format!("has {} elements, expected {rows}", de.len()),
+            ));
+        }
+    }
+    let group = hq / hkv;
+    let tau = spec.tau(d);
+    let dim = d as f64;
+    let c = if spec.normalizer && spec.score.is_distance() {
+        dim / 2.0
+    } else {
+        0.0
+    };
+
+    let parts: Vec<Part> = (0..nb * hkv)
+        .into_par_iter()
+        .map(|bk| {
+            let (b, hk) = (bk / hkv, bk % hkv);
+            let kv0 = bk * lk;
+            let mut part = Part {
+                dq: vec![0.0; group * lq * d],
+                dk: vec![0.0; lk * d],
+                dv: vec![0.0; lk * dv],
+                dpi_key: vec![0.0; lk],
+                dpi_head: vec![0.0; group],
+                dnu: 0.0,
+            };
+            // Per visible key of a row: w, ∂L/∂w and the pieces of the score.
+            let mut w = Vec::with_capacity(lk);
+            let mut dw = Vec::with_capacity(lk);
+            let mut xs = Vec::with_capacity(lk);
+            for g in 0..group {
+                let h = hk * group + g;
+                let pi_h = inp.pi_head.map_or(1.0, |p| p[h]);
+                for i in 0..lq {
+                    let (lo, hi) = visible(spec, inp, b, i);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let row = (b * hq + h) * lq + i;
+                    let qi = &inp.q[row * d..][..d];
+                    let doi = &grad.d_o[row * dv..][..dv];
+                    let dei = grad.d_e.map_or(0.0, |de| de[row]);
+                    w.clear();
+                    dw.clear();
+                    xs.clear();
+                    for j in lo..hi {
+                        let kj = &inp.k[(kv0 + j) * d..][..d];
+                        let vj = &inp.v[(kv0 + j) * dv..][..dv];
+                        let pi = pi_h * inp.pi_key.map_or(1.0, |p| p[kv0 + j]);
+                        let x: f64 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                        let d2: f64 = qi.iter().zip(kj).map(|(a, b)| (a - b) * (a - b)).sum();
+                        w.push(score_value(spec.score, tau, dim, c, x, d2, pi));
+                        let dp: f64 = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
+                        // ∂L/∂w_ij: through o, and through e = Σ w π d².
+                        dw.push(dp + dei * pi * d2);
+                        xs.push((x, d2, pi));
+                    }
+                    let m = w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    w.iter_mut().for_each(|s| *s = (*s - m).exp());
+                    let z: f64 = w.iter().sum();
+                    w.iter_mut().for_each(|s| *s /= z);
+                    // Δ_i = Σ_j w_ij ∂L/∂w_ij (= dO_i·o_i + ∂L/∂e_i e_i).
+                    let delta: f64 = w.iter().zip(&dw).map(|(a, b)| a * b).sum();
+                    let dqi = &mut part.dq[(g * lq + i) * d..][..d];
+                    for (jj, j) in (lo..hi).enumerate() {
+                        let (x, d2, pi) = xs[jj];
+                        let wij = w[jj];
+                        let ds = wij * (dw[jj] - delta);
+                        let (s_x, s_d2, s_lnpi, s_nu) =
+                            score_partials(spec.score, tau, dim, c, x, d2, pi);
+                        // Coefficient of d² (through s and through e directly), then of k in dq
+                        // and of q in dk: dq_i += M k_j + 2g q_i, dk_j += M q_i + 2g k_j.
+                        let gc = ds * s_d2 + dei * wij * pi;
+                        let mc = ds * s_x - 2.0 * gc;
+                        let kj = &inp.k[(kv0 + j) * d..][..d];
+                        let dkj = &mut part.dk[j * d..][..d];
+                        for t in 0..d {
+                            dqi[t] += mc * kj[t] + 2.0 * gc * qi[t];
+                            dkj[t] += mc * qi[t] + 2.0 * gc * kj[t];
+                        }
+                        let dvj = &mut part.dv[j * dv..][..dv];
+                        dvj.iter_mut().zip(doi).for_each(|(a, &o)| *a += wij * o);
+                        // π ∂L/∂π_ij, shared by π_h and π_j (π_ij = π_h π_j).
+                        let pg = ds * s_lnpi + dei * wij * pi * d2;
+                        part.dpi_head[g] += pg / pi_h;
+                        part.dpi_key[j] += pg / (pi / pi_h);
+                        part.dnu += ds * s_nu;
+                    }
+                }
+            }
+            part
+        })
+        .collect();
+
+    let mut out = RefGradients {
+        dq: vec![0.0; rows * d],
+        dk: Vec::with_capacity(nb * hkv * lk * d),
+        dv: Vec::with_capacity(nb * hkv * lk * dv),
+        dpi_head: vec![0.0; hq],
+        dpi_key: Vec::with_capacity(nb * hkv * lk),
+        dnu: 0.0,
+    };
+    for (bk, p) in parts.into_iter().enumerate() {
+        let (b, hk) = (bk / hkv, bk % hkv);
+        for g in 0..group {
+            let h = hk * group + g;
+            let dst = (b * hq + h) * lq * d;
+            out.dq[dst..dst + lq * d].copy_from_slice(&p.dq[g * lq * d..][..lq * d]);
+            out.dpi_head[h] += p.dpi_head[g];
+        }
+        out.dk.extend_from_slice(&p.dk);
+        out.dv.extend_from_slice(&p.dv);
+        out.dpi_key.extend_from_slice(&p.dpi_key);
+        out.dnu += p.dnu;
+    }
+    if !matches!(spec.score, Score::StudentT(_)) {
+        out.dnu = 0.0;
+    }
+    Ok(out)
+}
+
+/// A row-major BHLD f64 block written into a strided output tensor of the element type.
+fn scatter<T: Element>(t: &mut Tensor4Mut<'_, T>, src: &[f64]) {
+    let [nb, nh, nl, nd] = t.shape;
+    let [sb, sh, sl] = t.strides;
+    let dst = t.data.host_slice_mut();
+    let mut row = 0;
+    for b in 0..nb {
+        for h in 0..nh {
+            for l in 0..nl {
+                let out = &mut dst[b * sb + h * sh + l * sl..][..nd];
+                out.iter_mut()
+                    .zip(&src[row * nd..][..nd])
+                    .for_each(|(a, &c)| *a = T::from_f64(c));
+                row += 1;
+            }
+        }
+    }
+}
+
+/// What the CPU device runs for `attention::backward_into`: the reference on the gathered inputs.
+pub(crate) fn backward_views<T: Element>(
+    p: &BackwardProblem<'_, '_, T>,
+    mut out: Gradients<'_, T>,
+) -> Result<()> {
+    let f = &p.fwd;
+    let dm = f.dims;
+    let (q, k, v) = (gather(f.q), gather(f.k), gather(f.v));
+    let d_o = gather(&p.inputs.d_o);
+    let to64 =
+        |v: &View<'_, f32>| -> Vec<f64> { v.host_slice().iter().map(|&x| x as f64).collect() };
+    let pi_head = f.precision.head.as_ref().map(to64);
+    let pi_key = f.precision.key.as_ref().map(to64);
+    let d_e = p.inputs.d_e.as_ref().map(to64);
+    let inp = RefInputs {
+        b: dm.b,
+        hq: dm.hq,
+        hkv: dm.hkv,
+        lq: dm.lq,
+        lk: dm.lk,
+        d: dm.d,
+        dv: dm.dv,
+        q: &q,
+        k: &k,
+        v: &v,
+        pi_head: pi_head.as_deref(),
+        pi_key: pi_key.as_deref(),
+        kv_len: f.kv_len.map(|l| l.host_slice()),
+    };
+    // Everything is checked here, before the first write.
+    let g = backward(
+        &f.spec,
+        &inp,
+        &RefGradInputs {
+            d_o: &d_o,
+            d_e: d_e.as_deref(),
+        },
+    )?;
+    scatter(&mut out.dq, &g.dq);
+    scatter(&mut out.dk, &g.dk);
+    scatter(&mut out.dv, &g.dv);
+    for (dst, src) in [
+        (out.dpi_head.as_mut(), &g.dpi_head[..]),
+        (out.dpi_key.as_mut(), &g.dpi_key[..]),
+        (out.dnu.as_mut(), std::slice::from_ref(&g.dnu)),
+    ] {
+        if let Some(dst) = dst {
+            dst.host_slice_mut()
+                .iter_mut()
+                .zip(src)
+                .for_each(|(a, &c)| *a = c as f32);
+        }
+    }
+    Ok(())
+}
