@@ -1,6 +1,6 @@
 /* fep_kernels.h: the C ABI of fep-kernels.
  *
- * Kept in step with src/ffi.rs by tests/ffi_header.rs: every function and constant declared
+ * Kept in step with the files of src/ffi/ by tests/ffi_header.rs: every function and constant declared
  * here exists there with the same value, and the other way round.
  *
  * Conventions

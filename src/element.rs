@@ -41,15 +41,6 @@ impl DType {
             DType::BF16 => bf16::EPSILON.to_f64() / 2.0,
         }
     }
-
-    /// The C ABI code (`FEP_DTYPE_*`).
-    pub fn code(self) -> i32 {
-        match self {
-            DType::F32 => crate::ffi::FEP_DTYPE_F32,
-            DType::F16 => crate::ffi::FEP_DTYPE_F16,
-            DType::BF16 => crate::ffi::FEP_DTYPE_BF16,
-        }
-    }
 }
 
 /// A type the kernels read: f32, [`half::f16`] or [`half::bf16`].

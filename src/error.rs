@@ -78,15 +78,4 @@ impl Error {
             reason: reason.into(),
         }
     }
-
-    /// The C ABI status code (`FEP_ERR_*` in include/fep_kernels.h).
-    pub fn status(&self) -> i32 {
-        match self {
-            Error::InvalidArgument { .. } => crate::ffi::FEP_ERR_INVALID_ARGUMENT,
-            Error::NoDevice { .. } => crate::ffi::FEP_ERR_NO_DEVICE,
-            Error::Driver { .. } => crate::ffi::FEP_ERR_DRIVER,
-            Error::OutOfMemory { .. } => crate::ffi::FEP_ERR_OUT_OF_MEMORY,
-            Error::Unsupported(_) => crate::ffi::FEP_ERR_UNSUPPORTED,
-        }
-    }
 }

@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::attention::relayout;
 use common::gpu::gpu;
 use common::{rel_err, rng};
 use fep_kernels::attention::{
@@ -82,22 +83,6 @@ fn tol<T: Element>() -> f64 {
         fep_kernels::DType::F32 => 1e-4,
         _ => 3e-2,
     }
-}
-
-/// BHLD data laid out as BLHD, or BLHD memory read back as BHLD (`[b, h, l, d]` is BHLD).
-fn relayout<T: Copy>(x: &[T], [b, h, l, d]: [usize; 4], to_blhd: bool) -> Vec<T> {
-    let mut out = x.to_vec();
-    for bi in 0..b {
-        for hi in 0..h {
-            for li in 0..l {
-                let bhld = ((bi * h + hi) * l + li) * d;
-                let blhd = ((bi * l + li) * h + hi) * d;
-                let (src, dst) = if to_blhd { (bhld, blhd) } else { (blhd, bhld) };
-                out[dst..dst + d].copy_from_slice(&x[src..src + d]);
-            }
-        }
-    }
-    out
 }
 
 fn t4<T: Element>(buf: &DeviceBuffer<T>, s: [usize; 4], blhd: bool) -> Tensor4<'_, T> {

@@ -14,6 +14,7 @@
 
 mod common;
 
+use common::attention::relayout;
 use common::gpu::{gpu, is_emulated};
 use common::{rel_err, rng};
 use fep_kernels::attention::{
@@ -85,23 +86,6 @@ struct Inputs<T> {
 
 fn shape_len(s: [usize; 4]) -> usize {
     s.iter().product()
-}
-
-/// BHLD data laid out as BLHD (`to_blhd`), or BLHD memory read back as BHLD; `[b, h, l, d]` is
-/// the BHLD shape either way.
-fn relayout<T: Copy>(x: &[T], [b, h, l, d]: [usize; 4], to_blhd: bool) -> Vec<T> {
-    let mut out = x.to_vec();
-    for bi in 0..b {
-        for hi in 0..h {
-            for li in 0..l {
-                let bhld = ((bi * h + hi) * l + li) * d;
-                let blhd = ((bi * l + li) * h + hi) * d;
-                let (src, dst) = if to_blhd { (bhld, blhd) } else { (blhd, bhld) };
-                out[dst..dst + d].copy_from_slice(&x[src..src + d]);
-            }
-        }
-    }
-    out
 }
 
 fn inputs<T: Element>(c: &Case) -> Inputs<T> {

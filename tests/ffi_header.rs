@@ -1,4 +1,4 @@
-//! include/fep_kernels.h and src/ffi.rs describe the same C ABI (DESIGN.md §1): every
+//! include/fep_kernels.h and src/ffi/*.rs describe the same C ABI (DESIGN.md §1): every
 //! `#define FEP_*` constant is a `pub const FEP_*: i32` of the same value, every function of the
 //! header is a `#[no_mangle] pub (unsafe) extern "C" fn` with the same parameters (count, names
 //! and types) and return type, and every struct (`FepLcaParams`, `FepSettleNet`, the `FepVmp*`
@@ -15,7 +15,56 @@ const HEADER: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/include/fep_kernels.h"
 ));
-const FFI_RS: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/ffi.rs"));
+/// The files of src/ffi/ (file name, text); every `.rs` file there must be listed (checked by
+/// `ffi_rs_lists_every_file_of_src_ffi` where the source tree is at hand).
+const FFI_FILES: &[(&str, &str)] = &[
+    (
+        "mod.rs",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/ffi/mod.rs")),
+    ),
+    (
+        "lca.rs",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/ffi/lca.rs")),
+    ),
+    (
+        "settle.rs",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/ffi/settle.rs")),
+    ),
+    (
+        "vmp.rs",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/ffi/vmp.rs")),
+    ),
+    (
+        "attention.rs",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/ffi/attention.rs")),
+    ),
+];
+
+/// The Rust side of the C ABI: the files of src/ffi/ one after the other.
+fn ffi_rs() -> String {
+    FFI_FILES
+        .iter()
+        .map(|(_, text)| *text)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A new file under src/ffi/ that the list above missed would hide its functions from the
+/// header check.
+#[test]
+fn ffi_rs_lists_every_file_of_src_ffi() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ffi");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        println!("{} is not here: nothing to compare", dir.display());
+        return;
+    };
+    let on_disk: BTreeSet<String> = entries
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".rs"))
+        .collect();
+    let listed: BTreeSet<String> = FFI_FILES.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(on_disk, listed, "FFI_FILES against {}", dir.display());
+}
 
 // ---------------------------------------------------------------------------------------------
 // Parsing
@@ -730,7 +779,7 @@ fn compare_structs(h: &Header, r: &RustFfi) -> Vec<String> {
 #[test]
 fn header_and_ffi_rs_declare_the_same_abi() {
     let h = parse_header(HEADER);
-    let r = parse_ffi_rs(FFI_RS);
+    let r = parse_ffi_rs(&ffi_rs());
     println!(
         "header: {} constants, {} functions, {} structs, opaque {:?}",
         h.defines.len(),
@@ -824,7 +873,7 @@ fn header_and_ffi_rs_declare_the_same_abi() {
     let errs = compare(&h, &r);
     assert!(
         errs.is_empty(),
-        "include/fep_kernels.h and src/ffi.rs disagree:\n{}",
+        "include/fep_kernels.h and src/ffi/ disagree:\n{}",
         errs.join("\n")
     );
 }
@@ -1263,7 +1312,7 @@ fn header_compiles_as_c_and_cxx_with_rust_layout() {
     // against the compiled Rust struct (size, alignment and every field's offset), then asserted
     // in C and C++ against the header's struct.
     let h = parse_header(HEADER);
-    let r = parse_ffi_rs(FFI_RS);
+    let r = parse_ffi_rs(&ffi_rs());
     assert!(
         h.structs.len() >= 3,
         "structs parsed: {:?}",

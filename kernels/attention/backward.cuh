@@ -137,6 +137,27 @@ FEP_DEVICE bool attn_bwd_visible(const AttnBwdParams& p, int i, int j, int off) 
     return !(p.window > 0 && j <= i + off - p.window);
 }
 
+// acc = 0.
+template <int NT>
+FEP_DEVICE void attn_bwd_zero(float (&acc)[NT][FEP_MMA_ACC]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < FEP_MMA_ACC; ++i) acc[t][i] = 0.0f;
+}
+
+// One tile's x = A Bᵀ over kD and dp = C Eᵀ over kDv (S and dP, or Sᵀ and dPᵀ), from zero.
+template <typename In, int kD, int kDv, int NT, typename FA, typename FB, typename FC, typename FE>
+FEP_DEVICE void attn_bwd_products(float (&x)[NT][FEP_MMA_ACC], float (&dp)[NT][FEP_MMA_ACC], const FA& a,
+                                  const FB& b, const FC& c, const FE& e) {
+    attn_bwd_zero(x);
+    attn_bwd_zero(dp);
+#pragma unroll 1
+    for (int k0 = 0; k0 < kD; k0 += FepMma<In>::kK) fep_mma_run_accurate<In, NT>(x, a, b, k0);
+#pragma unroll 1
+    for (int k0 = 0; k0 < kDv; k0 += FepMma<In>::kK) fep_mma_run_accurate<In, NT>(dp, c, e, k0);
+}
+
 template <typename In, int kD, int kDv>
 FEP_DEVICE void attn_bwd_dq(const AttnBwdParams& p) {
     using Tr = AttnBwdTraits<In, kD, kDv>;
@@ -187,15 +208,13 @@ FEP_DEVICE void attn_bwd_dq(const AttnBwdParams& p) {
         }
         r_delta[r] = delta, r_qn[r] = qn, r_lse[r] = lse, r_de[r] = de;
     }
+    __syncthreads();  // the row terms are read by other lanes, also when no key tile follows
 
     const In* qs = sq + warp * 16 * Tr::kDs;  // this warp's 16 rows
     const In* dos = sdo + warp * 16 * Tr::kDvs;
     In* ms = sm + warp * 16 * Tr::kBs;
     float dq[kND][kAcc];
-#pragma unroll
-    for (int t = 0; t < kND; ++t)
-#pragma unroll
-        for (int i = 0; i < kAcc; ++i) dq[t][i] = 0.0f;
+    attn_bwd_zero(dq);
     // Per row (slot): Σ g; Σ P and Σ dS ∂s/∂ν (the scalar gradients' terms); and for the
     // correction of Δ: Σ dS, Σ w, Σ w ∂s/∂ν, Σ w π∂s/∂π. Δ from dO·o carries the forward's
     // rounding, so Σ_j dS_ij is not exactly 0; Δ' = Δ + Σ dS / Σ w is Δ as the weights used here
@@ -229,14 +248,7 @@ FEP_DEVICE void attn_bwd_dq(const AttnBwdParams& p) {
         __syncthreads();
 
         float x[kNT][kAcc], dp[kNT][kAcc];
-#pragma unroll
-        for (int t = 0; t < kNT; ++t)
-#pragma unroll
-            for (int i = 0; i < kAcc; ++i) x[t][i] = 0.0f, dp[t][i] = 0.0f;
-#pragma unroll 1
-        for (int k0 = 0; k0 < kD; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(x, aq, bk, k0);
-#pragma unroll 1
-        for (int k0 = 0; k0 < kDv; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(dp, ado, bv, k0);
+        attn_bwd_products<In, kD, kDv>(x, dp, aq, bk, ado, bv);
 
 #pragma unroll
         for (int t = 0; t < kNT; ++t) {
@@ -351,20 +363,15 @@ FEP_DEVICE void attn_bwd_kv_pass(const AttnBwdParams& p) {
         k_n[r] = n;
         k_pi[r] = pik && j0 + r < kv_end ? pik[j0 + r] : 1.0f;
     }
+    __syncthreads();  // the key terms are read by other lanes, also when no query tile follows
 
     const In* ks = sk + warp * 16 * Tr::kDs;  // this warp's 16 keys
     const In* vs = sv + warp * 16 * Tr::kDvs;
     In* pts = spt + warp * 16 * Tr::kBs;
     In* mts = smt + warp * 16 * Tr::kBs;
     float dk[kNK][kAcc], dv[kNV][kAcc], gsum[kSlots], psum[kSlots];
-#pragma unroll
-    for (int t = 0; t < kNK; ++t)
-#pragma unroll
-        for (int i = 0; i < kAcc; ++i) dk[t][i] = 0.0f;
-#pragma unroll
-    for (int t = 0; t < kNV; ++t)
-#pragma unroll
-        for (int i = 0; i < kAcc; ++i) dv[t][i] = 0.0f;
+    attn_bwd_zero(dk);
+    attn_bwd_zero(dv);
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) gsum[s] = 0.0f, psum[s] = 0.0f;
 
@@ -403,14 +410,7 @@ FEP_DEVICE void attn_bwd_kv_pass(const AttnBwdParams& p) {
             __syncthreads();
 
             float x[kNT][kAcc], dp[kNT][kAcc];
-#pragma unroll
-            for (int t = 0; t < kNT; ++t)
-#pragma unroll
-                for (int i = 0; i < kAcc; ++i) x[t][i] = 0.0f, dp[t][i] = 0.0f;
-#pragma unroll 1
-            for (int k0 = 0; k0 < kD; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(x, ak, bq, k0);
-#pragma unroll 1
-            for (int k0 = 0; k0 < kDv; k0 += Mma::kK) fep_mma_run_accurate<In, kNT>(dp, av, bdo, k0);
+            attn_bwd_products<In, kD, kDv>(x, dp, ak, bq, av, bdo);
 
 #pragma unroll
             for (int t = 0; t < kNT; ++t) {

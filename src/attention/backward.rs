@@ -78,7 +78,10 @@
 //! # Ok::<(), fep_kernels::Error>(())
 //! ```
 
-use super::{AttentionSpec, Precisions, Problem, Tensor4, Tensor4Mut, check_tensor, dims, extent};
+use super::{
+    AttentionSpec, Precisions, Problem, Tensor4, Tensor4Mut, check_problem, check_tensor, dims,
+    extent, input_spans,
+};
 use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -157,23 +160,8 @@ pub fn backward_into<'a, T: Element>(
     out: Gradients<'_, T>,
     stream: Stream,
 ) -> Result<()> {
-    spec.validate()?;
-    let dm = dims(q, k, v)?;
+    let dm = check_problem(spec, q, k, v, precision, kv_len)?;
     let dev = q.data.device();
-    same_device("k", k.data.device(), dev)?;
-    same_device("v", v.data.device(), dev)?;
-    if let Some(h) = &precision.head {
-        same_device("precision.head", h.device(), dev)?;
-        check_len("precision.head", h.len(), dm.hq)?;
-    }
-    if let Some(p) = &precision.key {
-        same_device("precision.key", p.device(), dev)?;
-        check_len("precision.key", p.len(), dm.b * dm.hkv * dm.lk)?;
-    }
-    if let Some(l) = kv_len {
-        same_device("kv_len", l.device(), dev)?;
-        check_len("kv_len", l.len(), dm.b)?;
-    }
     let rows = dm.b * dm.hq * dm.lq;
     let o_shape = [dm.b, dm.hq, dm.lq, dm.dv];
     for (name, t) in [("o", &inputs.o), ("d_o", &inputs.d_o)] {
@@ -233,26 +221,16 @@ pub fn backward_into<'a, T: Element>(
     // Byte spans: no output may alias an input or another output.
     let el = std::mem::size_of::<T>();
     let t4 = |name, t: &Tensor4<'_, T>| (name, t.data.addr(), extent(t.shape, t.strides) * el);
-    let mut ins = vec![
-        t4("q", q),
-        t4("k", k),
-        t4("v", v),
+    let mut ins = input_spans(q, k, v, precision, kv_len);
+    ins.extend([
         t4("o", &inputs.o),
         t4("d_o", &inputs.d_o),
         ("lse", inputs.lse.addr(), 4 * inputs.lse.len()),
-    ];
-    for (name, x) in [
-        ("precision.head", &precision.head),
-        ("precision.key", &precision.key),
-        ("e", &inputs.e),
-        ("d_e", &inputs.d_e),
-    ] {
+    ]);
+    for (name, x) in [("e", &inputs.e), ("d_e", &inputs.d_e)] {
         if let Some(x) = x {
             ins.push((name, x.addr(), 4 * x.len()));
         }
-    }
-    if let Some(l) = kv_len {
-        ins.push(("kv_len", l.addr(), 4 * l.len()));
     }
     let m4 = |name, t: &Tensor4Mut<'_, T>| (name, t.data.addr, extent(t.shape, t.strides) * el);
     let mut outs = vec![m4("dq", &out.dq), m4("dk", &out.dk), m4("dv", &out.dv)];

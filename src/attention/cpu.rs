@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::{AttentionOutputs, AttentionSpec, Problem, Score, Tensor4};
+use super::{AttentionOutputs, AttentionSpec, Problem, Score, Tensor4, Tensor4Mut};
+use crate::backend::View;
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -253,53 +254,79 @@ pub(crate) fn gather<T: Element>(t: &Tensor4<'_, T>) -> Vec<f64> {
     out
 }
 
-pub(crate) fn forward_views<T: Element>(
-    p: &Problem<'_, '_, T>,
-    mut out: AttentionOutputs<'_, T>,
-) -> Result<()> {
-    let dm = p.dims;
-    let q = gather(p.q);
-    let k = gather(p.k);
-    let v = gather(p.v);
-    let to64 = |v: &crate::backend::View<'_, f32>| -> Vec<f64> {
-        v.host_slice().iter().map(|&x| x as f64).collect()
-    };
-    let pi_head = p.precision.head.as_ref().map(to64);
-    let pi_key = p.precision.key.as_ref().map(to64);
-    let kv_len = p.kv_len.map(|l| l.host_slice());
-    let inp = RefInputs {
-        b: dm.b,
-        hq: dm.hq,
-        hkv: dm.hkv,
-        lq: dm.lq,
-        lk: dm.lk,
-        d: dm.d,
-        dv: dm.dv,
-        q: &q,
-        k: &k,
-        v: &v,
-        pi_head: pi_head.as_deref(),
-        pi_key: pi_key.as_deref(),
-        kv_len,
-    };
-    // Everything is checked here, before the first write.
-    let r = forward(&p.spec, &inp)?;
+/// A problem's inputs gathered into row-major f64 host vectors (what the reference takes).
+pub(crate) struct Gathered {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    pi_head: Option<Vec<f64>>,
+    pi_key: Option<Vec<f64>>,
+}
 
-    let [sb, sh, sl] = out.o.strides;
-    let o = out.o.data.host_slice_mut();
+/// f32 host values as f64.
+pub(crate) fn host_f64(v: &View<'_, f32>) -> Vec<f64> {
+    v.host_slice().iter().map(|&x| x as f64).collect()
+}
+
+impl Gathered {
+    pub(crate) fn new<T: Element>(p: &Problem<'_, '_, T>) -> Self {
+        Gathered {
+            q: gather(p.q),
+            k: gather(p.k),
+            v: gather(p.v),
+            pi_head: p.precision.head.as_ref().map(host_f64),
+            pi_key: p.precision.key.as_ref().map(host_f64),
+        }
+    }
+
+    /// The reference's view of them, with the problem's sizes and key lengths.
+    pub(crate) fn inputs<'s, T: Element>(&'s self, p: &Problem<'_, 's, T>) -> RefInputs<'s> {
+        let dm = p.dims;
+        RefInputs {
+            b: dm.b,
+            hq: dm.hq,
+            hkv: dm.hkv,
+            lq: dm.lq,
+            lk: dm.lk,
+            d: dm.d,
+            dv: dm.dv,
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            pi_head: self.pi_head.as_deref(),
+            pi_key: self.pi_key.as_deref(),
+            kv_len: p.kv_len.map(|l| l.host_slice()),
+        }
+    }
+}
+
+/// A row-major BHLD f64 block written into a strided output tensor of the element type.
+pub(crate) fn scatter<T: Element>(t: &mut Tensor4Mut<'_, T>, src: &[f64]) {
+    let [nb, nh, nl, nd] = t.shape;
+    let [sb, sh, sl] = t.strides;
+    let dst = t.data.host_slice_mut();
     let mut row = 0;
-    for b in 0..dm.b {
-        for h in 0..dm.hq {
-            for l in 0..dm.lq {
-                let dst = &mut o[b * sb + h * sh + l * sl..][..dm.dv];
-                let src = &r.o[row * dm.dv..][..dm.dv];
-                dst.iter_mut()
-                    .zip(src)
+    for b in 0..nb {
+        for h in 0..nh {
+            for l in 0..nl {
+                let out = &mut dst[b * sb + h * sh + l * sl..][..nd];
+                out.iter_mut()
+                    .zip(&src[row * nd..][..nd])
                     .for_each(|(a, &c)| *a = T::from_f64(c));
                 row += 1;
             }
         }
     }
+}
+
+pub(crate) fn forward_views<T: Element>(
+    p: &Problem<'_, '_, T>,
+    mut out: AttentionOutputs<'_, T>,
+) -> Result<()> {
+    let host = Gathered::new(p);
+    // Everything is checked here, before the first write.
+    let r = forward(&p.spec, &host.inputs(p))?;
+    scatter(&mut out.o, &r.o);
     if let Some(lse) = out.lse.as_mut() {
         let dst = lse.host_slice_mut();
         dst.iter_mut().zip(&r.lse).for_each(|(a, &c)| *a = c as f32);

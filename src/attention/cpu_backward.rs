@@ -5,9 +5,8 @@
 use rayon::prelude::*;
 
 use super::backward::{BackwardProblem, Gradients};
-use super::cpu::{RefInputs, gather, validate, visible};
-use super::{AttentionSpec, Score, Tensor4Mut};
-use crate::backend::View;
+use super::cpu::{Gathered, RefInputs, gather, host_f64, scatter, validate, visible};
+use super::{AttentionSpec, Score};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -254,58 +253,18 @@ pub fn backward(
     Ok(out)
 }
 
-/// A row-major BHLD f64 block written into a strided output tensor of the element type.
-fn scatter<T: Element>(t: &mut Tensor4Mut<'_, T>, src: &[f64]) {
-    let [nb, nh, nl, nd] = t.shape;
-    let [sb, sh, sl] = t.strides;
-    let dst = t.data.host_slice_mut();
-    let mut row = 0;
-    for b in 0..nb {
-        for h in 0..nh {
-            for l in 0..nl {
-                let out = &mut dst[b * sb + h * sh + l * sl..][..nd];
-                out.iter_mut()
-                    .zip(&src[row * nd..][..nd])
-                    .for_each(|(a, &c)| *a = T::from_f64(c));
-                row += 1;
-            }
-        }
-    }
-}
-
 /// What the CPU device runs for `attention::backward_into`: the reference on the gathered inputs.
 pub(crate) fn backward_views<T: Element>(
     p: &BackwardProblem<'_, '_, T>,
     mut out: Gradients<'_, T>,
 ) -> Result<()> {
-    let f = &p.fwd;
-    let dm = f.dims;
-    let (q, k, v) = (gather(f.q), gather(f.k), gather(f.v));
+    let host = Gathered::new(&p.fwd);
     let d_o = gather(&p.inputs.d_o);
-    let to64 =
-        |v: &View<'_, f32>| -> Vec<f64> { v.host_slice().iter().map(|&x| x as f64).collect() };
-    let pi_head = f.precision.head.as_ref().map(to64);
-    let pi_key = f.precision.key.as_ref().map(to64);
-    let d_e = p.inputs.d_e.as_ref().map(to64);
-    let inp = RefInputs {
-        b: dm.b,
-        hq: dm.hq,
-        hkv: dm.hkv,
-        lq: dm.lq,
-        lk: dm.lk,
-        d: dm.d,
-        dv: dm.dv,
-        q: &q,
-        k: &k,
-        v: &v,
-        pi_head: pi_head.as_deref(),
-        pi_key: pi_key.as_deref(),
-        kv_len: f.kv_len.map(|l| l.host_slice()),
-    };
+    let d_e = p.inputs.d_e.as_ref().map(host_f64);
     // Everything is checked here, before the first write.
     let g = backward(
-        &f.spec,
-        &inp,
+        &p.fwd.spec,
+        &host.inputs(&p.fwd),
         &RefGradInputs {
             d_o: &d_o,
             d_e: d_e.as_deref(),

@@ -439,6 +439,61 @@ pub(crate) fn dims<T: Element>(
     })
 }
 
+/// The checks every entry point makes on the forward's arguments: the spec, shapes, strides,
+/// heads, and that everything lives on q's device with the right lengths.
+pub(crate) fn check_problem<'a, T: Element>(
+    spec: &AttentionSpec,
+    q: &Tensor4<'a, T>,
+    k: &Tensor4<'a, T>,
+    v: &Tensor4<'a, T>,
+    precision: &Precisions<'a>,
+    kv_len: Option<&View<'a, i32>>,
+) -> Result<Dims> {
+    spec.validate()?;
+    let dims = dims(q, k, v)?;
+    let dev = q.data.device();
+    same_device("k", k.data.device(), dev)?;
+    same_device("v", v.data.device(), dev)?;
+    if let Some(h) = &precision.head {
+        same_device("precision.head", h.device(), dev)?;
+        check_len("precision.head", h.len(), dims.hq)?;
+    }
+    if let Some(p) = &precision.key {
+        same_device("precision.key", p.device(), dev)?;
+        check_len("precision.key", p.len(), dims.b * dims.hkv * dims.lk)?;
+    }
+    if let Some(l) = kv_len {
+        same_device("kv_len", l.device(), dev)?;
+        check_len("kv_len", l.len(), dims.b)?;
+    }
+    Ok(dims)
+}
+
+/// Byte spans (name, address, bytes) of the forward's inputs, for the overlap check.
+pub(crate) fn input_spans<'a, T: Element>(
+    q: &Tensor4<'a, T>,
+    k: &Tensor4<'a, T>,
+    v: &Tensor4<'a, T>,
+    precision: &Precisions<'a>,
+    kv_len: Option<&View<'a, i32>>,
+) -> Vec<(&'static str, u64, usize)> {
+    let el = std::mem::size_of::<T>();
+    let t4 = |name, t: &Tensor4<'_, T>| (name, t.data.addr(), extent(t.shape, t.strides) * el);
+    let mut ins = vec![t4("q", q), t4("k", k), t4("v", v)];
+    for (name, p) in [
+        ("precision.head", &precision.head),
+        ("precision.key", &precision.key),
+    ] {
+        if let Some(p) = p {
+            ins.push((name, p.addr(), 4 * p.len()));
+        }
+    }
+    if let Some(l) = kv_len {
+        ins.push(("kv_len", l.addr(), 4 * l.len()));
+    }
+    ins
+}
+
 /// Everything a backend needs, checked.
 pub(crate) struct Problem<'p, 'a, T: Element> {
     pub spec: AttentionSpec,
@@ -466,23 +521,8 @@ pub fn forward_into<'a, T: Element>(
     out: AttentionOutputs<'_, T>,
     stream: Stream,
 ) -> Result<()> {
-    spec.validate()?;
-    let dims = dims(q, k, v)?;
+    let dims = check_problem(spec, q, k, v, precision, kv_len)?;
     let dev = q.data.device();
-    same_device("k", k.data.device(), dev)?;
-    same_device("v", v.data.device(), dev)?;
-    if let Some(h) = &precision.head {
-        same_device("precision.head", h.device(), dev)?;
-        check_len("precision.head", h.len(), dims.hq)?;
-    }
-    if let Some(p) = &precision.key {
-        same_device("precision.key", p.device(), dev)?;
-        check_len("precision.key", p.len(), dims.b * dims.hkv * dims.lk)?;
-    }
-    if let Some(l) = kv_len {
-        same_device("kv_len", l.device(), dev)?;
-        check_len("kv_len", l.len(), dims.b)?;
-    }
     let want = [dims.b, dims.hq, dims.lq, dims.dv];
     if out.o.shape != want {
         return Err(Error::invalid(
@@ -502,22 +542,7 @@ pub fn forward_into<'a, T: Element>(
     // Byte spans of everything read and written: an output may alias nothing.
     let span = |name, addr: u64, elems: usize, size: usize| (name, addr, elems * size);
     let el = std::mem::size_of::<T>();
-    let mut ins = vec![
-        span("q", q.data.addr(), extent(q.shape, q.strides), el),
-        span("k", k.data.addr(), extent(k.shape, k.strides), el),
-        span("v", v.data.addr(), extent(v.shape, v.strides), el),
-    ];
-    for (name, p) in [
-        ("precision.head", &precision.head),
-        ("precision.key", &precision.key),
-    ] {
-        if let Some(p) = p {
-            ins.push(span(name, p.addr(), p.len(), 4));
-        }
-    }
-    if let Some(l) = kv_len {
-        ins.push(span("kv_len", l.addr(), l.len(), 4));
-    }
+    let ins = input_spans(q, k, v, precision, kv_len);
     let mut outs = vec![span(
         "o",
         out.o.data.addr,

@@ -50,17 +50,6 @@ impl DeviceKind {
             DeviceKind::Emulated => "emulated",
         }
     }
-
-    /// The C ABI code (`FEP_DEVICE_*`).
-    pub fn code(self) -> i32 {
-        match self {
-            DeviceKind::Cpu => crate::ffi::FEP_DEVICE_CPU,
-            DeviceKind::Cuda => crate::ffi::FEP_DEVICE_CUDA,
-            DeviceKind::Hip => crate::ffi::FEP_DEVICE_HIP,
-            #[cfg(feature = "emulate")]
-            DeviceKind::Emulated => -1,
-        }
-    }
 }
 
 pub(crate) enum Backend {

@@ -340,3 +340,20 @@ pub fn load_backward_case(c: &Value) -> BackwardCase {
         case,
     }
 }
+
+/// BHLD data laid out as BLHD (`to_blhd`), or BLHD memory read back as BHLD; `[b, h, l, d]` is
+/// the BHLD shape either way.
+pub fn relayout<T: Copy>(x: &[T], [b, h, l, d]: [usize; 4], to_blhd: bool) -> Vec<T> {
+    let mut out = x.to_vec();
+    for bi in 0..b {
+        for hi in 0..h {
+            for li in 0..l {
+                let bhld = ((bi * h + hi) * l + li) * d;
+                let blhd = ((bi * l + li) * h + hi) * d;
+                let (src, dst) = if to_blhd { (bhld, blhd) } else { (blhd, bhld) };
+                out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,269 @@
+//! The C ABI: `include/fep_kernels.h`, kept in step with these files by tests/ffi_header.rs.
+//!
+//! Every entry point validates its pointers and sizes, returns a status code, and records a
+//! message for [`fep_last_error`] on failure. No panic crosses the boundary: one that escaped
+//! the library would be a bug, and is reported as `FEP_ERR_INTERNAL`.
+//!
+//! This file holds what every op shares: the ABI version, status, device and dtype codes (and
+//! their mapping to [`Error`], [`DeviceKind`] and [`DType`]), the thread-local last error and
+//! the panic guard, the library/device entry points, handle helpers and the common argument
+//! checks. Each op's `#[repr(C)]` structs, codes and `extern "C"` functions are in its own
+//! file (lca.rs, settle.rs, vmp.rs, attention.rs), all re-exported here: the paths stay
+//! `fep_kernels::ffi::*`.
+
+#![allow(missing_docs, clippy::missing_safety_doc)]
+
+use std::cell::RefCell;
+use std::ffi::{CString, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use crate::backend::{Device, DeviceKind, Stream};
+use crate::element::DType;
+use crate::error::{Error, Result};
+
+pub const FEP_ABI_VERSION: i32 = 1;
+
+pub const FEP_OK: i32 = 0;
+pub const FEP_ERR_INVALID_ARGUMENT: i32 = 1;
+pub const FEP_ERR_NO_DEVICE: i32 = 2;
+pub const FEP_ERR_DRIVER: i32 = 3;
+pub const FEP_ERR_OUT_OF_MEMORY: i32 = 4;
+pub const FEP_ERR_UNSUPPORTED: i32 = 5;
+pub const FEP_ERR_INTERNAL: i32 = 6;
+
+pub const FEP_DEVICE_CPU: i32 = 0;
+pub const FEP_DEVICE_CUDA: i32 = 1;
+pub const FEP_DEVICE_HIP: i32 = 2;
+
+pub const FEP_DTYPE_F32: i32 = 0;
+pub const FEP_DTYPE_F16: i32 = 1;
+pub const FEP_DTYPE_BF16: i32 = 2;
+
+// ---- the codes of the crate's own types -------------------------------------------------------
+
+impl Error {
+    /// The C ABI status code (`FEP_ERR_*` in include/fep_kernels.h).
+    pub fn status(&self) -> i32 {
+        match self {
+            Error::InvalidArgument { .. } => FEP_ERR_INVALID_ARGUMENT,
+            Error::NoDevice { .. } => FEP_ERR_NO_DEVICE,
+            Error::Driver { .. } => FEP_ERR_DRIVER,
+            Error::OutOfMemory { .. } => FEP_ERR_OUT_OF_MEMORY,
+            Error::Unsupported(_) => FEP_ERR_UNSUPPORTED,
+        }
+    }
+}
+
+impl DeviceKind {
+    /// The C ABI code (`FEP_DEVICE_*`).
+    pub fn code(self) -> i32 {
+        match self {
+            DeviceKind::Cpu => FEP_DEVICE_CPU,
+            DeviceKind::Cuda => FEP_DEVICE_CUDA,
+            DeviceKind::Hip => FEP_DEVICE_HIP,
+            #[cfg(feature = "emulate")]
+            DeviceKind::Emulated => -1,
+        }
+    }
+}
+
+impl DType {
+    /// The C ABI code (`FEP_DTYPE_*`).
+    pub fn code(self) -> i32 {
+        match self {
+            DType::F32 => FEP_DTYPE_F32,
+            DType::F16 => FEP_DTYPE_F16,
+            DType::BF16 => FEP_DTYPE_BF16,
+        }
+    }
+}
+
+/// The device kind of a `FEP_DEVICE_*` code.
+fn kind_from(code: i32) -> Result<DeviceKind> {
+    match code {
+        FEP_DEVICE_CPU => Ok(DeviceKind::Cpu),
+        FEP_DEVICE_CUDA => Ok(DeviceKind::Cuda),
+        FEP_DEVICE_HIP => Ok(DeviceKind::Hip),
+        other => Err(Error::invalid(
+            "kind",
+            format!("{other} is not FEP_DEVICE_CPU, _CUDA or _HIP"),
+        )),
+    }
+}
+
+/// Runs `$body` with `$t` the element type named by the `FEP_DTYPE_*` code `$dtype`.
+macro_rules! with_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            $crate::ffi::FEP_DTYPE_F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::ffi::FEP_DTYPE_F16 => {
+                type $t = ::half::f16;
+                $body
+            }
+            $crate::ffi::FEP_DTYPE_BF16 => {
+                type $t = ::half::bf16;
+                $body
+            }
+            other => Err($crate::error::Error::invalid(
+                "dtype",
+                format!("{other} is not FEP_DTYPE_F32, _F16 or _BF16"),
+            )),
+        }
+    };
+}
+
+// The op files come after `with_dtype!`, which they use (a macro's textual scope).
+mod attention;
+mod lca;
+mod settle;
+mod vmp;
+
+pub use self::attention::*;
+pub use self::lca::*;
+pub use self::settle::*;
+pub use self::vmp::*;
+
+// ---- the last error and the panic guard -------------------------------------------------------
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: String) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// Runs `f`, turning an error or a panic into a status and a last-error message.
+fn guard(f: impl FnOnce() -> Result<()>) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => FEP_OK,
+        Ok(Err(e)) => {
+            set_last_error(e.to_string());
+            e.status()
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            set_last_error(format!("internal error (a bug in fep-kernels): {what}"));
+            FEP_ERR_INTERNAL
+        }
+    }
+}
+
+// ---- common argument checks -------------------------------------------------------------------
+
+fn non_null<T>(name: &str, p: *const T) -> Result<()> {
+    if p.is_null() {
+        return Err(Error::invalid(name, "is NULL"));
+    }
+    Ok(())
+}
+
+fn usize_of(name: &str, v: u64) -> Result<usize> {
+    usize::try_from(v).map_err(|_| Error::invalid(name, format!("{v} does not fit in memory")))
+}
+
+fn product(name: &str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::invalid(name, format!("{a} * {b} overflows")))
+}
+
+/// `len` entries of a C array, or an error naming it when it is NULL.
+unsafe fn slice_of<'a, T>(name: &str, p: *const T, len: usize) -> Result<&'a [T]> {
+    non_null(name, p)?;
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// The device of a `FEP_DEVICE_*` code and an ordinal (checked non-negative first).
+fn open_device(kind: i32, ordinal: i32) -> Result<Device> {
+    let ordinal = usize::try_from(ordinal)
+        .map_err(|_| Error::invalid("ordinal", format!("{ordinal} is negative")))?;
+    Device::open(kind_from(kind)?, ordinal)
+}
+
+/// The caller's stream; NULL means the legacy default stream on a GPU.
+fn raw_stream(stream: *mut c_void) -> Stream {
+    unsafe { Stream::from_raw(stream) }
+}
+
+// ---- handles ----------------------------------------------------------------------------------
+
+/// Stores a new handle owning `value` at `*out` (checked non-NULL by the caller).
+unsafe fn new_handle<T>(out: *mut *mut T, value: T) {
+    unsafe { *out = Box::into_raw(Box::new(value)) };
+}
+
+/// Frees a handle made by [`new_handle`]; NULL is a no-op, and a panic while dropping does not
+/// cross the boundary.
+unsafe fn free_handle<T>(handle: *mut T) {
+    if !handle.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(handle) })));
+    }
+}
+
+/// The object behind a handle, or an error naming `name` when it is NULL.
+unsafe fn handle_ref<'a, T>(name: &str, handle: *const T) -> Result<&'a T> {
+    non_null(name, handle)?;
+    Ok(unsafe { &*handle })
+}
+
+// ---- the library and its devices --------------------------------------------------------------
+
+#[unsafe(no_mangle)]
+pub extern "C" fn fep_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn fep_abi_version() -> i32 {
+    FEP_ABI_VERSION
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn fep_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn fep_device_count(kind: i32) -> i32 {
+    let mut count = 0;
+    let status = guard(|| {
+        count = Device::count(kind_from(kind)?) as i32;
+        Ok(())
+    });
+    if status == FEP_OK { count } else { -status }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fep_device_name(
+    kind: i32,
+    ordinal: i32,
+    buf: *mut c_char,
+    len: u64,
+) -> i32 {
+    guard(|| {
+        non_null("buf", buf)?;
+        let len = usize_of("len", len)?;
+        if len == 0 {
+            return Err(Error::invalid(
+                "len",
+                "is 0: no room for the terminating NUL",
+            ));
+        }
+        let name = open_device(kind, ordinal)?.name();
+        let bytes = name.as_bytes();
+        let n = bytes.len().min(len - 1);
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), n);
+            *buf.add(n) = 0;
+        }
+        Ok(())
+    })
+}
