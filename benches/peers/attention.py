@@ -3,7 +3,7 @@
 
 Times, on the same shapes and the same tensors, in the same run:
 
-  ours        fk.attention_forward (bindings/python/fep_kernels.py, the C ABI on the torch
+  ours        fk.attention_forward (bindings/python/fep_kernels, the C ABI on the torch
               tensors; o preallocated (`out`), check=False as benches/attention.rs does; the
               binding also writes lse and e, which the Rust bench does not ask for)
   sdpa        torch.nn.functional.scaled_dot_product_attention, flash backend (Dot only)
@@ -277,9 +277,9 @@ def setup_ours(args, tx):
     try:
         import fep_kernels as fk
     except Exception as e:
-        return {"ok": False, "why": f"bindings/python/fep_kernels.py: {fail_msg(e)}"}
+        return {"ok": False, "why": f"bindings/python/fep_kernels: {fail_msg(e)}"}
     if not hasattr(fk, "attention_forward"):
-        return {"ok": False, "why": "bindings/python/fep_kernels.py has no attention_forward yet"}
+        return {"ok": False, "why": "bindings/python/fep_kernels has no attention_forward yet"}
     try:
         fk.load(args.lib)
     except Exception as e:

@@ -3,7 +3,7 @@
 
 Times, on the same shapes and the same input tensors, in the same run:
 
-  ours                 fep_lca_solve through the C ABI (bindings/python/fep_kernels.py); the
+  ours                 fep_lca_solve through the C ABI (bindings/python/fep_kernels); the
                        dictionary (Phi, G) is prepared once, outside the timed region
   eager                a dense PyTorch LCA, eager: b = x @ Phi; u = 0;
                        T times { a = theta(u); u = u + eta * (b - u - a @ G) }; a = theta(u)

@@ -4,7 +4,7 @@
 Times, on the same shapes and the same input tensors, in the same run:
 
   ours        fep_settle_infer / fep_settle_learn through the C ABI
-              (bindings/python/fep_kernels.py, a SettleNet prepared once outside the timed
+              (bindings/python/fep_kernels, a SettleNet prepared once outside the timed
               region, preallocated outputs), with the input checks off (check=False, as
               benches/settle.rs does): the checks read a few floats back, which
               synchronises the stream

@@ -4,7 +4,7 @@
 Times, on the same models and the same batches, in the same run:
 
   ours        fep_vmp_infer_states / fep_vmp_infer_policies through the C ABI
-              (bindings/python/fep_kernels.py's VmpModel on CUDA tensors, the model uploaded
+              (bindings/python/fep_kernels's VmpModel on CUDA tensors, the model uploaded
               once outside the timed region, preallocated outputs, check=False as
               benches/vmp.rs does: the input scan reads one word back, which synchronises)
   pymdp_jax   pymdp's JAX agent (inferactively-pymdp 1.0.4, pymdp.agent.Agent(...,
@@ -163,9 +163,9 @@ def setup_ours(args):
     try:
         import fep_kernels as fk
     except Exception as e:
-        return {"ok": False, "why": f"bindings/python/fep_kernels.py: {fail_msg(e)}"}
+        return {"ok": False, "why": f"bindings/python/fep_kernels: {fail_msg(e)}"}
     if not hasattr(fk, "VmpModel"):
-        return {"ok": False, "why": "bindings/python/fep_kernels.py has no VmpModel yet"}
+        return {"ok": False, "why": "bindings/python/fep_kernels has no VmpModel yet"}
     if args.device == "cuda" and not torch.cuda.is_available():
         return {"ok": False, "why": "torch.cuda.is_available() is False (no GPU or a CPU-only "
                 "PyTorch)"}

@@ -1,0 +1,160 @@
+"""ctypes bindings for the fep-kernels C ABI (include/fep_kernels.h), on PyTorch tensors.
+
+The shared library is found, in order, at the path given to :func:`load`, at ``$FEP_KERNELS_LIB``,
+next to this package (a library bundled in ``fep_kernels/``), or at
+``target/release/libfep_kernels.so`` (``.dylib`` on macOS) in the repository this package belongs
+to (a source checkout or ``pip install -e``; build it with ``cargo build --release --lib``, adding
+the ``cuda`` or ``hip`` feature for a GPU). :func:`load` is called implicitly by the first function
+that needs the library; ``import fep_kernels`` itself needs neither the library nor PyTorch.
+
+Layout: ``_lib`` (loading, queries), ``_abi`` (the header's constants, structs and signatures),
+one module per op (``lca``, ``settle``, ``vmp``, and the ``attention`` functions, reachable as
+``fep_kernels.attention_forward`` etc.; the name ``fep_kernels.attention`` itself is the
+differentiable PyTorch function below) and ``torch_ops`` (``torch.library`` custom ops
+``fep::attention_forward`` / ``fep::attention_backward`` with fake implementations and autograd,
+imported when PyTorch is; :func:`attention` is differentiable and works under ``torch.compile``).
+
+Tensors are passed by pointer (``tensor.data_ptr()``), so they must be contiguous and live on
+the device the call names. CPU tensors use ``FEP_DEVICE_CPU``; CUDA tensors use
+``FEP_DEVICE_CUDA`` (``FEP_DEVICE_HIP`` under a ROCm build of PyTorch) with the tensor's device
+index as the ordinal and PyTorch's *current stream* of that device as the raw stream: work is
+enqueued on it and the call returns without synchronising, exactly like a PyTorch op, so results
+may be used by later PyTorch work on the same stream without any extra synchronisation. Outputs
+are allocated with ``torch.empty`` on the inputs' device (for CUDA, from PyTorch's caching
+allocator, which orders reuse on the current stream).
+
+Every failing call raises :class:`FepError` with the status and ``fep_last_error()``; inputs that
+are not contiguous or have the wrong dtype, device or shape raise :class:`ValueError` before the
+library is called.
+
+Example (runnable once the library is built; ``device = "cuda"`` needs the ``cuda`` feature)::
+
+    import torch
+    import fep_kernels as fk
+
+    print(fk.version(), fk.device_count("cpu"), fk.device_count("cuda"))
+    device = "cuda" if fk.device_count("cuda") > 0 and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(64, 256, generator=g)
+    phi /= phi.norm(dim=0, keepdim=True)                       # unit-norm columns
+    x = torch.randn(8, 64, generator=g)
+    with fk.LcaDictionary(phi.to(device)) as d:
+        out = d.solve(x.to(device), lam=0.1, eta=0.1, steps=200, threshold="soft", trace=True)
+        print(out["a"].shape, (out["a"] != 0).float().mean().item())
+        print(out["energy"][:, -1], out["active"][:, -1], out["steps"])
+        d.learn(x.to(device), out["a"], lr=0.01)                # one dictionary-learning step
+        print((d.phi().norm(dim=0) - 1).abs().max().item())     # columns stay unit-norm
+
+Predictive-coding settling (DESIGN.md 4.2) of a 784-128-10 network, on the same device::
+
+    w1 = (0.05 * torch.randn(128, 784, generator=g)).to(device)
+    w2 = (0.1 * torch.randn(10, 128, generator=g)).to(device)
+    x0 = torch.randn(32, 784, generator=g).to(device)
+    y = torch.nn.functional.one_hot(torch.arange(32) % 10, 10).float().to(device)
+    net = fk.SettleNet([w1, w2], activations=["identity", "tanh"], precisions=1.0)
+    res = net.infer(x0, eta=0.1, steps=20)                       # x_L free: a prediction
+    print(res["x"][-1].argmax(1), res["energy"])
+    res = net.learn(x0, y, eta=0.1, steps=20, trace=True, lr=0.01)  # x_L clamped, SGD applied
+    print(res["trace"][:, 0], res["trace"][:, -1], res["grad_w"][1].norm())
+"""
+
+import sys as _sys
+
+from . import _lib
+from ._abi import *  # noqa: F401,F403  (the FEP_* constants and FepError)
+from ._abi import FEP_SCORE_DOT, FEP_SCORE_GAUSSIAN, FEP_SCORE_LAPLACE, FEP_SCORE_STUDENT_T
+from ._lib import abi_version, device_count, device_name, last_error, load, version
+from .attention import attention_backward, attention_forward, attention_merge
+from .lca import LcaDictionary
+from .settle import SettleNet, settle_infer, settle_learn
+from .vmp import VmpModel, construct_policies
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FepError",
+    "LcaDictionary",
+    "SettleNet",
+    "settle_infer",
+    "settle_learn",
+    "VmpModel",
+    "construct_policies",
+    "load",
+    "version",
+    "abi_version",
+    "last_error",
+    "device_count",
+    "device_name",
+    "FEP_ABI_VERSION",
+    "FEP_OK",
+    "FEP_ERR_INVALID_ARGUMENT",
+    "FEP_ERR_NO_DEVICE",
+    "FEP_ERR_DRIVER",
+    "FEP_ERR_OUT_OF_MEMORY",
+    "FEP_ERR_UNSUPPORTED",
+    "FEP_ERR_INTERNAL",
+    "FEP_DEVICE_CPU",
+    "FEP_DEVICE_CUDA",
+    "FEP_DEVICE_HIP",
+    "FEP_DTYPE_F32",
+    "FEP_DTYPE_F16",
+    "FEP_DTYPE_BF16",
+    "FEP_LCA_SOFT",
+    "FEP_LCA_SOFT_NONNEG",
+    "FEP_LCA_HARD",
+    "FEP_LCA_HARD_NONNEG",
+    "FEP_ACT_IDENTITY",
+    "FEP_ACT_TANH",
+    "FEP_ACT_RELU",
+    "FEP_ACT_LEAKY_RELU",
+    "FEP_ACT_SIGMOID",
+    "FEP_ACT_GELU",
+    "FEP_SETTLE_INIT_FEEDFORWARD",
+    "FEP_SETTLE_INIT_GIVEN",
+    "FEP_VMP_OBS_INDEX",
+    "FEP_VMP_OBS_DIST",
+    "FEP_VMP_METHOD_VMP",
+    "FEP_VMP_METHOD_MMP",
+    "FEP_VMP_COUNTS_A",
+    "FEP_VMP_COUNTS_B",
+    "FEP_VMP_COUNTS_D",
+]
+__all__ += [
+    "attention",
+    "attention_forward",
+    "attention_backward",
+    "attention_merge",
+    "FEP_SCORE_DOT",
+    "FEP_SCORE_GAUSSIAN",
+    "FEP_SCORE_STUDENT_T",
+    "FEP_SCORE_LAPLACE",
+]
+
+
+def attention(q, k, v, precision_key=None, precision_head=None, score="dot", nu=5.0, scale=None,
+              causal=False, window=None, normalizer=True, kv_len=None, layout="bhld"):
+    """Differentiable precision-weighted attention on PyTorch tensors: returns ``o`` (see
+    :func:`fep_kernels.torch_ops.attention`; gradients flow to q, k, v, precision_key
+    [B, Hkv, Lk] and precision_head [Hq]). Needs PyTorch; works under ``torch.compile``."""
+    from .torch_ops import attention as _attention
+
+    return _attention(q, k, v, precision_key=precision_key, precision_head=precision_head,
+                      score=score, nu=nu, scale=scale, causal=causal, window=window,
+                      normalizer=normalizer, kv_len=kv_len, layout=layout)
+
+
+def __getattr__(name):
+    # the loaded library's path and handle live in fep_kernels._lib (the loader module)
+    if name == "_lib_path":
+        return _lib._lib_path
+    if name == "torch_ops":
+        import importlib
+
+        return importlib.import_module(".torch_ops", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if "torch" in _sys.modules:  # PyTorch already imported: register the fep:: ops now
+    from . import torch_ops  # noqa: E402,F401
+
+    attention = torch_ops.attention  # noqa: F811

@@ -1,0 +1,135 @@
+"""The one place that finds and loads the cdylib (``libfep_kernels.so``), and the library and
+device queries."""
+
+import ctypes
+import os
+import sys
+
+from ._abi import (
+    FEP_ABI_VERSION,
+    FEP_OK,
+    FepError,
+    _DEVICE_KINDS,
+    _declare,
+)
+
+
+_lib = None
+_lib_path = None
+
+_LIB_NAME = "libfep_kernels.dylib" if sys.platform == "darwin" else "libfep_kernels.so"
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+# bindings/python/fep_kernels/ -> the repository root (a source checkout or an editable install)
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(_PKG_DIR)))
+
+_HOW_TO_BUILD = (
+    "build it with `cargo build --release --lib` in the fep-kernels repository (add "
+    "`--features cuda` or `--features hip` for a GPU) and set FEP_KERNELS_LIB to "
+    "target/release/" + _LIB_NAME + ", or pass the path to fep_kernels.load(path)"
+)
+
+
+def _candidates():
+    """Where the library is looked for, in order: ``$FEP_KERNELS_LIB``, a library bundled in the
+    package directory, ``target/release/`` of the repository the package lives in."""
+    env = os.environ.get("FEP_KERNELS_LIB")
+    if env:
+        return [env]
+    cands = [os.path.join(_PKG_DIR, _LIB_NAME)]
+    if os.path.exists(os.path.join(_REPO_ROOT, "Cargo.toml")):  # a checkout, or pip install -e
+        cands.append(os.path.join(_REPO_ROOT, "target", "release", _LIB_NAME))
+    return cands
+
+
+def _default_lib_path():
+    """The first of :func:`_candidates` that exists; raises ``FileNotFoundError`` (an
+    ``OSError``) saying where it looked and how to build the library when none does."""
+    cands = _candidates()
+    for c in cands:
+        if os.path.exists(c):
+            return c
+    where = "FEP_KERNELS_LIB=" + cands[0] if len(cands) == 1 else ", ".join(cands)
+    raise FileNotFoundError(f"fep_kernels: the shared library {_LIB_NAME} was not found "
+                            f"(looked at {where}); {_HOW_TO_BUILD}")
+
+
+def load(path=None):
+    """Loads the library (once per process) and returns the ``ctypes.CDLL``.
+
+    ``path``: explicit path; default ``$FEP_KERNELS_LIB``, else a library bundled in the
+    package, else ``<repo>/target/release/libfep_kernels.so``. Raises ``OSError`` when the file
+    cannot be found or loaded, ``RuntimeError`` when its ABI version is not ``FEP_ABI_VERSION``
+    and ``ValueError`` when a different library was already loaded.
+    """
+    global _lib, _lib_path
+    path = os.path.abspath(path if path is not None else _default_lib_path())
+    if _lib is not None:
+        if path != _lib_path:
+            raise ValueError(f"fep_kernels: {_lib_path} is already loaded; cannot load {path}")
+        return _lib
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"fep_kernels: shared library not found at {path}; {_HOW_TO_BUILD}")
+    lib = ctypes.CDLL(path)
+    _declare(lib)
+    abi = lib.fep_abi_version()
+    if abi != FEP_ABI_VERSION:
+        raise RuntimeError(
+            f"fep_kernels: {path} implements ABI {abi}, these bindings ABI {FEP_ABI_VERSION}"
+        )
+    _lib, _lib_path = lib, path
+    return lib
+
+
+def _get():
+    return _lib if _lib is not None else load()
+
+
+def _check(status):
+    if status != FEP_OK:
+        raise FepError(status, last_error())
+
+
+# ---- library and device queries ----
+
+
+def version():
+    """The library version string, e.g. ``"0.1.0"``."""
+    return _get().fep_version().decode()
+
+
+def abi_version():
+    """The ABI version the loaded library implements."""
+    return int(_get().fep_abi_version())
+
+
+def last_error():
+    """``fep_last_error()``: the message of the last failed call on this thread ("" if none)."""
+    msg = _get().fep_last_error()
+    return msg.decode(errors="replace") if msg else ""
+
+
+def _kind(kind):
+    if isinstance(kind, str):
+        try:
+            return _DEVICE_KINDS[kind.lower()]
+        except KeyError:
+            raise ValueError(f"unknown device kind {kind!r}; expected one of {list(_DEVICE_KINDS)}")
+    return int(kind)
+
+
+def device_count(kind):
+    """Number of devices of ``kind`` ("cpu" | "cuda" | "hip" or FEP_DEVICE_*).
+
+    A build without that vendor's feature, or a machine without its driver, has 0.
+    """
+    n = _get().fep_device_count(_kind(kind))
+    if n < 0:
+        raise FepError(-n, last_error())
+    return int(n)
+
+
+def device_name(kind, ordinal=0):
+    """The name of device ``ordinal`` of ``kind``."""
+    buf = ctypes.create_string_buffer(256)
+    _check(_get().fep_device_name(_kind(kind), int(ordinal), buf, len(buf)))
+    return buf.value.decode(errors="replace")

@@ -1,0 +1,367 @@
+"""Predictive-coding settling (DESIGN.md 4.2): :class:`SettleNet`, :func:`settle_infer`,
+:func:`settle_learn`."""
+
+import ctypes
+import operator
+
+from ._abi import (
+    FEP_SETTLE_INIT_FEEDFORWARD,
+    FEP_SETTLE_INIT_GIVEN,
+    _ACTIVATIONS,
+    _FepSettleNet,
+    _FepSettleParams,
+    _LEAKY_DEFAULT,
+    _U32_MAX,
+)
+from ._lib import (
+    _check,
+    _get,
+)
+from ._tensors import (
+    _check_tensor,
+    _device_of,
+    _dtype_code,
+    _norm_device,
+    _number,
+    _ptr,
+    _torch,
+)
+
+
+def _activation(a, what):
+    """(FEP_ACT_* code, leaky slope) from "tanh", "leaky_relu" or ("leaky_relu", alpha)."""
+    if isinstance(a, str):
+        name, alpha = a, None
+    elif isinstance(a, (tuple, list)) and len(a) == 2 and isinstance(a[0], str):
+        name, alpha = a
+        if name != "leaky_relu":
+            raise ValueError(f"{what}: only 'leaky_relu' takes a parameter, got {a!r}")
+        alpha = _number(alpha, f"{what} (leaky_relu slope)")
+    else:
+        raise ValueError(
+            f"{what}: expected one of {list(_ACTIVATIONS)} or ('leaky_relu', alpha), got {a!r}"
+        )
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"{what}: {name!r} is not one of {list(_ACTIVATIONS)}")
+    if name == "leaky_relu" and alpha is None:
+        alpha = _LEAKY_DEFAULT
+    return _ACTIVATIONS[name], (alpha if alpha is not None else 0.0)
+
+
+def _one_activation(a):
+    """Whether ``a`` names one activation (to use for every layer) rather than a list of them."""
+    return isinstance(a, str) or (
+        isinstance(a, tuple) and len(a) == 2 and a[0] == "leaky_relu"
+        and not isinstance(a[1], (str, tuple, list))
+    )
+
+
+def _steps_arg(steps, what="steps"):
+    try:
+        steps = operator.index(steps)
+    except TypeError:
+        raise ValueError(f"{what}: expected an int, got {steps!r}") from None
+    if isinstance(steps, bool) or not 1 <= steps <= _U32_MAX:
+        raise ValueError(f"{what}: expected an int in [1, 2^32), got {steps!r}")
+    return steps
+
+
+def _void_array(ptrs):
+    return (ctypes.c_void_p * len(ptrs))(*ptrs)
+
+
+class SettleNet:
+    """A predictive-coding network (``FepSettleNet``, DESIGN.md 4.2) over the caller's tensors.
+
+    Layers x_0 ... x_L of widths n_0 ... n_L; layer l = 1 ... L predicts
+    ``mu_l = W_l f_l(x_{l-1}) + b_l`` (the activation applies to the layer BELOW), with error
+    ``eps_l = x_l - mu_l`` and energy ``E = 1/2 sum_l eps_l^T Pi_l eps_l`` per sample.
+
+    ``weights``: L contiguous tensors W_l [n_l, n_{l-1}] (the layout of ``torch.nn.Linear.weight``),
+    all float32, all float16 or all bfloat16, on one device (CPU or CUDA); the widths follow
+    from their shapes. ``biases``: None, or L entries each None (no bias) or a contiguous [n_l]
+    tensor of the weights' dtype. ``activations``: L entries (or one for every layer), each
+    "identity", "tanh", "relu", "leaky_relu" (slope 0.01), ("leaky_relu", alpha), "sigmoid" or
+    "gelu" (exact, x Phi(x)); entry l-1 is f_l. ``precisions``: None (all 1), a number for every
+    layer, or L entries each a number (Pi_l = p I) or a contiguous float32 [n_l] tensor
+    (Pi_l = diag(p)); all > 0 (checked by the library).
+
+    Nothing is copied: the network keeps references to the tensors and passes their pointers on
+    every call, so in-place changes (an optimiser step) are seen by the next call.
+    :meth:`learn` with ``lr > 0`` updates the weights and biases in place (outside autograd).
+    """
+
+    def __init__(self, weights, biases=None, activations="identity", precisions=None):
+        torch = _torch()
+        self._lib = _get()
+        weights = list(weights) if not isinstance(weights, torch.Tensor) else [weights]
+        if not weights:
+            raise ValueError("weights: need at least one layer")
+        L = len(weights)
+        _check_tensor(weights[0], "weights[0]", (None, None))
+        device = _norm_device(weights[0].device)
+        owner = "the device of weights[0]"
+        dtype = _dtype_code(weights[0], "weights[0]")
+        widths = [int(weights[0].shape[1])]
+        for l, w in enumerate(weights):
+            _check_tensor(w, f"weights[{l}]", (None, widths[-1]), device=device, owner=owner)
+            if w.dtype != weights[0].dtype:
+                raise ValueError(
+                    f"weights[{l}]: dtype {w.dtype}, but weights[0] is {weights[0].dtype} "
+                    "(all layers share one dtype)"
+                )
+            widths.append(int(w.shape[0]))
+        if any(n == 0 for n in widths):
+            raise ValueError(f"weights: every width must be >= 1, got widths {widths}")
+
+        if biases is None:
+            biases = [None] * L
+        biases = list(biases)
+        if len(biases) != L:
+            raise ValueError(f"biases: expected {L} entries (one per layer, None for none), "
+                             f"got {len(biases)}")
+        for l, b in enumerate(biases):
+            if b is not None:
+                _check_tensor(b, f"biases[{l}]", (widths[l + 1],), dtype=weights[0].dtype,
+                              device=device, owner=owner)
+
+        if _one_activation(activations):
+            activations = [activations] * L
+        activations = list(activations)
+        if len(activations) != L:
+            raise ValueError(f"activations: expected {L} entries (f_1 ... f_L), "
+                             f"got {len(activations)}")
+        acts = [_activation(a, f"activations[{l}]") for l, a in enumerate(activations)]
+
+        if precisions is None or not isinstance(precisions, (list, tuple)):
+            precisions = [1.0 if precisions is None else precisions] * L
+        precisions = list(precisions)
+        if len(precisions) != L:
+            raise ValueError(f"precisions: expected {L} entries, got {len(precisions)}")
+        scalars, diags = [], []
+        for l, p in enumerate(precisions):
+            if isinstance(p, torch.Tensor) and p.dim() > 0:
+                _check_tensor(p, f"precisions[{l}]", (widths[l + 1],), dtype=torch.float32,
+                              device=device, owner=owner)
+                scalars.append(1.0)
+                diags.append(p)
+            else:
+                scalars.append(_number(p, f"precisions[{l}]"))
+                diags.append(None)
+
+        self.weights, self.biases, self._diags = weights, biases, diags
+        self.precisions = precisions
+        self.activations = activations
+        self.widths = widths
+        self.depth = L
+        self.device = device
+        self.dtype = weights[0].dtype
+        self.kind, self.ordinal, _ = _device_of(weights[0], "weights[0]")
+        # The C description, built once; the arrays are kept alive by this object.
+        self._c = {
+            "widths": (ctypes.c_uint64 * (L + 1))(*widths),
+            "acts": (ctypes.c_int32 * L)(*[c for c, _ in acts]),
+            "alpha": (ctypes.c_float * L)(*[a for _, a in acts]),
+            "weights": _void_array([w.data_ptr() for w in weights]),
+            "biases": _void_array([b.data_ptr() if b is not None else None for b in biases]),
+            "precision": (ctypes.c_float * L)(*scalars),
+            "diag": _void_array([d.data_ptr() if d is not None else None for d in diags]),
+        }
+        c = self._c
+        self._net = _FepSettleNet(
+            L, c["widths"], c["acts"], c["alpha"], dtype,
+            ctypes.cast(c["weights"], ctypes.POINTER(ctypes.c_void_p)),
+            ctypes.cast(c["biases"], ctypes.POINTER(ctypes.c_void_p))
+            if any(b is not None for b in biases) else None,
+            c["precision"],
+            ctypes.cast(c["diag"], ctypes.POINTER(ctypes.c_void_p))
+            if any(d is not None for d in diags) else None,
+        )
+
+    def __repr__(self):
+        return (f"SettleNet(widths={self.widths}, activations={self.activations}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    def _refresh(self):
+        """Re-reads the tensors' pointers (a tensor's storage may have been replaced, e.g. by
+        ``.data = ...`` or ``set_``)."""
+        c = self._c
+        for l, w in enumerate(self.weights):
+            c["weights"][l] = w.data_ptr()
+            b = self.biases[l]
+            c["biases"][l] = b.data_ptr() if b is not None else None
+            d = self._diags[l]
+            c["diag"][l] = d.data_ptr() if d is not None else None
+
+    def _stream(self):
+        if self.device.type == "cpu":
+            return None
+        s = _torch().cuda.current_stream(self.device).cuda_stream
+        return ctypes.c_void_p(s) if s else None
+
+    def _outputs(self, batch, steps, trace, learn, out):
+        """The result dict: given tensors from ``out`` (checked) or new ones."""
+        torch = _torch()
+        out = dict(out or {})
+        keys = {"x", "eps", "energy", "trace", "steps"} | ({"grad_w", "grad_b"} if learn else set())
+        unknown = set(out) - keys
+        if unknown:
+            raise ValueError(
+                f"out: unknown keys {sorted(unknown)} (expected some of {sorted(keys)})"
+            )
+        if "trace" in out and not trace:
+            raise ValueError("out: 'trace' needs trace=True")
+        f32, dev, L, n = torch.float32, self.device, self.depth, self.widths
+        specs = {
+            "x": [((batch, n[l + 1]), f32) for l in range(L)],
+            "eps": [((batch, n[l + 1]), f32) for l in range(L)],
+            "energy": ((batch,), f32),
+            "steps": ((batch,), torch.int32),
+        }
+        if trace:
+            specs["trace"] = ((batch, steps + 1), f32)
+        if learn:
+            specs["grad_w"] = [((n[l + 1], n[l]), f32) for l in range(L)]
+            specs["grad_b"] = [((n[l + 1],), f32) for l in range(L)]
+        res = {"trace": None}
+        for key, spec in specs.items():
+            if isinstance(spec, list):
+                given = out.get(key)
+                if given is not None and len(given) != L:
+                    raise ValueError(f"out[{key!r}]: expected {L} tensors, got {len(given)}")
+                res[key] = []
+                for l, (shape, dt) in enumerate(spec):
+                    if given is not None:
+                        _check_tensor(given[l], f"out[{key!r}][{l}]", shape, dtype=dt,
+                                      device=dev, owner="the network's device")
+                        res[key].append(given[l])
+                    else:
+                        res[key].append(torch.empty(shape, dtype=dt, device=dev))
+            else:
+                shape, dt = spec
+                if key in out:
+                    _check_tensor(out[key], f"out[{key!r}]", shape, dtype=dt, device=dev,
+                                  owner="the network's device")
+                    res[key] = out[key]
+                else:
+                    res[key] = torch.empty(shape, dtype=dt, device=dev)
+        return res
+
+    def _prepare(self, x0, eta, steps, momentum, tol, init, n_init, check):
+        torch = _torch()
+        _check_tensor(x0, "x0", (None, self.widths[0]), dtype=torch.float32, device=self.device,
+                      owner="the network's device")
+        batch = int(x0.shape[0])
+        steps = _steps_arg(steps)
+        eta, momentum, tol = (_number(v, name) for v, name in
+                              ((eta, "eta"), (momentum, "momentum"), (tol, "tol")))
+        if init is not None:
+            init = list(init)
+            if len(init) != n_init:
+                raise ValueError(f"init: expected {n_init} tensors (x_1 ... x_{n_init}), "
+                                 f"got {len(init)}")
+            for l, t in enumerate(init):
+                _check_tensor(t, f"init[{l}]", (batch, self.widths[l + 1]), dtype=torch.float32,
+                              device=self.device, owner="the network's device")
+        mode = FEP_SETTLE_INIT_GIVEN if init is not None else FEP_SETTLE_INIT_FEEDFORWARD
+        params = _FepSettleParams(eta, momentum, steps, tol, mode, 0 if check else 1)
+        return batch, steps, params, init
+
+    def infer(self, x0, eta, steps, momentum=0.0, tol=0.0, init=None, trace=False, out=None,
+              check=True):
+        """Settles the batch ``x0`` ([B, n_0] float32) with x_L free (``fep_settle_infer``).
+
+        Each step, every free layer moves down the energy gradient
+        ``g_l = Pi_l eps_l - f'_{l+1}(x_l) * W_{l+1}^T (Pi_{l+1} eps_{l+1})`` with momentum:
+        ``v <- momentum v + g; x <- x - eta v`` (all layers from the same step's errors).
+        ``eta`` > 0, ``steps`` T >= 1, ``momentum`` in [0, 1); ``tol`` > 0 stops a sample once
+        ``|E_t - E_{t-1}| <= tol E_{t-1}`` or ``E_t <= tol E_0`` (0: exactly T steps). ``init``: None (the free layers
+        start at the feedforward prediction, where every error, and so the energy, is 0 with a
+        free top), or L float32 tensors x_1 ... x_L [B, n_l] to start from (copied).
+
+        Returns a dict of contiguous tensors on the network's device: "x" and "eps" (lists of L
+        float32 [B, n_l]: the settled x_1 ... x_L and their errors), "energy" [B] (the settled
+        energy), "steps" [B] int32 (steps run), and "trace" [B, T + 1] float32 with
+        ``trace=True`` (the energy at the start and after each step; a sample that stopped
+        repeats its last value), else None. ``out``: optional dict of preallocated tensors with
+        the same keys, shapes and dtypes ("x"/"eps" as lists); those given are written.
+        ``check``: reject NaN/Inf inputs, weights and biases and non-positive precisions first;
+        on a GPU that reads back a few floats (the call waits for the stream). ``check=False``
+        enqueues the work and returns at once.
+        """
+        batch, steps, params, init = self._prepare(x0, eta, steps, momentum, tol, init,
+                                                   self.depth, check)
+        res = self._outputs(batch, steps, trace, False, out)
+        if init is not None:
+            for dst, src in zip(res["x"], init):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
+        self._refresh()
+        x_out = _void_array([t.data_ptr() for t in res["x"]])
+        eps_out = _void_array([t.data_ptr() for t in res["eps"]])
+        _check(
+            self._lib.fep_settle_infer(
+                self.kind, self.ordinal, self._stream(), ctypes.byref(self._net),
+                ctypes.byref(params), batch, _ptr(x0), x_out, eps_out, _ptr(res["energy"]),
+                _ptr(res["trace"]), _ptr(res["steps"]),
+            )
+        )
+        return res
+
+    def learn(self, x0, target, eta, steps, momentum=0.0, tol=0.0, init=None, trace=False,
+              lr=0.0, out=None, check=True):
+        """One learning step (``fep_settle_learn``): settles ``x0`` ([B, n_0] float32) with x_L
+        clamped to ``target`` ([B, n_L] float32), then computes the gradients of the settled
+        energy, ``grad_w[l-1] = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T`` [n_l, n_{l-1}] and
+        ``grad_b[l-1] = -(1/B) sum_b Pi_l eps_l`` [n_l] (float32; a layer without bias gets
+        its bias gradient too). ``lr`` > 0 then applies SGD in place,
+        ``W_l -= lr grad_w``, ``b_l -= lr grad_b`` (rounded once to the weights' dtype).
+
+        Settling parameters as for :meth:`infer`; ``init``: None (feedforward start) or L - 1
+        tensors x_1 ... x_{L-1}. Returns the dict of :meth:`infer` (``x[-1]`` is the target)
+        plus "grad_w" and "grad_b" (lists of L tensors); ``out`` may hold those too.
+        """
+        torch = _torch()
+        batch, steps, params, init = self._prepare(x0, eta, steps, momentum, tol, init,
+                                                   self.depth - 1, check)
+        _check_tensor(target, "target", (batch, self.widths[-1]), dtype=torch.float32,
+                      device=self.device, owner="the network's device")
+        lr = _number(lr, "lr")
+        res = self._outputs(batch, steps, trace, True, out)
+        if init is not None:
+            for dst, src in zip(res["x"], init):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
+        self._refresh()
+        x_out = _void_array([t.data_ptr() for t in res["x"]])
+        eps_out = _void_array([t.data_ptr() for t in res["eps"]])
+        gw = _void_array([t.data_ptr() for t in res["grad_w"]])
+        gb = _void_array([t.data_ptr() for t in res["grad_b"]])
+        _check(
+            self._lib.fep_settle_learn(
+                self.kind, self.ordinal, self._stream(), ctypes.byref(self._net),
+                ctypes.byref(params), batch, _ptr(x0), _ptr(target), x_out, eps_out,
+                _ptr(res["energy"]), _ptr(res["trace"]), _ptr(res["steps"]), gw, gb, lr,
+            )
+        )
+        return res
+
+
+def settle_infer(weights, biases, activations, precisions, x0, eta, steps, momentum=0.0,
+                 tol=0.0, init=None, trace=False, out=None, check=True):
+    """``SettleNet(weights, biases, activations, precisions).infer(x0, ...)``: settles x0 with
+    x_L free and returns the dict of :meth:`SettleNet.infer` ("x", "eps", "energy", "trace",
+    "steps"). Build a :class:`SettleNet` once instead when calling repeatedly."""
+    net = SettleNet(weights, biases, activations, precisions)
+    return net.infer(x0, eta, steps, momentum=momentum, tol=tol, init=init, trace=trace, out=out,
+                     check=check)
+
+
+def settle_learn(weights, biases, activations, precisions, x0, target, eta, steps, momentum=0.0,
+                 tol=0.0, init=None, trace=False, lr=0.0, out=None, check=True):
+    """``SettleNet(weights, biases, activations, precisions).learn(x0, target, ...)``: one
+    learning step; returns the dict of :meth:`SettleNet.learn` (with "grad_w" and "grad_b"),
+    and with ``lr > 0`` updates the weights and biases in place."""
+    net = SettleNet(weights, biases, activations, precisions)
+    return net.learn(x0, target, eta, steps, momentum=momentum, tol=tol, init=init, trace=trace,
+                     lr=lr, out=out, check=check)

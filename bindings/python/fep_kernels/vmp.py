@@ -1,0 +1,520 @@
+"""Variational message passing (discrete active inference): :class:`VmpModel`,
+:func:`construct_policies`."""
+
+import ctypes
+import operator
+import sys
+
+from ._abi import (
+    FEP_ERR_INTERNAL,
+    FEP_OK,
+    FEP_VMP_COUNTS_A,
+    FEP_VMP_COUNTS_B,
+    FEP_VMP_COUNTS_D,
+    FEP_VMP_METHOD_MMP,
+    FEP_VMP_METHOD_VMP,
+    FEP_VMP_OBS_DIST,
+    FEP_VMP_OBS_INDEX,
+    FepError,
+    _FepVmpFpiParams,
+    _FepVmpLearnParams,
+    _FepVmpModelDesc,
+    _FepVmpPolicyParams,
+    _FepVmpSequenceParams,
+    _P_F64,
+    _P_P_F64,
+)
+from ._lib import (
+    _check,
+    _get,
+)
+from ._tensors import (
+    _Owned,
+    _check_tensor,
+    _device_args,
+    _norm_device,
+    _number,
+    _ptr,
+    _torch,
+)
+from .settle import (
+    _steps_arg,
+)
+
+
+_VMP_METHODS = {"vmp": FEP_VMP_METHOD_VMP, "mmp": FEP_VMP_METHOD_MMP}
+
+
+def construct_policies(num_controls, policy_len):
+    """Every combination of actions over ``policy_len`` steps, in pymdp's order
+    (``pymdp.control.construct_policies``: the last factor of the last step varies fastest),
+    as a NumPy int32 array [P, policy_len, F]."""
+    import itertools
+
+    np = _np()
+    num_controls = [int(u) for u in num_controls]
+    digits = [range(u) for u in num_controls] * int(policy_len)
+    rows = list(itertools.product(*digits))
+    return np.asarray(rows, dtype=np.int32).reshape(len(rows), int(policy_len), len(num_controls))
+
+
+def _np():
+    import numpy as np  # imported lazily, like torch
+
+    return np
+
+
+def _host_f64(x, what):
+    """A contiguous float64 NumPy copy of an array, list or tensor (host side)."""
+    np = _np()
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().cpu().to(torch.float64).numpy()
+    try:
+        a = np.array(x, dtype=np.float64, order="C")
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected an array of numbers, got {type(x).__name__}") from None
+    return a
+
+
+def _host_list(x, what, count=None):
+    """A per-modality or per-factor list (pymdp's list or object array; one array for a single
+    entry) as a list of its entries (None entries kept)."""
+    np = _np()
+    if isinstance(x, np.ndarray) and x.dtype == object:
+        x = list(x)
+    if not isinstance(x, (list, tuple)) or (x and all(np.isscalar(v) for v in x)):
+        x = [x]
+    x = list(x)
+    if count is not None and len(x) != count:
+        raise ValueError(f"{what}: expected {count} entries, got {len(x)}")
+    return x
+
+
+def _f64_pointers(arrays):
+    """A ctypes ``double *[]`` over float64 NumPy arrays (None entries: NULL)."""
+    ptrs = (_P_F64 * len(arrays))()
+    for i, a in enumerate(arrays):
+        if a is not None:
+            ptrs[i] = a.ctypes.data_as(_P_F64)
+    return ctypes.cast(ptrs, _P_P_F64), ptrs
+
+
+def _shaped(x, what, shape, optional_entries=False):
+    """``x`` as float64 with exactly ``shape`` (or None where allowed)."""
+    if x is None and optional_entries:
+        return None
+    a = _host_f64(x, what)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{what}: expected shape {list(shape)}, got {list(a.shape)}")
+    return a
+
+
+class VmpModel(_Owned):
+    """A discrete generative model for active inference (``FepVmpModel``, DESIGN.md 4.4), on one
+    device, with pymdp 1.0.4's conventions (tests/fixtures/VMP-CONVENTIONS.md).
+
+    The arguments follow pymdp's ``Agent`` and its layouts (NumPy arrays, lists, object arrays
+    or tensors; copied, so they may be changed afterwards):
+
+    * ``A``: M arrays A_m [O_m, S_deps(m)...], p(o | s), every column summing to 1.
+    * ``B``: F arrays B_f [S_f, S_f, U_f] (or [S_f, S_f]: uncontrolled), B_f[s', s, u] =
+      p(s' | s, u). The numbers of states and controls follow from B's shapes. pymdp's
+      ``B_dependencies`` (transitions conditioned on other factors) are not supported.
+    * ``A_dependencies``: M lists of factor indices, in A_m's axis order (default: every
+      modality depends on every factor, as in pymdp).
+    * ``C``: M log-preference vectors [O_m] used as given (None or None entries: zeros);
+      ``D``: F priors [S_f] (None or None entries: uniform).
+    * ``policies``: [P, H, F] actions (or pymdp's list of P arrays [H, F]); or None with
+      ``policy_len=H`` for every combination (:func:`construct_policies`, pymdp's default); or
+      neither (no policy inference). ``E``: [P] prior over policies (default uniform).
+    * ``pA``, ``pB``, ``pD``: Dirichlet counts shaped like A, B, D (optional); :meth:`learn`
+      updates them, :meth:`infer_policies` can add their novelty.
+    * ``device``: where the model lives and every tensor of its calls must be ("cpu",
+      "cuda", "cuda:1", a torch.device).
+
+    Free it with :meth:`close`, a ``with`` block, or let it be garbage collected.
+
+    Beliefs are float32 tensors [N, sum S] (factor f at offset S_0 + ... + S_{f-1}; split with
+    :meth:`factors`) for N agents sharing the model. Calls on CUDA tensors run on PyTorch's
+    current stream and return without synchronising (except that ``check=True`` reads back one
+    word to report bad inputs). Shapes, dtypes and devices are checked in Python
+    (:class:`ValueError`); values by the library (:class:`FepError`).
+
+    Example (a two-armed T-maze-like toy; runnable as is)::
+
+        import numpy as np, torch
+        import fep_kernels as fk
+
+        A = [np.array([[0.9, 0.1], [0.1, 0.9]])]        # one modality reports the state
+        B = [np.stack([np.eye(2), np.eye(2)[::-1]], -1)] # stay or switch: [2, 2, 2]
+        C = [np.array([0.0, 2.0])]                      # prefer outcome 1
+        with fk.VmpModel(A, B, C=C, policy_len=2, pA=[10 * A[0]]) as model:
+            obs = torch.tensor([[0], [1], [1]])          # 3 agents, one observation each
+            out = model.infer_states(obs)                # D uniform: q = A[o, :] normalised
+            print(out["qs"], out["vfe"])                 # [[0.9, 0.1], [0.1, 0.9], [0.1, 0.9]]
+            pol = model.infer_policies(out["qs"], gamma=4.0)
+            print(pol["q_pi"].argmax(1))                 # [2, 0, 0]: policies[2] = switch,
+                                                         # stay; policies[0] = stay, stay
+            seq = model.infer_sequence(torch.tensor([[[0], [1]]]),  # 1 agent, T = 2 steps
+                                       actions=torch.tensor([[[1]]]))  # it switched
+            model.learn(torch.tensor([[[0], [1]]]), seq["qs"], lr_a=1.0)
+            print(model.counts_a(0))                     # [[10, 1], [1, 10]]
+    """
+
+    _free = "fep_vmp_model_free"
+
+    def __init__(self, A, B, C=None, D=None, A_dependencies=None, policies=None,
+                 policy_len=None, E=None, pA=None, pB=None, pD=None, device="cpu"):
+        torch = _torch()
+        np = _np()
+        self._handle = None
+        lib = _get()
+        B = [_host_f64(b, f"B[{f}]") for f, b in enumerate(_host_list(B, "B"))]
+        for f, b in enumerate(B):
+            if b.ndim == 2:
+                B[f] = b = b[:, :, None].copy()
+            if b.ndim != 3 or b.shape[0] != b.shape[1] or b.shape[0] == 0 or b.shape[2] == 0:
+                raise ValueError(f"B[{f}]: expected shape [S, S, U] (or [S, S]) with S, U >= 1, "
+                                 f"got {list(b.shape)}")
+        num_states = [int(b.shape[0]) for b in B]
+        num_controls = [int(b.shape[2]) for b in B]
+        F = len(B)
+        A = [_host_f64(a, f"A[{m}]") for m, a in enumerate(_host_list(A, "A"))]
+        M = len(A)
+        if A_dependencies is None:
+            A_dependencies = [list(range(F)) for _ in range(M)]
+        A_dependencies = [list(d) for d in A_dependencies]
+        if len(A_dependencies) != M:
+            raise ValueError(f"A_dependencies: expected {M} lists (one per modality), "
+                             f"got {len(A_dependencies)}")
+        deps = []
+        for m, d in enumerate(A_dependencies):
+            try:
+                d = [operator.index(x) for x in d]
+            except TypeError:
+                raise ValueError(f"A_dependencies[{m}]: expected factor indices, got {d!r}") \
+                    from None
+            if not d or any(not 0 <= x < F for x in d) or len(set(d)) != len(d):
+                raise ValueError(f"A_dependencies[{m}]: {d} must be distinct factors in 0..{F - 1}")
+            deps.append(d)
+        num_obs = []
+        a_shapes = []
+        for m, a in enumerate(A):
+            want = tuple(num_states[x] for x in deps[m])
+            if a.ndim != 1 + len(want) or a.shape[1:] != want or a.shape[0] == 0:
+                raise ValueError(f"A[{m}]: expected shape [O, {', '.join(map(str, want))}] "
+                                 f"(A_dependencies[{m}] = {deps[m]}), got {list(a.shape)}")
+            num_obs.append(int(a.shape[0]))
+            a_shapes.append(a.shape)
+        b_shapes = [b.shape for b in B]
+        d_shapes = [(s,) for s in num_states]
+
+        def per_entry(x, what, shapes, fill_none):
+            if x is None:
+                return None
+            x = _host_list(x, what, len(shapes))
+            return [_shaped(v, f"{what}[{i}]", shapes[i], fill_none) for i, v in enumerate(x)]
+
+        C = per_entry(C, "C", [(o,) for o in num_obs], True)
+        D = per_entry(D, "D", d_shapes, True)
+        pA = per_entry(pA, "pA", a_shapes, False)
+        pB = per_entry(pB, "pB", b_shapes, False)
+        pD = per_entry(pD, "pD", d_shapes, False)
+
+        if policies is None and policy_len is not None:
+            policies = construct_policies(num_controls, policy_len)
+        if policies is not None:
+            pol = np.asarray(policies)
+            if pol.ndim == 2 and F == 1 and policy_len is None:
+                pol = pol[:, :, None]
+            if pol.ndim != 3 or pol.shape[2] != F or pol.shape[0] == 0 or pol.shape[1] == 0:
+                raise ValueError(f"policies: expected shape [P, H, {F}] with P, H >= 1, "
+                                 f"got {list(pol.shape)}")
+            if not np.issubdtype(pol.dtype, np.integer):
+                raise ValueError(f"policies: expected integer actions, got dtype {pol.dtype}")
+            policies = np.ascontiguousarray(pol, dtype=np.int32)
+        P = 0 if policies is None else int(policies.shape[0])
+        H = 0 if policies is None else int(policies.shape[1])
+        if E is not None:
+            if policies is None:
+                raise ValueError("E: given without policies (pass policies or policy_len)")
+            E = _shaped(E, "E", (P,))
+
+        u64 = lambda v: (ctypes.c_uint64 * len(v))(*v)  # noqa: E731
+        keep = {
+            "S": u64(num_states), "U": u64(num_controls), "O": u64(num_obs),
+            "nd": u64([len(d) for d in deps]), "deps": u64([x for d in deps for x in d]),
+        }
+        lists = {}
+        for name, arrays in (("a", A), ("b", B), ("c", C), ("d", D), ("pa", pA), ("pb", pB),
+                             ("pd", pD)):
+            lists[name] = None if arrays is None else _f64_pointers(arrays)
+        desc = _FepVmpModelDesc(
+            F, M, keep["S"], keep["U"], keep["O"], keep["nd"], keep["deps"],
+            *[lists[k][0] if lists[k] is not None else None
+              for k in ("a", "b", "c", "d")],
+            policies.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) if P else None,
+            P, H,
+            E.ctypes.data_as(_P_F64) if E is not None else None,
+            *[lists[k][0] if lists[k] is not None else None for k in ("pa", "pb", "pd")],
+        )
+        device = _norm_device(torch.device(device))
+        kind, ordinal, _ = _device_args(device, "device")
+        handle = ctypes.c_void_p()
+        _check(lib.fep_vmp_model_new(kind, ordinal, ctypes.byref(desc), ctypes.byref(handle)))
+        if not handle.value:
+            raise FepError(FEP_ERR_INTERNAL, "fep_vmp_model_new returned FEP_OK but no model")
+        self._lib, self._handle = lib, handle
+        self.device, self.kind, self.ordinal = device, kind, ordinal
+        self.num_states, self.num_controls, self.num_obs = num_states, num_controls, num_obs
+        self.A_dependencies = deps
+        self.num_factors, self.num_modalities = F, M
+        self.belief_len, self.obs_len = sum(num_states), sum(num_obs)
+        self.num_policies, self.policy_len = P, H
+        self.policies = policies
+        self._shapes = {FEP_VMP_COUNTS_A: a_shapes, FEP_VMP_COUNTS_B: b_shapes,
+                        FEP_VMP_COUNTS_D: d_shapes}
+        self._has_counts = {FEP_VMP_COUNTS_A: pA is not None, FEP_VMP_COUNTS_B: pB is not None,
+                            FEP_VMP_COUNTS_D: pD is not None}
+
+    def __repr__(self):
+        state = "closed" if self._handle is None else (
+            f"num_states={self.num_states}, num_obs={self.num_obs}, "
+            f"A_dependencies={self.A_dependencies}, num_controls={self.num_controls}, "
+            f"num_policies={self.num_policies}")
+        return f"VmpModel({state}, device={self.device})"
+
+    # -- queries --
+
+    def info(self):
+        """The sizes as the library reports them: a dict with num_factors, num_modalities,
+        belief_len (sum S), obs_len (sum O), num_policies and policy_len."""
+        keys = ("num_factors", "num_modalities", "belief_len", "obs_len", "num_policies",
+                "policy_len")
+        vals = [ctypes.c_uint64() for _ in keys]
+        _check(self._lib.fep_vmp_model_info(self._h(), *[ctypes.byref(v) for v in vals]))
+        return {k: int(v.value) for k, v in zip(keys, vals)}
+
+    def factors(self, beliefs):
+        """The per-factor views of beliefs [..., sum S]: a list of F tensors [..., S_f]."""
+        return list(beliefs.split(self.num_states, dim=-1))
+
+    def _counts(self, which, index, what):
+        torch = _torch()
+        np = _np()
+        shapes = self._shapes[which]
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise ValueError(f"{what}: index {index!r} is not an int") from None
+        if not 0 <= index < len(shapes):
+            raise ValueError(f"{what}: index {index} is out of range (there are {len(shapes)})")
+        if not self._has_counts[which]:
+            return None
+        out = np.empty(shapes[index], dtype=np.float64)
+        _check(self._lib.fep_vmp_model_counts(self._h(), self._stream(), which, index,
+                                              out.ctypes.data_as(_P_F64), out.size))
+        return torch.from_numpy(out)
+
+    def counts_a(self, m):
+        """The current Dirichlet counts pA_m (a float64 CPU tensor shaped like A_m), or None
+        when the model was built without pA. Waits for PyTorch's current stream (where
+        :meth:`learn` ran) first."""
+        return self._counts(FEP_VMP_COUNTS_A, m, "counts_a")
+
+    def counts_b(self, f):
+        """The current pB_f (float64, shaped like B_f [S, S, U]), or None without pB."""
+        return self._counts(FEP_VMP_COUNTS_B, f, "counts_b")
+
+    def counts_d(self, f):
+        """The current pD_f (float64 [S_f]), or None without pD."""
+        return self._counts(FEP_VMP_COUNTS_D, f, "counts_d")
+
+    # -- plumbing --
+
+    def _check(self, t, what, shape, dtype):
+        _check_tensor(t, what, shape, dtype=dtype, device=self.device,
+                      owner="the model's device")
+
+    def _obs(self, obs, lead):
+        """(FEP_VMP_OBS_*, tensor) for observations [*lead, M] (integer indices; int32 used as
+        is, other integer dtypes converted) or [*lead, sum O] (float32 distributions)."""
+        torch = _torch()
+        if not isinstance(obs, torch.Tensor):
+            raise ValueError(f"obs: expected a torch.Tensor, got {type(obs).__name__}")
+        ints = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+        if obs.dtype in ints:
+            self._check(obs, "obs", (*lead, self.num_modalities), None)
+            return FEP_VMP_OBS_INDEX, obs.to(torch.int32)
+        if obs.dtype == torch.float32:
+            self._check(obs, "obs", (*lead, self.obs_len), None)
+            return FEP_VMP_OBS_DIST, obs
+        raise ValueError(f"obs: dtype {obs.dtype}: expected integer indices [..., "
+                         f"{self.num_modalities}] or float32 distributions [..., {self.obs_len}]")
+
+    def _actions(self, actions, n, steps):
+        torch = _torch()
+        if actions is None:
+            return None
+        if not isinstance(actions, torch.Tensor) or actions.dtype not in (torch.int32,
+                                                                          torch.int64):
+            raise ValueError("actions: expected an int32 or int64 torch.Tensor [N, T - 1, F]")
+        self._check(actions, "actions", (n, steps - 1, self.num_factors), None)
+        return actions.to(torch.int32)
+
+    def _outputs(self, specs, out):
+        """New tensors for ``specs`` ({key: (shape, dtype) or None}), or the given ones from
+        ``out`` (checked)."""
+        torch = _torch()
+        out = dict(out or {})
+        unknown = set(out) - {k for k, v in specs.items() if v is not None}
+        if unknown:
+            raise ValueError(f"out: unknown or disabled keys {sorted(unknown)}")
+        res = {}
+        for key, spec in specs.items():
+            if spec is None:
+                res[key] = None
+            elif key in out:
+                self._check(out[key], f"out[{key!r}]", *spec)
+                res[key] = out[key]
+            else:
+                res[key] = torch.empty(spec[0], dtype=spec[1], device=self.device)
+        return res
+
+    def _stream(self):
+        return _device_args(self.device, "device")[2]
+
+    # -- ops --
+
+    def infer_states(self, obs, prior=None, num_iter=16, tol=0.0, trace=False, out=None,
+                     check=True):
+        """State inference for N agents (pymdp's ``fpi``; ``fep_vmp_infer_states``).
+
+        ``obs``: [N, M] integer indices, or [N, sum O] float32 distributions (modality m's O_m
+        probabilities at offset O_0 + ... + O_{m-1}; used as sum_o o ln A, as pymdp).
+        ``prior``: [N, sum S] float32 (None: every agent starts from D). ``num_iter`` K >= 1
+        Jacobi iterations (one exact pass with one factor); ``tol`` > 0 stops an agent after
+        iteration k >= 2 once |F_k - F_{k-1}| <= tol (0: always K, as pymdp).
+
+        Returns a dict of tensors on the model's device: "qs" [N, sum S] float32, "vfe" [N]
+        (the variational free energy F; the ELBO is -F), "iterations" [N] int32, and with
+        ``trace=True`` "vfe_trace" [N, K] (F after each iteration), else None. ``out``: optional
+        preallocated tensors with those keys. ``check``: on a GPU, scan the inputs first (one
+        word read back); ``check=False`` returns at once and clamps bad indices.
+        """
+        torch = _torch()
+        h = self._h()
+        kind, obs = self._obs(obs, (None,))
+        n = int(obs.shape[0])
+        if prior is not None:
+            self._check(prior, "prior", (n, self.belief_len), torch.float32)
+        num_iter = _steps_arg(num_iter, "num_iter")
+        f32 = torch.float32
+        res = self._outputs({
+            "qs": ((n, self.belief_len), f32), "vfe": ((n,), f32),
+            "iterations": ((n,), torch.int32),
+            "vfe_trace": ((n, num_iter), f32) if trace else None,
+        }, out)
+        params = _FepVmpFpiParams(num_iter, _number(tol, "tol"), 0 if check else 1)
+        _check(self._lib.fep_vmp_infer_states(
+            h, self._stream(), ctypes.byref(params), kind, _ptr(obs), n, _ptr(prior),
+            _ptr(res["qs"]), _ptr(res["vfe"]), _ptr(res["iterations"]), _ptr(res["vfe_trace"]),
+        ))
+        return res
+
+    def infer_sequence(self, obs, actions=None, prior=None, method="vmp", num_iter=16, tau=1.0,
+                       out=None, check=True):
+        """Sequence inference over windows of T steps (pymdp's ``vmp`` / ``mmp``;
+        ``fep_vmp_infer_sequence``).
+
+        ``obs``: [N, T, M] integer indices or [N, T, sum O] float32 distributions; ``actions``:
+        [N, T - 1, F] integer past actions (action t moves the state from step t to t + 1;
+        None only when T = 1); ``prior``: [N, sum S] float32 for step 0 (None: D).
+        ``method``: "vmp" or "mmp"; ``num_iter`` K >= 1; ``tau``: step size in (0, 1] (pymdp's
+        Agent always uses 1).
+
+        Returns a dict: "qs" [N, T, sum S], "vfe" [N] (the window's free energy) and "vfe_t"
+        [N, T] (its per-step terms), float32 on the model's device.
+        """
+        torch = _torch()
+        h = self._h()
+        if method not in _VMP_METHODS:
+            raise ValueError(f"method: {method!r} is not one of {list(_VMP_METHODS)}")
+        kind, obs = self._obs(obs, (None, None))
+        n, steps = int(obs.shape[0]), int(obs.shape[1])
+        actions = self._actions(actions, n, steps)
+        if prior is not None:
+            self._check(prior, "prior", (n, self.belief_len), torch.float32)
+        f32 = torch.float32
+        res = self._outputs({
+            "qs": ((n, steps, self.belief_len), f32), "vfe": ((n,), f32),
+            "vfe_t": ((n, steps), f32),
+        }, out)
+        params = _FepVmpSequenceParams(_VMP_METHODS[method], _steps_arg(num_iter, "num_iter"),
+                                       _number(tau, "tau"), 0 if check else 1)
+        _check(self._lib.fep_vmp_infer_sequence(
+            h, self._stream(), ctypes.byref(params), steps, kind, _ptr(obs), n, _ptr(actions),
+            _ptr(prior), _ptr(res["qs"]), _ptr(res["vfe"]), _ptr(res["vfe_t"]),
+        ))
+        return res
+
+    def infer_policies(self, qs, gamma=1.0, utility=True, state_info_gain=True,
+                       param_info_gain=False, out=None, check=True):
+        """Policy inference (pymdp's ``Agent.infer_policies``; ``fep_vmp_infer_policies``).
+
+        ``qs``: current beliefs [N, sum S] float32 (a sequence posterior [N, T, sum S] uses its
+        last step, as pymdp's Agent). For every policy the beliefs are rolled forward through
+        B and scored over the horizon with the terms asked for: utility q(o) . C, state
+        information gain, and (``param_info_gain``, needs pA or pB) parameter novelty.
+
+        Returns a dict: "g" [N, P], the expected free energy G = -(pymdp's neg_efe) (lower is
+        better), and "q_pi" [N, P] = softmax(-gamma G + ln E), float32 on the model's device.
+        """
+        torch = _torch()
+        h = self._h()
+        if isinstance(qs, torch.Tensor) and qs.dim() == 3:
+            qs = qs[:, -1].contiguous()
+        self._check(qs, "qs", (None, self.belief_len), torch.float32)
+        n = int(qs.shape[0])
+        f32 = torch.float32
+        P = self.num_policies
+        res = self._outputs({"g": ((n, P), f32), "q_pi": ((n, P), f32)}, out)
+        params = _FepVmpPolicyParams(_number(gamma, "gamma"), int(bool(utility)),
+                                     int(bool(state_info_gain)), int(bool(param_info_gain)),
+                                     0 if check else 1)
+        _check(self._lib.fep_vmp_infer_policies(
+            h, self._stream(), ctypes.byref(params), _ptr(qs), n, _ptr(res["g"]),
+            _ptr(res["q_pi"]),
+        ))
+        return res
+
+    def learn(self, obs, qs, actions=None, lr_a=0.0, lr_b=0.0, lr_d=0.0, check=True):
+        """Dirichlet learning, in place (pymdp's ``infer_parameters``; ``fep_vmp_learn``):
+        pA_m += lr_a sum o_m (x) q(s_deps(m)), pB_f[:, :, u] += lr_b sum [a_t = u] q_{t+1} (x) q_t,
+        pD_f += lr_d sum q_0 where pD_f > 0, summed over the N agents and their steps.
+
+        ``qs``: posteriors [N, T, sum S] float32 with ``obs`` [N, T, M] / [N, T, sum O] (or
+        [N, sum S] with [N, M] / [N, sum O] for one step); ``actions``: [N, T - 1, F] (needed
+        for lr_b > 0 when T > 1). A rate > 0 needs those counts in the model. Read the counts
+        back with :meth:`counts_a` and friends.
+        """
+        torch = _torch()
+        h = self._h()
+        if not isinstance(qs, torch.Tensor):
+            raise ValueError(f"qs: expected a torch.Tensor, got {type(qs).__name__}")
+        if qs.dim() == 2:
+            self._check(qs, "qs", (None, self.belief_len), torch.float32)
+            n, steps = int(qs.shape[0]), 1
+            kind, obs = self._obs(obs, (n,))
+        else:
+            self._check(qs, "qs", (None, None, self.belief_len), torch.float32)
+            n, steps = int(qs.shape[0]), int(qs.shape[1])
+            kind, obs = self._obs(obs, (n, steps))
+        actions = self._actions(actions, n, steps)
+        params = _FepVmpLearnParams(_number(lr_a, "lr_a"), _number(lr_b, "lr_b"),
+                                    _number(lr_d, "lr_d"), 0 if check else 1)
+        _check(self._lib.fep_vmp_learn(
+            h, self._stream(), ctypes.byref(params), steps, kind, _ptr(obs), n, _ptr(qs),
+            _ptr(actions),
+        ))
