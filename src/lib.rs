@@ -69,6 +69,8 @@
 
 pub mod attention;
 mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod diagnostics;
 pub mod element;
 pub mod error;
