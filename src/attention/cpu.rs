@@ -137,6 +137,28 @@ pub(crate) fn visible(
     (lo.min(hi as i64) as usize, hi)
 }
 
+/// One score in natural units (the module docs' maths); `c` is the normaliser's D/2 (0: off).
+pub(crate) fn score_value(
+    score: Score,
+    tau: f64,
+    dim: f64,
+    c: f64,
+    x: f64,
+    d2: f64,
+    pi: f64,
+) -> f64 {
+    let s = match score {
+        Score::Dot => tau * pi * x,
+        Score::Gaussian => -0.5 * tau * pi * d2,
+        Score::StudentT(nu) => {
+            let nu = nu as f64;
+            -((nu + dim) / 2.0) * (tau * pi * d2 / nu).ln_1p()
+        }
+        Score::Laplace => -(tau * pi).sqrt() * d2.sqrt(),
+    };
+    if c != 0.0 { s + c * pi.ln() } else { s }
+}
+
 /// Precision-weighted attention in f64 (the module docs' maths).
 pub fn forward(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<RefOutputs> {
     validate(spec, inp)?;
@@ -152,8 +174,12 @@ pub fn forward(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<RefOutputs> 
     } = *inp;
     let group = hq / hkv;
     let tau = spec.tau(d);
-    let half_d = d as f64 / 2.0;
-    let norm = spec.normalizer && spec.score.is_distance();
+    // The normaliser's D/2 (0 when off; Dot has none).
+    let c = if spec.normalizer && spec.score.is_distance() {
+        d as f64 / 2.0
+    } else {
+        0.0
+    };
 
     // One (o, lse, e) block per (b, h).
     let blocks: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = (0..nb * hq)
@@ -187,21 +213,8 @@ pub fn forward(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<RefOutputs> 
                             t * t
                         })
                         .sum();
-                    let mut sij = match spec.score {
-                        Score::Dot => {
-                            let dot: f64 = qi.iter().zip(kj).map(|(a, c)| a * c).sum();
-                            tau * pi * dot
-                        }
-                        Score::Gaussian => -0.5 * tau * pi * d2,
-                        Score::StudentT(nu) => {
-                            let nu = nu as f64;
-                            -((nu + d as f64) / 2.0) * (tau * pi * d2 / nu).ln_1p()
-                        }
-                        Score::Laplace => -(tau * pi).sqrt() * d2.sqrt(),
-                    };
-                    if norm {
-                        sij += half_d * pi.ln();
-                    }
+                    let x: f64 = qi.iter().zip(kj).map(|(a, c)| a * c).sum();
+                    let sij = score_value(spec.score, tau, d as f64, c, x, d2, pi);
                     s.push(sij);
                     pd2.push(pi * d2);
                 }

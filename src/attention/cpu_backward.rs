@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::backward::{BackwardProblem, Gradients};
-use super::cpu::{Gathered, RefInputs, gather, host_f64, scatter, validate, visible};
+use super::cpu::{Gathered, RefInputs, gather, host_f64, scatter, score_value, validate, visible};
 use super::{AttentionSpec, Score};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -67,28 +67,6 @@ pub(crate) fn score_partials(
             (0.0, s_d2, -0.5 * r * dd + c, 0.0)
         }
     }
-}
-
-/// The score itself in natural units (as the forward reference computes it).
-pub(crate) fn score_value(
-    score: Score,
-    tau: f64,
-    dim: f64,
-    c: f64,
-    x: f64,
-    d2: f64,
-    pi: f64,
-) -> f64 {
-    let s = match score {
-        Score::Dot => tau * pi * x,
-        Score::Gaussian => -0.5 * tau * pi * d2,
-        Score::StudentT(nu) => {
-            let nu = nu as f64;
-            -((nu + dim) / 2.0) * (tau * pi * d2 / nu).ln_1p()
-        }
-        Score::Laplace => -(tau * pi).sqrt() * d2.sqrt(),
-    };
-    s + c * pi.ln()
 }
 
 /// What one (batch, kv head) task returns: dq of its query heads, dk, dv and ∂L/∂π_j of its keys,
