@@ -12,7 +12,7 @@
 use std::ffi::c_void;
 
 use super::gpu_merge::{self, MergeArgs};
-use super::{AttentionOutputs, HEAD_DIMS, Problem, Score};
+use super::{AttentionOutputs, Dims, HEAD_DIMS, Problem, Score};
 use crate::backend::{Device, LaunchConfig, Scratch, Stream, View};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -296,14 +296,8 @@ pub(crate) fn aligned<T: Element>(ts: &[(u64, [usize; 3])]) -> bool {
         .all(|(addr, s)| addr % 16 == 0 && s.iter().all(|x| (x * size) % 16 == 0))
 }
 
-/// Checks what only the GPU path limits, scans the inputs if asked, and launches.
-pub(crate) fn forward<T: Element>(
-    p: &Problem<'_, '_, T>,
-    out: AttentionOutputs<'_, T>,
-    stream: Stream,
-) -> Result<()> {
-    let d = p.dims;
-    let dev = p.q.data.device();
+/// What every attention kernel limits: the head dims (HEAD_DIMS) and B, Hq within gridDim.y/z.
+pub(crate) fn check_dims(d: &Dims) -> Result<()> {
     for (name, v) in [("D", d.d), ("Dv", d.dv)] {
         if !HEAD_DIMS.contains(&v) {
             return Err(Error::Unsupported(format!(
@@ -317,6 +311,18 @@ pub(crate) fn forward<T: Element>(
             d.b, d.hq
         )));
     }
+    Ok(())
+}
+
+/// Checks what only the GPU path limits, scans the inputs if asked, and launches.
+pub(crate) fn forward<T: Element>(
+    p: &Problem<'_, '_, T>,
+    out: AttentionOutputs<'_, T>,
+    stream: Stream,
+) -> Result<()> {
+    let d = p.dims;
+    let dev = p.q.data.device();
+    check_dims(&d)?;
     let size = std::mem::size_of::<T>();
     let Tile {
         warps,

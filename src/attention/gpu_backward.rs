@@ -5,9 +5,9 @@
 //! dk/dv kernel (reads Δ; with D + Dv > 256 it does dv and dπ_j, and `attn_bwd_dk_*` then dk),
 //! then the reduce kernel when dπ_h or dν is asked for. The workspace is stream-ordered scratch.
 
+use super::Score;
 use super::backward::{BackwardProblem, Gradients};
-use super::gpu::{aligned, arg, scan_inputs, strides, to_i32};
-use super::{HEAD_DIMS, Score};
+use super::gpu::{aligned, arg, check_dims, scan_inputs, strides, to_i32};
 use crate::backend::{LaunchConfig, Scratch, Stream};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -64,8 +64,6 @@ struct AttnBwdParams {
 
 /// ATTN_BWD_REDUCE_THREADS of backward_reduce.cu.
 const REDUCE_THREADS: u32 = 256;
-/// CUDA's and HIP's limit on gridDim.y and gridDim.z.
-const GRID_YZ: usize = 65535;
 
 /// The compiled head-dim bucket of `d` (backward_params.cuh: 64, 128, 256).
 fn bucket(d: usize) -> usize {
@@ -107,19 +105,7 @@ pub(crate) fn backward<T: Element>(
     let f = &p.fwd;
     let dm = f.dims;
     let dev = f.q.data.device();
-    for (name, v) in [("D", dm.d), ("Dv", dm.dv)] {
-        if !HEAD_DIMS.contains(&v) {
-            return Err(Error::Unsupported(format!(
-                "head dim {name} = {v}: the GPU kernels take {HEAD_DIMS:?} (the CPU device takes any)"
-            )));
-        }
-    }
-    if dm.hq > GRID_YZ || dm.b > GRID_YZ {
-        return Err(Error::Unsupported(format!(
-            "B = {} and Hq = {} must each be at most {GRID_YZ} on a GPU",
-            dm.b, dm.hq
-        )));
-    }
+    check_dims(&dm)?;
     let size = std::mem::size_of::<T>();
     let (kd, kdv) = (bucket(dm.d), bucket(dm.dv));
     let Some((warps, _, smem)) = tile(size, kd, kdv) else {
