@@ -1,5 +1,6 @@
 """Tests of fep_kernels.torch_ops (the fep:: torch.library ops, autograd and torch.compile) on
-CPU tensors. Run as ``FEP_KERNELS_LIB=<libfep_kernels.so> python3 test_torch_ops.py`` (or pytest).
+CPU tensors (and CUDA tensors in test_cuda_matches_cpu when PyTorch and the library both see a
+GPU). Run as ``FEP_KERNELS_LIB=<libfep_kernels.so> python3 test_torch_ops.py`` (or pytest).
 
 The C ABI has no float64: the ops take float32/float16/bfloat16. So opcheck runs in float32 with
 its default tolerances, and the gradients are checked (a) by torch.autograd.gradcheck in float32
@@ -138,6 +139,32 @@ def test_torch_compile_fullgraph():
     co = torch.compile(lambda q, k, v: fk.attention(q, k, v, score="laplace") * 2, fullgraph=True)
     with torch.no_grad():
         assert torch.allclose(co(q, k, v), 2 * fk.attention(q, k, v, score="laplace"))
+
+
+def test_cuda_matches_cpu():
+    """The ops on CUDA tensors (opcheck, and forward/backward against the CPU's)."""
+    if not (torch.cuda.is_available() and fk.device_count("cuda") > 0):
+        return "SKIPPED: no CUDA device seen by both PyTorch and the library"
+    for score in ("dot", "student_t"):
+        args = op_args(score=score, seed=6)
+        cuda = tuple(t.detach().cuda().requires_grad_() if isinstance(t, torch.Tensor) else t
+                     for t in args)
+        torch.library.opcheck(torch.ops.fep.attention_forward, cuda)
+        outs = []
+        for q, k, v, ph, pk in (args[:5], cuda[:5]):
+            o, _, e = fk.torch_ops.attention_with_stats(q, k, v, precision_key=pk,
+                                                        precision_head=ph, score=score, nu=4.0,
+                                                        causal=True)
+            (o.square().sum() + e.sum()).backward()
+            outs.append([o, e, q.grad, k.grad, v.grad, ph.grad, pk.grad])
+        for name, a, c in zip(("o", "e", "dq", "dk", "dv", "dpi_head", "dpi_key"), *outs):
+            err = (a.detach() - c.detach().cpu()).abs().max() / max(a.abs().max().item(), 1e-30)
+            assert err < 1e-4, f"{score} {name}: CUDA vs CPU rel err {err:.2e}"
+        q, k, v, ph, pk = (t.detach() for t in cuda[:5])
+        o, lse, e = fk.attention_forward(q, k, v, score=score, nu=4.0, pi_head=ph, pi_key=pk)
+        torch.library.opcheck(torch.ops.fep.attention_backward,
+                              (q, k, v, o, lse, torch.randn_like(o), e, torch.randn_like(e), ph,
+                               pk, None, score, 4.0, None, False, None, True, "bhld"))
 
 
 def expect(exc, fn, needle):

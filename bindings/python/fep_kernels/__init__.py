@@ -10,9 +10,12 @@ that needs the library; ``import fep_kernels`` itself needs neither the library 
 Layout: ``_lib`` (loading, queries), ``_abi`` (the header's constants, structs and signatures),
 one module per op (``lca``, ``settle``, ``vmp``, and the ``attention`` functions, reachable as
 ``fep_kernels.attention_forward`` etc.; the name ``fep_kernels.attention`` itself is the
-differentiable PyTorch function below) and ``torch_ops`` (``torch.library`` custom ops
+differentiable PyTorch function below), ``torch_ops`` (``torch.library`` custom ops
 ``fep::attention_forward`` / ``fep::attention_backward`` with fake implementations and autograd,
-imported when PyTorch is; :func:`attention` is differentiable and works under ``torch.compile``).
+imported when PyTorch is; :func:`attention` is differentiable and works under ``torch.compile``),
+``torch_settle`` (``fep::settle_energy`` / ``settle_learn`` / ``settle_infer``; the
+differentiable :func:`settle_energy`, whose backward gives the learning step's gradients) and
+``torch_lca`` (``fep::lca_solve``; :func:`lca_solve`).
 
 Tensors are passed by pointer (``tensor.data_ptr()``), so they must be contiguous and live on
 the device the call names. CPU tensors use ``FEP_DEVICE_CPU``; CUDA tensors use
@@ -121,6 +124,8 @@ __all__ = [
 ]
 __all__ += [
     "attention",
+    "settle_energy",
+    "lca_solve",
     "attention_forward",
     "attention_backward",
     "attention_merge",
@@ -143,18 +148,47 @@ def attention(q, k, v, precision_key=None, precision_head=None, score="dot", nu=
                       normalizer=normalizer, kv_len=kv_len, layout=layout)
 
 
+def settle_energy(weights, x0, target, biases=None, activations="identity", precisions=None, *,
+                  eta, steps, momentum=0.0, tol=0.0, check=True):
+    """The settled energy of a predictive-coding learning step, averaged over the batch (0-d
+    float32), differentiable w.r.t. the weights and biases: backward gives
+    ``SettleNet.learn(..., lr=0)``'s gradients (see
+    :func:`fep_kernels.torch_settle.settle_energy`). Needs PyTorch; works under
+    ``torch.compile``."""
+    from .torch_settle import settle_energy as _settle_energy
+
+    return _settle_energy(weights, x0, target, biases=biases, activations=activations,
+                          precisions=precisions, eta=eta, steps=steps, momentum=momentum,
+                          tol=tol, check=check)
+
+
+def lca_solve(phi, x, lam, eta, steps, threshold="soft", tol=0.0, u0=None, check_unit_norm=True):
+    """LCA on the rows of ``x`` against the dictionary ``phi`` through ``fep::lca_solve``:
+    returns ``(u, a, steps)`` (see :func:`fep_kernels.torch_lca.lca_solve`; not
+    differentiable). Needs PyTorch; works under ``torch.compile``."""
+    from .torch_lca import lca_solve as _lca_solve
+
+    return _lca_solve(phi, x, lam, eta, steps, threshold=threshold, tol=tol, u0=u0,
+                      check_unit_norm=check_unit_norm)
+
+
+_TORCH_MODULES = ("torch_ops", "torch_settle", "torch_lca")
+
+
 def __getattr__(name):
     # the loaded library's path and handle live in fep_kernels._lib (the loader module)
     if name == "_lib_path":
         return _lib._lib_path
-    if name == "torch_ops":
+    if name in _TORCH_MODULES:
         import importlib
 
-        return importlib.import_module(".torch_ops", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if "torch" in _sys.modules:  # PyTorch already imported: register the fep:: ops now
-    from . import torch_ops  # noqa: E402,F401
+    from . import torch_lca, torch_ops, torch_settle  # noqa: E402,F401
 
     attention = torch_ops.attention  # noqa: F811
+    settle_energy = torch_settle.settle_energy  # noqa: F811
+    lca_solve = torch_lca.lca_solve  # noqa: F811

@@ -24,7 +24,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(_PKG_DIR)))
 
 _HOW_TO_BUILD = (
     "build it with `cargo build --release --lib` in the fep-kernels repository (add "
-    "`--features cuda` or `--features hip` for a GPU) and set FEP_KERNELS_LIB to "
+    "`--features cuda` or `--features rocm` for a GPU) and set FEP_KERNELS_LIB to "
     "target/release/" + _LIB_NAME + ", or pass the path to fep_kernels.load(path)"
 )
 

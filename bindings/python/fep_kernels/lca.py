@@ -107,7 +107,8 @@ class LcaDictionary(_Owned):
         [B, m] float32, and with ``trace=True`` also "energy" [B, T] float32
         (0.5 ||x - Phi a||^2 + lam ||a||_1 after each step), "active" [B, T] int32 (the
         library's uint32 counts) and "steps" [B] int32 (steps run per sample). A sample that
-        stopped early repeats its last energy/active values.
+        stopped early repeats its last energy/active values. With ``trace=False``,
+        ``out={"steps": t}`` still gets the steps run (and "steps" is returned) without the trace.
 
         ``out``: optional dict of preallocated output tensors with the same keys, shapes and
         dtypes (e.g. for timing loops); those given are written instead of new ones.
@@ -137,9 +138,10 @@ class LcaDictionary(_Owned):
         if trace:
             specs["energy"] = ((batch, steps), torch.float32)
             specs["active"] = ((batch, steps), torch.int32)
+        elif set(out) - set(specs) - {"steps"}:
+            raise ValueError("out: 'energy' and 'active' need trace=True")
+        if trace or "steps" in out:  # out["steps"] alone: the step counts without the trace
             specs["steps"] = ((batch,), torch.int32)
-        elif set(out) - set(specs):
-            raise ValueError("out: 'energy', 'active' and 'steps' need trace=True")
         res = {}
         for key, (shape, dt) in specs.items():
             if key in out:

@@ -1,0 +1,71 @@
+"""Argument checks the ``torch.library`` ops share (torch_settle, torch_lca): TypeError for a
+value of the wrong kind (not a tensor, not a number, not an int), ValueError for a tensor of the
+wrong dtype, device, rank or shape, before the library is called. They need no data, so the fake
+implementations run them too (errors surface while ``torch.compile`` traces)."""
+
+import numbers
+import operator
+
+import torch
+from torch import Tensor
+
+from ._abi import _U32_MAX
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _tensor(t, what, dim=None, dtypes=None, device=None, owner=None, optional=False):
+    """Checks kind, rank, dtype and device of ``t`` (None passes when ``optional``)."""
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        none = " or None" if optional else ""
+        raise TypeError(f"{what}: expected a torch.Tensor{none}, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{what}: expected a {dim}-d tensor, got shape {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{what}: dtype {t.dtype} is not supported ({names})")
+    if device is not None and t.device != device:
+        raise ValueError(f"{what}: on {t.device}, expected {device} ({owner}'s device)")
+    if t.device.type not in ("cpu", "cuda", "meta"):  # meta: shapes only (the fake impls)
+        raise ValueError(f"{what}: tensors on device type {t.device.type!r} are not supported "
+                         "(cpu or cuda)")
+
+
+def _shape(t, what, shape):
+    if list(t.shape) != list(shape):
+        raise ValueError(f"{what}: expected shape {list(shape)}, got {list(t.shape)}")
+
+
+def _number(x, what):
+    """float(x) for a real Python/NumPy number; TypeError for anything else (bool, str, tensor)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{what}: expected a Python number, got {type(x).__name__}")
+    return float(x)
+
+
+def _steps(x, what="steps"):
+    """An int in [1, 2^32): TypeError for a non-int, ValueError out of range."""
+    if isinstance(x, bool):
+        raise TypeError(f"{what}: expected an int, got bool")
+    try:
+        x = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{what}: expected an int, got {type(x).__name__}") from None
+    if not 1 <= x <= _U32_MAX:
+        raise ValueError(f"{what}: expected an int in [1, 2^32), got {x}")
+    return x
+
+
+def _not_differentiable(op, name, hint):
+    """Registers an autograd formula for ``op`` whose backward raises a RuntimeError naming the
+    op (the outputs of an op without one would fail with a less helpful message)."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name} is not differentiable: {hint}")
+
+    op.register_autograd(backward, setup_context=setup_context)
