@@ -382,7 +382,7 @@ for f in "$B"/tests/*; do
     *) add "tests.$t" 90 0 "$f" "$f --color never --show-output $threads"; TESTS+=("tests.$t") ;;
   esac
 done
-for t in attention settle vmp; do
+for t in attention settle vmp torch_ops torch_settle_lca; do
   add "tests.py-$t" 60 0 "$B/libfep_kernels.so" "FEP_KERNELS_LIB=$LIB $py bindings/python/test_$t.py"
   TESTS+=("tests.py-$t")
 done
