@@ -1,46 +1,42 @@
-//! [candle](https://github.com/huggingface/candle) integration (feature `candle`): the crate's
-//! ops as candle custom ops over candle tensors, without copying the inputs.
-//!
-//! [`attention`] runs precision-weighted attention forward ([`crate::attention::forward_into`])
-//! on q `[B, Hq, Lq, D]`, k `[B, Hkv, Lk, D]`, v `[B, Hkv, Lk, Dv]` (f32, f16 or bf16, all the
-//! same dtype) and returns o `[B, Hq, Lq, Dv]` as a new contiguous candle tensor. Inputs may be
-//! strided (a transposed `[B, L, H, D]` tensor seen as `[B, H, L, D]`, narrowed views, ...) as
-//! long as the last dimension is contiguous and rows do not overlap: the op reads candle's
-//! storage in place through the layout's strides and start offset.
-//!
-//! Only CPU storage is supported: this crate enables no candle GPU feature, so a tensor on a
-//! candle CUDA or Metal device gets a candle error. No backward (the op is applied without
-//! gradient tracking).
-//!
-//! ```
-//! use candle_core::{Device, Tensor};
-//! use fep_kernels::attention::{AttentionSpec, Score};
-//! let dev = Device::Cpu;
-//! let q = Tensor::randn(0f32, 1.0, (1, 2, 4, 8), &dev)?;
-//! let k = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev)?;
-//! let v = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev)?;
-//! let spec = AttentionSpec::new(Score::StudentT(3.0)).causal(true);
-//! let o = fep_kernels::candle::attention(&q, &k, &v, &spec, None)?;
-//! assert_eq!(o.dims(), &[1, 2, 4, 8]);
-//! # Ok::<(), candle_core::Error>(())
-//! ```
+//! Precision-weighted attention forward ([`crate::attention::forward_into`]) over candle tensors.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Shape, Storage, Tensor,
 };
 
+use super::{crate_err, not_cpu};
 use crate::Element;
 use crate::attention::{AttentionOutputs, AttentionSpec, Precisions, Tensor4, Tensor4Mut};
 use crate::backend::{View, ViewMut};
 
-/// Precision-weighted attention forward on candle tensors: o `[B, Hq, Lq, Dv]` (contiguous, the
-/// inputs' dtype). `precision_key`: optional per-key precision π_j `[B, Hkv, Lk]`, f32, every
-/// entry finite and > 0 (read in place when contiguous, else made contiguous first).
+const OP: &str = "attention";
+
+/// Precision-weighted attention forward on candle tensors q `[B, Hq, Lq, D]`, k `[B, Hkv, Lk, D]`,
+/// v `[B, Hkv, Lk, Dv]` (f32, f16 or bf16, all the same dtype): o `[B, Hq, Lq, Dv]` as a new
+/// contiguous tensor of the inputs' dtype. Inputs may be strided (a transposed `[B, L, H, D]`
+/// tensor seen as `[B, H, L, D]`, narrowed views, ...) as long as the last dimension is
+/// contiguous and rows do not overlap: the op reads candle's storage in place through the
+/// layout's strides and start offset. `precision_key`: optional per-key precision π_j
+/// `[B, Hkv, Lk]`, f32, every entry finite and > 0 (read in place when contiguous, else made
+/// contiguous first). No backward (applied without gradient tracking).
 ///
-/// Errors (as candle errors): tensors not on the CPU device, dtypes other than f32/f16/bf16 or
+/// Errors (as candle errors): tensors not in CPU storage, dtypes other than f32/f16/bf16 or
 /// that differ, ranks other than 4, a last dimension that is not contiguous, and everything
 /// [`crate::attention::forward_into`] rejects (shapes, heads, ν, τ, precisions).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use fep_kernels::attention::{AttentionSpec, Score};
+/// let dev = Device::Cpu;
+/// let q = Tensor::randn(0f32, 1.0, (1, 2, 4, 8), &dev)?;
+/// let k = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev)?;
+/// let v = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev)?;
+/// let spec = AttentionSpec::new(Score::StudentT(3.0)).causal(true);
+/// let o = fep_kernels::candle::attention(&q, &k, &v, &spec, None)?;
+/// assert_eq!(o.dims(), &[1, 2, 4, 8]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -64,7 +60,7 @@ pub fn attention(
     // The read guard keeps the precision storage alive and unwritten while the op reads it.
     let (storage, layout) = p.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        return Err(not_cpu("precision_key"));
+        return Err(not_cpu(OP, "precision_key"));
     };
     let (start, end) = layout
         .contiguous_offsets()
@@ -143,7 +139,7 @@ impl<'a> AttentionOp<'a> {
             out,
             dev.default_stream(),
         )
-        .map_err(candle_core::Error::wrap)?;
+        .map_err(crate_err(OP))?;
         Ok((o, Shape::from(shape.to_vec())))
     }
 }
@@ -184,13 +180,6 @@ fn tensor4<'a, T: Element>(
         shape,
         strides,
     })
-}
-
-fn not_cpu(name: &str) -> candle_core::Error {
-    candle_core::Error::msg(format!(
-        "fep_kernels attention: {name} is not in CPU storage; the candle integration runs on \
-         candle's CPU device only (this crate enables no candle GPU feature)"
-    ))
 }
 
 impl CustomOp3 for AttentionOp<'_> {
@@ -239,7 +228,7 @@ impl CustomOp3 for AttentionOp<'_> {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Err(not_cpu("q"))
+        Err(not_cpu(OP, "q"))
     }
 
     fn metal_fwd(
@@ -251,6 +240,6 @@ impl CustomOp3 for AttentionOp<'_> {
         _: &MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        Err(not_cpu("q"))
+        Err(not_cpu(OP, "q"))
     }
 }
