@@ -1,10 +1,65 @@
 //! # fep-kernels
 //!
 //! Fused GPU kernels for inference by energy minimisation, written once for NVIDIA (CUDA,
-//! feature `cuda`) and AMD (HIP, feature `rocm`), with an f64 CPU reference backend that
-//! always builds. This release ships the foundation, LCA sparse coding ([`lca`]) and
-//! predictive-coding settling and learning ([`settle`]); precision-weighted attention and
-//! variational message passing follow on the same runtime.
+//! feature `cuda`) and AMD (HIP, feature `rocm`), with an f64 CPU reference backend that always
+//! builds and is the oracle every GPU kernel is tested against. Each op is a module whose docs
+//! hold its maths:
+//!
+//! - [`attention`]: precision-weighted attention. Dot, Gaussian, Student-t and Laplace scores
+//!   with per-head and per-key precisions, returning o, the lse and the energy e (the expected
+//!   precision-weighted squared error); [`attention::forward`], [`attention::backward`]
+//!   (gradients of q, k, v, both precisions and ν, deterministic), and decode against a long KV
+//!   cache with key splits joined by [`attention::merge()`]. GQA/MQA, causal, sliding-window and
+//!   per-batch key-length masks, BHLD or BLHD layouts without copies.
+//! - [`settle`]: predictive-coding settling. Descends the energy E = ½ Σ_l ε_lᵀ Π_l ε_l of a
+//!   layered network ([`settle::infer`]) and returns the local learning gradients
+//!   ([`settle::learn_step`]; [`settle::sgd`] applies them).
+//! - [`lca`]: sparse coding with the locally competitive algorithm (four thresholds; with the
+//!   soft one the code is the LASSO solution), and dictionary learning ([`lca::Dictionary`]).
+//! - [`vmp`]: variational message passing for discrete active inference with pymdp's
+//!   conventions: state inference ([`vmp::infer_states`], fixed-point iteration), sequence
+//!   inference ([`vmp::infer_sequence`], `vmp`/`mmp` updates), policy inference by expected free
+//!   energy ([`vmp::infer_policies`]) and Dirichlet learning ([`vmp::learn`]), for a batch of
+//!   agents per call.
+//!
+//! # Devices, memory and errors
+//!
+//! A [`Device`] is the CPU or one GPU: [`Device::best`] takes the first CUDA device, else the
+//! first HIP device, else the CPU. Data lives in [`DeviceBuffer`]s ([`Device::upload`],
+//! [`DeviceBuffer::to_vec`]); ops read and write borrowed [`View`]s and [`ViewMut`]s, so a
+//! framework's own tensors are used in place ([`View::from_raw`], [`ViewMut::from_raw`]) on its
+//! own stream ([`Stream::from_raw`]). Most entry points come in pairs: a `*_into` function that
+//! writes into given views on a given stream, and a shorter one that allocates its outputs and
+//! runs on the device's default stream. Inputs are f32, f16 or bf16 ([`Element`]); the GPU
+//! accumulates in f32 and the CPU reference in f64. Every input is validated before anything is
+//! launched: shapes, strides, lengths, devices, finiteness and parameter ranges give an
+//! [`Error::InvalidArgument`] naming the argument and leave the outputs untouched. A missing
+//! driver or GPU is [`Error::NoDevice`], never a panic. Other languages and frameworks use the C
+//! ABI ([`ffi`], header `include/fep_kernels.h`).
+//!
+//! # Features and build
+//!
+//! - no feature: the CPU backend only; nothing but Rust is needed to build.
+//! - `cuda`: build.rs compiles every kernel with nvcc (CUDA 13.0), found through `NVCC`,
+//!   `CUDA_PATH` / `CUDA_HOME`, then `PATH`, for the architectures in `FEP_CUDA_ARCHS` (default
+//!   `80;90a`, plus PTX of the lowest), and embeds the binaries. The driver is loaded at run
+//!   time, so a build without a driver still links and reports [`Error::NoDevice`].
+//! - `rocm`: the same with a HIP-capable clang, found through `HIP_CLANG`, `ROCM_PATH` /
+//!   `HIP_PATH`, then `clang-19`, for `FEP_ROCM_ARCHS` (default `gfx942;gfx90a`); links the HIP
+//!   runtime (libamdhip64).
+//! - `emulate`: the kernel sources compiled as C++ and run on host threads
+//!   (`Device::emulated`), so the GPU code paths are tested without a GPU.
+//! - `candle`: attention, LCA and settling over candle tensors, their storage read in place
+//!   (the `candle` module).
+//!
+//! A missing toolchain or a failed kernel compile stops the build with an error that names the
+//! variable to set (the repository's `ci/setup-cuda.sh` and `ci/setup-rocm.sh` install pinned
+//! toolchains). With `DOCS_RS` set nothing is compiled. [`RESOURCE_REPORT`] holds the compilers'
+//! per-kernel register, shared-memory and spill report of the build.
+//!
+//! # Examples
+//!
+//! LCA sparse coding ([`lca`]): prepare a dictionary once, then code a batch.
 //!
 //! ```
 //! use fep_kernels::{Device, lca::{Dictionary, LcaSpec}};
@@ -60,16 +115,40 @@
 //! # Ok::<(), fep_kernels::Error>(())
 //! ```
 //!
-//! Frameworks pass their own memory and streams: [`View::from_raw`], [`ViewMut::from_raw`],
-//! [`Stream::from_raw`], or the C ABI in `include/fep_kernels.h`.
+//! Precision-weighted attention ([`attention`]): Student-t scores with a per-key precision,
+//! causal, over q, k, v in BHLD layout.
+//!
+//! ```
+//! use fep_kernels::{Device, attention::{self, AttentionSpec, Precisions, Score, Tensor4}};
+//! let dev = Device::cpu(); // D = 2: GPU kernels take the head dims in attention::HEAD_DIMS
+//! // One batch and head, two queries and three keys of dimension 2, values of dimension 1.
+//! let q = dev.upload(&[1.0f32, 0.0, 0.0, 1.0])?;
+//! let k = dev.upload(&[1.0f32, 0.0, 0.0, 1.0, -1.0, 0.0])?;
+//! let v = dev.upload(&[1.0f32, 2.0, 3.0])?;
+//! let pi = dev.upload(&[1.0f32, 4.0, 1.0])?; // key 1 is trusted more
+//! let (q, k, v) = (
+//!     Tensor4::bhld(q.view(), [1, 1, 2, 2]),
+//!     Tensor4::bhld(k.view(), [1, 1, 3, 2]),
+//!     Tensor4::bhld(v.view(), [1, 1, 3, 1]),
+//! );
+//! let spec = AttentionSpec::new(Score::StudentT(3.0)).causal(true);
+//! let pi = Precisions { head: None, key: Some(pi.view()) };
+//! let out = attention::forward(&spec, &q, &k, &v, &pi, None)?;
+//! println!("o = {:?}, lse = {:?}, e = {:?}", out.o.to_vec()?, out.lse.to_vec()?, out.e.to_vec()?);
+//! # Ok::<(), fep_kernels::Error>(())
+//! ```
 
 #![warn(missing_docs)]
+// docs.rs (Cargo.toml's [package.metadata.docs.rs]) builds with `--cfg docsrs` on nightly: items
+// that need a feature carry a badge saying so.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // Without a GPU feature the launch plumbing has no caller; it is still compiled and checked.
 #![cfg_attr(not(fep_gpu), allow(dead_code, unused_variables))]
 
 pub mod attention;
 mod backend;
 #[cfg(feature = "candle")]
+#[cfg_attr(docsrs, doc(cfg(feature = "candle")))]
 pub mod candle;
 pub mod diagnostics;
 pub mod element;

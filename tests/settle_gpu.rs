@@ -57,8 +57,8 @@ impl Case {
         Case {
             widths: widths.to_vec(),
             acts,
-            diag: seed % 2 == 0,
-            bias: seed % 3 != 0,
+            diag: seed.is_multiple_of(2),
+            bias: !seed.is_multiple_of(3),
             dtype,
             batch,
             learn,

@@ -1,82 +1,7 @@
 //! Attention backward: the gradients of a loss L(o, e) with respect to q, k, v, the precisions
-//! π_h and π_j, and Student-t's ν, given ∂L/∂o (and ∂L/∂e when the loss uses the energy e).
-//! Deterministic: no output is summed with floating-point atomics, so two runs give the same bits.
-//!
-//! # The gradients (derived by hand; the f64 reference in `reference::backward` codes them)
-//!
-//! Per query row i and visible key j, with x = q_i·k_j, d² = ‖q_i − k_j‖², π = π_h π_j,
-//! w_ij = softmax_j(s_ij), o_i = Σ_j w_ij v_j and e_i = Σ_j w_ij π d²:
-//!
-//! ```text
-//! ∂L/∂w_ij = dO_i·v_j + dE_i π d²                       (dO = ∂L/∂o, dE = ∂L/∂e)
-//! Δ_i      = Σ_j w_ij ∂L/∂w_ij = dO_i·o_i + dE_i e_i
-//! dS_ij    = w_ij (∂L/∂w_ij − Δ_i)                      (the softmax's Jacobian)
-//! dv_j     = Σ_i w_ij dO_i
-//! g_ij     = dS_ij ∂s/∂d² + dE_i w_ij π                 (the coefficient of d²)
-//! M_ij     = dS_ij ∂s/∂x − 2 g_ij
-//! dq_i     = Σ_j M_ij k_j + 2 (Σ_j g_ij) q_i            (∂d²/∂q = 2(q − k))
-//! dk_j     = Σ_i M_ij q_i + 2 (Σ_i g_ij) k_j
-//! P_ij     = dS_ij π ∂s/∂π + dE_i w_ij π d²             (π ∂L/∂π_ij)
-//! dπ_h     = Σ_{b,i,j} P_ij / π_h,   dπ_j = Σ_{h in the group, i} P_ij / π_j
-//! dν       = Σ dS_ij ∂s/∂ν
-//! ```
-//!
-//! The partial derivatives of each family (τ the scale, c = D/2 with the normaliser, else 0):
-//!
-//! ```text
-//!              ∂s/∂x    ∂s/∂d²                     π ∂s/∂π                 ∂s/∂ν
-//! Dot          τπ       0                          τπx                     0
-//! Gaussian     0        −½τπ                       −½τπd² + c              0
-//! Student-t    0        −κ (τπ/ν) / (1 + a)        −κ a / (1 + a) + c      −½ ln(1 + a) + κ (a/ν) / (1 + a)
-//! Laplace      0        −√(τπ) / (2d)              −½ √(τπ) d + c          0
-//! ```
-//!
-//! with a = τπd²/ν and κ = (ν + D)/2. Laplace's d is not differentiable at q = k: there the
-//! gradient through d is taken as 0 (its minimum-norm subgradient). A row with no visible key has
-//! w = 0 and contributes nothing. GQA sums dk, dv and dπ_j over the query heads of each group.
-//! The precision gradients are the gradients at the values used: with no per-head precision
-//! dπ_h is ∂L/∂π_h at π_h = 1 (and the same for π_j).
-//!
-//! # Where it runs
-//!
-//! On the CPU device: the f64 reference (which recomputes the forward; o and lse are checked but
-//! not read). On a GPU: three kernels (kernels/attention/backward*.cuh): Δ_i and dq with the
-//! per-tile partial sums of dπ_h and dν (query-major), dk, dv and dπ_j (key-major, each block
-//! owning its keys and summing the group's heads in a fixed order), then an ordered sum of the
-//! partials. Each recomputes the scores from q, k and lse (FlashAttention-2's scheme, without its
-//! dq atomics: the query-major pass writes dq itself), so nothing the size of Lq × Lk is stored.
-//!
-//! ```
-//! use fep_kernels::{Device, attention::{self, AttentionSpec, BackwardInputs, Precisions, Score, Tensor4}};
-//! let dev = Device::cpu();
-//! let q = dev.upload(&[1.0f32, 0.0, 0.0, 1.0])?;
-//! let k = dev.upload(&[1.0f32, 0.0, 0.0, 1.0, -1.0, 0.0])?;
-//! let v = dev.upload(&[1.0f32, 2.0, 3.0])?;
-//! let pk = dev.upload(&[1.0f32, 2.0, 0.5])?; // a per-key precision, learned
-//! let (q, k, v) = (
-//!     Tensor4::bhld(q.view(), [1, 1, 2, 2]),
-//!     Tensor4::bhld(k.view(), [1, 1, 3, 2]),
-//!     Tensor4::bhld(v.view(), [1, 1, 3, 1]),
-//! );
-//! let pi = Precisions { head: None, key: Some(pk.view()) };
-//! let spec = AttentionSpec::new(Score::StudentT(3.0));
-//! let fwd = attention::forward(&spec, &q, &k, &v, &pi, None)?;
-//! // L = Σ o: ∂L/∂o = 1.
-//! let d_o = dev.upload(&[1.0f32, 1.0])?;
-//! let inputs = BackwardInputs {
-//!     o: Tensor4::bhld(fwd.o.view(), [1, 1, 2, 1]),
-//!     lse: fwd.lse.view(),
-//!     d_o: Tensor4::bhld(d_o.view(), [1, 1, 2, 1]),
-//!     e: None,
-//!     d_e: None,
-//! };
-//! let g = attention::backward(&spec, &q, &k, &v, &pi, None, &inputs)?;
-//! // Raising the precision of key 2 (value 3) pulls the outputs towards 3 only if it is the
-//! // nearest key of a row; here the gradient of Σ o with respect to π_2 is finite and nonzero.
-//! let dpk = g.dpi_key.to_vec()?;
-//! assert!(dpk[2].is_finite() && dpk[2] != 0.0);
-//! # Ok::<(), fep_kernels::Error>(())
-//! ```
+//! and Student-t's ν. The maths (derived by hand; `reference::backward` codes it in f64) is in
+//! the module docs of [`crate::attention`], section "Backward"; the GPU side is in
+//! src/attention/gpu_backward.rs and kernels/attention/backward*.cuh.
 
 use super::{
     AttentionSpec, Precisions, Problem, Tensor4, Tensor4Mut, check_problem, check_tensor, dims,
@@ -266,7 +191,40 @@ pub fn backward_into<'a, T: Element>(
     }
 }
 
-/// Backward on the default stream into new buffers (dq, dk, dv in BHLD; every gradient).
+/// Backward on the default stream into new buffers (dq, dk, dv in BHLD; every gradient). The
+/// gradients are those of the "Backward" section of [`crate::attention`]'s module docs.
+///
+/// ```
+/// use fep_kernels::{Device, attention::{self, AttentionSpec, BackwardInputs, Precisions, Score, Tensor4}};
+/// let dev = Device::cpu();
+/// let q = dev.upload(&[1.0f32, 0.0, 0.0, 1.0])?;
+/// let k = dev.upload(&[1.0f32, 0.0, 0.0, 1.0, -1.0, 0.0])?;
+/// let v = dev.upload(&[1.0f32, 2.0, 3.0])?;
+/// let pk = dev.upload(&[1.0f32, 2.0, 0.5])?; // a per-key precision, learned
+/// let (q, k, v) = (
+///     Tensor4::bhld(q.view(), [1, 1, 2, 2]),
+///     Tensor4::bhld(k.view(), [1, 1, 3, 2]),
+///     Tensor4::bhld(v.view(), [1, 1, 3, 1]),
+/// );
+/// let pi = Precisions { head: None, key: Some(pk.view()) };
+/// let spec = AttentionSpec::new(Score::StudentT(3.0));
+/// let fwd = attention::forward(&spec, &q, &k, &v, &pi, None)?;
+/// // L = Σ o: ∂L/∂o = 1.
+/// let d_o = dev.upload(&[1.0f32, 1.0])?;
+/// let inputs = BackwardInputs {
+///     o: Tensor4::bhld(fwd.o.view(), [1, 1, 2, 1]),
+///     lse: fwd.lse.view(),
+///     d_o: Tensor4::bhld(d_o.view(), [1, 1, 2, 1]),
+///     e: None,
+///     d_e: None,
+/// };
+/// let g = attention::backward(&spec, &q, &k, &v, &pi, None, &inputs)?;
+/// // Raising the precision of key 2 (value 3) pulls the outputs towards 3 only if it is the
+/// // nearest key of a row; here the gradient of Σ o with respect to π_2 is finite and nonzero.
+/// let dpk = g.dpi_key.to_vec()?;
+/// assert!(dpk[2].is_finite() && dpk[2] != 0.0);
+/// # Ok::<(), fep_kernels::Error>(())
+/// ```
 pub fn backward<'a, T: Element>(
     spec: &AttentionSpec,
     q: &Tensor4<'a, T>,

@@ -1,5 +1,6 @@
 //! The attention reference: f64 throughout, one (batch, query head) per rayon task, written to be
-//! read next to DESIGN.md §4.1 and tests/fixtures/ATTENTION-CONVENTIONS.md, not to be fast.
+//! read next to the maths in the module docs of [`crate::attention`] and
+//! tests/fixtures/ATTENTION-CONVENTIONS.md, not to be fast.
 
 use rayon::prelude::*;
 
@@ -77,7 +78,7 @@ fn check_precision(name: &str, values: &[f64]) -> Result<()> {
 
 pub(crate) fn validate(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<()> {
     spec.validate()?;
-    if inp.hkv == 0 || inp.hq % inp.hkv != 0 {
+    if inp.hkv == 0 || !inp.hq.is_multiple_of(inp.hkv) {
         return Err(Error::invalid(
             "k",
             format!(
@@ -137,7 +138,8 @@ pub(crate) fn visible(
     (lo.min(hi as i64) as usize, hi)
 }
 
-/// One score in natural units (the module docs' maths); `c` is the normaliser's D/2 (0: off).
+/// One score in natural units (the maths of [`crate::attention`]); `c` is the normaliser's D/2
+/// (0: off).
 pub(crate) fn score_value(
     score: Score,
     tau: f64,
@@ -159,7 +161,7 @@ pub(crate) fn score_value(
     if c != 0.0 { s + c * pi.ln() } else { s }
 }
 
-/// Precision-weighted attention in f64 (the module docs' maths).
+/// Precision-weighted attention in f64 (the maths of [`crate::attention`]'s module docs).
 pub fn forward(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<RefOutputs> {
     validate(spec, inp)?;
     let RefInputs {

@@ -1,6 +1,6 @@
 //! The attention gradients in f64 (the reference of [`super::backward`]): the forward is
 //! recomputed per (batch, kv head), so the reference needs neither o nor lse from the caller.
-//! The derivation is in the module docs of `attention::backward`.
+//! The derivation is in the module docs of [`crate::attention`] (section "Backward").
 
 use rayon::prelude::*;
 
@@ -81,7 +81,7 @@ struct Part {
 }
 
 /// The gradients of a loss L(o, e) with respect to q, k, v, the precisions and ν, given ∂L/∂o and
-/// ∂L/∂e, in f64 (the module docs of `attention::backward` derive them). Rows with no visible key
+/// ∂L/∂e, in f64 ([`crate::attention`]'s "Backward" section derives them). Rows with no visible key
 /// contribute nothing.
 pub fn backward(
     spec: &AttentionSpec,
@@ -106,13 +106,13 @@ pub fn backward(
             format!("has {} elements, expected {}", grad.d_o.len(), rows * dv),
         ));
     }
-    if let Some(de) = grad.d_e {
-        if de.len() != rows {
-            return Err(Error::invalid(
-                "d_e",
-                format!("has {} elements, expected {rows}", de.len()),
-            ));
-        }
+    if let Some(de) = grad.d_e
+        && de.len() != rows
+    {
+        return Err(Error::invalid(
+            "d_e",
+            format!("has {} elements, expected {rows}", de.len()),
+        ));
     }
     let group = hq / hkv;
     let tau = spec.tau(d);

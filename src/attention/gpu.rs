@@ -1,5 +1,5 @@
 //! Attention on a GPU: the input scan (kernels/attention/check.cu) and the one dispatch point of
-//! the forward kernels (kernels/attention/forward_<dtype>.cu, `attn_fwd_<dtype>_d<D>_v<Dv>`).
+//! the forward kernels (`kernels/attention/forward_<dtype>.cu`, `attn_fwd_<dtype>_d<D>_v<Dv>`).
 //!
 //! The tile shape of each instantiation is chosen at compile time by `attn_tile` in
 //! kernels/attention/traits.cuh; [`tile`] mirrors it to size the launch (a kernel handed a
@@ -293,7 +293,7 @@ pub(crate) fn key_split(
 pub(crate) fn aligned<T: Element>(ts: &[(u64, [usize; 3])]) -> bool {
     let size = std::mem::size_of::<T>();
     ts.iter()
-        .all(|(addr, s)| addr % 16 == 0 && s.iter().all(|x| (x * size) % 16 == 0))
+        .all(|(addr, s)| addr % 16 == 0 && s.iter().all(|x| (x * size).is_multiple_of(16)))
 }
 
 /// What every attention kernel limits: the head dims (HEAD_DIMS) and B, Hq within gridDim.y/z.

@@ -1,4 +1,4 @@
-//! Attention backward on a GPU: the one dispatch point of kernels/attention/backward_<dtype>.cu
+//! Attention backward on a GPU: the one dispatch point of `kernels/attention/backward_<dtype>.cu`
 //! (`attn_bwd_dq_*`, `attn_bwd_kv_*`, `attn_bwd_dk_*`) and backward_reduce.cu.
 //!
 //! Order on the stream: the dq kernel (writes Δ and the per-tile partials of dπ_h and dν), the

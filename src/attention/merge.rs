@@ -1,61 +1,8 @@
-//! Partial attention results merged by their lse (DESIGN.md §4.1): the step that joins the key
-//! splits of a decode, or the shards of a sequence spread over devices.
-//!
-//! Split the keys of a problem into S chunks and run attention on each: chunk c gives, per row,
-//! its normalised o_c, lse_c = ln Σ_{j∈c} e^{s_ij} and e_c (a chunk with no visible key gives
-//! o_c = 0, lse_c = −∞, e_c = 0). The whole problem's row is then
-//!
-//! ```text
-//! lse = ln Σ_c e^{lse_c}      (computed shifted by max_c lse_c)
-//! o   = Σ_c e^{lse_c − lse} o_c
-//! e   = Σ_c e^{lse_c − lse} e_c
-//! ```
-//!
-//! and a row whose every lse_c is −∞ gives o = 0, lse = −∞, e = 0 (no NaN; the o_c of a −∞ part
-//! is never read). The parts are row-major `[S, B, Hq, Lq, Dv]` (o, in the input dtype) and
-//! `[S, B, Hq, Lq]` (lse and e, f32), as [`MergeParts`]; the result goes wherever
-//! [`AttentionOutputs`] says (o strided, lse and e optional). On the CPU device the merge runs in
-//! f64 ([`super::reference::merge`]); on a GPU one warp per row (kernels/attention/merge.cu),
-//! accumulating in f32.
-//!
-//! ```
-//! use fep_kernels::{Device, attention::{self, AttentionSpec, MergeParts, Precisions, Score, Tensor4}};
-//! let dev = Device::cpu();
-//! // One head, two queries, six keys of dimension 4 (BHLD), Dv = 4.
-//! let (lq, lk, d) = (2, 6, 4);
-//! let q: Vec<f32> = (0..lq * d).map(|i| (i as f32 * 0.37).sin()).collect();
-//! let k: Vec<f32> = (0..lk * d).map(|i| (i as f32 * 0.91).cos()).collect();
-//! let v: Vec<f32> = (0..lk * d).map(|i| (i as f32 * 0.53).sin()).collect();
-//! let spec = AttentionSpec::new(Score::Gaussian);
-//! let run = |k: &[f32], v: &[f32]| {
-//!     let n = k.len() / d;
-//!     let (qb, kb, vb) = (dev.upload(&q)?, dev.upload(k)?, dev.upload(v)?);
-//!     attention::forward(
-//!         &spec,
-//!         &Tensor4::bhld(qb.view(), [1, 1, lq, d]),
-//!         &Tensor4::bhld(kb.view(), [1, 1, n, d]),
-//!         &Tensor4::bhld(vb.view(), [1, 1, n, d]),
-//!         &Precisions::default(),
-//!         None,
-//!     )
-//! };
-//! let whole = run(&k, &v)?;
-//! // The keys in two chunks (0..4 and 4..6), each attended separately, then merged.
-//! let (a, b) = (run(&k[..4 * d], &v[..4 * d])?, run(&k[4 * d..], &v[4 * d..])?);
-//! let cat = |x: Vec<f32>, y: Vec<f32>| [x, y].concat();
-//! let o = dev.upload(&cat(a.o.to_vec()?, b.o.to_vec()?))?;
-//! let lse = dev.upload(&cat(a.lse.to_vec()?, b.lse.to_vec()?))?;
-//! let e = dev.upload(&cat(a.e.to_vec()?, b.e.to_vec()?))?;
-//! let parts = MergeParts { o: o.view(), lse: lse.view(), e: Some(e.view()), splits: 2, shape: [1, 1, lq, d] };
-//! let merged = attention::merge(&parts)?;
-//! for (x, y) in merged.o.to_vec()?.iter().zip(whole.o.to_vec()?) {
-//!     assert!((x - y).abs() < 1e-6);
-//! }
-//! for (x, y) in merged.lse.to_vec()?.iter().zip(whole.lse.to_vec()?) {
-//!     assert!((x - y).abs() < 1e-5);
-//! }
-//! # Ok::<(), fep_kernels::Error>(())
-//! ```
+//! Partial attention results merged by their lse: the step that joins the key splits of a
+//! decode, or the shards of a sequence spread over devices. The maths is in the module docs of
+//! [`crate::attention`], section "Decode: key splits and the lse merge". On the CPU device the
+//! merge runs in f64 ([`super::reference::merge`]); on a GPU one warp per row
+//! (kernels/attention/merge.cu), accumulating in f32.
 
 use super::cpu::RefOutputs;
 use super::{AttentionOutputs, AttentionResult, Tensor4Mut, check_tensor, extent};
@@ -64,7 +11,8 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::tensor::{check_len, check_no_overlap, same_device};
 
-/// S partial results of the same rows, each over a subset of the keys (module docs).
+/// S partial results of the same rows, each over a subset of the keys (the maths is in the
+/// module docs of [`crate::attention`], section "Decode: key splits and the lse merge").
 #[derive(Clone, Debug)]
 pub struct MergeParts<'a, T: Element> {
     /// `[S, B, Hq, Lq, Dv]` row-major: each part's normalised output.
@@ -282,6 +230,48 @@ fn merge_host<T: Element>(
 
 /// Merges `parts` on the device's default stream into new buffers: o in BHLD, lse, and e (empty
 /// when the parts carry no e).
+///
+/// The parts are row-major `[S, B, Hq, Lq, Dv]` (o, in the input dtype) and `[S, B, Hq, Lq]`
+/// (lse and e, f32), as [`MergeParts`]; the module docs of [`crate::attention`] give the maths.
+///
+/// ```
+/// use fep_kernels::{Device, attention::{self, AttentionSpec, MergeParts, Precisions, Score, Tensor4}};
+/// let dev = Device::cpu();
+/// // One head, two queries, six keys of dimension 4 (BHLD), Dv = 4.
+/// let (lq, lk, d) = (2, 6, 4);
+/// let q: Vec<f32> = (0..lq * d).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let k: Vec<f32> = (0..lk * d).map(|i| (i as f32 * 0.91).cos()).collect();
+/// let v: Vec<f32> = (0..lk * d).map(|i| (i as f32 * 0.53).sin()).collect();
+/// let spec = AttentionSpec::new(Score::Gaussian);
+/// let run = |k: &[f32], v: &[f32]| {
+///     let n = k.len() / d;
+///     let (qb, kb, vb) = (dev.upload(&q)?, dev.upload(k)?, dev.upload(v)?);
+///     attention::forward(
+///         &spec,
+///         &Tensor4::bhld(qb.view(), [1, 1, lq, d]),
+///         &Tensor4::bhld(kb.view(), [1, 1, n, d]),
+///         &Tensor4::bhld(vb.view(), [1, 1, n, d]),
+///         &Precisions::default(),
+///         None,
+///     )
+/// };
+/// let whole = run(&k, &v)?;
+/// // The keys in two chunks (0..4 and 4..6), each attended separately, then merged.
+/// let (a, b) = (run(&k[..4 * d], &v[..4 * d])?, run(&k[4 * d..], &v[4 * d..])?);
+/// let cat = |x: Vec<f32>, y: Vec<f32>| [x, y].concat();
+/// let o = dev.upload(&cat(a.o.to_vec()?, b.o.to_vec()?))?;
+/// let lse = dev.upload(&cat(a.lse.to_vec()?, b.lse.to_vec()?))?;
+/// let e = dev.upload(&cat(a.e.to_vec()?, b.e.to_vec()?))?;
+/// let parts = MergeParts { o: o.view(), lse: lse.view(), e: Some(e.view()), splits: 2, shape: [1, 1, lq, d] };
+/// let merged = attention::merge(&parts)?;
+/// for (x, y) in merged.o.to_vec()?.iter().zip(whole.o.to_vec()?) {
+///     assert!((x - y).abs() < 1e-6);
+/// }
+/// for (x, y) in merged.lse.to_vec()?.iter().zip(whole.lse.to_vec()?) {
+///     assert!((x - y).abs() < 1e-5);
+/// }
+/// # Ok::<(), fep_kernels::Error>(())
+/// ```
 pub fn merge<T: Element>(parts: &MergeParts<'_, T>) -> Result<AttentionResult<T>> {
     let [b, hq, lq, dv] = parts.shape;
     let dev = parts.o.device();

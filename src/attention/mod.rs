@@ -1,38 +1,110 @@
-//! Precision-weighted attention (DESIGN.md §4.1): forward, backward ([`backward`]: deterministic
-//! gradients of q, k, v, the precisions and ν) and decode with the lse merge ([`merge`]), with
-//! the conventions of tests/fixtures/ATTENTION-CONVENTIONS.md (the PyTorch float64 fixtures).
+//! Precision-weighted attention: the forward pass ([`forward`]), its gradients ([`backward`]:
+//! deterministic, with respect to q, k, v, both precisions and Student-t's ν) and decode against
+//! a long KV cache with the lse merge ([`merge()`]). The conventions are those of the
+//! repository's tests/fixtures/ATTENTION-CONVENTIONS.md (PyTorch float64 fixtures).
+//!
+//! # Inputs
 //!
 //! q `[B, Hq, Lq, D]`, k `[B, Hkv, Lk, D]`, v `[B, Hkv, Lk, Dv]` with Hq % Hkv == 0 (query head h
 //! reads kv head h / (Hq / Hkv): GQA/MQA without copies), each a [`Tensor4`] with the last
-//! dimension contiguous and free strides otherwise (BHLD and BLHD alike). Precision
-//! π_ij = π_h · π_j (per query head `[Hq]`, per kv head and key `[B, Hkv, Lk]`, either optional,
-//! every entry > 0). With d² = ‖q_i − k_j‖² and the scale τ (default 1/√D for Dot, 1 otherwise):
+//! dimension contiguous and free strides otherwise (BHLD and BLHD alike). Inputs are f32, f16 or
+//! bf16. The precision of query i for key j is π_ij = π_h · π_j, from an optional per-query-head
+//! `[Hq]` and an optional per-kv-head-and-key `[B, Hkv, Lk]` tensor ([`Precisions`]; absent means
+//! 1, every entry > 0): it scales how sharply query i discriminates key j.
+//!
+//! # Scores, softmax, lse and energy
+//!
+//! With d² = ‖q_i − k_j‖² and the scale τ (default 1/√D for Dot, 1 for the distance families),
+//! the score families ([`Score`]), each a log-density of q_i under a kernel centred on k_j:
 //!
 //! ```text
 //! Dot          s = τ π q·k
 //! Gaussian     s = −½ τ π d²                       (+ (D/2) ln π with the normaliser)
 //! StudentT(ν)  s = −((ν + D)/2) ln(1 + τ π d²/ν)   (+ (D/2) ln π)
 //! Laplace      s = −√(τ π) d                       (+ (D/2) ln π)
-//! o_i = Σ_j softmax_j(s_ij) v_j,   lse_i = ln Σ_j e^{s_ij},   e_i = Σ_j w_ij π_ij d²_ij
 //! ```
 //!
-//! over the visible keys: all, or with `causal` those j ≤ i + Lk − Lq (bottom-right aligned),
-//! with a `window` W also j > i + Lk − Lq − W, and with per-batch key lengths only j < kv_len\[b\].
-//! A row with no visible key gives o = 0, lse = −∞, e = 0. The normaliser (D/2) ln π (on by
-//! default; Dot has none) matters only when π varies per key.
+//! The normaliser (D/2) ln π (on by default, [`AttentionSpec::normalizer`]; Dot has none) is
+//! constant over keys unless π varies per key, so it matters only with a per-key precision.
+//! Then, over the visible keys j of row i:
 //!
-//! On the CPU device this runs the f64 reference ([`reference`]). On a GPU it runs one fused
-//! kernel (kernels/attention/): q·k on the tensor cores (kernels/port/mma.cuh; f32 inputs
-//! through three tf32 products on NVIDIA, f32 MFMA on AMD), the score in registers, an online
-//! base-2 softmax, P·V on the tensor cores; no Lq × Lk matrix in memory. GPU head dims:
+//! ```text
+//! lse_i = ln Σ_j e^{s_ij},   w_ij = e^{s_ij − lse_i} = softmax_j(s_ij)
+//! o_i = Σ_j w_ij v_j,        e_i = Σ_j w_ij π_ij d²_ij
+//! ```
+//!
+//! e_i is the expected precision-weighted squared error of the query under its attention
+//! weights: the head's predictive-coding energy. lse serves the backward pass and the merge of
+//! partial results. The visible keys: all, or with `causal` those j ≤ i + Lk − Lq (bottom-right
+//! aligned, for a KV cache), with a `window` W also j > i + Lk − Lq − W, and with per-batch key
+//! lengths only j < kv_len\[b\]. A row with no visible key gives o = 0, lse = −∞, e = 0 (no NaN).
+//!
+//! # Backward
+//!
+//! [`backward`] returns the gradients of a loss L(o, e) given dO = ∂L/∂o and, when the loss uses
+//! the energy, dE = ∂L/∂e. Per row i and visible key j, with x = q_i·k_j, π = π_ij and w, o, e
+//! as above:
+//!
+//! ```text
+//! ∂L/∂w_ij = dO_i·v_j + dE_i π d²,   Δ_i = Σ_j w_ij ∂L/∂w_ij = dO_i·o_i + dE_i e_i
+//! dS_ij    = w_ij (∂L/∂w_ij − Δ_i)                      (through the softmax)
+//! dv_j     = Σ_i w_ij dO_i
+//! g_ij     = dS_ij ∂s/∂d² + dE_i w_ij π                 (the coefficient of d²)
+//! M_ij     = dS_ij ∂s/∂x − 2 g_ij
+//! dq_i     = Σ_j M_ij k_j + 2 (Σ_j g_ij) q_i            (∂d²/∂q = 2(q − k))
+//! dk_j     = Σ_i M_ij q_i + 2 (Σ_i g_ij) k_j
+//! P_ij     = dS_ij π ∂s/∂π + dE_i w_ij π d²             (π ∂L/∂π_ij)
+//! dπ_h     = Σ_{b,i,j} P_ij / π_h,   dπ_j = Σ_{h in the group, i} P_ij / π_j
+//! dν       = Σ dS_ij ∂s/∂ν
+//! ```
+//!
+//! with each family's partial derivatives (a = τπd²/ν, κ = (ν + D)/2, c = D/2 with the
+//! normaliser, else 0):
+//!
+//! ```text
+//!            ∂s/∂x   ∂s/∂d²               π ∂s/∂π              ∂s/∂ν
+//! Dot        τπ      0                    τπx                  0
+//! Gaussian   0       −½τπ                 −½τπd² + c           0
+//! Student-t  0       −κ (τπ/ν) / (1 + a)  −κ a / (1 + a) + c   −½ ln(1 + a) + κ (a/ν) / (1 + a)
+//! Laplace    0       −√(τπ) / (2d)        −½ √(τπ) d + c       0
+//! ```
+//!
+//! Laplace's d is not differentiable at q = k: there the gradient through d is taken as 0 (its
+//! minimum-norm subgradient). A row with no visible key contributes nothing. GQA sums dk, dv and
+//! dπ_j over the query heads of each group. Without a per-head (per-key) precision, dπ_h (dπ_j)
+//! is the gradient at π_h = 1 (π_j = 1). No output is summed with floating-point atomics, so two
+//! runs give the same bits.
+//!
+//! # Decode: key splits and the lse merge
+//!
+//! Attention over the keys in S chunks c, each giving per row its normalised o_c, lse_c and e_c
+//! (o_c = 0, lse_c = −∞, e_c = 0 for a chunk with no visible key), recovers the whole row as
+//!
+//! ```text
+//! lse = ln Σ_c e^{lse_c}        (computed shifted by max_c lse_c)
+//! o   = Σ_c e^{lse_c − lse} o_c
+//! e   = Σ_c e^{lse_c − lse} e_c
+//! ```
+//!
+//! and a row whose every lse_c is −∞ gives o = 0, lse = −∞, e = 0. [`merge()`] and
+//! [`merge_into`] run this on parts laid out as [`MergeParts`]: it joins the key splits of a
+//! decode, or shards of a sequence spread over devices. A decode (Lq ≤ 16 against a long KV
+//! cache) on a GPU with few (batch, head, row tile) blocks for the device splits the keys into S
+//! chunks run by S blocks each (each writing its o, lse and e to a workspace) and merges them
+//! the same way; [`AttentionSpec::key_splits`] overrides the choice of S.
+//!
+//! # Where it runs
+//!
+//! On the CPU device: the f64 reference ([`mod@reference`]), unsplit whatever `key_splits` says;
+//! the backward recomputes the forward (o and lse are checked but not read). On a GPU the forward
+//! is one fused kernel (kernels/attention/): q·k on the tensor cores (kernels/port/mma.cuh; f32
+//! inputs through three tf32 products on NVIDIA, f32 MFMA on AMD), the score in registers, an
+//! online base-2 softmax, P·V on the tensor cores; no Lq × Lk matrix in memory. GPU head dims:
 //! [`HEAD_DIMS`] for D and Dv (any pair); o is accumulated in f32 and written in the input type,
-//! lse and e in f32. Asking for e costs a second q·k product per tile.
-//!
-//! Decode (Lq ≤ 16 against a long KV cache) on a GPU: with few (batch, head, row tile) blocks
-//! for the device, the keys are split into S chunks run by S blocks each (each writing its
-//! normalised o, lse and e to a workspace), then merged by lse ([`merge()`], the same merge the
-//! public [`merge_into`] runs). [`AttentionSpec::key_splits`] overrides the choice. On the CPU
-//! device the f64 reference runs unsplit, whatever `key_splits` says.
+//! lse and e in f32. Asking for e costs a second q·k product per tile. The GPU backward runs three
+//! kernels (Δ_i and dq query-major, dk, dv and dπ_j key-major, then an ordered sum of the
+//! per-tile partials of dπ_h and dν), each recomputing the scores from q, k and lse as
+//! FlashAttention-2 does, without its dq atomics; the merge runs one warp per row in f32.
 //!
 //! ```
 //! use fep_kernels::{Device, attention::{self, AttentionSpec, Precisions, Score, Tensor4}};
@@ -276,21 +348,21 @@ impl AttentionSpec {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if let Score::StudentT(nu) = self.score {
-            if !(nu.is_finite() && nu > 0.0) {
-                return Err(Error::invalid(
-                    "nu",
-                    format!("must be finite and > 0, got {nu}"),
-                ));
-            }
+        if let Score::StudentT(nu) = self.score
+            && !(nu.is_finite() && nu > 0.0)
+        {
+            return Err(Error::invalid(
+                "nu",
+                format!("must be finite and > 0, got {nu}"),
+            ));
         }
-        if let Some(t) = self.scale {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(Error::invalid(
-                    "scale",
-                    format!("must be finite and > 0, got {t}"),
-                ));
-            }
+        if let Some(t) = self.scale
+            && !(t.is_finite() && t > 0.0)
+        {
+            return Err(Error::invalid(
+                "scale",
+                format!("must be finite and > 0, got {t}"),
+            ));
         }
         if self.window == Some(0) {
             return Err(Error::invalid("window", "must be >= 1"));

@@ -1,6 +1,6 @@
 //! The CPU backend: the reference every GPU kernel is tested against. Straightforward code, f64
 //! accumulation, parallel over the batch with rayon. The maths of each op lives beside the op
-//! (src/<op>/cpu.rs); this file holds what they share. CPU "device memory" is host memory, and
+//! (`src/<op>/cpu.rs`); this file holds what they share. CPU "device memory" is host memory, and
 //! the CPU device ignores streams: its calls return when the work is done.
 
 use crate::error::{Error, Result};

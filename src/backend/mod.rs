@@ -36,6 +36,7 @@ pub enum DeviceKind {
     Hip,
     /// The kernels run on host threads (feature `emulate`, for tests).
     #[cfg(feature = "emulate")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "emulate")))]
     Emulated,
 }
 
@@ -137,6 +138,7 @@ impl Device {
     /// The emulated GPU (feature `emulate`, for tests): the kernels on host threads with warp
     /// size `warp` (32 or 64) and `shared_bytes` of shared memory per block.
     #[cfg(feature = "emulate")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "emulate")))]
     pub fn emulated(warp: usize, shared_bytes: usize) -> Result<Device> {
         emulate::EmuDevice::open(warp, shared_bytes).map(|d| Device {
             backend: Arc::new(Backend::Emulated(d)),

@@ -12,29 +12,53 @@ use crate::backend::{Device, View, ViewMut};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
+/// Attention score family (`FepAttentionParams.score`; the maths: the Rust crate's `attention`
+/// module docs; d2 = |q_i - k_j|^2, pi = pi_h pi_j, tau the scale): s = tau pi q.k.
 pub const FEP_SCORE_DOT: i32 = 0;
+/// Attention score family: s = -1/2 tau pi d2.
 pub const FEP_SCORE_GAUSSIAN: i32 = 1;
+/// Attention score family: s = -((nu + D)/2) ln(1 + tau pi d2 / nu).
 pub const FEP_SCORE_STUDENT_T: i32 = 2;
+/// Attention score family: s = -sqrt(tau pi d2).
 pub const FEP_SCORE_LAPLACE: i32 = 3;
 
-/// A `[B, H, L, D]` tensor: element strides of B, H and L, the last dimension contiguous.
+/// Precision-weighted attention (the maths: the Rust crate's `attention` module docs): a
+/// [B, H, L, D] tensor on the call's device.
+/// Element (b, h, l, x) is at `data + b strides[0] + h strides[1] + l strides[2] + x`
+/// elements (the last dimension is contiguous). Row-major BHLD: strides {H L D, L D, D}; row-major BLHD
+/// memory (FlashAttention's layout) seen as BHLD: {L H D, D, H D}. Rows of D elements may not
+/// overlap.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepAttnTensor {
+    /// The element at (0, 0, 0, 0).
     pub data: *mut c_void,
+    /// B, H, L, D (in this order whatever the memory layout).
     pub shape: [u64; 4],
+    /// Element strides of B, H and L.
     pub strides: [u64; 3],
 }
 
+/// The parameters of the attention calls (fep_attention_forward, fep_attention_backward).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepAttentionParams {
+    /// FEP_SCORE_DOT, _GAUSSIAN, _STUDENT_T or _LAPLACE.
     pub score: i32,
+    /// FEP_SCORE_STUDENT_T: degrees of freedom, finite and > 0 (else unused).
     pub nu: f32,
+    /// tau; <= 0 or NaN: the default (1/sqrt(D) for DOT, 1 otherwise).
     pub scale: f64,
+    /// != 0: keys j > i + Lk - Lq are masked (bottom-right aligned).
     pub causal: i32,
+    /// W >= 1: only keys i + Lk - Lq - W < j <= i + Lk - Lq are visible (implies causal); 0: no
+    /// window.
     pub window: i32,
+    /// != 0: add (D/2) ln pi to the distance families' scores (not DOT).
     pub normalizer: i32,
+    /// 0: on a GPU, scan pi_head, pi_key (finite, > 0) and kv_len (in 0 .. Lk) first, which
+    /// reads back one word (the call waits for the stream); 1: skip the scan and return without
+    /// synchronising. The CPU always checks.
     pub skip_input_checks: i32,
 }
 
@@ -159,6 +183,16 @@ impl AttnDesc {
     }
 }
 
+/// o_i = sum_j softmax_j(s_ij) v_j over the visible keys, with q [B, Hq, Lq, D],
+/// k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq % Hkv == 0: query head h reads kv head
+/// h / (Hq / Hkv)), all of `dtype` (FEP_DTYPE_F32, _F16 or _BF16), o [B, Hq, Lq, Dv] of `dtype`
+/// (any strides, as the inputs). Optional (NULL: none): pi_head `[Hq]` and pi_key [B, Hkv, Lk]
+/// float precisions (pi = 1 where absent), kv_len `[B]` int32 key lengths (keys j >= `kv_len[b]`
+/// are padding); outputs lse [B, Hq, Lq] = ln sum_j e^{s_ij} and e [B, Hq, Lq] =
+/// sum_j w_ij pi_ij d2_ij, float, row-major. A row with no visible key gets o = 0, lse = -inf,
+/// e = 0. Outputs may not alias any input or each other. On the CPU the computation is the
+/// float64 reference; on a GPU the fused kernels, enqueued on `stream`, for D and Dv each one
+/// of 32, 64, 96, 128, 256 (others: FEP_ERR_UNSUPPORTED).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_attention_forward(
     kind: i32,
@@ -220,6 +254,31 @@ pub unsafe extern "C" fn fep_attention_forward(
     })
 }
 
+/// The gradients of a loss L(o, e) of a forward call (the same params, dtype, q, k, v, pi_head,
+/// pi_key and kv_len as that call) with respect to q, k, v, the precisions and nu, given
+/// d_o = dL/do and optionally d_e = dL/de. The maths is in src/attention/backward.rs.
+///
+/// Inputs, all on the call's device:
+/// - q, k, v, pi_head, pi_key, kv_len: as for fep_attention_forward (pi_head, pi_key and
+///   kv_len may be NULL: pi = 1, every key visible)
+/// - o [B, Hq, Lq, Dv] of `dtype` (any strides): the forward's o
+/// - lse [B, Hq, Lq] float, row-major: the forward's lse (required)
+/// - d_o [B, Hq, Lq, Dv] of `dtype` (any strides): dL/do
+/// - e [B, Hq, Lq] float: the forward's e; required when d_e is given, else may be NULL
+/// - d_e [B, Hq, Lq] float: dL/de, or NULL when the loss does not use e
+///
+/// Outputs (written, not accumulated into):
+/// - dq [B, Hq, Lq, D], dk [B, Hkv, Lk, D], dv [B, Hkv, Lk, Dv], of `dtype`, any strides
+///   (required; dk and dv summed over the query heads of each kv head's group)
+/// - dpi_head `[Hq]`, dpi_key [B, Hkv, Lk], dnu `[1]`: float, each NULL when not wanted:
+///   dL/dpi_h, dL/dpi_j (at pi = 1 for a precision the call did not pass) and dL/dnu (0 unless
+///   the score is FEP_SCORE_STUDENT_T)
+///
+/// Rows with no visible key contribute nothing. No output may alias an input or another
+/// output. Deterministic (no floating-point atomics): two calls give the same bits. On the CPU
+/// the computation is the float64 reference (which recomputes the forward: o and lse are
+/// checked but not read); on a GPU three kernels enqueued on `stream`, for D and Dv each one of
+/// 32, 64, 96, 128, 256 and, in float32, D + Dv <= 384 (others: FEP_ERR_UNSUPPORTED).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_attention_backward(
     kind: i32,
@@ -336,6 +395,20 @@ fn merge_names(err: Error) -> Error {
     }
 }
 
+/// Merges `splits` = S >= 1 partial attention results of the same rows, each over a subset of
+/// the keys (a split decode, or shards of a sequence on several devices), by their lse:
+///   lse = ln sum_c e^{lse_c},  o = sum_c e^{lse_c - lse} o_c,  e = sum_c e^{lse_c - lse} e_c
+/// (a row whose every lse_c is -inf gives o = 0, lse = -inf, e = 0). The shape B, Hq, Lq, Dv is
+/// o's.
+///
+/// Inputs, row-major on the call's device:
+/// - o_parts [S, B, Hq, Lq, Dv] of `dtype`: each part's normalised o
+/// - lse_parts [S, B, Hq, Lq] float: each part's lse (-inf for a part with no visible key)
+/// - e_parts [S, B, Hq, Lq] float: each part's e, or NULL (then e must be NULL)
+///
+/// Outputs: o [B, Hq, Lq, Dv] of `dtype`, any strides (required); lse and e [B, Hq, Lq] float,
+/// row-major, or NULL. No output may alias an input or another output. On the CPU the merge
+/// runs in float64; on a GPU one kernel enqueued on `stream`, accumulating in float.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_attention_merge(
     kind: i32,

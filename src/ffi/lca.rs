@@ -12,26 +12,41 @@ use crate::element::Element;
 use crate::error::Result;
 use crate::lca::{Dictionary, DictionaryOptions, LcaOutputs, LcaSpec, Threshold};
 
+/// LCA threshold (`FepLcaParams.threshold`): soft, a = sign(u) max(|u| - lambda, 0).
 pub const FEP_LCA_SOFT: i32 = 0;
+/// LCA threshold: soft and non-negative, a = max(u - lambda, 0).
 pub const FEP_LCA_SOFT_NONNEG: i32 = 1;
+/// LCA threshold: hard, a = u where |u| > lambda, else 0.
 pub const FEP_LCA_HARD: i32 = 2;
+/// LCA threshold: hard and non-negative, a = u where u > lambda, else 0.
 pub const FEP_LCA_HARD_NONNEG: i32 = 3;
 
-/// The opaque `FepLcaDict` of the header.
+/// LCA sparse coding (the maths: the Rust crate's `lca` module docs): a prepared dictionary,
+/// Phi (n x m, row-major, unit-norm columns) in f32 and G = Phi^T Phi - I, stored on one device. Made by
+/// fep_lca_dict_new, freed by fep_lca_dict_free.
 pub struct FepLcaDict {
     dict: Dictionary,
 }
 
+/// The parameters of an LCA solve (fep_lca_solve).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepLcaParams {
+    /// FEP_LCA_*.
     pub threshold: i32,
+    /// lambda > 0.
     pub lambda: f32,
+    /// dt / tau, in (0, 1].
     pub eta: f32,
+    /// T >= 1.
     pub steps: u32,
+    /// Early stop when max |du| < tol for a sample; 0 disables.
     pub tol: f32,
 }
 
+/// Copies `phi` (dtype, n x m row-major, on the device) into a new prepared dictionary, stored
+/// at `*out`. check_unit_norm != 0 rejects columns whose norm differs from 1 by more than the
+/// dtype allows.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_lca_dict_new(
     kind: i32,
@@ -63,11 +78,13 @@ pub unsafe extern "C" fn fep_lca_dict_new(
     })
 }
 
+/// Frees a dictionary (NULL is a no-op).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_lca_dict_free(dict: *mut FepLcaDict) {
     unsafe { free_handle(dict) }
 }
 
+/// Writes the dictionary's shape (`n` or `m` may be NULL).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_lca_dict_shape(
     dict: *const FepLcaDict,
@@ -88,6 +105,7 @@ pub unsafe extern "C" fn fep_lca_dict_shape(
     })
 }
 
+/// Copies Phi (f32, n x m) into `phi_out` on the dictionary's device.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_lca_dict_phi(
     dict: *const FepLcaDict,
@@ -103,6 +121,10 @@ pub unsafe extern "C" fn fep_lca_dict_phi(
     })
 }
 
+/// Runs LCA on `batch` samples x (dtype, batch x n). u0 (batch x m f32) may be NULL (u starts
+/// at 0). Writes u and a (batch x m f32). Optional outputs (NULL to skip): energy and active
+/// (batch x steps, f32 and uint32: per sample per step, after the step's update; a sample that
+/// stopped early repeats its last values), steps_out (batch, uint32: the steps each sample ran).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_lca_solve(
     dict: *const FepLcaDict,
@@ -170,6 +192,8 @@ unsafe fn solve_typed<T: Element>(
     d.solve_into(spec, &x, u0, out, stream)
 }
 
+/// One dictionary-learning step: Phi += (lr / batch) * sum_b (x_b - Phi a_b) a_b^T, then every
+/// column renormalised to unit norm and G recomputed. x: dtype, batch x n; a: f32, batch x m.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_lca_dict_learn(
     dict: *mut FepLcaDict,

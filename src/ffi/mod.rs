@@ -1,4 +1,10 @@
-//! The C ABI: `include/fep_kernels.h`, kept in step with these files by tests/ffi_header.rs.
+//! The C ABI: `include/fep_kernels.h` is generated from these files by cbindgen (configured by
+//! cbindgen.toml; tests/ffi_header.rs fails while the committed header is not what cbindgen
+//! generates, and `FEP_BLESS=1 cargo test --test ffi_header` rewrites it).
+//!
+//! The doc comments of the exported items (the `FEP_*` constants, the `#[repr(C)]` structs and
+//! their fields, the opaque handles and the `extern "C"` functions) are the header's
+//! documentation: they are written for a C reader and copied into the header as they are.
 //!
 //! Every entry point validates its pointers and sizes, returns a status code, and records a
 //! message for [`fep_last_error`] on failure. No panic crosses the boundary: one that escaped
@@ -11,7 +17,7 @@
 //! file (lca.rs, settle.rs, vmp.rs, attention.rs), all re-exported here: the paths stay
 //! `fep_kernels::ffi::*`.
 
-#![allow(missing_docs, clippy::missing_safety_doc)]
+#![allow(clippy::missing_safety_doc)]
 
 use std::cell::RefCell;
 use std::ffi::{CString, c_char, c_void};
@@ -21,22 +27,42 @@ use crate::backend::{Device, DeviceKind, Stream};
 use crate::element::DType;
 use crate::error::{Error, Result};
 
+/// The version of the C ABI this header declares; `fep_abi_version()` returns the one the loaded
+/// library implements.
 pub const FEP_ABI_VERSION: i32 = 1;
 
+/// Status code: the call succeeded.
 pub const FEP_OK: i32 = 0;
+/// Status code: an argument (or a field of one) failed validation before any work was enqueued;
+/// outputs are untouched. The message names the argument and the offending value.
 pub const FEP_ERR_INVALID_ARGUMENT: i32 = 1;
+/// Status code: the device does not exist here (no driver, no GPU, ordinal out of range, or a
+/// build without that vendor's feature).
 pub const FEP_ERR_NO_DEVICE: i32 = 2;
+/// Status code: a CUDA or HIP call failed (the message carries the driver's code and message).
+/// An asynchronous kernel fault surfaces as this at the next synchronising call.
 pub const FEP_ERR_DRIVER: i32 = 3;
+/// Status code: a device allocation failed for lack of memory.
 pub const FEP_ERR_OUT_OF_MEMORY: i32 = 4;
+/// Status code: the request is valid, but this build or device cannot serve it.
 pub const FEP_ERR_UNSUPPORTED: i32 = 5;
+/// Status code: an internal error (a bug in fep-kernels; no panic crosses the C boundary).
 pub const FEP_ERR_INTERNAL: i32 = 6;
 
+/// Device kind: the host CPU. Tensors are host memory; `stream` is ignored and calls return
+/// when the work is done.
 pub const FEP_DEVICE_CPU: i32 = 0;
+/// Device kind: an NVIDIA GPU through the CUDA driver API (tensors are `CUdeviceptr`s, streams
+/// `CUstream`s).
 pub const FEP_DEVICE_CUDA: i32 = 1;
+/// Device kind: an AMD GPU through HIP (tensors are `hipDeviceptr_t`s, streams `hipStream_t`s).
 pub const FEP_DEVICE_HIP: i32 = 2;
 
+/// Element type of inputs: 32-bit IEEE float.
 pub const FEP_DTYPE_F32: i32 = 0;
+/// Element type of inputs: 16-bit IEEE half.
 pub const FEP_DTYPE_F16: i32 = 1;
+/// Element type of inputs: bfloat16.
 pub const FEP_DTYPE_BF16: i32 = 2;
 
 // ---- the codes of the crate's own types -------------------------------------------------------
@@ -216,21 +242,26 @@ unsafe fn handle_ref<'a, T>(name: &str, handle: *const T) -> Result<&'a T> {
 
 // ---- the library and its devices --------------------------------------------------------------
 
+/// The library version, e.g. "0.1.0". Static storage, never NULL.
 #[unsafe(no_mangle)]
 pub extern "C" fn fep_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
+/// The ABI version this library implements (`FEP_ABI_VERSION` of its header).
 #[unsafe(no_mangle)]
 pub extern "C" fn fep_abi_version() -> i32 {
     FEP_ABI_VERSION
 }
 
+/// The message of the last failed call on this thread ("" if none). Valid until the next call.
 #[unsafe(no_mangle)]
 pub extern "C" fn fep_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
+/// Number of devices of `kind` (>= 0); on error a negative status (-FEP_ERR_...). A build
+/// without that vendor's feature, or a machine without its driver, has 0 devices of that kind.
 #[unsafe(no_mangle)]
 pub extern "C" fn fep_device_count(kind: i32) -> i32 {
     let mut count = 0;
@@ -241,6 +272,7 @@ pub extern "C" fn fep_device_count(kind: i32) -> i32 {
     if status == FEP_OK { count } else { -status }
 }
 
+/// Writes the device's name into `buf`, NUL-terminated, truncated to fit `len` bytes (`len` >= 1).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_device_name(
     kind: i32,

@@ -12,38 +12,72 @@ use crate::settle::{
     self, Activation, Gradients, Init, Layer, Network, Precision, SettleOutputs, SettleSpec,
 };
 
+/// Activation f_l of a predictive-coding layer (`FepSettleNet.activations`): f(x) = x.
 pub const FEP_ACT_IDENTITY: i32 = 0;
+/// Activation: tanh.
 pub const FEP_ACT_TANH: i32 = 1;
+/// Activation: max(x, 0); f'(0) = 0.
 pub const FEP_ACT_RELU: i32 = 2;
+/// Activation: x for x > 0, alpha x otherwise (alpha from `FepSettleNet.leaky_alpha`, default
+/// 0.01); f'(0) = alpha.
 pub const FEP_ACT_LEAKY_RELU: i32 = 3;
+/// Activation: 1 / (1 + e^-x).
 pub const FEP_ACT_SIGMOID: i32 = 4;
+/// Activation: x Phi(x) with the normal CDF Phi (the exact, erf form).
 pub const FEP_ACT_GELU: i32 = 5;
 
+/// Where the free layers of a settling start (`FepSettleParams.init`): feedforward,
+/// x_l = mu_l layer by layer from x_0.
 pub const FEP_SETTLE_INIT_FEEDFORWARD: i32 = 0;
+/// Where the free layers start: from the values `x_out` holds on entry.
 pub const FEP_SETTLE_INIT_GIVEN: i32 = 1;
 
+/// Predictive-coding settling (the maths: the Rust crate's `settle` module docs): a network of L
+/// layers above the input, described per call (nothing is copied or kept):
+///   mu_l = W_l f_l(x_{l-1}) + b_l,  eps_l = x_l - mu_l,  E = 1/2 sum_l eps_l^T Pi_l eps_l.
+/// All tensors on the device of the call.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepSettleNet {
+    /// L >= 1.
     pub layers: u32,
+    /// L + 1: n_0 ... n_L.
     pub widths: *const u64,
+    /// L: FEP_ACT_*, entry l-1 is f_l (applied to x_{l-1}).
     pub activations: *const i32,
+    /// L slopes for FEP_ACT_LEAKY_RELU, or NULL (0.01).
     pub leaky_alpha: *const f32,
+    /// FEP_DTYPE_* of the weights and biases.
     pub dtype: i32,
+    /// L: W_l, n_l x n_{l-1} row-major (written only by fep_settle_learn with lr > 0).
     pub weights: *const *mut c_void,
+    /// L: b_l `[n_l]` (an entry may be NULL: no bias), or NULL.
     pub biases: *const *mut c_void,
+    /// L scalar precisions (> 0), or NULL: all 1.
     pub precision: *const f32,
+    /// L: `[n_l]` diagonal precisions (> 0) overriding the scalar where an entry is not NULL; or
+    /// NULL.
     pub precision_diag: *const *const f32,
 }
 
+/// The parameters of a settling (fep_settle_infer, fep_settle_learn).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepSettleParams {
+    /// Step size of the state update, > 0.
     pub eta: f32,
+    /// In [0, 1).
     pub momentum: f32,
+    /// T >= 1.
     pub steps: u32,
+    /// A sample stops when |E_t - E_{t-1}| <= tol * E_{t-1} or E_t <= tol * E_0; 0 runs all T
+    /// steps.
     pub tol: f32,
+    /// FEP_SETTLE_INIT_FEEDFORWARD, or _GIVEN: the free layers start from x_out.
     pub init: i32,
+    /// 0: reject NaN/Inf inputs, weights, biases and non-positive diagonal precisions first,
+    /// which on a GPU reads back a few floats (the call waits for the stream); 1: skip the
+    /// checks and return without synchronising.
     pub skip_input_checks: i32,
 }
 
@@ -232,6 +266,10 @@ impl SettleCall {
     }
 }
 
+/// Settles `batch` samples x0 (f32, batch x n_0) with x_L free. Writes x_out[l-1] and
+/// eps_out[l-1] (f32, batch x n_l, l = 1..L; required). Optional (NULL to skip): energy_out
+/// (batch: the settled energy), trace_out (batch x (steps + 1): the energy at the start and
+/// after each step; a sample that stopped early repeats its last value), steps_out (batch).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_settle_infer(
     kind: i32,
@@ -259,6 +297,11 @@ pub unsafe extern "C" fn fep_settle_infer(
     })
 }
 
+/// One learning step: settles with x_L clamped to target (f32, batch x n_L), then writes the
+/// gradients of the settled energy, grad_w[l-1] = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T
+/// (f32, n_l x n_{l-1}) and grad_b[l-1] (f32, n_l), both required. lr > 0 then applies
+/// W_l -= lr grad_w, b_l -= lr grad_b in place (lr = 0: gradients only). Outputs as for
+/// fep_settle_infer (x_out[L-1] receives the target).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_settle_learn(
     kind: i32,

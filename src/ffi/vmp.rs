@@ -15,78 +15,145 @@ use crate::vmp::{
     SequenceOutputs, SequenceSpec, StatesOutputs,
 };
 
+/// How VMP observations are given (`obs_kind`): int32_t indices, one per modality: o_m in
+/// 0 .. O_m - 1.
 pub const FEP_VMP_OBS_INDEX: i32 = 0;
+/// How VMP observations are given: float distributions, O_m per modality, modalities
+/// concatenated.
 pub const FEP_VMP_OBS_DIST: i32 = 1;
 
+/// Sequence update rule (`FepVmpSequenceParams.method`): pymdp's `vmp`.
 pub const FEP_VMP_METHOD_VMP: i32 = 0;
+/// Sequence update rule: pymdp's `mmp` (marginal message passing).
 pub const FEP_VMP_METHOD_MMP: i32 = 1;
 
+/// Which Dirichlet counts fep_vmp_model_counts reads: pA_m (`index` a modality).
 pub const FEP_VMP_COUNTS_A: i32 = 0;
+/// Which Dirichlet counts fep_vmp_model_counts reads: pB_f (`index` a factor).
 pub const FEP_VMP_COUNTS_B: i32 = 1;
+/// Which Dirichlet counts fep_vmp_model_counts reads: pD_f (`index` a factor).
 pub const FEP_VMP_COUNTS_D: i32 = 2;
 
-/// The opaque `FepVmpModel` of the header: a validated model on one device.
+/// Variational message passing for discrete active inference (the maths: the Rust crate's `vmp`
+/// module docs): a validated generative model stored on one device. Made by fep_vmp_model_new, freed by
+/// fep_vmp_model_free.
+///
+/// Conventions are pymdp 1.0.4's (tests/fixtures/VMP-CONVENTIONS.md). F hidden-state factors
+/// with S_f states and U_f controls; M modalities with O_m outcomes, modality m depending on the
+/// factors deps(m). N agents share one model; each has its own observations, prior and
+/// beliefs. Beliefs are float [N, sum S]: factor f at offset S_0 + ... + S_{f-1} of an
+/// agent's row. Every log is ln max(x, 2.22e-16), as pymdp's.
+///
+/// Tensors of the fep_vmp_* calls live on the model's device (host memory for FEP_DEVICE_CPU);
+/// their lengths follow from n, steps and the model (fep_vmp_model_info). Outputs must not
+/// overlap each other or the inputs.
 pub struct FepVmpModel {
     model: Model,
 }
 
-/// A generative model in pymdp's layouts (see [`ModelSpec`]), every array in host memory.
+/// A generative model in pymdp's layouts, all row-major, all in HOST memory whatever the device
+/// (fep_vmp_model_new copies it; the Rust API's `ModelSpec`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepVmpModelDesc {
+    /// F >= 1.
     pub num_factors: u64,
+    /// M >= 1.
     pub num_modalities: u64,
+    /// F: S_f >= 1.
     pub num_states: *const u64,
+    /// F: U_f >= 1, or NULL: every factor uncontrolled (U_f = 1).
     pub num_controls: *const u64,
+    /// M: O_m >= 1.
     pub num_obs: *const u64,
+    /// M: |deps(m)| >= 1.
     pub a_num_deps: *const u64,
+    /// sum_m |deps(m)|: deps(0), then deps(1), ...; each in A_m's axis order (any order, no
+    /// repeats).
     pub a_deps: *const u64,
+    /// M: A_m `[O_m, S_deps(m)[0], S_deps(m)[1], ...]`, p(o | s): every column sums to 1.
     pub a: *const *const f64,
+    /// F: B_f [S_f, S_f, U_f], B_f[s', s, u] = p(s' | s, u): columns sum to 1.
     pub b: *const *const f64,
+    /// M: C_m `[O_m]` log-preferences, used as given; or NULL (an entry may be NULL): zeros.
     pub c: *const *const f64,
+    /// F: D_f `[S_f]`, the prior over initial states; or NULL (an entry may be NULL): uniform.
     pub d: *const *const f64,
+    /// [num_policies, policy_len, F] actions, each in 0 .. U_f - 1; or NULL (num_policies 0):
+    /// no policy inference.
     pub policies: *const i32,
+    /// P.
     pub num_policies: u64,
+    /// H >= 1 with a policy table.
     pub policy_len: u64,
+    /// `[P]` prior over policies, or NULL: uniform.
     pub e: *const f64,
+    /// M: Dirichlet counts shaped like A_m (>= 0), or NULL: none.
     pub pa: *const *const f64,
+    /// F: counts shaped like B_f, or NULL: none.
     pub pb: *const *const f64,
+    /// F: counts shaped like D_f, or NULL: none.
     pub pd: *const *const f64,
 }
 
+/// State inference (pymdp's `fpi`): the parameters of fep_vmp_infer_states.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepVmpFpiParams {
+    /// K >= 1 Jacobi iterations (pymdp: 16); one exact pass when F = 1.
     pub num_iter: u32,
+    /// tol >= 0: an agent stops after iteration k >= 2 once |F_k - F_{k-1}| <= tol (0: always K,
+    /// as pymdp).
     pub tol: f32,
+    /// 0: on a GPU, scan the observations and priors first (indices in range, values finite
+    /// and >= 0), which reads back one word (the call waits for the stream); 1: skip the scan
+    /// (bad indices are clamped) and return without synchronising.
     pub skip_input_checks: i32,
 }
 
+/// Sequence inference over a window of T steps: the parameters of fep_vmp_infer_sequence.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepVmpSequenceParams {
+    /// FEP_VMP_METHOD_VMP or _MMP.
     pub method: i32,
+    /// K >= 1 (pymdp: 16).
     pub num_iter: u32,
+    /// Step size in (0, 1] (pymdp's Agent: 1).
     pub tau: f32,
+    /// As in FepVmpFpiParams.
     pub skip_input_checks: i32,
 }
 
+/// Policy inference: q(pi) = softmax(-gamma G + ln max(E, eps)) with G = -(pymdp's neg_efe).
+/// The parameters of fep_vmp_infer_policies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepVmpPolicyParams {
+    /// gamma >= 0.
     pub gamma: f32,
+    /// != 0: add q(o) . C_m.
     pub utility: i32,
+    /// != 0: add H[q(o_m)] - E_q[H[A_m(.|s)]].
     pub state_info_gain: i32,
+    /// != 0: add the novelty of pA and pB (the model must have one).
     pub param_info_gain: i32,
+    /// As in FepVmpFpiParams (the beliefs: finite and >= 0).
     pub skip_input_checks: i32,
 }
 
+/// Dirichlet learning rates (fep_vmp_learn); 0 leaves those counts as they are, > 0 needs the
+/// model to have them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FepVmpLearnParams {
+    /// pA_m += lr_a sum_{agents, t} o_m (x) q_t(s_deps(m)).
     pub lr_a: f32,
+    /// pB_f[:, :, u] += lr_b sum_{agents, t} [a_t = u] q_{t+1} (x) q_t.
     pub lr_b: f32,
+    /// pD_f += lr_d sum_agents q_0, where pD_f > 0.
     pub lr_d: f32,
+    /// As in FepVmpFpiParams.
     pub skip_input_checks: i32,
 }
 
@@ -250,6 +317,9 @@ unsafe fn model_spec(d: &FepVmpModelDesc) -> Result<ModelSpec> {
     })
 }
 
+/// Validates `desc` (shapes, normalised columns of A, B and D, non-negative counts,
+/// dependencies and policy actions in range) and stores the model on the device (kind,
+/// ordinal) at `*out`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_vmp_model_new(
     kind: i32,
@@ -275,6 +345,7 @@ pub unsafe extern "C" fn fep_vmp_model_new(
     })
 }
 
+/// Frees a model (NULL is a no-op). Work already enqueued must not still use it.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_vmp_model_free(model: *mut FepVmpModel) {
     unsafe { free_handle(model) }
@@ -285,6 +356,9 @@ unsafe fn vmp_model<'m>(model: *const FepVmpModel) -> Result<&'m Model> {
     Ok(unsafe { &handle_ref("model", model)?.model })
 }
 
+/// The model's sizes; any pointer may be NULL. belief_len = sum S_f, obs_len = sum O_m (the
+/// width of a distributional observation), num_policies = P (0 without a table), policy_len =
+/// H.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_vmp_model_info(
     model: *const FepVmpModel,
@@ -313,6 +387,10 @@ pub unsafe extern "C" fn fep_vmp_model_info(
     })
 }
 
+/// Copies the current Dirichlet counts `which` (FEP_VMP_COUNTS_A, _B, _D) of modality or factor
+/// `index` into `out`, HOST memory of exactly `len` doubles (the size of A_m, B_f or D_f), after
+/// the work enqueued on `stream` (the stream fep_vmp_learn ran on) is done: the call waits.
+/// FEP_ERR_INVALID_ARGUMENT when the model has no such counts.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_vmp_model_counts(
     model: *const FepVmpModel,
@@ -472,6 +550,11 @@ impl<P> VmpCall<'_, P> {
     }
 }
 
+/// State inference for n agents. obs: [n, M] int32 indices (obs_kind FEP_VMP_OBS_INDEX) or
+/// [n, sum O] float distributions (FEP_VMP_OBS_DIST; non-negative, used as sum_o o ln A).
+/// prior: [n, sum S], or NULL: every agent starts from D. Writes qs [n, sum S]; optional
+/// (NULL to skip): vfe `[n]` (the free energy F), iterations `[n]` (iterations run), vfe_trace
+/// [n, num_iter] (F after each iteration; repeated after an early stop).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_vmp_infer_states(
     model: *const FepVmpModel,
@@ -507,6 +590,11 @@ pub unsafe extern "C" fn fep_vmp_infer_states(
     })
 }
 
+/// Sequence inference over windows of `steps` = T >= 1 steps. obs: [n, T, M] indices or
+/// [n, T, sum O] distributions; actions: [n, T - 1, F] int32 (action t moves the state from
+/// step t to t + 1; may be NULL only when T = 1); prior: [n, sum S] for step 0, or NULL: D.
+/// Writes qs [n, T, sum S]; optional: vfe `[n]` (the window's free energy), vfe_t [n, T]
+/// (its per-step terms).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_vmp_infer_sequence(
     model: *const FepVmpModel,
@@ -554,6 +642,8 @@ pub unsafe extern "C" fn fep_vmp_infer_sequence(
     })
 }
 
+/// Policy inference for n agents with beliefs qs [n, sum S] (needs a policy table). Writes
+/// q_pi [n, P]; optional: g [n, P], the expected free energy G (lower is better).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_vmp_infer_policies(
     model: *const FepVmpModel,
@@ -591,6 +681,10 @@ pub unsafe extern "C" fn fep_vmp_infer_policies(
     })
 }
 
+/// Dirichlet learning from n windows of `steps` = T steps: obs as for fep_vmp_infer_sequence,
+/// qs [n, T, sum S] the posteriors, actions [n, T - 1, F] (needed when lr_b > 0 and T > 1,
+/// else may be NULL). Updates the model's counts in place, summed over agents and steps; read
+/// them with fep_vmp_model_counts.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_vmp_learn(
     model: *mut FepVmpModel,

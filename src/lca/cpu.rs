@@ -1,5 +1,6 @@
 //! The LCA reference: f64 throughout, one sample per rayon task. Written to be read next to
-//! DESIGN.md §4.3, not to be fast (it still skips inactive units in G·a).
+//! the maths in the module docs of [`crate::lca`], not to be fast (it still skips inactive units
+//! in G·a).
 
 use rayon::prelude::*;
 

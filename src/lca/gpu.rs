@@ -327,10 +327,10 @@ pub(super) fn solve<T: Element>(
         }
     };
     // The kernels read u0 from the output u, so the caller's u0 is never written.
-    if let Some(u0) = u0 {
-        if u0.addr() != out.u.addr {
-            unsafe { dev.copy_dtod(out.u.addr, u0.addr(), batch * m * 4, stream)? };
-        }
+    if let Some(u0) = u0
+        && u0.addr() != out.u.addr
+    {
+        unsafe { dev.copy_dtod(out.u.addr, u0.addr(), batch * m * 4, stream)? };
     }
     let trace = out.energy.is_some() || out.active.is_some();
     let args = SolveArgs {

@@ -1,15 +1,38 @@
-//! LCA sparse coding (DESIGN.md §4.3): the locally competitive algorithm of Rozell et al.
+//! LCA sparse coding: the locally competitive algorithm of Rozell et al. (2008), a leaky
+//! integrator whose thresholded state settles on a sparse code of the input.
 //!
-//! For a dictionary Φ `[n, m]` with unit-norm columns, each sample x `[n]` is coded by
+//! For a dictionary Φ `[n, m]` with unit-norm columns, a sparsity weight λ > 0 and a step
+//! η = dt/τ ∈ (0, 1], each sample x `[n]` of a batch is coded by T steps of
 //!
 //! ```text
-//! b = Φᵀx,  G = ΦᵀΦ − I,  u₀ = 0 (or given)
-//! for t in 0..T:  u ← u + η (b − u − G a),  a = θ_λ(u)
+//! b = Φᵀx,   G = ΦᵀΦ − I,   u₀ = 0 (or a given state)
+//! u ← u + η (b − u − G a),   a = θ_λ(u)
 //! ```
 //!
-//! With the soft threshold the fixed point is the LASSO minimiser of ½‖x − Φa‖² + λ‖a‖₁.
-//! A [`Dictionary`] holds Φ and G on one device (G is computed once), [`Dictionary::solve`]
-//! codes a batch, [`Dictionary::learn`] takes one dictionary-learning step.
+//! Only active units (a_k ≠ 0) inhibit the others, so G a needs only the columns of G for the
+//! active units (the CPU reference skips the rest). The threshold θ_λ ([`Threshold`]):
+//!
+//! ```text
+//! Soft         θ(u) = sign(u) max(|u| − λ, 0)
+//! SoftNonNeg   θ(u) = max(u − λ, 0)
+//! Hard         θ(u) = u · [|u| > λ]
+//! HardNonNeg   θ(u) = u · [u > λ]
+//! ```
+//!
+//! With the soft threshold the fixed point is the LASSO minimiser of the energy
+//! ½‖x − Φa‖² + λ‖a‖₁ (the non-negative LASSO with `SoftNonNeg`). With a trace the energy and the
+//! number of nonzero a_k come back for every sample and step ([`LcaOutputs`]).
+//!
+//! Dictionary learning ([`Dictionary::learn`]) takes one gradient step on the reconstruction
+//! error from the codes of a batch, then puts Φ back on the unit sphere:
+//!
+//! ```text
+//! Φ ← Φ + (lr/B) Σ_b (x_b − Φ a_b) a_bᵀ,   φ_k ← φ_k / ‖φ_k‖ (every column of nonzero norm)
+//! ```
+//!
+//! A [`Dictionary`] holds Φ and G on one device (G is computed once, and again after each
+//! learning step), [`Dictionary::solve`] codes a batch, [`Dictionary::learn`] takes one
+//! dictionary-learning step.
 //!
 //! ```
 //! use fep_kernels::{Device, View, lca::{Dictionary, LcaSpec, Threshold}};
@@ -47,9 +70,9 @@ pub enum Threshold {
     Soft = 0,
     /// max(u − λ, 0): the non-negative LASSO.
     SoftNonNeg = 1,
-    /// u·[|u| > λ].
+    /// u·\[|u| > λ\].
     Hard = 2,
-    /// u·[u > λ].
+    /// u·\[u > λ\].
     HardNonNeg = 3,
 }
 
@@ -406,7 +429,7 @@ impl Dictionary {
                 "is empty: the batch must hold at least one sample",
             ));
         }
-        if len % width != 0 {
+        if !len.is_multiple_of(width) {
             return Err(Error::invalid(
                 name,
                 format!("has {len} elements, not a multiple of {width}"),

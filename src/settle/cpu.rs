@@ -1,5 +1,5 @@
 //! The settling reference: f64 throughout, one sample per rayon task, written to be read next
-//! to DESIGN.md §4.2 (and the module docs), not to be fast.
+//! to the maths in the module docs of [`crate::settle`], not to be fast.
 
 // Layer numbers l = 1 … L index several per-layer arrays at once, as in the maths.
 #![allow(clippy::needless_range_loop)]

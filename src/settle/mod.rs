@@ -1,9 +1,12 @@
-//! Predictive-coding settling (DESIGN.md §4.2): inference by descending the energy of a
-//! hierarchical Gaussian model, and the local learning step.
+//! Predictive-coding settling: inference by descending the energy of a hierarchical Gaussian
+//! model (each layer predicts the one above it), and the local learning step that follows.
 //!
-//! Layers x₀ … x_L of widths n₀ … n_L; layer l ≥ 1 has weights W_l `[n_l, n_{l−1}]`, an optional
-//! bias b_l, an activation f_l applied to the layer below, and a precision Π_l (scalar or
-//! diagonal):
+//! Layers x₀ … x_L of widths n₀ … n_L for a batch of B samples; layer l ≥ 1 has weights
+//! W_l `[n_l, n_{l−1}]`, an optional bias b_l, an activation f_l applied to the layer below
+//! ([`Activation`]: identity, tanh, ReLU, leaky ReLU(α), sigmoid, GELU) and a precision Π_l,
+//! scalar or diagonal ([`Precision`]). Per sample, the prediction μ_l, the error ε_l, the energy
+//! E (a sum of precision-weighted squared errors), and the step on a free layer (the gradient
+//! g_l = ∂E/∂x_l, with heavy-ball momentum β and step η):
 //!
 //! ```text
 //! μ_l = W_l f_l(x_{l−1}) + b_l,   ε_l = x_l − μ_l,   E = ½ Σ_l ε_lᵀ Π_l ε_l   (per sample)
@@ -11,17 +14,23 @@
 //! v_l ← β v_l + g_l,   x_l ← x_l − η v_l                       (every free layer, synchronously)
 //! ```
 //!
-//! x₀ is clamped to the input. [`infer`] leaves x_L free; [`learn_step`] clamps it to the target
-//! and returns ∂E/∂W_l = −(1/B) Σ_b (Π_l ε_l) f_l(x_{l−1})ᵀ and ∂E/∂b_l = −(1/B) Σ_b Π_l ε_l at
-//! the settled state ([`sgd`] applies them). Free layers start at the feedforward prediction
-//! (x_l = μ_l) or at a given state.
+//! The velocities start at v_l = 0. x₀ is clamped to the input. [`infer`] leaves x_L free;
+//! [`learn_step`] clamps it to the target and, at the settled state, returns the batch-mean
+//! weight and bias gradients
+//!
+//! ```text
+//! ∂E/∂W_l = −(1/B) Σ_b (Π_l ε_l) f_l(x_{l−1})ᵀ,   ∂E/∂b_l = −(1/B) Σ_b Π_l ε_l
+//! ```
+//!
+//! for the caller's optimiser ([`sgd`] applies one: W ← W − lr ∂E/∂W). Free layers start at the
+//! feedforward prediction (x_l = μ_l, layer by layer from x₀) or at a given state ([`Init`]).
 //!
 //! Steps, energies and early stop: `trace[b][0]` is the energy at the start, `trace[b][t]` after
 //! t updates. A sample stops after step t when |E_t − E_{t−1}| ≤ tol · E_{t−1}, or when
 //! E_t ≤ tol · E_0 (tol > 0); it is then frozen (its trace repeats), so a sample's result never
-//! depends on the rest of its batch. The second rule is ours, beside DESIGN's relative change:
-//! inference descending towards E = 0 loses a constant fraction of its energy per step, so its
-//! relative change alone would never fall below a small tol.
+//! depends on the rest of its batch. The second rule matters for inference: descending towards
+//! E = 0 loses a constant fraction of the energy per step, so the relative change alone would
+//! never fall below a small tol.
 //! ε and the energy returned are those of the settled state.
 //!
 //! On a GPU the kernel is chosen by size (src/settle/gpu.rs): all T steps in one launch when a
@@ -275,13 +284,13 @@ impl<'a, T: Element> Network<'a, T> {
                 same_device(&name("bias"), b.device(), &dev)?;
                 check_len(&name("bias"), b.len(), n)?;
             }
-            if let Activation::LeakyRelu(a) = layer.activation {
-                if !a.is_finite() {
-                    return Err(Error::invalid(
-                        name("activation"),
-                        format!("leaky_relu slope must be finite, got {a}"),
-                    ));
-                }
+            if let Activation::LeakyRelu(a) = layer.activation
+                && !a.is_finite()
+            {
+                return Err(Error::invalid(
+                    name("activation"),
+                    format!("leaky_relu slope must be finite, got {a}"),
+                ));
             }
             match &layer.precision {
                 Precision::Scalar(p) => {
@@ -491,7 +500,7 @@ fn batch_of(name: &str, len: usize, width: usize) -> Result<usize> {
             "is empty: the batch must hold at least one sample",
         ));
     }
-    if len % width != 0 {
+    if !len.is_multiple_of(width) {
         return Err(Error::invalid(
             name,
             format!("has {len} elements, not a multiple of n_0 = {width}"),

@@ -1,5 +1,6 @@
-//! The VMP reference: f64 throughout, one agent per rayon task, written to be read next to
-//! DESIGN.md §4.4 and tests/fixtures/VMP-CONVENTIONS.md (pymdp 1.0.4), not to be fast.
+//! The VMP reference: f64 throughout, one agent per rayon task, written to be read next to the
+//! maths in the module docs of [`crate::vmp`] and tests/fixtures/VMP-CONVENTIONS.md (pymdp
+//! 1.0.4), not to be fast.
 //!
 //! Layouts: an agent's beliefs are one flat vector of ΣS entries (factor f at `t.s_off[f]`);
 //! A_m is `[O_m, P_m]` with its P_m columns over deps(m) in the list's order (the first
@@ -67,7 +68,7 @@ pub struct FpiOut {
     pub neg_entropy: Vec<f64>,
     /// −Σ_f q_f·ln prior_f `[N]`.
     pub prior_cross_entropy: Vec<f64>,
-    /// Σ_m E_q[ll_m] `[N]` (F = neg_entropy + prior_cross_entropy − accuracy).
+    /// Σ_m E_q\[ll_m\] `[N]` (F = neg_entropy + prior_cross_entropy − accuracy).
     pub accuracy: Vec<f64>,
 }
 
@@ -99,7 +100,7 @@ pub struct PolicyOut {
     pub q_pi: Vec<f64>,
     /// Σ_τ Σ_m q(o)·C (always computed).
     pub utility: Vec<f64>,
-    /// Σ_τ Σ_m H[q(o)] − E H[A] (always computed).
+    /// Σ_τ Σ_m H\[q(o)\] − E H\[A\] (always computed).
     pub state_info_gain: Vec<f64>,
     /// pA novelty (0 without pA).
     pub novelty_a: Vec<f64>,
@@ -445,7 +446,8 @@ fn fpi_agent(t: &Tables, spec: &FpiSpec, ll: &[Vec<f64>], ln_prior: &[f64]) -> A
     }
 }
 
-/// State inference (pymdp's fpi; see the module docs). `prior`: `[N, ΣS]` or None for D.
+/// State inference (pymdp's fpi; the maths is in [`crate::vmp`]'s module docs). `prior`:
+/// `[N, ΣS]` or None for D.
 pub fn fpi(
     model: &Model,
     spec: &FpiSpec,

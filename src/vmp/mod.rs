@@ -1,34 +1,113 @@
-//! Variational message passing for discrete active inference (DESIGN.md §4.4), with
-//! pymdp 1.0.4 (`inferactively-pymdp`, its JAX engine) as the oracle for every convention
-//! (tests/fixtures/VMP-CONVENTIONS.md lists them with pymdp's line numbers).
+//! Variational message passing for discrete active inference: state inference, sequence
+//! inference, policy inference and Dirichlet learning for a batch of agents, with pymdp 1.0.4
+//! (`inferactively-pymdp`, its JAX engine) as the oracle for every convention (the repository's
+//! tests/fixtures/VMP-CONVENTIONS.md lists them with pymdp's line numbers).
 //!
-//! A [`Model`] (A with per-modality factor dependencies, B, C, D, optional policies, E and
-//! Dirichlet counts) is validated once and stored on a device. N agents share it; each has its
-//! own observations, prior and beliefs. Beliefs are `[N, ΣS]` f32: factor f at offset
-//! Σ_{g<f} S_g of each agent's row.
+//! # The model
 //!
-//! * [`infer_states`]: fixed-point iteration (pymdp's `fpi`): K Jacobi iterations of
-//!   ln q_f ← ln max(prior_f, eps) + Σ_{m: f∈deps(m)} Σ_{s∖f} ll_m[s] Π_{g≠f} q_g(s_g), starting
-//!   from uniform q, with ll_m = Σ_o o_m[o] ln max(A_m[o, ·], eps); one exact pass when F = 1.
-//!   The free energy F = Σ_f q_f·(ln q_f − ln prior_f) − Σ_m E_q[ll_m] comes back per agent
-//!   (and per iteration on request). Early stop (ours; pymdp's JAX engine always runs K): with
-//!   tol > 0 an agent stops after iteration k ≥ 2 once |F_k − F_{k−1}| ≤ tol and is frozen.
-//! * [`infer_sequence`]: a window of T steps with past actions, pymdp's `vmp` or `mmp` updates
-//!   (step size τ; pymdp's Agent uses τ = 1), and the mean-field sequence free energy.
-//! * [`infer_policies`]: for every agent and policy, pymdp's negative expected free energy
-//!   (utility q(o)·C + state information gain, optional parameter novelty) summed over the
-//!   horizon; returned as G = −neg_efe (lower is better) and q(π) = softmax(−γG + ln max(E, eps)).
-//! * [`learn`]: Dirichlet updates of the model's counts from a batch of windows:
-//!   pA_m += η Σ o_m ⊗ q(s_deps), pB_f[:, :, u] += η Σ [a = u] q_{t+1} ⊗ q_t, and
-//!   pD_f += η q_{t=0} where pD_f > 0 (pymdp's legacy rule; its JAX engine has no pD update).
+//! Hidden-state factors f = 1…F with S_f states and U_f controls; modalities m = 1…M with O_m
+//! outcomes, each depending on a subset deps(m) of the factors:
 //!
-//! Every log is ln max(x, eps) with pymdp's eps = 2.22e-16 (the float64 epsilon, in every dtype).
+//! ```text
+//! A_m[o, s_deps(m)] = p(o_m = o | s)      [O_m, S_d…] over d ∈ deps(m); columns sum to 1
+//! B_f[s′, s, u]     = p(s′_f | s_f, u_f)  [S_f, S_f, U_f]
+//! C_m               log-preferences        [O_m]
+//! D_f               first-state prior      [S_f]
+//! E                 policy prior           [P]; a policy is an [H, F] table of actions
+//! pA_m, pB_f, pD_f  Dirichlet counts shaped like A_m, B_f, D_f (optional; what learning updates)
+//! ```
 //!
-//! On a GPU (kernels/vmp/NOTES.md has the design): state and sequence inference run all K
-//! iterations in one launch, one agent per thread with its beliefs in shared memory (a global
-//! workspace when they do not fit); policy inference runs one block per agent. A GPU model
-//! takes at most 16 factors, 16 modalities and 8 dependencies per modality (more:
-//! `Error::Unsupported` from [`Model::new`]); the CPU takes any.
+//! A [`Model`] is validated once and stored on a device. N agents share it; each has its own
+//! observations ([`Obs`]: indices or distributions), prior and beliefs. Beliefs are mean-field,
+//! q(s) = Π_f q_f(s_f), stored `[N, ΣS]` f32: factor f at offset Σ_{g<f} S_g of each agent's
+//! row; nothing ever builds the joint over all factors. Every log is ln max(x, eps) with
+//! pymdp's eps = 2.22e-16 ([`EPS`], the float64 epsilon, in every dtype). An observation enters
+//! through its log-likelihood over A_m's columns, ll_m(s) = Σ_o o_m(o) ln A_m\[o, s\] (one row of
+//! ln A_m for an index).
+//!
+//! # State inference: [`infer_states`]
+//!
+//! pymdp's `fpi`: from uniform q, K Jacobi iterations (every factor updated from the previous
+//! iterate) of
+//!
+//! ```text
+//! ln q_f(s_f) ← ln prior_f(s_f) + Σ_{m: f ∈ deps(m)} Σ_{s∖s_f} ll_m(s) Π_{g ≠ f} q_g(s_g)
+//! q_f = softmax(ln q_f)
+//! F = Σ_f q_f·(ln q_f − ln prior_f) − Σ_m E_q[ll_m]        (variational free energy; ELBO = −F)
+//! ```
+//!
+//! prior_f is D_f or a given prior. With one factor the update does not depend on q: one pass gives
+//! the exact posterior. F comes back per agent (and per iteration on request). Early stop (ours;
+//! pymdp's JAX engine always runs K): with tol > 0 an agent stops after iteration k ≥ 2 once
+//! |F_k − F_{k−1}| ≤ tol, and is frozen.
+//!
+//! # Sequence inference: [`infer_sequence`]
+//!
+//! A window of T steps with the past actions a_t `[T−1, F]` and beliefs q_{t,f} for every step:
+//! from uniform q, K Jacobi iterations (in t and f) of a mirror-descent step of size τ (pymdp's
+//! Agent uses τ = 1), with messages from the neighbouring steps (pymdp's `vmp` or `mmp`,
+//! [`Method`]):
+//!
+//! ```text
+//! x = ln q_{t,f} + τ (E_{q_t without f}[ll_t] − ln q_{t,f} + fwd_{t,f} + bwd_{t,f})
+//! q_{t,f} = softmax(x)
+//! vmp: fwd_t = Σ_s ln B_f[·, s, a_{t−1}] q_{t−1,f}(s)
+//!      bwd_t = Σ_s′ q_{t+1,f}(s′) ln B_f[s′, ·, a_t]
+//! mmp: fwd_t = h_t ln Σ_s B_f[·, s, a_{t−1}] q_{t−1,f}(s)
+//!      bwd_t = ½ ln Σ_s′ q_{t+1,f}(s′) B̃_f[s′, ·, a_t]
+//! ```
+//!
+//! with fwd_0 = ln prior_f (h_0 ln prior_f for mmp), bwd_{T−1} = 0, h_t = ½ except h_{T−1} = 1,
+//! and B̃_f = B_f normalised over the previous state. The mean-field sequence free energy, per
+//! step and summed, takes the pairwise posterior as q_t ⊗ q_{t−1}:
+//!
+//! ```text
+//! F = Σ_t [ Σ_f q_{t,f}·ln q_{t,f} − Σ_m E_{q_t}[ll_{t,m}] ] − Σ_f q_{0,f}·ln prior_f
+//!     − Σ_{t≥1} Σ_f q_{t,f}ᵀ ln B_f[·, ·, a_{t−1}] q_{t−1,f}
+//! ```
+//!
+//! # Policy inference: [`infer_policies`]
+//!
+//! For every agent and policy π (actions u_{τ,f}, τ = 1…H), roll the beliefs forward through B
+//! (not renormalised), predict the outcomes and score every step with pymdp's negative expected
+//! free energy:
+//!
+//! ```text
+//! q_{τ,f} = B_f[·, ·, u_{τ,f}] q_{τ−1,f}                   (q_0: the given beliefs)
+//! q(o_{τ,m}) = Σ_s A_m[·, s] Π_{d ∈ deps(m)} q_{τ,d}(s_d)
+//! −G(π) = Σ_τ Σ_m [ q(o_{τ,m})·C_m  +  H[q(o_{τ,m})] − E_{q_τ}[H[A_m(·|s)]] ]  (+ novelty)
+//! q(π) = softmax(−γ G + ln E)
+//! ```
+//!
+//! The first term is the utility, the next two the state information gain ([`PolicySpec`] picks
+//! the terms). With C_m the log of a normalised preference distribution, utility plus information
+//! gain is −(risk + ambiguity), risk = KL(q(o_m) ‖ softmax(C_m)). The optional parameter novelty
+//! adds, per step, `Σ_o q(o_m)(o) E_q[W(pA_m)[o, s]]` per modality and
+//! `q_{τ,f}ᵀ W(pB_f[·, ·, u_{τ,f}]) q_{τ−1,f}` per factor, with pymdp's weights
+//! W(α) = ln ᾱ₀ − ln ᾱ + ψ(ᾱ + 1) − ψ(ᾱ₀ + 1) (ᾱ = max(α, eps), ᾱ₀ its column sum, ψ the
+//! digamma function; W = 0 where α ≤ 0). G comes back with q(π), lower being better.
+//!
+//! # Learning: [`learn`]
+//!
+//! Dirichlet updates of the model's counts from a batch of windows (posteriors q_t, observations
+//! o_t, actions a_t), summed over agents and steps, with a rate η per tensor ([`LearnSpec`]):
+//!
+//! ```text
+//! pA_m ← pA_m + η_A Σ_t o_{t,m} ⊗ q_t(s_deps(m))
+//! pB_f[·, ·, u] ← pB_f[·, ·, u] + η_B Σ_{t: a_{t,f} = u} q_{t+1,f} ⊗ q_{t,f}
+//! pD_f ← pD_f + η_D q_{0,f}   (only where pD_f > 0: pymdp's legacy rule; its JAX engine has none)
+//! ```
+//!
+//! [`dirichlet_mean`] turns counts into the probabilities of a new model.
+//!
+//! # Where it runs
+//!
+//! On the CPU device the f64 reference runs ([`mod@reference`]). On a GPU (kernels/vmp/NOTES.md
+//! has the design): state and sequence inference run all K iterations in one launch, one agent
+//! per thread with its beliefs in shared memory (a global workspace when they do not fit);
+//! policy inference runs one block per agent. A GPU model takes at most 16 factors, 16
+//! modalities and 8 dependencies per modality (more: `Error::Unsupported` from
+//! [`Model::new`]); the CPU takes any.
 //!
 //! ```
 //! use fep_kernels::{Device, vmp::{self, FpiSpec, Model, ModelSpec, Obs}};
@@ -473,7 +552,7 @@ pub struct PolicyResult {
 
 /// The batch size implied by `len` entries of `per` each.
 fn batch_of(name: &str, len: usize, per: usize) -> Result<usize> {
-    if per == 0 || len == 0 || len % per != 0 {
+    if per == 0 || len == 0 || !len.is_multiple_of(per) {
         return Err(Error::invalid(
             name,
             format!("has {len} elements, not a positive multiple of {per}"),

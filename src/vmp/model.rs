@@ -324,7 +324,7 @@ impl ModelSpec {
                     "is 0 with a policy table given",
                 ));
             }
-            if self.policies.len() % (h * f_count) != 0 {
+            if !self.policies.len().is_multiple_of(h * f_count) {
                 return Err(Error::invalid(
                     "policies",
                     format!(

@@ -151,8 +151,13 @@ pub fn fixture_path(name: &str) -> std::path::PathBuf {
 /// Parses the JSON fixture tests/fixtures/`name`.
 pub fn load_fixture(name: &str) -> serde_json::Value {
     let path = fixture_path(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e} (the fixtures are in the repository, not in the crates.io \
+                 package: run the tests from a clone)",
+            path.display()
+        )
+    });
     serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()))
 }
