@@ -1,5 +1,4 @@
-"""The runner the binding tests share (test_settle.py, test_vmp.py, test_attention.py): load the
-library, run every ``test_*`` function of the calling module in name order, print ok / FAIL /
+"""The runner the binding tests share (test_*.py): load the library, run every ``test_*`` function of the calling module in name order, print ok / FAIL /
 skip per test (a test that returns a string starting with "SKIPPED" was skipped) and a summary.
 
     sys.exit(run_tests(globals(), "test_vmp.py"))
@@ -21,6 +20,12 @@ def run_tests(namespace, script, banner=""):
     import torch
 
     print(f"fep-kernels {fk.version()} at {fk._lib_path}, torch {torch.__version__}{banner}")
+    return run_functions(namespace)
+
+
+def run_functions(namespace):
+    """The loop of :func:`run_tests` without loading anything: runs the ``test_*`` callables of
+    ``namespace`` in name order; returns the exit status (1 when one failed)."""
     tests = [(n, f) for n, f in sorted(namespace.items()) if n.startswith("test_") and callable(f)]
     passed = failed = skipped = 0
     for name, fn in tests:
@@ -39,3 +44,13 @@ def run_tests(namespace, script, banner=""):
             print(f"ok   {name}")
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
+
+
+def expect(exc, fn, needle):
+    """Asserts that ``fn()`` raises ``exc`` with ``needle`` in its message."""
+    try:
+        fn()
+    except exc as e:
+        assert needle in str(e), f"{needle!r} not in {e}"
+        return
+    raise AssertionError(f"no {exc.__name__} ({needle})")

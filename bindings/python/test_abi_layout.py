@@ -33,11 +33,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _runner import run_functions  # noqa: E402
 from fep_kernels import _abi  # noqa: E402  (after the path is set; needs no library, no torch)
 
 HEADER = os.environ.get(
@@ -381,29 +381,9 @@ def test_the_comparison_catches_broken_twins():
     return None
 
 
-# ---- the runner (the convention of _runner.py, without loading the library or torch) ----
-
-
 def main():
     print(f"test_abi_layout.py: {os.path.abspath(HEADER)} against fep_kernels/_abi.py")
-    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
-    passed = failed = skipped = 0
-    for name, fn in tests:
-        try:
-            note = fn()
-        except Exception:
-            failed += 1
-            print(f"FAIL {name}")
-            traceback.print_exc()
-            continue
-        if isinstance(note, str) and note.startswith("SKIPPED"):
-            skipped += 1
-            print(f"skip {name}: {note}")
-        else:
-            passed += 1
-            print(f"ok   {name}")
-    print(f"{passed} passed, {failed} failed, {skipped} skipped")
-    return 1 if failed else 0
+    return run_functions(globals())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import fep_kernels as fk  # noqa: E402
-from _runner import run_tests  # noqa: E402
+from _runner import expect, run_tests  # noqa: E402
 from test_attention import differentiable  # noqa: E402
 
 
@@ -165,15 +165,6 @@ def test_cuda_matches_cpu():
         torch.library.opcheck(torch.ops.fep.attention_backward,
                               (q, k, v, o, lse, torch.randn_like(o), e, torch.randn_like(e), ph,
                                pk, None, score, 4.0, None, False, None, True, "bhld"))
-
-
-def expect(exc, fn, needle):
-    try:
-        fn()
-    except exc as e:
-        assert needle in str(e), f"{needle!r} not in {e}"
-        return
-    raise AssertionError(f"no {exc.__name__} ({needle})")
 
 
 def test_bad_inputs():

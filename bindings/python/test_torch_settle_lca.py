@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import fep_kernels as fk  # noqa: E402
-from _runner import run_tests  # noqa: E402
+from _runner import expect, run_tests  # noqa: E402
 
 F64 = torch.float64
 ACTS = ["tanh", ("leaky_relu", 0.1), "sigmoid"]
@@ -327,15 +327,6 @@ def test_lca_solve_matches_dictionary():
                     want = torch.sign(u) * torch.clamp(u.abs() - 0.2, min=0)
                     assert torch.allclose(a, want, atol=1e-6) and (a != 0).any()
                     assert s.min() < 200  # tol stopped some samples early
-
-
-def expect(exc, fn, needle):
-    try:
-        fn()
-    except exc as e:
-        assert needle in str(e), f"{needle!r} not in {e}"
-        return
-    raise AssertionError(f"no {exc.__name__} ({needle})")
 
 
 def test_bad_inputs_settle():
