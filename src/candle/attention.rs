@@ -1,11 +1,9 @@
 //! Precision-weighted attention forward ([`crate::attention::forward_into`]) over candle tensors.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Shape, Tensor};
 
-use super::{crate_err, not_cpu};
+use super::{Input, crate_err, not_cpu};
 use crate::Element;
 use crate::attention::{AttentionOutputs, AttentionSpec, Precisions, Tensor4, Tensor4Mut};
 use crate::backend::{View, ViewMut};
@@ -58,14 +56,8 @@ pub fn attention(
     }
     let p = p.contiguous()?;
     // The read guard keeps the precision storage alive and unwritten while the op reads it.
-    let (storage, layout) = p.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        return Err(not_cpu(OP, "precision_key"));
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::msg("precision_key: not contiguous"))?;
-    let op = AttentionOp::new(*spec).key_precision(View::host(&data[start..end]));
+    let pi = Input::new(OP, "precision_key", &p)?;
+    let op = AttentionOp::new(*spec).key_precision(pi.view::<f32>()?);
     q.apply_op3_no_bwd(k, v, &op)
 }
 

@@ -1,7 +1,7 @@
-"""Argument checks the ``torch.library`` ops share (torch_settle, torch_lca): TypeError for a
-value of the wrong kind (not a tensor, not a number, not an int), ValueError for a tensor of the
-wrong dtype, device, rank or shape, before the library is called. They need no data, so the fake
-implementations run them too (errors surface while ``torch.compile`` traces)."""
+"""Argument checks the ``torch.library`` ops share (torch_ops, torch_settle, torch_lca): TypeError
+for a value of the wrong kind (not a tensor, not a number, not an int), ValueError for a tensor of
+the wrong dtype, device, rank or shape, before the library is called. They need no data, so the
+fake implementations run them too (errors surface while ``torch.compile`` traces)."""
 
 import numbers
 import operator

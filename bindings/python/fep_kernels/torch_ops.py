@@ -37,12 +37,11 @@ import torch
 from torch import Tensor
 
 from ._abi import _SCORES
+from ._torch_args import _DTYPES, _number
 from .attention import attention_backward as _attention_backward
 from .attention import attention_forward as _attention_forward
 
 __all__ = ["attention", "attention_with_stats"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _bhld(shape, layout):
@@ -175,12 +174,6 @@ def _backward(ctx, d_o, d_lse, d_e):
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _number_arg(x, what):
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{what}: expected a Python number, got {type(x).__name__}")
-    return float(x)
-
-
 def attention_with_stats(q, k, v, precision_key=None, precision_head=None, score="dot", nu=5.0,
                          scale=None, causal=False, window=None, normalizer=True, kv_len=None,
                          layout="bhld"):
@@ -190,8 +183,8 @@ def attention_with_stats(q, k, v, precision_key=None, precision_head=None, score
     (``pi_head``); lse is not. Argument errors raise TypeError (not a tensor or number) or
     ValueError (dtype, device, shape, unknown score/layout) before the library is called."""
     _validate(q, k, v, precision_head, precision_key, kv_len, score, layout)
-    nu = _number_arg(nu, "nu")
-    scale = None if scale is None else _number_arg(scale, "scale")
+    nu = _number(nu, "nu")
+    scale = None if scale is None else _number(scale, "scale")
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: must be > 0 (None for the default), got {scale}")
     if window is not None:
