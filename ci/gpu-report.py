@@ -28,6 +28,9 @@ ap.add_argument("--out", required=True, help="where to write <gpu>.md")
 ap.add_argument("--commit", default="unknown")
 ap.add_argument("--results-dir", help="write <gpu>.md here too (benches/results)")
 ap.add_argument("--dry-run", action="store_true", help="a CPU dry run: named dry-run.md")
+ap.add_argument("--status", default=None,
+                help="the run as a whole: complete, running (a report published mid-run), or "
+                "stopped by a signal")
 args = ap.parse_args()
 run = args.run or args.out
 
@@ -63,6 +66,16 @@ title = "a dry run on the CPU (no GPU: fixed costs and control flow only)" if ar
 md = [f"# fep-kernels on {title}", ""]
 md += [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", f"- commit: {args.commit}",
        f"- device (name, driver, memory, max SM clock, SM clock, temperature, power): {device}"]
+if args.status:
+    md.append(f"- status of the run: {args.status}" + (
+        "" if args.status == "complete" else
+        " (this report was published before the run ended: what it lacks was not measured)"
+        if args.status.startswith(("running", "started")) else ""))
+try:
+    for line in open(os.path.join(run, "left-behind.txt")):
+        md.append(f"- LEFT BEHIND (outlived TERM and KILL, still running when published): {line.strip()}")
+except OSError:
+    pass
 if runs:
     total = sum(float(r.seconds) for r in runs if r.seconds.replace(".", "").isdigit())
     md.append(f"- the suite: ci/gpu-run.sh, one device call; {len(last)} items, "
@@ -74,7 +87,8 @@ if runs:
     md += ["## The run (ci/gpu-run.sh)", "",
            "One line per item in plan order (step 1 port, 2 tests, 3 quick benches, 4 the rest). "
            "ok / FAILED / TIMEOUT (its own limit); KILLED: stopped when its step's budget ran "
-           "out; CUT: not started, the step's budget was spent; SKIPPED: not selected or not "
+           "out or when the suite was stopped (TERM/INT); CUT: not started, the step's budget "
+           "was spent or the suite was stopped; SKIPPED: not selected or not "
            "run on a GPU machine by design; MISSING: not in the stage. An item cut in its step "
            "and run in step 4 shows both lines.", "",
            "| step | item | status | seconds | limit (s) | note |", "|---|---|---|---|---|---|"]

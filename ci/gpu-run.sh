@@ -6,6 +6,20 @@
 # runs under `timeout`, and the report says what was cut. Budgets sum to 450 s (7.5 min) so the
 # call ends within 8 minutes; a step that ends early leaves its time to step 4.
 #
+# Launch it like this (the device tool kills a call at 600 s; TERM at 570 s leaves the suite 30 s
+# to stop what is in flight and publish, KILL at 590 s if it does not):
+#
+#     timeout -s TERM -k 20 570 bash ci/gpu-run.sh
+#
+# Results survive a kill. The run folder (every log, criterion's output, the peers' JSON) lives
+# outside $OUT (target/gpu-run/run); $OUT only ever holds four files, each replaced whole:
+# <gpu>.md (the report), summary.txt, console.log and gpu-run.tar.gz (the run folder). They are
+# published at the start, after every step, after any item that ends 20 s or more after the last
+# publication, and from the traps: on TERM or INT the items in flight are stopped (TERM to each
+# item's process group, KILL 3 s later if it ignored that; an item that outlives KILL, e.g. stuck
+# in the driver, is left behind and marked so) and recorded KILLED, the items not reached are
+# recorded CUT, and the EXIT trap publishes. A kernel that hangs costs its item, not the run.
+#
 # Plan. Budget: seconds the step may start work in (a step's items are cut to what is left of it;
 # its unused time goes to step 4); an item's limit is its own `timeout`, and a peer script gets
 # --budget-s = its share (stops starting new configurations; the timeout adds 10-20 s for the
@@ -69,10 +83,14 @@
 #
 # Environment:
 #   OUT                  where the results go (default gpu-out/; dry run: target/gpu-dry-out/).
-#                        At the end $OUT holds only: <gpu>.md (the report), summary.txt,
-#                        console.log and gpu-run.tar.gz (every log, the criterion estimates, the
-#                        peer JSONs: `tar xzf` it and `python3 ci/gpu-report.py --run run` redoes
-#                        the report), so the device tool's 8-file limit is kept.
+#                        $OUT holds only: <gpu>.md (the report), summary.txt, console.log and
+#                        gpu-run.tar.gz (every log, the criterion estimates, the peer JSONs:
+#                        `tar xzf` it and `python3 ci/gpu-report.py --run run --out .` redoes the
+#                        report), so the device tool's 8-file, two-folder limit is kept.
+#   FEP_GPU_RUN          the folder that holds the run folder run/ (default target/gpu-run).
+#   FEP_GPU_PYTHON       the Python for the binding tests and the peers (default python3).
+#   FEP_GPU_LIMITS       item limits to override, "ITEM=SECONDS ..." (e.g. "quick.peers-lca=8":
+#                        the self-test forces a peer item's time to run out mid-way).
 #   FEP_GPU_STEPS        words picking what runs: step names (port tests quick rest), item names
 #                        (quick.peers-attention, tests.lca_gpu, ...: see summary.txt), or the old
 #                        step names python (binding tests, tour, pc_digits), benches (our criterion
@@ -85,9 +103,12 @@
 #   FEP_GPU_TEST_JOBS    test processes at once in step 2 (default 4; 1: one after another).
 #   FEP_GPU_TEST_THREADS --test-threads for each test binary (default: libtest's, one per core).
 #   FEP_GPU_CPU_TESTS=1  also run the CPU-only test binaries, last.
-#   FEP_GPU_KEEP_RUN=1   keep $OUT/run/ unpacked (the default in the dry run).
-# Exits 1 if a test failed or timed out (port and tests steps), 0 otherwise (cut work is reported,
-# not failed); 2 if nothing could run (no stage).
+# The archive is unpacked into gpu-stage/ when that folder is absent or was unpacked from another
+# archive (its SHA-256 is kept in gpu-stage/ARCHIVE-SHA256): a second call on a warm machine runs
+# what it carried, not what the first call unpacked.
+# Exits 1 if a test item (port.mma_gpu, port.load, tests.*) did not pass: it failed, timed out,
+# was killed or cut and never finished in step 4's retry; 0 otherwise (cut benches are reported,
+# not failed); 2 if nothing could run (no stage); 143 / 130 when stopped by TERM / INT.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -106,7 +127,7 @@ if [ "${1:-}" = --load-check ]; then
     if "$f" --list >/dev/null 2>&1; then n=$((n + 1)); else echo "$f --list failed"; bad=1; fi
   done
   echo "$n test binaries list their tests"
-  python3 - "$2/libfep_kernels.so" "${FEP_GPU_DRY_RUN:-0}" <<'PY' || bad=1
+  "${FEP_GPU_PYTHON:-python3}" - "$2/libfep_kernels.so" "${FEP_GPU_DRY_RUN:-0}" <<'PY' || bad=1
 import sys
 sys.path.insert(0, "bindings/python")
 import fep_kernels as fk
@@ -147,10 +168,17 @@ DRY=${FEP_GPU_DRY_RUN:-0}
 [ "$DRY" = 1 ] && OUT=${OUT:-target/gpu-dry-out} || OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-RUN=$OUT/run
-rm -rf "$RUN" "$OUT/gpu-run.tar.gz" "$OUT/summary.txt"
-mkdir -p "$RUN"
-exec > >(tee "$OUT/console.log") 2>&1
+RUN_HOME=${FEP_GPU_RUN:-$ROOT/target/gpu-run}
+mkdir -p "$RUN_HOME"
+RUN_HOME=$(cd "$RUN_HOME" && pwd)
+RUN=$RUN_HOME/run
+case "$RUN/" in "$OUT"/*) echo "FEP_GPU_RUN ($RUN_HOME) must not be inside OUT ($OUT)"; exit 2 ;; esac
+# what an earlier run published (and the old layout's $OUT/run)
+rm -rf "$RUN" "$OUT/run" "$OUT/gpu-run.tar.gz" "$OUT/summary.txt" "$OUT/dry-run.md"
+mkdir -p "$RUN/inflight"
+# console.log ignores TERM and INT: the traps below still write to it after the launch line's
+# timeout has signalled the whole process group.
+exec > >(trap '' TERM INT; exec tee "$OUT/console.log") 2>&1
 TEE_PID=$!
 
 now_ms() { local t=${EPOCHREALTIME//[.,]/}; echo $((t / 1000)); }
@@ -174,16 +202,28 @@ else
   BENCH_DEVICES=gpu
   export FEP_REQUIRE_GPU=1
 fi
-export PYTHONUNBUFFERED=1 CRITERION_HOME="$RUN/criterion"
+py=${FEP_GPU_PYTHON:-python3}
+export FEP_GPU_PYTHON=$py PYTHONUNBUFFERED=1 CRITERION_HOME="$RUN/criterion"
 LIB=$ROOT/$stage/libfep_kernels.so
 [[ $stage == /* ]] && LIB=$stage/libfep_kernels.so
 
-echo "=== fep-kernels GPU suite: $( [ "$DRY" = 1 ] && echo "DRY RUN (CPU, no GPU required)" || echo "GPU run" ), budget ${TOTAL} s, stage $stage, out $OUT"
-# ci/gpu-stage.sh's archive (what a device call carries), unpacked once.
-if [ ! -d "$stage" ] && [ "$stage" = gpu-stage ] && [ -f gpu-stage.tar.xz ]; then
-  echo "unpacking gpu-stage.tar.xz"
-  tar xJf gpu-stage.tar.xz || python3 -m tarfile -e gpu-stage.tar.xz .
-  echo "unpacked in $(el) s"
+echo "=== fep-kernels GPU suite: $( [ "$DRY" = 1 ] && echo "DRY RUN (CPU, no GPU required)" || echo "GPU run" ), budget ${TOTAL} s, stage $stage, out $OUT, run folder $RUN"
+# ci/gpu-stage.sh's archive (what a device call carries), unpacked when gpu-stage/ is absent or
+# came from another archive (a second call on a warm machine keeps the first call's folder).
+if [ "$stage" = gpu-stage ] && [ -f gpu-stage.tar.xz ]; then
+  sha=$(sha256sum gpu-stage.tar.xz | cut -d' ' -f1)
+  if [ "$(cat gpu-stage/ARCHIVE-SHA256 2>/dev/null)" != "$sha" ]; then
+    if [ -d gpu-stage ]; then
+      echo "gpu-stage/ is from another archive (commit $(cat gpu-stage/COMMIT 2>/dev/null || echo unknown)): unpacking again"
+      rm -rf gpu-stage
+    fi
+    echo "unpacking gpu-stage.tar.xz"
+    tar xJf gpu-stage.tar.xz || python3 -m tarfile -e gpu-stage.tar.xz .
+    [ -d gpu-stage ] && echo "$sha" >gpu-stage/ARCHIVE-SHA256
+    echo "unpacked commit $(cat gpu-stage/COMMIT 2>/dev/null || echo unknown) in $(el) s"
+  else
+    echo "gpu-stage/ was unpacked from this gpu-stage.tar.xz (commit $(cat gpu-stage/COMMIT 2>/dev/null || echo unknown))"
+  fi
 fi
 if [ ! -d "$stage" ]; then
   echo "MISSING: no $stage/ (and no gpu-stage.tar.xz): build it with 'bash ci/gpu-stage.sh'" \
@@ -201,9 +241,11 @@ COMMIT=$(cat "$stage/COMMIT" 2>/dev/null || git rev-parse HEAD 2>/dev/null || ec
 # @MARGIN@ seconds for the work in flight when a script's own --budget-s runs out).
 # $RUN/steps.tsv gets one line per item run or not run:
 #   order  step  item  status  seconds  limit_s  note
-# status: ok, FAILED, TIMEOUT (its own limit), KILLED (stopped at the step's budget: cut),
-# CUT (not started: the step's budget was spent), SKIPPED (not selected, not applicable),
-# MISSING (a binary of the stage is missing).
+# status: ok, FAILED, TIMEOUT (its own limit), KILLED (stopped at the step's budget, or by the
+# suite's TERM/INT), CUT (not started: the step's budget was spent, or the suite was stopped),
+# SKIPPED (not selected, not applicable), MISSING (a binary of the stage is missing).
+# While an item runs, $RUN/inflight/<name> holds "PID START_MS LIMIT_S" (PID: its `timeout`,
+# which leads the item's process group), so the traps can stop and record it.
 declare -A CMD TMO MARGIN NEED
 ORDER=()
 add() { # add STEP.ITEM TIMEOUT_S MARGIN_S NEEDS(file or -) COMMAND
@@ -256,8 +298,28 @@ summarise() { # summarise LOG
   fi
 }
 
-run_item() { # run_item NAME: runs it now (foreground) if selected and time remains
-  local name=$1 log="$RUN/$1.log" now left t budget rc t1 secs status note need
+# Whether a process is alive: it exists and is not a zombie (an item whose worker died is
+# reparented, and a zombie answers kill -0 until someone reaps it).
+alive() { # alive PID
+  local st
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || { kill -0 "$1" 2>/dev/null; return; }
+  [ -n "$st" ] && [ "${st:0:1}" != Z ]
+}
+
+# Waits for an item's `timeout` process: its exit status, or 255 when it is still there 10 s
+# after its limit (its KILL came and went: a process stuck in the driver keeps it alive; it is
+# left behind). Polls, so the traps run within 0.2 s of a signal.
+wait_item() { # wait_item PID LIMIT_S
+  local pid=$1 until=$(($(now_ms) + ($2 + 10) * 1000))
+  while alive "$pid"; do
+    (($(now_ms) > until)) && return 255
+    sleep 0.2
+  done
+  wait "$pid"
+}
+
+run_item() { # run_item NAME: runs it now if selected and time remains (returns when it ended)
+  local name=$1 log="$RUN/$1.log" now left t budget rc t1 secs status note need pid
   if ! selected "$name"; then record "$name" SKIPPED 0 - "not selected (FEP_GPU_STEPS)"; return; fi
   need=${NEED[$name]}
   if [ "$need" != - ] && [ ! -e "$need" ]; then record "$name" MISSING 0 - "no $need"; return; fi
@@ -277,44 +339,61 @@ run_item() { # run_item NAME: runs it now (foreground) if selected and time rema
   printf '%s: %s\n' "$name" "$cmd" >>"$RUN/commands.txt"
   : >"$log"
   t1=$(now_ms)
-  timeout -k 5 "$t" bash -c "$cmd" >>"$log" 2>&1 </dev/null
+  timeout -k 5 "$t" bash -c "$cmd" >>"$log" 2>&1 </dev/null &
+  pid=$!
+  echo "$pid $t1 $t" >"$RUN/inflight/$name"
+  wait_item "$pid" "$t"
   rc=$?
   secs=$(awk -v a="$t1" -v b="$(now_ms)" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
   note=$(summarise "$log" | tr '\n' ' ' | sed 's/ *$//; s/^; //')
   # else the last line it printed (the load check's, pc_digits' accuracy, ...)
   [ -z "$note" ] && note=$(grep -v '^[[:space:]]*$' "$log" | tail -1 | cut -c1-110)
+  local how="TERM"
+  ((rc == 137)) && how="TERM, ignored it: KILLed 5 s later"
+  ((rc == 255)) && how="TERM and KILL, and outlived both (stuck in the driver?): left behind"
   if ((rc == 0)); then
     status=ok
-  elif ((rc == 124 || rc == 137)); then
-    if ((t < ${TMO[$name]})); then status=KILLED; note="stopped at the step's budget ($t s); $note"
-    else status=TIMEOUT; note="its own limit ($t s); $note"; fi
+  elif ((rc == 124 || rc == 137 || rc == 255)); then
+    if ((t < ${TMO[$name]})); then status=KILLED; note="stopped at the step's budget ($t s: $how); $note"
+    else status=TIMEOUT; note="its own limit ($t s: $how); $note"; fi
   else
     status=FAILED; note="exit $rc; $note"
   fi
   # A test that skipped its GPU part on a GPU machine did not test what it is here for (every
-  # skip in tests/*_gpu.rs, *_ffi.rs and bindings/python is "no GPU" or "the emulator").
-  if [ "$status" = ok ] && [ "$DRY" != 1 ] && [[ $name == tests.* || $name == port.mma_gpu ]] &&
-    grep -qE "^SKIPPED|^skip " "$log"; then
-    status=FAILED; note="a GPU test was SKIPPED on the GPU machine; $note"
+  # skip in tests/*_gpu.rs, *_ffi.rs and bindings/python is "no GPU" or "the emulator"). The
+  # binding tests print "skip NAME: ..." per test and "FILE: SKIPPED: ..." when the whole file
+  # skips (no PyTorch): any SKIPPED in their log counts.
+  if [ "$status" = ok ] && [ "$DRY" != 1 ]; then
+    if { [[ $name == tests.py-* ]] && grep -qE "SKIPPED|^skip " "$log"; } ||
+      { [[ $name == tests.* || $name == port.mma_gpu ]] && grep -qE "^SKIPPED|^skip " "$log"; }; then
+      status=FAILED; note="a GPU test was SKIPPED on the GPU machine; $note"
+    fi
   fi
   record "$name" "$status" "$secs" "$t" "$note"
+  rm -f "$RUN/inflight/$name"
+  ((rc == 255)) && echo "$name: left behind (pid $pid), still running" >>"$RUN/left-behind.txt"
+  return 0
 }
 
 run_parallel() { # run_parallel JOBS NAME...: the items in order, JOBS at a time
-  local jobs=$1 name p alive pids=()
+  local jobs=$1 name p alive
   shift
+  PAR_PIDS=()
   for name in "$@"; do
     while :; do
       alive=0
-      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+      for p in "${PAR_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
       ((alive < jobs)) && break
-      sleep 0.5
+      sleep 0.2
     done
     run_item "$name" &
-    pids+=($!)
+    PAR_PIDS+=($!)
     sleep 0.2
   done
-  for p in "${pids[@]}"; do wait "$p"; done
+  for p in "${PAR_PIDS[@]}"; do
+    while kill -0 "$p" 2>/dev/null; do sleep 0.2; done # the traps run meanwhile
+  done
+  PAR_PIDS=()
 }
 
 step() { # step NAME BUDGET_S: starts a step
@@ -326,7 +405,6 @@ step() { # step NAME BUDGET_S: starts a step
 
 # ---- the items ----
 B="$stage"
-py=python3
 bq="env FEP_BENCH_QUICK=1 FEP_BENCH_DEVICES=$BENCH_DEVICES"
 bf="env FEP_BENCH_DEVICES=$BENCH_DEVICES"
 crit="--bench --noplot --nresamples 10000"
@@ -364,9 +442,14 @@ smi="nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clock
 add port.nvidia-smi 15 0 - "$smi"
 add port.load 20 0 "$B" "bash ci/gpu-run.sh --load-check $B"
 
-# 2. tests: the GPU ones by value, then the C ABI ones, then the Python bindings on CUDA tensors
+# 2. tests: the Python bindings on CUDA tensors first (what a user runs first, and each is short),
+#    then the GPU ones by value, then the C ABI ones
 threads=${FEP_GPU_TEST_THREADS:+--test-threads=$FEP_GPU_TEST_THREADS}
 TESTS=()
+for t in attention settle vmp torch_ops torch_settle_lca; do
+  add "tests.py-$t" 60 0 "$B/libfep_kernels.so" "FEP_KERNELS_LIB=$LIB $py bindings/python/test_$t.py"
+  TESTS+=("tests.py-$t")
+done
 for t in attention_gpu attention_backward_gpu attention_decode lca_gpu settle_gpu vmp_gpu attention_ffi settle_ffi vmp_ffi; do
   add "tests.$t" 90 0 "$B/tests/$t" "$B/tests/$t --color never --show-output $threads"
   TESTS+=("tests.$t")
@@ -378,13 +461,10 @@ for f in "$B"/tests/*; do
   t=$(basename "$f")
   case "$t" in
     mma_gpu | attention_gpu | attention_backward_gpu | attention_decode | lca_gpu | settle_gpu | vmp_gpu | attention_ffi | settle_ffi | vmp_ffi) ;;
-    *_cpu | ffi_header | resources | settle_digits | census) CPU_TESTS+=("$t") ;;
+    # CPU-only (candle_ops: candle's CPU storage; no tests at all without its feature)
+    *_cpu | ffi_header | resources | settle_digits | census | candle_ops) CPU_TESTS+=("$t") ;;
     *) add "tests.$t" 90 0 "$f" "$f --color never --show-output $threads"; TESTS+=("tests.$t") ;;
   esac
-done
-for t in attention settle vmp torch_ops torch_settle_lca; do
-  add "tests.py-$t" 60 0 "$B/libfep_kernels.so" "FEP_KERNELS_LIB=$LIB $py bindings/python/test_$t.py"
-  TESTS+=("tests.py-$t")
 done
 
 # 3. quick benches: ours (criterion, FEP_BENCH_QUICK=1, a filter), then the peers (--quick,
@@ -453,13 +533,155 @@ if [ "$DRY" != 1 ]; then
   } >"$RUN/expected.txt"
 fi
 
+# Item limits to override (FEP_GPU_LIMITS="ITEM=SECONDS ..."), e.g. to test what a time-out does.
+for kv in ${FEP_GPU_LIMITS:-}; do
+  if [ -n "${TMO[${kv%%=*}]:-}" ]; then TMO[${kv%%=*}]=${kv#*=}; else echo "FEP_GPU_LIMITS: no item ${kv%%=*}"; fi
+done
+
+# ---- publishing: the report, summary.txt and gpu-run.tar.gz, each replaced whole ----
+results=(--results-dir benches/results)
+[ "$DRY" = 1 ] && results=(--dry-run)
+STATE="started"  # what the published files say about the run as a whole
+STOPPED=""       # the signal that stopped the suite, and when
+LAST_PUBLISH=0
+PUBLISHED_MD=""
+
+summary() { # the summary: one line per run of an item in plan order, then what was cut
+  echo "=== summary ($(el) s of ${TOTAL} s; $STATE; $( [ "$DRY" = 1 ] && echo "DRY RUN" || sed -n 2p "$RUN/device.txt" 2>/dev/null); commit $COMMIT)"
+  printf "%-6s %-24s %-8s %8s   %-5s %s\n" step item status seconds limit note
+  # an item cut in its step and retried in step 4 has two lines; then what stayed cut
+  tail -n +2 "$RUN/steps.tsv" | sort -t$'\t' -k1,1n -s | awk -F'\t' '
+    $4 == "SKIPPED" && $7 ~ /^not selected/ { ns = ns " " $2 "." $3; next }
+    $4 == "SKIPPED" && $7 ~ /^CPU-only/ { cpu = cpu " " $3; next }
+    { printf "%-6s %-24s %-8s %6s s   %-5s %s\n", $2, $3, $4, $5, $6, substr($7, 1, 110) }
+    END { if (ns != "") print "not selected (FEP_GPU_STEPS):" ns
+      if (cpu != "") print "not run here (CPU-only tests: CI runs them; FEP_GPU_CPU_TESTS=1):" cpu }'
+  local n
+  for n in "$RUN"/inflight/*; do
+    [ -e "$n" ] && echo "running   $(basename "$n") (since $(((($(now_ms) - $(cut -d' ' -f2 "$n")) / 1000))) s)"
+  done
+  awk -F'\t' 'NR > 1 { last[$2 "." $3] = $4; if (!($2 "." $3 in seen)) { seen[$2 "." $3] = 1; order[++n] = $2 "." $3 } }
+    END { for (i = 1; i <= n; i++) if (last[order[i]] == "CUT" || last[order[i]] == "KILLED") s = s order[i] " "
+      print "cut or killed: " (s == "" ? "nothing" : s) }' "$RUN/steps.tsv"
+  [ -s "$RUN/left-behind.txt" ] && sed 's/^/LEFT BEHIND: /' "$RUN/left-behind.txt"
+  return 0
+}
+
+publish() { # publish: writes the three files next to the run folder, then moves each into $OUT
+  local md
+  LAST_PUBLISH=$(now_ms)
+  summary >"$RUN_HOME/summary.txt" 2>&1 && mv -f "$RUN_HOME/summary.txt" "$OUT/summary.txt"
+  rm -rf "$RUN_HOME/report" && mkdir -p "$RUN_HOME/report"
+  if python3 ci/gpu-report.py --run "$RUN" --out "$RUN_HOME/report" --commit "$COMMIT" \
+    --status "$STATE" "${results[@]}" >"$RUN/report.log" 2>&1; then
+    for md in "$RUN_HOME"/report/*.md; do
+      [ -e "$md" ] || continue
+      mv -f "$md" "$OUT/"
+      # the report's name follows the device (known after step 1): drop the one published before
+      [ -n "$PUBLISHED_MD" ] && [ "$PUBLISHED_MD" != "$(basename "$md")" ] && rm -f "$OUT/$PUBLISHED_MD"
+      PUBLISHED_MD=$(basename "$md")
+    done
+  else
+    echo "ci/gpu-report.py failed:"; tail -20 "$RUN/report.log"
+  fi
+  tar czf "$RUN_HOME/gpu-run.tar.gz" -C "$RUN_HOME" run 2>/dev/null &&
+    mv -f "$RUN_HOME/gpu-run.tar.gz" "$OUT/gpu-run.tar.gz"
+}
+publish_if_due() { (($(now_ms) - LAST_PUBLISH >= 20000)) && publish; return 0; }
+
+# ---- stopping: TERM (the launch line's timeout) or INT (a person) ----
+stop_inflight() { # stop_inflight WHY: TERM to every item in flight, KILL after 5 s, record them
+  local f pid t1 lim name waited=0 any how
+  # the step-2 workers first (they die on the signal; their items are recorded here)
+  for pid in "${PAR_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for f in "$RUN"/inflight/*; do
+    [ -e "$f" ] || continue
+    read -r pid t1 lim <"$f"
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
+  done
+  while ((waited < 15)); do # 3 s for every item to go (less than the items' own `timeout -k 5`)
+    any=0
+    for f in "$RUN"/inflight/*; do [ -e "$f" ] && read -r pid t1 lim <"$f" && alive "$pid" && any=1; done
+    ((any)) || break
+    sleep 0.2; waited=$((waited + 1))
+  done
+  for f in "$RUN"/inflight/*; do
+    [ -e "$f" ] || continue
+    read -r pid t1 lim <"$f"
+    name=$(basename "$f")
+    how="TERM"
+    if alive "$pid"; then
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
+      sleep 0.5
+      how="TERM, ignored it: KILLed 3 s later"
+      if alive "$pid"; then
+        how="TERM and KILL, and outlived both (stuck in the driver?): left behind"
+        echo "$name: left behind (pid $pid), still running" >>"$RUN/left-behind.txt"
+      fi
+    fi
+    record "$name" KILLED "$(awk -v a="$t1" -v b="$(now_ms)" 'BEGIN { printf "%.1f", (b - a) / 1000 }')" "$lim" \
+      "$1 ($how); what it printed is in its log"
+    rm -f "$f"
+  done
+}
+
+on_signal() { # on_signal SIG
+  [ -n "$STOPPED" ] && return
+  STOPPED="SIG$1 at $(el) s"
+  trap '' TERM INT # a second signal does not cut the stop short
+  echo
+  echo "=== stopped by SIG$1 at $(el) s: stopping the items in flight, then publishing"
+  stop_inflight "the suite was stopped (SIG$1 at $(el) s)"
+  [ "$1" = INT ] && exit 130
+  exit 143
+}
+
+finish() { # the EXIT trap: every item accounted for, the last publication, the exit status
+  local rc=$? n failed
+  trap '' TERM INT
+  [ -n "${PYDEPS_PID:-}" ] && kill "$PYDEPS_PID" 2>/dev/null
+  if [ -n "$STOPPED" ]; then
+    # what the plan had and the suite never reached
+    for n in "${ORDER[@]}"; do
+      awk -F'\t' -v s="${n%%.*}" -v i="${n#*.}" '$2 == s && $3 == i { f = 1 } END { exit !f }' "$RUN/steps.tsv" ||
+        record "$n" CUT 0 "${TMO[$n]}" "not reached: the suite was stopped ($STOPPED)"
+    done
+    STATE="STOPPED by $STOPPED: items in flight KILLED, items not reached CUT"
+  elif ((rc == 0)); then
+    STATE="complete"
+  else
+    STATE="ended early (exit $rc) at $(el) s"
+  fi
+  echo
+  echo "=== report (at $(el) s; $STATE)"
+  publish
+  cat "$OUT/summary.txt"
+  # a test item's last run did not pass (nvidia-smi's line is informative only)
+  failed=$(awk -F'\t' 'NR > 1 { k = $2 "." $3; last[k] = $4 }
+    END { for (k in last) if (k ~ /^(port\.(mma_gpu|load)|tests\.)/ && last[k] ~ /^(FAILED|TIMEOUT|KILLED|CUT)$/) n++
+      print n + 0 }' "$RUN/steps.tsv")
+  rm -rf "$pydeps"
+  if [ "${FEP_GPU_KEEP_RUN:-$DRY}" != 1 ] && [ -z "$STOPPED" ]; then rm -rf "$RUN"; fi
+  echo "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+  ((rc == 0)) && ((failed)) && { echo "$failed test item(s) did not pass"; rc=1; }
+  ((rc == 0)) && [ ! -d "$stage" ] && rc=2
+  exec >&- 2>&-
+  wait "$TEE_PID" 2>/dev/null # console.log complete before the device tool collects $OUT
+  exit $rc
+}
+
 # ---- the steps ----
 printf 'order\tstep\titem\tstatus\tseconds\tlimit_s\tnote\n' >"$RUN/steps.tsv"
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+trap finish EXIT
+publish
 # pymdp's wheels install in the background meanwhile (CPU only; the vmp peers wait for it)
 if selected quick.peers-vmp || selected rest.peers-vmp-full; then
   bash ci/gpu-run.sh --pydeps "$B" "$pydeps" >"$RUN/pydeps.log" 2>&1 &
   PYDEPS_PID=$!
 fi
+PAR_PIDS=()
 
 step "1 port (tensor-core layouts, device, binaries load)" "$(sb 20)"
 for n in port.mma_gpu port.nvidia-smi port.load; do run_item "$n"; done
@@ -467,66 +689,36 @@ for n in port.mma_gpu port.nvidia-smi port.load; do run_item "$n"; done
   timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$RUN/device.txt" 2>/dev/null
 awk -F, 'NF > 1 { n++ } END { exit n < 2 }' "$RUN/device.txt" 2>/dev/null || echo "name, driver_version, memory.total [MiB], clocks.max.sm [MHz]
 $( [ "$DRY" = 1 ] && echo "no GPU (dry run on $(nproc) CPUs)" || echo "unknown GPU (nvidia-smi failed)")" >"$RUN/device.txt"
+STATE="running: step 2 (tests)"
+publish
 
 step "2 tests (FEP_REQUIRE_GPU=${FEP_REQUIRE_GPU:-0}, ${FEP_GPU_TEST_JOBS:-4} at once)" "$(sb 120)"
 run_parallel "${FEP_GPU_TEST_JOBS:-4}" "${TESTS[@]}"
+STATE="running: step 3 (quick benches)"
+publish
 
 step "3 quick benches (ours, then the peers)" "$(sb 300)"
-for n in "${QUICK[@]}"; do run_item "$n"; done
+for n in "${QUICK[@]}"; do run_item "$n"; publish_if_due; done
+STATE="running: step 4 (the rest)"
+publish
 
 step "4 the rest, until $((TOTAL - REPORT_RESERVE)) s" "$TOTAL"
-# first what steps 1-3 did not start for want of time
-mapfile -t retry < <(awk -F'\t' '$4 == "CUT" { print $2 "." $3 }' "$RUN/steps.tsv")
+# first what steps 1-3 did not start for want of time, and the test items stopped at step 2's
+# end (a test that never finishes counts as failed)
+mapfile -t retry < <(awk -F'\t' 'NR > 1 { k = $2 "." $3; last[k] = $4; if (!(k in seen)) { seen[k] = 1; order[++n] = k } }
+  END { for (i = 1; i <= n; i++) { k = order[i]; if (last[k] == "CUT" || (last[k] == "KILLED" && k ~ /^tests\./)) print k } }' "$RUN/steps.tsv")
 if ((${#retry[@]})); then
-  echo "  (first the ${#retry[@]} item(s) cut earlier: ${retry[*]})"
-  for n in "${retry[@]}"; do run_item "$n"; done
+  echo "  (first the ${#retry[@]} item(s) cut or killed earlier: ${retry[*]})"
+  for n in "${retry[@]}"; do run_item "$n"; publish_if_due; done
 fi
 for n in "${REST[@]}"; do
-  if [[ $n == rest.*_cpu || $n == rest.ffi_header || $n == rest.resources || $n == rest.settle_digits || $n == rest.census ]] &&
+  if [[ $n == rest.*_cpu || $n == rest.ffi_header || $n == rest.resources || $n == rest.settle_digits || $n == rest.census || $n == rest.candle_ops ]] &&
     [ "${FEP_GPU_CPU_TESTS:-0}" != 1 ]; then
     record "$n" SKIPPED 0 - "CPU-only test: CI runs it (FEP_GPU_CPU_TESTS=1 runs it here)"
     continue
   fi
   run_item "$n"
+  publish_if_due
 done
-
-echo
-echo "=== report (at $(el) s)"
-results=(--results-dir benches/results)
-[ "$DRY" = 1 ] && results=(--dry-run)
-$py ci/gpu-report.py --run "$RUN" --out "$OUT" --commit "$COMMIT" "${results[@]}" >"$RUN/report.log" 2>&1 ||
-  { echo "ci/gpu-report.py failed:"; tail -20 "$RUN/report.log"; }
-grep -E "^wrote " "$RUN/report.log"
-
-# The summary, last (the device tool returns the end of the output).
-{
-  echo "=== summary ($(el) s of ${TOTAL} s; $( [ "$DRY" = 1 ] && echo "DRY RUN" || sed -n 2p "$RUN/device.txt"); commit $COMMIT)"
-  printf "%-6s %-24s %-8s %8s   %-5s %s\n" step item status seconds limit note
-  # one line per run of an item, in plan order (an item cut in its step and retried in step 4
-  # has two); then what stayed cut
-  tail -n +2 "$RUN/steps.tsv" | sort -t$'\t' -k1,1n -s | awk -F'\t' '
-    $4 == "SKIPPED" && $7 ~ /^not selected/ { ns = ns " " $2 "." $3; next }
-    $4 == "SKIPPED" && $7 ~ /^CPU-only/ { cpu = cpu " " $3; next }
-    { printf "%-6s %-24s %-8s %6s s   %-5s %s\n", $2, $3, $4, $5, $6, substr($7, 1, 110) }
-    END { if (ns != "") print "not selected (FEP_GPU_STEPS):" ns
-      if (cpu != "") print "not run here (CPU-only tests: CI runs them; FEP_GPU_CPU_TESTS=1):" cpu }'
-  awk -F'\t' 'NR > 1 { last[$2 "." $3] = $4; if (!($2 "." $3 in seen)) { seen[$2 "." $3] = 1; order[++n] = $2 "." $3 } }
-    END { for (i = 1; i <= n; i++) if (last[order[i]] == "CUT" || last[order[i]] == "KILLED") s = s order[i] " "
-      print "cut for time: " (s == "" ? "nothing" : s) }' "$RUN/steps.tsv"
-} | tee "$OUT/summary.txt"
-# a test item's last run failed or timed out (nvidia-smi's line is informative only)
-failed=$(awk -F'\t' 'NR > 1 { k = $2 "." $3; last[k] = $4 }
-  END { for (k in last) if (k ~ /^(port\.(mma_gpu|load)|tests\.)/ && (last[k] == "FAILED" || last[k] == "TIMEOUT")) n++
-    print n + 0 }' "$RUN/steps.tsv")
-
 [ -n "${PYDEPS_PID:-}" ] && wait "$PYDEPS_PID"
-rm -rf "$pydeps"
-tar czf "$OUT/gpu-run.tar.gz" -C "$OUT" run 2>/dev/null
-if [ "${FEP_GPU_KEEP_RUN:-$DRY}" != 1 ]; then rm -rf "$RUN"; fi
-echo "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
-rc=0
-((failed)) && { echo "$failed test item(s) failed"; rc=1; }
-[ -d "$stage" ] || rc=2
-exec >&- 2>&-
-wait "$TEE_PID" 2>/dev/null # console.log complete before the device tool collects $OUT
-exit $rc
+exit 0 # the EXIT trap publishes

@@ -31,9 +31,11 @@ bf16, D = 128 then 64, L in {1k, 4k, 16k}, causal and full, every family (48 sha
 compiles). A time budget (--budget-s, default 165 s) stops starting new shapes past it, and does
 not start a family's first shape (its compile) when less time is left than the slowest compile
 so far; the shapes left are written to the JSON as records with "cut": true (no figures) and
-listed at the end, and the JSON is rewritten after each shape, so a slow compile costs shapes,
-not the run. --full runs every shape of the bench (bf16 and f16, L in {512, ..., 16k}:
-16 compiles; give it --budget-s 600); --dtypes, --dims, --lengths and --families select others.
+listed at the end, and each implementation's record is written to the JSON as soon as it is
+measured (ours first; benches/peers/timing.py's Records), so a slow compile costs shapes, not the
+run, and a timeout during a compile keeps ours and the peers measured before it. --full runs
+every shape of the bench (bf16 and f16, L in {512, ..., 16k}: 16 compiles; give it --budget-s
+600); --dtypes, --dims, --lengths and --families select others.
 
 Agreement is checked once per family, dtype and head dim, at the shortest length measured: the
 relative error max|o - ref| / max|ref| of every implementation's o on batch 0, heads 0-1, against
@@ -86,7 +88,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "bindings", "python"))
 sys.path.insert(0, HERE)
-from timing import Timer, pick_reps  # noqa: E402
+from timing import Records, Timer, fail_msg, pick_reps, ratio, write_json  # noqa: E402
 
 TOKENS = 16 * 1024
 MODEL_DIM = 2048
@@ -100,11 +102,6 @@ SEED = 20250505
 
 torch = None
 F = None
-
-
-def fail_msg(e):
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
 
 
 def flops(B, H, L, D, causal):
@@ -160,6 +157,43 @@ def reference(fam, q, k, v, pih, pik, causal, tau):
         j = torch.arange(Lk, device=q.device)[None, :]
         s = s.masked_fill(j > i + (Lk - Lq), float("-inf"))
     return torch.softmax(s, dim=-1) @ v
+
+
+class Agreement:
+    """The agreement check of one forward shape. ``of(output)`` makes a Measurer ``after``
+    callback that puts max|o - ref| / max|ref| of ``output()`` into the result, on batch 0 and
+    heads 0-1, ref the float32 reference (computed at the first output). Done once per family,
+    dtype, head dim and mask (the key): at the first length where an implementation produced an
+    output; ``checked`` holds the keys done."""
+
+    def __init__(self, checked, key, inputs):
+        self.active = key not in checked
+        self.checked, self.key = checked, key
+        self.inputs = inputs  # fam, q, k, v, pih, pik, causal, tau
+        self.ref = None
+
+    def of(self, output):
+        def after(r):
+            if self.active:
+                r["rel_err"] = self.rel_err(output())
+                print(f"  rel. error vs float32 reference (b0, heads 0-{self.heads - 1}): "
+                      f"{r['impl']} {r['rel_err']:.2e}")
+        return after
+
+    def rel_err(self, o):
+        if self.ref is None:
+            self.checked.add(self.key)
+            fam, q, k, v, pih, pik, causal, tau = self.inputs
+            self.heads = min(2, q.shape[1])
+            self.ref = reference(fam, self.slice(q), self.slice(k), self.slice(v),
+                                 pih[:self.heads].float() if pih is not None else None,
+                                 pik[:1, :self.heads].float() if pik is not None else None,
+                                 causal, tau)
+            self.scale = self.ref.abs().max().item()
+        return (self.slice(o) - self.ref).abs().max().item() / self.scale
+
+    def slice(self, x):
+        return x[:1, :self.heads].float()
 
 
 # ---- FlexAttention ----
@@ -332,67 +366,27 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
             tau = tau_of(fam, D)
             for causal in (False, True):
                 mask = "causal" if causal else "full"
-                left = args.deadline - time.perf_counter()
+                rec0 = {"op": "attention", "family": fam, "precision": PREC[fam] or "none",
+                        "causal": causal, "dtype": dtype_name, "D": D, "L": L, "B": B, "H": H}
                 # a family's first flex call compiles: start it only if the slowest compile so
                 # far still fits
-                need = args.compile_s if (first_flex and flex["ok"]) else 0.0
-                if left <= need:
-                    why = (f"past the {args.budget_s:g} s budget" if left <= 0 else
-                           f"{left:.0f} s left of the {args.budget_s:g} s budget, less than a "
-                           f"flex compile ({need:.0f} s)")
-                    print(f"-- {fam} {mask} {dtype_name} D={D} L={L}: CUT ({why})")
-                    args.budget_skipped += 1
-                    records.append({"op": "attention", "family": fam,
-                                    "precision": PREC[fam] or "none", "causal": causal,
-                                    "dtype": dtype_name, "D": D, "L": L, "B": B, "H": H,
-                                    "impl": "all", "ms": None, "cut": True,
-                                    "note": f"CUT: {why}"})
-                    write_out(args, records)
+                why = budget_why(args, args.compile_s if (first_flex and flex["ok"]) else 0.0)
+                if why:
+                    cut_record(args, records, rec0, why)
                     continue
                 print(f"-- {fam} {mask} {dtype_name} D={D} L={L} B={B} H={H}")
-                results = []
-                outs = {}
-
-                def measure(impl, fn):
-                    nonlocal first_flex
-                    try:
-                        t_first = timer.once(fn)
-                        t1 = timer.once(fn)
-                        reps = pick_reps(t1, args.budget_ms, args.min_reps, args.max_reps)
-                        ms = timer.median(fn, reps, warmup=0)
-                    except Exception as e:
-                        msg = fail_msg(e)
-                        kind = "SKIPPED" if impl == "ours" and is_unsupported(e) else "FAILED"
-                        print(f"  {impl:<9} {kind} ({msg})")
-                        results.append({"impl": impl, "ms": None, "note": f"{kind}: {msg}"})
-                        if impl == "flex" and first_flex:
-                            first_flex = False
-                            return "failed:" + msg
-                        return None
-                    note = ""
-                    if impl == "flex" and first_flex:
-                        note = f"first call (compile) {t_first / 1e3:.1f} s"
-                        args.compile_s = max(args.compile_s, t_first / 1e3)
-                        first_flex = False
-                    elif t_first > 5 * max(ms, 1e-3):
-                        note = f"first call {t_first:.1f} ms"
-                    if impl == "flex" and graphs_compiled() is not None:
-                        note += f"{'; ' if note else ''}{graphs_compiled()} graphs compiled so far"
-                    results.append({"impl": impl, "ms": ms, "first_ms": t_first, "reps": reps,
-                                    "note": note})
-                    tf = flops(B, H, L, D, causal) / (ms * 1e-3) / 1e12
-                    print(f"  {impl:<9} {ms:10.4f} ms  {tf:8.2f} TFLOP/s  (reps {reps}) {note}")
-                    return ms
-
-                def skip(impl, why):
-                    print(f"  {impl:<9} SKIPPED ({why})")
-                    results.append({"impl": impl, "ms": None, "note": f"SKIPPED: {why}"})
+                fl = flops(B, H, L, D, causal)
+                M = Measurer(args, timer, records, rec0, fl, tx, flex,
+                             target=lambda impl, ms: target_text(fam, causal, impl, L))
+                M.first_flex = first_flex
+                check = Agreement(checked, (fam, dtype_name, D, causal),
+                                  (fam, q, k, v, pih, pik, causal, tau))
 
                 # ours
                 if not ours["ok"]:
-                    skip("ours", ours["why"])
+                    M.skip("ours", ours["why"])
                 elif fam in ours.get("unsupported", {}):
-                    skip("ours", ours["unsupported"][fam])
+                    M.skip("ours", ours["unsupported"][fam])
                 else:
                     fk = ours["fk"]
                     o_ours = torch.empty_like(q)
@@ -403,10 +397,11 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
                     def run_ours():
                         return fk.attention_forward(q, k, v, out=o_ours, **kw)[0]
 
-                    if measure("ours", run_ours) is not None:
-                        outs["ours"] = o_ours
-                    elif results[-1]["note"].startswith("SKIPPED"):
-                        ours.setdefault("unsupported", {})[fam] = results[-1]["note"][9:]
+                    got = M.measure("ours", run_ours, skip_unsupported=True,
+                                    after=check.of(lambda: o_ours))
+                    if got is None and M.results[-1]["note"].startswith("SKIPPED"):
+                        # not built for this family: the other lengths skip it too
+                        ours.setdefault("unsupported", {})[fam] = M.results[-1]["note"][9:]
 
                 # sdpa (Dot) and the padded trick (Gaussian)
                 if fam == "dot":
@@ -414,8 +409,7 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
                         with sdpa_ctx(tx):
                             return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                                   scale=tau)
-                    if measure("sdpa", run_sdpa) is not None:
-                        outs["sdpa"] = run_sdpa()
+                    M.measure("sdpa", run_sdpa, after=check.of(run_sdpa))
                 if fam == "gaussian":
                     pad = (D + 1 + 7) // 8 * 8
                     ph = pih.view(1, H, 1, 1).to(dtype)
@@ -433,15 +427,14 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
                             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
                                                                scale=tau)
                         return o[..., :D]
-                    if measure("sdpa_pad", run_pad) is not None:
-                        outs["sdpa_pad"] = run_pad()
+                    M.measure("sdpa_pad", run_pad, after=check.of(run_pad))
 
                 # flex
                 if not flex["ok"]:
-                    skip("flex", flex["why"])
+                    M.skip("flex", flex["why"])
                 elif flex_failed:
-                    skip("flex", f"its first call for this family and head dim failed "
-                         f"({flex_failed})")
+                    M.skip("flex", f"its first call for this family and head dim failed "
+                           f"({flex_failed})")
                 else:
                     try:
                         qf = q.float()
@@ -462,60 +455,13 @@ def run_dim(args, tx, flex, ours, timer, dtype_name, D, lengths, families, recor
                                 CAP.kn = k.float().square().sum(-1)
                             return ffn(q, k, v, bm, fscale)
                     except Exception as e:
-                        msg = fail_msg(e)
-                        print(f"  flex      FAILED ({msg})")
-                        results.append({"impl": "flex", "ms": None, "note": f"FAILED: {msg}"})
+                        M.fail("flex", e)
                     else:
-                        got = measure("flex", run_flex)
-                        if isinstance(got, str):
-                            flex_failed = got[len("failed:"):]
-                        elif got is not None:
-                            outs["flex"] = run_flex()
-
-                # agreement, once per family, dtype and D (at the shortest length)
-                key = (fam, dtype_name, D, causal)
-                if key not in checked and outs:
-                    checked.add(key)
-                    hs = min(2, H)
-                    sl = lambda x: x[:1, :hs].float()  # noqa: E731
-                    ref = reference(fam, sl(q), sl(k), sl(v),
-                                    pih[:hs].float() if pih is not None else None,
-                                    pik[:1, :hs].float() if pik is not None else None,
-                                    causal, tau)
-                    scale = ref.abs().max().item()
-                    for r in results:
-                        if r["impl"] in outs:
-                            r["rel_err"] = (sl(outs[r["impl"]]) - ref).abs().max().item() / scale
-                            print(f"  rel. error vs float32 reference (b0, heads 0-{hs - 1}): "
-                                  f"{r['impl']} {r['rel_err']:.2e}")
-                outs.clear()
-
-                ours_ms = next((r["ms"] for r in results if r["impl"] == "ours"), None)
-                fl = flops(B, H, L, D, causal)
-                for r in results:
-                    ms = r["ms"]
-                    records.append({
-                        "op": "attention",
-                        "family": fam,
-                        "precision": PREC[fam] or "none",
-                        "causal": causal,
-                        "dtype": dtype_name,
-                        "D": D, "L": L, "B": B, "H": H,
-                        "impl": r["impl"],
-                        "ms": ms,
-                        "first_call_ms": r.get("first_ms"),
-                        "reps": r.get("reps"),
-                        "gflop": fl / 1e9,
-                        "tflops": fl / (ms * 1e-3) / 1e12 if ms else None,
-                        "ratio_vs_ours": (ms / ours_ms) if (ms is not None and ours_ms) else None,
-                        "target": target_text(fam, causal, r["impl"], L),
-                        "rel_err_vs_ref": r.get("rel_err"),
-                        "device": tx.get("name"),
-                        "flex_mode": flex.get("mode") if r["impl"] == "flex" else None,
-                        "torch": torch.__version__,
-                        "note": r["note"],
-                    })
-                write_out(args, records)  # as it goes: a timeout still leaves the records
+                        compiling = M.first_flex
+                        got = M.measure("flex", run_flex, after=check.of(run_flex))
+                        if got is None and compiling:  # its compile failed: not tried again
+                            flex_failed = M.results[-1]["note"][len("FAILED: "):]
+                first_flex = M.first_flex
     CAP.qn = CAP.kn = CAP.pih = CAP.lpih = CAP.pik = CAP.lpik = CAP.full = None
     del base
 
@@ -548,8 +494,7 @@ def cut_record(args, records, rec, why):
           f"D={rec['D']} L={rec['L']}: CUT ({why})")
     args.budget_skipped += 1
     rec.update({"impl": "all", "ms": None, "cut": True, "note": f"CUT: {why}"})
-    records.append(rec)
-    write_out(args, records)
+    records.add(rec)
 
 
 def budget_why(args, need):
@@ -562,23 +507,60 @@ def budget_why(args, need):
 
 
 class Measurer:
-    """measure(impl, fn): the forward peer's timing (one call, a second, the median of N) for
-    one configuration, results collected in .results; a family's first flex call is its compile."""
+    """The timing of one shape's implementations (one call, a second, the median of N), each
+    implementation's record written as soon as it is measured (ours first, so each peer's ratio
+    is known then), so a timeout in a later peer's cold compile cannot lose it; results (impl,
+    ms, first_ms, reps, rel_err, note) are also kept in .results. A family's first flex call is
+    its compile (.first_flex, carried from shape to shape by the caller).
 
-    def __init__(self, args, timer, unit_flops):
-        self.args, self.timer, self.unit_flops = args, timer, unit_flops
+    rec0: the shape's fields, first in each record; unit_flops: one call's FLOPs; note_head: put
+    before each note; target(impl, ms): issue 5's target text for the row; extra(ms): fields
+    after "gflop" (decode's bandwidth)."""
+
+    def __init__(self, args, timer, records, rec0, unit_flops, tx, flex, note_head="",
+                 target=None, extra=None):
+        self.args, self.timer, self.records = args, timer, records
+        self.rec0, self.unit_flops, self.tx, self.flex = rec0, unit_flops, tx, flex
+        self.note_head = note_head
+        self.target = target or (lambda impl, ms: "")
+        self.extra = extra or (lambda ms: {})
         self.results = []
         self.first_flex = True
+        self.ours_ms = None
+
+    def add(self, r):
+        """Keeps result r and writes its record now."""
+        self.results.append(r)
+        impl, ms = r["impl"], r["ms"]
+        if impl == "ours":
+            self.ours_ms = ms
+        rec = dict(self.rec0, impl=impl, ms=ms, first_call_ms=r.get("first_ms"),
+                   reps=r.get("reps"), gflop=self.unit_flops / 1e9)
+        rec.update(self.extra(ms))
+        rec.update({
+            "tflops": self.unit_flops / (ms * 1e-3) / 1e12 if ms else None,
+            "ratio_vs_ours": ratio(ms, self.ours_ms),
+            "target": self.target(impl, ms),
+            "rel_err_vs_ref": r.get("rel_err"),
+            "device": self.tx.get("name"),
+            "flex_mode": self.flex.get("mode") if impl == "flex" else None,
+            "torch": torch.__version__,
+            "note": "; ".join(n for n in (self.note_head, r["note"]) if n),
+        })
+        self.records.add(rec)
 
     def skip(self, impl, why):
         print(f"  {impl:<9} SKIPPED ({why})")
-        self.results.append({"impl": impl, "ms": None, "note": f"SKIPPED: {why}"})
+        self.add({"impl": impl, "ms": None, "note": f"SKIPPED: {why}"})
 
     def fail(self, impl, e):
         print(f"  {impl:<9} FAILED ({fail_msg(e)})")
-        self.results.append({"impl": impl, "ms": None, "note": f"FAILED: {fail_msg(e)}"})
+        self.add({"impl": impl, "ms": None, "note": f"FAILED: {fail_msg(e)}"})
 
-    def measure(self, impl, fn, note=""):
+    def measure(self, impl, fn, note="", skip_unsupported=False, after=None):
+        """Times fn; returns the median ms, or None when it failed (SKIPPED instead of FAILED
+        when skip_unsupported and the library says it was not built for it). after(result), if
+        given, runs once timed, before the record is written (an agreement check)."""
         a = self.args
         try:
             t_first = self.timer.once(fn)
@@ -587,10 +569,11 @@ class Measurer:
             ms = self.timer.median(fn, reps, warmup=0)
         except Exception as e:
             msg = fail_msg(e)
-            print(f"  {impl:<9} FAILED ({msg})")
-            self.results.append({"impl": impl, "ms": None, "note": f"FAILED: {msg}"})
+            kind = "SKIPPED" if skip_unsupported and is_unsupported(e) else "FAILED"
+            print(f"  {impl:<9} {kind} ({msg})")
             if impl == "flex":
                 self.first_flex = False
+            self.add({"impl": impl, "ms": None, "note": f"{kind}: {msg}"})
             return None
         notes = [note] if note else []
         if impl == "flex" and self.first_flex:
@@ -602,10 +585,12 @@ class Measurer:
         if impl == "flex" and graphs_compiled() is not None:
             notes.append(f"{graphs_compiled()} graphs compiled so far")
         note = "; ".join(notes)
-        self.results.append({"impl": impl, "ms": ms, "first_ms": t_first, "reps": reps,
-                             "note": note})
+        r = {"impl": impl, "ms": ms, "first_ms": t_first, "reps": reps, "note": note}
         tf = self.unit_flops / (ms * 1e-3) / 1e12
         print(f"  {impl:<9} {ms:10.4f} ms  {tf:8.2f} TFLOP/s  (reps {reps}) {note}")
+        if after is not None:
+            after(r)
+        self.add(r)
         return ms
 
 
@@ -639,11 +624,6 @@ def flex_captured_grad(tx, flex):
     except Exception as e:
         CAP.pik = None
         return False, f"{fail_msg(e)} (torch {torch.__version__})"
-
-
-def is_unsupported_text(note):
-    s = note.lower()
-    return "unsupported" in s or "no gpu kernels" in s or "undefined symbol" in s
 
 
 def run_backward(args, tx, flex, ours, timer, dtype_name, D, lengths, families, records):
@@ -685,7 +665,9 @@ def run_backward(args, tx, flex, ours, timer, dtype_name, D, lengths, families, 
                         cut_record(args, records, dict(rec0), why)
                         continue
                     print(f"-- backward {fam} {mask} {prec} {dtype_name} D={D} L={L} B={B} H={H}")
-                    M = Measurer(args, timer, bwd_flops(B, H, L, D, causal))
+                    M = Measurer(args, timer, records, rec0, bwd_flops(B, H, L, D, causal), tx,
+                                 flex, note_head="backward alone, FlashAttention's 2.5x convention",
+                                 target=lambda impl, ms: "flex/ours>=1" if impl == "flex" else "")
                     M.first_flex = m_first
                     q, k, v = (x.view(B, H, L, D).detach().clone().requires_grad_()
                                for x in base[:3])
@@ -700,7 +682,7 @@ def run_backward(args, tx, flex, ours, timer, dtype_name, D, lengths, families, 
                     # o and lse computed once, not timed), else benches/attention.rs's
                     # criterion figure for the same group and id
                     group = f"{backend}_attention_bwd_{fam}_{mask}{var}_{dtype_name}"
-                    ours_ms = criterion_ms(args, group, f"D{D}_L{L}_B{B}_H{H}")
+                    crit_ms = criterion_ms(args, group, f"D{D}_L{L}_B{B}_H{H}")
                     fk = ours.get("fk") if ours["ok"] else None
                     if fk is not None and hasattr(fk, "attention_backward"):
                         try:
@@ -718,19 +700,17 @@ def run_backward(args, tx, flex, ours, timer, dtype_name, D, lengths, families, 
                                     return fk.attention_backward(
                                         q.detach(), k.detach(), v.detach(), o_f, lse_f, d_o,
                                         precision_grads=learned, **kw)
-                            crit = (f"; criterion {ours_ms:.4f} ms" if ours_ms is not None
+                            crit = (f"; criterion {crit_ms:.4f} ms" if crit_ms is not None
                                     else "")
-                            got = M.measure("ours", run_ours, "fk.attention_backward, "
-                                            f"precision_grads={learned} (dpi_h, dpi_j and dnu "
-                                            f"when True){crit}")
-                            if got is None and is_unsupported_text(M.results[-1]["note"]):
-                                M.results[-1]["note"] = "SKIPPED" + M.results[-1]["note"][6:]
+                            M.measure("ours", run_ours, "fk.attention_backward, "
+                                      f"precision_grads={learned} (dpi_h, dpi_j and dnu "
+                                      f"when True){crit}", skip_unsupported=True)
                         except Exception as e:
                             M.fail("ours", e)
-                    elif ours_ms is not None:
-                        M.results.append({"impl": "ours", "ms": ours_ms, "note":
-                                          f"criterion {group} (benches/attention.rs, same run)"})
-                        print(f"  ours      {ours_ms:10.4f} ms  (criterion)")
+                    elif crit_ms is not None:
+                        print(f"  ours      {crit_ms:10.4f} ms  (criterion)")
+                        M.add({"impl": "ours", "ms": crit_ms, "note":
+                               f"criterion {group} (benches/attention.rs, same run)"})
                     else:
                         M.skip("ours", "no backward in the Python binding, and no criterion "
                                f"figure for {group} (--criterion)")
@@ -785,40 +765,24 @@ def run_backward(args, tx, flex, ours, timer, dtype_name, D, lengths, families, 
                             CAP.full = torch.tensor(not causal, device=dev)
                             bm = flex["create_block_mask"](mask_mod, None, None, L, L, device=dev)
                             o = ffn(q, k, v, bm, tau if fam == "dot" else 1.0)
-                            got = M.measure("flex", backward_of(o),
-                                            "the norms' backward included")
-                            if got is None:
-                                flex_failed = M.results[-1]["note"]
-                            elif learned:
+
+                            def check_precision_grad(r):
                                 gp = torch.autograd.grad(o, [pi], d_o, retain_graph=True,
                                                          allow_unused=True)[0]
                                 if gp is None:
-                                    M.results[-1]["note"] += "; NO gradient reached the precision"
+                                    r["note"] += "; NO gradient reached the precision"
+                            got = M.measure("flex", backward_of(o),
+                                            "the norms' backward included",
+                                            after=check_precision_grad if learned else None)
+                            if got is None:
+                                flex_failed = M.results[-1]["note"]
                             del o
                         except Exception as e:
-                            msg = fail_msg(e)
-                            print(f"  flex      FAILED ({msg})")
-                            M.results.append({"impl": "flex", "ms": None, "note": f"FAILED: {msg}"})
-                            flex_failed = msg
+                            M.fail("flex", e)
+                            flex_failed = fail_msg(e)
                             M.first_flex = False
                         CAP.qn = CAP.kn = CAP.pih = CAP.lpih = CAP.pik = CAP.lpik = None
                     m_first = M.first_flex
-                    ours_ms = next((r["ms"] for r in M.results if r["impl"] == "ours"), None)
-                    fl = bwd_flops(B, H, L, D, causal)
-                    for r in M.results:
-                        ms = r["ms"]
-                        records.append(dict(rec0, **{
-                            "impl": r["impl"], "ms": ms, "first_call_ms": r.get("first_ms"),
-                            "reps": r.get("reps"), "gflop": fl / 1e9,
-                            "tflops": fl / (ms * 1e-3) / 1e12 if ms else None,
-                            "ratio_vs_ours": (ms / ours_ms) if (ms is not None and ours_ms) else None,
-                            "target": "flex/ours>=1" if r["impl"] == "flex" else "",
-                            "rel_err_vs_ref": None, "device": tx.get("name"),
-                            "flex_mode": flex.get("mode") if r["impl"] == "flex" else None,
-                            "torch": torch.__version__,
-                            "note": ("backward alone, FlashAttention's 2.5x convention; "
-                                     + r["note"]).rstrip("; ")}))
-                    write_out(args, records)
                     del q, k, v, pih, pik, pi, wrt
                     if tx["cuda"]:
                         torch.cuda.empty_cache()
@@ -874,7 +838,11 @@ def run_decode(args, tx, flex, ours, timer, dtype_name, families, records):
             print(f"-- decode {fam} {dtype_name} Lq={Lq} Lk={Lk} B={B} Hq={Hq} Hkv={Hkv} "
                   f"D={D} lens={lens}")
             fl = 4.0 * Hq * Lq * sum(lens) * D
-            M = Measurer(args, timer, fl)
+            M = Measurer(args, timer, records, rec0, fl, tx, flex,
+                         note_head=f"decode Lq={Lq} Hkv={Hkv}",
+                         target=lambda impl, ms: hbm_share(kv_gbps(kv_bytes, ms)),
+                         extra=lambda ms: {"kv_mb": kv_bytes / 1e6,
+                                           "gbps": kv_gbps(kv_bytes, ms)})
             M.first_flex = first[fam]
             pih = pih_all if PREC[fam] == "head" else None
             pik = pik_all if PREC[fam] == "key" else None
@@ -923,46 +891,33 @@ def run_decode(args, tx, flex, ours, timer, dtype_name, families, records):
                     if M.measure("flex", run_flex, "enable_gqa; key norms cached") is None:
                         failed[fam] = M.results[-1]["note"]
                 except Exception as e:
-                    msg = fail_msg(e)
-                    print(f"  flex      FAILED ({msg})")
-                    M.results.append({"impl": "flex", "ms": None, "note": f"FAILED: {msg}"})
-                    failed[fam] = msg
+                    M.fail("flex", e)
+                    failed[fam] = fail_msg(e)
                     M.first_flex = False
                 CAP.qn = CAP.kn = CAP.pih = CAP.lpih = CAP.pik = CAP.lpik = None
             first[fam] = M.first_flex
-            ours_ms = next((r["ms"] for r in M.results if r["impl"] == "ours"), None)
-            for r in M.results:
-                ms = r["ms"]
-                gbs = kv_bytes / (ms * 1e-3) / 1e9 if ms else None
-                hbm = (f"{gbs:.0f} GB/s of KV cache = {gbs / 3350 * 100:.1f}% of H100 3.35 TB/s, "
-                       f"{gbs / 4800 * 100:.1f}% of H200 4.8 TB/s" if gbs else "")
-                records.append(dict(rec0, **{
-                    "impl": r["impl"], "ms": ms, "first_call_ms": r.get("first_ms"),
-                    "reps": r.get("reps"), "gflop": fl / 1e9, "kv_mb": kv_bytes / 1e6,
-                    "gbps": gbs, "tflops": fl / (ms * 1e-3) / 1e12 if ms else None,
-                    "ratio_vs_ours": (ms / ours_ms) if (ms is not None and ours_ms) else None,
-                    "target": hbm, "rel_err_vs_ref": None, "device": tx.get("name"),
-                    "flex_mode": flex.get("mode") if r["impl"] == "flex" else None,
-                    "torch": torch.__version__,
-                    "note": (f"decode Lq={Lq} Hkv={Hkv}; " + r["note"]).rstrip("; ")}))
-            write_out(args, records)
         del q, k, v, kv_len, pik_all
         CAP.kv_len = CAP.offset = None
         if tx["cuda"]:
             torch.cuda.empty_cache()
 
 
+def kv_gbps(kv_bytes, ms):
+    """The KV cache read per second (GB/s) in a decode call of ms milliseconds (None: no ms)."""
+    return kv_bytes / (ms * 1e-3) / 1e9 if ms else None
+
+
+def hbm_share(gbs):
+    """A decode row's target column: its KV cache bandwidth against the H100's and H200's HBM."""
+    if not gbs:
+        return ""
+    return (f"{gbs:.0f} GB/s of KV cache = {gbs / 3350 * 100:.1f}% of H100 3.35 TB/s, "
+            f"{gbs / 4800 * 100:.1f}% of H200 4.8 TB/s")
+
+
 def decode_mask_mod(b, h, qi, ki):
     # the cache length of batch b, and bottom-right causal (Lq <= Lk)
     return (ki < CAP.kv_len[b]) & (ki <= qi + CAP.offset)
-
-
-def write_out(args, records):
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-            f.write("\n")
 
 
 def sdpa_ctx(tx):
@@ -1070,9 +1025,7 @@ def main():
     tx = setup_torch(args)
     if not tx["ok"]:
         print(f"benches/peers/attention.py: SKIPPED: {tx['why']}")
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write("[]\n")
+        write_json(args.out, [])
         return 0
     flex = setup_flex(args, tx)
     ours = setup_ours(args, tx)
@@ -1091,7 +1044,7 @@ def main():
         print(f"FlexAttention, gradients of captured tensors: "
               f"{'yes' if args.captured_grad[0] else 'NO'}: {args.captured_grad[1]}")
     timer = Timer(tx["cuda"])
-    records = []
+    records = Records(args.out)
     t0 = time.perf_counter()
     args.deadline = t0 + args.budget_s
     args.budget_skipped = 0
@@ -1122,7 +1075,7 @@ def main():
     if args.budget_skipped:
         print(f"{args.budget_skipped} shape(s) CUT: the {args.budget_s:g} s budget")
     print(f"total {time.perf_counter() - t0:.1f} s")
-    write_out(args, records)
+    records.write()  # also when nothing was added: an empty list, not no file
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -32,7 +32,9 @@ Usage:
     python3 benches/peers/lca.py --quick --configs large --budget-s 40   # ci/gpu-run.sh's quick step
 
 --budget-s stops starting new configurations once spent: those left are written as records with
-"cut": true (no figures); the JSON is rewritten after each configuration.
+"cut": true (no figures). Each implementation's record is written to the JSON as soon as it is
+measured (ours first; benches/peers/timing.py's Records), so a timeout in a cold torch.compile
+keeps the figures measured before it.
 
 Prints a table (config, impl, ms, active fraction, ratio peer/ours, rel. error vs ours) and
 writes the records as JSON to --out. Exits 0 with a message when PyTorch or CUDA is missing.
@@ -102,7 +104,7 @@ def lca_stepped(step, x, phi, G, lam, eta, steps):
 
 # Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Budget, Timer, pick_reps, write_json  # noqa: E402
+from timing import Budget, Records, Timer, fail_msg, pick_reps, ratio  # noqa: E402
 
 
 def capture_graph(torch, fn):
@@ -179,10 +181,20 @@ def run_config(args, torch, fk, timer, device, dev_name, cfg, records):
     timer.sync()
     a_ours = ref["a"].clone()
 
-    results = []  # (impl, ms, active fraction, rel err)
+    shape = {"config": name, "B": B, "n": n, "m": m, "T": T, "eta": ETA, "lambda": lam}
+    ours_ms = None  # ours is measured first: every peer's ratio is known when it is written
+
+    def add(impl, ms=None, af=None, err=None, note=""):
+        """Writes impl's record now, so a later peer that hangs or is killed cannot lose it."""
+        nonlocal ours_ms
+        if impl == "ours":
+            ours_ms = ms
+        records.add({**shape, "impl": impl, "ms": ms, "ratio_vs_ours": ratio(ms, ours_ms),
+                     "active_fraction": af, "rel_err_vs_ours": err, "device": dev_name,
+                     "note": note})
 
     def measure(impl, fn, get_a):
-        """Checks fn's final a once, then times fn."""
+        """Checks fn's final a once, then times fn; returns the median ms (None: failed)."""
         try:
             t_first = timer.once(fn)  # includes compilation / first-call costs
             a = get_a().clone()
@@ -190,14 +202,15 @@ def run_config(args, torch, fk, timer, device, dev_name, cfg, records):
             reps = pick_reps(t1, args.budget_ms, args.min_reps, args.max_reps)
             ms = timer.median(fn, reps, warmup=args.warmup)
         except Exception as e:  # a peer that cannot run is reported, not fatal
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            msg = fail_msg(e)
             print(f"  {impl:<20} FAILED ({msg})")
-            results.append((impl, None, None, None, msg))
-            return
+            add(impl, note=msg)
+            return None
         err = rel_err(a, a_ours) if impl != "ours" else 0.0
         note = f"first call {t_first:.1f} ms" if t_first > 5 * max(ms, 1e-3) else ""
-        results.append((impl, ms, frac(a), err, note))
         print(f"  {impl:<20} {ms:10.3f} ms  (reps {reps}) {note}")
+        add(impl, ms, frac(a), err, note)
+        return ms
 
     measure("ours", lambda: ours(lam), lambda: out["a"])
 
@@ -225,14 +238,14 @@ def run_config(args, torch, fk, timer, device, dev_name, cfg, records):
         step = args.compiled_step
         if isinstance(step, str):
             print(f"  compiled             FAILED ({step})")
-            results.append(("compiled", None, None, None, step))
+            add("compiled", note=step)
         else:
 
             def compiled():
                 state["compiled"] = lca_stepped(step, x, phi, G, lam, ETA, T)
 
-            measure("compiled", compiled, lambda: state["compiled"][1])
-            if device.type == "cuda" and results[-1][1] is not None:
+            compiled_ms = measure("compiled", compiled, lambda: state["compiled"][1])
+            if device.type == "cuda" and compiled_ms is not None:
                 cgraph = {}
 
                 def cgraph_replay():
@@ -247,26 +260,6 @@ def run_config(args, torch, fk, timer, device, dev_name, cfg, records):
         state.clear()
 
     d.close()
-    ours_ms = results[0][1]
-    for impl, ms, af, err, note in results:
-        records.append(
-            {
-                "config": name,
-                "B": B,
-                "n": n,
-                "m": m,
-                "T": T,
-                "eta": ETA,
-                "lambda": lam,
-                "impl": impl,
-                "ms": ms,
-                "ratio_vs_ours": (ms / ours_ms) if (ms is not None and ours_ms) else None,
-                "active_fraction": af,
-                "rel_err_vs_ours": err,
-                "device": dev_name,
-                "note": note,
-            }
-        )
 
 
 def print_table(records):
@@ -355,8 +348,8 @@ def main():
         try:
             args.compiled_step = torch.compile(lca_step, mode=args.compile_mode, dynamic=True)
         except Exception as e:
-            args.compiled_step = f"torch.compile: {type(e).__name__}: {e}"
-    records = []
+            args.compiled_step = f"torch.compile: {fail_msg(e)}"
+    records = Records(args.out)
     t0 = time.perf_counter()
     with torch.no_grad():
         for cfg in CONFIGS:
@@ -365,14 +358,13 @@ def main():
             if budget.spent():
                 name, B, n, m, T = cfg
                 print(f"== {name}: {budget.why()}")
-                records.append({"config": name, "B": B, "n": n, "m": m, "T": T, "impl": "all",
-                                "ms": None, "cut": True, "note": budget.why()})
+                records.add({"config": name, "B": B, "n": n, "m": m, "T": T, "impl": "all",
+                             "ms": None, "cut": True, "note": budget.why()})
             else:
                 run_config(args, torch, fk, timer, device, dev_name, cfg, records)
-            write_json(args.out, records)
     print_table(records)
     print(f"total {time.perf_counter() - t0:.1f} s")
-    write_json(args.out, records)
+    records.write()  # also when nothing was added: an empty list, not no file
     if args.out:
         print(f"wrote {args.out}")
     return 0

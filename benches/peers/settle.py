@@ -47,7 +47,9 @@ Usage:
                                                     # ci/gpu-run.sh's quick step
 
 --budget-s stops starting new (configuration, dtype, mode, T) once spent: those left are written
-as records with "cut": true (no figures); the JSON is rewritten as the records come.
+as records with "cut": true (no figures). Each implementation's record is written to the JSON as
+soon as it is measured (ours first; benches/peers/timing.py's Records), so a timeout in a cold
+torch.compile or JAX jit keeps the figures measured before it.
 
 Prints a table (config, mode, dtype, impl, ms per settle, us per step, ratio peer/ours, rel. error
 vs ours) and writes the records as JSON to --out (read by ci/gpu-report.py). Exits 0 with a
@@ -197,7 +199,7 @@ def make_jax_settle(jax, jnp, L, clamped):
 
 # Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Budget, Timer, pick_reps, write_json  # noqa: E402
+from timing import Budget, Records, Timer, fail_msg, pick_reps, ratio  # noqa: E402
 
 
 # ---- main ----
@@ -222,10 +224,6 @@ def rel_err(a, ref):
     den = ref.norm().item()
     num = (a - ref).norm().item()
     return num / den if den > 0 else num
-
-
-def fail_msg(e):
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
@@ -263,10 +261,9 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
                 tag = f"{name} {mode} {dtype} T={T}"
                 if args.budget.spent():
                     print(f"-- {tag}: {args.budget.why()}")
-                    records.append({"config": name, "widths": widths, "B": B, "T": T,
-                                    "mode": mode, "dtype": dtype, "impl": "all", "ms": None,
-                                    "cut": True, "note": args.budget.why()})
-                    write_json(args.out, records)
+                    records.add({"config": name, "widths": widths, "B": B, "T": T,
+                                 "mode": mode, "dtype": dtype, "impl": "all", "ms": None,
+                                 "cut": True, "note": args.budget.why()})
                     continue
                 print(f"-- {tag}")
                 out = {
@@ -279,8 +276,26 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
                     out["grad_w"] = [torch.empty(widths[l + 1], widths[l], device=device)
                                      for l in range(L)]
                     out["grad_b"] = [torch.empty(n, device=device) for n in widths[1:]]
-                results = []  # (impl, ms, rel err, note)
-                ref = {}
+                shape = {"config": name, "widths": widths, "B": B, "T": T, "mode": mode,
+                         "dtype": dtype, "eta": ETA}
+                ref = {}  # "v": ours' result, "ms": ours' time (ours is measured first)
+
+                def add(impl, ms=None, err=None, note=""):
+                    """Writes impl's record now, so a later peer that hangs or is killed
+                    (a cold compile) cannot lose it."""
+                    if impl == "ours":
+                        ref["ms"] = ms
+                    records.add({
+                        **shape,
+                        "impl": impl,
+                        "ms": ms,
+                        "ms_per_step": (ms / T) if ms is not None else None,
+                        "ratio_vs_ours": ratio(ms, ref.get("ms")),
+                        "rel_err_vs_ours": err,
+                        "gflop_per_step": step_gflop,
+                        "device": dev_name,
+                        "note": note,
+                    })
 
                 def result_of(xs, grads):
                     return flat(xs) if mode == "infer" else flat(list(grads[0]) + list(grads[1]))
@@ -295,7 +310,7 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
                     except Exception as e:  # a peer that cannot run is reported, not fatal
                         msg = fail_msg(e)
                         print(f"  {impl:<10} FAILED ({msg})")
-                        results.append((impl, None, None, msg))
+                        add(impl, note=msg)
                         return
                     if impl == "ours":
                         ref["v"] = value
@@ -303,14 +318,14 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
                     else:
                         err = rel_err(value, ref["v"]) if "v" in ref else None
                     note = f"first call {t_first:.1f} ms" if t_first > 5 * max(ms, 1e-3) else ""
-                    results.append((impl, ms, err, note))
                     err_s = f"{err:.2e}" if err is not None else "-"
                     print(f"  {impl:<10} {ms:10.3f} ms  {ms / T * 1e3:10.1f} us/step  "
                           f"(reps {reps}, rel err vs ours {err_s}) {note}")
+                    add(impl, ms, err, note)
 
                 def skip(impl, why):
                     print(f"  {impl:<10} SKIPPED ({why})")
-                    results.append((impl, None, None, f"SKIPPED: {why}"))
+                    add(impl, note=f"SKIPPED: {why}")
 
                 # ours
                 if mode == "infer":
@@ -367,27 +382,6 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
 
                     measure("jax_jit", jax_run, jax_value, block=block)
                 state.clear()
-
-                ours_ms = results[0][1]
-                for impl, ms, err, note in results:
-                    records.append({
-                        "config": name,
-                        "widths": widths,
-                        "B": B,
-                        "T": T,
-                        "mode": mode,
-                        "dtype": dtype,
-                        "eta": ETA,
-                        "impl": impl,
-                        "ms": ms,
-                        "ms_per_step": (ms / T) if ms is not None else None,
-                        "ratio_vs_ours": (ms / ours_ms) if (ms is not None and ours_ms) else None,
-                        "rel_err_vs_ours": err,
-                        "gflop_per_step": step_gflop,
-                        "device": dev_name,
-                        "note": note,
-                    })
-                write_json(args.out, records)  # as it goes: a timeout still leaves the records
 
 
 def print_table(records):
@@ -516,7 +510,7 @@ def main():
             except Exception as e:
                 args.compiled_steps[dtype] = f"torch.compile: {fail_msg(e)}"
     timer = Timer(device.type == "cuda")
-    records = []
+    records = Records(args.out)
     t0 = time.perf_counter()
     with torch.no_grad():
         for cfg in configs:
@@ -524,7 +518,7 @@ def main():
                 run_config(args, fk, jx, timer, device, dev_name, cfg, records)
     print_table(records)
     print(f"total {time.perf_counter() - t0:.1f} s")
-    write_json(args.out, records)
+    records.write()  # also when nothing was added: an empty list, not no file
     if args.out:
         print(f"wrote {args.out}")
     return 0

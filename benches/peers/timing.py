@@ -1,15 +1,28 @@
 """The timing harness the peer scripts share (lca.py, settle.py, vmp.py, attention.py): one
 synchronised call, and the median over repetitions by CUDA events on the current stream or by the
-wall clock; the --budget-s time budget; the JSON written as the records come.
+wall clock; the --budget-s time budget; the records, written to the JSON one by one as they come.
 
 PyTorch is imported only when timing CUDA work, so the scripts still run (and skip) without it.
+
+Records: each implementation's record is added (and the JSON rewritten) as soon as that
+implementation is measured, ours first, so a script killed by its timeout in a peer's cold
+compile (torch.compile, FlexAttention) keeps ours and the peers already measured.
+
+Test hook: with FEP_PEERS_HANG_AFTER=<impl> in the environment (an implementation's name, e.g.
+"ours"), the script prints "FEP_PEERS_HANG_AFTER=<impl>: hanging (test hook)" right after the
+first record of that implementation is written, then sleeps forever: a deterministic stand-in
+for a hang in the next implementation (a cold compile), for the GPU suite's self-test that a
+killed item keeps what it measured. Unset or empty: no effect.
 """
 
 import json
 import math
 import os
 import statistics
+import sys
 import time
+
+HANG_AFTER_ENV = "FEP_PEERS_HANG_AFTER"
 
 
 class Timer:
@@ -92,12 +105,52 @@ class Budget:
         return f"CUT: {left:.0f} s left of the {self.seconds:g} s budget, less than {need:.0f} s"
 
 
+def fail_msg(e):
+    """An exception as one short line: its type and the first line of its message."""
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
+
+
+def ratio(ms, ours_ms):
+    """ms / ours_ms (a peer's time over ours: > 1, ours is faster); None when either is missing."""
+    return ms / ours_ms if (ms is not None and ours_ms) else None
+
+
 def write_json(path, records):
-    """Writes the records (again) to path, if any: called after each configuration, so a script
-    stopped by a timeout still leaves what it measured."""
+    """Writes the records (again) to path, if any. Through a temporary file and a rename, so a
+    script killed while writing leaves the previous complete JSON, never a truncated one."""
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(records, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)
+
+
+class Records(list):
+    """A script's records (a list of dicts), written to ``path`` (--out; None: not written) each
+    time one is added, so a script stopped by a timeout still leaves everything it measured."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.hang_after = os.environ.get(HANG_AFTER_ENV) or None
+
+    def add(self, rec):
+        """Appends rec and rewrites the JSON; flushes stdout too, so the log of a killed run
+        shows as much as its JSON. Then the test hook (module docstring)."""
+        self.append(rec)
+        self.write()
+        sys.stdout.flush()
+        if self.hang_after is not None and rec.get("impl") == self.hang_after:
+            self._hang()
+
+    def write(self):
+        write_json(self.path, self)
+
+    def _hang(self):
+        print(f"{HANG_AFTER_ENV}={self.hang_after}: hanging (test hook)", flush=True)
+        while True:
+            time.sleep(3600)

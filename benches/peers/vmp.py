@@ -45,7 +45,9 @@ Usage:
                                               # site-packages; ci/gpu-run.sh installs the wheels
                                               # staged by ci/gpu-stage.sh there)
 
-Prints a table and writes the records as JSON to --out (read by ci/gpu-report.py). A missing
+Prints a table and writes the records as JSON to --out (read by ci/gpu-report.py), each
+implementation's record as soon as it is measured (ours first; benches/peers/timing.py's
+Records), so a timeout in pymdp's cold jit keeps ours. A missing
 piece (PyTorch, CUDA, the library, VmpModel, JAX, a JAX GPU, pymdp) makes the implementations
 that need it SKIPPED; a failing call is reported as FAILED; neither is fatal (exit 0).
 """
@@ -53,7 +55,6 @@ that need it SKIPPED; a failing call is reported as FAILED; neither is fatal (ex
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import types
@@ -85,11 +86,6 @@ PYMDP_VERSION = "1.0.4"
 
 np = None  # imported in main()
 torch = None
-
-
-def fail_msg(e):
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
 
 
 # ---- the fixture ----
@@ -146,7 +142,7 @@ def make_inputs(M, op, n, seed):
 
 # Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Budget, Timer, pick_reps, write_json  # noqa: E402
+from timing import Budget, Records, Timer, fail_msg, pick_reps, ratio  # noqa: E402
 
 
 # ---- ours (through the C ABI) ----
@@ -298,17 +294,64 @@ def run_config(args, ours, px, timer, cfg, models, records):
     for n in batches:
         if args.budget.spent():
             print(f"-- {name} N={n}: {args.budget.why()}")
-            records.append({"op": "vmp", "config": name, "model": model_name, "mode": op,
-                            "N": n, "K": K if op == "states" else None,
-                            "P": P if op == "policies" else None,
-                            "H": H if op == "policies" else None, "impl": "all", "ms": None,
-                            "cut": True, "note": args.budget.why()})
-            write_json(args.out, records)
+            records.add({"op": "vmp", "config": name, "model": model_name, "mode": op,
+                         "N": n, "K": K if op == "states" else None,
+                         "P": P if op == "policies" else None,
+                         "H": H if op == "policies" else None, "impl": "all", "ms": None,
+                         "cut": True, "note": args.budget.why()})
             continue
         print(f"-- {name} N={n}")
         x = make_inputs(M, op, n, SEED + 7919 * len(name) + n)
-        results = []  # dicts: impl, ms, first_ms, diff, diff_g, note
-        values = {}
+        values = {}  # impl -> its result, compared once with ours'
+        elements = n * (K if op == "states" else P)
+        ours_ms = None  # ours is measured first: pymdp's ratio is known when it is written
+
+        def add(r):
+            """Writes the record of r (impl, ms, first_ms, reps, diff, diff_g, note) now, so a
+            later implementation that hangs or is killed (a cold jit) cannot lose it."""
+            nonlocal ours_ms
+            ms = r["ms"]
+            if r["impl"] == "ours":
+                ours_ms = ms
+            target = TARGETS.get((op, n)) if r["impl"] == "pymdp_jax" else None
+            records.add({
+                "op": "vmp",
+                "config": name,
+                "model": model_name,
+                "mode": op,
+                "N": n,
+                "K": K if op == "states" else None,
+                "P": P if op == "policies" else None,
+                "H": H if op == "policies" else None,
+                "impl": r["impl"],
+                "ms": ms,
+                "first_call_ms": r.get("first_ms"),
+                "reps": r.get("reps"),
+                "agents_per_s": n / (ms * 1e-3) if ms else None,
+                "throughput_unit": "agent-iterations/s" if op == "states" else
+                                   "agent-policies/s",
+                "throughput": elements / (ms * 1e-3) if ms else None,
+                "ratio_vs_ours": ratio(ms, ours_ms),
+                "target_ratio": target,
+                "compared": "qs" if op == "states" else "q_pi",
+                "max_abs_diff_vs_ours": r.get("diff"),
+                "max_abs_diff_g_vs_ours": r.get("diff_g"),
+                "device": ours.get("name") or args.device,
+                "pymdp_version": px.get("version"),
+                "note": r["note"],
+            })
+
+        def compare_with_ours(r):
+            """Puts the max abs difference of r's result from ours' (if measured) into r."""
+            if "ours" not in values:
+                return
+            a, b = values[r["impl"]], values["ours"]
+            r["diff"] = float(np.max(np.abs(a[0] - b[0])))
+            if a[1] is not None:
+                r["diff_g"] = float(np.max(np.abs(a[1] - b[1])))
+            what = "qs" if op == "states" else "q_pi"
+            extra = f", G {r['diff_g']:.2e}" if "diff_g" in r else ""
+            print(f"  max |pymdp - ours|: {what} {r['diff']:.2e}{extra}")
 
         def measure(impl, fn, get, block=None):
             try:
@@ -320,16 +363,18 @@ def run_config(args, ours, px, timer, cfg, models, records):
             except Exception as e:  # a peer that cannot run is reported, not fatal
                 msg = fail_msg(e)
                 print(f"  {impl:<10} FAILED ({msg})")
-                results.append({"impl": impl, "ms": None, "note": f"FAILED: {msg}"})
+                add({"impl": impl, "ms": None, "note": f"FAILED: {msg}"})
                 return
             note = f"first call {t_first:.1f} ms" if t_first > 5 * max(ms, 1e-3) else ""
-            results.append({"impl": impl, "ms": ms, "first_ms": t_first, "reps": reps,
-                            "note": note})
+            r = {"impl": impl, "ms": ms, "first_ms": t_first, "reps": reps, "note": note}
             print(f"  {impl:<10} {ms:10.4f} ms  (reps {reps}) {note}")
+            if impl != "ours":
+                compare_with_ours(r)
+            add(r)
 
         def skip(impl, why):
             print(f"  {impl:<10} SKIPPED ({why})")
-            results.append({"impl": impl, "ms": None, "note": f"SKIPPED: {why}"})
+            add({"impl": impl, "ms": None, "note": f"SKIPPED: {why}"})
 
         # ours
         if not ours["ok"]:
@@ -390,56 +435,12 @@ def run_config(args, ours, px, timer, cfg, models, records):
             except Exception as e:
                 msg = fail_msg(e)
                 print(f"  {'pymdp_jax':<10} FAILED ({msg})")
-                results.append({"impl": "pymdp_jax", "ms": None, "note": f"FAILED: {msg}"})
+                add({"impl": "pymdp_jax", "ms": None, "note": f"FAILED: {msg}"})
             else:
                 measure("pymdp_jax", run, get, block=jax.block_until_ready)
             del agent
-
-        # compare once
-        if "ours" in values and "pymdp_jax" in values:
-            a, b = values["pymdp_jax"], values["ours"]
-            for r in results:
-                if r["impl"] == "pymdp_jax" and r["ms"] is not None:
-                    r["diff"] = float(np.max(np.abs(a[0] - b[0])))
-                    if a[1] is not None:
-                        r["diff_g"] = float(np.max(np.abs(a[1] - b[1])))
-                    what = "qs" if op == "states" else "q_pi"
-                    extra = f", G {r['diff_g']:.2e}" if "diff_g" in r else ""
-                    print(f"  max |pymdp - ours|: {what} {r['diff']:.2e}{extra}")
         values.clear()
 
-        ours_ms = next((r["ms"] for r in results if r["impl"] == "ours"), None)
-        elements = n * (K if op == "states" else P)
-        for r in results:
-            ms = r["ms"]
-            target = TARGETS.get((op, n)) if r["impl"] == "pymdp_jax" else None
-            records.append({
-                "op": "vmp",
-                "config": name,
-                "model": model_name,
-                "mode": op,
-                "N": n,
-                "K": K if op == "states" else None,
-                "P": P if op == "policies" else None,
-                "H": H if op == "policies" else None,
-                "impl": r["impl"],
-                "ms": ms,
-                "first_call_ms": r.get("first_ms"),
-                "reps": r.get("reps"),
-                "agents_per_s": n / (ms * 1e-3) if ms else None,
-                "throughput_unit": "agent-iterations/s" if op == "states" else
-                                   "agent-policies/s",
-                "throughput": elements / (ms * 1e-3) if ms else None,
-                "ratio_vs_ours": (ms / ours_ms) if (ms is not None and ours_ms) else None,
-                "target_ratio": target,
-                "compared": "qs" if op == "states" else "q_pi",
-                "max_abs_diff_vs_ours": r.get("diff"),
-                "max_abs_diff_g_vs_ours": r.get("diff_g"),
-                "device": ours.get("name") or args.device,
-                "pymdp_version": px.get("version"),
-                "note": r["note"],
-            })
-        write_json(args.out, records)  # as it goes: a timeout still leaves the records
     if model is not None:
         model.close()
 
@@ -520,7 +521,7 @@ def main():
     print(f"{ours_desc} | {px_desc}")
     models = load_models()
     timer = Timer(bool(ours["ok"] and ours["cuda"]))
-    records = []
+    records = Records(args.out)
     t0 = time.perf_counter()
     ctx = torch.no_grad() if torch is not None else None
     if ctx is not None:
@@ -534,7 +535,7 @@ def main():
             ctx.__exit__(None, None, None)
     print_table(records)
     print(f"total {time.perf_counter() - t0:.1f} s")
-    write_json(args.out, records)
+    records.write()  # also when nothing was added: an empty list, not no file
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -1,15 +1,24 @@
-// emulate.cpp: runs kernels compiled with FEP_EMULATE (see emulate.cuh) on host threads.
+// emulate.cpp: runs kernels compiled with FEP_EMULATE (see emulate.cuh) on the host.
 //
-// One launch spawns blockDim.x threads, which walk the grid's blocks in order; a barrier over
-// the block separates blocks, so __shared__ state is never seen by two blocks at once, and
-// launches are serialised across the process. Kernels
-// are found by (warp size, module, name) in tables that build.rs generates.
-#include <barrier>
+// A block's threads are fibres (ucontext) on the launching OS thread, not OS threads: a barrier
+// is a few user-space context switches instead of hundreds of futex sleeps and wake-ups, which
+// on a 2-core machine cost more system time than the kernels' arithmetic. A fibre runs until it
+// reaches a barrier (block or warp) or its end, then the scheduler runs the next one that can
+// go; rounds alternate their direction, so a read of another thread's shared-memory write that
+// lacks a barrier sees stale data whichever thread comes first in the block (a missing barrier
+// fails the tests deterministically, where OS threads made it a race). Blocks run one after
+// the other; a launch owns its OS thread, so launches from several test threads run at once
+// (__shared__ variables are thread_local statics: one copy per launching thread). A barrier
+// that not every thread of the block reaches (divergent __syncthreads) is reported as an error
+// instead of hanging. Kernels are found by (warp size, module, name) in tables that build.rs
+// generates.
+#include <sys/mman.h>
+#include <ucontext.h>
+
 #include <cstdio>
+#include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "emulate.cuh"
@@ -19,31 +28,211 @@ thread_local fep_dim3 blockIdx;
 thread_local fep_dim3 blockDim;
 thread_local fep_dim3 gridDim;
 
+extern "C" void fep_emu_fiber_main();
+
 namespace {
 
-struct Launch {
-    int warp;
-    std::barrier<> block_barrier;
-    std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-    std::vector<uint64_t> slots;
-    std::vector<unsigned char> shared_frags;  // fep_emu_warp_share: kFragBytes per lane
-    std::vector<unsigned char> dynamic_smem;
+// Switching fibres. On x86-64, a dozen instructions save the callee-saved registers (and the
+// SSE/x87 control words) on the old stack and restore them from the new one; elsewhere glibc's
+// swapcontext, which is correct everywhere but makes a system call (the signal mask) per switch,
+// a third of the emulator's time on x86-64. FEP_EMU_UCONTEXT forces it for comparison.
+#if defined(__x86_64__) && defined(__linux__) && !defined(FEP_EMU_UCONTEXT)
+extern "C" void fep_emu_switch(void** save_sp, void* load_sp);
+extern "C" void fep_emu_fiber_start();
+asm(R"(
+    .text
+    .globl fep_emu_switch
+    .type fep_emu_switch, @function
+fep_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $16, %rsp
+    stmxcsr 8(%rsp)
+    fnstcw (%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr 8(%rsp)
+    fldcw (%rsp)
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size fep_emu_switch, .-fep_emu_switch
 
-    Launch(int threads, int warp_size, size_t smem)
-        : warp(warp_size),
-          block_barrier(threads),
-          slots(threads),
-          shared_frags((size_t)threads * FEP_EMU_SHARE_BYTES),
-          dynamic_smem(smem + 16) {
-        for (int w = 0; w < threads / warp_size; ++w) warp_barriers.emplace_back(new std::barrier<>(warp_size));
-    }
+    .globl fep_emu_fiber_start
+    .type fep_emu_fiber_start, @function
+fep_emu_fiber_start:
+    andq $-16, %rsp
+    call fep_emu_fiber_main
+    ud2
+    .size fep_emu_fiber_start, .-fep_emu_fiber_start
+    .section .note.GNU-stack, "", @progbits
+    .text
+)");
+struct Context {
+    void* sp = nullptr;
+};
+void context_switch(Context& from, Context& to) { fep_emu_switch(&from.sp, to.sp); }
+// A frame that fep_emu_switch "returns" from into fep_emu_fiber_start: the control words, six
+// registers, the return address.
+void context_make(Context& c, unsigned char* stack, size_t bytes) {
+    auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15});
+    uint64_t* sp = top - 10;
+    std::memset(sp, 0, 10 * sizeof(uint64_t));
+    uint32_t mxcsr;
+    uint16_t fpcw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpcw));
+    std::memcpy(reinterpret_cast<unsigned char*>(sp) + 8, &mxcsr, 4);
+    std::memcpy(reinterpret_cast<unsigned char*>(sp), &fpcw, 2);
+    sp[8] = reinterpret_cast<uint64_t>(&fep_emu_fiber_start);  // after 2 + 6 slots
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+void context_make(Context& c, unsigned char* stack, size_t bytes) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;  // fep_emu_fiber_main never returns
+    makecontext(&c.uc, fep_emu_fiber_main, 0);
+}
+#endif
+
+
+// Asynchronous copies (port/copy.cuh) in flight, per thread: the source is read when the copy
+// is issued (global memory does not change during a launch), the destination written only when
+// a wait retires its group, so a kernel that reads a buffer before waiting for it reads stale
+// data and fails its tests.
+struct PendingCopy {
+    void* dst;
+    unsigned char data[16];
+    int group;
 };
 
+struct Barrier {
+    int expected = 0;
+    int arrived = 0;
+    unsigned generation = 0;
+};
+
+
+// Each fibre's stack: mapped lazily, with a guard page below it so an overflow faults instead of
+// corrupting a neighbour. Kernels keep at most a few KiB of locals (their registers).
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 4096;
+
+struct Fiber {
+    Context context;
+    unsigned char* stack = nullptr;  // kGuardBytes of guard, then kStackBytes
+    fep_dim3 thread;
+    bool done = false;
+    Barrier* waiting = nullptr;  // the barrier it waits at, and that barrier's generation then
+    unsigned waiting_generation = 0;
+    std::vector<PendingCopy> pending_copies;
+    int open_group = 0;
+
+    Fiber() = default;
+    Fiber(const Fiber&) = delete;
+    Fiber& operator=(const Fiber&) = delete;
+    ~Fiber() {
+        if (stack) munmap(stack, kGuardBytes + kStackBytes);
+    }
+    bool map_stack() {
+        void* p = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) return false;
+        stack = static_cast<unsigned char*>(p);
+        mprotect(stack, kGuardBytes, PROT_NONE);
+        return true;
+    }
+    bool runnable() const { return !done && (!waiting || waiting->generation != waiting_generation); }
+};
+
+struct Launch {
+    int warp = 0;
+    Barrier block_barrier;
+    std::vector<Barrier> warp_barriers;
+    std::vector<uint64_t> slots;
+    std::vector<unsigned char> shared_frags;  // fep_emu_warp_share: FEP_EMU_SHARE_BYTES per lane
+    std::vector<unsigned char> dynamic_smem;
+    void (*entry)(void**) = nullptr;
+    void** params = nullptr;
+};
+
+// The launching OS thread's state: its fibres (kept, with their stacks, for the next launch),
+// the scheduler's context, the launch and the fibre that runs now.
+thread_local std::vector<std::unique_ptr<Fiber>> fibers;
+thread_local Context scheduler;
 thread_local Launch* current = nullptr;
+thread_local Fiber* running = nullptr;
+
+// Back to the scheduler; returns when the scheduler runs this fibre again.
+void yield_to_scheduler() { context_switch(running->context, scheduler); }
+
+void arrive_and_wait(Barrier& b) {
+    running->waiting = &b;
+    running->waiting_generation = b.generation;
+    if (++b.arrived == b.expected) {  // the last one releases the others
+        b.arrived = 0;
+        ++b.generation;
+    }
+    yield_to_scheduler();
+    running->waiting = nullptr;
+}
+
+// Runs the block blockIdx with `threads` fibres to completion; false if they deadlocked (some
+// wait at a barrier that the others never reach).
+bool run_block(unsigned threads) {
+    for (unsigned t = 0; t < threads; ++t) {
+        Fiber& f = *fibers[t];
+        f.thread = {t, 0, 0};
+        f.done = false;
+        f.waiting = nullptr;
+        f.pending_copies.clear();
+        f.open_group = 0;
+        context_make(f.context, f.stack + kGuardBytes, kStackBytes);
+    }
+    for (bool forward = true;; forward = !forward) {
+        bool progress = false, all_done = true;
+        for (unsigned i = 0; i < threads; ++i) {
+            Fiber& f = *fibers[forward ? i : threads - 1 - i];
+            if (f.runnable()) {
+                running = &f;
+                threadIdx = f.thread;
+                context_switch(scheduler, f.context);
+                running = nullptr;
+                progress = true;
+            }
+            all_done = all_done && f.done;
+        }
+        if (all_done) return true;
+        if (!progress) return false;
+    }
+}
 
 }  // namespace
 
-void fep_emu_syncthreads() { current->block_barrier.arrive_and_wait(); }
+// A fibre's life: the kernel for its thread, then back to the scheduler for good.
+extern "C" void fep_emu_fiber_main() {
+    current->entry(current->params);
+    fep_emu_copy_wait(0);  // a kernel may end with copies in flight
+    running->done = true;
+    yield_to_scheduler();
+}
+
+void fep_emu_syncthreads() { arrive_and_wait(current->block_barrier); }
 
 void* fep_emu_dynamic_smem() { return current->dynamic_smem.data(); }
 
@@ -51,16 +240,16 @@ void* fep_emu_dynamic_smem() { return current->dynamic_smem.data(); }
 uint64_t fep_emu_exchange(uint64_t bits, int src_lane, bool keep_if_out_of_range) {
     const int t = (int)threadIdx.x, w = current->warp;
     const int base = t / w * w;
-    auto& bar = *current->warp_barriers[t / w];
+    Barrier& bar = current->warp_barriers[t / w];
     current->slots[t] = bits;
-    bar.arrive_and_wait();
+    arrive_and_wait(bar);
     uint64_t r = bits;
     if (src_lane >= 0 && src_lane < w) {
         r = current->slots[base + src_lane];
     } else if (!keep_if_out_of_range) {
         r = current->slots[base + ((src_lane % w) + w) % w];
     }
-    bar.arrive_and_wait();  // nobody overwrites a slot before everyone has read
+    arrive_and_wait(bar);  // nobody overwrites a slot before everyone has read
     return r;
 }
 
@@ -69,39 +258,28 @@ uint64_t fep_emu_exchange(uint64_t bits, int src_lane, bool keep_if_out_of_range
 const unsigned char* fep_emu_warp_share(const void* mine, size_t bytes) {
     const int t = (int)threadIdx.x, w = current->warp;
     std::memcpy(current->shared_frags.data() + (size_t)t * FEP_EMU_SHARE_BYTES, mine, bytes);
-    current->warp_barriers[t / w]->arrive_and_wait();
+    arrive_and_wait(current->warp_barriers[t / w]);
     return current->shared_frags.data() + (size_t)(t / w * w) * FEP_EMU_SHARE_BYTES;
 }
-void fep_emu_warp_release() { current->warp_barriers[threadIdx.x / current->warp]->arrive_and_wait(); }
+void fep_emu_warp_release() { arrive_and_wait(current->warp_barriers[threadIdx.x / current->warp]); }
 
-// Asynchronous copies (port/copy.cuh): the source is read when the copy is issued (global memory
-// does not change during a launch), the destination written only when a wait retires its group,
-// so a kernel that reads a buffer before waiting for it reads stale data and fails its tests.
-namespace {
-struct PendingCopy {
-    void* dst;
-    unsigned char data[16];
-    int group;
-};
-thread_local std::vector<PendingCopy> pending_copies;
-thread_local int open_group = 0;
-}  // namespace
 void fep_emu_copy16(void* dst, const void* src, bool valid) {
-    PendingCopy c{dst, {}, open_group};
+    PendingCopy c{dst, {}, running->open_group};
     if (valid) std::memcpy(c.data, src, 16);
-    pending_copies.push_back(c);
+    running->pending_copies.push_back(c);
 }
-void fep_emu_copy_commit() { ++open_group; }
+void fep_emu_copy_commit() { ++running->open_group; }
 void fep_emu_copy_wait(int pending_groups) {
-    std::vector<PendingCopy> keep;
-    for (const PendingCopy& c : pending_copies) {
-        if (c.group < open_group - pending_groups) {
+    std::vector<PendingCopy>& pending = running->pending_copies;
+    size_t kept = 0;
+    for (const PendingCopy& c : pending) {
+        if (c.group < running->open_group - pending_groups) {
             std::memcpy(c.dst, c.data, 16);
         } else {
-            keep.push_back(c);
+            pending[kept++] = c;
         }
     }
-    pending_copies.swap(keep);
+    pending.resize(kept);
 }
 
 struct FepEmuKernel {
@@ -114,7 +292,8 @@ struct FepEmuKernel {
 // the last file.
 extern "C" const FepEmuKernel* fep_emu_kernel_part(int warp, size_t part, size_t* count);
 
-// 0: done; 1: no such kernel; 2: a block size the emulator cannot run.
+// 0: done; 1: no such kernel; 2: a block size the emulator cannot run; 3: the block's threads
+// deadlocked at a barrier (one that not all of them reach); 4: no memory for the fibres' stacks.
 extern "C" int fep_emu_launch(int warp, const char* module, const char* name, unsigned gx, unsigned gy, unsigned gz,
                               unsigned block, unsigned smem, void** params) {
     void (*entry)(void**) = nullptr;
@@ -126,29 +305,31 @@ extern "C" int fep_emu_launch(int warp, const char* module, const char* name, un
     }
     if (!entry) return 1;
     if (block == 0 || block % (unsigned)warp != 0 || block > 1024) return 2;
-    // One launch at a time in the process: a kernel's __shared__ variables are statics here, so
-    // two launches (from two test threads) would share them.
-    static std::mutex one_at_a_time;
-    std::lock_guard<std::mutex> lock(one_at_a_time);
-    Launch launch((int)block, warp, smem);
-    std::vector<std::thread> threads;
-    threads.reserve(block);
-    for (unsigned t = 0; t < block; ++t) {
-        threads.emplace_back([&, t] {
-            current = &launch;
-            threadIdx = {t, 0, 0};
-            blockDim = {block, 1, 1};
-            gridDim = {gx, gy, gz};
-            for (unsigned z = 0; z < gz; ++z)
-                for (unsigned y = 0; y < gy; ++y)
-                    for (unsigned x = 0; x < gx; ++x) {
-                        blockIdx = {x, y, z};
-                        entry(params);
-                        fep_emu_copy_wait(0);  // a kernel may end with copies in flight
-                        launch.block_barrier.arrive_and_wait();
-                    }
-        });
+    while (fibers.size() < block) {
+        auto f = std::make_unique<Fiber>();
+        if (!f->map_stack()) return 4;
+        fibers.push_back(std::move(f));
     }
-    for (auto& th : threads) th.join();
-    return 0;
+    Launch launch;
+    launch.warp = warp;
+    launch.block_barrier.expected = (int)block;
+    launch.warp_barriers.resize(block / warp);
+    for (Barrier& b : launch.warp_barriers) b.expected = warp;
+    launch.slots.resize(block);
+    launch.shared_frags.resize((size_t)block * FEP_EMU_SHARE_BYTES);
+    launch.dynamic_smem.resize(smem + 16);
+    launch.entry = entry;
+    launch.params = params;
+    current = &launch;
+    blockDim = {block, 1, 1};
+    gridDim = {gx, gy, gz};
+    int status = 0;
+    for (unsigned z = 0; z < gz && status == 0; ++z)
+        for (unsigned y = 0; y < gy && status == 0; ++y)
+            for (unsigned x = 0; x < gx && status == 0; ++x) {
+                blockIdx = {x, y, z};
+                if (!run_block(block)) status = 3;
+            }
+    current = nullptr;
+    return status;
 }

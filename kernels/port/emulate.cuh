@@ -2,11 +2,11 @@
 //
 // With the cargo feature `emulate`, build.rs compiles every kernel source a second time as plain
 // C++ with FEP_EMULATE and FEP_EMU_WARP (32 and 64), and kernels/port/emulate.cpp runs each
-// block's threads as real OS threads: __syncthreads is a barrier over the block, shuffles
-// exchange through memory with a barrier over the warp, __shared__ memory is shared by the
-// threads of the block. So a kernel's logic, its indexing, its barriers and its use of the warp
-// size are tested against the CPU reference on any machine, for both warp sizes. What it does not
-// model: timing, memory ordering weaker than sequential consistency, and hardware limits.
+// block's threads as fibres on the launching thread: __syncthreads is a barrier over the block,
+// shuffles exchange through memory with a barrier over the warp, __shared__ memory is shared by
+// the threads of the block. So a kernel's logic, its indexing, its barriers and its use of the
+// warp size are tested against the CPU reference on any machine, for both warp sizes. What it
+// does not model: timing, memory ordering weaker than sequential consistency, hardware limits.
 #pragma once
 
 #include <cmath>
@@ -40,8 +40,9 @@ void fep_emu_copy_wait(int pending_groups);
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// A __shared__ variable in a function is one object for all threads of the running block.
-#define __shared__ static
+// A __shared__ variable in a function is one object for all threads of the running block: the
+// block's fibres share their OS thread, and two launches on two OS threads have a copy each.
+#define __shared__ static thread_local
 #define __syncthreads() fep_emu_syncthreads()
 
 inline int min(int a, int b) { return a < b ? a : b; }

@@ -1,5 +1,5 @@
 //! The emulated device (feature `emulate`, for tests): the kernel sources compiled as C++ and run
-//! on host threads by kernels/port/emulate.cpp, for a warp size of 32 or 64. Device memory is
+//! on host fibres (one per GPU thread of a block) by kernels/port/emulate.cpp, for a warp size of 32 or 64. Device memory is
 //! host memory; streams are ignored and every launch returns when it is done. It checks the
 //! kernels' logic (indexing, barriers, warp-size independence) and the launch code against the
 //! CPU reference on machines without a GPU; it says nothing about speed.
@@ -106,10 +106,19 @@ impl EmuDevice {
             1 => Err(Error::Unsupported(format!(
                 "kernel {module}/{kernel} is not in the emulated build"
             ))),
-            _ => Err(Error::Unsupported(format!(
+            2 => Err(Error::Unsupported(format!(
                 "{kernel}: block of {} threads cannot be emulated with warp {}",
                 cfg.block, self.warp
             ))),
+            3 => Err(Error::Unsupported(format!(
+                "{module}/{kernel}: the block's threads deadlocked at a barrier that not all of \
+                 them reach (a __syncthreads or warp collective in divergent code); a GPU would \
+                 hang or give undefined results"
+            ))),
+            _ => Err(Error::OutOfMemory {
+                device: self.name.clone(),
+                bytes: cfg.block as usize * 260 * 1024,
+            }),
         }
     }
 }
