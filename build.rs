@@ -4,7 +4,7 @@
 //!   plus PTX of the lowest, so newer GPUs can JIT it).
 //! - `rocm`: a HIP clang -> one code-object bundle per source file (`FEP_ROCM_ARCHS`).
 //!
-//! - `emulate` (tests): the same sources as C++ on host threads (kernels/port/emulate.cuh), once
+//! - `emulate` (tests): the same sources as C++ on the host (kernels/port/emulate.cuh), once
 //!   per warp size (32 and 64), linked in as a static library.
 //!
 //! `$OUT_DIR/kernels.rs` lists the embedded binaries by module name (`lca/solve` for

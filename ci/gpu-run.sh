@@ -22,59 +22,54 @@
 #
 # Plan. Budget: seconds the step may start work in (a step's items are cut to what is left of it;
 # its unused time goes to step 4); an item's limit is its own `timeout`, and a peer script gets
-# --budget-s = its share (stops starting new configurations; the timeout adds 10-20 s for the
-# one in flight). Dry: measured with FEP_GPU_DRY_RUN=1 on the 2-core build machine over the CPU
-# stand-in, without PyTorch (GPU tests skip, benches measure the CPU reference's smoke configs,
-# peer scripts start and skip): the fixed costs and the control flow, ~103 s in all. H200 est.:
-# from the FLOP counts and criterion's settings, assuming ~300 TFLOP/s for our bf16 attention.
+# --budget-s = its limit less a margin (it starts no new configuration after that). Every peer
+# script writes each implementation's record as soon as it is measured, so an item stopped in a
+# cold compile keeps ours and the peers measured before it. Dry: ci/gpu-run.sh with
+# FEP_GPU_DRY_RUN=1 on the 2-core build machine (issue 11's figures; control flow and fixed costs
+# only). H200 est.: from the FLOP counts and criterion's settings (~300 TFLOP/s assumed for our
+# bf16 attention), and for the peers from their compile costs measured on the 2-core build
+# machine's CPU PyTorch 2.15 (torch.compile / inductor, fresh cache, issue 20): one LCA step
+# 9-14 s; the settle step 11-12 s (f32; bf16 after it 2.5 s; JAX jit 0.2-0.4 s); FlexAttention
+# forward 14-15 s for the first family, 5-6 s for each further one (one graph per family, reused
+# across lengths). Triton on the GPU machine's 16 cores is taken to cost the same, and each
+# limit allows twice that; FlexAttention's backward has no CPU implementation to measure
+# (torch 2.15), so its compile is taken as twice the forward's (30 s + 12 s per further family).
 #
-# | step / item                              | budget | dry   | H200 est. | how the estimate is made                                    |
-# |------------------------------------------|--------|-------|-----------|-------------------------------------------------------------|
-# | 0 unpack gpu-stage.tar.xz                |  (10)  |  -    |   5-10 s  | xz -d of ~450 MB (not budgeted; counts against the total)  |
-# | 1 port: mma_gpu (tensor-core fragment    |   20   |  1 s  |    5 s    | one CUDA context + module load (~2 s), a few 16x8 tiles;    |
-# |   layouts), nvidia-smi, binaries load    |        |       |           | ldd + --list of every binary, the .so in Python             |
-# | 2 tests, FEP_REQUIRE_GPU=1, 4 at once:   |  110   |  7 s  |   40-80 s | CPU-reference bound: f64 references on 16 cores (LCA m =    |
-# |   attention_gpu lca_gpu settle_gpu       | (each  |       |           | 16000, 20 steps: 10 GFLOP; attention L = 1000: ~1 GFLOP per |
-# |   vmp_gpu, then the *_ffi, then the      |  90/60 |       |           | case and dtype); the GPU work is milliseconds; 3 Python     |
-# |   Python bindings on CUDA tensors        | limit) |       |           | processes importing torch (~5 s each)                       |
-# | 3 quick benches: ours, then the peers    |  280   | 16 s  |  ~245 s   |                                                             |
-# |   ours attention bf16, 48 configs        | (75)   |  4 s  |   30 s    | 48 x (0.1 s warm-up + 0.3 s measurement + ~0.1 s analysis); |
-# |   (4 families x causal/full x D 64/128   |        |       |           | one call of each of the 48 = 34.6 TFLOP = 0.12 s at 300     |
-# |   x L 1k/4k/16k)                         |        |       |           | TFLOP/s; L=16k full D=128 = 2.2 TFLOP = 7 ms: 55 calls 0.4 s |
-# |   ours lca large                         | (20)   |  2 s  |    4 s    | 12 calibration solves + 0.2 s + 1 s + process start         |
-# |   ours settle pcx f32 (T 8/32, both      | (25)   |  3 s  |    8 s    | 4 x (0.2 s + 1 s + analysis) + inputs for every config     |
-# |   modes)                                 |        |       |           |                                                             |
-# |   ours vmp at the targets (tmaze, five-  | (20)   |  6 s  |    7 s    | 3 x 1.3 s + batches of 100k built on the host               |
-# |   factor N=100k, grid N=10k)             |        |       |           |                                                             |
-# |   peers attention (SDPA, flex, padded    |   85   |  0 s  |   90 s    | 8 flex compiles (4 families x 2 head dims, one per family   |
-# |   SDPA) on the same 48 shapes            |        |       |           | and D, reused across lengths): ~20 s cold, ~6 s after;      |
-# |                                          |        |       |           | 48 shapes x ~3.3 impls x ~0.12 s (2 calls + 50 ms of reps)  |
-# |   peers lca large (eager, CUDA graph,    |   35   |  0 s  |   35 s    | torch.compile of one step ~20 s; eager 200 steps of a       |
-# |   compiled, compiled + graph)            |        |       |           | 4096x1024x1024 fp32 product (8.6 GFLOP, ~0.2 ms each)       |
-# |   peers settle pcx f32 (eager, compiled, |   35   |  0 s  |   35 s    | torch.compile ~20 s + 2 JAX jits (~3 s) + 4 x 4 x 0.2 s     |
-# |   JAX as PCX)                            |        |       |           |                                                             |
-# |   peers vmp at the targets (pymdp JAX)   |   40   |  0 s  |   35 s    | pymdp's agent jitted once per config (~8 s each) + timing   |
-# | 4 the rest, in this order, until 440 s:  |  rest  | 79 s  |  (cut)    | tour 9 s, pc_digits 24 s, full lca 7 s, vmp 16 s, settle    |
-# |   step 1-3 items that were CUT, tour,    | (~125  |       |           | 12 s, attention 11 s in the dry run; on the H200 whatever   |
-# |   pc_digits, ours attention f16 quick,   |  s on  |       |           | fits: the full attention bench alone (192 configs) is       |
-# |   full lca/vmp/settle benches, peers f16 |  the   |       |           | ~250 s, so it is last and usually KILLED (its figures so    |
-# |   attention, full peers, full attention  |  est.) |       |           | far are kept)                                               |
-# | 5 report (reserved)                      |   10   | 0.5 s |    2 s    |                                                             |
-#
-# Attention backward and decode (added after the table's figures): step 2 runs
-# attention_backward_gpu and attention_decode right after attention_gpu (budget 110 -> 120 s);
-# step 3 (budget 280 -> 300 s) adds ours bench-attention-bwd (FEP_BENCH_OPS=backward: D = 128,
-# L = 4k, bf16, 14 configs, timeout 40 s, est. ~12 s) and bench-attention-decode
-# (FEP_BENCH_OPS=decode: Lq 1/16 x Lk 64k (B 1, 4) and 1M (B 1), 4 families, 24 configs, timeout
-# 45 s, est. ~20 s incl. uploading 2 x 2 GiB of cache), and the peers --op backward (45 s:
-# FlexAttention fwd+bwd compile per family, SDPA / padded SDPA backward) and --op decode (30 s).
-# To pay for them: peers-attention (forward) measures D = 128 only (85 -> 55 s; D = 64 moved to
-# rest.peers-attention-d64), peers lca 35 -> 30, settle 35 -> 30, vmp 40 -> 35. Every bench item
-# names its part and dtype (FEP_BENCH_OPS, FEP_BENCH_DTYPES), so none uploads or probes what its
-# filter drops. Sum: 20 + 120 + 300 + 10 = 450 s; step 3's estimate (~305 s) may cut its last
-# item (retried first in step 4). Dry run of the attention items: 65 s.
-# |------------------------------------------|--------|-------|-----------|-------------------------------------------------------------|
-# | total                                    |  450   | 103 s |  ~325 s   | + step 4; the call ends by ~450 s (8 min = 480 s)           |
+# | step / item                              | budget | limit | H200 est. | how the estimate is made                                 |
+# |------------------------------------------|--------|-------|-----------|----------------------------------------------------------|
+# | 0 unpack gpu-stage.tar.xz (~17 MiB)      |   -    |   -   |   5-10 s  | xz -d to ~450 MB; not budgeted, counts against the total |
+# | 1 port: mma_gpu (tensor-core fragment    |   20   | 30/15 |    5 s    | one CUDA context + module load (~2 s), a few 16x8 tiles; |
+# |   layouts), nvidia-smi, binaries load    |        |  /20  |           | ldd + --list of every binary, the .so in Python          |
+# | 2 tests, FEP_REQUIRE_GPU=1, 4 at once:   |  100   | 60 py | 40-80 s   | the binding tests first (5 processes importing torch,    |
+# |   the Python bindings on CUDA tensors,   |        | 90    |           | ~5 s each); then CPU-reference bound: f64 references on  |
+# |   attention_gpu attention_backward_gpu   |        | Rust  |           | 16 cores (LCA m = 16000, 20 steps: 10 GFLOP; attention   |
+# |   attention_decode lca_gpu settle_gpu    |        |       |           | L = 1000: ~1 GFLOP per case and dtype); the GPU work is  |
+# |   vmp_gpu, then the *_ffi                |        |       |           | milliseconds. KILLED ones are retried first in step 4.   |
+# | 3 quick benches: ours, then the peers    |  320   |       |  ~430 s   | so the last peers are usually cut: retried in step 4     |
+# |   ours attention bf16 forward, 24 configs|        |  75   |   30 s    | (4 families x causal/full x L 1k/4k/16k, D 128 and 64)   |
+# |   ours attention backward (D 128, L 4k)  |        |  40   |   12 s    | 14 configs                                               |
+# |   ours attention decode                  |        |  45   |   20 s    | 24 configs incl. uploading 2 x 2 GiB of cache            |
+# |   ours lca large, settle pcx, vmp at the |        | 20/25 |   19 s    | calibration solves, 4 settle configs, 3 vmp batches of   |
+# |   targets                                |        |  /20  |           | up to 100k agents built on the host                      |
+# |   peers attention forward (SDPA, flex,   |        |  90   |   80 s    | flex: 30 s + 3 x 12 s of compiles; 24 shapes x 3.3 impls |
+# |   padded SDPA), D 128                    |        |       |           | x ~0.12 s                                                |
+# |   peers lca large (eager, CUDA graph,    |        |  60   |   50 s    | torch.compile of one step 20-30 s (+ a recompile for the |
+# |   compiled, compiled + graph)            |        |       |           | large shape); eager 200 steps of 8.6 GFLOP products      |
+# |   peers settle pcx f32 (eager, compiled, |        |  50   |   40 s    | torch.compile 25 s + 2 JAX jits + 4 x 4 x 0.2 s          |
+# |   JAX as PCX)                            |        |       |           |                                                          |
+# |   peers vmp at the targets (pymdp JAX)   |        |  40   |   35 s    | pymdp's agent jitted once per config (~8 s each)         |
+# |   peers attention decode (SDPA, flex)    |        |  80   |   70 s    | flex: 30 s + 3 x 12 s of compiles, then the shapes       |
+# |   peers attention backward (flex, SDPA,  |        | 150   |  145 s    | flex fwd+bwd: 60 s + 3 x 25 s of compiles (taken as 2x   |
+# |   padded SDPA)                           |        |       |           | the forward's), then 14 shapes                           |
+# | 4 the rest until 440 s: first what steps |  rest  |       |  (cut)    | on the H200 whatever fits (~40-80 s): the cut peers of   |
+# |   1-3 cut and the tests step 2 killed,   |        |       |           | step 3 first; the full attention bench (192 configs,     |
+# |   then tour, pc_digits, ours attention   |        |       |           | ~250 s) is last and usually KILLED (its figures so far   |
+# |   f16, peers D 64, full lca/vmp/settle   |        |       |           | are kept)                                                |
+# |   benches, peers f16 and full, the full  |        |       |           |                                                          |
+# |   attention bench                        |        |       |           |                                                          |
+# | 5 report (reserved)                      |   10   |       |    2 s    | also published after every step and from the traps       |
+# |------------------------------------------|--------|-------|-----------|----------------------------------------------------------|
+# | total                                    |  450   |       |           | the call ends by ~450 s (8 min = 480 s)                  |
 #
 # The *_cpu, ffi_header, resources, settle_digits and census test binaries are NOT run on the
 # GPU machine: they need no GPU and CI runs them on every submission from the same sources (the
@@ -476,21 +471,23 @@ add quick.bench-attention-decode 45 0 "$att" "$bq FEP_BENCH_OPS=decode FEP_BENCH
 add quick.bench-lca 20 0 "$B/bench-lca" "$bq $B/bench-lca $crit '$f_lca'"
 add quick.bench-settle 25 0 "$B/bench-settle" "$bq $B/bench-settle $crit '$f_settle'"
 add quick.bench-vmp 20 0 "$B/bench-vmp" "$bq $B/bench-vmp $crit '$f_vmp'"
-add quick.peers-attention "$(sb 55)" 15 - "$py benches/peers/attention.py --lib $LIB $smoke $p_att --budget-s @BUDGET@ --out $RUN/peers-attention.json"
-add quick.peers-attention-bwd "$(sb 45)" 15 - "$py benches/peers/attention.py --op backward --lib $LIB $smoke ${p_att:+--quick} --criterion $RUN/criterion --budget-s @BUDGET@ --out $RUN/peers-attention-bwd.json"
-add quick.peers-attention-decode "$(sb 30)" 10 - "$py benches/peers/attention.py --op decode --lib $LIB $smoke ${p_att:+--quick} --budget-s @BUDGET@ --out $RUN/peers-attention-decode.json"
-add quick.peers-lca "$(sb 30)" 10 - "$py benches/peers/lca.py --lib $LIB $lcadev $p_lca --budget-s @BUDGET@ --out $RUN/peers-lca.json"
-add quick.peers-settle "$(sb 30)" 10 - "$py benches/peers/settle.py --lib $LIB $smoke $p_settle --budget-s @BUDGET@ --out $RUN/peers-settle.json"
-add quick.peers-vmp "$(sb 35)" 10 - "bash ci/gpu-run.sh --pydeps $B $pydeps; $py benches/peers/vmp.py --lib $LIB $smoke $p_vmp $vmpdeps --budget-s @BUDGET@ --out $RUN/peers-vmp.json"
+add quick.peers-attention 90 15 - "$py benches/peers/attention.py --lib $LIB $smoke $p_att --budget-s @BUDGET@ --out $RUN/peers-attention.json"
+add quick.peers-attention-bwd 150 30 - "$py benches/peers/attention.py --op backward --lib $LIB $smoke ${p_att:+--quick} --criterion $RUN/criterion --budget-s @BUDGET@ --out $RUN/peers-attention-bwd.json"
+add quick.peers-attention-decode 80 15 - "$py benches/peers/attention.py --op decode --lib $LIB $smoke ${p_att:+--quick} --budget-s @BUDGET@ --out $RUN/peers-attention-decode.json"
+add quick.peers-lca 60 10 - "$py benches/peers/lca.py --lib $LIB $lcadev $p_lca --budget-s @BUDGET@ --out $RUN/peers-lca.json"
+add quick.peers-settle 50 10 - "$py benches/peers/settle.py --lib $LIB $smoke $p_settle --budget-s @BUDGET@ --out $RUN/peers-settle.json"
+add quick.peers-vmp 40 10 - "bash ci/gpu-run.sh --pydeps $B $pydeps; $py benches/peers/vmp.py --lib $LIB $smoke $p_vmp $vmpdeps --budget-s @BUDGET@ --out $RUN/peers-vmp.json"
+# the peers by value and cost: the headline comparison (attention forward) first, then the
+# cheap ones, the costliest compiles (FlexAttention's decode and backward) last
 QUICK=(quick.bench-attention quick.bench-attention-bwd quick.bench-attention-decode quick.bench-lca
-  quick.bench-settle quick.bench-vmp quick.peers-attention quick.peers-attention-bwd
-  quick.peers-attention-decode quick.peers-lca quick.peers-settle quick.peers-vmp)
+  quick.bench-settle quick.bench-vmp quick.peers-attention quick.peers-lca quick.peers-settle
+  quick.peers-vmp quick.peers-attention-decode quick.peers-attention-bwd)
 
 # 4. the rest, in order of value
 add rest.tour 60 0 "$B/tour" "$B/tour"
 add rest.pc_digits 60 0 "$B/pc_digits" "$B/pc_digits"
 add rest.bench-attention-f16 60 0 "$att" "$bq FEP_BENCH_OPS=forward FEP_BENCH_DTYPES=$dt_16 $att $crit '$f_att16'"
-add rest.peers-attention-d64 60 15 - "$py benches/peers/attention.py --lib $LIB $smoke $p_att64 --budget-s @BUDGET@ --out $RUN/peers-attention-d64.json"
+add rest.peers-attention-d64 90 15 - "$py benches/peers/attention.py --lib $LIB $smoke $p_att64 --budget-s @BUDGET@ --out $RUN/peers-attention-d64.json"
 add rest.bench-lca 40 0 "$B/bench-lca" "$bf $B/bench-lca $crit"
 add rest.bench-vmp 60 0 "$B/bench-vmp" "$bf $B/bench-vmp $crit"
 add rest.bench-settle 120 0 "$B/bench-settle" "$bf $B/bench-settle $crit"
@@ -692,12 +689,12 @@ $( [ "$DRY" = 1 ] && echo "no GPU (dry run on $(nproc) CPUs)" || echo "unknown G
 STATE="running: step 2 (tests)"
 publish
 
-step "2 tests (FEP_REQUIRE_GPU=${FEP_REQUIRE_GPU:-0}, ${FEP_GPU_TEST_JOBS:-4} at once)" "$(sb 120)"
+step "2 tests (FEP_REQUIRE_GPU=${FEP_REQUIRE_GPU:-0}, ${FEP_GPU_TEST_JOBS:-4} at once)" "$(sb 100)"
 run_parallel "${FEP_GPU_TEST_JOBS:-4}" "${TESTS[@]}"
 STATE="running: step 3 (quick benches)"
 publish
 
-step "3 quick benches (ours, then the peers)" "$(sb 300)"
+step "3 quick benches (ours, then the peers)" "$(sb 320)"
 for n in "${QUICK[@]}"; do run_item "$n"; publish_if_due; done
 STATE="running: step 4 (the rest)"
 publish

@@ -8,8 +8,10 @@
 #   gpu-stage/wheels/           pymdp and its pure-Python dependencies, for benches/peers/vmp.py
 #   gpu-stage/COMMIT            the commit (and whether the tree was dirty)
 # and packs it as gpu-stage.tar.xz: every binary embeds the same kernel images, so xz shrinks the
-# ~450 MB folder to ~15 MB, well under what a device call carries (64 MiB). Carry that file.
-# Then, on the GPU machine (no Rust there): bash ci/gpu-run.sh (it unpacks the archive).
+# ~450 MB folder to ~17 MiB (at issue 20's filing), well under what a device call carries
+# (64 MiB); the size is printed at the end. Carry that file. Then, on the GPU machine (no Rust
+# there): timeout -s TERM -k 20 570 bash ci/gpu-run.sh (it unpacks the archive, and unpacks it
+# again when a later call carries another one).
 # FEP_CUDA_ARCHS defaults to 90a here (H100/H200); set it for other GPUs.
 # FEP_GPU_STAGE_CPU=1 builds a CPU-only stand-in instead (no cuda feature, no nvcc, no wheels, not
 # packed) into target/gpu-stage-cpu, for the suite's dry run on a machine without a GPU:
@@ -84,6 +86,7 @@ ls -la "$stage" "$stage/tests" >&2
 rm -f gpu-stage.tar.xz
 # A dictionary larger than the whole stage, so each binary's copy of the kernel images (about
 # 12 MB since attention's 75 kernels) compresses against the first one; the default 8 MiB
-# window would see none of them (116 MB instead of ~8 MB). Unpacking needs 256 MiB of memory.
+# window would see none of them (116 MB instead of ~8 MB before the attention kernels; ~17 MiB
+# with them). Unpacking needs 256 MiB of memory.
 XZ_OPT="--lzma2=preset=6,dict=256MiB" tar cJf gpu-stage.tar.xz "$stage"
 ls -la gpu-stage.tar.xz >&2

@@ -4,6 +4,8 @@
 //! wrong fragment layout on some GPU shows up as a wrong 16 × 32 matrix instead of a settling
 //! that drifts. tests/mma_gpu.rs runs it on every GPU the suite meets.
 
+#[cfg(feature = "emulate")]
+use crate::backend::emulate;
 use crate::backend::{Device, LaunchConfig};
 use crate::element::DType;
 use crate::error::{Error, Result};
@@ -106,4 +108,30 @@ pub fn fragment_tiles(
         ],
     )?;
     Ok((ds.to_vec()?, d_o.to_vec()?))
+}
+
+/// Checks that the emulated device (feature `emulate`) catches what it promises to: a missing
+/// barrier reads stale shared memory (in either direction between threads), a barrier that not
+/// every thread of a block reaches is an error instead of a hang, a buffer read before its
+/// asynchronous copy's wait holds the old data, and a warp that refills a buffer while another
+/// warp still reads it (a missing barrier before reuse) is caught. Runs kernels that break each rule on purpose, for
+/// warp size `warp` (32 or 64). Errors: another warp size, or the promises broken (named).
+#[cfg(feature = "emulate")]
+#[cfg_attr(docsrs, doc(cfg(feature = "emulate")))]
+pub fn emulator_self_check(warp: usize) -> Result<()> {
+    if warp != 32 && warp != 64 {
+        return Err(Error::invalid(
+            "warp",
+            format!("must be 32 or 64, got {warp}"),
+        ));
+    }
+    let broken = emulate::self_check(warp);
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Unsupported(format!(
+            "the emulator (warp {warp}) broke its promises: {}",
+            broken.join("; ")
+        )))
+    }
 }

@@ -47,7 +47,7 @@
 //! - `rocm`: the same with a HIP-capable clang, found through `HIP_CLANG`, `ROCM_PATH` /
 //!   `HIP_PATH`, then `clang-19`, for `FEP_ROCM_ARCHS` (default `gfx942;gfx90a`); links the HIP
 //!   runtime (libamdhip64).
-//! - `emulate`: the kernel sources compiled as C++ and run on host threads
+//! - `emulate`: the kernel sources compiled as C++ and run on the host (a block's threads as fibres)
 //!   (`Device::emulated`), so the GPU code paths are tested without a GPU.
 //! - `candle`: attention, LCA and settling over candle tensors, their storage read in place
 //!   (the `candle` module).

@@ -127,3 +127,16 @@ fn fragment_path_matches_the_host_exactly() {
     assert!(fragment_tiles(&dev, DType::F32, &q, &k, &v).is_err());
     assert!(fragment_tiles(&dev, DType::F16, &q[1..], &k, &v).is_err());
 }
+
+/// The emulator's own promises (a missing barrier reads stale data in either direction, a warp
+/// that refills a buffer another warp still reads is caught, a divergent barrier is an error, a
+/// read before a copy's wait sees old data): without them the emulated GPU tests could pass over
+/// the very bugs they are there to catch.
+#[cfg(feature = "emulate")]
+#[test]
+fn emulator_catches_the_races_and_deadlocks_it_promises_to() {
+    for warp in [32, 64] {
+        fep_kernels::diagnostics::emulator_self_check(warp).unwrap();
+    }
+    assert!(fep_kernels::diagnostics::emulator_self_check(48).is_err());
+}

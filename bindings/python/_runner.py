@@ -4,9 +4,21 @@ skip per test (a test that returns a string starting with "SKIPPED" was skipped)
     sys.exit(run_tests(globals(), "test_vmp.py"))
 """
 
+import sys
 import traceback
 
 import fep_kernels as fk
+
+
+def skip_module(script, why):
+    """Skips the whole test file (``why``: e.g. "PyTorch is not installed"): under pytest as a
+    module-level skip, run as a script by printing "<script>: SKIPPED: <why>" and exiting 0."""
+    if "pytest" in sys.modules:
+        import pytest
+
+        pytest.skip(why, allow_module_level=True)
+    print(f"{script}: SKIPPED: {why}")
+    sys.exit(0)
 
 
 def run_tests(namespace, script, banner=""):

@@ -32,11 +32,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _runner import skip_module  # noqa: E402
+
 try:
     import torch
-except ImportError:  # pragma: no cover
-    print("test_attention.py: SKIPPED: PyTorch is not installed")
-    sys.exit(0)
+except ImportError as e:  # pragma: no cover
+    skip_module("test_attention.py", f"{e.name} is not installed")
 
 import fep_kernels as fk
 from _runner import run_tests

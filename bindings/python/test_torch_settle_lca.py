@@ -16,11 +16,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _runner import skip_module  # noqa: E402
+
 try:
     import torch
-except ImportError:  # pragma: no cover
-    print("test_torch_settle_lca.py: SKIPPED: PyTorch is not installed")
-    sys.exit(0)
+except ImportError as e:  # pragma: no cover
+    skip_module("test_torch_settle_lca.py", f"{e.name} is not installed")
 
 import fep_kernels as fk  # noqa: E402
 from _runner import expect, run_tests  # noqa: E402

@@ -23,12 +23,13 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _runner import skip_module  # noqa: E402
+
 try:
     import numpy as np
     import torch
 except ImportError as e:  # pragma: no cover
-    print(f"test_vmp.py: SKIPPED: {e.name} is not installed")
-    sys.exit(0)
+    skip_module("test_vmp.py", f"{e.name} is not installed")
 
 import fep_kernels as fk
 from _runner import run_tests

@@ -1,17 +1,19 @@
 // emulate.cpp: runs kernels compiled with FEP_EMULATE (see emulate.cuh) on the host.
 //
-// A block's threads are fibres (ucontext) on the launching OS thread, not OS threads: a barrier
-// is a few user-space context switches instead of hundreds of futex sleeps and wake-ups, which
-// on a 2-core machine cost more system time than the kernels' arithmetic. A fibre runs until it
-// reaches a barrier (block or warp) or its end, then the scheduler runs the next one that can
-// go; rounds alternate their direction, so a read of another thread's shared-memory write that
-// lacks a barrier sees stale data whichever thread comes first in the block (a missing barrier
-// fails the tests deterministically, where OS threads made it a race). Blocks run one after
-// the other; a launch owns its OS thread, so launches from several test threads run at once
-// (__shared__ variables are thread_local statics: one copy per launching thread). A barrier
-// that not every thread of the block reaches (divergent __syncthreads) is reported as an error
-// instead of hanging. Kernels are found by (warp size, module, name) in tables that build.rs
-// generates.
+// A block's threads are fibres on the launching OS thread, not OS threads: a barrier is a few
+// user-space context switches instead of hundreds of futex sleeps and wake-ups, which on a
+// 2-core machine cost more system time than the kernels' arithmetic. A fibre runs until it
+// reaches a barrier (block or warp) or its end. The scheduler (run_block) runs one warp at a
+// time as far as it can go, warps and lanes in pseudo-random orders, so a read of another
+// thread's shared-memory write that lacks its barrier sees stale data for about half of such
+// pairs, whichever way they point, and a warp that overwrites what a slower warp still has to
+// read (a missing barrier before a buffer's reuse) is caught too. The orders' seeds are fixed, so
+// a failure repeats every run, where OS threads made it a race. Blocks run one after the other;
+// a launch owns its OS thread, so launches from several test threads run at once (__shared__
+// variables are thread_local statics: one copy per launching thread). A barrier that not every
+// thread of the block reaches (divergent __syncthreads) is reported as an error instead of a
+// hang. fep_emu_self_check tests these promises on kernels that break them on purpose. Kernels
+// are found by (warp size, module, name) in tables that build.rs generates.
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -19,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "emulate.cuh"
@@ -177,6 +180,7 @@ thread_local std::vector<std::unique_ptr<Fiber>> fibers;
 thread_local Context scheduler;
 thread_local Launch* current = nullptr;
 thread_local Fiber* running = nullptr;
+thread_local std::vector<unsigned> warp_order, lane_order;  // run_block's orders
 
 // Back to the scheduler; returns when the scheduler runs this fibre again.
 void yield_to_scheduler() { context_switch(running->context, scheduler); }
@@ -192,9 +196,40 @@ void arrive_and_wait(Barrier& b) {
     running->waiting = nullptr;
 }
 
+// xorshift64: the scheduler's pseudo-random orders, from a fixed seed per block.
+struct Shuffler {
+    uint64_t state;
+    void shuffle(std::vector<unsigned>& v) {  // Fisher-Yates
+        for (size_t i = v.size(); i > 1; --i) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            std::swap(v[i - 1], v[state % i]);
+        }
+    }
+};
+
+// Runs one fibre until it waits at a barrier or ends.
+void run_fiber(Fiber& f) {
+    running = &f;
+    threadIdx = f.thread;
+    context_switch(scheduler, f.context);
+    running = nullptr;
+}
+
 // Runs the block blockIdx with `threads` fibres to completion; false if they deadlocked (some
-// wait at a barrier that the others never reach).
-bool run_block(unsigned threads) {
+// wait at a barrier that the others never reach). The schedule is one a GPU may take, and the
+// one that shows races: each round takes the warps in a pseudo-random order and runs each as
+// far as it can go (its lanes in a pseudo-random order, again and again through its warp-level
+// exchanges) before the next warp starts, so one warp gets ahead of the others by everything
+// up to the next block-wide barrier. The seed is fixed per block: a failure repeats every run.
+bool run_block(unsigned threads, unsigned warp) {
+    std::vector<unsigned>& warps = warp_order;
+    std::vector<unsigned>& lanes = lane_order;
+    warps.resize(threads / warp);
+    lanes.resize(warp);
+    for (unsigned w = 0; w < threads / warp; ++w) warps[w] = w;
+    for (unsigned l = 0; l < warp; ++l) lanes[l] = l;
     for (unsigned t = 0; t < threads; ++t) {
         Fiber& f = *fibers[t];
         f.thread = {t, 0, 0};
@@ -204,19 +239,25 @@ bool run_block(unsigned threads) {
         f.open_group = 0;
         context_make(f.context, f.stack + kGuardBytes, kStackBytes);
     }
-    for (bool forward = true;; forward = !forward) {
-        bool progress = false, all_done = true;
-        for (unsigned i = 0; i < threads; ++i) {
-            Fiber& f = *fibers[forward ? i : threads - 1 - i];
-            if (f.runnable()) {
-                running = &f;
-                threadIdx = f.thread;
-                context_switch(scheduler, f.context);
-                running = nullptr;
-                progress = true;
+    Shuffler rng{0x9e3779b97f4a7c15ull ^ ((uint64_t)blockIdx.x << 32 | blockIdx.y << 16 | blockIdx.z)};
+    for (;;) {
+        bool progress = false;
+        rng.shuffle(warps);
+        for (unsigned w : warps) {
+            for (bool again = true; again;) {
+                again = false;
+                rng.shuffle(lanes);
+                for (unsigned l : lanes) {
+                    Fiber& f = *fibers[w * warp + l];
+                    if (f.runnable()) {
+                        run_fiber(f);
+                        again = progress = true;
+                    }
+                }
             }
-            all_done = all_done && f.done;
         }
+        bool all_done = true;
+        for (unsigned t = 0; t < threads; ++t) all_done = all_done && fibers[t]->done;
         if (all_done) return true;
         if (!progress) return false;
     }
@@ -292,18 +333,11 @@ struct FepEmuKernel {
 // the last file.
 extern "C" const FepEmuKernel* fep_emu_kernel_part(int warp, size_t part, size_t* count);
 
-// 0: done; 1: no such kernel; 2: a block size the emulator cannot run; 3: the block's threads
-// deadlocked at a barrier (one that not all of them reach); 4: no memory for the fibres' stacks.
-extern "C" int fep_emu_launch(int warp, const char* module, const char* name, unsigned gx, unsigned gy, unsigned gz,
-                              unsigned block, unsigned smem, void** params) {
-    void (*entry)(void**) = nullptr;
-    size_t count = 0;
-    for (size_t part = 0; const FepEmuKernel* table = fep_emu_kernel_part(warp, part, &count); ++part) {
-        for (size_t i = 0; i < count; ++i) {
-            if (std::string(table[i].module) == module && std::string(table[i].name) == name) entry = table[i].entry;
-        }
-    }
-    if (!entry) return 1;
+namespace {
+
+// Runs `entry` over the grid; the status codes of fep_emu_launch.
+int launch_entry(void (*entry)(void**), int warp, unsigned gx, unsigned gy, unsigned gz, unsigned block,
+                 unsigned smem, void** params) {
     if (block == 0 || block % (unsigned)warp != 0 || block > 1024) return 2;
     while (fibers.size() < block) {
         auto f = std::make_unique<Fiber>();
@@ -328,8 +362,99 @@ extern "C" int fep_emu_launch(int warp, const char* module, const char* name, un
         for (unsigned y = 0; y < gy && status == 0; ++y)
             for (unsigned x = 0; x < gx && status == 0; ++x) {
                 blockIdx = {x, y, z};
-                if (!run_block(block)) status = 3;
+                if (!run_block(block, (unsigned)warp)) status = 3;
             }
     current = nullptr;
     return status;
+}
+
+}  // namespace
+
+// 0: done; 1: no such kernel; 2: a block size the emulator cannot run; 3: the block's threads
+// deadlocked at a barrier (one that not all of them reach); 4: no memory for the fibres' stacks.
+extern "C" int fep_emu_launch(int warp, const char* module, const char* name, unsigned gx, unsigned gy, unsigned gz,
+                              unsigned block, unsigned smem, void** params) {
+    void (*entry)(void**) = nullptr;
+    size_t count = 0;
+    for (size_t part = 0; const FepEmuKernel* table = fep_emu_kernel_part(warp, part, &count); ++part) {
+        for (size_t i = 0; i < count; ++i) {
+            if (std::string(table[i].module) == module && std::string(table[i].name) == name) entry = table[i].entry;
+        }
+    }
+    if (!entry) return 1;
+    return launch_entry(entry, warp, gx, gy, gz, block, smem, params);
+}
+
+// The emulator's own promises, checked on kernels that break them on purpose (for
+// diagnostics::emulator_self_check): a read of another thread's shared-memory write without a
+// barrier between them reads stale data, in either direction (thread t reading t + 1's or
+// t - 1's slot); a barrier that not every thread reaches is reported (status 3), not a hang; a
+// buffer read before its asynchronous copy's wait holds the old bytes, after it the new ones; a
+// buffer that a warp refills while a slower warp still reads the old contents (no barrier
+// between the reads and the reuse) is caught. Returns 0, or a bit per promise broken: 1, 2, 4,
+// 8, 16.
+namespace {
+constexpr unsigned kCheckThreads = 128;
+int check_stale[2];  // per phase: how many threads read a stale slot
+void check_missing_barrier(void**) {
+    __shared__ int slot[kCheckThreads];
+    const unsigned t = threadIdx.x, n = blockDim.x;
+    slot[t] = 0;
+    __syncthreads();
+    // phase 0 reads the next thread's slot, phase 1 the previous one's; each writes, then reads
+    // with no barrier between (the bug), then a barrier
+    for (int phase = 0; phase < 2; ++phase) {
+        slot[t] = phase + 1;
+        const bool wraps = phase == 0 ? t + 1 == n : t == 0;  // reads across the round's ends
+        const int seen = slot[phase == 0 ? (t + 1) % n : (t + n - 1) % n];
+        if (seen != phase + 1 && !wraps) check_stale[phase] += 1;  // fibres of one thread: no race
+        __syncthreads();
+    }
+}
+void check_divergent_barrier(void**) {
+    if (threadIdx.x == 0) __syncthreads();
+}
+int check_reuse_seen = 0;  // threads whose sum saw another warp's next write
+void check_missing_reuse_barrier(void**) {
+    __shared__ int partial[kCheckThreads];
+    const int w = (int)threadIdx.x / current->warp, nw = (int)blockDim.x / current->warp;
+    const bool leader = threadIdx.x % current->warp == 0;
+    if (leader) partial[w] = 1;
+    __syncthreads();
+    int sum = 0;
+    for (int i = 0; i < nw; ++i) sum += partial[i];
+    fep_emu_exchange(0, 0, false);  // a warp-level step, as a shuffle reduction has
+    if (leader) partial[w] = 2;     // the bug: reused with no barrier after the reads above
+    __syncthreads();
+    if (sum != nw) check_reuse_seen += 1;
+}
+int check_copy_early = 0, check_copy_late = 0;
+void check_copy_wait(void**) {
+    alignas(16) __shared__ int dst[4 * kCheckThreads];
+    alignas(16) static const int src[4] = {7, 7, 7, 7};
+    int* mine = dst + 4 * threadIdx.x;
+    mine[0] = 0;
+    fep_emu_copy16(mine, src, true);
+    fep_emu_copy_commit();
+    if (mine[0] == 7) check_copy_early += 1;  // read before the wait: must be the old value
+    fep_emu_copy_wait(0);
+    if (mine[0] == 7) check_copy_late += 1;
+}
+}  // namespace
+
+extern "C" int fep_emu_self_check(int warp) {
+    int broken = 0;
+    check_stale[0] = check_stale[1] = 0;
+    if (launch_entry(check_missing_barrier, warp, 1, 1, 1, kCheckThreads, 0, nullptr) != 0 || check_stale[0] == 0)
+        broken |= 1;
+    if (check_stale[1] == 0) broken |= 2;
+    if (launch_entry(check_divergent_barrier, warp, 1, 1, 1, kCheckThreads, 0, nullptr) != 3) broken |= 4;
+    check_reuse_seen = 0;
+    if (launch_entry(check_missing_reuse_barrier, warp, 1, 1, 1, kCheckThreads, 0, nullptr) != 0 || check_reuse_seen == 0)
+        broken |= 16;
+    check_copy_early = check_copy_late = 0;
+    if (launch_entry(check_copy_wait, warp, 1, 1, 1, kCheckThreads, 0, nullptr) != 0 || check_copy_early != 0 ||
+        check_copy_late != (int)kCheckThreads)
+        broken |= 8;
+    return broken;
 }

@@ -24,6 +24,27 @@ unsafe extern "C" {
         smem: u32,
         params: *mut *mut c_void,
     ) -> i32;
+    fn fep_emu_self_check(warp: i32) -> i32;
+}
+
+/// The emulator's promises, on kernels that break them on purpose (kernels/port/emulate.cpp):
+/// a shared-memory read without the barrier it needs sees stale data, whichever thread comes
+/// first; a barrier that not every thread reaches is an error; a buffer read before its
+/// asynchronous copy's wait holds the old bytes; a warp that refills a buffer another warp still
+/// reads is caught. The broken promises in words, if any.
+pub(crate) fn self_check(warp: usize) -> Vec<&'static str> {
+    const PROMISES: [&str; 5] = [
+        "a read of the next thread's shared-memory slot without a barrier was never stale",
+        "a read of the previous thread's shared-memory slot without a barrier was never stale",
+        "a barrier reached by one thread of the block was not reported as a deadlock",
+        "a buffer read before its asynchronous copy's wait already held the new bytes (or after it not)",
+        "a buffer refilled by one warp while another still read it (no barrier) went unnoticed",
+    ];
+    let broken = unsafe { fep_emu_self_check(warp as i32) };
+    (0..PROMISES.len())
+        .filter(|i| broken & (1 << i) != 0)
+        .map(|i| PROMISES[i])
+        .collect()
 }
 
 pub(crate) struct EmuDevice {

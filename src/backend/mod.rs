@@ -135,8 +135,9 @@ impl Device {
         }
     }
 
-    /// The emulated GPU (feature `emulate`, for tests): the kernels on host threads with warp
-    /// size `warp` (32 or 64) and `shared_bytes` of shared memory per block.
+    /// The emulated GPU (feature `emulate`, for tests): the kernels on the host (a block's
+    /// threads as fibres) with warp size `warp` (32 or 64) and `shared_bytes` of shared memory
+    /// per block.
     #[cfg(feature = "emulate")]
     #[cfg_attr(docsrs, doc(cfg(feature = "emulate")))]
     pub fn emulated(warp: usize, shared_bytes: usize) -> Result<Device> {
