@@ -3,7 +3,7 @@
 what ran and what was cut for time, every criterion figure of our benches, and the peer timings
 with their ratio to ours.
 
-Reads, in the run folder (--run, ci/gpu-run.sh's $OUT/run; the same folder packed in
+Reads, in the run folder (--run: ci/gpu-run.sh's target/gpu-run/run, packed as run/ in
 $OUT/gpu-run.tar.gz): device.txt, steps.tsv (one line per item: status, seconds, limit, note),
 expected.txt (the criterion ids the quick step should measure), criterion/**/new/estimates.json
 (CRITERION_HOME) and peers-*.json. Writes the markdown into --out and, with --results-dir, into
@@ -11,7 +11,7 @@ that folder too (benches/results/ on a GPU machine; not for a dry run). Only mea
 written: a record without a figure (failed, skipped, cut) says why instead, and what was cut for
 time is listed in its own section.
 
-    python3 ci/gpu-report.py --run gpu-out/run --out gpu-out --commit abc123
+    tar xzf gpu-out/gpu-run.tar.gz && python3 ci/gpu-report.py --run run --out . --commit abc123
     (older runs: --out DIR alone reads DIR)"""
 
 import argparse

@@ -163,5 +163,5 @@ rc=$?
 check "exit 1 (rc $rc)" test "$rc" = 1
 check "py-vmp FAILED for its SKIPPED" has "$tmp/skip/out/summary.txt" "py-vmp +FAILED .*SKIPPED"
 
-echo "gpu-run self-test: $passes passed, $failures failed"
+echo "gpu-run-selftest: $passes passed, $failures failed"
 ((failures == 0)) || { echo "logs:"; for f in "$tmp"/*.log; do echo "== $f"; tail -30 "$f"; done; exit 1; }

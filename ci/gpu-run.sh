@@ -98,6 +98,8 @@
 #   FEP_GPU_TEST_JOBS    test processes at once in step 2 (default 4; 1: one after another).
 #   FEP_GPU_TEST_THREADS --test-threads for each test binary (default: libtest's, one per core).
 #   FEP_GPU_CPU_TESTS=1  also run the CPU-only test binaries, last.
+#   FEP_GPU_KEEP_RUN=1   keep the run folder after packing it (the default in the dry run and
+#                        when the suite was stopped).
 # The archive is unpacked into gpu-stage/ when that folder is absent or was unpacked from another
 # archive (its SHA-256 is kept in gpu-stage/ARCHIVE-SHA256): a second call on a warm machine runs
 # what it carried, not what the first call unpacked.
