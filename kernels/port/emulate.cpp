@@ -113,7 +113,6 @@ void context_make(Context& c, unsigned char* stack, size_t bytes) {
 }
 #endif
 
-
 // Asynchronous copies (port/copy.cuh) in flight, per thread: the source is read when the copy
 // is issued (global memory does not change during a launch), the destination written only when
 // a wait retires its group, so a kernel that reads a buffer before waiting for it reads stale
@@ -129,7 +128,6 @@ struct Barrier {
     int arrived = 0;
     unsigned generation = 0;
 };
-
 
 // Each fibre's stack: mapped lazily, with a guard page below it so an overflow faults instead of
 // corrupting a neighbour. Kernels keep at most a few KiB of locals (their registers).
