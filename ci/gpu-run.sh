@@ -181,6 +181,7 @@ TEE_PID=$!
 now_ms() { local t=${EPOCHREALTIME//[.,]/}; echo $((t / 1000)); }
 T0=$(now_ms)
 el() { echo $((($(now_ms) - T0) / 1000)); }  # seconds since the start
+since_s() { awk -v a="$1" -v b="$(now_ms)" 'BEGIN { printf "%.1f", (b - a) / 1000 }'; } # since_s START_MS
 
 TOTAL=${FEP_GPU_BUDGET_S:-450}
 # scaled budget: sb SECONDS (nominal, for a 450 s total)
@@ -243,7 +244,7 @@ COMMIT=$(cat "$stage/COMMIT" 2>/dev/null || git rev-parse HEAD 2>/dev/null || ec
 # SKIPPED (not selected, not applicable), MISSING (a binary of the stage is missing).
 # While an item runs, $RUN/inflight/<name> holds "PID START_MS LIMIT_S" (PID: its `timeout`,
 # which leads the item's process group), so the traps can stop and record it.
-declare -A CMD TMO MARGIN NEED
+declare -A CMD TMO MARGIN NEED CPU_ONLY
 ORDER=()
 add() { # add STEP.ITEM TIMEOUT_S MARGIN_S NEEDS(file or -) COMMAND
   CMD[$1]=$5; TMO[$1]=$2; MARGIN[$1]=$3; NEED[$1]=$4; ORDER+=("$1")
@@ -303,6 +304,10 @@ alive() { # alive PID
   [ -n "$st" ] && [ "${st:0:1}" != Z ]
 }
 
+# An item whose process outlived TERM and KILL (stuck in the driver?) is left running: noted once.
+LEFT_BEHIND="TERM and KILL, and outlived both (stuck in the driver?): left behind"
+note_left_behind() { echo "$1: left behind (pid $2), still running" >>"$RUN/left-behind.txt"; } # NAME PID
+
 # Waits for an item's `timeout` process: its exit status, or 255 when it is still there 10 s
 # after its limit (its KILL came and went: a process stuck in the driver keeps it alive; it is
 # left behind). Polls, so the traps run within 0.2 s of a signal.
@@ -341,13 +346,13 @@ run_item() { # run_item NAME: runs it now if selected and time remains (returns 
   echo "$pid $t1 $t" >"$RUN/inflight/$name"
   wait_item "$pid" "$t"
   rc=$?
-  secs=$(awk -v a="$t1" -v b="$(now_ms)" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
+  secs=$(since_s "$t1")
   note=$(summarise "$log" | tr '\n' ' ' | sed 's/ *$//; s/^; //')
   # else the last line it printed (the load check's, pc_digits' accuracy, ...)
   [ -z "$note" ] && note=$(grep -v '^[[:space:]]*$' "$log" | tail -1 | cut -c1-110)
   local how="TERM"
   ((rc == 137)) && how="TERM, ignored it: KILLed 5 s later"
-  ((rc == 255)) && how="TERM and KILL, and outlived both (stuck in the driver?): left behind"
+  ((rc == 255)) && how=$LEFT_BEHIND
   if ((rc == 0)); then
     status=ok
   elif ((rc == 124 || rc == 137 || rc == 255)); then
@@ -368,7 +373,7 @@ run_item() { # run_item NAME: runs it now if selected and time remains (returns 
   fi
   record "$name" "$status" "$secs" "$t" "$note"
   rm -f "$RUN/inflight/$name"
-  ((rc == 255)) && echo "$name: left behind (pid $pid), still running" >>"$RUN/left-behind.txt"
+  ((rc == 255)) && note_left_behind "$name" "$pid"
   return 0
 }
 
@@ -504,6 +509,7 @@ REST=(rest.tour rest.pc_digits rest.bench-attention-f16 rest.peers-attention-d64
 for t in "${CPU_TESTS[@]}"; do
   add "rest.$t" 120 0 "$B/tests/$t" "$B/tests/$t --color never"
   REST+=("rest.$t")
+  CPU_ONLY[rest.$t]=1
 done
 
 # The criterion ids step 3 should measure (the report lists those it cannot find as not
@@ -614,11 +620,11 @@ stop_inflight() { # stop_inflight WHY: TERM to every item in flight, KILL after 
       sleep 0.5
       how="TERM, ignored it: KILLed 3 s later"
       if alive "$pid"; then
-        how="TERM and KILL, and outlived both (stuck in the driver?): left behind"
-        echo "$name: left behind (pid $pid), still running" >>"$RUN/left-behind.txt"
+        how=$LEFT_BEHIND
+        note_left_behind "$name" "$pid"
       fi
     fi
-    record "$name" KILLED "$(awk -v a="$t1" -v b="$(now_ms)" 'BEGIN { printf "%.1f", (b - a) / 1000 }')" "$lim" \
+    record "$name" KILLED "$(since_s "$t1")" "$lim" \
       "$1 ($how); what it printed is in its log"
     rm -f "$f"
   done
@@ -711,8 +717,7 @@ if ((${#retry[@]})); then
   for n in "${retry[@]}"; do run_item "$n"; publish_if_due; done
 fi
 for n in "${REST[@]}"; do
-  if [[ $n == rest.*_cpu || $n == rest.ffi_header || $n == rest.resources || $n == rest.settle_digits || $n == rest.census || $n == rest.candle_ops ]] &&
-    [ "${FEP_GPU_CPU_TESTS:-0}" != 1 ]; then
+  if [ -n "${CPU_ONLY[$n]:-}" ] && [ "${FEP_GPU_CPU_TESTS:-0}" != 1 ]; then
     record "$n" SKIPPED 0 - "CPU-only test: CI runs it (FEP_GPU_CPU_TESTS=1 runs it here)"
     continue
   fi

@@ -6,11 +6,12 @@ skip per test (a test that returns a string starting with "SKIPPED" was skipped)
 
 import sys
 import traceback
+import typing
 
 import fep_kernels as fk
 
 
-def skip_module(script, why):
+def skip_module(script: str, why: str) -> "typing.NoReturn":
     """Skips the whole test file (``why``: e.g. "PyTorch is not installed"): under pytest as a
     module-level skip, run as a script by printing "<script>: SKIPPED: <why>" and exiting 0."""
     if "pytest" in sys.modules:
