@@ -43,7 +43,9 @@
 /// An asynchronous kernel fault surfaces as this at the next synchronising call.
 #define FEP_ERR_DRIVER 3
 
-/// Status code: a device allocation failed for lack of memory.
+/// Status code: an allocation (host or device: an output, a workspace, a trace) failed for lack
+/// of memory, or its size does not fit in the address space; the message says what it was for
+/// and how many bytes it asked. Nothing was written.
 #define FEP_ERR_OUT_OF_MEMORY 4
 
 /// Status code: the request is valid, but this build or device cannot serve it.
@@ -51,6 +53,11 @@
 
 /// Status code: an internal error (a bug in fep-kernels; no panic crosses the C boundary).
 #define FEP_ERR_INTERNAL 6
+
+/// Status code: the computation diverged (an energy, state or update became NaN or infinite:
+/// a step size too large for the problem). Parameters the call would have updated are
+/// untouched; the message says where it diverged.
+#define FEP_ERR_DIVERGED 7
 
 /// Device kind: the host CPU. Tensors are host memory; `stream` is ignored and calls return
 /// when the work is done.

@@ -54,14 +54,21 @@ pub enum Error {
         /// The driver's message for that code.
         message: String,
     },
-    /// A device allocation failed for lack of memory.
-    #[error("out of memory: could not allocate {bytes} bytes on {device}")]
+    /// An allocation (host or device: a buffer, a workspace, a trace) failed for lack of memory,
+    /// or its size does not fit in the address space. Nothing was written.
+    #[error("out of memory: could not allocate {bytes} bytes for {what} on {device}")]
     OutOfMemory {
         /// The device, in words.
         device: String,
-        /// The size asked for.
-        bytes: usize,
+        /// What the memory was for ("the Gram matrix [60000, 60000]", "a buffer of 2^40 f32").
+        what: String,
+        /// The size asked for (u128: a size that overflows usize is still reported exactly).
+        bytes: u128,
     },
+    /// The computation diverged: an energy, a state or an update became NaN or infinite (a step
+    /// size too large for the problem). Parameters the call would have updated are untouched.
+    #[error("diverged: {0}")]
+    Diverged(String),
     /// The request is valid but this build or device cannot serve it.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -71,6 +78,18 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// An [`Error::OutOfMemory`] from a backend, re-labelled with what the memory was for.
+    pub(crate) fn for_what(self, what: impl FnOnce() -> String) -> Self {
+        match self {
+            Error::OutOfMemory { device, bytes, .. } => Error::OutOfMemory {
+                device,
+                what: what(),
+                bytes,
+            },
+            other => other,
+        }
+    }
+
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {

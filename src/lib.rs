@@ -145,6 +145,7 @@
 // Without a GPU feature the launch plumbing has no caller; it is still compiled and checked.
 #![cfg_attr(not(fep_gpu), allow(dead_code, unused_variables))]
 
+mod alloc;
 pub mod attention;
 mod backend;
 #[cfg(feature = "candle")]

@@ -146,7 +146,8 @@ impl CudaDevice {
             if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
                 Error::OutOfMemory {
                     device: self.name.clone(),
-                    bytes,
+                    what: "device memory".into(),
+                    bytes: bytes as u128,
                 }
             } else {
                 driver_err("cuMemAlloc", e)

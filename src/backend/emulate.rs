@@ -74,13 +74,15 @@ impl EmuDevice {
         let layout =
             Layout::from_size_align(bytes.max(1), 256).map_err(|_| Error::OutOfMemory {
                 device: self.name.clone(),
-                bytes,
+                what: "device memory".into(),
+                bytes: bytes as u128,
             })?;
         let p = unsafe { std::alloc::alloc(layout) };
         if p.is_null() {
             return Err(Error::OutOfMemory {
                 device: self.name.clone(),
-                bytes,
+                what: "device memory".into(),
+                bytes: bytes as u128,
             });
         }
         self.allocations.lock().unwrap().insert(p as u64, layout);
@@ -138,7 +140,8 @@ impl EmuDevice {
             ))),
             _ => Err(Error::OutOfMemory {
                 device: self.name.clone(),
-                bytes: cfg.block as usize * 260 * 1024,
+                what: format!("the fibre stacks of a {}-thread block", cfg.block),
+                bytes: cfg.block as u128 * 260 * 1024,
             }),
         }
     }

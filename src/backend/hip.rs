@@ -148,7 +148,8 @@ impl HipDevice {
         if code == hip::hipError_t::hipErrorOutOfMemory {
             return Err(Error::OutOfMemory {
                 device: self.name.clone(),
-                bytes,
+                what: "device memory".into(),
+                bytes: bytes as u128,
             });
         }
         check("hipMalloc", code)?;

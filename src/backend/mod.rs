@@ -496,11 +496,9 @@ impl<T: Pod> fmt::Debug for DeviceBuffer<T> {
 
 impl<T: Pod> DeviceBuffer<T> {
     fn new(device: &Device, len: usize) -> Result<Self> {
-        let bytes = len
-            .checked_mul(size_of::<T>())
-            .ok_or_else(|| Error::invalid("len", format!("{len} elements overflow")))?;
+        let what = || format!("a buffer of {len} {}", std::any::type_name::<T>());
         if !device.is_gpu() {
-            let mut host = vec![T::zeroed(); len];
+            let mut host = crate::alloc::zeroed::<T>(len, what)?;
             return Ok(DeviceBuffer {
                 device: device.clone(),
                 addr: host.as_mut_ptr() as u64,
@@ -508,10 +506,15 @@ impl<T: Pod> DeviceBuffer<T> {
                 host: Some(host),
             });
         }
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .ok_or_else(|| crate::alloc::oom::<T>(&device.name(), what, len))?;
         let addr = if bytes == 0 {
             0
         } else {
-            device.alloc_bytes(bytes, Stream(std::ptr::null_mut()))?
+            device
+                .alloc_bytes(bytes, Stream(std::ptr::null_mut()))
+                .map_err(|e| e.for_what(what))?
         };
         Ok(DeviceBuffer {
             device: device.clone(),
@@ -689,7 +692,9 @@ impl<'a, T: Pod> View<'a, T> {
 
     /// Copies to the host after everything enqueued on `stream`.
     pub fn to_vec_on(&self, stream: Stream) -> Result<Vec<T>> {
-        let mut out = vec![T::zeroed(); self.len];
+        let mut out = crate::alloc::zeroed::<T>(self.len, || {
+            format!("a host copy of {} {}", self.len, std::any::type_name::<T>())
+        })?;
         if self.len > 0 {
             unsafe {
                 self.device.copy_dtoh(
@@ -777,7 +782,9 @@ impl Scratch {
         let addr = if bytes == 0 {
             0
         } else {
-            device.alloc_bytes(bytes, stream)?
+            device
+                .alloc_bytes(bytes, stream)
+                .map_err(|e| e.for_what(|| format!("a workspace of {bytes} bytes")))?
         };
         Ok(Scratch {
             device: device.clone(),

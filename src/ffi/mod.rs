@@ -42,12 +42,18 @@ pub const FEP_ERR_NO_DEVICE: i32 = 2;
 /// Status code: a CUDA or HIP call failed (the message carries the driver's code and message).
 /// An asynchronous kernel fault surfaces as this at the next synchronising call.
 pub const FEP_ERR_DRIVER: i32 = 3;
-/// Status code: a device allocation failed for lack of memory.
+/// Status code: an allocation (host or device: an output, a workspace, a trace) failed for lack
+/// of memory, or its size does not fit in the address space; the message says what it was for
+/// and how many bytes it asked. Nothing was written.
 pub const FEP_ERR_OUT_OF_MEMORY: i32 = 4;
 /// Status code: the request is valid, but this build or device cannot serve it.
 pub const FEP_ERR_UNSUPPORTED: i32 = 5;
 /// Status code: an internal error (a bug in fep-kernels; no panic crosses the C boundary).
 pub const FEP_ERR_INTERNAL: i32 = 6;
+/// Status code: the computation diverged (an energy, state or update became NaN or infinite:
+/// a step size too large for the problem). Parameters the call would have updated are
+/// untouched; the message says where it diverged.
+pub const FEP_ERR_DIVERGED: i32 = 7;
 
 /// Device kind: the host CPU. Tensors are host memory; `stream` is ignored and calls return
 /// when the work is done.
@@ -76,6 +82,7 @@ impl Error {
             Error::Driver { .. } => FEP_ERR_DRIVER,
             Error::OutOfMemory { .. } => FEP_ERR_OUT_OF_MEMORY,
             Error::Unsupported(_) => FEP_ERR_UNSUPPORTED,
+            Error::Diverged(_) => FEP_ERR_DIVERGED,
         }
     }
 }
