@@ -47,24 +47,39 @@ pub(crate) fn zeroed<T: Zeroable>(len: usize, what: impl FnOnce() -> String) -> 
 }
 
 /// `len` copies of `value` on the host.
-pub(crate) fn filled<T: Clone>(len: usize, value: T, what: impl FnOnce() -> String) -> Result<Vec<T>> {
+pub(crate) fn filled<T: Clone>(
+    len: usize,
+    value: T,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<T>> {
+    let mut v = with_capacity(len, what)?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// An empty vector with room for `len` elements (fallible `Vec::with_capacity`).
+pub(crate) fn with_capacity<T>(len: usize, what: impl FnOnce() -> String) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(len)
         .map_err(|_| oom::<T>("the host", what, len))?;
-    v.resize(len, value);
     Ok(v)
 }
 
 /// The product of `dims`, or an [`Error::InvalidArgument`] naming `name` and the factors when it
 /// overflows `usize` (a shape whose element count cannot exist).
 pub(crate) fn product(name: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-        let factors: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
-        Error::invalid(
-            name,
-            format!("{} elements overflow the address space", factors.join(" x ")),
-        )
-    })
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            let factors: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+            Error::invalid(
+                name,
+                format!(
+                    "{} elements overflow the address space",
+                    factors.join(" x ")
+                ),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -95,7 +110,12 @@ mod tests {
     fn products_are_checked() {
         assert_eq!(product("s", &[2, 3, 4]).unwrap(), 24);
         assert_eq!(product("s", &[]).unwrap(), 1);
-        let e = product("shape", &[1 << 32, 1 << 32]).unwrap_err().to_string();
-        assert!(e.contains("shape") && e.contains("4294967296 x 4294967296"), "{e}");
+        let e = product("shape", &[1 << 32, 1 << 32])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("shape") && e.contains("4294967296 x 4294967296"),
+            "{e}"
+        );
     }
 }

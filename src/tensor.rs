@@ -33,7 +33,8 @@ pub(crate) fn check_no_overlap(
     outs: &[(&str, u64, usize)],
 ) -> Result<()> {
     let overlaps = |a: &(&str, u64, usize), b: &(&str, u64, usize)| {
-        let (a0, a1, b0, b1) = (a.1, a.1 + a.2 as u64, b.1, b.1 + b.2 as u64);
+        let end = |x: &(&str, u64, usize)| x.1.saturating_add(x.2 as u64);
+        let (a0, a1, b0, b1) = (a.1, end(a), b.1, end(b));
         a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1
     };
     for (i, a) in outs.iter().enumerate() {

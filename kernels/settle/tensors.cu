@@ -2,11 +2,23 @@
 // that lets the host reject NaN/Inf and non-positive precisions before anything is written.
 #include "settle.cuh"
 
-// p <- p - lr g, rounded once to T.
+// p <- p - lr g, rounded once to T; nothing when *skip != 0 (a non-finite update was found by
+// settle_check_update earlier on the stream: the parameters are left whole, with no host sync).
 template <typename T>
-FEP_DEVICE void settle_sgd(T* param, const float* grad, int64_t n, float lr) {
+FEP_DEVICE void settle_sgd(T* param, const float* grad, int64_t n, float lr, const unsigned* skip) {
+    if (*skip != 0u) return;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         param[i] = fep_from_f32<T>(fmaf(-lr, grad[i], fep_to_f32(param[i])));
+}
+
+// *flag = 1 when any p - lr g (rounded to T, as settle_sgd writes it) is NaN or infinite. Every
+// writer stores the same value, so the race is benign and the result deterministic.
+template <typename T>
+FEP_DEVICE void settle_check_update(const T* param, const float* grad, int64_t n, float lr, unsigned* flag) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float x = fep_to_f32(fep_from_f32<T>(fmaf(-lr, grad[i], fep_to_f32(param[i]))));
+        if (!(x - x == 0.0f)) *flag = 1u;  // NaN and Inf give NaN
+    }
 }
 
 // out[2 block] = number of non-finite elements of the block's share, out[2 block + 1] = their
@@ -33,8 +45,12 @@ FEP_DEVICE void settle_scan(const T* v, int64_t n, float* out) {
 
 #define SETTLE_TENSOR_KERNELS(suffix, T)                                                              \
     FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) settle_sgd_##suffix(T* param, const float* grad, int64_t n, \
-                                                               float lr) {                          \
-        settle_sgd<T>(param, grad, n, lr);                                                        \
+                                                               float lr, const unsigned* skip) {    \
+        settle_sgd<T>(param, grad, n, lr, skip);                                                  \
+    }                                                                                             \
+    FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) settle_check_update_##suffix(                          \
+        const T* param, const float* grad, int64_t n, float lr, unsigned* flag) {                 \
+        settle_check_update<T>(param, grad, n, lr, flag);                                         \
     }                                                                                             \
     FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) settle_scan_##suffix(const T* v, int64_t n, float* out) { \
         settle_scan<T>(v, n, out);                                                                \

@@ -87,9 +87,14 @@ pub(crate) fn validate(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<()> 
             ),
         ));
     }
-    check_slice("q", inp.q.len(), inp.b * inp.hq * inp.lq * inp.d)?;
-    check_slice("k", inp.k.len(), inp.b * inp.hkv * inp.lk * inp.d)?;
-    check_slice("v", inp.v.len(), inp.b * inp.hkv * inp.lk * inp.dv)?;
+    // Checked products: the reference is public, its sizes are the caller's.
+    use crate::alloc::product;
+    let (b, hq, hkv, lq, lk) = (inp.b, inp.hq, inp.hkv, inp.lq, inp.lk);
+    check_slice("q", inp.q.len(), product("q", &[b, hq, lq, inp.d])?)?;
+    check_slice("k", inp.k.len(), product("k", &[b, hkv, lk, inp.d])?)?;
+    check_slice("v", inp.v.len(), product("v", &[b, hkv, lk, inp.dv])?)?;
+    product("o", &[b, hq, lq, inp.dv])?;
+    product("scores", &[b, hq, lq, lk])?;
     if let Some(p) = inp.pi_head {
         check_slice("precision.head", p.len(), inp.hq)?;
         check_precision("precision.head", p)?;
@@ -239,10 +244,11 @@ pub fn forward(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<RefOutputs> 
         .collect();
 
     let rows = nb * hq * lq;
+    let what = || format!("the f64 outputs of {rows} rows");
     let mut out = RefOutputs {
-        o: Vec::with_capacity(rows * dv),
-        lse: Vec::with_capacity(rows),
-        e: Vec::with_capacity(rows),
+        o: crate::alloc::with_capacity(rows * dv, what)?,
+        lse: crate::alloc::with_capacity(rows, what)?,
+        e: crate::alloc::with_capacity(rows, what)?,
     };
     for (o, lse, e) in blocks {
         out.o.extend_from_slice(&o);
@@ -253,11 +259,12 @@ pub fn forward(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<RefOutputs> 
 }
 
 /// A strided `[B, H, L, D]` host tensor gathered into row-major BHLD f64.
-pub(crate) fn gather<T: Element>(t: &Tensor4<'_, T>) -> Vec<f64> {
+pub(crate) fn gather<T: Element>(t: &Tensor4<'_, T>) -> Result<Vec<f64>> {
     let src = t.data.host_slice();
     let [nb, nh, nl, nd] = t.shape;
     let [sb, sh, sl] = t.strides;
-    let mut out = Vec::with_capacity(nb * nh * nl * nd);
+    let n = crate::alloc::product("shape", &t.shape)?;
+    let mut out = crate::alloc::with_capacity(n, || format!("an f64 copy of {:?}", t.shape))?;
     for b in 0..nb {
         for h in 0..nh {
             for l in 0..nl {
@@ -266,7 +273,7 @@ pub(crate) fn gather<T: Element>(t: &Tensor4<'_, T>) -> Vec<f64> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// A problem's inputs gathered into row-major f64 host vectors (what the reference takes).
@@ -284,14 +291,14 @@ pub(crate) fn host_f64(v: &View<'_, f32>) -> Vec<f64> {
 }
 
 impl Gathered {
-    pub(crate) fn new<T: Element>(p: &Problem<'_, '_, T>) -> Self {
-        Gathered {
-            q: gather(p.q),
-            k: gather(p.k),
-            v: gather(p.v),
+    pub(crate) fn new<T: Element>(p: &Problem<'_, '_, T>) -> Result<Self> {
+        Ok(Gathered {
+            q: gather(p.q)?,
+            k: gather(p.k)?,
+            v: gather(p.v)?,
             pi_head: p.precision.head.as_ref().map(host_f64),
             pi_key: p.precision.key.as_ref().map(host_f64),
-        }
+        })
     }
 
     /// The reference's view of them, with the problem's sizes and key lengths.
@@ -338,9 +345,10 @@ pub(crate) fn forward_views<T: Element>(
     p: &Problem<'_, '_, T>,
     mut out: AttentionOutputs<'_, T>,
 ) -> Result<()> {
-    let host = Gathered::new(p);
+    let host = Gathered::new(p)?;
     // Everything is checked here, before the first write.
     let r = forward(&p.spec, &host.inputs(p))?;
+    check_representable(&p.spec, &r)?;
     scatter(&mut out.o, &r.o);
     if let Some(lse) = out.lse.as_mut() {
         let dst = lse.host_slice_mut();
@@ -351,4 +359,25 @@ pub(crate) fn forward_views<T: Element>(
         dst.iter_mut().zip(&r.e).for_each(|(a, &c)| *a = c as f32);
     }
     Ok(())
+}
+
+/// `Err` when a row's lse or e does not fit in f32 (scores that overflow: inputs or τ too
+/// large), before anything is written; a fully masked row's lse of −∞ is not an overflow.
+pub(crate) fn check_representable(spec: &AttentionSpec, r: &RefOutputs) -> Result<()> {
+    let bad = |x: f64| x.is_nan() || (x as f32).is_infinite() && x != f64::NEG_INFINITY;
+    let row = r.lse.iter().position(|&x| bad(x)).or_else(|| {
+        r.e.iter()
+            .position(|&x| x.is_nan() || (x as f32).is_infinite())
+    });
+    match row {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(
+            if spec.scale.is_some() { "scale" } else { "q" },
+            format!(
+                "the scores of row {i} overflow f32 (lse = {}, e = {}): inputs or scale too large",
+                r.lse[i] as f32,
+                r.e.get(i).map_or(0.0, |&e| e as f32)
+            ),
+        )),
+    }
 }

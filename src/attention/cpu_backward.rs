@@ -204,12 +204,13 @@ pub fn backward(
         })
         .collect();
 
+    let what = || format!("the f64 gradients of [{nb}, {hkv}, {lk}] keys");
     let mut out = RefGradients {
-        dq: vec![0.0; rows * d],
-        dk: Vec::with_capacity(nb * hkv * lk * d),
-        dv: Vec::with_capacity(nb * hkv * lk * dv),
-        dpi_head: vec![0.0; hq],
-        dpi_key: Vec::with_capacity(nb * hkv * lk),
+        dq: crate::alloc::zeroed(rows * d, what)?,
+        dk: crate::alloc::with_capacity(nb * hkv * lk * d, what)?,
+        dv: crate::alloc::with_capacity(nb * hkv * lk * dv, what)?,
+        dpi_head: crate::alloc::zeroed(hq, what)?,
+        dpi_key: crate::alloc::with_capacity(nb * hkv * lk, what)?,
         dnu: 0.0,
     };
     for (bk, p) in parts.into_iter().enumerate() {
@@ -236,8 +237,8 @@ pub(crate) fn backward_views<T: Element>(
     p: &BackwardProblem<'_, '_, T>,
     mut out: Gradients<'_, T>,
 ) -> Result<()> {
-    let host = Gathered::new(&p.fwd);
-    let d_o = gather(&p.inputs.d_o);
+    let host = Gathered::new(&p.fwd)?;
+    let d_o = gather(&p.inputs.d_o)?;
     let d_e = p.inputs.d_e.as_ref().map(host_f64);
     // Everything is checked here, before the first write.
     let g = backward(

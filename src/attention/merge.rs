@@ -6,6 +6,7 @@
 
 use super::cpu::RefOutputs;
 use super::{AttentionOutputs, AttentionResult, Tensor4Mut, check_tensor, extent};
+use crate::alloc::product;
 use crate::backend::{Device, Stream, View};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -27,13 +28,6 @@ pub struct MergeParts<'a, T: Element> {
     pub shape: [usize; 4],
 }
 
-fn product(name: &str, xs: &[usize]) -> Result<usize> {
-    xs.iter().try_fold(1usize, |a, &x| {
-        a.checked_mul(x)
-            .ok_or_else(|| Error::invalid(name, format!("sizes {xs:?} overflow")))
-    })
-}
-
 /// The f64 merge on host slices: `o_parts` `[S, rows, dv]`, `lse_parts` and `e_parts`
 /// `[S, rows]` (row-major). The result's o is `[rows, dv]`, lse `[rows]`, e `[rows]` (empty when
 /// no `e_parts` is given).
@@ -53,14 +47,27 @@ pub fn merge_reference(
     if let Some(e) = e_parts {
         check_len("e", e.len(), splits * rows)?;
     }
+    // A part's lse is finite, or −∞ for a part that saw no key; +∞ (an overflowed forward) or
+    // NaN would turn the whole row into NaN.
+    if let Some(i) = lse_parts
+        .iter()
+        .position(|&x| x.is_nan() || x == f64::INFINITY)
+    {
+        return Err(Error::invalid(
+            "lse parts",
+            format!(
+                "element {i} (part {}, row {}) is {}: each part's lse must be finite or -inf",
+                i / rows,
+                i % rows,
+                lse_parts[i]
+            ),
+        ));
+    }
+    let what = || format!("the merged rows [{rows}, {dv}]");
     let mut out = RefOutputs {
-        o: vec![0.0; rows * dv],
-        lse: vec![f64::NEG_INFINITY; rows],
-        e: if e_parts.is_some() {
-            vec![0.0; rows]
-        } else {
-            vec![]
-        },
+        o: crate::alloc::zeroed(rows * dv, what)?,
+        lse: crate::alloc::filled(rows, f64::NEG_INFINITY, what)?,
+        e: crate::alloc::zeroed(if e_parts.is_some() { rows } else { 0 }, what)?,
     };
     for r in 0..rows {
         let lse_c = |c: usize| lse_parts[c * rows + r];
@@ -119,7 +126,7 @@ pub fn merge_into<T: Element>(
     same_device("lse parts", parts.lse.device(), dev)?;
     if let Some(e) = &parts.e {
         same_device("e parts", e.device(), dev)?;
-        check_len("e parts", e.len(), s * rows)?;
+        check_len("e parts", e.len(), product("e parts", &[s, rows])?)?;
     }
     if out.o.shape != parts.shape {
         return Err(Error::invalid(

@@ -141,6 +141,7 @@ pub use backward::{BackwardInputs, GradientResult, Gradients, backward, backward
 
 pub use merge::{MergeParts, merge, merge_into};
 
+use crate::alloc::product;
 use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -184,14 +185,19 @@ impl Score {
     }
 }
 
-/// Element strides of B, H and L for row-major `[B, H, L, D]` memory.
+/// Element strides of B, H and L for row-major `[B, H, L, D]` memory. Saturating: a shape whose
+/// strides overflow gets `usize::MAX`, which the checks of every op then reject (a constructor
+/// cannot fail, and wrapped strides would pass them).
 fn bhld_strides([_, h, l, d]: [usize; 4]) -> [usize; 3] {
-    [h * l * d, l * d, d]
+    let ld = l.saturating_mul(d);
+    [h.saturating_mul(ld), ld, d]
 }
 
-/// Element strides of B, H and L for row-major `[B, L, H, D]` memory seen as `[B, H, L, D]`.
+/// Element strides of B, H and L for row-major `[B, L, H, D]` memory seen as `[B, H, L, D]`
+/// (saturating, as [`bhld_strides`]).
 fn blhd_strides([_, h, l, d]: [usize; 4]) -> [usize; 3] {
-    [l * h * d, d, h * d]
+    let hd = h.saturating_mul(d);
+    [l.saturating_mul(hd), d, hd]
 }
 
 /// A `[B, H, L, D]` tensor over borrowed memory: element strides for B, H and L, the last
@@ -356,12 +362,13 @@ impl AttentionSpec {
                 format!("must be finite and > 0, got {nu}"),
             ));
         }
+        // The kernels round τ once to f32: it must be a finite, non-zero f32 too.
         if let Some(t) = self.scale
-            && !(t.is_finite() && t > 0.0)
+            && !(t.is_finite() && t > 0.0 && (t as f32).is_finite() && t as f32 > 0.0)
         {
             return Err(Error::invalid(
                 "scale",
-                format!("must be finite and > 0, got {t}"),
+                format!("must be finite and > 0 (also as an f32), got {t}"),
             ));
         }
         if self.window == Some(0) {
@@ -419,12 +426,19 @@ pub(crate) struct Dims {
     pub dv: usize,
 }
 
-/// The largest element offset a tensor addresses, +1 (0 for an empty tensor).
+/// The largest element offset a tensor addresses, +1 (0 for an empty tensor); `usize::MAX` when
+/// that overflows (no view is that long, so [`check_tensor`] rejects it).
 pub(crate) fn extent(shape: [usize; 4], strides: [usize; 3]) -> usize {
     if shape.contains(&0) {
         return 0;
     }
-    (0..3).map(|i| (shape[i] - 1) * strides[i]).sum::<usize>() + shape[3]
+    (0..3)
+        .try_fold(shape[3], |acc, i| {
+            (shape[i] - 1)
+                .checked_mul(strides[i])
+                .and_then(|x| acc.checked_add(x))
+        })
+        .unwrap_or(usize::MAX)
 }
 
 pub(crate) fn check_tensor(
@@ -440,6 +454,12 @@ pub(crate) fn check_tensor(
         ));
     }
     let need = extent(shape, strides);
+    if need == usize::MAX {
+        return Err(Error::invalid(
+            name,
+            format!("shape {shape:?} with strides {strides:?} overflows the address space"),
+        ));
+    }
     if need > len {
         return Err(Error::invalid(
             name,
@@ -500,6 +520,11 @@ pub(crate) fn dims<T: Element>(
             format!("{hkv} kv heads do not divide the {hq} query heads"),
         ));
     }
+    // Element counts (strides may alias rows across B and H, so the extents above do not bound
+    // them): once these fit, every product of the dims that an op forms fits too.
+    product("q", &[b, hq, lq, d.max(dv)])?;
+    product("k", &[b, hkv, lk, d.max(dv)])?;
+    product("scores", &[b, hq, lq, lk])?;
     Ok(Dims {
         b,
         hq,

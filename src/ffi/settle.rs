@@ -367,7 +367,8 @@ pub unsafe extern "C" fn fep_settle_learn(
     })
 }
 
-/// W_l -= lr grad_w[l] and b_l -= lr grad_b[l] (where the layer has a bias), in place.
+/// W_l -= lr grad_w[l] and b_l -= lr grad_b[l] (where the layer has a bias), in place, all or
+/// nothing (settle::sgd_all): an update that would write a non-finite value writes nothing.
 #[allow(clippy::too_many_arguments)]
 unsafe fn apply_sgd<T: Element>(
     dev: &Device,
@@ -378,23 +379,19 @@ unsafe fn apply_sgd<T: Element>(
     lr: f32,
     stream: Stream,
 ) -> Result<()> {
+    let (mut params, mut grads) = (Vec::new(), Vec::new());
     for l in 0..widths.len() - 1 {
-        let n_w = widths[l + 1] * widths[l];
+        let (n_w, n_b) = (widths[l + 1] * widths[l], widths[l + 1]);
         unsafe {
             let w = *net.weights.add(l);
-            let mut wv = ViewMut::<T>::from_raw(dev, w as u64, n_w);
-            settle::sgd(&mut wv, &View::from_raw(dev, gw[l] as u64, n_w), lr, stream)?;
+            params.push(ViewMut::<T>::from_raw(dev, w as u64, n_w));
+            grads.push(View::from_raw(dev, gw[l] as u64, n_w));
             if !net.biases.is_null() && !(*net.biases.add(l)).is_null() {
                 let b = *net.biases.add(l);
-                let mut bv = ViewMut::<T>::from_raw(dev, b as u64, widths[l + 1]);
-                settle::sgd(
-                    &mut bv,
-                    &View::from_raw(dev, gb[l] as u64, widths[l + 1]),
-                    lr,
-                    stream,
-                )?;
+                params.push(ViewMut::<T>::from_raw(dev, b as u64, n_b));
+                grads.push(View::from_raw(dev, gb[l] as u64, n_b));
             }
         }
     }
-    Ok(())
+    settle::sgd_all(&mut params, &grads, lr, None, stream)
 }

@@ -9,9 +9,12 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 
 /// Φ in f64, G = ΦᵀΦ − I, and the column norms.
-pub(super) fn prepare<T: Element>(phi: &[T], n: usize, m: usize) -> (Store, Vec<f64>) {
-    let phi: Vec<f64> = phi.iter().map(|v| v.to_f64()).collect();
-    let gram = gram(&phi, n, m);
+pub(super) fn prepare<T: Element>(phi: &[T], n: usize, m: usize) -> Result<(Store, Vec<f64>)> {
+    let mut copy =
+        crate::alloc::with_capacity(phi.len(), || format!("an f64 copy of phi [{n}, {m}]"))?;
+    copy.extend(phi.iter().map(|v| v.to_f64()));
+    let phi = copy;
+    let gram = gram(&phi, n, m)?;
     // NaN must stay NaN (f64::max would turn it into 0): check_norms reports it.
     let norms = (0..m)
         .map(|j| {
@@ -19,18 +22,21 @@ pub(super) fn prepare<T: Element>(phi: &[T], n: usize, m: usize) -> (Store, Vec<
             if sq.is_nan() { sq } else { sq.max(0.0).sqrt() }
         })
         .collect();
-    (Store::Cpu { phi, gram }, norms)
+    Ok((Store::Cpu { phi, gram }, norms))
 }
 
-fn gram(phi: &[f64], n: usize, m: usize) -> Vec<f64> {
-    let mut g = vec![0.0; m * m];
+/// G = ΦᵀΦ − I: m² f64, the one allocation that outgrows its input (a 1 x 60000 Φ asks 28.8 GB).
+fn gram(phi: &[f64], n: usize, m: usize) -> Result<Vec<f64>> {
+    let mut g = crate::alloc::zeroed(m.saturating_mul(m), || {
+        format!("the Gram matrix G = PhiT Phi - I [{m}, {m}] (f64)")
+    })?;
     g.par_chunks_mut(m).enumerate().for_each(|(i, row)| {
         for (j, gij) in row.iter_mut().enumerate() {
             let dot: f64 = (0..n).map(|r| phi[r * m + i] * phi[r * m + j]).sum();
             *gij = dot - if i == j { 1.0 } else { 0.0 };
         }
     });
-    g
+    Ok(g)
 }
 
 /// c = G a, over the nonzero entries of a.
@@ -121,15 +127,17 @@ pub(super) fn solve<T: Element>(
     x: &[T],
     u0: Option<&[f32]>,
     mut out: LcaOutputs<'_>,
-) {
+) -> Result<()> {
     let batch = x.len() / n;
     let tracing = out.energy.is_some() || out.active.is_some();
     // Without a trace each sample still gets a (dummy) row of width 1, so the zip below lines up.
+    // The sizes were checked against the outputs (batch · steps, batch · m) by the caller.
     let width = if tracing { spec.steps as usize } else { 1 };
-    let mut energy = vec![0f32; batch * width];
-    let mut active = vec![0u32; batch * width];
-    let mut taken = vec![0u32; batch];
-    let mut u = vec![0f64; batch * m];
+    let what = || format!("the LCA state of a batch of {batch}");
+    let mut energy = crate::alloc::zeroed::<f32>(batch * width, what)?;
+    let mut active = crate::alloc::zeroed::<u32>(batch * width, what)?;
+    let mut taken = crate::alloc::zeroed::<u32>(batch, what)?;
+    let mut u = crate::alloc::zeroed::<f64>(batch * m, what)?;
     if let Some(u0) = u0 {
         u.iter_mut().zip(u0).for_each(|(d, &s)| *d = s as f64);
     }
@@ -166,6 +174,7 @@ pub(super) fn solve<T: Element>(
     if let Some(s) = out.steps.as_mut() {
         s.host_slice_mut().copy_from_slice(&taken);
     }
+    Ok(())
 }
 
 /// Φ += (lr/B) Σ_b (x_b − Φa_b) a_bᵀ; columns renormalised; G recomputed. An update that is not
@@ -180,8 +189,10 @@ pub(super) fn learn<T: Element>(
     lr: f64,
 ) -> Result<()> {
     let batch = x.len() / n;
-    let mut next = phi.clone();
-    let mut delta = vec![0.0; n * m];
+    let what = || format!("a dictionary-learning step on [{n}, {m}]");
+    let mut next = crate::alloc::with_capacity(phi.len(), what)?;
+    next.extend_from_slice(phi);
+    let mut delta = crate::alloc::zeroed::<f64>(n * m, what)?;
     for s in 0..batch {
         let a_s = &a[s * m..(s + 1) * m];
         for i in 0..n {
@@ -213,7 +224,7 @@ pub(super) fn learn<T: Element>(
             (0..n).for_each(|i| next[i * m + j] /= norm);
         }
     }
-    *gram_out = gram(&next, n, m);
+    *gram_out = gram(&next, n, m)?;
     *phi = next;
     Ok(())
 }

@@ -56,10 +56,11 @@ mod cpu;
 #[cfg(fep_gpu)]
 mod gpu;
 
+use crate::alloc::product;
 use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::tensor::{check_len, same_device};
+use crate::tensor::{check_len, check_no_overlap, same_device};
 
 /// The threshold function θ_λ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -359,7 +360,7 @@ impl Dictionary {
             #[cfg(not(fep_gpu))]
             unreachable!("a GPU device exists only with a GPU feature")
         } else {
-            cpu::prepare(phi.host_slice(), n, m)
+            cpu::prepare(phi.host_slice(), n, m)?
         };
         check_norms(&norms, T::DTYPE, opts.check_unit_norm)?;
         Ok(Dictionary {
@@ -459,24 +460,16 @@ impl Dictionary {
         spec.validate()?;
         let batch = self.batch_of("x", x.len(), self.n)?;
         same_device("x", x.device(), &self.device)?;
-        let bm = batch * self.m;
+        let bm = product("u", &[batch, self.m])?;
+        let bt = product("energy", &[batch, spec.steps as usize])?;
         if let Some(u0) = u0 {
             same_device("u0", u0.device(), &self.device)?;
             check_len("u0", u0.len(), bm)?;
-            // u0 may be u itself (updated in place) but not overlap it otherwise.
-            let (lo, hi) = (u0.addr, u0.addr + 4 * bm as u64);
-            if u0.addr != out.u.addr && lo < out.u.addr + 4 * bm as u64 && out.u.addr < hi {
-                return Err(Error::invalid(
-                    "u0",
-                    "overlaps u without being the same memory",
-                ));
-            }
         }
         same_device("u", out.u.device(), &self.device)?;
         check_len("u", out.u.len(), bm)?;
         same_device("a", out.a.device(), &self.device)?;
         check_len("a", out.a.len(), bm)?;
-        let bt = batch * spec.steps as usize;
         if let Some(e) = &out.energy {
             same_device("energy", e.device(), &self.device)?;
             check_len("energy", e.len(), bt)?;
@@ -489,6 +482,19 @@ impl Dictionary {
             same_device("steps", s.device(), &self.device)?;
             check_len("steps", s.len(), batch)?;
         }
+        // No output may overlap another output or an input, but u0 may be u itself (updated in
+        // place): it is an input only when it is other memory.
+        let span = |name, addr: u64, len: usize| (name, addr, 4 * len);
+        let mut ins = vec![("x", x.addr(), x.len() * std::mem::size_of::<T>())];
+        if let Some(u0) = u0.filter(|u0| u0.addr != out.u.addr) {
+            ins.push(span("u0", u0.addr, u0.len()));
+        }
+        let mut outs = vec![span("u", out.u.addr, bm), span("a", out.a.addr, bm)];
+        let energy = out.energy.as_ref().map(|v| span("energy", v.addr, v.len()));
+        let active = out.active.as_ref().map(|v| span("active", v.addr, v.len()));
+        let steps = out.steps.as_ref().map(|v| span("steps", v.addr, v.len()));
+        outs.extend([energy, active, steps].into_iter().flatten());
+        check_no_overlap(&ins, &outs)?;
         match &self.store {
             Store::Cpu { phi, gram } => {
                 // u0 is copied: it may be the very memory u is written to.
@@ -500,8 +506,7 @@ impl Dictionary {
                         crate::backend::cpu::check_finite("u0", u0.iter().map(|&v| v as f64))?;
                     }
                 }
-                cpu::solve(phi, gram, self.n, self.m, spec, x, u0, out);
-                Ok(())
+                cpu::solve(phi, gram, self.n, self.m, spec, x, u0, out)
             }
             #[cfg(fep_gpu)]
             Store::Gpu { gram, phi } => gpu::solve(
@@ -530,8 +535,8 @@ impl Dictionary {
         spec.validate()?;
         let batch = self.batch_of("x", x.len(), self.n)?;
         let d = &self.device;
-        let bm = batch * self.m;
-        let bt = batch * spec.steps as usize;
+        let bm = product("u", &[batch, self.m])?;
+        let bt = product("energy", &[batch, spec.steps as usize])?;
         let mut res = LcaResult {
             u: d.alloc(bm)?,
             a: d.alloc(bm)?,
@@ -569,7 +574,7 @@ impl Dictionary {
         let batch = self.batch_of("x", x.len(), self.n)?;
         same_device("x", x.device(), &self.device)?;
         same_device("a", a.device(), &self.device)?;
-        check_len("a", a.len(), batch * self.m)?;
+        check_len("a", a.len(), product("a", &[batch, self.m])?)?;
         let (n, m) = (self.n, self.m);
         match &mut self.store {
             Store::Cpu { phi, gram } => {

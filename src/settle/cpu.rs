@@ -288,6 +288,9 @@ pub(super) fn run<T: Element>(
             )
         })
         .collect();
+    if check {
+        diverged(p, &settled)?;
+    }
     let t1 = p.spec.steps as usize + 1;
     for (b, s) in settled.iter().enumerate() {
         for l in 1..=depth {
@@ -324,10 +327,56 @@ pub(super) fn run<T: Element>(
     Ok(())
 }
 
-/// p ← p − lr · g, rounded once to T.
-pub(super) fn sgd<T: Element>(param: &mut [T], grad: &[f32], lr: f64) {
-    param
-        .par_iter_mut()
-        .zip(grad.par_iter())
-        .for_each(|(p, &g)| *p = T::from_f64(p.to_f64() - lr * g as f64));
+/// `Err(Diverged)` naming the first sample whose settled state is not finite in f32 (energy,
+/// states or errors), and the step where its energy first was: checked before any output is
+/// written, so a diverged settle leaves the outputs (and the gradients) untouched.
+fn diverged<T: Element>(p: &Problem<'_, '_, T>, settled: &[Settled]) -> Result<()> {
+    let finite = |v: &f64| (*v as f32).is_finite();
+    let bad = settled.iter().position(|s| {
+        !s.trace.iter().all(finite)
+            || !s.x.iter().flatten().all(finite)
+            || !s.eps.iter().flatten().all(finite)
+    });
+    let Some(b) = bad else { return Ok(()) };
+    let trace = &settled[b].trace;
+    let at = match trace.iter().position(|v| !finite(v)) {
+        Some(0) => "at the start (the feedforward state)".to_string(),
+        Some(t) => format!("at step {t} (energy {} there)", trace[t] as f32),
+        None => "in its states (the energy stayed finite in f32)".to_string(),
+    };
+    Err(Error::Diverged(format!(
+        "settling sample {b} diverged {at} with eta = {}, momentum = {}: lower eta; nothing was \
+         written",
+        p.spec.eta, p.spec.momentum
+    )))
+}
+
+/// p ← p − lr · g, rounded once to T, for every (param, grad) pair, all or nothing: when a
+/// gradient or a new value is not finite in T, nothing is written and the error names it.
+pub(super) fn sgd_all<T: Element>(
+    params: &mut [&mut [T]],
+    grads: &[&[f32]],
+    lr: f64,
+) -> Result<()> {
+    let new = |p: &T, g: f32| T::from_f64(p.to_f64() - lr * g as f64);
+    for (i, (param, grad)) in params.iter().zip(grads).enumerate() {
+        if let Some(j) = param
+            .iter()
+            .zip(grad.iter())
+            .position(|(p, &g)| !new(p, g).to_f64().is_finite())
+        {
+            return Err(Error::Diverged(format!(
+                "the SGD step on parameter {i} makes element {j} non-finite (grad {}, lr {lr}); \
+                 no parameter was written",
+                grad[j]
+            )));
+        }
+    }
+    for (param, grad) in params.iter_mut().zip(grads) {
+        param
+            .par_iter_mut()
+            .zip(grad.par_iter())
+            .for_each(|(p, &g)| *p = new(p, g));
+    }
+    Ok(())
 }

@@ -484,25 +484,53 @@ fn gradients<T: Element>(
     Ok(())
 }
 
-pub(super) fn sgd<T: Element>(
-    param: &mut ViewMut<'_, T>,
-    grad: &View<'_, f32>,
+/// All or nothing on the device, with no host wait: one pass flags (into `status`, or a scratch
+/// word) any update that would be non-finite, then every SGD launch reads the flag and writes
+/// nothing when it is set.
+pub(super) fn sgd_all<T: Element>(
+    params: &mut [ViewMut<'_, T>],
+    grads: &[View<'_, f32>],
     lr: f32,
+    status: Option<&mut ViewMut<'_, u32>>,
     stream: Stream,
 ) -> Result<()> {
-    let dev = param.device().clone();
-    let n = param.len();
-    let (mut pp, mut g, mut n_, mut lr) = (param.addr, grad.addr(), n as i64, lr);
-    let cfg = LaunchConfig {
-        grid: (blocks(n, 256 * 4), 1, 1),
-        block: 256,
-        smem: 0,
+    let Some(first) = params.first() else {
+        return Ok(());
     };
-    dev.launch(
-        TENSORS,
-        &kernel::<T>("settle_sgd"),
-        cfg,
-        &mut [arg(&mut pp), arg(&mut g), arg(&mut n_), arg(&mut lr)],
-        stream,
-    )
+    let dev = first.device().clone();
+    let scratch;
+    let flag = match status {
+        Some(s) => s.addr,
+        None => {
+            scratch = Scratch::new(&dev, 4, stream)?;
+            scratch.addr
+        }
+    };
+    fill(&dev, flag, 1, 0.0, stream)?;
+    for pass in ["settle_check_update", "settle_sgd"] {
+        for (param, grad) in params.iter().zip(grads) {
+            let n = param.len();
+            let (mut pp, mut g, mut n_, mut lr, mut f) =
+                (param.addr, grad.addr(), n as i64, lr, flag);
+            let cfg = LaunchConfig {
+                grid: (blocks(n, 256 * 4), 1, 1),
+                block: 256,
+                smem: 0,
+            };
+            dev.launch(
+                TENSORS,
+                &kernel::<T>(pass),
+                cfg,
+                &mut [
+                    arg(&mut pp),
+                    arg(&mut g),
+                    arg(&mut n_),
+                    arg(&mut lr),
+                    arg(&mut f),
+                ],
+                stream,
+            )?;
+        }
+    }
+    Ok(())
 }

@@ -61,6 +61,7 @@ mod cpu;
 #[cfg(fep_gpu)]
 mod gpu;
 
+use crate::alloc::product;
 use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -269,7 +270,7 @@ impl<'a, T: Element> Network<'a, T> {
             let (n, n_in) = (widths[l], widths[l - 1]);
             let name = |what: &str| format!("layers[{i}].{what}");
             same_device(&name("weight"), layer.weight.device(), &dev)?;
-            if layer.weight.len() != n * n_in {
+            if layer.weight.len() != product(&name("weight"), &[n, n_in])? {
                 return Err(Error::invalid(
                     name("weight"),
                     format!(
@@ -362,7 +363,10 @@ pub struct SettleSpec {
     pub init: Init,
     /// Check inputs, weights, biases and precisions for NaN/Inf (and diagonal precisions for
     /// ≤ 0) before launching. On a GPU this reads back a few floats, which waits for the
-    /// stream; turn it off for a fully asynchronous launch.
+    /// stream; turn it off for a fully asynchronous launch. On the CPU it also reports a settle
+    /// that diverges (a state or energy that leaves f32: η too large) as [`Error::Diverged`],
+    /// before any output is written; on a GPU a diverged settle shows as a non-finite energy
+    /// output, and [`sgd_all`] refuses to apply its gradients.
     pub check_finite: bool,
 }
 
@@ -539,7 +543,11 @@ fn check_outputs<T: Element>(
     }
     if let Some(t) = &out.trace {
         same_device("trace", t.device(), dev)?;
-        check_len("trace", t.len(), batch * (spec.steps as usize + 1))?;
+        check_len(
+            "trace",
+            t.len(),
+            product("trace", &[batch, spec.steps as usize + 1])?,
+        )?;
     }
     if let Some(s) = &out.steps {
         same_device("steps", s.device(), dev)?;
@@ -552,7 +560,8 @@ fn check_outputs<T: Element>(
 type Span = (String, u64, u64);
 
 fn span<E: bytemuck::Pod>(name: String, addr: u64, len: usize) -> Span {
-    (name, addr, addr + (len * std::mem::size_of::<E>()) as u64)
+    let bytes = (len as u64).saturating_mul(std::mem::size_of::<E>() as u64);
+    (name, addr, addr.saturating_add(bytes))
 }
 
 /// Outputs must not share memory with each other or with any input: the kernels read some while
@@ -708,17 +717,17 @@ pub fn learn_step_into<T: Element>(
 }
 
 fn alloc_state(dev: &Device, widths: &[usize], batch: usize, steps: u32) -> Result<SettleResult> {
-    let per_layer = |_| -> Result<Vec<DeviceBuffer<f32>>> {
+    let per_layer = |what| -> Result<Vec<DeviceBuffer<f32>>> {
         widths[1..]
             .iter()
-            .map(|&n| dev.alloc::<f32>(batch * n))
+            .map(|&n| dev.alloc::<f32>(product(what, &[batch, n])?))
             .collect()
     };
     Ok(SettleResult {
-        x: per_layer(())?,
-        eps: per_layer(())?,
+        x: per_layer("x")?,
+        eps: per_layer("eps")?,
         energy: dev.alloc(batch)?,
-        trace: Some(dev.alloc(batch * (steps as usize + 1))?),
+        trace: Some(dev.alloc(product("trace", &[batch, steps as usize + 1])?)?),
         steps: dev.alloc(batch)?,
     })
 }
@@ -811,13 +820,51 @@ pub fn learn_step<T: Element>(
     })
 }
 
+/// Spans with owned names as the borrowed spans of [`crate::tensor::check_no_overlap`].
+fn named(v: &[(String, u64, usize)]) -> Vec<(&str, u64, usize)> {
+    v.iter().map(|(n, a, b)| (n.as_str(), *a, *b)).collect()
+}
+
 /// Plain SGD on one parameter tensor: p ← p − lr · grad (grad in f32, p in its own dtype,
-/// rounded once). Enqueued on `stream`. Errors: lengths or devices that differ, lr not finite
-/// or < 0.
+/// rounded once). Enqueued on `stream`. All or nothing, as [`sgd_all`]: an update that would
+/// write a non-finite value writes nothing (on the CPU it is an [`Error::Diverged`]). Errors:
+/// lengths or devices that differ, lr not finite or < 0.
 pub fn sgd<T: Element>(
     param: &mut ViewMut<'_, T>,
     grad: &View<'_, f32>,
     lr: f32,
+    stream: Stream,
+) -> Result<()> {
+    let grads = std::slice::from_ref(grad);
+    // A ViewMut is not Clone: borrow the caller's through a one-element slice.
+    sgd_all(std::slice::from_mut(param), grads, lr, None, stream)
+}
+
+/// SGD on several parameter tensors at once (a network's weights and biases), all or nothing:
+/// p_i ← p_i − lr · grad_i, and when any gradient or any new value is not finite in its
+/// dtype, no parameter is written.
+///
+/// On the CPU that is an [`Error::Diverged`] naming the tensor and element. On a GPU the check
+/// runs on the device, so the call never waits: the update is skipped there, and `status` (one
+/// `u32` on the device, optional) is set to 1 when it was skipped and 0 when it was applied, for
+/// the caller to read whenever it synchronises anyway.
+///
+/// ```
+/// use fep_kernels::{Device, Error, settle};
+/// let dev = Device::cpu();
+/// let (mut w, mut b) = (dev.upload(&[1.0f32, 2.0])?, dev.upload(&[0.5f32])?);
+/// let (gw, gb) = (dev.upload(&[1.0f32, 1.0])?, dev.upload(&[f32::INFINITY])?);
+/// let r = settle::sgd_all(&mut [w.view_mut(), b.view_mut()], &[gw.view(), gb.view()], 0.5, None,
+///                         dev.default_stream());
+/// assert!(matches!(r, Err(Error::Diverged(_))));
+/// assert_eq!(w.to_vec()?, [1.0, 2.0]); // untouched: the bias's update was not finite
+/// # Ok::<(), fep_kernels::Error>(())
+/// ```
+pub fn sgd_all<T: Element>(
+    params: &mut [ViewMut<'_, T>],
+    grads: &[View<'_, f32>],
+    lr: f32,
+    status: Option<&mut ViewMut<'_, u32>>,
     stream: Stream,
 ) -> Result<()> {
     if !(lr.is_finite() && lr >= 0.0) {
@@ -826,15 +873,37 @@ pub fn sgd<T: Element>(
             format!("must be finite and >= 0, got {lr}"),
         ));
     }
-    same_device("grad", grad.device(), param.device())?;
-    check_len("grad", grad.len(), param.len())?;
-    if !param.device().is_gpu() {
-        cpu::sgd(param.host_slice_mut(), grad.host_slice(), lr as f64);
+    check_len("grads", grads.len(), params.len())?;
+    let Some(dev) = params.first().map(|p| p.device().clone()) else {
         return Ok(());
+    };
+    let mut outs = Vec::new();
+    let mut ins = Vec::new();
+    for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+        same_device(&format!("params[{i}]"), p.device(), &dev)?;
+        same_device(&format!("grads[{i}]"), g.device(), &dev)?;
+        check_len(&format!("grads[{i}]"), g.len(), p.len())?;
+        outs.push((format!("params[{i}]"), p.addr, p.len() * size_of::<T>()));
+        ins.push((format!("grads[{i}]"), g.addr(), g.len() * 4));
+    }
+    if let Some(s) = &status {
+        same_device("status", s.device(), &dev)?;
+        check_len("status", s.len(), 1)?;
+        outs.push(("status".into(), s.addr, 4));
+    }
+    crate::tensor::check_no_overlap(&named(&ins), &named(&outs))?;
+    if !dev.is_gpu() {
+        let mut ps: Vec<&mut [T]> = params.iter_mut().map(|p| p.host_slice_mut()).collect();
+        let gs: Vec<&[f32]> = grads.iter().map(|g| g.host_slice()).collect();
+        let r = cpu::sgd_all(&mut ps, &gs, lr as f64);
+        if let Some(s) = status {
+            s.host_slice_mut()[0] = r.is_err() as u32;
+        }
+        return r;
     }
     #[cfg(fep_gpu)]
     {
-        gpu::sgd(param, grad, lr, stream)
+        gpu::sgd_all(params, grads, lr, status, stream)
     }
     #[cfg(not(fep_gpu))]
     unreachable!("a GPU device exists only with a GPU feature")
