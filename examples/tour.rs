@@ -294,7 +294,7 @@ fn vmp_tour(dev: &Device, rng: &mut Lcg) -> Result<()> {
         b: vec![b_loc, identity(ctx)],
         c: vec![vec![0.0; loc], vec![0.0, 3.0, -3.0], vec![0.0; 2]],
         d: vec![vec![1.0, 0.0, 0.0, 0.0], vec![0.5, 0.5]],
-        policies: vmp::construct_policies(&[loc, 1], 2),
+        policies: vmp::construct_policies(&[loc, 1], 2)?,
         policy_len: 2,
         ..Default::default()
     };

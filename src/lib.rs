@@ -104,7 +104,7 @@
 //!     a_deps: vec![vec![0]], a: vec![vec![0.9, 0.1, 0.1, 0.9]],
 //!     b: vec![vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]], // B[s', s, u] = [s' = u]
 //!     c: vec![vec![2.0, 0.0]],                               // prefers outcome 0
-//!     policies: vmp::construct_policies(&[2], 1), policy_len: 1,
+//!     policies: vmp::construct_policies(&[2], 1)?, policy_len: 1,
 //!     ..Default::default()
 //! })?;
 //! let obs = dev.upload(&[1i32, 0, 1])?; // three agents

@@ -77,7 +77,7 @@ fn spec() -> ModelSpec {
         columns(pattern(S[1] * S[1] * U[1], 4), S[1]),
     ];
     let d = vec![vec![0.5, 0.3, 0.2], vec![0.25, 0.75]];
-    let policies = construct_policies(&U, H);
+    let policies = construct_policies(&U, H).unwrap();
     let p = policies.len() / (H * 2);
     ModelSpec {
         num_states: S.to_vec(),

@@ -136,6 +136,7 @@ mod model;
 
 pub use model::{EPS, Model, ModelSpec, construct_policies, dirichlet_mean};
 
+use crate::alloc::product;
 use crate::backend::{Device, DeviceBuffer, Stream, View, ViewMut};
 use crate::error::{Error, Result};
 use crate::tensor::{check_len, check_no_overlap, same_device};
@@ -585,14 +586,14 @@ fn span_of<T: bytemuck::Pod>(
 /// Checks the observations and returns their batch: N·T entries of the modality width.
 fn check_obs(model: &Model, obs: &Obs<'_>, steps: usize) -> Result<usize> {
     same_device("obs", obs.device(), &model.device)?;
-    let per = obs.width(model) * steps;
+    let per = product("steps", &[obs.width(model), steps])?;
     batch_of("obs", obs.len(), per)
 }
 
 fn check_prior(model: &Model, prior: Option<&View<'_, f32>>, n: usize) -> Result<()> {
     if let Some(p) = prior {
         same_device("prior", p.device(), &model.device)?;
-        check_len("prior", p.len(), n * model.t.sum_s)?;
+        check_len("prior", p.len(), product("prior", &[n, model.t.sum_s])?)?;
     }
     Ok(())
 }
@@ -606,7 +607,8 @@ fn check_actions(
     match actions {
         Some(a) => {
             same_device("actions", a.device(), &model.device)?;
-            check_len("actions", a.len(), n * (steps - 1) * model.t.factors())
+            let want = product("actions", &[n, steps - 1, model.t.factors()])?;
+            check_len("actions", a.len(), want)
         }
         None if steps > 1 => Err(Error::invalid(
             "actions",
@@ -635,7 +637,7 @@ pub fn infer_states_into(
     check_prior(model, prior, n)?;
     let dev = &model.device;
     same_device("qs", out.qs.device(), dev)?;
-    check_len("qs", out.qs.len(), n * model.t.sum_s)?;
+    check_len("qs", out.qs.len(), product("qs", &[n, model.t.sum_s])?)?;
     out_len("vfe", &out.vfe, n, dev)?;
     out_len("iterations", &out.iterations, n, dev)?;
     out_len("vfe_trace", &out.vfe_trace, n * spec.num_iter as usize, dev)?;
@@ -678,10 +680,10 @@ pub fn infer_states(
     let n = check_obs(model, obs, 1)?;
     let dev = &model.device;
     let mut r = StatesResult {
-        qs: dev.alloc(n * model.t.sum_s)?,
+        qs: dev.alloc(product("qs", &[n, model.t.sum_s])?)?,
         vfe: dev.alloc(n)?,
         iterations: dev.alloc(n)?,
-        vfe_trace: dev.alloc(n * spec.num_iter as usize)?,
+        vfe_trace: dev.alloc(product("vfe_trace", &[n, spec.num_iter as usize])?)?,
     };
     let out = StatesOutputs {
         qs: r.qs.view_mut(),
@@ -716,7 +718,11 @@ pub fn infer_sequence_into(
     check_prior(model, prior, n)?;
     let dev = &model.device;
     same_device("qs", out.qs.device(), dev)?;
-    check_len("qs", out.qs.len(), n * steps * model.t.sum_s)?;
+    check_len(
+        "qs",
+        out.qs.len(),
+        product("qs", &[n, steps, model.t.sum_s])?,
+    )?;
     out_len("vfe", &out.vfe, n, dev)?;
     out_len("vfe_t", &out.vfe_t, n * steps, dev)?;
     let mut ins = vec![("obs", obs.addr(), obs.len() * 4)];
@@ -765,9 +771,9 @@ pub fn infer_sequence(
     let n = check_obs(model, obs, steps)?;
     let dev = &model.device;
     let mut r = SequenceResult {
-        qs: dev.alloc(n * steps * model.t.sum_s)?,
+        qs: dev.alloc(product("qs", &[n, steps, model.t.sum_s])?)?,
         vfe: dev.alloc(n)?,
-        vfe_t: dev.alloc(n * steps)?,
+        vfe_t: dev.alloc(product("vfe_t", &[n, steps])?)?,
     };
     let out = SequenceOutputs {
         qs: r.qs.view_mut(),
@@ -801,9 +807,9 @@ pub fn infer_policies_into(
     same_device("qs", qs.device(), dev)?;
     let n = batch_of("qs", qs.len(), model.t.sum_s)?;
     let p = model.t.num_policies;
-    out_len("g", &out.g, n * p, dev)?;
+    out_len("g", &out.g, product("g", &[n, p])?, dev)?;
     same_device("q_pi", out.q_pi.device(), dev)?;
-    check_len("q_pi", out.q_pi.len(), n * p)?;
+    check_len("q_pi", out.q_pi.len(), product("q_pi", &[n, p])?)?;
     let outs: Vec<_> = [
         span_of("g", &out.g),
         Some(("q_pi", out.q_pi.addr, out.q_pi.len() * 4)),
@@ -837,8 +843,8 @@ pub fn infer_policies(
     let dev = &model.device;
     let p = model.t.num_policies;
     let mut r = PolicyResult {
-        g: dev.alloc(n * p)?,
-        q_pi: dev.alloc(n * p)?,
+        g: dev.alloc(product("g", &[n, p])?)?,
+        q_pi: dev.alloc(product("q_pi", &[n, p])?)?,
     };
     let out = PolicyOutputs {
         g: Some(r.g.view_mut()),
@@ -867,12 +873,13 @@ pub fn learn(
     }
     let n = check_obs(model, obs, steps)?;
     same_device("qs", qs.device(), &model.device)?;
-    check_len("qs", qs.len(), n * steps * model.t.sum_s)?;
+    check_len("qs", qs.len(), product("qs", &[n, steps, model.t.sum_s])?)?;
     if spec.lr_b > 0.0 {
         check_actions(model, actions, n, steps)?;
     } else if let Some(a) = actions {
         same_device("actions", a.device(), &model.device)?;
-        check_len("actions", a.len(), n * (steps - 1) * model.t.factors())?;
+        let want = product("actions", &[n, steps - 1, model.t.factors()])?;
+        check_len("actions", a.len(), want)?;
     }
     if !model.device.is_gpu() {
         return cpu::learn_views(model, spec, steps, obs, qs, actions, n);

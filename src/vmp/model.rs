@@ -3,6 +3,7 @@
 //! the clipped logs, the entropies of A's columns, MMP's row-normalised B), computed once here
 //! in f64 so the CPU reference and the GPU kernels start from the same numbers.
 
+use crate::alloc::product;
 use crate::backend::Device;
 use crate::error::{Error, Result};
 
@@ -69,22 +70,34 @@ pub struct ModelSpec {
 /// Every combination of actions over `policy_len` steps, in pymdp's order
 /// (`control.construct_policies`): policy p is the mixed-radix number
 /// a₀,₀ a₀,₁ … a_{H−1,F−1}, the last factor of the last step varying fastest. `[P, H, F]`.
-pub fn construct_policies(num_controls: &[usize], policy_len: usize) -> Vec<i32> {
-    let digits: Vec<usize> = (0..policy_len)
-        .flat_map(|_| num_controls.iter().copied())
-        .collect();
-    let count: usize = digits.iter().product();
-    let mut out = Vec::with_capacity(count * digits.len());
+/// Errors: a control count of 0 or above 2^31−1, or a table (P = Π u^H rows) too large to
+/// allocate.
+pub fn construct_policies(num_controls: &[usize], policy_len: usize) -> Result<Vec<i32>> {
+    if let Some(i) = num_controls
+        .iter()
+        .position(|&u| u == 0 || u > i32::MAX as usize)
+    {
+        return Err(Error::invalid(
+            "num_controls",
+            format!("entry {i} is {} (must be in 1..=2^31-1)", num_controls[i]),
+        ));
+    }
+    let width = product("policy_len", &[policy_len, num_controls.len()])?;
+    let mut digits = crate::alloc::with_capacity(width, || "the policy digits".into())?;
+    (0..policy_len).for_each(|_| digits.extend_from_slice(num_controls));
+    let count = product("num_controls", &digits)?;
+    let what = || format!("a policy table of {count} x {width} actions");
+    let mut out = crate::alloc::with_capacity(product("policies", &[count, width])?, what)?;
+    let mut row = vec![0i32; width];
     for p in 0..count {
         let mut rest = p;
-        let mut row = vec![0i32; digits.len()];
         for (i, &u) in digits.iter().enumerate().rev() {
             row[i] = (rest % u) as i32;
             rest /= u;
         }
-        out.extend(row);
+        out.extend_from_slice(&row);
     }
-    out
+    Ok(out)
 }
 
 /// The validated model in f64 plus what every backend derives from it.
@@ -211,10 +224,17 @@ impl ModelSpec {
                 f_count,
                 "one per factor",
             )?;
-            if let Some(i) = self.num_controls.iter().position(|&v| v == 0) {
+            if let Some(i) = self
+                .num_controls
+                .iter()
+                .position(|&v| v == 0 || v > i32::MAX as usize)
+            {
                 return Err(Error::invalid(
                     "num_controls",
-                    format!("entry {i} is 0 (must be >= 1)"),
+                    format!(
+                        "entry {i} is {} (must be in 1..=2^31-1)",
+                        self.num_controls[i]
+                    ),
                 ));
             }
             self.num_controls.clone()
@@ -254,10 +274,15 @@ impl ModelSpec {
                 }
             }
             let dims: Vec<usize> = deps.iter().map(|&d| s[d]).collect();
-            let p: usize = dims.iter().product();
-            let o = self.num_obs[m];
             let aname = format!("a[{m}]");
-            len_is(&aname, self.a[m].len(), o * p, &shape_str(o, &dims))?;
+            let p = product(&aname, &dims)?;
+            let o = self.num_obs[m];
+            len_is(
+                &aname,
+                self.a[m].len(),
+                product(&aname, &[o, p])?,
+                &shape_str(o, &dims),
+            )?;
             finite_nonneg(&aname, &self.a[m])?;
             columns_normalised(&aname, &self.a[m], o, p)?;
             size.push(p);
@@ -274,7 +299,7 @@ impl ModelSpec {
             len_is(
                 &name,
                 self.b[f].len(),
-                s[f] * s[f] * u[f],
+                product(&name, &[s[f], s[f], u[f]])?,
                 &format!("[{}, {}, {}]", s[f], s[f], u[f]),
             )?;
             finite_nonneg(&name, &self.b[f])?;

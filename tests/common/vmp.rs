@@ -170,7 +170,7 @@ fn fixture_model(m: &Value) -> FixtureModel {
     assert_eq!(pol_shape[1], policy_len);
     assert_eq!(
         policies,
-        construct_policies(&num_controls, policy_len),
+        construct_policies(&num_controls, policy_len).unwrap(),
         "{name}: the fixture's policy table is pymdp's order"
     );
     let spec = ModelSpec {
@@ -271,7 +271,7 @@ pub fn random_model(
         .map(|&s| random_distribution(rng, s, 0.15))
         .collect();
     let policies = if policy_len > 0 {
-        construct_policies(num_controls, policy_len)
+        construct_policies(num_controls, policy_len).unwrap()
     } else {
         Vec::new()
     };
