@@ -496,7 +496,10 @@ int32_t fep_lca_dict_new(int32_t kind,
                          int32_t check_unit_norm,
                          struct FepLcaDict **out);
 
-/// Frees a dictionary (NULL is a no-op).
+/// Frees a dictionary (NULL is a no-op). A pointer that is not a live dictionary (freed
+/// already, or garbage pointing at readable memory) is detected where cheap by a tag in the
+/// handle, left alone, and reported by fep_last_error; every call taking a handle checks the
+/// same tag and returns FEP_ERR_INVALID_ARGUMENT.
 void fep_lca_dict_free(struct FepLcaDict *dict);
 
 /// Writes the dictionary's shape (`n` or `m` may be NULL).
@@ -579,7 +582,10 @@ int32_t fep_vmp_model_new(int32_t kind,
                           const struct FepVmpModelDesc *desc,
                           struct FepVmpModel **out);
 
-/// Frees a model (NULL is a no-op). Work already enqueued must not still use it.
+/// Frees a model (NULL is a no-op). Work already enqueued must not still use it. A pointer that
+/// is not a live model (freed already, or garbage pointing at readable memory) is detected
+/// where cheap by a tag in the handle, left alone, and reported by fep_last_error; every call
+/// taking a handle checks the same tag and returns FEP_ERR_INVALID_ARGUMENT.
 void fep_vmp_model_free(struct FepVmpModel *model);
 
 /// The model's sizes; any pointer may be NULL. belief_len = sum S_f, obs_len = sum O_m (the

@@ -546,3 +546,52 @@ proptest! {
         let _ = attention::merge(&parts);
     }
 }
+
+// ---- the C ABI: misaligned pointers and garbage handles ----------------------------------------
+
+#[test]
+fn misaligned_pointers_and_garbage_handles_are_errors() {
+    let words = [0u32; 9];
+    let odd = unsafe { words.as_ptr().cast::<u8>().add(1) };
+    let mut handle = null_mut();
+    let status = unsafe {
+        ffi::fep_lca_dict_new(
+            ffi::FEP_DEVICE_CPU,
+            0,
+            null_mut(),
+            ffi::FEP_DTYPE_F32,
+            odd.cast(),
+            2,
+            2,
+            0,
+            &mut handle,
+        )
+    };
+    assert_eq!(status, ffi::FEP_ERR_INVALID_ARGUMENT, "{}", last_error());
+    assert!(
+        last_error().contains("`phi`") && last_error().contains("aligned"),
+        "{}",
+        last_error()
+    );
+    assert!(handle.is_null());
+    // A handle that was never made: zeroed, readable memory of ample size.
+    let garbage = [0u64; 64];
+    let fake = garbage.as_ptr() as *mut ffi::FepLcaDict;
+    let (mut n, mut m) = (0u64, 0u64);
+    let status = unsafe { ffi::fep_lca_dict_shape(fake, &mut n, &mut m) };
+    assert_eq!(status, ffi::FEP_ERR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("not a live handle"),
+        "{}",
+        last_error()
+    );
+    unsafe { ffi::fep_lca_dict_free(fake) }; // left alone, no crash
+    assert_eq!(garbage, [0u64; 64]);
+    let fake = garbage.as_ptr() as *mut ffi::FepVmpModel;
+    unsafe { ffi::fep_vmp_model_free(fake) };
+    assert!(
+        last_error().contains("not a live handle"),
+        "{}",
+        last_error()
+    );
+}

@@ -3,12 +3,12 @@
 
 use std::ffi::c_void;
 
-use super::{guard, non_null, open_device, product, raw_stream, usize_of};
+use super::{guard, non_null, open_device, product, raw_stream, raw_view, raw_view_mut, usize_of};
 use crate::attention::{
     self, AttentionOutputs, AttentionSpec, BackwardInputs, Gradients, MergeParts, Precisions,
     Score, Tensor4, Tensor4Mut,
 };
-use crate::backend::{Device, View, ViewMut};
+use crate::backend::Device;
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -118,6 +118,7 @@ fn attention_spec(p: &FepAttentionParams) -> Result<AttentionSpec> {
 
 /// A checked C tensor description: shape, strides and the number of elements it addresses.
 struct AttnDesc {
+    name: String,
     data: *mut c_void,
     shape: [usize; 4],
     strides: [usize; 3],
@@ -158,6 +159,7 @@ unsafe fn attn_desc(name: &str, t: *const FepAttnTensor) -> Result<AttnDesc> {
         e
     };
     Ok(AttnDesc {
+        name: format!("{name}.data"),
         data: t.data,
         shape,
         strides,
@@ -168,7 +170,7 @@ unsafe fn attn_desc(name: &str, t: *const FepAttnTensor) -> Result<AttnDesc> {
 impl AttnDesc {
     unsafe fn view<'a, T: Element>(&self, dev: &Device) -> Tensor4<'a, T> {
         Tensor4 {
-            data: unsafe { View::from_raw(dev, self.data as u64, self.extent) },
+            data: unsafe { raw_view(dev, self.data as u64, self.extent, &self.name) },
             shape: self.shape,
             strides: self.strides,
         }
@@ -176,7 +178,7 @@ impl AttnDesc {
 
     unsafe fn view_mut<'a, T: Element>(&self, dev: &Device) -> Tensor4Mut<'a, T> {
         Tensor4Mut {
-            data: unsafe { ViewMut::from_raw(dev, self.data as u64, self.extent) },
+            data: unsafe { raw_view_mut(dev, self.data as u64, self.extent, &self.name) },
             shape: self.shape,
             strides: self.strides,
         }
@@ -230,15 +232,16 @@ pub unsafe extern "C" fn fep_attention_forward(
         let dev = &dev;
         let precision = unsafe {
             Precisions {
-                head: (!pi_head.is_null()).then(|| View::from_raw(dev, pi_head as u64, hq)),
-                key: (!pi_key.is_null()).then(|| View::from_raw(dev, pi_key as u64, keys)),
+                head: (!pi_head.is_null()).then(|| raw_view(dev, pi_head as u64, hq, "pi_head")),
+                key: (!pi_key.is_null()).then(|| raw_view(dev, pi_key as u64, keys, "pi_key")),
             }
         };
-        let kv_len = (!kv_len.is_null()).then(|| unsafe { View::from_raw(dev, kv_len as u64, b) });
+        let kv_len =
+            (!kv_len.is_null()).then(|| unsafe { raw_view(dev, kv_len as u64, b, "kv_len") });
         let (lse, e) = unsafe {
             (
-                (!lse.is_null()).then(|| ViewMut::from_raw(dev, lse as u64, rows)),
-                (!e.is_null()).then(|| ViewMut::from_raw(dev, e as u64, rows)),
+                (!lse.is_null()).then(|| raw_view_mut(dev, lse as u64, rows, "lse")),
+                (!e.is_null()).then(|| raw_view_mut(dev, e as u64, rows, "e")),
             )
         };
         let stream = raw_stream(stream);
@@ -327,23 +330,24 @@ pub unsafe extern "C" fn fep_attention_backward(
         let rows = product("q.shape", product("q.shape", b, hq)?, lq)?;
         let keys = product("k.shape", product("k.shape", b, hkv)?, lk)?;
         let dev = &dev;
-        let opt = |p: *const f32, len: usize| {
-            (!p.is_null()).then(|| unsafe { View::<f32>::from_raw(dev, p as u64, len) })
+        let opt = |name: &str, p: *const f32, len: usize| {
+            (!p.is_null()).then(|| unsafe { raw_view::<f32>(dev, p as u64, len, name) })
         };
-        let opt_mut = |p: *mut f32, len: usize| {
-            (!p.is_null()).then(|| unsafe { ViewMut::<f32>::from_raw(dev, p as u64, len) })
+        let opt_mut = |name: &str, p: *mut f32, len: usize| {
+            (!p.is_null()).then(|| unsafe { raw_view_mut::<f32>(dev, p as u64, len, name) })
         };
         let precision = Precisions {
-            head: opt(pi_head, hq),
-            key: opt(pi_key, keys),
+            head: opt("pi_head", pi_head, hq),
+            key: opt("pi_key", pi_key, keys),
         };
-        let kv_len = (!kv_len.is_null()).then(|| unsafe { View::from_raw(dev, kv_len as u64, b) });
-        let lse = unsafe { View::from_raw(dev, lse as u64, rows) };
-        let (e, d_e) = (opt(e, rows), opt(d_e, rows));
+        let kv_len =
+            (!kv_len.is_null()).then(|| unsafe { raw_view(dev, kv_len as u64, b, "kv_len") });
+        let lse = unsafe { raw_view(dev, lse as u64, rows, "lse") };
+        let (e, d_e) = (opt("e", e, rows), opt("d_e", d_e, rows));
         let (dpi_head, dpi_key, dnu) = (
-            opt_mut(dpi_head, hq),
-            opt_mut(dpi_key, keys),
-            opt_mut(dnu, 1),
+            opt_mut("dpi_head", dpi_head, hq),
+            opt_mut("dpi_key", dpi_key, keys),
+            opt_mut("dnu", dnu, 1),
         );
         let stream = raw_stream(stream);
         with_dtype!(dtype, T => unsafe {
@@ -446,19 +450,19 @@ pub unsafe extern "C" fn fep_attention_merge(
         let rows = product("o.shape", product("o.shape", b, hq)?, lq)?;
         let part_rows = product("splits", s, rows)?;
         let part_len = product("splits", part_rows, dv)?;
-        let lse_parts = unsafe { View::<f32>::from_raw(dev, lse_parts as u64, part_rows) };
+        let lse_parts = unsafe { raw_view::<f32>(dev, lse_parts as u64, part_rows, "lse_parts") };
         let e_parts = (!e_parts.is_null())
-            .then(|| unsafe { View::<f32>::from_raw(dev, e_parts as u64, part_rows) });
+            .then(|| unsafe { raw_view::<f32>(dev, e_parts as u64, part_rows, "e_parts") });
         let (lse, e) = unsafe {
             (
-                (!lse.is_null()).then(|| ViewMut::from_raw(dev, lse as u64, rows)),
-                (!e.is_null()).then(|| ViewMut::from_raw(dev, e as u64, rows)),
+                (!lse.is_null()).then(|| raw_view_mut(dev, lse as u64, rows, "lse")),
+                (!e.is_null()).then(|| raw_view_mut(dev, e as u64, rows, "e")),
             )
         };
         let stream = raw_stream(stream);
         with_dtype!(dtype, T => unsafe {
             let parts = MergeParts {
-                o: View::<T>::from_raw(dev, o_parts as u64, part_len),
+                o: raw_view::<T>(dev, o_parts as u64, part_len, "o_parts"),
                 lse: lse_parts,
                 e: e_parts,
                 splits: s,

@@ -4,10 +4,10 @@
 use std::ffi::c_void;
 
 use super::{
-    free_handle, guard, handle_ref, new_handle, non_null, open_device, product, raw_stream,
-    usize_of,
+    Tagged, free_handle, guard, handle_mut, handle_ref, new_handle, non_null, open_device, product,
+    raw_stream, raw_view, raw_view_mut, usize_of,
 };
-use crate::backend::{Stream, View, ViewMut};
+use crate::backend::{Stream, View};
 use crate::element::Element;
 use crate::error::Result;
 use crate::lca::{Dictionary, DictionaryOptions, LcaOutputs, LcaSpec, Threshold};
@@ -25,7 +25,15 @@ pub const FEP_LCA_HARD_NONNEG: i32 = 3;
 /// Phi (n x m, row-major, unit-norm columns) in f32 and G = Phi^T Phi - I, stored on one device. Made by
 /// fep_lca_dict_new, freed by fep_lca_dict_free.
 pub struct FepLcaDict {
+    magic: u64,
     dict: Dictionary,
+}
+
+impl Tagged for FepLcaDict {
+    const MAGIC: u64 = u64::from_le_bytes(*b"fepLCAd1");
+    fn magic(handle: *mut Self) -> *mut u64 {
+        unsafe { &raw mut (*handle).magic }
+    }
 }
 
 /// The parameters of an LCA solve (fep_lca_solve).
@@ -70,18 +78,29 @@ pub unsafe extern "C" fn fep_lca_dict_new(
         };
         let stream = raw_stream(stream);
         let dict = with_dtype!(dtype, T => {
-            let view = unsafe { View::<T>::from_raw(&device, phi as u64, len) };
+            let view = unsafe { raw_view::<T>(&device, phi as u64, len, "phi") };
             Dictionary::new_on(&view, n, m, opts, stream)
         })?;
-        unsafe { new_handle(out, FepLcaDict { dict }) };
+        unsafe {
+            new_handle(
+                out,
+                FepLcaDict {
+                    magic: FepLcaDict::MAGIC,
+                    dict,
+                },
+            )
+        };
         Ok(())
     })
 }
 
-/// Frees a dictionary (NULL is a no-op).
+/// Frees a dictionary (NULL is a no-op). A pointer that is not a live dictionary (freed
+/// already, or garbage pointing at readable memory) is detected where cheap by a tag in the
+/// handle, left alone, and reported by fep_last_error; every call taking a handle checks the
+/// same tag and returns FEP_ERR_INVALID_ARGUMENT.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_lca_dict_free(dict: *mut FepLcaDict) {
-    unsafe { free_handle(dict) }
+    unsafe { free_handle("dict", dict) }
 }
 
 /// Writes the dictionary's shape (`n` or `m` may be NULL).
@@ -116,7 +135,7 @@ pub unsafe extern "C" fn fep_lca_dict_phi(
         let d = unsafe { &handle_ref("dict", dict)?.dict };
         non_null("phi_out", phi_out)?;
         let mut out =
-            unsafe { ViewMut::<f32>::from_raw(d.device(), phi_out as u64, d.n() * d.m()) };
+            unsafe { raw_view_mut::<f32>(d.device(), phi_out as u64, d.n() * d.m(), "phi_out") };
         d.phi_into(&mut out, raw_stream(stream))
     })
 }
@@ -162,16 +181,16 @@ pub unsafe extern "C" fn fep_lca_solve(
         let bt = product("batch", batch, p.steps as usize)?;
         // Views of the caller's memory; lengths follow from batch, n, m and steps.
         unsafe {
-            let u0 = (!u0.is_null()).then(|| View::<f32>::from_raw(dev, u0 as u64, bm));
+            let u0 = (!u0.is_null()).then(|| raw_view::<f32>(dev, u0 as u64, bm, "u0"));
             let out = LcaOutputs {
-                u: ViewMut::from_raw(dev, u_out as u64, bm),
-                a: ViewMut::from_raw(dev, a_out as u64, bm),
+                u: raw_view_mut(dev, u_out as u64, bm, "u_out"),
+                a: raw_view_mut(dev, a_out as u64, bm, "a_out"),
                 energy: (!energy_out.is_null())
-                    .then(|| ViewMut::from_raw(dev, energy_out as u64, bt)),
+                    .then(|| raw_view_mut(dev, energy_out as u64, bt, "energy_out")),
                 active: (!active_out.is_null())
-                    .then(|| ViewMut::from_raw(dev, active_out as u64, bt)),
+                    .then(|| raw_view_mut(dev, active_out as u64, bt, "active_out")),
                 steps: (!steps_out.is_null())
-                    .then(|| ViewMut::from_raw(dev, steps_out as u64, batch)),
+                    .then(|| raw_view_mut(dev, steps_out as u64, batch, "steps_out")),
             };
             let n = d.n();
             with_dtype!(dtype, T => solve_typed::<T>(d, &spec, x, product("batch", batch, n)?, u0.as_ref(), out, raw_stream(stream)))
@@ -188,7 +207,7 @@ unsafe fn solve_typed<T: Element>(
     out: LcaOutputs<'_>,
     stream: Stream,
 ) -> Result<()> {
-    let x = unsafe { View::<T>::from_raw(d.device(), x as u64, len) };
+    let x = unsafe { raw_view::<T>(d.device(), x as u64, len, "x") };
     d.solve_into(spec, &x, u0, out, stream)
 }
 
@@ -205,17 +224,17 @@ pub unsafe extern "C" fn fep_lca_dict_learn(
     lr: f32,
 ) -> i32 {
     guard(|| {
-        non_null("dict", dict)?;
         non_null("x", x)?;
         non_null("a", a)?;
-        let d = unsafe { &mut (*dict).dict };
+        let d = unsafe { &mut handle_mut("dict", dict)?.dict };
         let batch = usize_of("batch", batch)?;
         let dev = d.device().clone();
-        let a = unsafe { View::<f32>::from_raw(&dev, a as u64, product("batch", batch, d.m())?) };
+        let a_len = product("batch", batch, d.m())?;
+        let a = unsafe { raw_view::<f32>(&dev, a as u64, a_len, "a") };
         let len = product("batch", batch, d.n())?;
         let stream = raw_stream(stream);
         with_dtype!(dtype, T => {
-            let x = unsafe { View::<T>::from_raw(&dev, x as u64, len) };
+            let x = unsafe { raw_view::<T>(&dev, x as u64, len, "x") };
             d.learn(&x, &a, lr, stream)
         })
     })

@@ -23,7 +23,9 @@ use std::cell::RefCell;
 use std::ffi::{CString, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use crate::backend::{Device, DeviceKind, Stream};
+use bytemuck::Pod;
+
+use crate::backend::{Device, DeviceKind, Stream, View, ViewMut};
 use crate::element::DType;
 use crate::error::{Error, Result};
 
@@ -179,6 +181,14 @@ fn guard(f: impl FnOnce() -> Result<()>) -> i32 {
             e.status()
         }
         Err(panic) => {
+            // A checked error carried by an unwind (raw_view's misaligned pointer).
+            let panic = match panic.downcast::<Error>() {
+                Ok(e) => {
+                    set_last_error(e.to_string());
+                    return e.status();
+                }
+                Err(other) => other,
+            };
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
@@ -214,6 +224,52 @@ unsafe fn slice_of<'a, T>(name: &str, p: *const T, len: usize) -> Result<&'a [T]
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
 }
 
+/// `Err` unless `addr` is aligned for `T` (a misaligned `float*` is undefined behaviour in Rust,
+/// and slower or faulting on a GPU).
+fn aligned<T>(name: &str, addr: u64) -> Result<()> {
+    let align = std::mem::align_of::<T>() as u64;
+    if addr % align != 0 {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "address {addr:#x} is not aligned to {align} bytes (its element type, {})",
+                std::any::type_name::<T>()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A view of a caller's pointer, checked aligned for `T`. The views are made inside closures
+/// and struct literals that cannot return early, so a misaligned pointer unwinds instead: with
+/// `resume_unwind` (no panic hook, nothing printed) to the entry point's [`guard`], which returns
+/// the [`Error`] carried as the payload (FEP_ERR_INVALID_ARGUMENT naming the argument).
+///
+/// # Safety
+/// As [`View::from_raw`].
+unsafe fn raw_view<'a, T: Pod>(dev: &Device, addr: u64, len: usize, name: &str) -> View<'a, T> {
+    if let Err(e) = aligned::<T>(name, addr) {
+        std::panic::resume_unwind(Box::new(e));
+    }
+    unsafe { View::from_raw(dev, addr, len) }
+}
+
+/// As [`raw_view`], writable.
+///
+/// # Safety
+/// As [`ViewMut::from_raw`].
+unsafe fn raw_view_mut<'a, T: Pod>(
+    dev: &Device,
+    addr: u64,
+    len: usize,
+    name: &str,
+) -> ViewMut<'a, T> {
+    if let Err(e) = aligned::<T>(name, addr) {
+        std::panic::resume_unwind(Box::new(e));
+    }
+    unsafe { ViewMut::from_raw(dev, addr, len) }
+}
+
 /// The device of a `FEP_DEVICE_*` code and an ordinal (checked non-negative first).
 fn open_device(kind: i32, ordinal: i32) -> Result<Device> {
     let ordinal = usize::try_from(ordinal)
@@ -228,23 +284,62 @@ fn raw_stream(stream: *mut c_void) -> Stream {
 
 // ---- handles ----------------------------------------------------------------------------------
 
+/// A handle type: a struct with a `magic: u64` field, set to `MAGIC` while the handle lives. Every entry point checks it, so a garbage pointer or a freed handle (whose
+/// first word the allocator has reused, or which `free_handle` cleared) is an error instead of
+/// undefined behaviour — as far as reading one word at that address is safe, which is the
+/// documented contract of the header: a pointer that is not NULL must point at readable memory.
+trait Tagged {
+    const MAGIC: u64;
+    /// The address of the magic field (no reference is made to the memory behind `handle`).
+    fn magic(handle: *mut Self) -> *mut u64;
+}
+
+/// `Err` naming `name` unless `handle` is non-NULL, aligned, and carries `T::MAGIC`.
+unsafe fn check_tag<T: Tagged>(name: &str, handle: *const T) -> Result<()> {
+    non_null(name, handle)?;
+    aligned::<T>(name, handle as u64)?;
+    // Safety: the caller's contract (a non-NULL pointer points at readable memory).
+    let magic = unsafe { std::ptr::read_volatile(T::magic(handle.cast_mut())) };
+    if magic != T::MAGIC {
+        return Err(Error::invalid(
+            name,
+            "is not a live handle (already freed, or not made by this library)",
+        ));
+    }
+    Ok(())
+}
+
 /// Stores a new handle owning `value` at `*out` (checked non-NULL by the caller).
-unsafe fn new_handle<T>(out: *mut *mut T, value: T) {
+unsafe fn new_handle<T: Tagged>(out: *mut *mut T, value: T) {
     unsafe { *out = Box::into_raw(Box::new(value)) };
 }
 
-/// Frees a handle made by [`new_handle`]; NULL is a no-op, and a panic while dropping does not
-/// cross the boundary.
-unsafe fn free_handle<T>(handle: *mut T) {
-    if !handle.is_null() {
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(handle) })));
+/// Frees a handle made by [`new_handle`]; NULL is a no-op, a pointer that is not a live handle
+/// (a double free, garbage) is left alone and recorded for [`fep_last_error`], and a panic
+/// while dropping does not cross the boundary.
+unsafe fn free_handle<T: Tagged>(name: &str, handle: *mut T) {
+    if handle.is_null() {
+        return;
     }
+    if let Err(e) = unsafe { check_tag(name, handle) } {
+        set_last_error(e.to_string());
+        return;
+    }
+    // Cleared first: a second free of the same pointer finds no magic (until reused).
+    unsafe { std::ptr::write_volatile(T::magic(handle), 0) };
+    let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(handle) })));
 }
 
-/// The object behind a handle, or an error naming `name` when it is NULL.
-unsafe fn handle_ref<'a, T>(name: &str, handle: *const T) -> Result<&'a T> {
-    non_null(name, handle)?;
+/// The object behind a handle, or an error naming `name` (NULL, or not a live handle).
+unsafe fn handle_ref<'a, T: Tagged>(name: &str, handle: *const T) -> Result<&'a T> {
+    unsafe { check_tag(name, handle)? };
     Ok(unsafe { &*handle })
+}
+
+/// As [`handle_ref`], mutably.
+unsafe fn handle_mut<'a, T: Tagged>(name: &str, handle: *mut T) -> Result<&'a mut T> {
+    unsafe { check_tag(name, handle)? };
+    Ok(unsafe { &mut *handle })
 }
 
 // ---- the library and its devices --------------------------------------------------------------

@@ -4,8 +4,10 @@
 
 use std::ffi::c_void;
 
-use super::{guard, non_null, open_device, product, raw_stream, slice_of, usize_of};
-use crate::backend::{Device, Stream, View, ViewMut};
+use super::{
+    guard, non_null, open_device, product, raw_stream, raw_view, raw_view_mut, slice_of, usize_of,
+};
+use crate::backend::{Device, Stream, View};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::settle::{
@@ -111,8 +113,14 @@ unsafe fn net_view<'a, T: Element>(
             unsafe { *net.leaky_alpha.add(l) }
         };
         non_null(&format!("net.weights[{l}]"), weights[l])?;
-        let w =
-            unsafe { View::<T>::from_raw(dev, weights[l] as u64, product("net.widths", n, n_in)?) };
+        let w = unsafe {
+            raw_view::<T>(
+                dev,
+                weights[l] as u64,
+                product("net.widths", n, n_in)?,
+                &format!("net.weights[{l}]"),
+            )
+        };
         // A diagonal where given, else the scalar (1 without a scalar array).
         let diag = if net.precision_diag.is_null() {
             std::ptr::null()
@@ -120,7 +128,9 @@ unsafe fn net_view<'a, T: Element>(
             unsafe { *net.precision_diag.add(l) }
         };
         let precision = if !diag.is_null() {
-            Precision::Diagonal(unsafe { View::from_raw(dev, diag as u64, n) })
+            Precision::Diagonal(unsafe {
+                raw_view(dev, diag as u64, n, &format!("net.precision_diag[{l}]"))
+            })
         } else if net.precision.is_null() {
             Precision::Scalar(1.0)
         } else {
@@ -130,7 +140,8 @@ unsafe fn net_view<'a, T: Element>(
         if !net.biases.is_null() {
             let b = unsafe { *net.biases.add(l) };
             if !b.is_null() {
-                layer = layer.bias(unsafe { View::from_raw(dev, b as u64, n) });
+                layer =
+                    layer.bias(unsafe { raw_view(dev, b as u64, n, &format!("net.biases[{l}]")) });
             }
         }
         layers.push(layer);
@@ -187,16 +198,18 @@ unsafe fn settle_outputs<'a>(
         non_null(&format!("x_out[{l}]"), xs[l])?;
         non_null(&format!("eps_out[{l}]"), es[l])?;
         out.x
-            .push(unsafe { ViewMut::from_raw(dev, xs[l] as u64, len) });
+            .push(unsafe { raw_view_mut(dev, xs[l] as u64, len, &format!("x_out[{l}]")) });
         out.eps
-            .push(unsafe { ViewMut::from_raw(dev, es[l] as u64, len) });
+            .push(unsafe { raw_view_mut(dev, es[l] as u64, len, &format!("eps_out[{l}]")) });
     }
     let t1 = product("batch", batch, steps as usize + 1)?;
     unsafe {
-        out.energy =
-            (!energy_out.is_null()).then(|| ViewMut::from_raw(dev, energy_out as u64, batch));
-        out.trace = (!trace_out.is_null()).then(|| ViewMut::from_raw(dev, trace_out as u64, t1));
-        out.steps = (!steps_out.is_null()).then(|| ViewMut::from_raw(dev, steps_out as u64, batch));
+        out.energy = (!energy_out.is_null())
+            .then(|| raw_view_mut(dev, energy_out as u64, batch, "energy_out"));
+        out.trace =
+            (!trace_out.is_null()).then(|| raw_view_mut(dev, trace_out as u64, t1, "trace_out"));
+        out.steps =
+            (!steps_out.is_null()).then(|| raw_view_mut(dev, steps_out as u64, batch, "steps_out"));
     }
     Ok(out)
 }
@@ -236,9 +249,14 @@ unsafe fn settle_call(
 
 impl SettleCall {
     /// A view of `per_sample` f32 values per sample at `ptr`.
-    unsafe fn rows<'a>(&self, ptr: *const f32, per_sample: usize) -> Result<View<'a, f32>> {
+    unsafe fn rows<'a>(
+        &self,
+        name: &str,
+        ptr: *const f32,
+        per_sample: usize,
+    ) -> Result<View<'a, f32>> {
         let len = product("batch", self.batch, per_sample)?;
-        Ok(unsafe { View::from_raw(&self.dev, ptr as u64, len) })
+        Ok(unsafe { raw_view(&self.dev, ptr as u64, len, name) })
     }
 
     /// Views of the caller's outputs.
@@ -287,7 +305,7 @@ pub unsafe extern "C" fn fep_settle_infer(
 ) -> i32 {
     guard(|| {
         let c = unsafe { settle_call(kind, ordinal, net, params, batch, x0)? };
-        let x0 = unsafe { c.rows(x0, c.widths[0])? };
+        let x0 = unsafe { c.rows("x0", x0, c.widths[0])? };
         let out = unsafe { c.outputs(x_out, eps_out, energy_out, trace_out, steps_out)? };
         let stream = raw_stream(stream);
         with_dtype!(c.net.dtype, T => {
@@ -332,8 +350,8 @@ pub unsafe extern "C" fn fep_settle_learn(
         let c = unsafe { settle_call(kind, ordinal, net, params, batch, x0)? };
         let (dev, widths) = (&c.dev, &c.widths);
         let depth = widths.len() - 1;
-        let x0 = unsafe { c.rows(x0, widths[0])? };
-        let target = unsafe { c.rows(target, widths[depth])? };
+        let x0 = unsafe { c.rows("x0", x0, widths[0])? };
+        let target = unsafe { c.rows("target", target, widths[depth])? };
         let out = unsafe { c.outputs(x_out, eps_out, energy_out, trace_out, steps_out)? };
         let gw = unsafe { slice_of("grad_w", grad_w, depth)? };
         let gb = unsafe { slice_of("grad_b", grad_b, depth)? };
@@ -346,12 +364,18 @@ pub unsafe extern "C" fn fep_settle_learn(
             non_null(&format!("grad_b[{l}]"), gb[l])?;
             let n_w = product("net.widths", widths[l + 1], widths[l])?;
             unsafe {
-                grads
-                    .weights
-                    .push(ViewMut::from_raw(dev, gw[l] as u64, n_w));
-                grads
-                    .biases
-                    .push(ViewMut::from_raw(dev, gb[l] as u64, widths[l + 1]));
+                grads.weights.push(raw_view_mut(
+                    dev,
+                    gw[l] as u64,
+                    n_w,
+                    &format!("grad_w[{l}]"),
+                ));
+                grads.biases.push(raw_view_mut(
+                    dev,
+                    gb[l] as u64,
+                    widths[l + 1],
+                    &format!("grad_b[{l}]"),
+                ));
             }
         }
         let stream = raw_stream(stream);
@@ -384,12 +408,22 @@ unsafe fn apply_sgd<T: Element>(
         let (n_w, n_b) = (widths[l + 1] * widths[l], widths[l + 1]);
         unsafe {
             let w = *net.weights.add(l);
-            params.push(ViewMut::<T>::from_raw(dev, w as u64, n_w));
-            grads.push(View::from_raw(dev, gw[l] as u64, n_w));
+            params.push(raw_view_mut::<T>(
+                dev,
+                w as u64,
+                n_w,
+                &format!("net.weights[{l}]"),
+            ));
+            grads.push(raw_view(dev, gw[l] as u64, n_w, &format!("grad_w[{l}]")));
             if !net.biases.is_null() && !(*net.biases.add(l)).is_null() {
                 let b = *net.biases.add(l);
-                params.push(ViewMut::<T>::from_raw(dev, b as u64, n_b));
-                grads.push(View::from_raw(dev, gb[l] as u64, n_b));
+                params.push(raw_view_mut::<T>(
+                    dev,
+                    b as u64,
+                    n_b,
+                    &format!("net.biases[{l}]"),
+                ));
+                grads.push(raw_view(dev, gb[l] as u64, n_b, &format!("grad_b[{l}]")));
             }
         }
     }

@@ -5,8 +5,8 @@
 use std::ffi::c_void;
 
 use super::{
-    free_handle, guard, handle_ref, new_handle, non_null, open_device, product, raw_stream,
-    slice_of, usize_of,
+    Tagged, free_handle, guard, handle_mut, handle_ref, new_handle, non_null, open_device, product,
+    raw_stream, raw_view, raw_view_mut, slice_of, usize_of,
 };
 use crate::backend::{Stream, View, ViewMut};
 use crate::error::{Error, Result};
@@ -48,7 +48,15 @@ pub const FEP_VMP_COUNTS_D: i32 = 2;
 /// their lengths follow from n, steps and the model (fep_vmp_model_info). Outputs must not
 /// overlap each other or the inputs.
 pub struct FepVmpModel {
+    magic: u64,
     model: Model,
+}
+
+impl Tagged for FepVmpModel {
+    const MAGIC: u64 = u64::from_le_bytes(*b"fepVMPm1");
+    fn magic(handle: *mut Self) -> *mut u64 {
+        unsafe { &raw mut (*handle).magic }
+    }
 }
 
 /// A generative model in pymdp's layouts, all row-major, all in HOST memory whatever the device
@@ -340,15 +348,26 @@ pub unsafe extern "C" fn fep_vmp_model_new(
             },
             other => other,
         })?;
-        unsafe { new_handle(out, FepVmpModel { model }) };
+        unsafe {
+            new_handle(
+                out,
+                FepVmpModel {
+                    magic: FepVmpModel::MAGIC,
+                    model,
+                },
+            )
+        };
         Ok(())
     })
 }
 
-/// Frees a model (NULL is a no-op). Work already enqueued must not still use it.
+/// Frees a model (NULL is a no-op). Work already enqueued must not still use it. A pointer that
+/// is not a live model (freed already, or garbage pointing at readable memory) is detected
+/// where cheap by a tag in the handle, left alone, and reported by fep_last_error; every call
+/// taking a handle checks the same tag and returns FEP_ERR_INVALID_ARGUMENT.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_vmp_model_free(model: *mut FepVmpModel) {
-    unsafe { free_handle(model) }
+    unsafe { free_handle("model", model) }
 }
 
 /// The model behind a handle, or an error naming `model` when it is NULL.
@@ -475,7 +494,7 @@ impl<P> VmpCall<'_, P> {
     ) -> Result<View<'a, T>> {
         non_null(name, p)?;
         let len = product(name, self.n, per_agent)?;
-        Ok(unsafe { View::from_raw(self.model.device(), p as u64, len) })
+        Ok(unsafe { raw_view(self.model.device(), p as u64, len, name) })
     }
 
     /// As [`Self::input`], `None` for NULL.
@@ -500,7 +519,7 @@ impl<P> VmpCall<'_, P> {
     ) -> Result<ViewMut<'a, T>> {
         non_null(name, p)?;
         let len = product(name, self.n, per_agent)?;
-        Ok(unsafe { ViewMut::from_raw(self.model.device(), p as u64, len) })
+        Ok(unsafe { raw_view_mut(self.model.device(), p as u64, len, name) })
     }
 
     /// As [`Self::output`], `None` for NULL (the output is skipped).
@@ -719,7 +738,7 @@ pub unsafe extern "C" fn fep_vmp_learn(
             )
         };
         // The views own no borrow of the model: learning may now take it mutably.
-        let model = &mut (*model).model;
+        let model = &mut handle_mut("model", model)?.model;
         vmp::learn(model, &spec, steps, &obs, &qs, actions.as_ref(), stream)
     })
 }
