@@ -349,6 +349,23 @@ def test_constants_match_the_header():
     return _report(compare_constants(constants, _header()), "constant mismatches")
 
 
+def test_every_status_code_has_a_twin_and_a_name():
+    """Every FEP_OK / FEP_ERR_* status of the header (FEP_ERR_DIVERGED = 7 included) has a
+    twin in _abi.py and a name in FepError's table, so a new status is never reported as
+    "unknown status N" (the other header constants may lag behind: test_constants only notes
+    them)."""
+    statuses = sorted(n for n in header_defines(_header()) if n == "FEP_OK" or
+                      n.startswith("FEP_ERR_"))
+    assert "FEP_ERR_DIVERGED" in statuses, f"FEP_ERR_DIVERGED not found in {HEADER}"
+    missing = [n for n in statuses if not isinstance(getattr(_abi, n, None), int)]
+    assert not missing, f"header statuses without a twin in _abi.py: {missing}"
+    unnamed = [n for n in statuses if _abi._STATUS_NAMES.get(getattr(_abi, n)) != n]
+    assert not unnamed, f"statuses without their name in _abi._STATUS_NAMES: {unnamed}"
+    e = _abi.FepError(_abi.FEP_ERR_DIVERGED, "settling sample 0 diverged")
+    assert e.name == "FEP_ERR_DIVERGED" and str(e).startswith("FEP_ERR_DIVERGED (7): "), str(e)
+    return None
+
+
 def test_the_comparison_catches_broken_twins():
     """The checks themselves: a dropped field, two swapped fields, a renamed field, a wrong
     type of the same size, a wrong constant and a class with no struct are each reported."""

@@ -276,10 +276,10 @@ def test_bad_arguments():
     assert e.status == fk.FEP_ERR_INVALID_ARGUMENT
     expect_error(fk.FepError, lambda: f(q[:, :3], k, v), "`k`", "do not divide")
     expect_error(fk.FepError, lambda: f(q, k, v[:, :, :5]), "`v`")
-    expect_error(fk.FepError, lambda: f(q, k, v, score="student_t", nu=0.0), "`params.nu`")
-    expect_error(fk.FepError, lambda: f(q, k, v, scale=math.inf), "`params.scale`")
+    expect_error(fk.FepError, lambda: f(q, k, v, score="student_t", nu=0.0), "`nu`")
+    expect_error(fk.FepError, lambda: f(q, k, v, scale=math.inf), "`scale`")
     expect_error(fk.FepError, lambda: f(q, k, v, pi_head=torch.tensor([1.0, 0.0, 1.0, 1.0])),
-                 "`precision.head`")
+                 "`pi_head`", "pi_head[1] is 0")
     expect_error(fk.FepError, lambda: f(q, k, v, kv_len=torch.tensor([9, 10], dtype=torch.int32)),
                  "`kv_len`")
     expect_error(fk.FepError, lambda: f(q, k, v, out=q[..., :8]), "overlaps")  # o aliases q
@@ -505,10 +505,42 @@ def test_backward_bad_arguments():
     # Caught by the library (FepError naming the argument).
     e1 = expect_error(fk.FepError, lambda: f(k=k[:, :, :, :8]), "`k`", "head dim")
     assert e1.status == fk.FEP_ERR_INVALID_ARGUMENT
-    expect_error(fk.FepError, lambda: f(pi_key=-kw["pi_key"]), "`precision.key`")
-    expect_error(fk.FepError, lambda: f(score="student_t", nu=-1.0), "`params.nu`")
+    expect_error(fk.FepError, lambda: f(pi_key=-kw["pi_key"]), "`pi_key`", "pi_key[0, 0, 0] is -")
+    expect_error(fk.FepError, lambda: f(score="student_t", nu=-1.0), "`nu`")
     expect_error(fk.FepError, lambda: f(kv_len=torch.tensor([10, 1], dtype=torch.int32)),
                  "`kv_len`")
+
+
+def test_errors_name_python_arguments_and_multi_indices():
+    # Issue 21: the library's `precision.key` with a flat "element 9" is the user's pi_key with
+    # a multi-index; empty tensors were "`q.data` is NULL".
+    q, k, v, kw = problem()
+    f = fk.attention_forward
+    pk = kw["pi_key"].clone()
+    pk[0, 1, 3] = -1.0
+    e = expect_error(fk.FepError, lambda: f(q, k, v, pi_key=pk), "invalid argument `pi_key`",
+                     "pi_key[0, 1, 3] is -1")
+    assert "precision.key" not in str(e) and "element" not in str(e), str(e)
+    ph = kw["pi_head"].clone()
+    ph[2] = float("nan")
+    expect_error(fk.FepError, lambda: f(q, k, v, pi_head=ph), "pi_head[2] is NaN")
+    o, lse, _ = f(q, k, v, **kw)
+    expect_error(fk.FepError, lambda: fk.attention_backward(q, k, v, o, lse, torch.ones_like(o),
+                                                            pi_key=pk), "pi_key[0, 1, 3] is -1")
+    for args, what in (((q[:0], k[:0], v[:0]), "q: is empty (shape [0, 4, 7, 16])"),
+                       ((q, k[:, :, :0], v[:, :, :0]), "k: is empty (shape [2, 2, 0, 16])"),
+                       ((q, k, v[..., :0]), "v: is empty")):
+        expect_error(ValueError, lambda: f(*args), what)
+    expect_error(ValueError, lambda: f(q, k, v, pi_key=kw["pi_key"][:, :, :0]), "pi_key")
+    # window: an int, not a bool (True was window 1).
+    expect_error(TypeError, lambda: f(q, k, v, window=True), "window")
+    expect_error(ValueError, lambda: f(q, k, v, window=2.0), "window")
+    expect_error(ValueError, lambda: f(q, k, v, nu=True, score="student_t"), "nu")
+    # The merge: "element 22 (part 1, row 6)" is lse_parts[1, 0, 1, 2].
+    o_p, lse_p = torch.stack([o, o]), torch.stack([lse, lse])
+    lse_p[1, 0, 1, 2] = float("inf")
+    expect_error(fk.FepError, lambda: fk.attention_merge(o_p, lse_p), "`lse_parts`",
+                 "lse_parts[1, 0, 1, 2] is inf")
 
 
 # ---- the lse merge ----
@@ -552,7 +584,8 @@ def test_merge_bad_arguments():
     expect_error(ValueError, lambda: f(o_p, lse_p[:2]), "lse_parts", "shape")
     expect_error(ValueError, lambda: f(o_p, lse_p.half()), "lse_parts", "dtype")
     expect_error(ValueError, lambda: f(o_p, lse_p, e_parts=lse_p[..., :3]), "e_parts", "shape")
-    expect_error(ValueError, lambda: f(o_p[:, :, :, :0], lse_p[:, :, :, :0]), "o_parts", "zero")
+    expect_error(ValueError, lambda: f(o_p[:, :, :, :0], lse_p[:, :, :, :0]), "o_parts",
+                 "is empty (shape [3, 2, 4, 0, 8])")
     expect_error(ValueError, lambda: f(o_p, lse_p, layout="bhdl"), "layout")
     expect_error(ValueError, lambda: f(o_p, lse_p, out=torch.empty(2, 4, 5, 7)), "out")
     expect_error(ValueError, lambda: f(o_p, lse_p, out=torch.empty(2, 4, 5, 8).half()), "out")

@@ -418,6 +418,116 @@ def test_bad_arguments():
     expect_error(fk.FepError, lambda: net.infer(x0, 0.1, 5, out=overlapping), "overlap")
 
 
+# ---- issue 21: held tensors re-validated, Python names in messages, divergence ----
+
+
+def test_replaced_weights_are_revalidated_on_every_call():
+    # A SettleNet keeps its tensors: their storage, shape, dtype or device may change between
+    # calls, and no pointer may go to the library for a tensor that no longer fits (issue 21:
+    # `w2.data = g[:1]` then learn(lr=0.5) wrote 9 floats past the 1-element tensor).
+    V = ValueError
+    x0, y = torch.randn(4, 3), torch.randn(4, 2)
+    learn = lambda net: net.learn(x0, y, 0.1, 10, lr=0.5)  # noqa: E731
+    w1, w2 = torch.randn(5, 3), torch.randn(2, 5)
+    net = fk.SettleNet([w1, w2])
+    g = torch.zeros(64)
+    w2.data = g[:1]
+    expect_error(V, lambda: learn(net), "weights[1]: expected shape [2, 5], got [1]")
+    assert not g.any(), "nothing written past (or into) the replaced weight"
+    w1, w2 = torch.randn(5, 3), torch.randn(2, 5)
+    net = fk.SettleNet([w1, w2])
+    net.weights[1] = g[:3]
+    expect_error(V, lambda: learn(net), "weights[1]: expected shape [2, 5], got [3]")
+    assert not g.any()
+    net.weights = [w1]
+    expect_error(V, lambda: learn(net), "weights", "expected 2 entries")
+    w1, w2 = torch.randn(5, 3), torch.randn(2, 5)
+    net = fk.SettleNet([w1, w2])
+    w2.data = w2.data.double()
+    expect_error(V, lambda: learn(net), "weights[1]: expected dtype torch.float32, got "
+                 "torch.float64")
+    w2.data = torch.randn(5, 2).T  # the right shape, not contiguous
+    expect_error(V, lambda: learn(net), "weights[1]", "contiguous")
+    # Biases and diagonal precisions alike (set_ and .data).
+    b1, p1 = torch.zeros(5), torch.ones(5)
+    net = fk.SettleNet([w1, torch.randn(2, 5)], biases=[b1, None], precisions=[p1, 1.0])
+    b1.set_(torch.zeros(2))
+    expect_error(V, lambda: net.infer(x0, 0.1, 5), "biases[0]: expected shape [5], got [2]")
+    b1.set_(torch.zeros(5))
+    p1.data = torch.ones(5, dtype=torch.float16)
+    expect_error(V, lambda: net.infer(x0, 0.1, 5), "precisions[0]", "float32")
+    p1.data = torch.ones(5)
+    net.infer(x0, 0.1, 5)  # fits again
+    # A replacement that fits is used: the new storage, not the old pointer.
+    weights, biases, precs, x0, target, _ = problem([5, 6, 3], 4, seed=21)
+    net = fk.SettleNet([w.clone() for w in weights], [b if b is None else b.clone()
+                                                      for b in biases], "tanh", precs)
+    net.weights[0].data = weights[0] * 2
+    net.precisions = [2.0, precs[1]]
+    got = net.infer(x0, 0.1, 5)
+    want = fk.SettleNet([weights[0] * 2, weights[1]], biases, "tanh", [2.0, precs[1]]).infer(
+        x0, 0.1, 5)
+    assert torch.equal(got["energy"], want["energy"]) and torch.equal(got["x"][0], want["x"][0])
+
+
+def test_errors_name_python_arguments_and_multi_indices():
+    V = ValueError
+    weights, biases, precs, x0, target, init = problem([5, 6, 3], 4, seed=22, diag=True)
+    net = fk.SettleNet(weights, biases, ["tanh", "tanh"], precs)
+    # Empty tensors: said in Python ("`x0.data` is NULL" from the library before).
+    expect_error(V, lambda: net.infer(x0[:0], 0.1, 5), "x0: is empty (shape [0, 5])")
+    expect_error(V, lambda: fk.SettleNet([torch.randn(0, 5)]), "weights[0]: is empty")
+    # The library's "layers[1].weight: element 8" is the user's weights[1][1, 2].
+    bad = [w.clone() for w in weights]
+    bad[1][1, 2] = float("nan")
+    e = expect_error(fk.FepError, lambda: fk.settle_infer(bad, biases, "tanh", precs, x0, 0.1, 5),
+                     "`weights[1]`", "weights[1][1, 2] is NaN")
+    assert "layers[" not in str(e) and "element" not in str(e), str(e)
+    diag = precs[0].clone()
+    diag[4] = -1.0
+    expect_error(fk.FepError, lambda: fk.settle_infer(weights, biases, "tanh", [diag, 1.0], x0,
+                                                      0.1, 5), "precisions[0][4] is -1")
+    expect_error(fk.FepError, lambda: fk.settle_infer(weights, biases, "tanh", [1.0, -2.0], x0,
+                                                      0.1, 5), "`precisions[1]`")
+    b = x0.clone()
+    b[2, 1] = float("inf")
+    expect_error(fk.FepError, lambda: net.infer(b, 0.1, 5), "x0[2, 1] is inf")
+    t = target.clone()
+    t[3, 0] = float("nan")
+    expect_error(fk.FepError, lambda: net.learn(x0, t, 0.1, 5), "target[3, 0] is NaN")
+    start = [i.clone() for i in init]
+    start[1][2, 0] = float("inf")
+    expect_error(fk.FepError, lambda: net.infer(x0, 0.1, 5, init=start), "`init[1]`",
+                 "init[1][2, 0] is inf")
+    # Integer and real parameters: a bool is neither (steps=True ran one step before).
+    for kwargs, needle in [(dict(steps=True), "steps"), (dict(steps=2.0), "steps"),
+                           (dict(eta=True), "eta"), (dict(momentum=False), "momentum"),
+                           (dict(tol=True), "tol"), (dict(steps=torch.tensor(True)), "steps")]:
+        args = {**dict(eta=0.1, steps=5), **kwargs}
+        expect_error(TypeError, lambda: net.infer(x0, **args), needle)
+        expect_error(V, lambda: net.infer(x0, **args), needle)
+    expect_error(fk.ArgumentTypeError, lambda: net.learn(x0, target, 0.1, 5, lr=True), "lr")
+    expect_error(fk.ArgumentTypeError, lambda: fk.SettleNet(weights, None, "tanh", [True, 1.0]),
+                 "precisions[0]")
+
+
+def test_diverging_settle_raises_and_leaves_weights_untouched():
+    # eta = 50 on a 3-layer tanh network with targets 3..8: the states blow up. The library
+    # reports FEP_ERR_DIVERGED (issue 21: it returned FEP_OK with an infinite energy, and
+    # lr > 0 could write non-finite weights) and writes nothing.
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(8, 4, generator=g), torch.randn(8, 8, generator=g),
+          torch.randn(6, 8, generator=g)]
+    x0 = torch.randn(5, 4, generator=g)
+    y = torch.linspace(3, 8, 30).reshape(5, 6)
+    net = fk.SettleNet([w.clone() for w in ws], activations="tanh")
+    before = [w.clone() for w in net.weights]
+    e = expect_error(fk.FepError, lambda: net.learn(x0, y, eta=50.0, steps=20, lr=0.1),
+                     "diverged")
+    assert e.status == fk.FEP_ERR_DIVERGED == 7 and e.name == "FEP_ERR_DIVERGED", e
+    assert all(torch.equal(w, b) for w, b in zip(net.weights, before)), "weights written"
+
+
 def test_cuda_tensors():
     if not torch.cuda.is_available():
         return "SKIPPED: torch.cuda.is_available() is False"

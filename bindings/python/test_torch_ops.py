@@ -192,6 +192,18 @@ def test_bad_inputs():
     expect(ValueError, lambda: a(q, k, v, window=0), "window")
     # values are the library's: a non-positive precision is FEP_ERR_INVALID_ARGUMENT
     expect(fk.FepError, lambda: a(q, k, v, precision_key=-pk), "")
+    # Issue 21: the library's `precision.key` and flat index are the user's precision_key with
+    # a multi-index, forward and backward.
+    bad = pk.detach().clone()
+    bad[0, 1, 3] = -1.0
+    expect(fk.FepError, lambda: a(q, k, v, precision_key=bad),
+           "`precision_key`: precision_key[0, 1, 3] is -1")
+    bad_h = ph.detach().clone()
+    bad_h[1] = 0.0
+    expect(fk.FepError, lambda: a(q, k, v, precision_head=bad_h), "precision_head[1] is 0")
+    expect(ValueError, lambda: a(q[:0], k[:0], v[:0]), "q: is empty (shape [0, 4, 5, 8])")
+    expect(TypeError, lambda: a(q, k, v, window=True), "window: expected an int, got bool")
+    expect(TypeError, lambda: a(q, k, v, nu=True), "nu")
 
 
 if __name__ == "__main__":

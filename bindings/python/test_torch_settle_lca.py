@@ -299,6 +299,46 @@ def test_meta_tensors():
     assert u.shape == a.shape == (5, 20) and s.shape == (5,) and s.dtype == torch.int32
 
 
+def test_settle_energy_diverging_raises():
+    # Issue 21: a diverging settle_energy returned inf with no warning; the library now reports
+    # FEP_ERR_DIVERGED, surfaced as FepError (eta = 50, a 3-layer net, targets 3..8).
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(8, 4, generator=g, requires_grad=True),
+          torch.randn(8, 8, generator=g, requires_grad=True),
+          torch.randn(6, 8, generator=g, requires_grad=True)]
+    x0 = torch.randn(5, 4, generator=g)
+    y = torch.linspace(3, 8, 30).reshape(5, 6)
+    try:
+        fk.settle_energy(ws, x0, y, activations="tanh", eta=50.0, steps=20)
+    except fk.FepError as e:
+        assert e.status == fk.FEP_ERR_DIVERGED == 7 and "diverged" in str(e), e
+    else:
+        raise AssertionError("a diverging settle_energy returned without FEP_ERR_DIVERGED")
+    assert all(w.grad is None for w in ws)
+    # A settling that does not diverge still works (the same net, a small step).
+    e = fk.settle_energy(ws, x0, y, activations="tanh", eta=0.05, steps=20)
+    assert torch.isfinite(e)
+
+
+def test_settle_op_messages_name_python_arguments():
+    ws, bs, precs, x0, y = net(grad=False)
+    bad = [w.clone() for w in ws]
+    bad[2][1, 3] = float("nan")
+    expect(fk.FepError, lambda: fk.settle_energy(bad, x0, y, bs, ACTS, precs, eta=0.1, steps=5),
+           "weights[2][1, 3] is NaN")
+    diag = precs[1].clone()
+    diag[2] = -1.0
+    p2 = [precs[0], diag, precs[2]]
+    expect(fk.FepError, lambda: fk.settle_energy(ws, x0, y, bs, ACTS, p2, eta=0.1, steps=5),
+           "precisions[1][2] is -1")
+    expect(ValueError, lambda: fk.settle_energy(ws, x0[:0], y[:0], bs, ACTS, precs, eta=0.1,
+                                                steps=5), "x0: is empty (shape [0, 6])")
+    for kw in (dict(steps=True), dict(eta=True), dict(momentum=True)):
+        args = {**dict(eta=0.1, steps=5), **kw}
+        expect(TypeError, lambda: fk.settle_energy(ws, x0, y, bs, ACTS, precs, **args),
+               next(iter(kw)))
+
+
 # ---- LCA ----
 
 def dictionary(n=12, m=20, B=5, seed=0, device="cpu"):
@@ -334,6 +374,69 @@ def test_lca_solve_matches_dictionary():
                     want = torch.sign(u) * torch.clamp(u.abs() - 0.2, min=0)
                     assert torch.allclose(a, want, atol=1e-6) and (a != 0).any()
                     assert s.min() < 200  # tol stopped some samples early
+
+
+def test_lca_rejects_overlapping_outputs():
+    # Issue 21: solve(out={"u": t, "a": t}) was accepted and u was lost.
+    phi, x = dictionary()
+    B, m = x.shape[0], phi.shape[1]
+    with fk.LcaDictionary(phi) as d:
+        kw = dict(lam=0.1, eta=0.2, steps=10)
+        t = torch.full((B, m), float("nan"))
+        expect(ValueError, lambda: d.solve(x, **kw, out={"u": t, "a": t}),
+               "out['a']: overlaps out['u']")
+        assert torch.isnan(t).all(), "outputs untouched on error"
+        buf = torch.full((3 * B * m,), float("nan"))
+        parts = lambda i, j: buf[i:j].view(B, m)  # noqa: E731
+        n = B * m
+        expect(ValueError, lambda: d.solve(x, **kw, out={"u": parts(0, n),
+                                                         "a": parts(n - 1, 2 * n - 1)}),
+               "out['a']: overlaps out['u']")
+        expect(ValueError, lambda: d.solve(x, **kw, trace=True, out={
+            "energy": buf[n:n + B * 10].view(B, 10), "a": parts(n + 5, 2 * n + 5)}),
+            "out['energy']: overlaps out['a']")
+        # An output over an input: x, or u0 (other than as u itself).
+        xbuf = torch.zeros(B * max(m, x.shape[1]) * 2)
+        xs = xbuf[:x.numel()].view_as(x).copy_(x)
+        expect(ValueError, lambda: d.solve(xs, **kw, out={"u": xbuf[4:4 + n].view(B, m)}),
+               "out['u']: overlaps x")
+        u0 = torch.zeros(B, m)
+        expect(ValueError, lambda: d.solve(x, **kw, u0=u0, out={"a": u0}), "out['a']: overlaps u0")
+        expect(ValueError, lambda: d.solve(x, **kw, u0=parts(0, n), out={"u": parts(1, n + 1)}),
+               "out['u']: overlaps u0")
+        assert torch.isnan(buf).all(), "outputs untouched on error"
+        # u0 may be u itself: u starts from it and is updated in place.
+        want = d.solve(x, **kw, u0=0.1 * torch.ones(B, m))
+        u = 0.1 * torch.ones(B, m)
+        got = d.solve(x, **kw, u0=u, out={"u": u})
+        assert got["u"] is u and torch.equal(u, want["u"]) and torch.equal(got["a"], want["a"])
+
+
+def test_lca_messages_and_integer_parameters():
+    phi, x = dictionary()
+    with fk.LcaDictionary(phi) as d:
+        kw = dict(lam=0.1, eta=0.2, steps=10)
+        # Issue 21: steps=True ran one step.
+        for bad in (True, False, 2.0, "3", torch.tensor(True)):
+            expect(fk.ArgumentTypeError, lambda: d.solve(x, 0.1, 0.2, bad), "steps")
+        expect(TypeError, lambda: d.solve(x, 0.1, 0.2, True), "steps: expected an int")
+        expect(ValueError, lambda: d.solve(x, True, 0.2, 10), "lam")
+        expect(ValueError, lambda: d.solve(x, 0.1, 0.2, 10, tol=False), "tol")
+        expect(ValueError, lambda: d.learn(x, d.solve(x, **kw)["a"], lr=True), "lr")
+        expect(TypeError, lambda: fk.lca_solve(phi, x, 0.1, 0.2, True), "steps")
+        expect(TypeError, lambda: fk.lca_solve(phi, x, True, 0.2, 10), "lam")
+        # Empty tensors are said to be empty (the library said "`x` is NULL").
+        expect(ValueError, lambda: d.solve(x[:0], **kw), "x: is empty (shape [0, 12])")
+        expect(ValueError, lambda: fk.LcaDictionary(phi[:, :0]), "phi: is empty (shape [12, 0])")
+        # The library's flat "element 10" is the user's x[0, 10].
+        bad = x.clone()
+        bad[1, 4] = float("nan")
+        expect(fk.FepError, lambda: d.solve(bad, **kw), "`x`: x[1, 4] is NaN")
+        expect(fk.FepError, lambda: fk.lca_solve(phi, bad, **kw), "`x`: x[1, 4] is NaN")
+        u0 = torch.zeros(x.shape[0], phi.shape[1])
+        u0[2, 7] = float("inf")
+        expect(fk.FepError, lambda: d.solve(x, **kw, u0=u0), "u0[2, 7] is inf")
+        expect(fk.FepError, lambda: d.learn(x, u0, 0.1), "a[2, 7] is inf")
 
 
 def test_bad_inputs_settle():

@@ -282,15 +282,26 @@ def test_bad_arguments():
     # Values are the library's: FepError with FEP_ERR_INVALID_ARGUMENT and the field's name.
     bad_a = [A[0].copy(), A[1]]
     bad_a[0][0, 0, 0] += 0.5
-    e = expect_error(fk.FepError, lambda: fk.VmpModel(bad_a, B, A_dependencies=deps), "desc.a[0]",
+    e = expect_error(fk.FepError, lambda: fk.VmpModel(bad_a, B, A_dependencies=deps), "`A[0]`",
                      "sums to")
     assert e.status == fk.FEP_ERR_INVALID_ARGUMENT and e.name == "FEP_ERR_INVALID_ARGUMENT"
     pol = tensor(fx["policies"]).astype(np.int32)
     pol[3, 1, 1] = 7
-    expect_error(fk.FepError, lambda: fk.VmpModel(A, B, A_dependencies=deps, policies=pol),
-                 "desc.policies", "action 7")
+    # Integer indices are range-checked in Python, before they are narrowed to int32.
+    expect_error(V, lambda: fk.VmpModel(A, B, A_dependencies=deps, policies=pol),
+                 "policies[3, 1, 1] is 7", "factor 1 has 2 controls")
     expect_error(fk.FepError, lambda: fk.VmpModel(A, B, A_dependencies=deps, pB=[-b for b in B]),
-                 "desc.pb[0]")
+                 "`pB[0]`")
+    # The library's flat "element 5" of desc.a[1] is the user's A[1][...] multi-index.
+    nan_a = [A[0], A[1].copy()]
+    nan_a[1][2, 1] = np.nan
+    idx = ", ".join(map(str, (2, 1) + (0,) * (nan_a[1].ndim - 2)))
+    e = expect_error(fk.FepError, lambda: fk.VmpModel(nan_a, B, A_dependencies=deps), "`A[1]`",
+                     f"A[1][{idx}] is NaN")
+    assert "desc." not in str(e) and "element" not in str(e), str(e)
+    expect_error(fk.FepError, lambda: fk.VmpModel(A, B, A_dependencies=deps,
+                                                  D=[None, -np.ones(B[1].shape[0])]),
+                 "D[1][0] is -1")
 
     with fk.VmpModel(A, B, A_dependencies=deps) as bare, model_of(fx) as model:
         obs = torch.tensor([[0, 1], [4, 2]])
@@ -313,7 +324,8 @@ def test_bad_arguments():
         # Library checks: FepError naming the argument, outputs untouched.
         bad = obs.clone()
         bad[1, 0] = 5
-        expect_error(fk.FepError, lambda: model.infer_states(bad, out=out), "obs", "out of range")
+        expect_error(V, lambda: model.infer_states(bad, out=out), "obs[1, 0] is 5",
+                     "modality 0 has 5 outcomes")
         assert torch.isnan(out["qs"]).all(), "outputs untouched on error"
         expect_error(fk.FepError, lambda: model.infer_states(obs, tol=-1.0), "tol")
         expect_error(fk.FepError, lambda: model.infer_sequence(obs[:, None], tau=0.0), "tau")
@@ -328,6 +340,62 @@ def test_bad_arguments():
         expect_error(fk.FepError, lambda: model.learn(obs, qs, lr_b=-1.0), "lr_b")
         assert torch.equal(model.counts_a(0), before), "counts untouched on error"
     expect_error(V, lambda: model.infer_states(obs), "closed")
+
+
+def test_integer_indices_are_range_checked_before_narrowing():
+    # Issue 21: int64 indices were narrowed to int32 first, so 2**32 + 1 was read as 1 and
+    # infer_states returned exactly the result for observation 1.
+    fx = MODELS["two_factor"]
+    V = ValueError
+    big = 2**32 + 1
+    with model_of(fx) as model:
+        obs = ints([[0, 1], [4, 2]])
+        for bad, where in ((ints([[0, 1], [4, big]]), "obs[1, 1] is 4294967297"),
+                           (ints([[0, 1], [-1, 2]]), "obs[1, 0] is -1"),
+                           (ints([[0, 2**31]]), "obs[0, 1] is 2147483648"),
+                           (torch.tensor([[0, 1], [4, 200]], dtype=torch.uint8),
+                            "obs[1, 1] is 200")):
+            for check in (True, False):  # on the CPU whatever check says
+                expect_error(V, lambda: model.infer_states(bad, check=check), where,
+                             "expected 0 <= obs <")
+        once = ints([[big, 1]])
+        expect_error(V, lambda: model.infer_states(once), "obs[0, 0] is 4294967297",
+                     "modality 0 has 5 outcomes")
+        seq = torch.stack([obs, obs], 1)  # [2, T = 2, M]
+        acts = torch.zeros(2, 1, 2, dtype=torch.int64)
+        model.infer_sequence(seq, actions=acts)
+        acts[1, 0, 1] = big
+        expect_error(V, lambda: model.infer_sequence(seq, actions=acts),
+                     "actions[1, 0, 1] is 4294967297", "factor 1 has")
+        seq_bad = seq.clone()
+        seq_bad[0, 1, 0] = big
+        expect_error(V, lambda: model.infer_sequence(seq_bad), "obs[0, 1, 0] is 4294967297")
+        qs = model.infer_sequence(seq, actions=torch.zeros(2, 1, 2, dtype=torch.int64))["qs"]
+        before = model.counts_b(0)
+        expect_error(V, lambda: model.learn(seq, qs, actions=acts, lr_b=1.0), "actions[1, 0, 1]")
+        expect_error(V, lambda: model.learn(seq_bad, qs, lr_a=1.0), "obs[0, 1, 0]")
+        assert torch.equal(model.counts_b(0), before), "counts untouched on error"
+        # In range, any integer dtype gives the same result as int32.
+        want = model.infer_states(obs.to(torch.int32))["qs"]
+        for dt in (torch.int64, torch.int16, torch.uint8):
+            assert torch.equal(model.infer_states(obs.to(dt))["qs"], want), dt
+        # Integer parameters: bools are not ints.
+        expect_error(V, lambda: model.infer_states(obs, num_iter=True), "num_iter")
+        expect_error(TypeError, lambda: model.infer_sequence(obs[:, None], num_iter=2.0),
+                     "num_iter")
+        expect_error(V, lambda: model.counts_a(True), "counts_a index")
+        expect_error(V, lambda: model.infer_policies(qs, gamma=True), "gamma")
+        expect_error(V, lambda: model.infer_states(obs[:0]), "obs: is empty (shape [0, 2])")
+    # Policies given as int64 are checked before they are narrowed too.
+    A, B = tensors(fx["A"]), tensors(fx["B"])
+    pol = tensor(fx["policies"]).astype(np.int64)
+    pol[2, 0, 1] = big
+    expect_error(V, lambda: fk.VmpModel(A, B, A_dependencies=fx["A_dependencies"],
+                                        policies=pol), "policies[2, 0, 1] is 4294967297")
+    expect_error(V, lambda: fk.VmpModel(A, B, A_dependencies=[[0, 1], [True]]),
+                 "A_dependencies[1][0]", "bool")
+    expect_error(V, lambda: fk.VmpModel(A, B, A_dependencies=fx["A_dependencies"],
+                                        policy_len=True), "policy_len")
 
 
 def test_cuda_tensors():

@@ -26,9 +26,14 @@ may be used by later PyTorch work on the same stream without any extra synchroni
 are allocated with ``torch.empty`` on the inputs' device (for CUDA, from PyTorch's caching
 allocator, which orders reuse on the current stream).
 
-Every failing call raises :class:`FepError` with the status and ``fep_last_error()``; inputs that
-are not contiguous or have the wrong dtype, device or shape raise :class:`ValueError` before the
-library is called.
+Every failing call raises :class:`FepError` with the status and ``fep_last_error()`` (the
+library's names of arguments and flat element indices translated to the Python argument and a
+multi-index where the binding knows them: "precision_key[0, 1, 3] is -1"); tensors that are
+empty, not contiguous, of the wrong dtype, device or shape, or outputs that share memory with
+each other or with an input raise :class:`ValueError` before the library is called, on every
+call (tensors an object keeps, such as a :class:`SettleNet`'s weights, are re-checked each time);
+an integer or real parameter of the wrong kind (a bool, a float where an int is needed, a str)
+raises :class:`ArgumentTypeError`, both a TypeError and a ValueError.
 
 Example (runnable once the library is built; ``device = "cuda"`` needs the ``cuda`` feature)::
 
@@ -67,6 +72,7 @@ from . import _lib
 from ._abi import *  # noqa: F401,F403  (the FEP_* constants and FepError)
 from ._abi import FEP_SCORE_DOT, FEP_SCORE_GAUSSIAN, FEP_SCORE_LAPLACE, FEP_SCORE_STUDENT_T
 from ._lib import abi_version, device_count, device_name, last_error, load, version
+from ._tensors import ArgumentTypeError
 from .attention import attention_backward, attention_forward, attention_merge
 from .lca import LcaDictionary
 from .settle import SettleNet, settle_infer, settle_learn
@@ -76,6 +82,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FepError",
+    "ArgumentTypeError",
     "LcaDictionary",
     "SettleNet",
     "settle_infer",
@@ -96,6 +103,7 @@ __all__ = [
     "FEP_ERR_OUT_OF_MEMORY",
     "FEP_ERR_UNSUPPORTED",
     "FEP_ERR_INTERNAL",
+    "FEP_ERR_DIVERGED",
     "FEP_DEVICE_CPU",
     "FEP_DEVICE_CUDA",
     "FEP_DEVICE_HIP",

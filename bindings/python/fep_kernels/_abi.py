@@ -14,6 +14,7 @@ FEP_ERR_DRIVER = 3
 FEP_ERR_OUT_OF_MEMORY = 4
 FEP_ERR_UNSUPPORTED = 5
 FEP_ERR_INTERNAL = 6
+FEP_ERR_DIVERGED = 7
 
 FEP_DEVICE_CPU = 0
 FEP_DEVICE_CUDA = 1
@@ -56,6 +57,7 @@ _STATUS_NAMES = {
     FEP_ERR_OUT_OF_MEMORY: "FEP_ERR_OUT_OF_MEMORY",
     FEP_ERR_UNSUPPORTED: "FEP_ERR_UNSUPPORTED",
     FEP_ERR_INTERNAL: "FEP_ERR_INTERNAL",
+    FEP_ERR_DIVERGED: "FEP_ERR_DIVERGED",
 }
 
 _DEVICE_KINDS = {"cpu": FEP_DEVICE_CPU, "cuda": FEP_DEVICE_CUDA, "hip": FEP_DEVICE_HIP}
@@ -86,7 +88,10 @@ class FepError(RuntimeError):
     """A call into the library returned a nonzero status.
 
     Attributes: ``status`` (the FEP_ERR_* code), ``name`` (its symbolic name) and ``message``
-    (``fep_last_error()`` right after the failing call).
+    (``fep_last_error()`` right after the failing call, with the library's names of arguments
+    translated to the Python ones where the binding knows them). ``FEP_ERR_DIVERGED`` (7): the
+    computation diverged (an energy, state or update became NaN or infinite); parameters the
+    call would have updated are untouched.
     """
 
     def __init__(self, status, message):

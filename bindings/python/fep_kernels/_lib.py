@@ -2,8 +2,11 @@
 device queries."""
 
 import ctypes
+import math
 import os
+import re
 import sys
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from ._abi import (
     FEP_ABI_VERSION,
@@ -84,9 +87,51 @@ def _get():
     return _lib if _lib is not None else load()
 
 
-def _check(status):
+# "invalid argument `<field>`: <rest>", the library's message for a bad argument
+_FIELD = re.compile(r"invalid argument `(?P<field>[^`]+)`: (?P<rest>.*)", re.S)
+# "element <flat index> [(<where>)] is <value>...", the library's words for a bad element
+_ELEMENT = re.compile(r"element (?P<i>\d+)(?: \([^)]*\))? is (?P<tail>.*)", re.S)
+
+# How the ops name the library's fields: {C field: (Python name, the tensor's shape or None)}.
+_Names = Mapping[str, Tuple[str, Optional[Sequence[int]]]]
+
+
+def _unravel(i: int, shape: Sequence[int]) -> Optional[List[int]]:
+    """The multi-index of flat (row-major) element ``i`` of ``shape``; None when out of range."""
+    if not 0 <= i < math.prod(shape):
+        return None
+    idx = []
+    for n in reversed(shape):
+        i, r = divmod(i, n)
+        idx.append(r)
+    return idx[::-1]
+
+
+def _python_names(message: str, names: Optional[_Names]) -> str:
+    """``message`` (the library's) with the C names of ``names`` replaced by the Python
+    arguments' names, and "element <flat index>" of a named tensor by its multi-index:
+    "invalid argument `precision.key`: element 9 is -1; ..." becomes "invalid argument
+    `precision_key`: precision_key[0, 1, 3] is -1; ..." (anything else is left as it is)."""
+    m = _FIELD.match(message) if names else None
+    if m is None or m["field"] not in names:
+        return message
+    py, shape = names[m["field"]]
+    rest = m["rest"]
+    e = _ELEMENT.match(rest)
+    idx = _unravel(int(e["i"]), shape) if e and shape is not None else None
+    if idx is not None:
+        rest = f"{py}[{', '.join(map(str, idx))}] is {e['tail']}"
+    for c, (p, _) in names.items():  # other fields the message mentions (overlaps ...)
+        if c != p and not c.isidentifier():  # "layers[0].weight", not a word like "a"
+            rest = re.sub(rf"(?<![\w.\[]){re.escape(c)}(?![\w\[])", p, rest)
+    return f"{message[:m.start()]}invalid argument `{py}`: {rest}"
+
+
+def _check(status: int, names: Optional[_Names] = None) -> None:
+    """Raises :class:`FepError` for a status other than FEP_OK, with ``fep_last_error()``
+    translated to the Python names by ``names`` (see :func:`_python_names`)."""
     if status != FEP_OK:
-        raise FepError(status, last_error())
+        raise FepError(status, _python_names(last_error(), names))
 
 
 # ---- library and device queries ----
@@ -114,7 +159,9 @@ def _kind(kind):
             return _DEVICE_KINDS[kind.lower()]
         except KeyError:
             raise ValueError(f"unknown device kind {kind!r}; expected one of {list(_DEVICE_KINDS)}")
-    return int(kind)
+    from ._tensors import _integer  # (_tensors imports this module)
+
+    return _integer(kind, "kind", 0, 2**31 - 1)
 
 
 def device_count(kind):
@@ -130,6 +177,9 @@ def device_count(kind):
 
 def device_name(kind, ordinal=0):
     """The name of device ``ordinal`` of ``kind``."""
+    from ._tensors import _integer
+
     buf = ctypes.create_string_buffer(256)
-    _check(_get().fep_device_name(_kind(kind), int(ordinal), buf, len(buf)))
+    ordinal = _integer(ordinal, "ordinal", 0, 2**31 - 1)
+    _check(_get().fep_device_name(_kind(kind), ordinal, buf, len(buf)))
     return buf.value.decode(errors="replace")

@@ -1,7 +1,18 @@
 """Tensor plumbing the ops share: dtype codes, device and stream arguments, checks, and the
-owner of a library handle."""
+owner of a library handle.
+
+Every tensor whose pointer goes to the library is checked by :func:`_check_tensor` on the call
+that passes it (kind, layout, shape, dtype, device, contiguity, not empty): tensors an object
+keeps between calls (a :class:`~fep_kernels.SettleNet`'s weights) are re-checked on every call
+through :func:`_checked_ptr`, since ``t.data = ...`` or ``t.set_(...)`` may have replaced their
+storage. :func:`_check_no_overlap` rejects outputs that share memory with each other or with an
+input; :func:`_integer` and :func:`_number` are the one conversion of integer and real
+parameters (bools rejected)."""
 
 import ctypes
+import numbers
+import operator
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 from ._abi import (
     FEP_DEVICE_CPU,
@@ -65,16 +76,130 @@ def _check_tensor(t, what, shape, dtype=None, device=None, owner="the dictionary
         raise ValueError(f"{what}: on {t.device}, expected {device} ({owner})")
     if not t.is_contiguous():
         raise ValueError(f"{what}: must be contiguous (call .contiguous())")
+    if t.numel() == 0:
+        raise ValueError(f"{what}: is empty (shape {list(t.shape)})")
 
 
-def _number(v, what):
-    """float(v) for a real number (Python, NumPy or 0-d tensor); range checks are the library's."""
-    if isinstance(v, (bool, str, bytes)):
-        raise ValueError(f"{what}: expected a number, got {v!r}")
+def _checked_ptr(t: Any, what: str, shape: Sequence[Optional[int]], dtype: Any = None,
+                 device: Any = None, owner: str = "the dictionary's device") -> ctypes.c_void_p:
+    """The data pointer of ``t`` after :func:`_check_tensor` (ValueError naming ``what``): the
+    one re-validation of a tensor an object holds, run on every call that passes it to the
+    library (its storage, shape, dtype or device may have changed since the last call)."""
+    _check_tensor(t, what, shape, dtype=dtype, device=device, owner=owner)
+    return ctypes.c_void_p(t.data_ptr())
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """A parameter of the wrong kind (a bool, str or float where an int is needed, a bool or str
+    where a number is): both a TypeError (the convention of the ``torch.library`` wrappers) and
+    a ValueError (that of the classes), so either ``except`` clause catches it. Exported as
+    ``fep_kernels.ArgumentTypeError``."""
+
+
+def _is_bool(v: Any) -> bool:
+    """Whether ``v`` is a Python, NumPy or PyTorch boolean (a 0-d bool tensor or array too)."""
+    return isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool")
+
+
+def _integer(v: Any, what: str, lo: int = 1, hi: int = 2**32 - 1) -> int:
+    """``v`` as an int in ``[lo, hi]``: the one conversion of every integer parameter (steps,
+    num_iter, window, an index). A bool, float, str or other non-integer raises
+    :class:`ArgumentTypeError` (a TypeError and a ValueError); an int out of range ValueError."""
+    if _is_bool(v):
+        raise ArgumentTypeError(f"{what}: expected an int, got bool {v!r}")
+    try:
+        x = operator.index(v)
+    except TypeError:
+        raise ArgumentTypeError(f"{what}: expected an int, got {type(v).__name__} {v!r}") \
+            from None
+    if not lo <= x <= hi:
+        upper = "2^32)" if hi == 2**32 - 1 else f"{hi}]"
+        raise ValueError(f"{what}: expected an int in [{lo}, {upper}, got {x} (out of range)")
+    return int(x)
+
+
+def _number(v: Any, what: str, tensors: bool = True) -> float:
+    """float(v) for a real number: the one conversion of every real parameter (range checks are
+    the library's). ``tensors``: also a NumPy or 0-d PyTorch value that ``float()`` takes (the
+    classes); without, only a Python or NumPy scalar (``numbers.Real``: the ``torch.library``
+    wrappers, whose schemas take a float). A bool (Python, NumPy or a bool tensor), str or any
+    other non-number raises :class:`ArgumentTypeError`."""
+    want = "a number" if tensors else "a Python number"
+    if _is_bool(v) or isinstance(v, (str, bytes)) or not (tensors or isinstance(v, numbers.Real)):
+        raise ArgumentTypeError(f"{what}: expected {want}, got {type(v).__name__} {v!r}")
     try:
         return float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{what}: expected a number, got {v!r}") from None
+        raise ArgumentTypeError(f"{what}: expected {want}, got {type(v).__name__} {v!r}") \
+            from None
+
+
+def _span(t: Any) -> Tuple[int, int]:
+    """The bytes [lo, hi) that a strided tensor's elements occupy (hi == lo when empty)."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride * t.element_size()
+        if reach < 0:
+            lo += reach
+        else:
+            hi += reach
+    return lo, hi + t.element_size()
+
+
+def _check_no_overlap(outputs: Iterable[Tuple[str, Any]], inputs: Iterable[Tuple[str, Any]] = (),
+                      same_ok: Iterable[Tuple[str, str]] = ()) -> None:
+    """ValueError naming both when an output's memory overlaps another output's or an input's
+    (``(name, tensor)`` pairs; None tensors skipped). ``same_ok``: (output, input) name pairs
+    that may be exactly the same memory (an update in place), though not overlap otherwise."""
+    outs = [(n, t) for n, t in outputs if t is not None]
+    ins = [(n, t) for n, t in inputs if t is not None]
+    same_ok = set(same_ok)
+    for i, (name, t) in enumerate(outs):
+        a0, a1 = _span(t)
+        for other, u in outs[:i] + ins:
+            if u.device != t.device:
+                continue
+            b0, b1 = _span(u)
+            if not (a0 < a1 and b0 < b1 and a0 < b1 and b0 < a1):
+                continue
+            if (name, other) in same_ok and (a0, a1) == (b0, b1) and t.shape == u.shape \
+                    and t.stride() == u.stride():
+                continue
+            raise ValueError(f"{name}: overlaps {other} in memory (outputs must not share "
+                             "memory with each other or with the inputs)")
+
+
+def _check_indices(t: Any, what: str, limits: Sequence[int], unit: str) -> None:
+    """ValueError unless every integer of ``t`` (a tensor or NumPy array whose last axis runs
+    over entries with ``limits[j]`` values each) is in ``0 <= x < limits[j]`` (and so fits an
+    int32): checked before the indices are narrowed to int32. The message names ``what``, the
+    multi-index and the value of the first bad element, and ``unit`` (e.g. "modality {j} has {n}
+    outcomes")."""
+    hi = [min(int(n), 2**31 - 1) for n in limits]
+    if hasattr(t, "numel"):  # a torch.Tensor
+        torch = _torch()
+        if t.numel() == 0:
+            return
+        x = t.to(torch.int64)
+        bad = (x < 0) | (x >= torch.tensor(hi, dtype=torch.int64, device=t.device))
+        if not bool(bad.any()):
+            return
+        idx = [int(i) for i in torch.nonzero(bad)[0]]
+    else:  # a NumPy array
+        import numpy as np
+
+        if t.size == 0:
+            return
+        bad = (t < 0) | (t >= np.asarray(hi, dtype=np.int64))
+        if not bad.any():
+            return
+        idx = [int(i) for i in np.argwhere(bad)[0]]
+    value = int(t[tuple(idx)])
+    j = idx[-1]
+    raise ValueError(f"{what}[{', '.join(map(str, idx))}] is {value}: expected 0 <= {what} < "
+                     f"{limits[j]} ({unit.format(j=j, n=limits[j])})")
 
 
 def _ptr(t):

@@ -3,13 +3,13 @@ for a value of the wrong kind (not a tensor, not a number, not an int), ValueErr
 the wrong dtype, device, rank or shape, before the library is called. They need no data, so the
 fake implementations run them too (errors surface while ``torch.compile`` traces)."""
 
-import numbers
-import operator
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._abi import _U32_MAX
+from ._tensors import _integer
+from ._tensors import _number as _number_arg
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,24 +38,17 @@ def _shape(t, what, shape):
         raise ValueError(f"{what}: expected shape {list(shape)}, got {list(t.shape)}")
 
 
-def _number(x, what):
-    """float(x) for a real Python/NumPy number; TypeError for anything else (bool, str, tensor)."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{what}: expected a Python number, got {type(x).__name__}")
-    return float(x)
+def _number(x: Any, what: str) -> float:
+    """float(x) for a real Python/NumPy number (:func:`fep_kernels._tensors._number` without
+    tensors); :class:`~fep_kernels.ArgumentTypeError` (a TypeError) for anything else (bool,
+    str, tensor)."""
+    return _number_arg(x, what, tensors=False)
 
 
-def _steps(x, what="steps"):
-    """An int in [1, 2^32): TypeError for a non-int, ValueError out of range."""
-    if isinstance(x, bool):
-        raise TypeError(f"{what}: expected an int, got bool")
-    try:
-        x = operator.index(x)
-    except TypeError:
-        raise TypeError(f"{what}: expected an int, got {type(x).__name__}") from None
-    if not 1 <= x <= _U32_MAX:
-        raise ValueError(f"{what}: expected an int in [1, 2^32), got {x}")
-    return x
+def _steps(x: Any, what: str = "steps") -> int:
+    """An int in [1, 2^32) (:func:`fep_kernels._tensors._integer`): ArgumentTypeError (a
+    TypeError) for a non-int or a bool, ValueError out of range."""
+    return _integer(x, what)
 
 
 def _not_differentiable(op, name, hint):

@@ -2,7 +2,7 @@
 :func:`attention_backward`, :func:`attention_merge`."""
 
 import ctypes
-import operator
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from ._abi import (
     FEP_ERR_UNSUPPORTED,
@@ -19,6 +19,7 @@ from ._tensors import (
     _check_tensor,
     _device_args,
     _dtype_code,
+    _integer,
     _norm_device,
     _number,
     _ptr,
@@ -56,6 +57,8 @@ def _attn_tensor(t, what, layout):
         raise ValueError(f"{what}: the last dimension must be contiguous (stride {st[3]})")
     if any(s < 0 for s in st):
         raise ValueError(f"{what}: negative strides are not supported")
+    if t.numel() == 0:
+        raise ValueError(f"{what}: is empty (shape {list(t.shape)})")
     d = _FepAttnTensor()
     d.data = t.data_ptr()
     for i in range(4):
@@ -76,21 +79,28 @@ def _attn_params(score, nu, scale, causal, window, normalizer, check):
     if scale is not None and not p.scale > 0:
         raise ValueError(f"scale: must be > 0 (None for the default), got {scale}")
     p.causal = 1 if causal else 0
-    if window is None:
-        p.window = 0
-    else:
-        w = operator.index(window)
-        if not 1 <= w <= 2**31 - 1:
-            raise ValueError(f"window: must be in 1 ..= 2**31 - 1 (None: no window), got {w}")
-        p.window = w
+    p.window = 0 if window is None else _integer(window, "window", 1, 2**31 - 1)
     p.normalizer = 1 if normalizer else 0
     p.skip_input_checks = 0 if check else 1
     return p
 
 
-def _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len):
+def _c_names(qs: Sequence[int], ks: Sequence[int],
+             arg_names: Optional[Mapping[str, str]]) -> Dict[str, Tuple[str, Sequence[int]]]:
+    """The library's names of the precisions and parameters -> (the caller's name, shape), for
+    :func:`fep_kernels._lib._check` ("precision.key" element 9 -> "pi_key[0, 1, 3]", or
+    "precision_key[0, 1, 3]" through :func:`fep_kernels.attention`; "params.nu" -> "nu")."""
+    names = dict(arg_names or {})
+    return {"precision.head": (names.get("pi_head", "pi_head"), [qs[1]]),
+            "precision.key": (names.get("pi_key", "pi_key"), [ks[0], ks[1], ks[2]]),
+            "kv_len": ("kv_len", [qs[0]]),
+            **{f"params.{p}": (p, None) for p in ("score", "nu", "scale", "window")}}
+
+
+def _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len, arg_names=None):
     """The forward's inputs checked: descriptors of q, k, v, their BHLD shapes, the dtype code,
-    the device and the optional pi_head, pi_key, kv_len (ValueError on a bad one)."""
+    the device and the optional pi_head, pi_key, kv_len (ValueError on a bad one, naming
+    ``arg_names.get(name, name)``)."""
     torch = _torch()
     if layout not in ("bhld", "blhd"):
         raise ValueError(f"layout: {layout!r} is not 'bhld' or 'blhd'")
@@ -106,14 +116,16 @@ def _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len):
     b, hq, lq, _ = qs
     _, hkv, lk, _ = ks
     opt = []
+    names = dict(arg_names or {})
     for t, what, shape, dt in ((pi_head, "pi_head", [hq], torch.float32),
                                (pi_key, "pi_key", [b, hkv, lk], torch.float32),
                                (kv_len, "kv_len", [b], torch.int32)):
         if t is not None:
-            _check_tensor(t, what, shape, dtype=dt, device=q.device, owner="q's device")
+            _check_tensor(t, names.get(what, what), shape, dtype=dt, device=q.device,
+                          owner="q's device")
         opt.append(t)
     return dict(q=qd, k=kd, v=vd, qs=qs, ks=ks, vs=vs, dtype=dtype,
-                dev=_norm_device(q.device), opt=opt)
+                dev=_norm_device(q.device), opt=opt, names=_c_names(qs, ks, arg_names))
 
 
 def _attn_out(out, shape, dtype, device):
@@ -147,7 +159,7 @@ def _like_q(t, what, q, layout, shape):
 
 def attention_forward(q, k, v, score="dot", nu=5.0, scale=None, causal=False, window=None,
                       normalizer=True, pi_head=None, pi_key=None, kv_len=None, layout="bhld",
-                      out=None, check=True):
+                      out=None, check=True, *, _arg_names: Optional[Mapping[str, str]] = None):
     """Precision-weighted attention, forward (DESIGN.md 4.1): returns ``(o, lse, e)``.
 
     ``q`` [B, Hq, Lq, D], ``k`` [B, Hkv, Lk, D], ``v`` [B, Hkv, Lk, Dv] (``layout="bhld"``), or
@@ -173,7 +185,8 @@ def attention_forward(q, k, v, score="dot", nu=5.0, scale=None, causal=False, wi
     [B, Hq, Lq] float32. ``check=False`` skips the GPU's scan of pi and kv_len (no read-back, the
     call does not wait). GPU tensors run the fused kernels (head dims 32, 64, 96, 128, 256 for
     D and Dv; others raise FEP_ERR_UNSUPPORTED) on the current stream; CPU tensors run the
-    float64 reference.
+    float64 reference. (``_arg_names``, internal: the caller's names of ``pi_head`` and
+    ``pi_key`` for error messages.)
 
     Example::
 
@@ -194,7 +207,7 @@ def attention_forward(q, k, v, score="dot", nu=5.0, scale=None, causal=False, wi
     torch = _torch()
     lib = _attn_lib()
     p = _attn_params(score, nu, scale, causal, window, normalizer, check)
-    x = _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len)
+    x = _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len, _arg_names)
     qd, kd, vd, dtype, dev, opt = x["q"], x["k"], x["v"], x["dtype"], x["dev"], x["opt"]
     b, hq, lq, _ = x["qs"]
     dv = x["vs"][3]
@@ -207,7 +220,7 @@ def attention_forward(q, k, v, score="dot", nu=5.0, scale=None, causal=False, wi
     _check(lib.fep_attention_forward(
         kind, ordinal, stream, ctypes.byref(p), dtype, ctypes.byref(qd), ctypes.byref(kd),
         ctypes.byref(vd), _ptr(opt[0]), _ptr(opt[1]), _ptr(opt[2]), ctypes.byref(od), _ptr(lse),
-        _ptr(e)))
+        _ptr(e)), x["names"])
     return o, lse, e
 
 
@@ -219,7 +232,8 @@ def _f32_rows(t, what, q, shape):
 
 def attention_backward(q, k, v, o, lse, d_o, e=None, d_e=None, score="dot", nu=5.0, scale=None,
                        causal=False, window=None, normalizer=True, pi_head=None, pi_key=None,
-                       kv_len=None, layout="bhld", precision_grads=True, check=True):
+                       kv_len=None, layout="bhld", precision_grads=True, check=True, *,
+                       _arg_names: Optional[Mapping[str, str]] = None):
     """Attention backward: the gradients of a loss L(o, e) of :func:`attention_forward`, given
     ``d_o`` = dL/do and optionally ``d_e`` = dL/de. Returns
     ``(dq, dk, dv, dpi_head, dpi_key, dnu)``.
@@ -247,7 +261,7 @@ def attention_backward(q, k, v, o, lse, d_o, e=None, d_e=None, score="dot", nu=5
     torch = _torch()
     lib = _attn_lib()
     p = _attn_params(score, nu, scale, causal, window, normalizer, check)
-    x = _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len)
+    x = _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len, _arg_names)
     qd, kd, vd, dtype, dev, opt = x["q"], x["k"], x["v"], x["dtype"], x["dev"], x["opt"]
     qs, ks, vs = x["qs"], x["ks"], x["vs"]
     b, hq, lq, _ = qs
@@ -277,7 +291,9 @@ def attention_backward(q, k, v, o, lse, d_o, e=None, d_e=None, score="dot", nu=5
         kind, ordinal, stream, ctypes.byref(p), dtype, ctypes.byref(qd), ctypes.byref(kd),
         ctypes.byref(vd), _ptr(opt[0]), _ptr(opt[1]), _ptr(opt[2]), ctypes.byref(od), _ptr(lse),
         ctypes.byref(dod), _ptr(e), _ptr(d_e), ctypes.byref(dqd), ctypes.byref(dkd),
-        ctypes.byref(dvd), _ptr(dpi_head), _ptr(dpi_key), _ptr(dnu)))
+        ctypes.byref(dvd), _ptr(dpi_head), _ptr(dpi_key), _ptr(dnu)),
+        {**x["names"], "lse": ("lse", [b, hq, lq]), "e": ("e", [b, hq, lq]),
+         "d_e": ("d_e", [b, hq, lq])})
     return dq, dk, dv, dpi_head, dpi_key, dnu
 
 
@@ -311,9 +327,7 @@ def attention_merge(o_parts, lse_parts, e_parts=None, layout="bhld", out=None):
         raise ValueError(f"o_parts: expected a 5-d tensor [S, B, Hq, Lq, Dv], got {got}")
     dtype = _dtype_code(o_parts, "o_parts")
     s, b, hq, lq, dv = o_parts.shape
-    _check_tensor(o_parts, "o_parts", [s, b, hq, lq, dv])
-    if 0 in o_parts.shape:
-        raise ValueError(f"o_parts: shape {list(o_parts.shape)} has a zero dimension")
+    _check_tensor(o_parts, "o_parts", [s, b, hq, lq, dv])  # not empty either
     f32 = dict(dtype=torch.float32, device=o_parts.device, owner="o_parts' device")
     _check_tensor(lse_parts, "lse_parts", [s, b, hq, lq], **f32)
     if e_parts is not None:
@@ -326,5 +340,6 @@ def attention_merge(o_parts, lse_parts, e_parts=None, layout="bhld", out=None):
     kind, ordinal, stream = _device_args(_norm_device(o_parts.device), "o_parts")
     _check(lib.fep_attention_merge(
         kind, ordinal, stream, dtype, s, _ptr(o_parts), _ptr(lse_parts), _ptr(e_parts),
-        ctypes.byref(od), _ptr(lse), _ptr(e)))
+        ctypes.byref(od), _ptr(lse), _ptr(e)),
+        {"lse_parts": ("lse_parts", [s, b, hq, lq]), "e_parts": ("e_parts", [s, b, hq, lq])})
     return o, lse, e

@@ -1,7 +1,6 @@
 """Locally competitive algorithm (sparse coding) on a dictionary: :class:`LcaDictionary`."""
 
 import ctypes
-import operator
 
 from ._abi import (
     FEP_ERR_INTERNAL,
@@ -9,7 +8,6 @@ from ._abi import (
     FepError,
     _FepLcaParams,
     _THRESHOLDS,
-    _U32_MAX,
 )
 from ._lib import (
     _check,
@@ -17,7 +15,9 @@ from ._lib import (
 )
 from ._tensors import (
     _Owned,
+    _check_no_overlap,
     _check_tensor,
+    _integer,
     _device_of,
     _dtype_code,
     _norm_device,
@@ -51,7 +51,8 @@ class LcaDictionary(_Owned):
             lib.fep_lca_dict_new(
                 kind, ordinal, stream, dtype, _ptr(phi), n, m, 1 if check_unit_norm else 0,
                 ctypes.byref(handle),
-            )
+            ),
+            {"phi": ("phi", (n, m))},
         )
         if not handle.value:
             raise FepError(FEP_ERR_INTERNAL, "fep_lca_dict_new returned FEP_OK but no dictionary")
@@ -111,7 +112,9 @@ class LcaDictionary(_Owned):
         ``out={"steps": t}`` still gets the steps run (and "steps" is returned) without the trace.
 
         ``out``: optional dict of preallocated output tensors with the same keys, shapes and
-        dtypes (e.g. for timing loops); those given are written instead of new ones.
+        dtypes (e.g. for timing loops); those given are written instead of new ones. They must
+        not share memory with each other or with ``x`` or ``u0`` (ValueError naming both),
+        except that ``out["u"]`` may be ``u0`` itself (u then starts from, and overwrites, it).
         """
         torch = _torch()
         h = self._h()
@@ -120,12 +123,7 @@ class LcaDictionary(_Owned):
         batch = int(x.shape[0])
         if threshold not in _THRESHOLDS:
             raise ValueError(f"threshold: {threshold!r} is not one of {list(_THRESHOLDS)}")
-        try:
-            steps = operator.index(steps)
-        except TypeError:
-            raise ValueError(f"steps: expected an int, got {steps!r}") from None
-        if isinstance(steps, bool) or not 1 <= steps <= _U32_MAX:
-            raise ValueError(f"steps: expected an int in [1, 2^32), got {steps!r}")
+        steps = _integer(steps, "steps")
         lam, eta, tol = (_number(v, name) for v, name in ((lam, "lam"), (eta, "eta"), (tol, "tol")))
         if u0 is not None:
             _check_tensor(u0, "u0", (batch, self.m), dtype=torch.float32, device=self.device)
@@ -149,6 +147,10 @@ class LcaDictionary(_Owned):
                 res[key] = out[key]
             else:
                 res[key] = torch.empty(shape, dtype=dt, device=self.device)
+        # u0 may be out["u"] itself (u is updated in place), but no output may share memory
+        # with another output or with x, nor u0 with any output but u.
+        _check_no_overlap([(f"out[{k!r}]", res[k]) for k in res if k in out],
+                          [("x", x), ("u0", u0)], same_ok=[("out['u']", "u0")])
 
         params = _FepLcaParams(_THRESHOLDS[threshold], lam, eta, steps, tol)
         _check(
@@ -156,7 +158,8 @@ class LcaDictionary(_Owned):
                 h, self._stream(), dtype, _ptr(x), batch, ctypes.byref(params), _ptr(u0),
                 _ptr(res["u"]), _ptr(res["a"]), _ptr(res.get("energy")),
                 _ptr(res.get("active")), _ptr(res.get("steps")),
-            )
+            ),
+            {"x": ("x", (batch, self.n)), "u0": ("u0", (batch, self.m))},
         )
         return res
 
@@ -174,4 +177,5 @@ class LcaDictionary(_Owned):
         batch = int(x.shape[0])
         _check_tensor(a, "a", (batch, self.m), dtype=torch.float32, device=self.device)
         lr = _number(lr, "lr")
-        _check(self._lib.fep_lca_dict_learn(h, self._stream(), dtype, _ptr(x), _ptr(a), batch, lr))
+        _check(self._lib.fep_lca_dict_learn(h, self._stream(), dtype, _ptr(x), _ptr(a), batch, lr),
+               {"x": ("x", (batch, self.n)), "a": ("a", (batch, self.m))})

@@ -2,7 +2,7 @@
 :func:`settle_learn`."""
 
 import ctypes
-import operator
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ._abi import (
     FEP_SETTLE_INIT_FEEDFORWARD,
@@ -11,7 +11,6 @@ from ._abi import (
     _FepSettleNet,
     _FepSettleParams,
     _LEAKY_DEFAULT,
-    _U32_MAX,
 )
 from ._lib import (
     _check,
@@ -19,8 +18,10 @@ from ._lib import (
 )
 from ._tensors import (
     _check_tensor,
+    _checked_ptr,
     _device_of,
     _dtype_code,
+    _integer,
     _norm_device,
     _number,
     _ptr,
@@ -56,18 +57,33 @@ def _one_activation(a):
     )
 
 
-def _steps_arg(steps, what="steps"):
+def _steps_arg(steps: Any, what: str = "steps") -> int:
+    """An int in [1, 2^32) (:func:`fep_kernels._tensors._integer`)."""
+    return _integer(steps, what)
+
+
+def _per_layer(value: Any, what: str, depth: int, default: Any = None, one: Any = None) -> list:
+    """A list of ``depth`` entries from ``value``: None gives ``default`` for every layer, a
+    single entry (``one(value)`` true) that entry for every layer, else the entries of a
+    list/tuple (ValueError unless there are ``depth``)."""
+    if value is None:
+        value = default
+    if one is not None and one(value):
+        return [value] * depth
     try:
-        steps = operator.index(steps)
+        value = list(value)
     except TypeError:
-        raise ValueError(f"{what}: expected an int, got {steps!r}") from None
-    if isinstance(steps, bool) or not 1 <= steps <= _U32_MAX:
-        raise ValueError(f"{what}: expected an int in [1, 2^32), got {steps!r}")
-    return steps
+        raise ValueError(f"{what}: expected {depth} entries (one per layer), got "
+                         f"{type(value).__name__}") from None
+    if len(value) != depth:
+        raise ValueError(f"{what}: expected {depth} entries (one per layer), got {len(value)}")
+    return value
 
 
-def _void_array(ptrs):
-    return (ctypes.c_void_p * len(ptrs))(*ptrs)
+def _void_array(ptrs: Sequence[Any]) -> ctypes.Array:
+    """A ``void *[]`` of ints, ``ctypes.c_void_p`` values or None (NULL)."""
+    return (ctypes.c_void_p * len(ptrs))(*[p.value if isinstance(p, ctypes.c_void_p) else p
+                                           for p in ptrs])
 
 
 class SettleNet:
@@ -87,8 +103,14 @@ class SettleNet:
     (Pi_l = diag(p)); all > 0 (checked by the library).
 
     Nothing is copied: the network keeps references to the tensors and passes their pointers on
-    every call, so in-place changes (an optimiser step) are seen by the next call.
-    :meth:`learn` with ``lr > 0`` updates the weights and biases in place (outside autograd).
+    every call, so in-place changes (an optimiser step) are seen by the next call. Every call
+    first re-validates ``weights``, ``biases``, ``activations`` and ``precisions`` as they are
+    then (attributes that may be replaced, as may a tensor's storage through ``.data`` or
+    ``set_``): a tensor whose shape, dtype, device or contiguity no longer fits the network
+    raises ValueError naming it, e.g. "weights[1]: expected shape [2, 5], got [1]".
+    :meth:`learn` with ``lr > 0`` updates the weights and biases in place (outside autograd);
+    a settling that diverges raises :class:`FepError` with ``FEP_ERR_DIVERGED`` (where the
+    library detects it) and leaves them untouched.
     """
 
     def __init__(self, weights, biases=None, activations="identity", precisions=None):
@@ -97,13 +119,12 @@ class SettleNet:
         weights = list(weights) if not isinstance(weights, torch.Tensor) else [weights]
         if not weights:
             raise ValueError("weights: need at least one layer")
-        L = len(weights)
         _check_tensor(weights[0], "weights[0]", (None, None))
         device = _norm_device(weights[0].device)
         owner = "the device of weights[0]"
-        dtype = _dtype_code(weights[0], "weights[0]")
+        _dtype_code(weights[0], "weights[0]")
         widths = [int(weights[0].shape[1])]
-        for l, w in enumerate(weights):
+        for l, w in enumerate(weights):  # the widths follow from the shapes
             _check_tensor(w, f"weights[{l}]", (None, widths[-1]), device=device, owner=owner)
             if w.dtype != weights[0].dtype:
                 raise ValueError(
@@ -111,87 +132,88 @@ class SettleNet:
                     "(all layers share one dtype)"
                 )
             widths.append(int(w.shape[0]))
-        if any(n == 0 for n in widths):
-            raise ValueError(f"weights: every width must be >= 1, got widths {widths}")
-
-        if biases is None:
-            biases = [None] * L
-        biases = list(biases)
-        if len(biases) != L:
-            raise ValueError(f"biases: expected {L} entries (one per layer, None for none), "
-                             f"got {len(biases)}")
-        for l, b in enumerate(biases):
-            if b is not None:
-                _check_tensor(b, f"biases[{l}]", (widths[l + 1],), dtype=weights[0].dtype,
-                              device=device, owner=owner)
-
-        if _one_activation(activations):
-            activations = [activations] * L
-        activations = list(activations)
-        if len(activations) != L:
-            raise ValueError(f"activations: expected {L} entries (f_1 ... f_L), "
-                             f"got {len(activations)}")
-        acts = [_activation(a, f"activations[{l}]") for l, a in enumerate(activations)]
-
-        if precisions is None or not isinstance(precisions, (list, tuple)):
-            precisions = [1.0 if precisions is None else precisions] * L
-        precisions = list(precisions)
-        if len(precisions) != L:
-            raise ValueError(f"precisions: expected {L} entries, got {len(precisions)}")
-        scalars, diags = [], []
-        for l, p in enumerate(precisions):
-            if isinstance(p, torch.Tensor) and p.dim() > 0:
-                _check_tensor(p, f"precisions[{l}]", (widths[l + 1],), dtype=torch.float32,
-                              device=device, owner=owner)
-                scalars.append(1.0)
-                diags.append(p)
-            else:
-                scalars.append(_number(p, f"precisions[{l}]"))
-                diags.append(None)
-
-        self.weights, self.biases, self._diags = weights, biases, diags
-        self.precisions = precisions
-        self.activations = activations
-        self.widths = widths
-        self.depth = L
+        L = len(weights)
+        self.widths: List[int] = widths
+        self.depth: int = L
         self.device = device
         self.dtype = weights[0].dtype
         self.kind, self.ordinal, _ = _device_of(weights[0], "weights[0]")
-        # The C description, built once; the arrays are kept alive by this object.
-        self._c = {
-            "widths": (ctypes.c_uint64 * (L + 1))(*widths),
-            "acts": (ctypes.c_int32 * L)(*[c for c, _ in acts]),
-            "alpha": (ctypes.c_float * L)(*[a for _, a in acts]),
-            "weights": _void_array([w.data_ptr() for w in weights]),
-            "biases": _void_array([b.data_ptr() if b is not None else None for b in biases]),
-            "precision": (ctypes.c_float * L)(*scalars),
-            "diag": _void_array([d.data_ptr() if d is not None else None for d in diags]),
-        }
-        c = self._c
-        self._net = _FepSettleNet(
-            L, c["widths"], c["acts"], c["alpha"], dtype,
-            ctypes.cast(c["weights"], ctypes.POINTER(ctypes.c_void_p)),
-            ctypes.cast(c["biases"], ctypes.POINTER(ctypes.c_void_p))
-            if any(b is not None for b in biases) else None,
-            c["precision"],
-            ctypes.cast(c["diag"], ctypes.POINTER(ctypes.c_void_p))
-            if any(d is not None for d in diags) else None,
-        )
+        self.weights = weights
+        self.biases = _per_layer(biases, "biases", L, default=[None] * L)
+        self.activations = _per_layer(activations, "activations", L, one=_one_activation)
+        self.precisions = _per_layer(
+            precisions, "precisions", L, default=1.0,
+            one=lambda p: not isinstance(p, (list, tuple)))
+        self._bind()  # every other check: the one every call repeats
 
     def __repr__(self):
         return (f"SettleNet(widths={self.widths}, activations={self.activations}, "
                 f"dtype={self.dtype}, device={self.device})")
 
-    def _refresh(self):
-        """Re-reads the tensors' pointers (a tensor's storage may have been replaced, e.g. by
-        ``.data = ...`` or ``set_``)."""
-        c = self._c
-        for l, w in enumerate(self.weights):
-            c["weights"][l] = w.data_ptr()
-            b = self.biases[l]
-            c["biases"][l] = b.data_ptr() if b is not None else None
-            d = self._diags[l]
-            c["diag"][l] = d.data_ptr() if d is not None else None
+    def _bind(self) -> list:
+        """Re-validates everything the network passes to the library and rebuilds its C
+        description (``self._net``) from ``weights``, ``biases``, ``activations`` and
+        ``precisions`` as they are now. Runs on every call: a tensor's storage, shape, dtype or
+        device may have changed (``w.data = ...``, ``set_``, ``net.weights[l] = ...``), and a
+        pointer is never passed for a tensor that no longer fits (ValueError naming it, e.g.
+        "weights[1]: expected shape [2, 5], got [1]"). The widths, dtype and device are those
+        the network was built with. Returns views of the tensors bound: holding them keeps
+        the storages behind the pointers alive for the call, whatever ``.data`` becomes."""
+        torch = _torch()
+        L, n, dev = self.depth, self.widths, self.device
+        own = dict(device=dev, owner="the network's device")
+        weights = _per_layer(self.weights, "weights", L)
+        biases = _per_layer(self.biases, "biases", L, default=[None] * L)
+        activations = _per_layer(self.activations, "activations", L, one=_one_activation)
+        precisions = _per_layer(self.precisions, "precisions", L, default=1.0,
+                                one=lambda p: not isinstance(p, (list, tuple)))
+        w_ptrs = [_checked_ptr(w, f"weights[{l}]", (n[l + 1], n[l]), dtype=self.dtype, **own)
+                  for l, w in enumerate(weights)]
+        b_ptrs = [None if b is None else
+                  _checked_ptr(b, f"biases[{l}]", (n[l + 1],), dtype=self.dtype, **own)
+                  for l, b in enumerate(biases)]
+        acts = [_activation(a, f"activations[{l}]") for l, a in enumerate(activations)]
+        scalars, d_ptrs = [], []
+        for l, p in enumerate(precisions):
+            if isinstance(p, torch.Tensor) and p.dim() > 0:
+                d_ptrs.append(_checked_ptr(p, f"precisions[{l}]", (n[l + 1],),
+                                           dtype=torch.float32, **own))
+                scalars.append(1.0)
+            else:
+                d_ptrs.append(None)
+                scalars.append(_number(p, f"precisions[{l}]"))
+        # The C description; its arrays are kept alive by this object until the next _bind.
+        c = {
+            "widths": (ctypes.c_uint64 * (L + 1))(*n),
+            "acts": (ctypes.c_int32 * L)(*[code for code, _ in acts]),
+            "alpha": (ctypes.c_float * L)(*[a for _, a in acts]),
+            "weights": _void_array(w_ptrs),
+            "biases": _void_array(b_ptrs),
+            "precision": (ctypes.c_float * L)(*scalars),
+            "diag": _void_array(d_ptrs),
+        }
+        p_vp = ctypes.POINTER(ctypes.c_void_p)
+        self._c = c
+        self._net = _FepSettleNet(
+            L, c["widths"], c["acts"], c["alpha"], _dtype_code(weights[0], "weights[0]"),
+            ctypes.cast(c["weights"], p_vp), ctypes.cast(c["biases"], p_vp), c["precision"],
+            ctypes.cast(c["diag"], p_vp),
+        )
+        return [t.detach() for t in (*weights, *biases, *precisions)
+                if isinstance(t, torch.Tensor) and t.dim() > 0]
+
+    def _names(self, batch: int, init: bool) -> Dict[str, Tuple[str, Optional[Sequence[int]]]]:
+        """The library's names of this network's arguments -> (Python name, shape), for
+        :func:`fep_kernels._lib._check`'s messages."""
+        n, L = self.widths, self.depth
+        names = {"x0": ("x0", (batch, n[0])), "target": ("target", (batch, n[L]))}
+        for l in range(L):
+            names[f"layers[{l}].weight"] = (f"weights[{l}]", (n[l + 1], n[l]))
+            names[f"layers[{l}].bias"] = (f"biases[{l}]", (n[l + 1],))
+            names[f"layers[{l}].precision"] = (f"precisions[{l}]", (n[l + 1],))
+            if init:
+                names[f"x[{l}] (the start)"] = (f"init[{l}]", (batch, n[l + 1]))
+        return names
 
     def _stream(self):
         if self.device.type == "cpu":
@@ -289,6 +311,7 @@ class SettleNet:
         on a GPU that reads back a few floats (the call waits for the stream). ``check=False``
         enqueues the work and returns at once.
         """
+        keep = self._bind()  # noqa: F841  (the storages stay alive for the call)
         batch, steps, params, init = self._prepare(x0, eta, steps, momentum, tol, init,
                                                    self.depth, check)
         res = self._outputs(batch, steps, trace, False, out)
@@ -296,7 +319,6 @@ class SettleNet:
             for dst, src in zip(res["x"], init):
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
-        self._refresh()
         x_out = _void_array([t.data_ptr() for t in res["x"]])
         eps_out = _void_array([t.data_ptr() for t in res["eps"]])
         _check(
@@ -304,7 +326,8 @@ class SettleNet:
                 self.kind, self.ordinal, self._stream(), ctypes.byref(self._net),
                 ctypes.byref(params), batch, _ptr(x0), x_out, eps_out, _ptr(res["energy"]),
                 _ptr(res["trace"]), _ptr(res["steps"]),
-            )
+            ),
+            self._names(batch, init is not None),
         )
         return res
 
@@ -322,6 +345,7 @@ class SettleNet:
         plus "grad_w" and "grad_b" (lists of L tensors); ``out`` may hold those too.
         """
         torch = _torch()
+        keep = self._bind()  # noqa: F841  (the storages stay alive for the call)
         batch, steps, params, init = self._prepare(x0, eta, steps, momentum, tol, init,
                                                    self.depth - 1, check)
         _check_tensor(target, "target", (batch, self.widths[-1]), dtype=torch.float32,
@@ -332,7 +356,6 @@ class SettleNet:
             for dst, src in zip(res["x"], init):
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
-        self._refresh()
         x_out = _void_array([t.data_ptr() for t in res["x"]])
         eps_out = _void_array([t.data_ptr() for t in res["eps"]])
         gw = _void_array([t.data_ptr() for t in res["grad_w"]])
@@ -342,7 +365,8 @@ class SettleNet:
                 self.kind, self.ordinal, self._stream(), ctypes.byref(self._net),
                 ctypes.byref(params), batch, _ptr(x0), _ptr(target), x_out, eps_out,
                 _ptr(res["energy"]), _ptr(res["trace"]), _ptr(res["steps"]), gw, gb, lr,
-            )
+            ),
+            self._names(batch, init is not None),
         )
         return res
 

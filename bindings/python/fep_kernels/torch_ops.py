@@ -37,7 +37,12 @@ import torch
 from torch import Tensor
 
 from ._abi import _SCORES
+from ._tensors import _integer
 from ._torch_args import _DTYPES, _number
+
+# The ops' pi_head / pi_key are fep_kernels.attention's precision_head / precision_key: errors
+# (shapes, and the library's "element i is -1") name those.
+_ARG_NAMES = {"pi_head": "precision_head", "pi_key": "precision_key"}
 from .attention import attention_backward as _attention_backward
 from .attention import attention_forward as _attention_forward
 
@@ -104,7 +109,8 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, pi_head: Optional[Tens
     kv_len = None if kv_len is None else kv_len.contiguous()
     o, lse, e = _attention_forward(q, k, v, score=score, nu=nu, scale=scale, causal=causal,
                                    window=window, normalizer=normalizer, pi_head=pi_head,
-                                   pi_key=pi_key, kv_len=kv_len, layout=layout)
+                                   pi_key=pi_key, kv_len=kv_len, layout=layout,
+                                   _arg_names=_ARG_NAMES)
     return o, lse, e
 
 
@@ -133,7 +139,7 @@ def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     return _attention_backward(q, k, v, o, c(lse), d_o, e=c(e), d_e=c(d_e), score=score, nu=nu,
                                scale=scale, causal=causal, window=window, normalizer=normalizer,
                                pi_head=c(pi_head), pi_key=c(pi_key), kv_len=c(kv_len),
-                               layout=layout, precision_grads=True)
+                               layout=layout, precision_grads=True, _arg_names=_ARG_NAMES)
 
 
 @attention_backward_op.register_fake
@@ -188,10 +194,7 @@ def attention_with_stats(q, k, v, precision_key=None, precision_head=None, score
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: must be > 0 (None for the default), got {scale}")
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int):
-            raise TypeError(f"window: expected an int or None, got {type(window).__name__}")
-        if not 1 <= window <= 2**31 - 1:
-            raise ValueError(f"window: must be in 1 ..= 2**31 - 1 (None: no window), got {window}")
+        window = _integer(window, "window", 1, 2**31 - 1)
     return torch.ops.fep.attention_forward(q, k, v, precision_head, precision_key, kv_len, score,
                                            nu, scale, bool(causal), window, bool(normalizer),
                                            layout)

@@ -2,8 +2,8 @@
 :func:`construct_policies`."""
 
 import ctypes
-import operator
 import sys
+from typing import Any, Sequence
 
 from ._abi import (
     FEP_ERR_INTERNAL,
@@ -30,8 +30,10 @@ from ._lib import (
 )
 from ._tensors import (
     _Owned,
+    _check_indices,
     _check_tensor,
     _device_args,
+    _integer,
     _norm_device,
     _number,
     _ptr,
@@ -40,6 +42,8 @@ from ._tensors import (
 from .settle import (
     _steps_arg,
 )
+
+_I32_LIMIT = 2**31 - 1  # indices go to the library as int32
 
 
 _VMP_METHODS = {"vmp": FEP_VMP_METHOD_VMP, "mmp": FEP_VMP_METHOD_MMP}
@@ -52,10 +56,12 @@ def construct_policies(num_controls, policy_len):
     import itertools
 
     np = _np()
-    num_controls = [int(u) for u in num_controls]
-    digits = [range(u) for u in num_controls] * int(policy_len)
+    num_controls = [_integer(u, f"num_controls[{f}]", 1, _I32_LIMIT)
+                    for f, u in enumerate(num_controls)]
+    policy_len = _integer(policy_len, "policy_len", 1, _I32_LIMIT)
+    digits = [range(u) for u in num_controls] * policy_len
     rows = list(itertools.product(*digits))
-    return np.asarray(rows, dtype=np.int32).reshape(len(rows), int(policy_len), len(num_controls))
+    return np.asarray(rows, dtype=np.int32).reshape(len(rows), policy_len, len(num_controls))
 
 
 def _np():
@@ -139,7 +145,11 @@ class VmpModel(_Owned):
     :meth:`factors`) for N agents sharing the model. Calls on CUDA tensors run on PyTorch's
     current stream and return without synchronising (except that ``check=True`` reads back one
     word to report bad inputs). Shapes, dtypes and devices are checked in Python
-    (:class:`ValueError`); values by the library (:class:`FepError`).
+    (:class:`ValueError`), and so are integer observations, actions and policies, whatever
+    their dtype, before they are narrowed to int32 (``0 <= x < O_m`` or ``U_f``; ValueError
+    with the multi-index, e.g. "obs[0, 1] is 4294967297: ..."; on a GPU only with
+    ``check=True``, else out-of-range indices are clamped); other values by the library
+    (:class:`FepError`).
 
     Example (a two-armed T-maze-like toy; runnable as is)::
 
@@ -190,11 +200,7 @@ class VmpModel(_Owned):
                              f"got {len(A_dependencies)}")
         deps = []
         for m, d in enumerate(A_dependencies):
-            try:
-                d = [operator.index(x) for x in d]
-            except TypeError:
-                raise ValueError(f"A_dependencies[{m}]: expected factor indices, got {d!r}") \
-                    from None
+            d = [_integer(x, f"A_dependencies[{m}][{i}]", 0, F - 1) for i, x in enumerate(d)]
             if not d or any(not 0 <= x < F for x in d) or len(set(d)) != len(d):
                 raise ValueError(f"A_dependencies[{m}]: {d} must be distinct factors in 0..{F - 1}")
             deps.append(d)
@@ -233,7 +239,8 @@ class VmpModel(_Owned):
                                  f"got {list(pol.shape)}")
             if not np.issubdtype(pol.dtype, np.integer):
                 raise ValueError(f"policies: expected integer actions, got dtype {pol.dtype}")
-            policies = np.ascontiguousarray(pol, dtype=np.int32)
+            _check_indices(pol, "policies", num_controls, "factor {j} has {n} controls")
+            policies = np.ascontiguousarray(pol, dtype=np.int32)  # in range: exact
         P = 0 if policies is None else int(policies.shape[0])
         H = 0 if policies is None else int(policies.shape[1])
         if E is not None:
@@ -262,7 +269,16 @@ class VmpModel(_Owned):
         device = _norm_device(torch.device(device))
         kind, ordinal, _ = _device_args(device, "device")
         handle = ctypes.c_void_p()
-        _check(lib.fep_vmp_model_new(kind, ordinal, ctypes.byref(desc), ctypes.byref(handle)))
+        # The library names the description's fields (desc.a[1], element 5): say A[1][2, 1].
+        names = {"desc.policies": ("policies", (P, H, F)), "desc.e": ("E", (P,))}
+        for c_name, py, shapes in (("a", "A", a_shapes), ("pa", "pA", a_shapes),
+                                   ("b", "B", b_shapes), ("pb", "pB", b_shapes),
+                                   ("c", "C", [(o,) for o in num_obs]), ("d", "D", d_shapes),
+                                   ("pd", "pD", d_shapes)):
+            for i, shape in enumerate(shapes):
+                names[f"desc.{c_name}[{i}]"] = (f"{py}[{i}]", tuple(shape))
+        _check(lib.fep_vmp_model_new(kind, ordinal, ctypes.byref(desc), ctypes.byref(handle)),
+               names)
         if not handle.value:
             raise FepError(FEP_ERR_INTERNAL, "fep_vmp_model_new returned FEP_OK but no model")
         self._lib, self._handle = lib, handle
@@ -304,12 +320,7 @@ class VmpModel(_Owned):
         torch = _torch()
         np = _np()
         shapes = self._shapes[which]
-        try:
-            index = operator.index(index)
-        except TypeError:
-            raise ValueError(f"{what}: index {index!r} is not an int") from None
-        if not 0 <= index < len(shapes):
-            raise ValueError(f"{what}: index {index} is out of range (there are {len(shapes)})")
+        index = _integer(index, f"{what} index", 0, len(shapes) - 1)
         if not self._has_counts[which]:
             return None
         out = np.empty(shapes[index], dtype=np.float64)
@@ -337,23 +348,42 @@ class VmpModel(_Owned):
         _check_tensor(t, what, shape, dtype=dtype, device=self.device,
                       owner="the model's device")
 
-    def _obs(self, obs, lead):
-        """(FEP_VMP_OBS_*, tensor) for observations [*lead, M] (integer indices; int32 used as
-        is, other integer dtypes converted) or [*lead, sum O] (float32 distributions)."""
+    def _indices(self, t: Any, what: str, limits: Sequence[int], unit: str, check: bool) -> Any:
+        """Integer indices ``t`` (last axis: one entry per modality or factor, ``limits[j]``
+        values each) as an int32 tensor, range-checked BEFORE narrowing (so 2**32 + 1 is never
+        read as 1): ValueError naming ``what`` and the multi-index of the first bad element
+        (:func:`fep_kernels._tensors._check_indices`). The check reads the tensor, so on a GPU
+        it runs only with ``check`` (it waits for the stream); without, out-of-range indices are
+        clamped into range first, as the library's kernels clamp the int32 ones."""
+        torch = _torch()
+        if t.device.type == "cpu" or check:
+            _check_indices(t, what, limits, unit)
+        elif t.dtype != torch.int32:
+            hi = torch.tensor([min(int(n), _I32_LIMIT) - 1 for n in limits], device=t.device)
+            t = torch.minimum(t.to(torch.int64).clamp_min(0), hi)
+        return t.to(torch.int32)
+
+    def _obs(self, obs, lead, check=True):
+        """(FEP_VMP_OBS_*, tensor) for observations [*lead, M] (integer indices, range-checked
+        and converted to int32 by :meth:`_indices`) or [*lead, sum O] (float32
+        distributions)."""
         torch = _torch()
         if not isinstance(obs, torch.Tensor):
             raise ValueError(f"obs: expected a torch.Tensor, got {type(obs).__name__}")
         ints = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
         if obs.dtype in ints:
             self._check(obs, "obs", (*lead, self.num_modalities), None)
-            return FEP_VMP_OBS_INDEX, obs.to(torch.int32)
+            return FEP_VMP_OBS_INDEX, self._indices(obs, "obs", self.num_obs,
+                                                    "modality {j} has {n} outcomes", check)
         if obs.dtype == torch.float32:
             self._check(obs, "obs", (*lead, self.obs_len), None)
             return FEP_VMP_OBS_DIST, obs
         raise ValueError(f"obs: dtype {obs.dtype}: expected integer indices [..., "
                          f"{self.num_modalities}] or float32 distributions [..., {self.obs_len}]")
 
-    def _actions(self, actions, n, steps):
+    def _actions(self, actions, n, steps, check=True):
+        """Past actions [n, steps - 1, F] (int32 or int64) as int32, range-checked by
+        :meth:`_indices`; None stays None."""
         torch = _torch()
         if actions is None:
             return None
@@ -361,7 +391,8 @@ class VmpModel(_Owned):
                                                                           torch.int64):
             raise ValueError("actions: expected an int32 or int64 torch.Tensor [N, T - 1, F]")
         self._check(actions, "actions", (n, steps - 1, self.num_factors), None)
-        return actions.to(torch.int32)
+        return self._indices(actions, "actions", self.num_controls,
+                             "factor {j} has {n} controls", check)
 
     def _outputs(self, specs, out):
         """New tensors for ``specs`` ({key: (shape, dtype) or None}), or the given ones from
@@ -405,7 +436,7 @@ class VmpModel(_Owned):
         """
         torch = _torch()
         h = self._h()
-        kind, obs = self._obs(obs, (None,))
+        kind, obs = self._obs(obs, (None,), check)
         n = int(obs.shape[0])
         if prior is not None:
             self._check(prior, "prior", (n, self.belief_len), torch.float32)
@@ -441,9 +472,9 @@ class VmpModel(_Owned):
         h = self._h()
         if method not in _VMP_METHODS:
             raise ValueError(f"method: {method!r} is not one of {list(_VMP_METHODS)}")
-        kind, obs = self._obs(obs, (None, None))
+        kind, obs = self._obs(obs, (None, None), check)
         n, steps = int(obs.shape[0]), int(obs.shape[1])
-        actions = self._actions(actions, n, steps)
+        actions = self._actions(actions, n, steps, check)
         if prior is not None:
             self._check(prior, "prior", (n, self.belief_len), torch.float32)
         f32 = torch.float32
@@ -506,12 +537,12 @@ class VmpModel(_Owned):
         if qs.dim() == 2:
             self._check(qs, "qs", (None, self.belief_len), torch.float32)
             n, steps = int(qs.shape[0]), 1
-            kind, obs = self._obs(obs, (n,))
+            kind, obs = self._obs(obs, (n,), check)
         else:
             self._check(qs, "qs", (None, None, self.belief_len), torch.float32)
             n, steps = int(qs.shape[0]), int(qs.shape[1])
-            kind, obs = self._obs(obs, (n, steps))
-        actions = self._actions(actions, n, steps)
+            kind, obs = self._obs(obs, (n, steps), check)
+        actions = self._actions(actions, n, steps, check)
         params = _FepVmpLearnParams(_number(lr_a, "lr_a"), _number(lr_b, "lr_b"),
                                     _number(lr_d, "lr_d"), 0 if check else 1)
         _check(self._lib.fep_vmp_learn(
