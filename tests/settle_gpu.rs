@@ -586,6 +586,76 @@ fn settle_sgd_matches_the_reference() {
     check::<bf16>(&dev, |v| v.to_bits() as i64);
 }
 
+/// `settle::sgd_all` on the GPU is all or nothing without a host wait: an update that would
+/// make any element non-finite (in its dtype: f16 overflows first) writes no parameter, and the
+/// status word says so; a finite one applies to every tensor and clears the status.
+#[test]
+fn settle_sgd_all_never_writes_a_non_finite_parameter() {
+    let Some(dev) = gpu("settle_sgd_all_never_writes_a_non_finite_parameter") else {
+        return;
+    };
+    fn check<T: Element + Copy + PartialEq + std::fmt::Debug>(dev: &Device, huge: f32) {
+        let p1: Vec<T> = (0..300).map(|i| T::from_f64(i as f64 * 0.01)).collect();
+        let p2: Vec<T> = vec![T::from_f64(1.0); 5];
+        let (mut d1, mut d2) = (dev.upload(&p1).unwrap(), dev.upload(&p2).unwrap());
+        let g1 = dev.upload(&vec![1.0f32; 300]).unwrap();
+        let mut bad = vec![0.5f32; 5];
+        bad[3] = huge; // p - lr g overflows T in one element of the second tensor
+        let g2 = dev.upload(&bad).unwrap();
+        let mut status = dev.upload(&[7u32]).unwrap();
+        let mut params = [d1.view_mut(), d2.view_mut()];
+        settle::sgd_all(
+            &mut params,
+            &[g1.view(), g2.view()],
+            1.0,
+            Some(&mut status.view_mut()),
+            dev.default_stream(),
+        )
+        .unwrap();
+        assert_eq!(status.to_vec().unwrap(), [1], "{:?}", T::DTYPE);
+        assert_eq!(d1.to_vec().unwrap(), p1, "{:?}", T::DTYPE);
+        assert_eq!(d2.to_vec().unwrap(), p2, "{:?}", T::DTYPE);
+        // NaN gradients are refused the same way.
+        let g2 = dev.upload(&[0.5, 0.5, f32::NAN, 0.5, 0.5]).unwrap();
+        let mut params = [d1.view_mut(), d2.view_mut()];
+        settle::sgd_all(
+            &mut params,
+            &[g1.view(), g2.view()],
+            1.0,
+            Some(&mut status.view_mut()),
+            dev.default_stream(),
+        )
+        .unwrap();
+        assert_eq!(status.to_vec().unwrap(), [1]);
+        assert_eq!(d2.to_vec().unwrap(), p2);
+        // A finite update applies everywhere and clears the status.
+        let g2 = dev.upload(&[0.5f32; 5]).unwrap();
+        let mut params = [d1.view_mut(), d2.view_mut()];
+        settle::sgd_all(
+            &mut params,
+            &[g1.view(), g2.view()],
+            1.0,
+            Some(&mut status.view_mut()),
+            dev.default_stream(),
+        )
+        .unwrap();
+        assert_eq!(status.to_vec().unwrap(), [0]);
+        assert_eq!(d2.to_vec().unwrap(), vec![T::from_f64(0.5); 5]);
+        assert_eq!(
+            d1.to_vec().unwrap()[100],
+            T::from_f64(T::from_f64(1.0).to_f64() - 1.0)
+        );
+        // Without a status word: the same refusal, through a scratch flag.
+        let g2 = dev.upload(&bad).unwrap();
+        let before = d2.to_vec().unwrap();
+        settle::sgd(&mut d2.view_mut(), &g2.view(), 1.0, dev.default_stream()).unwrap();
+        assert_eq!(d2.to_vec().unwrap(), before);
+    }
+    check::<f32>(&dev, f32::INFINITY);
+    check::<f16>(&dev, 1e6); // finite in f32, not in f16
+    check::<bf16>(&dev, f32::INFINITY);
+}
+
 /// More than 16 layers: a clear `Unsupported` on a GPU (the kernels' layer table), nothing
 /// written; the CPU reference takes any depth.
 #[test]

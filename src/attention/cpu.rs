@@ -291,11 +291,22 @@ pub(crate) fn host_f64(v: &View<'_, f32>) -> Vec<f64> {
 }
 
 impl Gathered {
+    /// The inputs in f64; NaN or Inf in q, k or v is an error naming the tensor and the
+    /// element's [b, h, l, x] index (the CPU has the values at hand; a GPU does not scan them).
     pub(crate) fn new<T: Element>(p: &Problem<'_, '_, T>) -> Result<Self> {
+        let finite = |name: &str, t: &Tensor4<'_, T>| -> Result<Vec<f64>> {
+            let v = gather(t)?;
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                let [_, h, l, d] = t.shape;
+                let at = [i / (h * l * d), i / (l * d) % h, i / d % l, i % d];
+                return Err(Error::invalid(name, format!("element {at:?} is {}", v[i])));
+            }
+            Ok(v)
+        };
         Ok(Gathered {
-            q: gather(p.q)?,
-            k: gather(p.k)?,
-            v: gather(p.v)?,
+            q: finite("q", p.q)?,
+            k: finite("k", p.k)?,
+            v: finite("v", p.v)?,
             pi_head: p.precision.head.as_ref().map(host_f64),
             pi_key: p.precision.key.as_ref().map(host_f64),
         })

@@ -238,6 +238,19 @@ pub(crate) fn backward_views<T: Element>(
     mut out: Gradients<'_, T>,
 ) -> Result<()> {
     let host = Gathered::new(&p.fwd)?;
+    // The reference recomputes the forward and never reads lse; a GPU does (unscanned). NaN or
+    // +inf (an overflowed or corrupted forward) is refused here (a row with no visible key
+    // has −∞).
+    let lse = p.inputs.lse.host_slice();
+    if let Some(i) = lse.iter().position(|&x| x.is_nan() || x == f32::INFINITY) {
+        return Err(Error::invalid(
+            "lse",
+            format!(
+                "element {i} is {}: the forward's lse is finite or -inf",
+                lse[i]
+            ),
+        ));
+    }
     let d_o = gather(&p.inputs.d_o)?;
     let d_e = p.inputs.d_e.as_ref().map(host_f64);
     // Everything is checked here, before the first write.

@@ -213,14 +213,20 @@ fn usize_of(name: &str, v: u64) -> Result<usize> {
     usize::try_from(v).map_err(|_| Error::invalid(name, format!("{v} does not fit in memory")))
 }
 
+/// `a * b`, or an error naming `name` (the argument whose size is too large) when it overflows.
 fn product(name: &str, a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b)
-        .ok_or_else(|| Error::invalid(name, format!("{a} * {b} overflows")))
+    a.checked_mul(b).ok_or_else(|| {
+        Error::invalid(
+            name,
+            format!("is too large: {a} x {b} elements overflow the address space"),
+        )
+    })
 }
 
 /// `len` entries of a C array, or an error naming it when it is NULL.
 unsafe fn slice_of<'a, T>(name: &str, p: *const T, len: usize) -> Result<&'a [T]> {
     non_null(name, p)?;
+    aligned::<T>(name, p as u64)?;
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
 }
 

@@ -5,7 +5,8 @@
 use std::ffi::c_void;
 
 use super::{
-    guard, non_null, open_device, product, raw_stream, raw_view, raw_view_mut, slice_of, usize_of,
+    aligned, guard, non_null, open_device, product, raw_stream, raw_view, raw_view_mut, slice_of,
+    usize_of,
 };
 use crate::backend::{Device, Stream, View};
 use crate::element::Element;
@@ -92,7 +93,28 @@ unsafe fn net_widths(net: &FepSettleNet) -> Result<Vec<usize>> {
         ));
     }
     let w = unsafe { slice_of("net.widths", net.widths, net.layers as usize + 1)? };
-    w.iter().map(|&v| usize_of("net.widths", v)).collect()
+    // Checked here, before any size is formed from them (the Rust API checks them again).
+    w.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if v == 0 || v > i32::MAX as u64 {
+                return Err(Error::invalid(
+                    format!("net.widths[{i}]"),
+                    format!("must be in 1..=2^31-1, got {v}"),
+                ));
+            }
+            Ok(v as usize)
+        })
+        .collect()
+}
+
+/// Whether an optional C array is given (not NULL), checked aligned for its element type.
+fn present<T>(name: &str, p: *const T) -> Result<bool> {
+    if p.is_null() {
+        return Ok(false);
+    }
+    aligned::<T>(name, p as u64)?;
+    Ok(true)
 }
 
 /// Views of a C network description on `dev` (lengths follow from the widths).
@@ -104,13 +126,18 @@ unsafe fn net_view<'a, T: Element>(
     let depth = widths.len() - 1;
     let acts = unsafe { slice_of("net.activations", net.activations, depth)? };
     let weights = unsafe { slice_of("net.weights", net.weights, depth)? };
+    // The optional per-layer arrays (NULL: absent), each checked aligned once.
+    let has_alpha = present("net.leaky_alpha", net.leaky_alpha)?;
+    let has_diag = present("net.precision_diag", net.precision_diag)?;
+    let has_prec = present("net.precision", net.precision)?;
+    let has_bias = present("net.biases", net.biases)?;
     let mut layers = Vec::with_capacity(depth);
     for l in 0..depth {
         let (n, n_in) = (widths[l + 1], widths[l]);
-        let alpha = if net.leaky_alpha.is_null() {
-            0.01
-        } else {
+        let alpha = if has_alpha {
             unsafe { *net.leaky_alpha.add(l) }
+        } else {
+            0.01
         };
         non_null(&format!("net.weights[{l}]"), weights[l])?;
         let w = unsafe {
@@ -122,22 +149,22 @@ unsafe fn net_view<'a, T: Element>(
             )
         };
         // A diagonal where given, else the scalar (1 without a scalar array).
-        let diag = if net.precision_diag.is_null() {
-            std::ptr::null()
-        } else {
+        let diag = if has_diag {
             unsafe { *net.precision_diag.add(l) }
+        } else {
+            std::ptr::null()
         };
         let precision = if !diag.is_null() {
             Precision::Diagonal(unsafe {
                 raw_view(dev, diag as u64, n, &format!("net.precision_diag[{l}]"))
             })
-        } else if net.precision.is_null() {
-            Precision::Scalar(1.0)
-        } else {
+        } else if has_prec {
             Precision::Scalar(unsafe { *net.precision.add(l) })
+        } else {
+            Precision::Scalar(1.0)
         };
         let mut layer = Layer::new(w, Activation::from_code(acts[l], alpha)?, precision);
-        if !net.biases.is_null() {
+        if has_bias {
             let b = unsafe { *net.biases.add(l) };
             if !b.is_null() {
                 layer =
