@@ -139,6 +139,9 @@
 //! ```
 
 #![warn(missing_docs)]
+// No unwrap or expect on a path a caller reaches (issue 21): CI runs clippy on the library,
+// and the few invariants that keep an `expect` say why where they are allowed.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 // docs.rs (Cargo.toml's [package.metadata.docs.rs]) builds with `--cfg docsrs` on nightly: items
 // that need a feature carry a badge saying so.
 #![cfg_attr(docsrs, feature(doc_cfg))]

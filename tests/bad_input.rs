@@ -410,7 +410,8 @@ fn construct_policies_rejects_impossible_tables() {
 /// Sizes from tiny to extreme: most draws small (the op runs), some huge (must be rejected).
 fn size() -> impl Strategy<Value = usize> {
     prop_oneof![
-        6 => 0usize..5,
+        8 => 1usize..4,
+        1 => Just(0usize),
         1 => Just(usize::MAX),
         1 => Just(1usize << 32),
         1 => (0u32..64).prop_map(|s| 1usize << s),
@@ -594,4 +595,79 @@ fn misaligned_pointers_and_garbage_handles_are_errors() {
         "{}",
         last_error()
     );
+}
+
+/// fep_settle_learn of a [2, 3, 2] identity network (batch 2), returning the status; the
+/// weights are the caller's, updated in place with lr > 0.
+fn c_learn(widths: [u64; 3], w1: &mut [f32; 6], w2: &mut [f32; 6], eta: f32, lr: f32) -> i32 {
+    let acts = [ffi::FEP_ACT_IDENTITY; 2];
+    let weights = [w1.as_mut_ptr().cast(), w2.as_mut_ptr().cast()];
+    let net = ffi::FepSettleNet {
+        layers: 2,
+        widths: widths.as_ptr(),
+        activations: acts.as_ptr(),
+        leaky_alpha: null(),
+        dtype: ffi::FEP_DTYPE_F32,
+        weights: weights.as_ptr(),
+        biases: null(),
+        precision: null(),
+        precision_diag: null(),
+    };
+    let params = ffi::FepSettleParams {
+        eta,
+        momentum: 0.0,
+        steps: 50,
+        tol: 0.0,
+        init: 0,
+        skip_input_checks: 0,
+    };
+    let x0 = [1.0f32, -1.0, 0.5, 2.0];
+    let target = [3.0f32, 8.0, -5.0, 6.0];
+    let (mut x1, mut x2, mut e1, mut e2) = ([0f32; 6], [0f32; 4], [0f32; 6], [0f32; 4]);
+    let xs = [x1.as_mut_ptr(), x2.as_mut_ptr()];
+    let es = [e1.as_mut_ptr(), e2.as_mut_ptr()];
+    let (mut gw1, mut gw2, mut gb1, mut gb2) = ([0f32; 6], [0f32; 6], [0f32; 3], [0f32; 2]);
+    let gw = [gw1.as_mut_ptr(), gw2.as_mut_ptr()];
+    let gb = [gb1.as_mut_ptr(), gb2.as_mut_ptr()];
+    unsafe {
+        ffi::fep_settle_learn(
+            ffi::FEP_DEVICE_CPU,
+            0,
+            null_mut(),
+            &net,
+            &params,
+            2,
+            x0.as_ptr(),
+            target.as_ptr(),
+            xs.as_ptr(),
+            es.as_ptr(),
+            null_mut(),
+            null_mut(),
+            null_mut(),
+            gw.as_ptr(),
+            gb.as_ptr(),
+            lr,
+        )
+    }
+}
+
+#[test]
+fn c_abi_settle_learn_never_writes_diverged_weights_and_names_a_huge_width() {
+    let (w1, w2) = (
+        [2.0f32, -1.5, 1.0, 0.5, 1.5, -2.0],
+        [1.0f32, -1.0, 2.0, 1.5, 0.5, -0.5],
+    );
+    let (mut a, mut b) = (w1, w2);
+    let status = c_learn([2, 3, 2], &mut a, &mut b, 10.0, 0.5);
+    assert_eq!(status, ffi::FEP_ERR_DIVERGED, "{}", last_error());
+    assert!(last_error().contains("diverged"), "{}", last_error());
+    assert_eq!((a, b), (w1, w2));
+    // A stable step size learns: the weights move, and stay finite.
+    let status = c_learn([2, 3, 2], &mut a, &mut b, 0.05, 0.01);
+    assert_eq!(status, ffi::FEP_OK, "{}", last_error());
+    assert!(a != w1 && a.iter().chain(&b).all(|v| v.is_finite()));
+    // A width of UINT64_MAX is named as such (not as an overflowing batch).
+    let status = c_learn([2, u64::MAX, 2], &mut a, &mut b, 0.05, 0.01);
+    assert_eq!(status, ffi::FEP_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("`net.widths[1]`"), "{}", last_error());
 }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use cudarc::driver::{result, sys};
 
@@ -210,10 +210,15 @@ impl CudaDevice {
 
     fn function(&self, module: &'static str, kernel: &str) -> Result<sys::CUfunction> {
         let key = (module, kernel.to_string());
-        if let Some(f) = self.functions.lock().unwrap().get(&key) {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
             return Ok(*f);
         }
-        let mut modules = self.modules.lock().unwrap();
+        let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
         let m = match modules.get(module) {
             Some(m) => *m,
             None => {
@@ -242,7 +247,10 @@ impl CudaDevice {
             result::function::set_function_attribute(f, attr, self.smem_optin as i32 - static_smem)
         }
         .map_err(|e| driver_err("cuFuncSetAttribute", e))?;
-        self.functions.lock().unwrap().insert(key, f);
+        self.functions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, f);
         Ok(f)
     }
 
@@ -277,7 +285,12 @@ impl Drop for CudaDevice {
         }
         unsafe {
             let _ = result::stream::synchronize(self.stream);
-            for m in self.modules.lock().unwrap().values() {
+            for m in self
+                .modules
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+            {
                 let _ = result::module::unload(*m);
             }
             let _ = result::stream::destroy(self.stream);

@@ -7,7 +7,7 @@
 use std::alloc::Layout;
 use std::collections::HashMap;
 use std::ffi::{CString, c_char, c_void};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use super::LaunchConfig;
 use crate::error::{Error, Result};
@@ -85,12 +85,20 @@ impl EmuDevice {
                 bytes: bytes as u128,
             });
         }
-        self.allocations.lock().unwrap().insert(p as u64, layout);
+        self.allocations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(p as u64, layout);
         Ok(p as u64)
     }
 
     pub fn free(&self, addr: u64) {
-        if let Some(layout) = self.allocations.lock().unwrap().remove(&addr) {
+        if let Some(layout) = self
+            .allocations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&addr)
+        {
             unsafe { std::alloc::dealloc(addr as *mut u8, layout) };
         }
     }
@@ -108,7 +116,7 @@ impl EmuDevice {
                 cfg.smem, self.smem_optin
             )));
         }
-        let m = CString::new(module).unwrap();
+        let m = CString::new(module).map_err(|_| Error::invalid("module", module))?;
         let k = CString::new(kernel).map_err(|_| Error::invalid("kernel", kernel))?;
         let (gx, gy, gz) = cfg.grid;
         let code = unsafe {

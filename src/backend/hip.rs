@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{CStr, c_void};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use hip_sys::hiprt as hip;
 
@@ -210,10 +210,15 @@ impl HipDevice {
 
     fn function(&self, module: &'static str, kernel: &str) -> Result<hip::hipFunction_t> {
         let key = (module, kernel.to_string());
-        if let Some(f) = self.functions.lock().unwrap().get(&key) {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
             return Ok(*f);
         }
-        let mut modules = self.modules.lock().unwrap();
+        let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
         let m = match modules.get(module) {
             Some(m) => *m,
             None => {
@@ -233,7 +238,10 @@ impl HipDevice {
         check("hipModuleGetFunction", unsafe {
             hip::hipModuleGetFunction(&mut f, m, cname.as_ptr())
         })?;
-        self.functions.lock().unwrap().insert(key, f);
+        self.functions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, f);
         Ok(f)
     }
 
@@ -273,7 +281,12 @@ impl Drop for HipDevice {
         }
         unsafe {
             let _ = hip::hipStreamSynchronize(self.stream);
-            for m in self.modules.lock().unwrap().values() {
+            for m in self
+                .modules
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+            {
                 let _ = hip::hipModuleUnload(*m);
             }
             let _ = hip::hipStreamDestroy(self.stream);

@@ -162,7 +162,9 @@ pub fn settle_learn_step(
     target: &Tensor,
 ) -> candle_core::Result<LearnTensors> {
     let p = Prepared::new(layers, spec, x0)?;
-    let n_top = *p.widths.last().expect("at least one layer");
+    let Some(&n_top) = p.widths.last() else {
+        return Err(candle_core::Error::Msg(format!("{OP}: no layers")));
+    };
     let d = dims::<2>(OP, "target", target, "[batch, n_L]")?;
     if d != [p.batch, n_top] {
         candle_core::bail!(

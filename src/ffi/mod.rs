@@ -234,7 +234,7 @@ unsafe fn slice_of<'a, T>(name: &str, p: *const T, len: usize) -> Result<&'a [T]
 /// and slower or faulting on a GPU).
 fn aligned<T>(name: &str, addr: u64) -> Result<()> {
     let align = std::mem::align_of::<T>() as u64;
-    if addr % align != 0 {
+    if !addr.is_multiple_of(align) {
         return Err(Error::invalid(
             name,
             format!(

@@ -396,6 +396,7 @@ impl<'d> Scans<'d> {
     }
 }
 
+#[allow(clippy::expect_used)] // Model::new makes the tables for every GPU model
 fn device_model(model: &Model) -> &DeviceModel {
     model
         .gpu
