@@ -406,32 +406,39 @@ fn construct_policies_rejects_impossible_tables() {
 }
 
 // ---- property tests ---------------------------------------------------------------------------
+//
+// Each case draws a small valid problem and then, half the time, breaks one field with an
+// extreme value (a size of 0, 2^32 or usize::MAX, a wild stride, NaN/Inf/0/huge parameters), so
+// that both the ops and their validation run: valid cases must succeed, broken ones may fail,
+// none may panic, and outputs are untouched on error.
 
-/// Sizes from tiny to extreme: most draws small (the op runs), some huge (must be rejected).
-fn size() -> impl Strategy<Value = usize> {
+/// An extreme replacement for a size or stride.
+fn extreme() -> impl Strategy<Value = usize> {
     prop_oneof![
-        8 => 1usize..4,
-        1 => Just(0usize),
-        1 => Just(usize::MAX),
-        1 => Just(1usize << 32),
-        1 => (0u32..64).prop_map(|s| 1usize << s),
-        1 => any::<usize>(),
+        Just(0usize),
+        Just(usize::MAX),
+        Just(usize::MAX - 2),
+        Just(1usize << 32),
+        (0u32..64).prop_map(|s| 1usize << s),
+        any::<usize>(),
     ]
-}
-
-fn stride() -> impl Strategy<Value = usize> {
-    prop_oneof![6 => 0usize..40, 1 => Just(usize::MAX - 2), 1 => any::<usize>()]
 }
 
 fn param() -> impl Strategy<Value = f32> {
     prop_oneof![
-        4 => -2.0f32..4.0,
+        4 => 0.05f32..0.5,
         1 => Just(f32::NAN),
         1 => Just(f32::INFINITY),
         1 => Just(0.0f32),
+        1 => Just(-1.0f32),
         1 => Just(f32::MAX),
         1 => any::<f32>(),
     ]
+}
+
+/// Which field to break (index into the op's list), and with what; None: leave it valid.
+fn breakage() -> impl Strategy<Value = Option<(usize, usize)>> {
+    prop_oneof![1 => Just(None), 1 => (0usize..32, extreme()).prop_map(Some)]
 }
 
 fn score() -> impl Strategy<Value = Score> {
@@ -444,86 +451,138 @@ fn score() -> impl Strategy<Value = Score> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
 
-    /// Attention forward on random shapes and strides over small real buffers.
     #[test]
     fn attention_forward_never_panics(
-        qs in [size(), size(), size(), size()], qst in [stride(), stride(), stride()],
-        ks in [size(), size(), size(), size()], kst in [stride(), stride(), stride()],
-        vd in size(), sc in score(), causal in any::<bool>(), window in prop::option::of(0u32..4),
-        tau in prop::option::of(prop_oneof![Just(1e300f64), Just(-1.0), 0.01f64..4.0]),
-        with_pk in any::<bool>(), with_lse in any::<bool>(),
+        dims in [1usize..3, 1usize..3, 1usize..3, 1usize..4, 1usize..4, 1usize..4, 1usize..4],
+        sc in score(), causal in any::<bool>(), window in prop::option::of(0u32..4),
+        tau in prop::option::of(prop_oneof![Just(1e300f64), Just(-1.0), 0.05f64..2.0]),
+        with_pk in any::<bool>(), with_lse in any::<bool>(), broken in breakage(),
     ) {
-        let buf: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let [b, g, hkv, lq, lk, d, dv] = dims;
+        let hq = g * hkv;
+        let (mut qs, mut ks, mut vs) = ([b, hq, lq, d], [b, hkv, lk, d], [b, hkv, lk, dv]);
+        let (mut qst, mut kst) = ([hq * lq * d, lq * d, d], [hkv * lk * d, lk * d, d]);
+        let mut os = [b, hq, lq, dv];
+        let mut pk_len = b * hkv * lk;
+        let mut lse_len = b * hq * lq;
+        if let Some((field, x)) = broken {
+            match field % 12 {
+                f @ 0..=3 => qs[f] = x,
+                f @ 4..=6 => qst[f - 4] = x,
+                f @ 7..=8 => ks[f - 5] = x,
+                9 => { kst[0] = x; vs[0] = x }
+                10 => { pk_len = x % 97; os[3] = x }
+                _ => lse_len = x % 89,
+            }
+        }
+        let buf: Vec<f32> = (0..2048).map(|i| (i as f32 * 0.37).sin()).collect();
         let q = Tensor4 { data: View::host(&buf), shape: qs, strides: qst };
-        let k = Tensor4 { data: View::host(&buf[..48]), shape: ks, strides: kst };
-        let v = Tensor4::bhld(View::host(&buf[..40]), [ks[0], ks[1], ks[2], vd]);
+        let k = Tensor4 { data: View::host(&buf[..1024]), shape: ks, strides: kst };
+        let v = Tensor4::bhld(View::host(&buf[..512]), vs);
         let mut spec = AttentionSpec::new(sc).causal(causal);
         spec.window = window;
         spec.scale = tau;
-        let pk = [1.5f32; 16];
-        let p = Precisions { head: None, key: with_pk.then(|| View::host(&pk[..qs[0].min(16)])) };
-        let mut o = vec![SENTINEL; 64];
-        let mut lse = vec![SENTINEL; 16];
-        let o_shape = [qs[0], qs[1], qs[2], vd];
+        let pk = vec![1.5f32; 128];
+        let p = Precisions { head: None, key: with_pk.then(|| View::host(&pk[..pk_len.min(128)])) };
+        let mut o = vec![SENTINEL; 512];
+        let mut lse = vec![SENTINEL; 128];
         let out = AttentionOutputs {
-            o: Tensor4Mut::bhld(ViewMut::host(&mut o), o_shape),
-            lse: with_lse.then(|| ViewMut::host(&mut lse[..qs[0].min(16)])),
+            o: Tensor4Mut::bhld(ViewMut::host(&mut o), os),
+            lse: with_lse.then(|| ViewMut::host(&mut lse[..lse_len.min(128)])),
             e: None,
         };
         let r = attention::forward_into(&spec, &q, &k, &v, &p, None, out, Device::cpu().default_stream());
+        let valid_params = match sc { Score::StudentT(nu) => nu.is_finite() && nu > 0.0, _ => true }
+            && window != Some(0) && tau.is_none_or(|t| t > 0.0 && t < 1e30);
+        if broken.is_none() && valid_params {
+            prop_assert!(r.is_ok(), "{r:?}");
+        }
         if r.is_err() {
             prop_assert!(o.iter().all(|&x| x == SENTINEL));
             prop_assert!(lse.iter().all(|&x| x == SENTINEL));
         }
-        // The allocating form too.
         let _ = attention::forward(&spec, &q, &k, &v, &p, None);
     }
 
-    /// LCA: random dictionary sizes, batch lengths, steps and parameters.
     #[test]
     fn lca_never_panics(
-        n in size(), m in size(), xlen in 0usize..12, steps in prop_oneof![0u32..6, Just(u32::MAX)],
-        lam in param(), eta in param(), tol in param(), trace in any::<bool>(),
+        n in 1usize..4, m in 1usize..5, batch in 1usize..4, steps in 1u32..6,
+        lam in param(), eta in param(), tol in param(), trace in any::<bool>(), broken in breakage(),
     ) {
+        let (mut n_, mut m_, mut xlen, mut steps_) = (n, m, batch * n, steps);
+        let mut phi_len = n * m;
+        if let Some((field, x)) = broken {
+            match field % 5 {
+                0 => n_ = x,
+                1 => m_ = x,
+                2 => xlen = x % 97,
+                3 => steps_ = [0, u32::MAX, 1 << 31][x % 3], // invalid only: a valid huge T would run
+                _ => phi_len = x % 61,
+            }
+        }
         let phi: Vec<f32> = (0..64).map(|i| (i as f32 * 0.61).cos()).collect();
-        let len = n.saturating_mul(m).min(64);
         let opts = DictionaryOptions { check_unit_norm: false };
-        let Ok(dict) = Dictionary::new(&View::host(&phi[..len]), n, m, opts) else { return Ok(()) };
+        let dict = Dictionary::new(&View::host(&phi[..phi_len.min(64)]), n_, m_, opts);
+        if broken.is_none() {
+            prop_assert!(dict.is_ok(), "{dict:?}");
+        }
+        let Ok(dict) = dict else { return Ok(()) };
         let x = vec![0.25f32; xlen];
         let mut spec = LcaSpec::new(lam).eta(eta).tol(tol).trace(trace);
-        spec.steps = steps;
-        let _ = dict.solve(&spec, &View::host(&x), None);
-        let mut u = vec![SENTINEL; 16];
-        let mut a = vec![SENTINEL; 16];
-        let bm = (xlen / n.max(1)).saturating_mul(m).min(16);
+        spec.steps = steps_;
+        let r = dict.solve(&spec, &View::host(&x), None);
+        let valid = [lam, eta].iter().all(|v| v.is_finite() && *v > 0.0 && *v < 1e3) && tol.is_finite() && tol >= 0.0;
+        if broken.is_none() && valid {
+            prop_assert!(r.is_ok(), "{r:?}");
+        }
+        let mut u = vec![SENTINEL; 64];
+        let mut a = vec![SENTINEL; 64];
+        let bm = (xlen / n_.max(1)).saturating_mul(m_).min(64);
         let out = LcaOutputs { u: ViewMut::host(&mut u[..bm]), a: ViewMut::host(&mut a[..bm]), energy: None, active: None, steps: None };
         if dict.solve_into(&spec, &View::host(&x), None, out, Device::cpu().default_stream()).is_err() {
             prop_assert!(u.iter().chain(&a).all(|&v| v == SENTINEL));
         }
     }
 
-    /// Settling: random widths, batch lengths, steps, step sizes (diverging ones included).
     #[test]
     fn settle_never_panics(
-        widths in prop::collection::vec(size(), 0..4), xlen in 0usize..9,
-        steps in prop_oneof![0u32..8, Just(u32::MAX), Just((1u32 << 31) - 2)],
-        eta in param(), beta in param(), tol in param(), lr in param(),
+        widths in prop::collection::vec(1usize..4, 2..5), batch in 1usize..4, steps in 1u32..8,
+        eta in param(), beta in prop_oneof![Just(0.0f32), param()], tol in prop_oneof![Just(0.0f32), param()],
+        lr in param(), broken in breakage(),
     ) {
-        let w: Vec<f32> = (0..64).map(|i| (i as f32 * 0.29).sin()).collect();
-        let layers: Vec<Layer<'_, f32>> = widths.windows(2)
-            .map(|p| Layer::new(View::host(&w[..p[0].saturating_mul(p[1]).min(64)]), Activation::Tanh, Precision::Scalar(1.0)))
-            .collect();
-        let Ok(net) = Network::new(&widths, layers) else { return Ok(()) };
-        let x0 = vec![0.5f32; xlen];
-        let target = vec![2.0f32; 8];
-        let spec = SettleSpec::new(eta).momentum(beta).tol(tol).steps(steps);
-        let _ = settle::infer(&net, &spec, &View::host(&x0), None);
+        let mut widths = widths;
         let top = *widths.last().unwrap();
-        let tl = (xlen / widths[0].max(1)).saturating_mul(top).min(8);
-        if let Ok(r) = settle::learn_step(&net, &spec, &View::host(&x0), &View::host(&target[..tl])) {
-            // Applying the gradients never writes a non-finite weight.
+        let (mut xlen, mut tlen, mut steps_) = (batch * widths[0], batch * top, steps);
+        let mut wlen: Vec<usize> = widths.windows(2).map(|p| p[0] * p[1]).collect();
+        if let Some((field, x)) = broken {
+            match field % 5 {
+                0 => { let i = x % widths.len(); widths[i] = x }
+                1 => xlen = x % 37,
+                2 => tlen = x % 37,
+                3 => steps_ = [0, u32::MAX, 1 << 31][x % 3], // invalid only: a valid huge T would run
+                _ => { let i = x % wlen.len(); wlen[i] = x % 17 }
+            }
+        }
+        let w: Vec<f32> = (0..64).map(|i| 0.5 * (i as f32 * 0.29).sin()).collect();
+        let layers: Vec<Layer<'_, f32>> = wlen.iter()
+            .map(|&n| Layer::new(View::host(&w[..n.min(64)]), Activation::Tanh, Precision::Scalar(1.0)))
+            .collect();
+        let net = Network::new(&widths, layers);
+        if broken.is_none() {
+            prop_assert!(net.is_ok(), "{net:?}");
+        }
+        let Ok(net) = net else { return Ok(()) };
+        let x0 = vec![0.5f32; xlen];
+        let target = vec![0.8f32; tlen];
+        let spec = SettleSpec::new(eta).momentum(beta).tol(tol).steps(steps_);
+        let r = settle::infer(&net, &spec, &View::host(&x0), None);
+        if broken.is_none() && eta.is_finite() && eta > 0.0 && eta < 0.5 && beta == 0.0 && tol == 0.0 {
+            prop_assert!(r.is_ok(), "{r:?}");
+        }
+        if let Ok(r) = settle::learn_step(&net, &spec, &View::host(&x0), &View::host(&target)) {
+            // Applying the gradients never writes a non-finite weight, and an error writes none.
             let mut wc = w.clone();
             let n = r.grad_w[0].len().min(64);
             let g = r.grad_w[0].to_vec().unwrap();
@@ -535,16 +594,29 @@ proptest! {
         }
     }
 
-    /// The merge: random parts, shapes and lse values.
     #[test]
     fn merge_never_panics(
-        shape in [size(), size(), size(), size()], splits in size(),
-        lse0 in param(), lse1 in param(),
+        shape in [1usize..3, 1usize..3, 1usize..3, 1usize..3], splits in 1usize..4,
+        lse_a in param(), lse_b in param(), broken in breakage(),
     ) {
-        let o = vec![0.5f32; 32];
-        let lse = [lse0, lse1, 0.0, -1.0];
-        let parts = MergeParts { o: View::host(&o), lse: View::host(&lse), e: None, splits, shape };
-        let _ = attention::merge(&parts);
+        let (mut shape, mut splits) = (shape, splits);
+        let rows = shape[0] * shape[1] * shape[2];
+        let (mut olen, mut llen) = (splits * rows * shape[3], splits * rows);
+        if let Some((field, x)) = broken {
+            match field % 4 {
+                f @ 0..=1 => shape[f] = x,
+                2 => splits = x,
+                _ => { olen = x % 200; llen = x % 100 }
+            }
+        }
+        let o = vec![0.5f32; 256];
+        let lse: Vec<f32> = (0..128).map(|i| if i % 3 == 0 { lse_a } else if i % 3 == 1 { lse_b } else { 0.25 }).collect();
+        let parts = MergeParts { o: View::host(&o[..olen.min(256)]), lse: View::host(&lse[..llen.min(128)]), e: None, splits, shape };
+        let r = attention::merge(&parts);
+        let finite = |v: f32| !v.is_nan() && v != f32::INFINITY;
+        if broken.is_none() && finite(lse_a) && finite(lse_b) {
+            prop_assert!(r.is_ok(), "{r:?}");
+        }
     }
 }
 
