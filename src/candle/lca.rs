@@ -84,11 +84,22 @@ pub fn lca_solve_with(
     let u0i = u0.map(|t| Input::new(OP, "u0", t)).transpose()?;
     let u0v = u0i.as_ref().map(|i| i.view::<f32>()).transpose()?;
     let (bm, bt) = (batch * m, batch * spec.steps as usize);
+    // The trace is batch x T: sized by a parameter, so allocated fallibly.
+    let err = crate_err(OP);
+    let what = || format!("an LCA trace of {batch} x {} steps", spec.steps);
     let mut u = vec![0f32; bm];
     let mut a = vec![0f32; bm];
     let mut steps = vec![0u32; batch];
-    let mut energy = spec.trace.then(|| vec![0f32; bt]);
-    let mut active = spec.trace.then(|| vec![0u32; bt]);
+    let mut energy = if spec.trace {
+        Some(crate::alloc::zeroed::<f32>(bt, what).map_err(&err)?)
+    } else {
+        None
+    };
+    let mut active = if spec.trace {
+        Some(crate::alloc::zeroed::<u32>(bt, what).map_err(&err)?)
+    } else {
+        None
+    };
     let stream = dict.device().default_stream();
     with_float_type!(OP, "x", xi.dtype(), |T| {
         let out = LcaOutputs {

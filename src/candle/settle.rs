@@ -91,7 +91,7 @@ pub fn settle_infer(
     init: Option<&[Tensor]>,
 ) -> candle_core::Result<SettleTensors> {
     let p = Prepared::new(layers, spec, x0)?;
-    let mut state = State::new(&p.widths, p.batch, spec.steps);
+    let mut state = State::new(&p.widths, p.batch, spec.steps).map_err(crate_err(OP))?;
     let mut spec = SettleSpec {
         init: Init::Feedforward,
         ..*spec
@@ -175,7 +175,7 @@ pub fn settle_learn_step(
     let ti = Input::new(OP, "target", target)?;
     let tv = ti.view::<f32>()?;
     let x0v = p.x0.view::<f32>()?;
-    let mut state = State::new(&p.widths, p.batch, spec.steps);
+    let mut state = State::new(&p.widths, p.batch, spec.steps).map_err(crate_err(OP))?;
     let mut grad_w: Vec<Vec<f32>> = p
         .widths
         .windows(2)
@@ -351,15 +351,19 @@ struct State {
 }
 
 impl State {
-    fn new(widths: &[usize], batch: usize, steps: u32) -> State {
+    /// The host state; the trace (batch x (T + 1), sized by a parameter) is allocated fallibly.
+    fn new(widths: &[usize], batch: usize, steps: u32) -> crate::Result<State> {
         let per_layer = || widths[1..].iter().map(|&n| vec![0f32; batch * n]).collect();
-        State {
+        let t1 = steps as usize + 1;
+        Ok(State {
             x: per_layer(),
             eps: per_layer(),
             energy: vec![0.0; batch],
-            trace: vec![0.0; batch * (steps as usize + 1)],
+            trace: crate::alloc::zeroed(batch.saturating_mul(t1), || {
+                format!("a settling trace of {batch} x {t1}")
+            })?,
             steps: vec![0; batch],
-        }
+        })
     }
 
     fn outputs(&mut self) -> SettleOutputs<'_> {
