@@ -145,23 +145,35 @@ pub fn backward_into<'a, T: Element>(
     }
     // Byte spans: no output may alias an input or another output.
     let el = std::mem::size_of::<T>();
-    let t4 = |name, t: &Tensor4<'_, T>| (name, t.data.addr(), extent(t.shape, t.strides) * el);
+    let t4 = |name, t: &Tensor4<'_, T>| {
+        (
+            name,
+            t.data.addr(),
+            extent(t.shape, t.strides).saturating_mul(el),
+        )
+    };
     let mut ins = input_spans(q, k, v, precision, kv_len);
     ins.extend([
         t4("o", &inputs.o),
         t4("d_o", &inputs.d_o),
-        ("lse", inputs.lse.addr(), 4 * inputs.lse.len()),
+        ("lse", inputs.lse.addr(), inputs.lse.len().saturating_mul(4)),
     ]);
     for (name, x) in [("e", &inputs.e), ("d_e", &inputs.d_e)] {
         if let Some(x) = x {
-            ins.push((name, x.addr(), 4 * x.len()));
+            ins.push((name, x.addr(), x.len().saturating_mul(4)));
         }
     }
-    let m4 = |name, t: &Tensor4Mut<'_, T>| (name, t.data.addr, extent(t.shape, t.strides) * el);
+    let m4 = |name, t: &Tensor4Mut<'_, T>| {
+        (
+            name,
+            t.data.addr,
+            extent(t.shape, t.strides).saturating_mul(el),
+        )
+    };
     let mut outs = vec![m4("dq", &out.dq), m4("dk", &out.dk), m4("dv", &out.dv)];
     for (name, x, _) in small {
         if let Some(x) = x {
-            outs.push((name, x.addr, 4 * x.len()));
+            outs.push((name, x.addr, x.len().saturating_mul(4)));
         }
     }
     check_no_overlap(&ins, &outs)?;

@@ -150,20 +150,24 @@ pub fn merge_into<T: Element>(
     }
     let el = std::mem::size_of::<T>();
     let mut ins = vec![
-        ("o parts", parts.o.addr(), parts.o.len() * el),
-        ("lse parts", parts.lse.addr(), parts.lse.len() * 4),
+        ("o parts", parts.o.addr(), parts.o.len().saturating_mul(el)),
+        (
+            "lse parts",
+            parts.lse.addr(),
+            parts.lse.len().saturating_mul(4),
+        ),
     ];
     if let Some(e) = &parts.e {
-        ins.push(("e parts", e.addr(), e.len() * 4));
+        ins.push(("e parts", e.addr(), e.len().saturating_mul(4)));
     }
     let mut outs = vec![(
         "o",
         out.o.data.addr,
-        extent(out.o.shape, out.o.strides) * el,
+        extent(out.o.shape, out.o.strides).saturating_mul(el),
     )];
     for (name, v) in [("lse", &out.lse), ("e", &out.e)] {
         if let Some(v) = v {
-            outs.push((name, v.addr, v.len() * 4));
+            outs.push((name, v.addr, v.len().saturating_mul(4)));
         }
     }
     check_no_overlap(&ins, &outs)?;

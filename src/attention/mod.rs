@@ -575,18 +575,24 @@ pub(crate) fn input_spans<'a, T: Element>(
     kv_len: Option<&View<'a, i32>>,
 ) -> Vec<(&'static str, u64, usize)> {
     let el = std::mem::size_of::<T>();
-    let t4 = |name, t: &Tensor4<'_, T>| (name, t.data.addr(), extent(t.shape, t.strides) * el);
+    let t4 = |name, t: &Tensor4<'_, T>| {
+        (
+            name,
+            t.data.addr(),
+            extent(t.shape, t.strides).saturating_mul(el),
+        )
+    };
     let mut ins = vec![t4("q", q), t4("k", k), t4("v", v)];
     for (name, p) in [
         ("precision.head", &precision.head),
         ("precision.key", &precision.key),
     ] {
         if let Some(p) = p {
-            ins.push((name, p.addr(), 4 * p.len()));
+            ins.push((name, p.addr(), p.len().saturating_mul(4)));
         }
     }
     if let Some(l) = kv_len {
-        ins.push(("kv_len", l.addr(), 4 * l.len()));
+        ins.push(("kv_len", l.addr(), l.len().saturating_mul(4)));
     }
     ins
 }

@@ -484,8 +484,12 @@ impl Dictionary {
         }
         // No output may overlap another output or an input, but u0 may be u itself (updated in
         // place): it is an input only when it is other memory.
-        let span = |name, addr: u64, len: usize| (name, addr, 4 * len);
-        let mut ins = vec![("x", x.addr(), x.len() * std::mem::size_of::<T>())];
+        let span = |name, addr: u64, len: usize| (name, addr, len.saturating_mul(4));
+        let mut ins = vec![(
+            "x",
+            x.addr(),
+            x.len().saturating_mul(std::mem::size_of::<T>()),
+        )];
         if let Some(u0) = u0.filter(|u0| u0.addr != out.u.addr) {
             ins.push(span("u0", u0.addr, u0.len()));
         }

@@ -883,8 +883,12 @@ pub fn sgd_all<T: Element>(
         same_device(&format!("params[{i}]"), p.device(), &dev)?;
         same_device(&format!("grads[{i}]"), g.device(), &dev)?;
         check_len(&format!("grads[{i}]"), g.len(), p.len())?;
-        outs.push((format!("params[{i}]"), p.addr, p.len() * size_of::<T>()));
-        ins.push((format!("grads[{i}]"), g.addr(), g.len() * 4));
+        outs.push((
+            format!("params[{i}]"),
+            p.addr,
+            p.len().saturating_mul(size_of::<T>()),
+        ));
+        ins.push((format!("grads[{i}]"), g.addr(), g.len().saturating_mul(4)));
     }
     if let Some(s) = &status {
         same_device("status", s.device(), &dev)?;

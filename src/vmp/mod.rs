@@ -579,8 +579,13 @@ fn span_of<T: bytemuck::Pod>(
     name: &'static str,
     v: &Option<ViewMut<'_, T>>,
 ) -> Option<(&'static str, u64, usize)> {
-    v.as_ref()
-        .map(|v| (name, v.addr, v.len() * std::mem::size_of::<T>()))
+    v.as_ref().map(|v| {
+        (
+            name,
+            v.addr,
+            v.len().saturating_mul(std::mem::size_of::<T>()),
+        )
+    })
 }
 
 /// Checks the observations and returns their batch: N·T entries of the modality width.
@@ -641,12 +646,12 @@ pub fn infer_states_into(
     out_len("vfe", &out.vfe, n, dev)?;
     out_len("iterations", &out.iterations, n, dev)?;
     out_len("vfe_trace", &out.vfe_trace, n * spec.num_iter as usize, dev)?;
-    let mut ins = vec![("obs", obs.addr(), obs.len() * 4)];
+    let mut ins = vec![("obs", obs.addr(), obs.len().saturating_mul(4))];
     if let Some(p) = prior {
-        ins.push(("prior", p.addr(), p.len() * 4));
+        ins.push(("prior", p.addr(), p.len().saturating_mul(4)));
     }
     let outs: Vec<_> = [
-        Some(("qs", out.qs.addr, out.qs.len() * 4)),
+        Some(("qs", out.qs.addr, out.qs.len().saturating_mul(4))),
         span_of("vfe", &out.vfe),
         span_of("iterations", &out.iterations),
         span_of("vfe_trace", &out.vfe_trace),
@@ -725,15 +730,15 @@ pub fn infer_sequence_into(
     )?;
     out_len("vfe", &out.vfe, n, dev)?;
     out_len("vfe_t", &out.vfe_t, n * steps, dev)?;
-    let mut ins = vec![("obs", obs.addr(), obs.len() * 4)];
+    let mut ins = vec![("obs", obs.addr(), obs.len().saturating_mul(4))];
     if let Some(a) = actions {
-        ins.push(("actions", a.addr(), a.len() * 4));
+        ins.push(("actions", a.addr(), a.len().saturating_mul(4)));
     }
     if let Some(p) = prior {
-        ins.push(("prior", p.addr(), p.len() * 4));
+        ins.push(("prior", p.addr(), p.len().saturating_mul(4)));
     }
     let outs: Vec<_> = [
-        Some(("qs", out.qs.addr, out.qs.len() * 4)),
+        Some(("qs", out.qs.addr, out.qs.len().saturating_mul(4))),
         span_of("vfe", &out.vfe),
         span_of("vfe_t", &out.vfe_t),
     ]
@@ -812,12 +817,12 @@ pub fn infer_policies_into(
     check_len("q_pi", out.q_pi.len(), product("q_pi", &[n, p])?)?;
     let outs: Vec<_> = [
         span_of("g", &out.g),
-        Some(("q_pi", out.q_pi.addr, out.q_pi.len() * 4)),
+        Some(("q_pi", out.q_pi.addr, out.q_pi.len().saturating_mul(4))),
     ]
     .into_iter()
     .flatten()
     .collect();
-    check_no_overlap(&[("qs", qs.addr(), qs.len() * 4)], &outs)?;
+    check_no_overlap(&[("qs", qs.addr(), qs.len().saturating_mul(4))], &outs)?;
     if !dev.is_gpu() {
         return cpu::policies_views(model, spec, qs, n, out);
     }
