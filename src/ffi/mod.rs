@@ -226,7 +226,7 @@ fn product(name: &str, a: usize, b: usize) -> Result<usize> {
 /// `len` entries of a C array, or an error naming it when it is NULL.
 unsafe fn slice_of<'a, T>(name: &str, p: *const T, len: usize) -> Result<&'a [T]> {
     non_null(name, p)?;
-    aligned::<T>(name, p as u64)?;
+    addressable::<T>(name, p as u64, len)?;
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
 }
 
@@ -246,15 +246,31 @@ fn aligned<T>(name: &str, addr: u64) -> Result<()> {
     Ok(())
 }
 
-/// A view of a caller's pointer, checked aligned for `T`. The views are made inside closures
-/// and struct literals that cannot return early, so a misaligned pointer unwinds instead: with
+/// `Err` unless `len` elements of `T` at `addr` can exist: aligned, and at most isize::MAX
+/// bytes (no allocation is larger; a longer slice is undefined behaviour in Rust).
+fn addressable<T>(name: &str, addr: u64, len: usize) -> Result<()> {
+    aligned::<T>(name, addr)?;
+    if len as u128 * std::mem::size_of::<T>() as u128 > isize::MAX as u128 {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "{len} elements of {} cannot exist (more than isize::MAX bytes)",
+                std::any::type_name::<T>()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A view of a caller's pointer, checked [`addressable`] for `T`. The views are made inside
+/// closures and struct literals that cannot return early, so a bad pointer unwinds instead: with
 /// `resume_unwind` (no panic hook, nothing printed) to the entry point's [`guard`], which returns
 /// the [`Error`] carried as the payload (FEP_ERR_INVALID_ARGUMENT naming the argument).
 ///
 /// # Safety
 /// As [`View::from_raw`].
 unsafe fn raw_view<'a, T: Pod>(dev: &Device, addr: u64, len: usize, name: &str) -> View<'a, T> {
-    if let Err(e) = aligned::<T>(name, addr) {
+    if let Err(e) = addressable::<T>(name, addr, len) {
         std::panic::resume_unwind(Box::new(e));
     }
     unsafe { View::from_raw(dev, addr, len) }
@@ -270,7 +286,7 @@ unsafe fn raw_view_mut<'a, T: Pod>(
     len: usize,
     name: &str,
 ) -> ViewMut<'a, T> {
-    if let Err(e) = aligned::<T>(name, addr) {
+    if let Err(e) = addressable::<T>(name, addr, len) {
         std::panic::resume_unwind(Box::new(e));
     }
     unsafe { ViewMut::from_raw(dev, addr, len) }
