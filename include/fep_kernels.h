@@ -555,8 +555,14 @@ int32_t fep_settle_infer(int32_t kind,
 /// One learning step: settles with x_L clamped to target (f32, batch x n_L), then writes the
 /// gradients of the settled energy, grad_w[l-1] = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T
 /// (f32, n_l x n_{l-1}) and grad_b[l-1] (f32, n_l), both required. lr > 0 then applies
-/// W_l -= lr grad_w, b_l -= lr grad_b in place (lr = 0: gradients only). Outputs as for
-/// fep_settle_infer (x_out[L-1] receives the target).
+/// W_l -= lr grad_w, b_l -= lr grad_b in place (lr = 0: gradients only), all or nothing: the
+/// weights and biases must not share memory, and an update that would write a NaN or infinity
+/// writes no parameter. Outputs as for fep_settle_infer (x_out[L-1] receives the target).
+/// Divergence: on the CPU, a settle that diverges returns FEP_ERR_DIVERGED with nothing written;
+/// an update that alone would overflow (lr too large) returns FEP_ERR_DIVERGED after the
+/// outputs and gradients are written, the parameters untouched. On a GPU nothing waits: a
+/// diverged settle shows as a non-finite energy_out, and the update is skipped on the device
+/// whenever a gradient or a new parameter is not finite.
 int32_t fep_settle_learn(int32_t kind,
                          int32_t ordinal,
                          void *stream,

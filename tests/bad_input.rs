@@ -659,6 +659,52 @@ fn misaligned_pointers_and_garbage_handles_are_errors() {
         last_error()
     );
     unsafe { ffi::fep_lca_dict_free(fake) }; // left alone, no crash
+    // A misaligned out-pointer (found by the lca_dict fuzz target) and a misaligned struct.
+    let phi = [1.0f32, 0.0, 0.0, 1.0];
+    let mut h = null_mut();
+    let s = unsafe {
+        ffi::fep_lca_dict_new(
+            ffi::FEP_DEVICE_CPU,
+            0,
+            null_mut(),
+            ffi::FEP_DTYPE_F32,
+            phi.as_ptr().cast(),
+            2,
+            2,
+            1,
+            &mut h,
+        )
+    };
+    assert_eq!(s, ffi::FEP_OK);
+    let mut words = [0u64; 2];
+    let odd = unsafe { words.as_mut_ptr().cast::<u8>().add(3) }.cast::<u64>();
+    let s = unsafe { ffi::fep_lca_dict_shape(h, odd, null_mut()) };
+    assert_eq!(s, ffi::FEP_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("`n`"), "{}", last_error());
+    assert_eq!(words, [0, 0]);
+    let params = [0u8; 64];
+    let x = [0.5f32, 0.5];
+    let mut u = [0f32; 2];
+    let mut a = [0f32; 2];
+    let s = unsafe {
+        ffi::fep_lca_solve(
+            h,
+            null_mut(),
+            ffi::FEP_DTYPE_F32,
+            x.as_ptr().cast(),
+            1,
+            params.as_ptr().add(1).cast(),
+            null(),
+            u.as_mut_ptr(),
+            a.as_mut_ptr(),
+            null_mut(),
+            null_mut(),
+            null_mut(),
+        )
+    };
+    assert_eq!(s, ffi::FEP_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("`params`"), "{}", last_error());
+    unsafe { ffi::fep_lca_dict_free(h) };
     assert_eq!(garbage, [0u64; 64]);
     let fake = garbage.as_ptr() as *mut ffi::FepVmpModel;
     unsafe { ffi::fep_vmp_model_free(fake) };

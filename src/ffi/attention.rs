@@ -3,7 +3,9 @@
 
 use std::ffi::c_void;
 
-use super::{guard, non_null, open_device, product, raw_stream, raw_view, raw_view_mut, usize_of};
+use super::{
+    guard, non_null, open_device, product, raw_stream, raw_view, raw_view_mut, read_arg, usize_of,
+};
 use crate::attention::{
     self, AttentionOutputs, AttentionSpec, BackwardInputs, Gradients, MergeParts, Precisions,
     Score, Tensor4, Tensor4Mut,
@@ -126,8 +128,7 @@ struct AttnDesc {
 }
 
 unsafe fn attn_desc(name: &str, t: *const FepAttnTensor) -> Result<AttnDesc> {
-    non_null(name, t)?;
-    let t = unsafe { *t };
+    let t = unsafe { read_arg(name, t)? };
     non_null(&format!("{name}.data"), t.data)?;
     let mut shape = [0usize; 4];
     for (i, &s) in t.shape.iter().enumerate() {
@@ -213,8 +214,7 @@ pub unsafe extern "C" fn fep_attention_forward(
     e: *mut f32,
 ) -> i32 {
     guard(|| {
-        non_null("params", params)?;
-        let spec = attention_spec(unsafe { &*params })?;
+        let spec = attention_spec(&unsafe { read_arg("params", params)? })?;
         let (q, k, v, o) = unsafe {
             (
                 attn_desc("q", q)?,
@@ -308,8 +308,7 @@ pub unsafe extern "C" fn fep_attention_backward(
     dnu: *mut f32,
 ) -> i32 {
     guard(|| {
-        non_null("params", params)?;
-        let spec = attention_spec(unsafe { &*params })?;
+        let spec = attention_spec(&unsafe { read_arg("params", params)? })?;
         let (q, k, v, o, d_o, dq, dk, dv) = unsafe {
             (
                 attn_desc("q", q)?,

@@ -4,8 +4,8 @@
 use std::ffi::c_void;
 
 use super::{
-    Tagged, free_handle, guard, handle_mut, handle_ref, new_handle, non_null, open_device, product,
-    raw_stream, raw_view, raw_view_mut, usize_of,
+    Tagged, aligned, free_handle, guard, handle_mut, handle_ref, new_handle, non_null, open_device,
+    product, raw_stream, raw_view, raw_view_mut, read_arg, usize_of, write_out,
 };
 use crate::backend::{Stream, View};
 use crate::element::Element;
@@ -69,6 +69,7 @@ pub unsafe extern "C" fn fep_lca_dict_new(
 ) -> i32 {
     guard(|| {
         non_null("out", out)?;
+        aligned::<*mut u8>("out", out as u64)?;
         non_null("phi", phi)?;
         let device = open_device(kind, ordinal)?;
         let (n, m) = (usize_of("n", n)?, usize_of("m", m)?);
@@ -89,8 +90,7 @@ pub unsafe extern "C" fn fep_lca_dict_new(
                     dict,
                 },
             )
-        };
-        Ok(())
+        }
     })
 }
 
@@ -113,14 +113,9 @@ pub unsafe extern "C" fn fep_lca_dict_shape(
     guard(|| {
         let d = unsafe { &handle_ref("dict", dict)?.dict };
         unsafe {
-            if !n.is_null() {
-                *n = d.n() as u64;
-            }
-            if !m.is_null() {
-                *m = d.m() as u64;
-            }
+            write_out("n", n, d.n() as u64)?;
+            write_out("m", m, d.m() as u64)
         }
-        Ok(())
     })
 }
 
@@ -161,11 +156,10 @@ pub unsafe extern "C" fn fep_lca_solve(
 ) -> i32 {
     guard(|| {
         let d = unsafe { &handle_ref("dict", dict)?.dict };
-        non_null("params", params)?;
+        let p = unsafe { read_arg("params", params)? };
         non_null("x", x)?;
         non_null("u_out", u_out)?;
         non_null("a_out", a_out)?;
-        let p = unsafe { *params };
         let spec = LcaSpec {
             threshold: Threshold::from_code(p.threshold)?,
             lambda: p.lambda,

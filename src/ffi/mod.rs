@@ -223,6 +223,22 @@ fn product(name: &str, a: usize, b: usize) -> Result<usize> {
     })
 }
 
+/// A copy of the struct at `p`, or an error naming it when it is NULL or misaligned.
+unsafe fn read_arg<T: Copy>(name: &str, p: *const T) -> Result<T> {
+    non_null(name, p)?;
+    aligned::<T>(name, p as u64)?;
+    Ok(unsafe { *p })
+}
+
+/// Writes `value` through an optional out-pointer (NULL: skipped), checked aligned first.
+unsafe fn write_out<T>(name: &str, p: *mut T, value: T) -> Result<()> {
+    if !p.is_null() {
+        aligned::<T>(name, p as u64)?;
+        unsafe { p.write(value) };
+    }
+    Ok(())
+}
+
 /// `len` entries of a C array, or an error naming it when it is NULL.
 unsafe fn slice_of<'a, T>(name: &str, p: *const T, len: usize) -> Result<&'a [T]> {
     non_null(name, p)?;
@@ -331,9 +347,13 @@ unsafe fn check_tag<T: Tagged>(name: &str, handle: *const T) -> Result<()> {
     Ok(())
 }
 
-/// Stores a new handle owning `value` at `*out` (checked non-NULL by the caller).
-unsafe fn new_handle<T: Tagged>(out: *mut *mut T, value: T) {
+/// Stores a new handle owning `value` at `*out` (`Err`, dropping `value`, when `out` is NULL or
+/// misaligned).
+unsafe fn new_handle<T: Tagged>(out: *mut *mut T, value: T) -> Result<()> {
+    non_null("out", out)?;
+    aligned::<*mut T>("out", out as u64)?;
     unsafe { *out = Box::into_raw(Box::new(value)) };
+    Ok(())
 }
 
 /// Frees a handle made by [`new_handle`]; NULL is a no-op, a pointer that is not a live handle

@@ -5,8 +5,8 @@
 use std::ffi::c_void;
 
 use super::{
-    aligned, guard, non_null, open_device, product, raw_stream, raw_view, raw_view_mut, slice_of,
-    usize_of,
+    aligned, guard, non_null, open_device, product, raw_stream, raw_view, raw_view_mut, read_arg,
+    slice_of, usize_of,
 };
 use crate::backend::{Device, Stream, View};
 use crate::element::Element;
@@ -260,10 +260,8 @@ unsafe fn settle_call(
     batch: u64,
     x0: *const f32,
 ) -> Result<SettleCall> {
-    non_null("net", net)?;
-    non_null("params", params)?;
+    let (net, p) = unsafe { (read_arg("net", net)?, read_arg("params", params)?) };
     non_null("x0", x0)?;
-    let (net, p) = unsafe { (*net, *params) };
     Ok(SettleCall {
         dev: open_device(kind, ordinal)?,
         widths: unsafe { net_widths(&net)? },
@@ -345,8 +343,14 @@ pub unsafe extern "C" fn fep_settle_infer(
 /// One learning step: settles with x_L clamped to target (f32, batch x n_L), then writes the
 /// gradients of the settled energy, grad_w[l-1] = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T
 /// (f32, n_l x n_{l-1}) and grad_b[l-1] (f32, n_l), both required. lr > 0 then applies
-/// W_l -= lr grad_w, b_l -= lr grad_b in place (lr = 0: gradients only). Outputs as for
-/// fep_settle_infer (x_out[L-1] receives the target).
+/// W_l -= lr grad_w, b_l -= lr grad_b in place (lr = 0: gradients only), all or nothing: the
+/// weights and biases must not share memory, and an update that would write a NaN or infinity
+/// writes no parameter. Outputs as for fep_settle_infer (x_out[L-1] receives the target).
+/// Divergence: on the CPU, a settle that diverges returns FEP_ERR_DIVERGED with nothing written;
+/// an update that alone would overflow (lr too large) returns FEP_ERR_DIVERGED after the
+/// outputs and gradients are written, the parameters untouched. On a GPU nothing waits: a
+/// diverged settle shows as a non-finite energy_out, and the update is skipped on the device
+/// whenever a gradient or a new parameter is not finite.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_settle_learn(
     kind: i32,
@@ -408,6 +412,10 @@ pub unsafe extern "C" fn fep_settle_learn(
         let stream = raw_stream(stream);
         with_dtype!(c.net.dtype, T => {
             let network = unsafe { net_view::<T>(dev, &c.net, widths)? };
+            if lr > 0.0 {
+                // Updated in place: checked distinct before anything is written.
+                check_params_distinct(&network)?;
+            }
             settle::learn_step_into(&network, &c.spec, &x0, &target, out, grads, stream)?;
             if lr > 0.0 {
                 unsafe { apply_sgd::<T>(dev, &c.net, widths, gw, gb, lr, stream) }
@@ -416,6 +424,30 @@ pub unsafe extern "C" fn fep_settle_learn(
             }
         })
     })
+}
+
+/// `Err` when two of the weights and biases share memory (they are updated in place).
+fn check_params_distinct<T: Element>(net: &Network<'_, T>) -> Result<()> {
+    let el = std::mem::size_of::<T>();
+    let mut spans = Vec::new();
+    for (l, layer) in net.layers().iter().enumerate() {
+        let w = &layer.weight;
+        spans.push((
+            format!("net.weights[{l}]"),
+            w.addr(),
+            w.len().saturating_mul(el),
+        ));
+        if let Some(b) = &layer.bias {
+            spans.push((
+                format!("net.biases[{l}]"),
+                b.addr(),
+                b.len().saturating_mul(el),
+            ));
+        }
+    }
+    let spans: Vec<(&str, u64, usize)> =
+        spans.iter().map(|(n, a, b)| (n.as_str(), *a, *b)).collect();
+    crate::tensor::check_no_overlap(&[], &spans)
 }
 
 /// W_l -= lr grad_w[l] and b_l -= lr grad_b[l] (where the layer has a bias), in place, all or

@@ -5,8 +5,8 @@
 use std::ffi::c_void;
 
 use super::{
-    Tagged, free_handle, guard, handle_mut, handle_ref, new_handle, non_null, open_device, product,
-    raw_stream, raw_view, raw_view_mut, slice_of, usize_of,
+    Tagged, aligned, free_handle, guard, handle_mut, handle_ref, new_handle, non_null, open_device,
+    product, raw_stream, raw_view, raw_view_mut, read_arg, slice_of, usize_of, write_out,
 };
 use crate::backend::{Stream, View, ViewMut};
 use crate::error::{Error, Result};
@@ -337,8 +337,8 @@ pub unsafe extern "C" fn fep_vmp_model_new(
 ) -> i32 {
     guard(|| {
         non_null("out", out)?;
-        non_null("desc", desc)?;
-        let spec = unsafe { model_spec(&*desc)? };
+        aligned::<*mut u8>("out", out as u64)?;
+        let spec = unsafe { model_spec(&read_arg("desc", desc)?)? };
         let device = open_device(kind, ordinal)?;
         // The model's own checks name ModelSpec's fields: the C caller knows them as desc.*.
         let model = Model::new(&device, &spec).map_err(|e| match e {
@@ -356,8 +356,7 @@ pub unsafe extern "C" fn fep_vmp_model_new(
                     model,
                 },
             )
-        };
-        Ok(())
+        }
     })
 }
 
@@ -398,9 +397,7 @@ pub unsafe extern "C" fn fep_vmp_model_info(
             (num_policies, m.num_policies()),
             (policy_len, m.policy_len()),
         ] {
-            if !p.is_null() {
-                unsafe { *p = v as u64 };
-            }
+            unsafe { write_out("info", p, v as u64)? };
         }
         Ok(())
     })
@@ -471,14 +468,14 @@ unsafe fn vmp_call<'m, P: Copy>(
     stream: *mut c_void,
 ) -> Result<VmpCall<'m, P>> {
     let model = unsafe { vmp_model(model)? };
-    non_null("params", params)?;
+    let params = unsafe { read_arg("params", params)? };
     let n = usize_of("n", n)?;
     if n == 0 {
         return Err(Error::invalid("n", "is 0 (a batch has at least one agent)"));
     }
     Ok(VmpCall {
         model,
-        params: unsafe { *params },
+        params,
         n,
         stream: raw_stream(stream),
     })
