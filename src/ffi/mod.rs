@@ -427,6 +427,7 @@ pub unsafe extern "C" fn fep_device_name(
     guard(|| {
         non_null("buf", buf)?;
         let len = usize_of("len", len)?;
+        addressable::<c_char>("buf", buf as u64, len)?;
         if len == 0 {
             return Err(Error::invalid(
                 "len",

@@ -185,17 +185,32 @@ unsafe fn host_tensors(
     let mut out = Vec::with_capacity(lens.len());
     for (i, (&p, &len)) in ptrs.iter().zip(lens).enumerate() {
         out.push(match (p.is_null(), fill) {
-            (true, Some(fill)) => vec![fill(len); len],
+            // A missing tensor is filled here: sized by a count, so fallibly.
+            (true, Some(fill)) => crate::alloc::filled(len, fill(len), || {
+                format!("the default {name}[{i}] of {len} entries")
+            })?,
             _ => unsafe { slice_of(&format!("{name}[{i}]"), p, len)? }.to_vec(),
         });
     }
     Ok(Some(out))
 }
 
-/// `len` sizes from a `uint64_t` array.
+/// `len` sizes from a `uint64_t` array, each in 1..=2^31-1 (the model's limit, checked here
+/// before any table is sized by them).
 unsafe fn host_sizes(name: &str, p: *const u64, len: usize) -> Result<Vec<usize>> {
     let v = unsafe { slice_of(name, p, len)? };
-    v.iter().map(|&x| usize_of(name, x)).collect()
+    v.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if x == 0 || x > i32::MAX as u64 {
+                return Err(Error::invalid(
+                    name,
+                    format!("entry {i} is {x} (must be in 1..=2^31-1)"),
+                ));
+            }
+            Ok(x as usize)
+        })
+        .collect()
 }
 
 /// The product of `dims`, or an error naming `name` when it overflows.
@@ -235,7 +250,12 @@ unsafe fn model_spec(d: &FepVmpModelDesc) -> Result<ModelSpec> {
             ),
         ));
     }
-    let flat = unsafe { host_sizes("desc.a_deps", d.a_deps, dep_counts.iter().sum())? };
+    // Factor indices (0-based; range-checked against F below), not sizes.
+    let flat = unsafe { slice_of("desc.a_deps", d.a_deps, dep_counts.iter().sum())? };
+    let flat = flat
+        .iter()
+        .map(|&x| usize_of("desc.a_deps", x))
+        .collect::<Result<Vec<_>>>()?;
     let mut a_deps = Vec::with_capacity(m_count);
     let mut a_lens = Vec::with_capacity(m_count);
     let mut rest = flat.as_slice();
