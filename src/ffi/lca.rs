@@ -112,6 +112,9 @@ pub unsafe extern "C" fn fep_lca_dict_shape(
 ) -> i32 {
     guard(|| {
         let d = unsafe { &handle_ref("dict", dict)?.dict };
+        // Both checked before either is written.
+        aligned::<u64>("n", n as u64)?;
+        aligned::<u64>("m", m as u64)?;
         unsafe {
             write_out("n", n, d.n() as u64)?;
             write_out("m", m, d.m() as u64)

@@ -409,15 +409,20 @@ pub unsafe extern "C" fn fep_vmp_model_info(
 ) -> i32 {
     guard(|| {
         let m = unsafe { vmp_model(model)? };
-        for (p, v) in [
-            (num_factors, m.num_states().len()),
-            (num_modalities, m.num_obs().len()),
-            (belief_len, m.belief_len()),
-            (obs_len, m.obs_len()),
-            (num_policies, m.num_policies()),
-            (policy_len, m.policy_len()),
-        ] {
-            unsafe { write_out("info", p, v as u64)? };
+        let outs = [
+            ("num_factors", num_factors, m.num_states().len()),
+            ("num_modalities", num_modalities, m.num_obs().len()),
+            ("belief_len", belief_len, m.belief_len()),
+            ("obs_len", obs_len, m.obs_len()),
+            ("num_policies", num_policies, m.num_policies()),
+            ("policy_len", policy_len, m.policy_len()),
+        ];
+        // Every pointer checked before any is written.
+        for (name, p, _) in outs {
+            aligned::<u64>(name, p as u64)?;
+        }
+        for (name, p, v) in outs {
+            unsafe { write_out(name, p, v as u64)? };
         }
         Ok(())
     })
