@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# ci/fuzz.sh: the C ABI fuzz run. Builds every cargo-fuzz target in fuzz/ (one per C ABI entry
+# point or handle family: attention forward/backward/merge, settle infer/learn, LCA dictionary
+# new-shape-phi-free / solve / learn, VMP model new-info-counts-free / infer_states /
+# infer_sequence / infer_policies / learn, device and library queries) with AddressSanitizer,
+# then runs each, on the CPU backend, from its committed seed corpus (fuzz/corpus/<target>) for
+# an equal share of FEP_FUZZ_SECONDS (default 60) seconds in all. Prints the number of runs of
+# each target; exits non-zero when any target crashes: a panic (libfuzzer-sys's hook aborts
+# even on one the entry point would catch), an ASan report (out-of-bounds, use after free), an
+# oracle failure (FEP_ERR_INTERNAL, an undocumented status, an output written on failure, an
+# overlap accepted; see fuzz/src/lib.rs), a timeout (-timeout, 10 s per input) or running out of
+# memory (-rss_limit_mb; a single huge allocation is left to the library's fallible path, which
+# must turn it into FEP_ERR_OUT_OF_MEMORY).
+#
+# Stable toolchain: cargo-fuzz passes -Zsanitizer=address, which stable rustc refuses ("the
+# option `Z` is only accepted on the nightly compiler"). RUSTC_BOOTSTRAP=1 lets the stable
+# compiler accept it (its ASan runtime ships with the stable x86_64-linux standard library);
+# no nightly toolchain is needed. (`-s none` builds without it, but misses out-of-bounds reads.)
+#
+# Reproducing a crash (its input is written to fuzz/artifacts/<target>/crash-*):
+#   export RUSTC_BOOTSTRAP=1 ASAN_OPTIONS=allocator_may_return_null=1
+#   cargo fuzz run <target> fuzz/artifacts/<target>/crash-<hash>
+#   FEP_FUZZ_TRACE=1 cargo fuzz run <target> <artifact>   # also prints the call it makes
+#   cargo fuzz fmt <target> <artifact>                    # the decoded fuzz input
+# and once it is fixed, keep it: copy the artifact into fuzz/corpus/<target>/ so every run
+# replays it. Longer runs of one target: RUSTC_BOOTSTRAP=1 cargo fuzz run <target> --
+# -max_total_time=600. FEP_FUZZ_SKIP=misaligned,alias turns those pointer choices off (to look
+# past a known finding; CI sets neither).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export RUSTC_BOOTSTRAP=1
+# A failed allocation returns NULL, as in production, so the library's fallible allocation path
+# (an OutOfMemory error) is what gets tested; an infallible one still aborts and is reported.
+export ASAN_OPTIONS="allocator_may_return_null=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+total=${FEP_FUZZ_SECONDS:-60}
+start=$SECONDS
+
+echo "=== building the fuzz targets (cargo fuzz build, AddressSanitizer, release + debug assertions)"
+cargo fuzz build
+mapfile -t targets < <(cargo fuzz list)
+per=$((total / ${#targets[@]}))
+((per >= 1)) || per=1
+echo "=== built in $((SECONDS - start)) s; ${#targets[@]} targets, ${per} s each"
+
+# New inputs go to a scratch corpus; the committed one is only read.
+scratch=$(mktemp -d)
+logs=fuzz/target/ci-logs
+mkdir -p "$logs"
+trap 'rm -rf "$scratch"' EXIT
+failed=()
+for t in "${targets[@]}"; do
+  mkdir -p "$scratch/$t" "fuzz/corpus/$t"
+  log="$logs/$t.log"
+  if cargo fuzz run "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
+      -max_total_time="$per" -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=$((1 << 30)) \
+      -print_final_stats=1 >"$log" 2>&1; then
+    status=ok
+  else
+    status=FAILED
+    failed+=("$t")
+  fi
+  runs=$(sed -n 's/^Done \([0-9]*\) runs in .*/\1/p' "$log" | tail -1)
+  [[ -n $runs ]] || runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  printf '%-22s %-6s %10s runs\n' "$t" "$status" "${runs:-?}"
+  if [[ $status == FAILED ]]; then
+    # The call, the panic or ASan report, and the artifact.
+    grep -v -E '^\s+#[0-9]+ 0x|^\s+at |^\s+[0-9]+: ' "$log" \
+      | grep -E -A40 'the call being made|panicked at|ERROR: (AddressSanitizer|libFuzzer)' | head -80 || true
+    grep -E 'Test unit written to|Failing input' -A2 "$log" | head -6 || true
+  fi
+done
+
+echo "=== fuzzing done in $((SECONDS - start)) s (logs: $logs)"
+if ((${#failed[@]})); then
+  echo "crashed: ${failed[*]} (reproduce: see the header of ci/fuzz.sh)"
+  exit 1
+fi

@@ -1,0 +1,180 @@
+//! fep_attention_backward on the CPU: fuzzed params, dtype, shapes, strides and pointers of
+//! the inputs (q, k, v, precisions, kv_len, o, lse, d_o, e, d_e) and the gradients.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use fep_kernels_fuzz::*;
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Arbitrary, Debug)]
+pub struct Params {
+    score: Code,
+    nu: Real,
+    scale: Real,
+    causal: Flag,
+    window: Code,
+    normalizer: Flag,
+    skip_input_checks: Flag,
+}
+
+impl Params {
+    fn get(&self) -> ffi::FepAttentionParams {
+        ffi::FepAttentionParams {
+            score: self.score.get(4),
+            nu: self.nu.get_f32(0.5, 10.0),
+            scale: self.scale.get(-0.5, 2.0),
+            causal: self.causal.get(),
+            window: self.window.get(5),
+            normalizer: self.normalizer.get(),
+            skip_input_checks: self.skip_input_checks.get(),
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    device: Device,
+    params: Nullable<Params>,
+    dtype: DType,
+    shape: AttnShape,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    d_o: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    pi_head: Ptr,
+    pi_key: Ptr,
+    kv_len: Ptr,
+    lse: Ptr,
+    e: Ptr,
+    d_e: Ptr,
+    dpi_head: Ptr,
+    dpi_key: Ptr,
+    dnu: Ptr,
+    values: Values,
+}
+
+fuzz_target!(|input: Input| {
+    let s = input.shape.get();
+    let ty = input.dtype.ty();
+    let mut c = Call::new("fep_attention_backward", input.values);
+    let unit = Fill::Range(-1.0, 1.0);
+    let (qs, ks, vs, os) = (
+        [s.b, s.hq, s.lq, s.d],
+        [s.b, s.hkv, s.lk, s.d],
+        [s.b, s.hkv, s.lk, s.dv],
+        [s.b, s.hq, s.lq, s.dv],
+    );
+    let mut ts = [
+        AttnArg::new(&mut c, "q", &input.q, qs, ty, Role::In, unit),
+        AttnArg::new(&mut c, "k", &input.k, ks, ty, Role::In, unit),
+        AttnArg::new(&mut c, "v", &input.v, vs, ty, Role::In, unit),
+        AttnArg::new(&mut c, "o", &input.o, os, ty, Role::In, unit),
+        AttnArg::new(&mut c, "d_o", &input.d_o, os, ty, Role::In, unit),
+        AttnArg::new(&mut c, "dq", &input.dq, qs, ty, Role::Out, SENTINEL),
+        AttnArg::new(&mut c, "dk", &input.dk, ks, ty, Role::Out, SENTINEL),
+        AttnArg::new(&mut c, "dv", &input.dv, vs, ty, Role::Out, SENTINEL),
+    ];
+    // The other lengths follow from q's and k's shapes, as the C ABI documents.
+    let [qb, qh, ql, _] = ts[0].shape();
+    let [kb, kh, kl, _] = ts[1].shape();
+    let rows = elems(&[qb, qh, ql]);
+    let keys = elems(&[kb, kh, kl]);
+    let heads = elems(&[qh]);
+    let pos = Fill::Range(0.25, 2.0);
+    let pi_head = c.buf("pi_head", Ty::F32, Role::In, heads, input.pi_head, pos);
+    let pi_key = c.buf("pi_key", Ty::F32, Role::In, keys, input.pi_key, pos);
+    let lk = s.lk.min(1 << 20) as f64;
+    let kv_len = c.buf(
+        "kv_len",
+        Ty::I32,
+        Role::In,
+        elems(&[qb]),
+        input.kv_len,
+        Fill::Range(0.0, lk),
+    );
+    let lse = c.buf(
+        "lse",
+        Ty::F32,
+        Role::In,
+        rows,
+        input.lse,
+        Fill::Range(-2.0, 2.0),
+    );
+    let e = c.buf("e", Ty::F32, Role::In, rows, input.e, pos);
+    let d_e = c.buf("d_e", Ty::F32, Role::In, rows, input.d_e, unit);
+    let dpi_head = c.buf(
+        "dpi_head",
+        Ty::F32,
+        Role::Out,
+        heads,
+        input.dpi_head,
+        SENTINEL,
+    );
+    let dpi_key = c.buf("dpi_key", Ty::F32, Role::Out, keys, input.dpi_key, SENTINEL);
+    let dnu = c.buf("dnu", Ty::F32, Role::Out, Some(1), input.dnu, SENTINEL);
+    // Work: the forward and the backward, every (row, key) pair over the largest dims claimed.
+    let dims = ts.each_ref().map(|t| t.shape());
+    let max = |i: usize| dims.iter().map(|d| d[i]).max().unwrap();
+    let (b, h, l, d) = (max(0), max(1), max(2), max(3));
+    c.work(elems(&[b, h, l, l, d, 6]));
+    if !c.alloc() {
+        return;
+    }
+    for t in ts.iter_mut() {
+        t.bind(&c);
+    }
+    let params = input.params.as_ref().map(Params::get);
+    let pp = params.as_ref().map_or(std::ptr::null(), |p| p as *const _);
+    let (kind, ordinal) = input.device.get();
+    c.note(format!(
+        "kind {kind}, ordinal {ordinal}, dtype {}, params {params:?}",
+        input.dtype.code()
+    ));
+    for (n, t) in ["q", "k", "v", "o", "d_o", "dq", "dk", "dv"]
+        .iter()
+        .zip(&ts)
+    {
+        c.note(format!(
+            "{n}: {:?}{}",
+            t.desc,
+            if t.null {
+                " (the description is NULL)"
+            } else {
+                ""
+            }
+        ));
+    }
+    c.ready();
+    let [q, k, v, o, d_o, dq, dk, dv] = ts.each_ref().map(|t| t.as_ptr());
+    let status = unsafe {
+        ffi::fep_attention_backward(
+            kind,
+            ordinal,
+            std::ptr::null_mut(),
+            pp,
+            input.dtype.code(),
+            q,
+            k,
+            v,
+            c.ptr(pi_head),
+            c.ptr(pi_key),
+            c.ptr(kv_len),
+            o,
+            c.ptr(lse),
+            d_o,
+            c.ptr(e),
+            c.ptr(d_e),
+            dq,
+            dk,
+            dv,
+            c.ptr(dpi_head),
+            c.ptr(dpi_key),
+            c.ptr(dnu),
+        )
+    };
+    c.check(status);
+});
