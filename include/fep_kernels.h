@@ -512,6 +512,8 @@ int32_t fep_lca_dict_phi(const struct FepLcaDict *dict, void *stream, float *phi
 /// at 0). Writes u and a (batch x m f32). Optional outputs (NULL to skip): energy and active
 /// (batch x steps, f32 and uint32: per sample per step, after the step's update; a sample that
 /// stopped early repeats its last values), steps_out (batch, uint32: the steps each sample ran).
+/// Outputs may not overlap each other or x; u0 may be u_out itself (warm start in place) but
+/// may not overlap it otherwise.
 int32_t fep_lca_solve(const struct FepLcaDict *dict,
                       void *stream,
                       int32_t dtype,

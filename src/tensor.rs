@@ -50,3 +50,8 @@ pub(crate) fn check_no_overlap(
     }
     Ok(())
 }
+
+/// Spans with owned names as the borrowed spans [`check_no_overlap`] takes.
+pub(crate) fn borrowed(v: &[(String, u64, usize)]) -> Vec<(&str, u64, usize)> {
+    v.iter().map(|(n, a, b)| (n.as_str(), *a, *b)).collect()
+}

@@ -142,6 +142,8 @@ pub unsafe extern "C" fn fep_lca_dict_phi(
 /// at 0). Writes u and a (batch x m f32). Optional outputs (NULL to skip): energy and active
 /// (batch x steps, f32 and uint32: per sample per step, after the step's update; a sample that
 /// stopped early repeats its last values), steps_out (batch, uint32: the steps each sample ran).
+/// Outputs may not overlap each other or x; u0 may be u_out itself (warm start in place) but
+/// may not overlap it otherwise.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_lca_solve(
     dict: *const FepLcaDict,

@@ -414,7 +414,7 @@ pub unsafe extern "C" fn fep_settle_learn(
             let network = unsafe { net_view::<T>(dev, &c.net, widths)? };
             if lr > 0.0 {
                 // Updated in place: checked distinct before anything is written.
-                check_params_distinct(&network)?;
+                check_params_distinct(&network, &x0, &target)?;
             }
             settle::learn_step_into(&network, &c.spec, &x0, &target, out, grads, stream)?;
             if lr > 0.0 {
@@ -426,28 +426,45 @@ pub unsafe extern "C" fn fep_settle_learn(
     })
 }
 
-/// `Err` when two of the weights and biases share memory (they are updated in place).
-fn check_params_distinct<T: Element>(net: &Network<'_, T>) -> Result<()> {
+/// `Err` when a weight or bias (updated in place) shares memory with another one or with an
+/// input the step reads (x0, the target, a diagonal precision); the settle itself checks its
+/// outputs against all of them.
+fn check_params_distinct<T: Element>(
+    net: &Network<'_, T>,
+    x0: &View<'_, f32>,
+    target: &View<'_, f32>,
+) -> Result<()> {
     let el = std::mem::size_of::<T>();
-    let mut spans = Vec::new();
+    let mut params = Vec::new();
+    let mut ins = vec![
+        ("x0".to_string(), x0.addr(), x0.len().saturating_mul(4)),
+        (
+            "target".to_string(),
+            target.addr(),
+            target.len().saturating_mul(4),
+        ),
+    ];
     for (l, layer) in net.layers().iter().enumerate() {
         let w = &layer.weight;
-        spans.push((
+        params.push((
             format!("net.weights[{l}]"),
             w.addr(),
             w.len().saturating_mul(el),
         ));
         if let Some(b) = &layer.bias {
-            spans.push((
+            params.push((
                 format!("net.biases[{l}]"),
                 b.addr(),
                 b.len().saturating_mul(el),
             ));
         }
+        if let Precision::Diagonal(p) = &layer.precision {
+            let name = format!("net.precision_diag[{l}]");
+            ins.push((name, p.addr(), p.len().saturating_mul(4)));
+        }
     }
-    let spans: Vec<(&str, u64, usize)> =
-        spans.iter().map(|(n, a, b)| (n.as_str(), *a, *b)).collect();
-    crate::tensor::check_no_overlap(&[], &spans)
+    use crate::tensor::{borrowed, check_no_overlap};
+    check_no_overlap(&borrowed(&ins), &borrowed(&params))
 }
 
 /// W_l -= lr grad_w[l] and b_l -= lr grad_b[l] (where the layer has a bias), in place, all or

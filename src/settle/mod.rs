@@ -820,11 +820,6 @@ pub fn learn_step<T: Element>(
     })
 }
 
-/// Spans with owned names as the borrowed spans of [`crate::tensor::check_no_overlap`].
-fn named(v: &[(String, u64, usize)]) -> Vec<(&str, u64, usize)> {
-    v.iter().map(|(n, a, b)| (n.as_str(), *a, *b)).collect()
-}
-
 /// Plain SGD on one parameter tensor: p ← p − lr · grad (grad in f32, p in its own dtype,
 /// rounded once). Enqueued on `stream`. All or nothing, as [`sgd_all`]: an update that would
 /// write a non-finite value writes nothing (on the CPU it is an [`Error::Diverged`]). Errors:
@@ -895,7 +890,10 @@ pub fn sgd_all<T: Element>(
         check_len("status", s.len(), 1)?;
         outs.push(("status".into(), s.addr, 4));
     }
-    crate::tensor::check_no_overlap(&named(&ins), &named(&outs))?;
+    crate::tensor::check_no_overlap(
+        &crate::tensor::borrowed(&ins),
+        &crate::tensor::borrowed(&outs),
+    )?;
     if !dev.is_gpu() {
         let mut ps: Vec<&mut [T]> = params.iter_mut().map(|p| p.host_slice_mut()).collect();
         let gs: Vec<&[f32]> = grads.iter().map(|g| g.host_slice()).collect();
