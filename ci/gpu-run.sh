@@ -464,7 +464,8 @@ for f in "$B"/tests/*; do
   case "$t" in
     mma_gpu | attention_gpu | attention_backward_gpu | attention_decode | lca_gpu | settle_gpu | vmp_gpu | attention_ffi | settle_ffi | vmp_ffi) ;;
     # CPU-only (candle_ops: candle's CPU storage; no tests at all without its feature)
-    *_cpu | ffi_header | resources | settle_digits | census | candle_ops) CPU_TESTS+=("$t") ;;
+    # bad_input*: the CPU's bad-input probes and property tests (README's matrix from the repo)
+    *_cpu | ffi_header | resources | settle_digits | census | candle_ops | bad_input | bad_input_matrix) CPU_TESTS+=("$t") ;;
     *) add "tests.$t" 90 0 "$f" "$f --color never --show-output $threads"; TESTS+=("tests.$t") ;;
   esac
 done
