@@ -7,34 +7,9 @@ use fep_kernels_fuzz::*;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
-pub struct Params {
-    score: Code,
-    nu: Real,
-    scale: Real,
-    causal: Flag,
-    window: Code,
-    normalizer: Flag,
-    skip_input_checks: Flag,
-}
-
-impl Params {
-    fn get(&self) -> ffi::FepAttentionParams {
-        ffi::FepAttentionParams {
-            score: self.score.get(4),
-            nu: self.nu.get_f32(0.5, 10.0),
-            scale: self.scale.get(-0.5, 2.0),
-            causal: self.causal.get(),
-            window: self.window.get(5),
-            normalizer: self.normalizer.get(),
-            skip_input_checks: self.skip_input_checks.get(),
-        }
-    }
-}
-
-#[derive(Arbitrary, Debug)]
 struct Input {
     device: Device,
-    params: Nullable<Params>,
+    params: Nullable<AttnParams>,
     dtype: DType,
     shape: AttnShape,
     q: Tensor,
@@ -127,7 +102,7 @@ fuzz_target!(|input: Input| {
     for t in ts.iter_mut() {
         t.bind(&c);
     }
-    let params = input.params.as_ref().map(Params::get);
+    let params = input.params.as_ref().map(AttnParams::get);
     let pp = params.as_ref().map_or(std::ptr::null(), |p| p as *const _);
     let (kind, ordinal) = input.device.get();
     c.note(format!(

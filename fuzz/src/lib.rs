@@ -1296,3 +1296,29 @@ pub fn shared_model() -> *mut ffi::FepVmpModel {
     })
     .0 as *mut _
 }
+
+/// The fuzzed FepAttentionParams of the attention targets (forward and backward).
+#[derive(Arbitrary, Debug)]
+pub struct AttnParams {
+    score: Code,
+    nu: Real,
+    scale: Real,
+    causal: Flag,
+    window: Code,
+    normalizer: Flag,
+    skip_input_checks: Flag,
+}
+
+impl AttnParams {
+    pub fn get(&self) -> ffi::FepAttentionParams {
+        ffi::FepAttentionParams {
+            score: self.score.get(4),
+            nu: self.nu.get_f32(0.5, 10.0),
+            scale: self.scale.get(-0.5, 2.0),
+            causal: self.causal.get(),
+            window: self.window.get(5),
+            normalizer: self.normalizer.get(),
+            skip_input_checks: self.skip_input_checks.get(),
+        }
+    }
+}
