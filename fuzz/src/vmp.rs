@@ -226,6 +226,10 @@ pub fn build(c: &mut Call, m: &ModelFuzz) -> Option<Desc> {
             }
         }
     }
+    // A NULL num_controls means one control per factor to the library, whatever was drawn.
+    if m.controls.is_some() && p.num_controls == Ptr::Null {
+        sz.u = vec![1; sz.u.len()];
+    }
     if let Some((pp, h)) = m.policies {
         sz.p = match pp {
             // All combinations, up to 8.
