@@ -4,7 +4,8 @@
 # new-shape-phi-free / solve / learn, VMP model new-info-counts-free / infer_states /
 # infer_sequence / infer_policies / learn, device and library queries) with AddressSanitizer,
 # then runs each, on the CPU backend, from its committed seed corpus (fuzz/corpus/<target>) for
-# an equal share of FEP_FUZZ_SECONDS (default 60) seconds in all. Prints the number of runs of
+# FEP_FUZZ_RUNS (default 3000) runs from the seed FEP_FUZZ_SEED (default 1), each capped at an
+# equal share of FEP_FUZZ_SECONDS (default 60) seconds. Prints the number of runs of
 # each target; exits non-zero when any target crashes: a panic (libfuzzer-sys's hook aborts
 # even on one the entry point would catch), an ASan report (out-of-bounds, use after free), an
 # oracle failure (FEP_ERR_INTERNAL, an undocumented status, an output written on failure, an
