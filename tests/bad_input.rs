@@ -59,6 +59,19 @@ fn a_gram_matrix_too_large_is_an_error_not_an_abort() {
     assert!(what.contains("Gram"), "{what}");
     assert_eq!(bytes, (m as u128) * (m as u128) * 8);
     // Through the C ABI: FEP_ERR_OUT_OF_MEMORY with the message, no handle.
+    let (status, handle) = c_dict_new(phi.as_ptr(), 1, m as u64, 0);
+    assert_eq!(status, ffi::FEP_ERR_OUT_OF_MEMORY, "{}", last_error());
+    assert!(handle.is_null());
+    assert!(last_error().contains("Gram"), "{}", last_error());
+}
+
+/// fep_lca_dict_new of an f32 `n` x `m` Φ on the CPU: (status, handle).
+fn c_dict_new(
+    phi: *const f32,
+    n: u64,
+    m: u64,
+    check_unit_norm: i32,
+) -> (i32, *mut ffi::FepLcaDict) {
     let mut handle = null_mut();
     let status = unsafe {
         ffi::fep_lca_dict_new(
@@ -66,16 +79,14 @@ fn a_gram_matrix_too_large_is_an_error_not_an_abort() {
             0,
             null_mut(),
             ffi::FEP_DTYPE_F32,
-            phi.as_ptr().cast(),
-            1,
-            m as u64,
-            0,
+            phi.cast(),
+            n,
+            m,
+            check_unit_norm,
             &mut handle,
         )
     };
-    assert_eq!(status, ffi::FEP_ERR_OUT_OF_MEMORY, "{}", last_error());
-    assert!(handle.is_null());
-    assert!(last_error().contains("Gram"), "{}", last_error());
+    (status, handle)
 }
 
 fn last_error() -> String {
@@ -217,20 +228,7 @@ fn lca_rejects_overlapping_outputs() {
     );
     assert!(buf[..4].iter().all(|&v| v == SENTINEL));
     // The same through the C ABI: u_out == a_out.
-    let mut handle = null_mut();
-    let st = unsafe {
-        ffi::fep_lca_dict_new(
-            ffi::FEP_DEVICE_CPU,
-            0,
-            null_mut(),
-            ffi::FEP_DTYPE_F32,
-            phi.as_ptr().cast(),
-            2,
-            2,
-            1,
-            &mut handle,
-        )
-    };
+    let (st, handle) = c_dict_new(phi.as_ptr(), 2, 2, 1);
     assert_eq!(st, ffi::FEP_OK);
     let params = ffi::FepLcaParams {
         threshold: 0,
@@ -626,20 +624,7 @@ proptest! {
 fn misaligned_pointers_and_garbage_handles_are_errors() {
     let words = [0u32; 9];
     let odd = unsafe { words.as_ptr().cast::<u8>().add(1) };
-    let mut handle = null_mut();
-    let status = unsafe {
-        ffi::fep_lca_dict_new(
-            ffi::FEP_DEVICE_CPU,
-            0,
-            null_mut(),
-            ffi::FEP_DTYPE_F32,
-            odd.cast(),
-            2,
-            2,
-            0,
-            &mut handle,
-        )
-    };
+    let (status, handle) = c_dict_new(odd.cast(), 2, 2, 0);
     assert_eq!(status, ffi::FEP_ERR_INVALID_ARGUMENT, "{}", last_error());
     assert!(
         last_error().contains("`phi`") && last_error().contains("aligned"),
@@ -661,20 +646,7 @@ fn misaligned_pointers_and_garbage_handles_are_errors() {
     unsafe { ffi::fep_lca_dict_free(fake) }; // left alone, no crash
     // A misaligned out-pointer (found by the lca_dict fuzz target) and a misaligned struct.
     let phi = [1.0f32, 0.0, 0.0, 1.0];
-    let mut h = null_mut();
-    let s = unsafe {
-        ffi::fep_lca_dict_new(
-            ffi::FEP_DEVICE_CPU,
-            0,
-            null_mut(),
-            ffi::FEP_DTYPE_F32,
-            phi.as_ptr().cast(),
-            2,
-            2,
-            1,
-            &mut h,
-        )
-    };
+    let (s, h) = c_dict_new(phi.as_ptr(), 2, 2, 1);
     assert_eq!(s, ffi::FEP_OK);
     let mut words = [0u64; 2];
     let odd = unsafe { words.as_mut_ptr().cast::<u8>().add(3) }.cast::<u64>();
