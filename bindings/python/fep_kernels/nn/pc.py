@@ -432,5 +432,5 @@ class PCNetwork(nn.Module):
             with torch.no_grad():
                 for p in params:
                     if p.grad is not None:
-                        p.sub_(lr * p.grad)
+                        p.add_(p.grad, alpha=-lr)
         return f.detach()
