@@ -8,7 +8,7 @@ use std::ffi::CStr;
 use std::ptr::{null, null_mut};
 
 use common::*;
-use fep_kernels::lca::{Dictionary, DictionaryOptions, LcaOutputs, LcaSpec, Threshold};
+use fep_kernels::lca::{Dictionary, DictionaryOptions, LcaOutputs, LcaSpec, Threshold, TolMode};
 use fep_kernels::{Device, Element, Error, View, ViewMut, bf16, f16};
 
 // ---------------------------------------------------------------------------------------------
@@ -1196,7 +1196,8 @@ fn bad_solve_arguments_are_rejected_and_leave_outputs_untouched() {
     for lambda in [0.0, -0.1, f32::NAN, f32::INFINITY] {
         run(&LcaSpec { lambda, ..good }, &x, None, lens, Some("lambda"));
     }
-    for eta in [0.0, -0.2, 1.0001, 1.5, f32::NAN, f32::INFINITY] {
+    // (η = 0 is not an error: it selects the automatic 1/λmax)
+    for eta in [-0.2, 1.0001, 1.5, f32::NAN, f32::INFINITY] {
         run(&good.eta(eta), &x, None, lens, Some("eta"));
     }
     run(
@@ -1457,6 +1458,8 @@ mod c_abi {
             eta: 0.2,
             steps,
             tol: 1e-6,
+            tol_mode: 0,
+            allow_tf32: 0,
         };
         let bm = batch * m;
         let bt = batch * steps as usize;
@@ -1916,5 +1919,443 @@ mod c_abi {
         assert_eq!(st, FEP_ERR_INVALID_ARGUMENT);
         // freeing NULL is a no-op
         unsafe { fep_lca_dict_free(null_mut()) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// λmax(ΦᵀΦ), the automatic step η = 1/λmax, the relative tolerance, allow_tf32
+// ---------------------------------------------------------------------------------------------
+
+/// Every eigenvalue of the symmetric `[m, m]` matrix `a` (cyclic Jacobi rotations, f64): the
+/// dense check of the power iteration.
+fn jacobi_eigenvalues(mut a: Vec<f64>, m: usize) -> Vec<f64> {
+    for _sweep in 0..100 {
+        let off: f64 = (0..m)
+            .flat_map(|i| (0..m).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i * m + j].powi(2))
+            .sum();
+        if off < 1e-30 {
+            break;
+        }
+        for p in 0..m {
+            for q in p + 1..m {
+                let apq = a[p * m + q];
+                if apq.abs() < 1e-300 {
+                    continue;
+                }
+                let theta = (a[q * m + q] - a[p * m + p]) / (2.0 * apq);
+                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let t = if theta == 0.0 { 1.0 } else { t };
+                let (c, s) = (1.0 / (t * t + 1.0).sqrt(), t / (t * t + 1.0).sqrt());
+                for k in 0..m {
+                    let (akp, akq) = (a[k * m + p], a[k * m + q]);
+                    a[k * m + p] = c * akp - s * akq;
+                    a[k * m + q] = s * akp + c * akq;
+                }
+                for k in 0..m {
+                    let (apk, aqk) = (a[p * m + k], a[q * m + k]);
+                    a[p * m + k] = c * apk - s * aqk;
+                    a[q * m + k] = s * apk + c * aqk;
+                }
+            }
+        }
+    }
+    (0..m).map(|i| a[i * m + i]).collect()
+}
+
+/// ΦᵀΦ in f64 from an f32 Φ.
+fn phi_t_phi(phi: &[f32], n: usize, m: usize) -> Vec<f64> {
+    let mut g = vec![0.0; m * m];
+    for i in 0..m {
+        for j in 0..m {
+            g[i * m + j] = (0..n)
+                .map(|r| phi[r * m + i] as f64 * phi[r * m + j] as f64)
+                .sum();
+        }
+    }
+    g
+}
+
+#[test]
+fn lambda_max_matches_a_dense_eigendecomposition() {
+    for (seed, n, m) in [
+        (1, 3, 2),
+        (2, 5, 8),
+        (3, 8, 5),
+        (4, 12, 12),
+        (5, 4, 16),
+        (6, 1, 7),
+    ] {
+        let phi = unit_dictionary(&mut rng(seed), n, m);
+        let d = dict(&phi, n, m);
+        let eig = jacobi_eigenvalues(phi_t_phi(&phi, n, m), m);
+        let want = eig.iter().cloned().fold(f64::MIN, f64::max);
+        let got = d.lambda_max().unwrap();
+        assert!(
+            (got - want).abs() <= 1e-6 * want,
+            "[{n}, {m}]: power iteration {got}, Jacobi {want} (all: {eig:?})"
+        );
+        assert!(
+            got >= 1.0 - 1e-9,
+            "unit-norm columns: lambda_max >= 1, got {got}"
+        );
+        // cached: the same value again; the automatic step is its inverse
+        assert_eq!(d.lambda_max().unwrap(), got);
+        assert_eq!(d.auto_eta().unwrap(), (1.0 / got).min(1.0) as f32);
+    }
+    // closed forms: orthonormal atoms (1), two atoms at cosine c (1 + |c|), one atom repeated
+    // m times (m), a 1 x m dictionary of ±1 (m)
+    let d = dict(&[1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], 3, 3);
+    assert!((d.lambda_max().unwrap() - 1.0).abs() < 1e-12);
+    assert_eq!(d.auto_eta().unwrap(), 1.0);
+    let (c, s) = (0.6f32, 0.8f32);
+    let d = dict(&[1.0f32, c, 0.0, s], 2, 2);
+    assert!((d.lambda_max().unwrap() - 1.6).abs() < 1e-7);
+    let col = [0.6f32, 0.8];
+    let rep: Vec<f32> = (0..2).flat_map(|i| [col[i]; 5]).collect();
+    let d = dict(&rep, 2, 5);
+    assert!((d.lambda_max().unwrap() - 5.0).abs() < 1e-6);
+    let d = dict(&[1.0f32, -1.0, 1.0, 1.0], 1, 4);
+    assert!((d.lambda_max().unwrap() - 4.0).abs() < 1e-9);
+    assert_eq!(d.auto_eta().unwrap(), 0.25);
+}
+
+#[test]
+fn lambda_max_is_recomputed_after_learning() {
+    let (n, m) = (6, 10);
+    let (phi, x) = problem(21, n, m, 4, 2, false);
+    let mut d = dict(&phi, n, m);
+    let before = d.lambda_max().unwrap();
+    let a = solve(&d, &LcaSpec::new(0.05).steps(50), &x, None).a;
+    d.learn(
+        &View::host(&x),
+        &View::host(&a),
+        0.5,
+        Device::cpu().default_stream(),
+    )
+    .unwrap();
+    let after = d.lambda_max().unwrap();
+    let fresh = dict(&d.phi().unwrap(), n, m).lambda_max().unwrap();
+    assert!((after - fresh).abs() <= 1e-6 * fresh, "{after} vs {fresh}");
+    assert!(
+        (after - before).abs() > 1e-9,
+        "the learning step did not change lambda_max?"
+    );
+}
+
+#[test]
+fn default_eta_is_automatic_and_explicit_eta_still_works() {
+    let spec = LcaSpec::new(0.1);
+    assert_eq!(spec.eta, LcaSpec::AUTO_ETA);
+    assert!(!spec.allow_tf32);
+    assert_eq!(spec.tol_mode, TolMode::Absolute);
+    let (n, m) = (8, 12);
+    let (phi, x) = problem(31, n, m, 2, 2, false);
+    let d = dict(&phi, n, m);
+    // eta(0) and the default are the same as an explicit eta = auto_eta()
+    let eta = d.auto_eta().unwrap();
+    let auto = solve(&d, &spec.steps(40).trace(true), &x, None);
+    let explicit = solve(&d, &spec.steps(40).trace(true).eta(eta), &x, None);
+    assert_eq!(auto, explicit);
+    assert_eq!(solve(&d, &spec.steps(40).auto_eta(), &x, None).a, auto.a);
+    // an explicit η is used as given (η = 0.05 differs from 1/λmax here)
+    assert!((eta - 0.05).abs() > 0.01);
+    let slow = solve(&d, &spec.steps(40).eta(0.05), &x, None);
+    assert_ne!(slow.u, auto.u);
+    // bad η: negative, above 1, NaN
+    for bad in [-0.1f32, 1.5, f32::NAN] {
+        assert_invalid(d.solve(&spec.eta(bad), &View::host(&x), None), "eta");
+    }
+}
+
+/// A dictionary of `m` nearly equal atoms in R^n: λmax(ΦᵀΦ) ≈ m, so η = 1 (ISTA with step 1)
+/// amplifies the joint mode of the active atoms by about 1 − m per step.
+fn clustered_dictionary(n: usize, m: usize) -> Vec<f32> {
+    let mut r = rng(77);
+    let noise = randn_f64(&mut r, n * m);
+    let mut phi: Vec<f64> = (0..n * m)
+        .map(|k| if k / m == 0 { 1.0 } else { 0.0 } + 0.15 * noise[k])
+        .collect();
+    normalize_columns(&mut phi, n, m);
+    phi.iter().map(|&v| v as f32).collect()
+}
+
+#[test]
+fn auto_eta_converges_where_eta_one_diverges() {
+    let (n, m) = (6, 8);
+    let phi = clustered_dictionary(n, m);
+    let d = dict(&phi, n, m);
+    let lmax = d.lambda_max().unwrap();
+    assert!(
+        lmax > 4.0,
+        "the clustered atoms should give lambda_max > 4, got {lmax}"
+    );
+    let x: Vec<f32> = (0..2 * n)
+        .map(|k| {
+            if k % n == 0 {
+                3.0
+            } else {
+                0.1 * (k as f32).sin()
+            }
+        })
+        .collect();
+    let lambda = 0.05;
+    let steps = 3000;
+    let base = LcaSpec::new(lambda)
+        .steps(steps)
+        .trace(true)
+        .relative_tol(1e-6);
+    let auto = solve(&d, &base, &x, None);
+    let one = solve(&d, &base.eta(1.0), &x, None);
+    for s in 0..2 {
+        let row =
+            |o: &Out| o.energy.as_ref().unwrap()[s * steps as usize..][..steps as usize].to_vec();
+        let (ea, e1) = (row(&auto), row(&one));
+        // automatic step: stopped early, with a finite energy
+        assert!(
+            auto.steps[s] < steps,
+            "sample {s}: auto eta ran all {steps} steps"
+        );
+        let last = auto.steps[s] as usize - 1;
+        assert!(ea[last].is_finite());
+        // and is at the LASSO optimum: |Φᵀ(x − Φa)|_j ≤ λ (+ roundoff) everywhere
+        let xs = &x[s * n..(s + 1) * n];
+        let a = &auto.a[s * m..(s + 1) * m];
+        let c = correlations(&phi, n, m, xs, a);
+        assert!(
+            c.iter().all(|v| v.abs() <= lambda as f64 * (1.0 + 1e-2)),
+            "{c:?}"
+        );
+        // η = 1: never stops, and the energy blows up (or is no longer finite)
+        assert_eq!(one.steps[s], steps, "sample {s}: eta = 1 converged?");
+        let e_end = e1[steps as usize - 1];
+        assert!(
+            !e_end.is_finite() || e_end > 1e6 * ea[last],
+            "sample {s}: eta = 1 ended at energy {e_end} (auto: {})",
+            ea[last]
+        );
+    }
+}
+
+#[test]
+fn relative_tol_is_scale_invariant_and_absolute_is_not() {
+    let (n, m, batch) = (20, 40, 3);
+    let (phi, x) = problem(41, n, m, batch, 4, false);
+    let d = dict(&phi, n, m);
+    let scale = 1000.0f32;
+    let xs: Vec<f32> = x.iter().map(|v| v * scale).collect();
+    let (lambda, steps) = (0.1f32, 20000);
+    for tol in [1e-3f32, 1e-5] {
+        let rel = LcaSpec::new(lambda).steps(steps).relative_tol(tol);
+        let small = solve(&d, &rel, &x, None);
+        let big = solve(
+            &d,
+            &LcaSpec::new(lambda * scale).steps(steps).relative_tol(tol),
+            &xs,
+            None,
+        );
+        assert!(small.steps.iter().all(|&t| t < steps), "{:?}", small.steps);
+        assert_eq!(
+            small.steps, big.steps,
+            "relative tol {tol}: steps differ with scale"
+        );
+        let scaled: Vec<f32> = small.a.iter().map(|v| v * scale).collect();
+        let err = rel_err(&big.a, &scaled);
+        assert!(
+            err < 1e-5,
+            "relative tol {tol}: codes of 1000 x differ from 1000 x codes by {err}"
+        );
+        // absolute: the same tol stops x and 1000 x at different steps
+        let abs = LcaSpec::new(lambda).steps(steps).tol(tol);
+        let small_abs = solve(&d, &abs, &x, None);
+        let big_abs = solve(
+            &d,
+            &LcaSpec::new(lambda * scale).steps(steps).tol(tol),
+            &xs,
+            None,
+        );
+        assert_ne!(
+            small_abs.steps, big_abs.steps,
+            "absolute tol {tol} is scale-invariant?"
+        );
+        assert!(
+            big_abs
+                .steps
+                .iter()
+                .zip(&small_abs.steps)
+                .all(|(b, s)| b > s)
+        );
+    }
+    // a zero sample with a relative tol stops at once (Δu = 0), not after T steps
+    let zeros = vec![0.0f32; n];
+    let out = solve(
+        &d,
+        &LcaSpec::new(lambda).steps(100).relative_tol(1e-3),
+        &zeros,
+        None,
+    );
+    assert_eq!(out.steps, vec![1]);
+    assert!(out.a.iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn relative_tol_stops_at_the_first_step_that_meets_it() {
+    // Recompute the stop rule from the trace of u: run t steps without tol and compare.
+    let (n, m) = (10, 16);
+    let (phi, x) = problem(51, n, m, 1, 3, false);
+    let d = dict(&phi, n, m);
+    let tol = 1e-3f32;
+    let out = solve(
+        &d,
+        &LcaSpec::new(0.1).steps(5000).relative_tol(tol),
+        &x,
+        None,
+    );
+    let t = out.steps[0];
+    assert!(t > 2 && t < 5000);
+    let bmax = (0..m)
+        .map(|j| {
+            (0..n)
+                .map(|i| phi[i * m + j] as f64 * x[i] as f64)
+                .sum::<f64>()
+                .abs()
+        })
+        .fold(0.0, f64::max);
+    let u_at = |k: u32| solve(&d, &LcaSpec::new(0.1).steps(k), &x, None).u;
+    let du = |k: u32| max_abs_diff(&u_at(k), &u_at(k - 1));
+    let limit = tol as f64 * bmax;
+    assert!(du(t) < limit * 1.001, "step {t}: |du| {} >= {limit}", du(t));
+    assert!(
+        du(t - 1) >= limit * 0.999,
+        "step {}: |du| {} < {limit} already",
+        t - 1,
+        du(t - 1)
+    );
+}
+
+#[test]
+fn allow_tf32_changes_nothing() {
+    let (n, m) = (12, 20);
+    let (phi, x) = problem(61, n, m, 3, 3, false);
+    let d = dict(&phi, n, m);
+    let spec = LcaSpec::new(0.1).steps(60).trace(true);
+    assert_eq!(
+        solve(&d, &spec, &x, None),
+        solve(&d, &spec.allow_tf32(true), &x, None)
+    );
+}
+
+mod c_abi_auto {
+    use super::*;
+    use fep_kernels::ffi::*;
+
+    fn last_error() -> String {
+        unsafe { CStr::from_ptr(fep_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// fep_lca_dict_lambda_max, eta = 0 (automatic), FEP_LCA_TOL_RELATIVE and allow_tf32
+    /// through the C ABI agree with the Rust API; bad codes and pointers are errors.
+    #[test]
+    fn lambda_max_auto_eta_and_relative_tol() {
+        let (n, m, batch) = (9, 14, 2);
+        let (phi, x) = problem(71, n, m, batch, 3, false);
+        let d = dict(&phi, n, m);
+        let mut h: *mut FepLcaDict = null_mut();
+        let st = unsafe {
+            fep_lca_dict_new(
+                FEP_DEVICE_CPU,
+                0,
+                null_mut(),
+                FEP_DTYPE_F32,
+                phi.as_ptr().cast(),
+                n as u64,
+                m as u64,
+                1,
+                &mut h,
+            )
+        };
+        assert_eq!(st, FEP_OK, "{}", last_error());
+        let mut lmax = f64::NAN;
+        assert_eq!(unsafe { fep_lca_dict_lambda_max(h, &mut lmax) }, FEP_OK);
+        assert_eq!(lmax, d.lambda_max().unwrap());
+        assert_eq!(
+            unsafe { fep_lca_dict_lambda_max(h, null_mut()) },
+            FEP_ERR_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("out"), "{}", last_error());
+        assert_eq!(
+            unsafe { fep_lca_dict_lambda_max(null(), &mut lmax) },
+            FEP_ERR_INVALID_ARGUMENT
+        );
+        let steps = 500u32;
+        let params = FepLcaParams {
+            threshold: FEP_LCA_SOFT,
+            lambda: 0.1,
+            eta: 0.0,
+            steps,
+            tol: 1e-4,
+            tol_mode: FEP_LCA_TOL_RELATIVE,
+            allow_tf32: 1,
+        };
+        let bm = batch * m;
+        let (mut u, mut a, mut s) = (vec![0f32; bm], vec![0f32; bm], vec![0u32; batch]);
+        let st = unsafe {
+            fep_lca_solve(
+                h,
+                null_mut(),
+                FEP_DTYPE_F32,
+                x.as_ptr().cast(),
+                batch as u64,
+                &params,
+                null(),
+                u.as_mut_ptr(),
+                a.as_mut_ptr(),
+                null_mut(),
+                null_mut(),
+                s.as_mut_ptr(),
+            )
+        };
+        assert_eq!(st, FEP_OK, "{}", last_error());
+        let want = solve(
+            &d,
+            &LcaSpec::new(0.1)
+                .steps(steps)
+                .relative_tol(1e-4)
+                .allow_tf32(true),
+            &x,
+            None,
+        );
+        assert_eq!(
+            (u.clone(), a.clone(), s.clone()),
+            (want.u, want.a, want.steps)
+        );
+        // a bad tol_mode is named and leaves the outputs alone
+        let bad = FepLcaParams {
+            tol_mode: 2,
+            ..params
+        };
+        let mut u2 = vec![7.0f32; bm];
+        let st = unsafe {
+            fep_lca_solve(
+                h,
+                null_mut(),
+                FEP_DTYPE_F32,
+                x.as_ptr().cast(),
+                batch as u64,
+                &bad,
+                null(),
+                u2.as_mut_ptr(),
+                a.as_mut_ptr(),
+                null_mut(),
+                null_mut(),
+                null_mut(),
+            )
+        };
+        assert_eq!(st, FEP_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("tol_mode"), "{}", last_error());
+        assert!(u2.iter().all(|&v| v == 7.0));
+        unsafe { fep_lca_dict_free(h) };
     }
 }

@@ -1247,7 +1247,7 @@ fn gpu_rejects_bad_input_and_leaves_outputs_untouched() {
             },
             "lambda",
         ),
-        ("eta 0", LcaSpec { eta: 0.0, ..spec }, "eta"),
+        ("eta < 0", LcaSpec { eta: -0.5, ..spec }, "eta"),
         ("eta 1.5", LcaSpec { eta: 1.5, ..spec }, "eta"),
         ("steps 0", LcaSpec { steps: 0, ..spec }, "steps"),
         ("tol -1", LcaSpec { tol: -1.0, ..spec }, "tol"),
@@ -1639,6 +1639,8 @@ fn gpu_c_abi_matches_rust_api_bitwise() {
             eta: 0.1,
             steps: 4,
             tol: 0.0,
+            tol_mode: ffi::FEP_LCA_TOL_ABSOLUTE,
+            allow_tf32: 0,
         };
         let st = unsafe {
             ffi::fep_lca_solve(
@@ -1780,6 +1782,8 @@ fn c_abi_case(dev: &Device, p: &Problem, dtype_code: i32, stream: *mut c_void) -
             eta: p.spec.eta,
             steps: p.spec.steps,
             tol: p.spec.tol,
+            tol_mode: p.spec.tol_mode as i32,
+            allow_tf32: p.spec.allow_tf32 as i32,
         };
         let st = unsafe {
             ffi::fep_lca_solve(

@@ -1,6 +1,7 @@
 //! The LCA dictionary handle: fep_lca_dict_new (fuzzed dtype, phi, n, m, unit-norm check, out
-//! pointer), then on success fep_lca_dict_shape and fep_lca_dict_phi (fuzzed handle and output
-//! pointers) and fep_lca_dict_free; free of NULL and of garbage handles.
+//! pointer), then on success fep_lca_dict_shape, fep_lca_dict_phi and fep_lca_dict_lambda_max
+//! (fuzzed handle and output pointers) and fep_lca_dict_free; free of NULL and of garbage
+//! handles.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -25,6 +26,8 @@ struct Input {
     phi_out: Ptr,
     free_handle: Handle,
     values: Values,
+    lmax_handle: Handle,
+    lmax_out: Ptr,
 }
 
 fuzz_target!(|input: Input| {
@@ -147,6 +150,20 @@ fuzz_target!(|input: Input| {
                 "fep_lca_dict_phi: element {k} is not finite"
             );
         }
+    }
+
+    // fep_lca_dict_lambda_max
+    let mut l = Call::new("fep_lca_dict_lambda_max", input.values);
+    let lo = l.buf("out", Ty::F64, Role::Slot, Some(1), input.lmax_out, SENTINEL);
+    assert!(l.alloc());
+    let h = mem.ptr(input.lmax_handle, dict, other);
+    l.note(format!("dict {h:p} ({:?})", input.lmax_handle));
+    l.ready();
+    let st = unsafe { ffi::fep_lca_dict_lambda_max(h, l.ptr(lo)) };
+    l.check(st);
+    if st == ffi::FEP_OK {
+        let v = unsafe { l.ptr::<f64>(lo).read_unaligned() };
+        assert!(v.is_finite() && v >= 0.0, "fep_lca_dict_lambda_max: {v}");
     }
 
     // fep_lca_dict_free: the live handle, or garbage (left alone) and then the live one.

@@ -14,6 +14,8 @@ struct Params {
     eta: Real,
     steps: Count,
     tol: Real,
+    tol_mode: Code,
+    allow_tf32: Flag,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -41,6 +43,8 @@ fuzz_target!(|input: Input| {
         eta: p.eta.get_f32(0.0, 1.0),
         steps: p.steps.get(12),
         tol: p.tol.get_f32(0.0, 0.01),
+        tol_mode: p.tol_mode.get(2),
+        allow_tf32: p.allow_tf32.get(),
     });
     let steps = params.map_or(1, |p| p.steps) as u64;
     let batch = input.batch.get(3);

@@ -46,8 +46,11 @@ struct LcaSolveArgs {
     float* state;          // stepped kernel: [batch, 3m + 4] (c, val, idx, meta); else null
     int32_t m, steps, t_begin, t_end, threshold, has_u0;
     float lambda, eta, tol;
-    int32_t pad_;
+    int32_t tol_mode;  // LCA_TOL_ABSOLUTE: stop when max|du| < tol; LCA_TOL_RELATIVE: < tol * max|b|
 };
+
+// Early-stop modes, numbered as TolMode in src/lca/mod.rs and FEP_LCA_TOL_* in the C header.
+enum LcaTolMode { LCA_TOL_ABSOLUTE = 0, LCA_TOL_RELATIVE = 1 };
 
 // Shared memory the persistent kernel needs per block, beyond its static scratch: u, c, val, idx
 // per unit, and 4 ints of meta.

@@ -14,9 +14,9 @@
 // - lca_solve_stepped: the same state in global memory, one launch per step (after one
 //   lca_solve_stepped_init launch), for m too large for shared memory.
 //
-// Early stop is per sample: a sample whose max |du| falls below tol stops (its trace repeats its
-// last values), so a sample's result never depends on the rest of the batch. The batch is done
-// when every sample is.
+// Early stop is per sample: a sample whose max |du| falls below tol (LCA_TOL_RELATIVE: below
+// tol * max_j |b_j| of that sample) stops (its trace repeats its last values), so a sample's
+// result never depends on the rest of the batch. The batch is done when every sample is.
 //
 // Registers: every value the block agrees on (pointers, sizes, loop bounds, and on AMD each
 // lane-mask of a branch on the thread index) sits in scalar/uniform registers for the whole
@@ -130,6 +130,14 @@ FEP_DEVICE bool lca_steps(const LcaSolveArgs& p, const LcaRow& row, float xsq, L
         __syncthreads();
     }
     if (st.meta()[2]) return false;  // finished in an earlier launch (stepped kernel)
+    // The early-stop limit on max |du|: tol, or tol * max_j |b_j| (relative to the input's
+    // scale). Recomputed per launch (one pass over b: nothing next to a step's inhibition).
+    float limit = p.tol;
+    if (p.tol > 0.0f && p.tol_mode == LCA_TOL_RELATIVE) {
+        float bmax = 0.0f;
+        for (int j = threadIdx.x; j < m; j += LCA_THREADS) bmax = fmaxf(bmax, fabsf(row.b[j]));
+        limit = p.tol * block_allreduce<FEP_WARP_SIZE>(bmax, FepMax(), 0.0f, sc.f);
+    }
     for (int t = kInit ? p.t_begin - 1 : p.t_begin; t < p.t_end; ++t) {
         const bool update = t >= p.t_begin;
         float maxdu = 0.0f;
@@ -147,7 +155,11 @@ FEP_DEVICE bool lca_steps(const LcaSolveArgs& p, const LcaRow& row, float xsq, L
         lca_inhibit<kTrace>(p, st, row.b, s4);
         if (!update) continue;
         bool stop = false;
-        if (p.tol > 0.0f) stop = block_allreduce<FEP_WARP_SIZE>(maxdu, FepMax(), 0.0f, sc.f) < p.tol;
+        if (p.tol > 0.0f) {
+            // Exactly 0 counts as converged too (a zero input with a relative tol has limit 0).
+            const float all = block_allreduce<FEP_WARP_SIZE>(maxdu, FepMax(), 0.0f, sc.f);
+            stop = all < limit || all == 0.0f;
+        }
         if (kTrace) {
             // Energy 0.5|x - Phi a|^2 + lambda |a|_1
             //      = 0.5|x|^2 - a.b + 0.5 a.(G a) + 0.5 a.a + lambda |a|_1: one 4-sum reduction.

@@ -10,7 +10,7 @@ use super::{
 use crate::backend::{Stream, View};
 use crate::element::Element;
 use crate::error::Result;
-use crate::lca::{Dictionary, DictionaryOptions, LcaOutputs, LcaSpec, Threshold};
+use crate::lca::{Dictionary, DictionaryOptions, LcaOutputs, LcaSpec, Threshold, TolMode};
 
 /// LCA threshold (`FepLcaParams.threshold`): soft, a = sign(u) max(|u| - lambda, 0).
 pub const FEP_LCA_SOFT: i32 = 0;
@@ -20,6 +20,12 @@ pub const FEP_LCA_SOFT_NONNEG: i32 = 1;
 pub const FEP_LCA_HARD: i32 = 2;
 /// LCA threshold: hard and non-negative, a = u where u > lambda, else 0.
 pub const FEP_LCA_HARD_NONNEG: i32 = 3;
+
+/// LCA early stop (`FepLcaParams.tol_mode`): stop a sample when max |du| < tol.
+pub const FEP_LCA_TOL_ABSOLUTE: i32 = 0;
+/// LCA early stop: stop a sample when max |du| < tol * max |b|, b = Phi^T x of that sample
+/// (relative to the input's scale; a sample with b = 0 stops when du is exactly 0).
+pub const FEP_LCA_TOL_RELATIVE: i32 = 1;
 
 /// LCA sparse coding (the maths: the Rust crate's `lca` module docs): a prepared dictionary,
 /// Phi (n x m, row-major, unit-norm columns) in f32 and G = Phi^T Phi - I, stored on one device. Made by
@@ -44,12 +50,20 @@ pub struct FepLcaParams {
     pub threshold: i32,
     /// lambda > 0.
     pub lambda: f32,
-    /// dt / tau, in (0, 1].
+    /// dt / tau, in (0, 1]; or 0 for the automatic step 1 / lambda_max(Phi^T Phi) of the
+    /// dictionary (fep_lca_dict_lambda_max; computed once per dictionary, on first use).
     pub eta: f32,
     /// T >= 1.
     pub steps: u32,
-    /// Early stop when max |du| < tol for a sample; 0 disables.
+    /// Early stop when max |du| < tol for a sample (see tol_mode); 0 disables.
     pub tol: f32,
+    /// FEP_LCA_TOL_ABSOLUTE (0) or FEP_LCA_TOL_RELATIVE (1): tol absolute, or relative to the
+    /// sample's max |Phi^T x|.
+    pub tol_mode: i32,
+    /// Nonzero allows (does not require) TF32 tensor cores for f32 products, as PyTorch's
+    /// allow_tf32. Reserved: no LCA kernel uses tensor cores, so it changes nothing today;
+    /// results are accurate f32 (FMA, f32 accumulation) either way.
+    pub allow_tf32: i32,
 }
 
 /// Copies `phi` (dtype, n x m row-major, on the device) into a new prepared dictionary, stored
@@ -122,6 +136,23 @@ pub unsafe extern "C" fn fep_lca_dict_shape(
     })
 }
 
+/// Writes lambda_max(Phi^T Phi), the largest eigenvalue of the dictionary's Gram matrix, to
+/// `*out` (f64): power iteration in f64 on the host from a fixed start vector (at most 1000
+/// iterations, until the Rayleigh quotient changes by less than 1e-9 relatively), computed
+/// once per dictionary on first use and again after fep_lca_dict_learn. On a GPU the first
+/// call copies Phi to the host (it waits for the device). The automatic step (eta = 0 in
+/// FepLcaParams) is min(1, 1 / lambda_max).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fep_lca_dict_lambda_max(dict: *const FepLcaDict, out: *mut f64) -> i32 {
+    guard(|| {
+        let d = unsafe { &handle_ref("dict", dict)?.dict };
+        non_null("out", out)?;
+        aligned::<f64>("out", out as u64)?;
+        let v = d.lambda_max()?;
+        unsafe { write_out("out", out, v) }
+    })
+}
+
 /// Copies Phi (f32, n x m) into `phi_out` on the dictionary's device.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_lca_dict_phi(
@@ -171,6 +202,8 @@ pub unsafe extern "C" fn fep_lca_solve(
             eta: p.eta,
             steps: p.steps,
             tol: p.tol,
+            tol_mode: TolMode::from_code(p.tol_mode)?,
+            allow_tf32: p.allow_tf32 != 0,
             trace: !energy_out.is_null() || !active_out.is_null(),
             check_finite: true,
         };

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::{LcaOutputs, LcaSpec, Store};
+use super::{LcaOutputs, LcaSpec, Store, TolMode};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -82,6 +82,11 @@ fn solve_one(
     let b: Vec<f64> = (0..m)
         .map(|j| (0..n).map(|i| x[i] * phi[i * m + j]).sum())
         .collect();
+    // The early-stop threshold on max |Δu|: tol, or tol · max |b| (relative to the input).
+    let limit = match spec.tol_mode {
+        TolMode::Absolute => tol,
+        TolMode::Relative => tol * b.iter().fold(0.0f64, |acc, v| acc.max(v.abs())),
+    };
     let mut a: Vec<f64> = u.iter().map(|&v| theta(v)).collect();
     let mut c = vec![0.0; m];
     inhibit(gram, m, &a, &mut c);
@@ -102,7 +107,8 @@ fn solve_one(
             .zip(u.iter())
             .for_each(|(aj, &uj)| *aj = theta(uj));
         inhibit(gram, m, &a, &mut c);
-        let stop = tol > 0.0 && max_du < tol;
+        // Exactly 0 counts as converged too (a zero input with relative tol has limit 0).
+        let stop = tol > 0.0 && (max_du < limit || max_du == 0.0);
         if let Some((e, act)) = trace.as_mut() {
             let value = energy(phi, n, m, x, &a, lambda) as f32;
             let count = a.iter().filter(|&&v| v != 0.0).count() as u32;

@@ -71,7 +71,7 @@ struct SolveArgs {
     lambda: f32,
     eta: f32,
     tol: f32,
-    pad: i32,
+    tol_mode: i32,
 }
 
 impl SolveArgs {
@@ -352,7 +352,7 @@ pub(super) fn solve<T: Element>(
         lambda: spec.lambda,
         eta: spec.eta,
         tol: spec.tol,
-        pad: 0,
+        tol_mode: spec.tol_mode as i32,
     };
     let steps = spec.steps as usize;
     let suffix = if trace { "_trace" } else { "" };

@@ -48,9 +48,16 @@
 //! # Ok::<(), fep_kernels::Error>(())
 //! ```
 //!
-//! Early stop is per sample: a sample stops at the first step whose max |Δu| < `tol`, and its
-//! trace repeats its last values; the batch is done when every sample is. So a sample's code
-//! never depends on the other samples in its batch.
+//! Early stop is per sample: a sample stops at the first step whose max |Δu| < `tol` (with
+//! [`TolMode::Relative`]: < `tol` · max |b|, b = Φᵀx of that sample), and its trace repeats its
+//! last values; the batch is done when every sample is. So a sample's code never depends on the
+//! other samples in its batch. The rule is the same on every backend.
+//!
+//! Step size: by default ([`LcaSpec::AUTO_ETA`]) η = 1/λmax(ΦᵀΦ), with λmax computed once per
+//! dictionary by power iteration ([`Dictionary::lambda_max`]). Within an active set the
+//! iteration is linear with eigenvalues 1 − η λᵢ(Φ_AᵀΦ_A) ∈ [0, 1] at that η (Cauchy
+//! interlacing: λᵢ ≤ λmax), so it converges without oscillating; η = 1 (ISTA with step 1)
+//! diverges as soon as some λᵢ > 2.
 
 mod cpu;
 #[cfg(fep_gpu)]
@@ -122,19 +129,61 @@ impl Threshold {
     }
 }
 
+/// How the early-stop tolerance of an [`LcaSpec`] is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(i32)]
+pub enum TolMode {
+    /// Stop a sample when max_j |Δu_j| < tol (in the units of u, i.e. of the input).
+    #[default]
+    Absolute = 0,
+    /// Stop a sample when max_j |Δu_j| < tol · max_j |b_j|, b = Φᵀx of that sample: relative to
+    /// the input's scale, so x and c·x (with λ scaled by c too) stop at the same step. A sample
+    /// whose b is all zero stops at the first step where Δu is exactly 0.
+    Relative = 1,
+}
+
+impl TolMode {
+    /// From the C ABI code (`FEP_LCA_TOL_*`).
+    pub fn from_code(code: i32) -> Result<TolMode> {
+        match code {
+            0 => Ok(TolMode::Absolute),
+            1 => Ok(TolMode::Relative),
+            _ => Err(Error::invalid(
+                "tol_mode",
+                format!("{code} is not FEP_LCA_TOL_ABSOLUTE (0) or FEP_LCA_TOL_RELATIVE (1)"),
+            )),
+        }
+    }
+}
+
 /// What to compute: threshold, λ, η, T, tolerance, trace.
+///
+/// η: `eta` = [`LcaSpec::AUTO_ETA`] (0, the default of [`LcaSpec::new`]) takes η = 1/λmax(ΦᵀΦ)
+/// of the dictionary it is solved against ([`Dictionary::auto_eta`]), the largest step for
+/// which the linearised iteration contracts on every active set with a margin of 2; any value
+/// in (0, 1] is used as given.
+///
+/// Precision: every backend computes LCA in accurate f32 (plain FMA, f32 accumulation; the
+/// reference in f64). `allow_tf32` is a permission in the sense of PyTorch's `allow_tf32`, not
+/// a request: today no LCA kernel uses tensor cores, so it changes nothing; it is reserved so
+/// that a future TF32 tensor-core step can be opted into without an API change.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LcaSpec {
     /// θ.
     pub threshold: Threshold,
     /// λ > 0.
     pub lambda: f32,
-    /// η = dt/τ ∈ (0, 1].
+    /// η = dt/τ ∈ (0, 1], or [`LcaSpec::AUTO_ETA`] (0) for 1/λmax(ΦᵀΦ).
     pub eta: f32,
     /// T ≥ 1: the most steps.
     pub steps: u32,
-    /// Stop a sample when max |Δu| < tol; 0 runs all T steps.
+    /// Stop a sample when max |Δu| < tol (see `tol_mode`); 0 runs all T steps.
     pub tol: f32,
+    /// Whether `tol` is absolute or relative to the sample's max |Φᵀx|.
+    pub tol_mode: TolMode,
+    /// Permission to use TF32 tensor cores for f32 products (reserved: no LCA kernel uses
+    /// them, so today this changes nothing; results are accurate f32 either way).
+    pub allow_tf32: bool,
     /// Record the energy and active count per sample per step.
     pub trace: bool,
     /// Check x and u₀ for NaN/Inf before launching. On a GPU this reads back one float per
@@ -143,14 +192,20 @@ pub struct LcaSpec {
 }
 
 impl LcaSpec {
-    /// λ as given; η = 0.1, T = 100, tol = 0, soft threshold, no trace, inputs checked.
+    /// `eta` value meaning η = 1/λmax(ΦᵀΦ) of the dictionary (see [`Dictionary::auto_eta`]).
+    pub const AUTO_ETA: f32 = 0.0;
+
+    /// λ as given; η automatic (1/λmax), T = 100, tol = 0 (absolute), soft threshold, no
+    /// trace, no TF32, inputs checked.
     pub fn new(lambda: f32) -> Self {
         LcaSpec {
             threshold: Threshold::Soft,
             lambda,
-            eta: 0.1,
+            eta: Self::AUTO_ETA,
             steps: 100,
             tol: 0.0,
+            tol_mode: TolMode::Absolute,
+            allow_tf32: false,
             trace: false,
             check_finite: true,
         }
@@ -160,9 +215,14 @@ impl LcaSpec {
         self.threshold = t;
         self
     }
-    /// Sets η.
+    /// Sets η ∈ (0, 1]; [`LcaSpec::AUTO_ETA`] (0) selects 1/λmax.
     pub fn eta(mut self, eta: f32) -> Self {
         self.eta = eta;
+        self
+    }
+    /// η = 1/λmax(ΦᵀΦ) of the dictionary solved against (the default).
+    pub fn auto_eta(mut self) -> Self {
+        self.eta = Self::AUTO_ETA;
         self
     }
     /// Sets T.
@@ -170,9 +230,21 @@ impl LcaSpec {
         self.steps = steps;
         self
     }
-    /// Sets the early-stop tolerance.
+    /// Sets an absolute early-stop tolerance: stop a sample when max |Δu| < tol.
     pub fn tol(mut self, tol: f32) -> Self {
         self.tol = tol;
+        self.tol_mode = TolMode::Absolute;
+        self
+    }
+    /// Sets a relative early-stop tolerance: stop a sample when max |Δu| < tol · max |Φᵀx|.
+    pub fn relative_tol(mut self, tol: f32) -> Self {
+        self.tol = tol;
+        self.tol_mode = TolMode::Relative;
+        self
+    }
+    /// Allows (does not require) TF32 tensor cores for f32 products; reserved, no effect today.
+    pub fn allow_tf32(mut self, on: bool) -> Self {
+        self.allow_tf32 = on;
         self
     }
     /// Turns the per-step trace on or off.
@@ -193,10 +265,15 @@ impl LcaSpec {
                 format!("must be finite and > 0, got {}", self.lambda),
             ));
         }
-        if !(self.eta.is_finite() && self.eta > 0.0 && self.eta <= 1.0) {
+        if !(self.eta == Self::AUTO_ETA
+            || (self.eta.is_finite() && self.eta > 0.0 && self.eta <= 1.0))
+        {
             return Err(Error::invalid(
                 "eta",
-                format!("must be in (0, 1], got {}", self.eta),
+                format!(
+                    "must be in (0, 1], or 0 for the automatic 1/lambda_max, got {}",
+                    self.eta
+                ),
             ));
         }
         if self.steps == 0 || self.steps > i32::MAX as u32 {
@@ -213,6 +290,50 @@ impl LcaSpec {
         }
         Ok(())
     }
+}
+
+/// Power iteration for λmax(ΦᵀΦ): at most this many products.
+pub const POWER_ITERS: usize = 1000;
+/// Power iteration stops when the Rayleigh quotient changes by less than this, relatively.
+pub const POWER_TOL: f64 = 1e-9;
+
+/// λmax of the symmetric positive semi-definite m x m operator `apply` (w = A v), by power
+/// iteration in f64 from a fixed start vector (v_j = 1 + ½ sin(0.7 j + 0.3), normalised):
+/// at most [`POWER_ITERS`] products, stopping when the Rayleigh quotient vᵀAv changes by less
+/// than [`POWER_TOL`] relatively. The Rayleigh quotient never exceeds λmax; it approaches it
+/// from below (error ∝ (λ₂/λ₁)^2k).
+fn power_iteration(m: usize, apply: impl Fn(&[f64], &mut [f64])) -> Result<f64> {
+    let what = || format!("the power iteration on [{m}, {m}]");
+    let mut v = crate::alloc::with_capacity::<f64>(m, what)?;
+    v.extend((0..m).map(|j| 1.0 + 0.5 * (0.7 * j as f64 + 0.3).sin()));
+    let mut w = crate::alloc::zeroed::<f64>(m, what)?;
+    let normalise = |v: &mut [f64]| {
+        let nrm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if nrm > 0.0 && nrm.is_finite() {
+            v.iter_mut().for_each(|x| *x /= nrm);
+        }
+        nrm
+    };
+    normalise(&mut v);
+    let mut rho = 0.0f64;
+    for _ in 0..POWER_ITERS {
+        apply(&v, &mut w);
+        let next: f64 = v.iter().zip(&w).map(|(a, b)| a * b).sum();
+        std::mem::swap(&mut v, &mut w);
+        let nrm = normalise(&mut v);
+        if !next.is_finite() {
+            return Err(Error::invalid(
+                "phi",
+                "lambda_max(PhiT Phi) is not finite (the dictionary overflows f64)",
+            ));
+        }
+        let done = (next - rho).abs() <= POWER_TOL * next.abs() || nrm == 0.0;
+        rho = next;
+        if done {
+            break;
+        }
+    }
+    Ok(rho.max(0.0))
 }
 
 /// How a [`Dictionary`] checks Φ.
@@ -278,6 +399,8 @@ pub struct Dictionary {
     n: usize,
     m: usize,
     store: Store,
+    /// λmax(ΦᵀΦ), computed on first use and reset by a learning step.
+    lambda_max: std::sync::OnceLock<f64>,
 }
 
 impl std::fmt::Debug for Dictionary {
@@ -288,6 +411,34 @@ impl std::fmt::Debug for Dictionary {
             self.n, self.m, self.device
         )
     }
+}
+
+/// w = (G + I) v = ΦᵀΦ v from the cached Gram matrix G = ΦᵀΦ − I.
+fn gram_apply(gram: &[f64], m: usize, v: &[f64], w: &mut [f64]) {
+    use rayon::prelude::*;
+    w.par_iter_mut().enumerate().for_each(|(i, wi)| {
+        let row = &gram[i * m..(i + 1) * m];
+        *wi = row.iter().zip(v).map(|(g, x)| g * x).sum::<f64>() + v[i];
+    });
+}
+
+/// w = Φᵀ(Φ v) from Φ `[n, m]`.
+#[cfg(fep_gpu)]
+fn phi_t_phi_apply(phi: &[f64], n: usize, m: usize, v: &[f64], w: &mut [f64]) {
+    use rayon::prelude::*;
+    let t: Vec<f64> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            phi[i * m..(i + 1) * m]
+                .iter()
+                .zip(v)
+                .map(|(p, x)| p * x)
+                .sum()
+        })
+        .collect();
+    w.par_iter_mut().enumerate().for_each(|(j, wj)| {
+        *wj = (0..n).map(|i| phi[i * m + j] * t[i]).sum();
+    });
 }
 
 /// The largest |‖φ‖ − 1| accepted for a column given in `dtype`.
@@ -368,6 +519,7 @@ impl Dictionary {
             n,
             m,
             store,
+            lambda_max: std::sync::OnceLock::new(),
         })
     }
 
@@ -384,6 +536,43 @@ impl Dictionary {
     /// m: the number of atoms (columns).
     pub fn m(&self) -> usize {
         self.m
+    }
+
+    /// λmax(ΦᵀΦ), the largest eigenvalue of the Gram matrix (≥ 1 for unit-norm columns), by
+    /// power iteration in f64 on the host (see [`POWER_ITERS`], [`POWER_TOL`]). Computed once,
+    /// on first use, and cached until the next [`Dictionary::learn`]: on the CPU from the
+    /// cached f64 Gram matrix (m² per iteration); on a GPU Φ (f32) is copied to the host once
+    /// (this waits for the default stream) and each iteration computes Φᵀ(Φv) (2nm).
+    pub fn lambda_max(&self) -> Result<f64> {
+        if let Some(&v) = self.lambda_max.get() {
+            return Ok(v);
+        }
+        let m = self.m;
+        let value = match &self.store {
+            Store::Cpu { gram, .. } => power_iteration(m, |v, w| gram_apply(gram, m, v, w))?,
+            #[cfg(fep_gpu)]
+            Store::Gpu { phi, .. } => {
+                let phi: Vec<f64> = phi.to_vec()?.into_iter().map(f64::from).collect();
+                power_iteration(m, |v, w| phi_t_phi_apply(&phi, self.n, m, v, w))?
+            }
+        };
+        Ok(*self.lambda_max.get_or_init(|| value))
+    }
+
+    /// The automatic step η = min(1, 1/λmax(ΦᵀΦ)) (1 for an all-zero Φ) as f32: what
+    /// `eta` = [`LcaSpec::AUTO_ETA`] runs with.
+    pub fn auto_eta(&self) -> Result<f32> {
+        let lmax = self.lambda_max()?;
+        Ok(if lmax > 1.0 { (1.0 / lmax) as f32 } else { 1.0 })
+    }
+
+    /// `spec` with η resolved (the automatic η replaced by [`Dictionary::auto_eta`]).
+    fn resolve(&self, spec: &LcaSpec) -> Result<LcaSpec> {
+        let mut s = *spec;
+        if s.eta == LcaSpec::AUTO_ETA {
+            s.eta = self.auto_eta()?;
+        }
+        Ok(s)
     }
 
     /// Φ `[n, m]` as f32, copied to the host.
@@ -460,6 +649,7 @@ impl Dictionary {
         spec.validate()?;
         let batch = self.batch_of("x", x.len(), self.n)?;
         same_device("x", x.device(), &self.device)?;
+        let spec = &self.resolve(spec)?;
         let bm = product("u", &[batch, self.m])?;
         let bt = product("energy", &[batch, spec.steps as usize])?;
         if let Some(u0) = u0 {
@@ -585,12 +775,15 @@ impl Dictionary {
                 let (x, a) = (x.host_slice(), a.host_slice());
                 crate::backend::cpu::check_finite("x", x.iter().map(|v| v.to_f64()))?;
                 crate::backend::cpu::check_finite("a", a.iter().map(|&v| v as f64))?;
-                cpu::learn(phi, gram, n, m, x, a, lr as f64)
+                cpu::learn(phi, gram, n, m, x, a, lr as f64)?
             }
             #[cfg(fep_gpu)]
             Store::Gpu { phi, gram } => {
-                gpu::learn(&self.device, phi, gram, n, m, batch, x, a, lr, stream)
+                gpu::learn(&self.device, phi, gram, n, m, batch, x, a, lr, stream)?
             }
         }
+        // Φ changed: λmax is recomputed on next use.
+        self.lambda_max = std::sync::OnceLock::new();
+        Ok(())
     }
 }
