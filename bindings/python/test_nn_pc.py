@@ -183,13 +183,19 @@ def test_precision_recovers_noise_variances():
     want = 1 / sigma**2
     rel = ((pi - want) / want).abs()
     assert (rel < 0.15).all(), (pi, want)
-    # without log_det the precision has nothing holding it up: it runs towards 0
+    # without log_det nothing holds the precision up: it keeps falling towards 0 (and stays
+    # positive, being exp(log_pi))
+    torch.manual_seed(3)
     net0 = PCNetwork([6, 3], activations="identity", precision="diagonal", log_det=False,
                      eta=0.1, steps=5)
     opt0 = torch.optim.Adam(net0.parameters(), lr=0.05)
-    for _ in range(100):
-        net0.learn_step(x0, y, opt0)
-    assert (net0.precisions()[0] < 0.1 * want).all() and (net0.precisions()[0] > 0).all()
+    seen = []
+    for _ in range(3):
+        for _ in range(100):
+            net0.learn_step(x0, y, opt0)
+        seen.append(net0.precisions()[0])
+    assert (seen[0] < 1).all() and (seen[1] < seen[0]).all() and (seen[2] < seen[1]).all(), seen
+    assert (seen[2] > 0).all() and (seen[2] < 0.1 * want).all(), seen
 
 
 def test_precision_learning_deep_stays_positive():
@@ -197,7 +203,7 @@ def test_precision_learning_deep_stays_positive():
         return NO_PRECISION
     net = small(precision=["scalar", "diagonal", "diagonal"], eta=0.05)
     x0, y = data(B=64)
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)  # large steps on log_pi
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
     energies = [net.learn_step(x0, y, opt).item() for _ in range(30)]
     assert all(math.isfinite(e) for e in energies), energies
     assert energies[-1] < energies[0], energies

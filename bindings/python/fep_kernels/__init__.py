@@ -1,11 +1,13 @@
-"""ctypes bindings for the fep-kernels C ABI (include/fep_kernels.h), on PyTorch tensors.
+"""ctypes bindings for the fep-kernels C ABI (the library's C header ``fep_kernels.h``), on
+PyTorch tensors, with ``torch.library`` custom ops and PyTorch modules on top.
 
 The shared library is found, in order, at the path given to :func:`load`, at ``$FEP_KERNELS_LIB``,
 next to this package (a library bundled in ``fep_kernels/``), or at
-``target/release/libfep_kernels.so`` (``.dylib`` on macOS) in the repository this package belongs
-to (a source checkout or ``pip install -e``; build it with ``cargo build --release --lib``, adding
-the ``cuda`` or ``hip`` feature for a GPU). :func:`load` is called implicitly by the first function
-that needs the library; ``import fep_kernels`` itself needs neither the library nor PyTorch.
+``target/release/libfep_kernels.so`` (``.dylib`` on macOS) of the fep-kernels source checkout
+this package is used from (a checkout or ``pip install -e``; build it with
+``cargo build --release --lib``, adding the ``cuda`` or ``rocm`` feature for a GPU).
+:func:`load` is called implicitly by the first function that needs the library;
+``import fep_kernels`` itself needs neither the library nor PyTorch.
 
 Layout: ``_lib`` (loading, queries), ``_abi`` (the header's constants, structs and signatures),
 one module per op (``lca``, ``settle``, ``vmp``, and the ``attention`` functions, reachable as
@@ -14,8 +16,10 @@ differentiable PyTorch function below), ``torch_ops`` (``torch.library`` custom 
 ``fep::attention_forward`` / ``fep::attention_backward`` with fake implementations and autograd,
 imported when PyTorch is; :func:`attention` is differentiable and works under ``torch.compile``),
 ``torch_settle`` (``fep::settle_energy`` / ``settle_learn`` / ``settle_infer``; the
-differentiable :func:`settle_energy`, whose backward gives the learning step's gradients) and
-``torch_lca`` (``fep::lca_solve``; :func:`lca_solve`).
+differentiable :func:`settle_energy`, whose backward gives the learning step's gradients, and
+:func:`settle_infer_op`), ``torch_lca`` (``fep::lca_solve``; :func:`lca_solve`) and ``nn``
+(PyTorch modules: ``fep_kernels.nn.PCNetwork``, a predictive-coding network with learnable
+precisions, and ``fep_kernels.nn.LCALayer``).
 
 Tensors are passed by pointer (``tensor.data_ptr()``), so they must be contiguous and live on
 the device the call names. CPU tensors use ``FEP_DEVICE_CPU``; CUDA tensors use
@@ -53,7 +57,12 @@ Example (runnable once the library is built; ``device = "cuda"`` needs the ``cud
         d.learn(x.to(device), out["a"], lr=0.01)                # one dictionary-learning step
         print((d.phi().norm(dim=0) - 1).abs().max().item())     # columns stay unit-norm
 
-Predictive-coding settling (DESIGN.md 4.2) of a 784-128-10 network, on the same device::
+Predictive-coding settling of a 784-128-10 network, on the same device. Layer l predicts
+mu_l = W_l f_l(x_{l-1}) + b_l from the layer below, with error eps_l = x_l - mu_l and precision
+Pi_l; settling moves the free layers down the energy E = 1/2 sum_l eps_l^T Pi_l eps_l (per
+sample) by gradient descent with x_0 clamped to the input, and x_L clamped to the target when
+learning (free when inferring); learning then follows the local gradients at the settled state,
+dE/dW_l = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T::
 
     w1 = (0.05 * torch.randn(128, 784, generator=g)).to(device)
     w2 = (0.1 * torch.randn(10, 128, generator=g)).to(device)
@@ -67,6 +76,7 @@ Predictive-coding settling (DESIGN.md 4.2) of a 784-128-10 network, on the same 
 """
 
 import sys as _sys
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from . import _lib
 from ._abi import *  # noqa: F401,F403  (the FEP_* constants and FepError)
@@ -77,6 +87,9 @@ from .attention import attention_backward, attention_forward, attention_merge
 from .lca import LcaDictionary
 from .settle import SettleNet, settle_infer, settle_learn
 from .vmp import VmpModel, construct_policies
+
+if TYPE_CHECKING:  # PyTorch is imported lazily: ``import fep_kernels`` works without it
+    from torch import Tensor
 
 __version__ = "0.1.0"
 
@@ -133,6 +146,7 @@ __all__ = [
 __all__ += [
     "attention",
     "settle_energy",
+    "settle_infer_op",
     "lca_solve",
     "attention_forward",
     "attention_backward",
@@ -142,13 +156,24 @@ __all__ += [
     "FEP_SCORE_STUDENT_T",
     "FEP_SCORE_LAPLACE",
 ]
+if "DivergedError" in globals():  # a diverging settle (a FepError)
+    __all__.append("DivergedError")
 
 
-def attention(q, k, v, precision_key=None, precision_head=None, score="dot", nu=5.0, scale=None,
-              causal=False, window=None, normalizer=True, kv_len=None, layout="bhld"):
-    """Differentiable precision-weighted attention on PyTorch tensors: returns ``o`` (see
-    :func:`fep_kernels.torch_ops.attention`; gradients flow to q, k, v, precision_key
-    [B, Hkv, Lk] and precision_head [Hq]). Needs PyTorch; works under ``torch.compile``."""
+def attention(q: "Tensor", k: "Tensor", v: "Tensor", precision_key: Optional["Tensor"] = None,
+              precision_head: Optional["Tensor"] = None, score: str = "dot", nu: float = 5.0,
+              scale: Optional[float] = None, causal: bool = False, window: Optional[int] = None,
+              normalizer: bool = True, kv_len: Optional["Tensor"] = None, layout: str = "bhld"
+              ) -> "Tensor":
+    """Differentiable precision-weighted attention on PyTorch tensors: returns ``o``.
+
+    With precisions pi_ij = ``precision_head``[h] * ``precision_key``[b, h_kv, j] (float32,
+    > 0, optional) and d2 = |q_i - k_j|^2, the scores are tau pi q.k ("dot"), -tau pi d2 / 2
+    ("gaussian"), -((nu + D)/2) ln(1 + tau pi d2 / nu) ("student_t") or -sqrt(tau pi d2)
+    ("laplace"), the last three plus (D/2) ln pi with ``normalizer``; o_i = sum_j
+    softmax_j(s_ij) v_j. Gradients flow to q, k, v, ``precision_key`` [B, Hkv, Lk] and
+    ``precision_head`` [Hq]. Full description: :func:`fep_kernels.torch_ops.attention_with_stats`.
+    Needs PyTorch; works under ``torch.compile``."""
     from .torch_ops import attention as _attention
 
     return _attention(q, k, v, precision_key=precision_key, precision_head=precision_head,
@@ -156,34 +181,88 @@ def attention(q, k, v, precision_key=None, precision_head=None, score="dot", nu=
                       normalizer=normalizer, kv_len=kv_len, layout=layout)
 
 
-def settle_energy(weights, x0, target, biases=None, activations="identity", precisions=None, *,
-                  eta, steps, momentum=0.0, tol=0.0, check=True):
-    """The settled energy of a predictive-coding learning step, averaged over the batch (0-d
-    float32), differentiable w.r.t. the weights and biases: backward gives
-    ``SettleNet.learn(..., lr=0)``'s gradients (see
-    :func:`fep_kernels.torch_settle.settle_energy`). Needs PyTorch; works under
+def _settle_options(log_det: bool, allow_tf32: bool, init: Optional[Sequence["Tensor"]]
+                    ) -> Dict[str, Any]:
+    """The newer settling keywords, passed on only where they are not the default."""
+    kw: Dict[str, Any] = {}
+    if log_det:
+        kw["log_det"] = True
+    if allow_tf32:
+        kw["allow_tf32"] = True
+    if init is not None:
+        kw["init"] = init
+    return kw
+
+
+def settle_energy(weights: Sequence["Tensor"], x0: "Tensor", target: "Tensor",
+                  biases: Optional[Sequence[Optional["Tensor"]]] = None,
+                  activations: Any = "identity", precisions: Any = None, *, eta: float,
+                  steps: int, momentum: float = 0.0, tol: float = 0.0, check: bool = True,
+                  log_det: bool = False, allow_tf32: bool = False,
+                  init: Optional[Sequence["Tensor"]] = None) -> "Tensor":
+    """The settled (free) energy of a predictive-coding learning step, averaged over the batch
+    (a 0-d float32 tensor), differentiable w.r.t. the weights, biases and precision tensors.
+
+    Layers x_0 ... x_L: layer l predicts mu_l = W_l f_l(x_{l-1}) + b_l (``weights[l-1]`` W_l
+    [n_l, n_{l-1}], ``biases``, ``activations`` f_l) with error eps_l = x_l - mu_l and precision
+    Pi_l (``precisions``: a number, or per layer a number or a precision tensor). x_0 is clamped
+    to ``x0`` [B, n_0] and x_L to ``target`` [B, n_L]; the free layers settle by ``steps``
+    gradient steps of size ``eta`` (with ``momentum``; ``tol`` > 0 stops early) on
+    E = 1/2 sum_l eps_l^T Pi_l eps_l (with ``log_det``, the free energy
+    F = 1/2 sum_l (eps_l^T Pi_l eps_l - ln|Pi_l|)). Backward gives the gradients at the settled
+    state (envelope theorem): dE/dW_l = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T and likewise
+    for the biases and precisions. Full description:
+    :func:`fep_kernels.torch_settle.settle_energy`. Needs PyTorch; works under
     ``torch.compile``."""
     from .torch_settle import settle_energy as _settle_energy
 
     return _settle_energy(weights, x0, target, biases=biases, activations=activations,
                           precisions=precisions, eta=eta, steps=steps, momentum=momentum,
-                          tol=tol, check=check)
+                          tol=tol, check=check, **_settle_options(log_det, allow_tf32, init))
 
 
-def lca_solve(phi, x, lam, eta, steps, threshold="soft", tol=0.0, u0=None, check_unit_norm=True):
-    """LCA on the rows of ``x`` against the dictionary ``phi`` through ``fep::lca_solve``:
-    returns ``(u, a, steps)`` (see :func:`fep_kernels.torch_lca.lca_solve`; not
-    differentiable). Needs PyTorch; works under ``torch.compile``."""
+def settle_infer_op(weights: Sequence["Tensor"], x0: "Tensor",
+                    biases: Optional[Sequence[Optional["Tensor"]]] = None,
+                    activations: Any = "identity", precisions: Any = None, *, eta: float,
+                    steps: int, momentum: float = 0.0, tol: float = 0.0, check: bool = True,
+                    log_det: bool = False, allow_tf32: bool = False,
+                    init: Optional[Sequence["Tensor"]] = None
+                    ) -> Tuple[List["Tensor"], List["Tensor"], "Tensor"]:
+    """Predictive-coding inference: settles ``x0`` [B, n_0] with the top layer free and returns
+    ``(x, eps, energy)``: the settled x_1 ... x_L and their errors eps_l = x_l - mu_l (lists of
+    L float32 [B, n_l]) and the settled energy per sample [B]. Arguments as for
+    :func:`settle_energy` (no target). Not differentiable. Full description:
+    :func:`fep_kernels.torch_settle.settle_infer_op`. Needs PyTorch; works under
+    ``torch.compile``."""
+    from .torch_settle import settle_infer_op as _settle_infer_op
+
+    return _settle_infer_op(weights, x0, biases=biases, activations=activations,
+                            precisions=precisions, eta=eta, steps=steps, momentum=momentum,
+                            tol=tol, check=check, **_settle_options(log_det, allow_tf32, init))
+
+
+def lca_solve(phi: "Tensor", x: "Tensor", lam: float, eta: float, steps: int,
+              threshold: str = "soft", tol: float = 0.0, u0: Optional["Tensor"] = None,
+              check_unit_norm: bool = True) -> Any:
+    """Sparse coding by the locally competitive algorithm (LCA) on the rows of ``x`` [B, n]
+    against the dictionary ``phi`` [n, m] (unit-norm columns) through ``fep::lca_solve``.
+
+    Each of ``steps`` steps: u <- u + eta (phi^T x - u - (phi^T phi - I) a), a = theta_lam(u),
+    from u = 0 (or ``u0``), with the threshold theta "soft" (sign(u) max(|u| - lam, 0): the
+    fixed point minimises 1/2 |x - phi a|^2 + lam |a|_1), "soft_nonneg", "hard" or
+    "hard_nonneg"; ``tol`` > 0 stops a sample early. Returns ``(u, a, steps)`` ([B, m] float32
+    twice, the steps run [B] int32); not differentiable. Full description:
+    :func:`fep_kernels.torch_lca.lca_solve`. Needs PyTorch; works under ``torch.compile``."""
     from .torch_lca import lca_solve as _lca_solve
 
     return _lca_solve(phi, x, lam, eta, steps, threshold=threshold, tol=tol, u0=u0,
                       check_unit_norm=check_unit_norm)
 
 
-_TORCH_MODULES = ("torch_ops", "torch_settle", "torch_lca")
+_TORCH_MODULES = ("torch_ops", "torch_settle", "torch_lca", "nn")
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # the loaded library's path and handle live in fep_kernels._lib (the loader module)
     if name == "_lib_path":
         return _lib._lib_path
@@ -199,4 +278,5 @@ if "torch" in _sys.modules:  # PyTorch already imported: register the fep:: ops 
 
     attention = torch_ops.attention  # noqa: F811
     settle_energy = torch_settle.settle_energy  # noqa: F811
+    settle_infer_op = torch_settle.settle_infer_op  # noqa: F811
     lca_solve = torch_lca.lca_solve  # noqa: F811

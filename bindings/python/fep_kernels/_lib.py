@@ -6,7 +6,7 @@ import math
 import os
 import re
 import sys
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._abi import (
     FEP_ABI_VERSION,
@@ -32,7 +32,7 @@ _HOW_TO_BUILD = (
 )
 
 
-def _candidates():
+def _candidates() -> List[str]:
     """Where the library is looked for, in order: ``$FEP_KERNELS_LIB``, a library bundled in the
     package directory, ``target/release/`` of the repository the package lives in."""
     env = os.environ.get("FEP_KERNELS_LIB")
@@ -44,7 +44,7 @@ def _candidates():
     return cands
 
 
-def _default_lib_path():
+def _default_lib_path() -> str:
     """The first of :func:`_candidates` that exists; raises ``FileNotFoundError`` (an
     ``OSError``) saying where it looked and how to build the library when none does."""
     cands = _candidates()
@@ -56,13 +56,23 @@ def _default_lib_path():
                             f"(looked at {where}); {_HOW_TO_BUILD}")
 
 
-def load(path=None):
-    """Loads the library (once per process) and returns the ``ctypes.CDLL``.
+def load(path: Optional[str] = None) -> ctypes.CDLL:
+    """Loads the fep-kernels shared library (once per process) and returns the ``ctypes.CDLL``.
 
-    ``path``: explicit path; default ``$FEP_KERNELS_LIB``, else a library bundled in the
-    package, else ``<repo>/target/release/libfep_kernels.so``. Raises ``OSError`` when the file
-    cannot be found or loaded, ``RuntimeError`` when its ABI version is not ``FEP_ABI_VERSION``
-    and ``ValueError`` when a different library was already loaded.
+    ``path``: an explicit path to ``libfep_kernels.so`` (``.dylib`` on macOS). Default: the
+    environment variable ``FEP_KERNELS_LIB``, else the library bundled in this package (what
+    ``pip install`` puts there), else, when the package is used from a source checkout of
+    fep-kernels, ``target/release/libfep_kernels.so`` of that checkout (built by
+    ``cargo build --release --lib``). Calling it is optional: the first function that needs the
+    library loads it. Raises ``OSError`` (``FileNotFoundError``) when the file cannot be found
+    or loaded, ``RuntimeError`` when its ABI version is not ``FEP_ABI_VERSION`` and
+    ``ValueError`` when a different library was already loaded.
+
+    Example::
+
+        import fep_kernels as fk
+        fk.load("/opt/fep/libfep_kernels.so")    # or set FEP_KERNELS_LIB
+        print(fk.version(), fk.abi_version())
     """
     global _lib, _lib_path
     path = os.path.abspath(path if path is not None else _default_lib_path())
@@ -83,7 +93,8 @@ def load(path=None):
     return lib
 
 
-def _get():
+def _get() -> ctypes.CDLL:
+    """The loaded library (loading it on first use)."""
     return _lib if _lib is not None else load()
 
 
@@ -137,23 +148,25 @@ def _check(status: int, names: Optional[_Names] = None) -> None:
 # ---- library and device queries ----
 
 
-def version():
-    """The library version string, e.g. ``"0.1.0"``."""
+def version() -> str:
+    """The loaded library's version string, e.g. ``"0.1.0"`` (loads the library)."""
     return _get().fep_version().decode()
 
 
-def abi_version():
-    """The ABI version the loaded library implements."""
+def abi_version() -> int:
+    """The version of the C ABI the loaded library implements (these bindings need
+    ``FEP_ABI_VERSION``; :func:`load` checks it)."""
     return int(_get().fep_abi_version())
 
 
-def last_error():
-    """``fep_last_error()``: the message of the last failed call on this thread ("" if none)."""
+def last_error() -> str:
+    """The library's message for the last failed call on this thread ("" if none). Failing calls
+    already raise :class:`FepError` with this message."""
     msg = _get().fep_last_error()
     return msg.decode(errors="replace") if msg else ""
 
 
-def _kind(kind):
+def _kind(kind: Union[str, int]) -> int:
     if isinstance(kind, str):
         try:
             return _DEVICE_KINDS[kind.lower()]
@@ -164,10 +177,12 @@ def _kind(kind):
     return _integer(kind, "kind", 0, 2**31 - 1)
 
 
-def device_count(kind):
-    """Number of devices of ``kind`` ("cpu" | "cuda" | "hip" or FEP_DEVICE_*).
+def device_count(kind: Union[str, int]) -> int:
+    """The number of devices of ``kind`` that the library can use: "cpu" (always 1), "cuda" or
+    "hip" (or a ``FEP_DEVICE_*`` constant).
 
-    A build without that vendor's feature, or a machine without its driver, has 0.
+    A library built without that vendor's GPU support, or a machine without its driver, has 0.
+    Raises ValueError for an unknown kind.
     """
     n = _get().fep_device_count(_kind(kind))
     if n < 0:
@@ -175,8 +190,10 @@ def device_count(kind):
     return int(n)
 
 
-def device_name(kind, ordinal=0):
-    """The name of device ``ordinal`` of ``kind``."""
+def device_name(kind: Union[str, int], ordinal: int = 0) -> str:
+    """The name of device ``ordinal`` (0-based) of ``kind`` ("cpu", "cuda", "hip" or a
+    ``FEP_DEVICE_*`` constant), e.g. the GPU's marketing name. Raises :class:`FepError` when
+    there is no such device."""
     from ._tensors import _integer
 
     buf = ctypes.create_string_buffer(256)

@@ -27,13 +27,15 @@ from ._lib import (
 )
 
 
-def _torch():
+def _torch() -> Any:
+    """The torch module."""
     import torch  # imported lazily: the module loads without PyTorch
 
     return torch
 
 
-def _dtype_code(t, what):
+def _dtype_code(t: Any, what: str) -> int:
+    """The FEP_DTYPE_* code of a float32/float16/bfloat16 tensor; ValueError for another dtype."""
     torch = _torch()
     codes = {torch.float32: FEP_DTYPE_F32, torch.float16: FEP_DTYPE_F16, torch.bfloat16: FEP_DTYPE_BF16}
     try:
@@ -42,12 +44,12 @@ def _dtype_code(t, what):
         raise ValueError(f"{what}: dtype {t.dtype} is not supported (float32, float16 or bfloat16)")
 
 
-def _device_of(t, what):
+def _device_of(t: Any, what: str) -> Tuple[int, int, Optional[ctypes.c_void_p]]:
     """(kind, ordinal, raw stream) for the tensor's device."""
     return _device_args(t.device, what)
 
 
-def _device_args(dev, what):
+def _device_args(dev: Any, what: str) -> Tuple[int, int, Optional[ctypes.c_void_p]]:
     """(kind, ordinal, raw stream) for a torch.device: FEP_DEVICE_CPU, or CUDA (HIP under a ROCm
     build of PyTorch) with PyTorch's current stream of that device."""
     torch = _torch()
@@ -61,7 +63,10 @@ def _device_args(dev, what):
     raise ValueError(f"{what}: tensors on device type {dev.type!r} are not supported (cpu or cuda)")
 
 
-def _check_tensor(t, what, shape, dtype=None, device=None, owner="the dictionary's device"):
+def _check_tensor(t: Any, what: str, shape: Sequence[Optional[int]], dtype: Any = None,
+                  device: Any = None, owner: str = "the dictionary's device") -> None:
+    """ValueError naming ``what`` unless ``t`` is a dense real tensor of ``shape`` (None: any
+    size), ``dtype`` and ``device`` (when given), contiguous and not empty."""
     torch = _torch()
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
@@ -202,11 +207,13 @@ def _check_indices(t: Any, what: str, limits: Sequence[int], unit: str) -> None:
                      f"{limits[j]} ({unit.format(j=j, n=limits[j])})")
 
 
-def _ptr(t):
+def _ptr(t: Any) -> Optional[ctypes.c_void_p]:
+    """The data pointer of a tensor, or None (a NULL pointer) for None."""
     return ctypes.c_void_p(t.data_ptr()) if t is not None else None
 
 
-def _norm_device(dev):
+def _norm_device(dev: Any) -> Any:
+    """``dev`` with the current CUDA device's index filled in for a bare "cuda"."""
     torch = _torch()
     if dev.type == "cuda" and dev.index is None:
         return torch.device("cuda", torch.cuda.current_device())
@@ -221,26 +228,26 @@ class _Owned:
     _free = None  # the name of the fep_*_free function
     _handle = None
 
-    def close(self):
+    def close(self) -> None:
         """Frees the handle (idempotent). Work already enqueued must not still use it."""
         handle, self._handle = self._handle, None
         if handle is not None and handle.value:
             getattr(self._lib, self._free)(handle)
 
-    def __enter__(self):
+    def __enter__(self) -> "_Owned":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> bool:
         self.close()
         return False
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.close()
         except Exception:  # interpreter shutdown: nothing sensible left to do
             pass
 
-    def _h(self):
+    def _h(self) -> ctypes.c_void_p:
         if self._handle is None:
             raise ValueError(f"{type(self).__name__} is closed")
         return self._handle

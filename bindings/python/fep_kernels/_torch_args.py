@@ -3,7 +3,7 @@ for a value of the wrong kind (not a tensor, not a number, not an int), ValueErr
 the wrong dtype, device, rank or shape, before the library is called. They need no data, so the
 fake implementations run them too (errors surface while ``torch.compile`` traces)."""
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -14,7 +14,10 @@ from ._tensors import _number as _number_arg
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _tensor(t, what, dim=None, dtypes=None, device=None, owner=None, optional=False):
+def _tensor(t: Any, what: str, dim: Optional[int] = None,
+            dtypes: Optional[Sequence[torch.dtype]] = None,
+            device: Optional[torch.device] = None, owner: Optional[str] = None,
+            optional: bool = False) -> None:
     """Checks kind, rank, dtype and device of ``t`` (None passes when ``optional``)."""
     if t is None and optional:
         return
@@ -33,7 +36,8 @@ def _tensor(t, what, dim=None, dtypes=None, device=None, owner=None, optional=Fa
                          "(cpu or cuda)")
 
 
-def _shape(t, what, shape):
+def _shape(t: Tensor, what: str, shape: Sequence[int]) -> None:
+    """ValueError naming ``what`` unless ``t`` has exactly ``shape``."""
     if list(t.shape) != list(shape):
         raise ValueError(f"{what}: expected shape {list(shape)}, got {list(t.shape)}")
 
@@ -51,7 +55,7 @@ def _steps(x: Any, what: str = "steps") -> int:
     return _integer(x, what)
 
 
-def _not_differentiable(op, name, hint):
+def _not_differentiable(op: Any, name: str, hint: str) -> None:
     """Registers an autograd formula for ``op`` whose backward raises a RuntimeError naming the
     op (the outputs of an op without one would fail with a less helpful message)."""
 

@@ -1,8 +1,17 @@
-"""Precision-weighted attention (DESIGN.md 4.1): :func:`attention_forward`,
-:func:`attention_backward`, :func:`attention_merge`."""
+"""Precision-weighted attention: :func:`attention_forward`, :func:`attention_backward`,
+:func:`attention_merge`.
+
+Attention in which every query-key pair carries a precision pi_ij = pi_head[h] * pi_key[b, h_kv, j]
+(inverse variance, > 0) that scales its score: with d2 = |q_i - k_j|^2 and a scale tau, the
+score s_ij is tau pi q.k ("dot"), -tau pi d2 / 2 ("gaussian"), -((nu + D)/2) ln(1 + tau pi d2 / nu)
+("student_t") or -sqrt(tau pi d2) ("laplace"), the last three plus (D/2) ln pi (the normaliser
+of the distribution, which matters when pi varies per key). The output is o_i = sum_j
+softmax_j(s_ij) v_j, with lse_i = ln sum_j exp(s_ij) and the expected precision-weighted error
+e_i = sum_j w_ij pi_ij d2_ij (the predictive-coding energy of the head) alongside.
+"""
 
 import ctypes
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ._abi import (
     FEP_ERR_UNSUPPORTED,
@@ -27,10 +36,13 @@ from ._tensors import (
 )
 
 
+if TYPE_CHECKING:  # PyTorch is imported lazily: the module loads without it
+    from torch import Tensor
+
 _attn_declared = None
 
 
-def _attn_lib():
+def _attn_lib() -> Any:
     """The library, with the attention functions declared."""
     global _attn_declared
     lib = _get()
@@ -40,7 +52,7 @@ def _attn_lib():
     return lib
 
 
-def _attn_tensor(t, what, layout):
+def _attn_tensor(t: Any, what: str, layout: str) -> Tuple[Any, list]:
     """(FepAttnTensor, BHLD shape) of a 4-d tensor given in ``layout`` ("bhld" or "blhd"): the
     tensor's own element strides, so views (e.g. a BLHD tensor, a slice of a packed qkv) pass
     without a copy; only the last dimension must be contiguous."""
@@ -68,7 +80,8 @@ def _attn_tensor(t, what, layout):
     return d, shape
 
 
-def _attn_params(score, nu, scale, causal, window, normalizer, check):
+def _attn_params(score: str, nu: Any, scale: Any, causal: bool, window: Any, normalizer: bool,
+                 check: bool) -> Any:
     """A FepAttentionParams from the Python arguments (ValueError on a bad one)."""
     if score not in _SCORES:
         raise ValueError(f"score: {score!r} is not one of {list(_SCORES)}")
@@ -97,7 +110,8 @@ def _c_names(qs: Sequence[int], ks: Sequence[int],
             **{f"params.{p}": (p, None) for p in ("score", "nu", "scale", "window")}}
 
 
-def _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len, arg_names=None):
+def _attn_inputs(q: Any, k: Any, v: Any, layout: str, pi_head: Any, pi_key: Any, kv_len: Any,
+                 arg_names: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """The forward's inputs checked: descriptors of q, k, v, their BHLD shapes, the dtype code,
     the device and the optional pi_head, pi_key, kv_len (ValueError on a bad one, naming
     ``arg_names.get(name, name)``)."""
@@ -128,7 +142,7 @@ def _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len, arg_names=None):
                 dev=_norm_device(q.device), opt=opt, names=_c_names(qs, ks, arg_names))
 
 
-def _attn_out(out, shape, dtype, device):
+def _attn_out(out: Any, shape: list, dtype: Any, device: Any) -> Any:
     """``out`` checked (shape, dtype, device), or a new tensor when it is None."""
     torch = _torch()
     if out is None:
@@ -141,7 +155,7 @@ def _attn_out(out, shape, dtype, device):
     return out
 
 
-def _like_q(t, what, q, layout, shape):
+def _like_q(t: Any, what: str, q: Any, layout: str, shape: Sequence[int]) -> Any:
     """The descriptor of a 4-d tensor that must have q's dtype and device and the BHLD ``shape``
     (given in ``layout``)."""
     torch = _torch()
@@ -157,10 +171,15 @@ def _like_q(t, what, q, layout, shape):
     return d
 
 
-def attention_forward(q, k, v, score="dot", nu=5.0, scale=None, causal=False, window=None,
-                      normalizer=True, pi_head=None, pi_key=None, kv_len=None, layout="bhld",
-                      out=None, check=True, *, _arg_names: Optional[Mapping[str, str]] = None):
-    """Precision-weighted attention, forward (DESIGN.md 4.1): returns ``(o, lse, e)``.
+def attention_forward(q: "Tensor", k: "Tensor", v: "Tensor", score: str = "dot", nu: float = 5.0,
+                      scale: Optional[float] = None, causal: bool = False,
+                      window: Optional[int] = None, normalizer: bool = True,
+                      pi_head: Optional["Tensor"] = None, pi_key: Optional["Tensor"] = None,
+                      kv_len: Optional["Tensor"] = None, layout: str = "bhld",
+                      out: Optional["Tensor"] = None, check: bool = True, *,
+                      _arg_names: Optional[Mapping[str, str]] = None
+                      ) -> Tuple["Tensor", "Tensor", "Tensor"]:
+    """Precision-weighted attention, forward: returns ``(o, lse, e)``.
 
     ``q`` [B, Hq, Lq, D], ``k`` [B, Hkv, Lk, D], ``v`` [B, Hkv, Lk, Dv] (``layout="bhld"``), or
     [B, L, H, D] each (``layout="blhd"``, FlashAttention's), all of one dtype (float32, float16
@@ -224,16 +243,23 @@ def attention_forward(q, k, v, score="dot", nu=5.0, scale=None, causal=False, wi
     return o, lse, e
 
 
-def _f32_rows(t, what, q, shape):
+def _f32_rows(t: Any, what: str, q: Any, shape: Sequence[int]) -> Any:
     """A contiguous float32 tensor of ``shape`` on q's device (lse, e, d_e and the like)."""
     _check_tensor(t, what, shape, dtype=_torch().float32, device=q.device, owner="q's device")
     return t
 
 
-def attention_backward(q, k, v, o, lse, d_o, e=None, d_e=None, score="dot", nu=5.0, scale=None,
-                       causal=False, window=None, normalizer=True, pi_head=None, pi_key=None,
-                       kv_len=None, layout="bhld", precision_grads=True, check=True, *,
-                       _arg_names: Optional[Mapping[str, str]] = None):
+def attention_backward(q: "Tensor", k: "Tensor", v: "Tensor", o: "Tensor", lse: "Tensor",
+                       d_o: "Tensor", e: Optional["Tensor"] = None,
+                       d_e: Optional["Tensor"] = None, score: str = "dot", nu: float = 5.0,
+                       scale: Optional[float] = None, causal: bool = False,
+                       window: Optional[int] = None, normalizer: bool = True,
+                       pi_head: Optional["Tensor"] = None, pi_key: Optional["Tensor"] = None,
+                       kv_len: Optional["Tensor"] = None, layout: str = "bhld",
+                       precision_grads: bool = True, check: bool = True, *,
+                       _arg_names: Optional[Mapping[str, str]] = None
+                       ) -> Tuple["Tensor", "Tensor", "Tensor", Optional["Tensor"],
+                                  Optional["Tensor"], Optional["Tensor"]]:
     """Attention backward: the gradients of a loss L(o, e) of :func:`attention_forward`, given
     ``d_o`` = dL/do and optionally ``d_e`` = dL/de. Returns
     ``(dq, dk, dv, dpi_head, dpi_key, dnu)``.
@@ -297,7 +323,9 @@ def attention_backward(q, k, v, o, lse, d_o, e=None, d_e=None, score="dot", nu=5
     return dq, dk, dv, dpi_head, dpi_key, dnu
 
 
-def attention_merge(o_parts, lse_parts, e_parts=None, layout="bhld", out=None):
+def attention_merge(o_parts: "Tensor", lse_parts: "Tensor", e_parts: Optional["Tensor"] = None,
+                    layout: str = "bhld", out: Optional["Tensor"] = None
+                    ) -> Tuple["Tensor", "Tensor", Optional["Tensor"]]:
     """Merges S partial attention results of the same rows, each over a subset of the keys (a
     split decode, shards of a sequence), by their lse: returns ``(o, lse, e)`` with
 

@@ -31,7 +31,7 @@ Example::
     f = torch.compile(lambda q, k, v: fk.attention(q, k, v, score="gaussian"), fullgraph=True)
 """
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -49,13 +49,14 @@ from .attention import attention_forward as _attention_forward
 __all__ = ["attention", "attention_with_stats"]
 
 
-def _bhld(shape, layout):
+def _bhld(shape: Sequence[int], layout: str) -> Tuple[int, int, int, int]:
     """[B, H, L, D] of a 4-d shape given in ``layout``."""
     b, x, y, d = shape
     return (b, y, x, d) if layout == "blhd" else (b, x, y, d)
 
 
-def _validate(q, k, v, pi_head, pi_key, kv_len, score, layout):
+def _validate(q: Any, k: Any, v: Any, pi_head: Any, pi_key: Any, kv_len: Any, score: str,
+              layout: str) -> None:
     """Shape/dtype/device checks that need no data (they run on fake tensors too): TypeError for
     a non-tensor, ValueError for a wrong dtype, device, rank or shape. The library checks the
     rest (values, head dims it supports)."""
@@ -180,14 +181,34 @@ def _backward(ctx, d_o, d_lse, d_e):
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention_with_stats(q, k, v, precision_key=None, precision_head=None, score="dot", nu=5.0,
-                         scale=None, causal=False, window=None, normalizer=True, kv_len=None,
-                         layout="bhld"):
-    """Differentiable :func:`fep_kernels.attention_forward` through ``fep::attention_forward``:
-    returns ``(o, lse, e)``; o and e are differentiable w.r.t. q, k, v, ``precision_key``
-    [B, Hkv, Lk] float32 (the forward's ``pi_key``) and ``precision_head`` [Hq] float32
-    (``pi_head``); lse is not. Argument errors raise TypeError (not a tensor or number) or
-    ValueError (dtype, device, shape, unknown score/layout) before the library is called."""
+def attention_with_stats(q: Tensor, k: Tensor, v: Tensor, precision_key: Optional[Tensor] = None,
+                         precision_head: Optional[Tensor] = None, score: str = "dot",
+                         nu: float = 5.0, scale: Optional[float] = None, causal: bool = False,
+                         window: Optional[int] = None, normalizer: bool = True,
+                         kv_len: Optional[Tensor] = None, layout: str = "bhld"
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Differentiable precision-weighted attention through the custom op
+    ``fep::attention_forward``: returns ``(o, lse, e)``.
+
+    ``q`` [B, Hq, Lq, D], ``k`` [B, Hkv, Lk, D], ``v`` [B, Hkv, Lk, Dv] (``layout="bhld"``; or
+    [B, L, H, D] each with ``layout="blhd"``), float32/float16/bfloat16 on one device, Hq a
+    multiple of Hkv (grouped-query attention). With pi_ij = ``precision_head``[h] *
+    ``precision_key``[b, h_kv, j] (float32, > 0, each optional: 1 where absent), d2 = |q_i - k_j|^2
+    and tau = ``scale`` (None: 1/sqrt(D) for "dot", else 1), the scores are
+
+    - "dot": s = tau pi q.k;  "gaussian": s = -tau pi d2 / 2;
+    - "student_t": s = -((nu + D)/2) ln(1 + tau pi d2 / nu);  "laplace": s = -sqrt(tau pi d2);
+
+    the last three plus (D/2) ln pi with ``normalizer``. o_i = sum_j softmax_j(s_ij) v_j (q's
+    dtype and layout), lse_i = ln sum_j exp(s_ij) and e_i = sum_j w_ij pi_ij d2_ij ([B, Hq, Lq]
+    float32) over the visible keys (``causal``, bottom-right aligned; a sliding ``window``;
+    ``kv_len`` [B] int32 key lengths); a row with none gives o = 0, lse = -inf, e = 0.
+
+    o and e are differentiable w.r.t. q, k, v, ``precision_key`` [B, Hkv, Lk] and
+    ``precision_head`` [Hq] (deterministic gradients); lse is not, nor are ``kv_len`` and ``nu``.
+    Works under ``torch.compile(fullgraph=True)``. Argument errors raise TypeError (not a tensor
+    or number) or ValueError (dtype, device, shape, unknown score/layout) before the library is
+    called."""
     _validate(q, k, v, precision_head, precision_key, kv_len, score, layout)
     nu = _number(nu, "nu")
     scale = None if scale is None else _number(scale, "scale")
@@ -200,11 +221,23 @@ def attention_with_stats(q, k, v, precision_key=None, precision_head=None, score
                                            layout)
 
 
-def attention(q, k, v, precision_key=None, precision_head=None, score="dot", nu=5.0, scale=None,
-              causal=False, window=None, normalizer=True, kv_len=None, layout="bhld"):
-    """Differentiable precision-weighted attention: ``o`` of :func:`attention_with_stats` (the
-    scores, masks, GQA and layouts of :func:`fep_kernels.attention_forward`). Works under
-    ``torch.compile(fullgraph=True)``."""
+def attention(q: Tensor, k: Tensor, v: Tensor, precision_key: Optional[Tensor] = None,
+              precision_head: Optional[Tensor] = None, score: str = "dot", nu: float = 5.0,
+              scale: Optional[float] = None, causal: bool = False, window: Optional[int] = None,
+              normalizer: bool = True, kv_len: Optional[Tensor] = None, layout: str = "bhld"
+              ) -> Tensor:
+    """Differentiable precision-weighted attention: the output ``o`` of
+    :func:`attention_with_stats` (same arguments: scores "dot", "gaussian", "student_t",
+    "laplace" with precisions per key and per head, causal/window/length masks, grouped-query
+    heads, "bhld" or "blhd" layouts). Gradients flow to q, k, v, ``precision_key`` and
+    ``precision_head``. Works under ``torch.compile(fullgraph=True)``.
+
+    Example::
+
+        q, k, v = (torch.randn(2, 4, 8, 32, requires_grad=True) for _ in range(3))
+        o = fep_kernels.attention(q, k, v, score="gaussian", causal=True)   # [2, 4, 8, 32]
+        o.sum().backward()
+    """
     return attention_with_stats(q, k, v, precision_key=precision_key,
                                 precision_head=precision_head, score=score, nu=nu, scale=scale,
                                 causal=causal, window=window, normalizer=normalizer,
