@@ -2116,3 +2116,132 @@ fn harness_self_check_with_an_f32_emulation() {
     }
     assert_no_failures(errs);
 }
+
+// ---------------------------------------------------------------------------------------------
+// λmax, the automatic step and the relative tolerance on the GPU
+// ---------------------------------------------------------------------------------------------
+
+/// Codes, u and steps of `x` (f32) on `dict` with `spec`, poisoned outputs, on the host.
+fn solve_f32(dict: &Dictionary, spec: &LcaSpec, x: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+    let dev = dict.device().clone();
+    let xb = dev.upload(x).unwrap();
+    let batch = x.len() / dict.n();
+    let bm = batch * dict.m();
+    let mut u = dev.upload(&vec![f32::NAN; bm]).unwrap();
+    let mut a = dev.upload(&vec![f32::NAN; bm]).unwrap();
+    let mut s = dev.upload(&vec![u32::MAX; batch]).unwrap();
+    let out = LcaOutputs {
+        u: u.view_mut(),
+        a: a.view_mut(),
+        energy: None,
+        active: None,
+        steps: Some(s.view_mut()),
+    };
+    dict.solve_into(spec, &xb.view(), None, out, dev.default_stream())
+        .unwrap();
+    (
+        u.to_vec().unwrap(),
+        a.to_vec().unwrap(),
+        s.to_vec().unwrap(),
+    )
+}
+
+/// λmax of a GPU dictionary (computed from its f32 Φ) equals the CPU dictionary's (from its f64
+/// Gram matrix of the same f32 Φ), and so does the automatic step; the default (automatic) η
+/// gives the CPU's codes; m = 80 runs the stepped kernel with 2 KiB of shared memory and the
+/// persistent one with 64 KiB.
+#[test]
+fn gpu_lambda_max_and_auto_eta_match_cpu() {
+    let Some(dev) = gpu("gpu_lambda_max_and_auto_eta_match_cpu") else {
+        return;
+    };
+    for (seed, n, m) in [(1u64, 7usize, 5usize), (2, 24, 80), (3, 33, 65)] {
+        let mut r = rng(seed);
+        let phi = unit_dictionary(&mut r, n, m);
+        let cpu = Dictionary::new(&View::host(&phi), n, m, DictionaryOptions::default()).unwrap();
+        let up = dev.upload(&phi).unwrap();
+        let g = Dictionary::new(&up.view(), n, m, DictionaryOptions::default()).unwrap();
+        let (lc, lg) = (cpu.lambda_max().unwrap(), g.lambda_max().unwrap());
+        assert!(
+            (lc - lg).abs() <= 1e-9 * lc,
+            "[{n}, {m}]: lambda_max CPU {lc}, GPU {lg}"
+        );
+        let (ec, eg) = (cpu.auto_eta().unwrap(), g.auto_eta().unwrap());
+        assert!(
+            (ec - eg).abs() <= f32::EPSILON * ec,
+            "auto eta CPU {ec}, GPU {eg}"
+        );
+        let x = randn(&mut r, 3 * n, 1.0);
+        let spec = LcaSpec::new(0.2).steps(40);
+        let (uc, ac, sc) = solve_f32(&cpu, &spec, &x);
+        let (ug, ag, sg) = solve_f32(&g, &spec.eta(ec), &x);
+        assert_eq!(sc, sg);
+        let (eu, ea) = (rel_err(&ug, &uc), rel_err(&ag, &ac));
+        assert!(
+            eu < 1e-4 && ea < 1e-4,
+            "[{n}, {m}] auto eta: u {eu:e}, a {ea:e}"
+        );
+        // the GPU's own automatic step is the one it reports
+        let (ug2, _, _) = solve_f32(&g, &spec, &x);
+        assert_eq!(ug2, solve_f32(&g, &spec.eta(eg), &x).0);
+    }
+}
+
+/// The relative stop on the GPU: x and 1024·x (with λ·1024: an exact power-of-two scaling, so
+/// every f32 operation scales exactly) stop at the same step with codes scaled bit for bit;
+/// with an absolute tol they do not. The steps agree with the CPU reference to within one (the
+/// stop decision compares an f32 max |Δu| with the limit), the codes within 1e-4.
+#[test]
+fn gpu_relative_tol_is_scale_invariant_and_matches_cpu() {
+    let Some(dev) = gpu("gpu_relative_tol_is_scale_invariant_and_matches_cpu") else {
+        return;
+    };
+    let (n, m, batch) = (24usize, 80usize, 5usize);
+    let mut r = rng(11);
+    let phi = unit_dictionary(&mut r, n, m);
+    let up = dev.upload(&phi).unwrap();
+    let g = Dictionary::new(&up.view(), n, m, DictionaryOptions::default()).unwrap();
+    let cpu = Dictionary::new(&View::host(&phi), n, m, DictionaryOptions::default()).unwrap();
+    let mut x = randn(&mut r, batch * n, 1.0);
+    x[n..2 * n].iter_mut().for_each(|v| *v = 0.0); // a zero sample: stops at step 1
+    let scale = 1024.0f32;
+    let xs: Vec<f32> = x.iter().map(|v| v * scale).collect();
+    let (lambda, steps, tol) = (0.15f32, 4000u32, 1e-4f32);
+    let eta = g.auto_eta().unwrap();
+    let rel = LcaSpec::new(lambda).eta(eta).steps(steps).relative_tol(tol);
+    let rel_big = LcaSpec::new(lambda * scale)
+        .eta(eta)
+        .steps(steps)
+        .relative_tol(tol);
+    let (_, a1, s1) = solve_f32(&g, &rel, &x);
+    let (_, a2, s2) = solve_f32(&g, &rel_big, &xs);
+    assert_eq!(s1, s2, "relative tol: steps differ between x and 1024 x");
+    assert_eq!(s1[1], 1, "the zero sample should stop at step 1");
+    assert!(s1.iter().all(|&t| t < steps), "{s1:?}");
+    let scaled: Vec<f32> = a1.iter().map(|v| v * scale).collect();
+    assert_eq!(
+        a2, scaled,
+        "relative tol: codes of 1024 x are not 1024 x the codes"
+    );
+    let (_, ac, sc) = solve_f32(&cpu, &rel, &x);
+    for (s, (&tg, &tc)) in s1.iter().zip(&sc).enumerate() {
+        assert!(
+            tg.abs_diff(tc) <= 1,
+            "sample {s}: GPU stopped at {tg}, CPU at {tc}"
+        );
+    }
+    let e = rel_err(&a1, &ac);
+    assert!(
+        e < 1e-4,
+        "relative tol: GPU codes differ from the CPU's by {e:e}"
+    );
+    let abs = LcaSpec::new(lambda).eta(eta).steps(steps).tol(tol);
+    let abs_big = LcaSpec::new(lambda * scale).eta(eta).steps(steps).tol(tol);
+    let (_, _, t1) = solve_f32(&g, &abs, &x);
+    let (_, _, t2) = solve_f32(&g, &abs_big, &xs);
+    assert_ne!(t1, t2, "absolute tol: the same steps for x and 1024 x?");
+    // allow_tf32 is a permission the LCA kernels do not use: bitwise the same
+    let (u3, a3, s3) = solve_f32(&g, &rel.allow_tf32(true), &x);
+    let (u4, a4, s4) = solve_f32(&g, &rel, &x);
+    assert!(u3 == u4 && a3 == a4 && s3 == s4);
+}
