@@ -149,8 +149,10 @@ class PCNetwork(nn.Module):
             or "diagonal" (a learned pi per unit).
         init_precision: the initial pi of the learned precisions (one number, or a list of L;
             ignored for fixed layers).
-        eta: the settling step size (> 0). Settling is stable for roughly eta * pi < 1 on
-            every layer; a diverging settle raises ``fep_kernels.DivergedError``.
+        eta: the settling step size (> 0). Settling is gradient descent on F, whose curvature
+            grows with the precisions: keep eta * max(pi) well below 1 (with learned
+            precisions, lower ``net.eta`` between steps as they grow; it is a plain
+            attribute). A diverging settle raises ``fep_kernels.DivergedError``.
         steps: settling steps per call (>= 1).
         momentum: the settling momentum in [0, 1).
         tol: 0 runs exactly ``steps`` steps; > 0 stops a sample early once its relative
@@ -167,6 +169,13 @@ class PCNetwork(nn.Module):
             float32 on the same device.
 
     Settled states are float32; inputs ``x0`` are [B, n_0] and targets [B, n_L], float32.
+
+    What a learned precision converges to: dF/dpi_{l,i} = 0 at pi_{l,i} = 1 / mean_b
+    eps_{l,i}^2, the inverse mean squared error of unit i *at the settled state*. With the
+    output clamped, the free layers below move to absorb part of the output error, so the
+    settled output errors are smaller than the errors of the prediction with x_L free, the more
+    so the lower the hidden layers' precisions; with stiff hidden layers (high precision) the
+    output precision approaches the inverse noise variance of the targets.
 
     Example::
 
