@@ -311,6 +311,7 @@ fn bench_dtype<T: Element>(cr: &mut Criterion, dev: &Device, c: &Config, ci: usi
                                 let grads = Gradients {
                                     weights: grad_w.iter_mut().map(|b| b.view_mut()).collect(),
                                     biases: grad_b.iter_mut().map(|b| b.view_mut()).collect(),
+                                    precisions: Vec::new(),
                                 };
                                 settle::learn_step_into(
                                     &net,

@@ -171,7 +171,7 @@ impl Pc {
     fn learn(&mut self, dev: &Device, x: &[f32], y: &[f32], lr: f32) -> Result<()> {
         let (x, y) = (dev.upload(x)?, dev.upload(y)?);
         let spec = SettleSpec::new(ETA).steps(STEPS);
-        let out = settle::learn_step(&self.network()?, &spec, &x.view(), &y.view())?;
+        let out = settle::learn_step(&self.network()?, &spec, &x.view(), &y.view(), None)?;
         let stream = dev.default_stream();
         for l in 0..ACTS.len() {
             settle::sgd(&mut self.w[l].view_mut(), &out.grad_w[l].view(), lr, stream)?;

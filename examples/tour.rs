@@ -228,11 +228,11 @@ fn settle_tour(dev: &Device, rng: &mut Lcg) -> Result<()> {
     let y: Vec<f32> = (0..batch * widths[3]).map(|_| rng.normal()).collect();
     let (x0, y) = (dev.upload(&x0)?, dev.upload(&y)?);
     let spec = SettleSpec::new(0.1).steps(steps).check_finite(false);
-    let out = settle::learn_step(&net, &spec, &x0.view(), &y.view())?; // warm-up
+    let out = settle::learn_step(&net, &spec, &x0.view(), &y.view(), None)?; // warm-up
     let t = Instant::now();
     let reps = if dev.is_gpu() { 20 } else { 2 };
     for _ in 0..reps {
-        let _ = settle::learn_step(&net, &spec, &x0.view(), &y.view())?;
+        let _ = settle::learn_step(&net, &spec, &x0.view(), &y.view(), None)?;
     }
     dev.synchronize(dev.default_stream())?;
     let per = t.elapsed().as_secs_f64() / reps as f64;

@@ -87,7 +87,7 @@
 //!     Layer::new(w2.view(), Activation::Tanh, Precision::Scalar(1.0)),
 //! ])?;
 //! let (x0, y) = (dev.upload(&[1.0f32, 0.5])?, dev.upload(&[0.2f32])?);
-//! let out = settle::learn_step(&net, &SettleSpec::new(0.1).steps(30), &x0.view(), &y.view())?;
+//! let out = settle::learn_step(&net, &SettleSpec::new(0.1).steps(30), &x0.view(), &y.view(), None)?;
 //! println!("dE/dW2 = {:?}", out.grad_w[1].to_vec()?);
 //! # Ok::<(), fep_kernels::Error>(())
 //! ```

@@ -285,7 +285,7 @@ fn a_diverging_settle_is_reported_and_writes_nothing() {
     let x0 = [1.0f32, -1.0, 0.5, 2.0];
     let target = [3.0f32, 8.0, -5.0, 6.0];
     let spec = SettleSpec::new(10.0).steps(50);
-    match settle::learn_step(&net, &spec, &View::host(&x0), &View::host(&target)) {
+    match settle::learn_step(&net, &spec, &View::host(&x0), &View::host(&target), None) {
         Err(Error::Diverged(msg)) => assert!(msg.contains("eta = 10"), "{msg}"),
         other => panic!("expected Diverged, got {other:?}"),
     }
@@ -295,7 +295,8 @@ fn a_diverging_settle_is_reported_and_writes_nothing() {
             &net,
             &SettleSpec::new(0.05),
             &View::host(&x0),
-            &View::host(&target)
+            &View::host(&target),
+            None
         )
         .is_ok()
     );
@@ -579,7 +580,7 @@ proptest! {
         if broken.is_none() && eta.is_finite() && eta > 0.0 && eta < 0.5 && beta == 0.0 && tol == 0.0 {
             prop_assert!(r.is_ok(), "{r:?}");
         }
-        if let Ok(r) = settle::learn_step(&net, &spec, &View::host(&x0), &View::host(&target)) {
+        if let Ok(r) = settle::learn_step(&net, &spec, &View::host(&x0), &View::host(&target), None) {
             // Applying the gradients never writes a non-finite weight, and an error writes none.
             let mut wc = w.clone();
             let n = r.grad_w[0].len().min(64);
@@ -702,6 +703,7 @@ fn c_learn(widths: [u64; 3], w1: &mut [f32; 6], w2: &mut [f32; 6], eta: f32, lr:
         biases: null(),
         precision: null(),
         precision_diag: null(),
+        precision_per_sample: null(),
     };
     let params = ffi::FepSettleParams {
         eta,
@@ -710,6 +712,8 @@ fn c_learn(widths: [u64; 3], w1: &mut [f32; 6], w2: &mut [f32; 6], eta: f32, lr:
         tol: 0.0,
         init: 0,
         skip_input_checks: 0,
+        log_det: 0,
+        allow_tf32: 0,
     };
     let x0 = [1.0f32, -1.0, 0.5, 2.0];
     let target = [3.0f32, 8.0, -5.0, 6.0];
@@ -736,6 +740,7 @@ fn c_learn(widths: [u64; 3], w1: &mut [f32; 6], w2: &mut [f32; 6], eta: f32, lr:
             null_mut(),
             gw.as_ptr(),
             gb.as_ptr(),
+            std::ptr::null(),
             lr,
         )
     }

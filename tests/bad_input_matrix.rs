@@ -210,6 +210,7 @@ fn c_settle(edit: fn(&mut ffi::FepSettleNet, &mut *const f32)) -> Result<(), Err
         biases: std::ptr::null(),
         precision: std::ptr::null(),
         precision_diag: std::ptr::null(),
+        precision_per_sample: std::ptr::null(),
     };
     let params = ffi::FepSettleParams {
         eta: 0.1,
@@ -218,6 +219,8 @@ fn c_settle(edit: fn(&mut ffi::FepSettleNet, &mut *const f32)) -> Result<(), Err
         tol: 0.0,
         init: 0,
         skip_input_checks: 0,
+        log_det: 0,
+        allow_tf32: 0,
     };
     let x0buf = [0u32; 3];
     let mut x0 = x0buf.as_ptr().cast::<f32>();
@@ -516,6 +519,7 @@ fn cells() -> Vec<Cell> {
                 &SettleSpec::new(50.0).steps(60),
                 &View::host(&x0),
                 &View::host(&[8.0]),
+                None,
             )
             .map(drop)
         }),

@@ -661,9 +661,14 @@ fn check_settle<T: Element + WithDType>(dtype: DType) {
             );
 
             let got = fep_kernels::candle::settle_learn_step(&layers, &spec, &x0, &target).unwrap();
-            let want =
-                settle::learn_step(&nh.network(), &spec, &View::host(&x0h), &View::host(&th))
-                    .unwrap();
+            let want = settle::learn_step(
+                &nh.network(),
+                &spec,
+                &View::host(&x0h),
+                &View::host(&th),
+                None,
+            )
+            .unwrap();
             assert_eq!(
                 state_from_candle(&got.state, SB, &spec),
                 state_from_crate(&want.state),

@@ -156,9 +156,19 @@ fn layouts() -> Vec<Layout> {
             weights,
             biases,
             precision,
-            precision_diag
+            precision_diag,
+            precision_per_sample
         ),
-        layout!(FepSettleParams: eta, momentum, steps, tol, init, skip_input_checks),
+        layout!(
+            FepSettleParams: eta,
+            momentum,
+            steps,
+            tol,
+            init,
+            skip_input_checks,
+            log_det,
+            allow_tf32
+        ),
         layout!(
             FepVmpModelDesc: num_factors,
             num_modalities,

@@ -136,7 +136,7 @@ fn out_of(state: &settle::SettleResult) -> Out {
 }
 
 fn learn<T: Element>(net: &Network<'_, T>, spec: &SettleSpec, x0: &[f32], target: &[f32]) -> Out {
-    let r = settle::learn_step(net, spec, &View::host(x0), &View::host(target))
+    let r = settle::learn_step(net, spec, &View::host(x0), &View::host(target), None)
         .expect("valid learn step");
     Out {
         gw: host(&r.grad_w),
@@ -1282,6 +1282,7 @@ impl Outs {
             Gradients {
                 weights: mut_views(&mut self.gw),
                 biases: mut_views(&mut self.gb),
+                precisions: Vec::new(),
             },
         )
     }
@@ -1423,6 +1424,7 @@ impl Base {
                 &spec,
                 &View::host(&self.x0),
                 &View::host(&self.target),
+                None,
             ),
             name,
         );

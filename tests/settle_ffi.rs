@@ -119,6 +119,7 @@ fn describe(c: &CNet) -> FepSettleNet {
         biases: c.biases.as_ptr(),
         precision: c.scalars.as_ptr(),
         precision_diag: c.diag.as_ptr(),
+        precision_per_sample: std::ptr::null(),
     }
 }
 
@@ -130,6 +131,8 @@ fn params(skip: i32) -> FepSettleParams {
         tol: 0.0,
         init: ffi::FEP_SETTLE_INIT_FEEDFORWARD,
         skip_input_checks: skip,
+        log_det: 0,
+        allow_tf32: 0,
     }
 }
 
@@ -158,7 +161,7 @@ fn host(v: &[DeviceBuffer<f32>]) -> Vec<Vec<f32>> {
 fn c_abi_matches_rust(dev: &Device) {
     let s = setup(dev);
     let spec = SettleSpec::new(0.1).momentum(0.5).steps(STEPS);
-    let want = settle::learn_step(&network(&s), &spec, &s.x0.view(), &s.y.view()).unwrap();
+    let want = settle::learn_step(&network(&s), &spec, &s.x0.view(), &s.y.view(), None).unwrap();
     let mut xs = nan_buffers(dev);
     let mut es = nan_buffers(dev);
     let trace = dev
@@ -197,6 +200,7 @@ fn c_abi_matches_rust(dev: &Device) {
             null_mut(),
             gwp.as_ptr(),
             gbp.as_ptr(),
+            std::ptr::null(),
             0.05,
         )
     };

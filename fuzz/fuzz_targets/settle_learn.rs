@@ -50,6 +50,7 @@ fuzz_target!(|input: Input| {
             c.ptr(b.steps_out),
             c.ptr(b.grad_w.unwrap()),
             c.ptr(b.grad_b.unwrap()),
+            std::ptr::null(),
             lr,
         )
     };

@@ -45,6 +45,8 @@ pub struct ParamsSpec {
     pub tol: Real,
     pub init: Code,
     pub skip_input_checks: Flag,
+    pub log_det: Flag,
+    pub allow_tf32: Flag,
 }
 
 impl ParamsSpec {
@@ -56,6 +58,8 @@ impl ParamsSpec {
             tol: self.tol.get_f32(0.0, 0.01),
             init: self.init.get(2),
             skip_input_checks: self.skip_input_checks.get(),
+            log_det: self.log_det.get(),
+            allow_tf32: self.allow_tf32.get(),
         }
     }
 }
@@ -402,6 +406,7 @@ pub fn build(c: &mut Call, a: &SettleArgs, learn: Option<&Learn>) -> Option<Buil
             biases: c.ptr(biases),
             precision: c.ptr(precision),
             precision_diag: c.ptr(diags),
+            precision_per_sample: std::ptr::null(),
         })
     });
     c.note(format!("net {:?}", net.as_deref()));

@@ -271,25 +271,6 @@ FEP_DEVICE void FepMma<fep_bf16>::run(float (&acc)[NT][FEP_MMA_ACC], const FA& a
 }
 #endif
 
-// One warp computes a 16 x (16 NT) tile of A B over k in [0, K) and hands each element to
-// epi(row, col, value), row in [0, 16), col in [0, 16 NT); K may be any size (the functors
-// return 0 past it: the last step reads up to kK - 1 elements beyond).
-template <typename In, int NT, typename FA, typename FB, typename Epi>
-FEP_DEVICE void fep_mma_tile(int K, const FA& a, const FB& b, const Epi& epi) {
-    float acc[NT][FEP_MMA_ACC];
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int i = 0; i < FEP_MMA_ACC; ++i) acc[j][i] = 0.0f;
-    for (int k0 = 0; k0 < K; k0 += FepMma<In>::kK) FepMma<In>::template run<NT>(acc, a, b, k0);
-    const int lane = (int)fep_lane();
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int i = 0; i < FEP_MMA_ACC; ++i)
-            epi(FepMma<In>::acc_row(lane, i), 16 * j + FepMma<In>::acc_col(lane, i), acc[j][i]);
-}
-
 // As FepMma<In>::run, accurate to f32 for In = float on NVIDIA: tf32 keeps 10 mantissa bits,
 // so each operand is split into tf32 high and low parts and three products are summed
 // (hi*hi + hi*lo + lo*hi, the lo*lo term is below f32 rounding). AMD's f32 MFMA and the 16-bit
@@ -309,4 +290,28 @@ FEP_DEVICE void fep_mma_run_accurate(float (&acc)[NT][FEP_MMA_ACC], const FA& a,
     }
 #endif
     FepMma<In>::template run<NT>(acc, a, b, k0);
+}
+
+// One warp computes a 16 x (16 NT) tile of A B over k in [0, K) and hands each element to
+// epi(row, col, value), row in [0, 16), col in [0, 16 NT); K may be any size (the functors
+// return 0 past it: the last step reads up to kK - 1 elements beyond). accurate:
+// fep_mma_run_accurate per step (f32 to f32 accuracy on NVIDIA), else one FepMma<In>::run.
+template <typename In, int NT, typename FA, typename FB, typename Epi>
+FEP_DEVICE void fep_mma_tile(int K, const FA& a, const FB& b, bool accurate, const Epi& epi) {
+    float acc[NT][FEP_MMA_ACC];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < FEP_MMA_ACC; ++i) acc[j][i] = 0.0f;
+    if (accurate) {
+        for (int k0 = 0; k0 < K; k0 += FepMma<In>::kK) fep_mma_run_accurate<In, NT>(acc, a, b, k0);
+    } else {
+        for (int k0 = 0; k0 < K; k0 += FepMma<In>::kK) FepMma<In>::template run<NT>(acc, a, b, k0);
+    }
+    const int lane = (int)fep_lane();
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < FEP_MMA_ACC; ++i)
+            epi(FepMma<In>::acc_row(lane, i), 16 * j + FepMma<In>::acc_col(lane, i), acc[j][i]);
 }

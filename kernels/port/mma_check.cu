@@ -14,7 +14,8 @@ FEP_DEVICE void mma_check(const float* a, const float* b, float* c, int K) {
     constexpr int kCols = 16 * MMA_CHECK_NT;
     auto fa = [&](int r, int k) { return k < K ? a[r * K + k] : 0.0f; };
     auto fb = [&](int col, int k) { return k < K ? b[k * kCols + col] : 0.0f; };
-    fep_mma_tile<In, MMA_CHECK_NT>(K, fa, fb, [&](int r, int col, float v) { c[r * kCols + col] = v; });
+    // One pass (accurate = false): the check is of the fragment layout.
+    fep_mma_tile<In, MMA_CHECK_NT>(K, fa, fb, false, [&](int r, int col, float v) { c[r * kCols + col] = v; });
 }
 
 #define MMA_CHECK_KERNEL(suffix, T)                                                                 \

@@ -48,7 +48,7 @@ FEP_DEVICE void settle_p_forward(const SettleArgs& p, const SettleLayer* lay, co
     float* eps = s.eps(l, L.n);
     const int chunks = (L.n + SETTLE_P_COLS - 1) / SETTLE_P_COLS;
     for (int c = (int)fep_warp_id(); c < chunks; c += SETTLE_WARPS) {
-        settle_forward_tile<T, SETTLE_P_NT>(L, xin, ld_in, rows, c * SETTLE_P_COLS, [&](int r, int j, float mu) {
+        settle_forward_tile<T, SETTLE_P_NT>(L, xin, ld_in, rows, c * SETTLE_P_COLS, p.tf32 != 0, [&](int r, int j, float mu) {
             if (init) {
                 x[r * L.n + j] = mu;
             } else {
@@ -60,7 +60,8 @@ FEP_DEVICE void settle_p_forward(const SettleArgs& p, const SettleLayer* lay, co
 
 // The update of free layer l for the rows that have not stopped.
 template <typename T>
-FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleLayer* lay, const SettleSmem& s, int rows, int l, const int32_t* done) {
+FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleLayer* lay, const SettleSmem& s, int64_t row0, int rows, int l,
+                                const int32_t* done) {
     const SettleLayer& L = lay[l - 1];
     float* x = s.x(l);
     float* eps = s.eps(l, L.n);
@@ -74,26 +75,29 @@ FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleLayer* lay, con
             if (done[r]) return;
             const int i = r * L.n + j;
             float vi = v ? v[i] : 0.0f;
-            settle_update(x[i], vi, eps[i], settle_pi(L, j), back, act_above, alpha_above, p.eta, p.beta);
+            settle_update(x[i], vi, eps[i], settle_pi(L, row0 + r, j), back, act_above, alpha_above, p.eta, p.beta);
             if (v) v[i] = vi;
         };
         // The top layer has no layer above: K = 0 gives back = 0 with the same element ownership.
         const SettleLayer& A = lay[top ? l - 1 : l];
-        settle_backward_tile<T, SETTLE_P_NT>(A, top ? 0 : A.n, s.eps(top ? l : l + 1, A.n), A.n, rows, L.n,
-                                             c * SETTLE_P_COLS, epi);
+        settle_backward_tile<T, SETTLE_P_NT>(A, top ? 0 : A.n, s.eps(top ? l : l + 1, A.n), A.n, row0, rows, L.n,
+                                             c * SETTLE_P_COLS, p.tf32 != 0, epi);
     }
 }
 
 // Energy of each row from the errors in shared memory: thread t sums units t / 16, t / 16 + 8, ...
 // of row t % 16 over all layers; then 16 threads add the 8 partial sums in order.
-FEP_DEVICE void settle_p_energy(const SettleArgs& p, const SettleLayer* lay, const SettleSmem& s, float* part, float* energy) {
+FEP_DEVICE void settle_p_energy(const SettleArgs& p, const SettleLayer* lay, const SettleSmem& s, int64_t row0, int rows,
+                                float* part, float* energy) {
     constexpr int kParts = SETTLE_THREADS / SETTLE_TILE_ROWS;
     const int r = threadIdx.x % SETTLE_TILE_ROWS, q = threadIdx.x / SETTLE_TILE_ROWS;
     float sum = 0.0f;
     for (int l = 1; l <= p.depth; ++l) {
         const SettleLayer& L = lay[l - 1];
         const float* eps = s.eps(l, L.n) + r * L.n;
-        for (int j = q; j < L.n; j += kParts) sum = fmaf(settle_pi(L, j) * eps[j], eps[j], sum);
+        // Rows past the batch hold eps = 0 and read no per-sample precision.
+        if (r < rows)
+            for (int j = q; j < L.n; j += kParts) sum = fmaf(settle_pi(L, row0 + r, j) * eps[j], eps[j], sum);
     }
     part[threadIdx.x] = sum;
     __syncthreads();
@@ -154,7 +158,7 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
         }
         for (int l = 1; l <= p.depth; ++l) settle_p_forward<T>(p, lay, s, row0, rows, l, false);
         __syncthreads();
-        settle_p_energy(p, lay, s, part, energy);
+        settle_p_energy(p, lay, s, row0, rows, part, energy);
         if (threadIdx.x < (unsigned)rows) {
             prev[threadIdx.x] = energy[threadIdx.x];
             start[threadIdx.x] = energy[threadIdx.x];
@@ -174,11 +178,11 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
                     for (int u = t; u <= p.total_steps; ++u) p.trace[(row0 + threadIdx.x) * t1 + u] = prev[threadIdx.x];
                 break;
             }
-            for (int l = 1; l <= top_free; ++l) settle_p_update<T>(p, lay, s, rows, l, done);
+            for (int l = 1; l <= top_free; ++l) settle_p_update<T>(p, lay, s, row0, rows, l, done);
             __syncthreads();
             for (int l = 1; l <= p.depth; ++l) settle_p_forward<T>(p, lay, s, row0, rows, l, false);
             __syncthreads();
-            settle_p_energy(p, lay, s, part, energy);
+            settle_p_energy(p, lay, s, row0, rows, part, energy);
             if (threadIdx.x < (unsigned)rows) {
                 const int r = threadIdx.x;
                 if (!done[r]) {

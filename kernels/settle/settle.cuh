@@ -5,8 +5,11 @@
 //   backward (layer l):  back  = (Pi_{l+1} eps_{l+1}) W_{l+1}      [rows x n_l],   K = n_{l+1}
 //
 // Rows are samples, columns units. Both run on the tensor cores through port/mma.cuh with the
-// weights' dtype as the input type (f32 weights: tf32 on NVIDIA); the activation, precision and
-// bounds are applied in the operand functors, the error/update maths in the epilogue.
+// weights' dtype as the input type. f32 weights are accurate to f32 by default (on NVIDIA three
+// tf32 products, fep_mma_run_accurate; AMD's f32 MFMA is exact); SettleArgs::tf32 = 1 (the
+// spec's allow_tf32) runs one tf32 product instead, ~3x fewer tensor-core operations at ~1e-3
+// relative error per product. The activation, precision and bounds are applied in the operand
+// functors, the error/update maths in the epilogue.
 //
 // The argument struct is mirrored field for field by a #[repr(C)] struct in src/settle/gpu.rs.
 #pragma once
@@ -58,7 +61,7 @@ FEP_DEVICE float settle_df(int act, float alpha, float x) {
 struct SettleLayer {
     const void* w;    // W_l [n, n_in], weight dtype
     const void* b;    // b_l [n], or null
-    const float* pi;  // diagonal Pi_l [n], or null: pi_s
+    const float* pi;  // diagonal Pi_l: [n] (pi_ld = 0) or per sample [batch, n] (pi_ld = n); null: pi_s
     float* x;         // x_l [batch, n]
     float* eps;       // eps_l [batch, n]
     float* v;         // momentum [batch, n] (stepped kernels)
@@ -67,6 +70,8 @@ struct SettleLayer {
     int32_t act;     // f_l, applied to x_{l-1}
     int32_t n, n_in;
     int32_t ep_col;  // first column of this layer's energy partials (stepped kernels)
+    int32_t pi_ld;   // row stride of pi: 0 (one diagonal for every sample) or n (per sample)
+    int32_t pad;
 };
 
 struct SettleArgs {
@@ -85,7 +90,8 @@ struct SettleArgs {
     int32_t mode;     // forward: SETTLE_EVAL or SETTLE_INIT
     int32_t clamped;  // x_L is the target
     int32_t ep_cols;
-    float eta, beta, tol, pad;
+    float eta, beta, tol;
+    int32_t tf32;  // 1: single-pass tf32 products for f32 weights (allow_tf32); 0: f32-accurate
 };
 
 // The layer table, copied once per block into shared memory with constant indices. Indexing the
@@ -102,7 +108,10 @@ FEP_DEVICE const SettleLayer* settle_layers(const SettleArgs& p) {
 
 enum SettleForwardMode { SETTLE_EVAL = 0, SETTLE_INIT = 1 };
 
-FEP_DEVICE float settle_pi(const SettleLayer& L, int j) { return L.pi ? L.pi[j] : L.pi_s; }
+// Pi_l of unit j for sample `row` (a global sample index).
+FEP_DEVICE float settle_pi(const SettleLayer& L, int64_t row, int j) {
+    return L.pi ? L.pi[row * L.pi_ld + j] : L.pi_s;
+}
 
 // The A operand of the forward product: f_l(x_{l-1}[row, k]), 0 outside [0, rows) x [0, K).
 struct SettleForwardA {
@@ -121,13 +130,21 @@ struct SettleBackwardA {
     static constexpr bool kKFast = true;
     const float* eps;  // rows of eps_{l+1}, leading dimension ld
     int64_t ld;
-    const float* pi;
+    const float* pi;   // Pi_{l+1} of the first row (null: pi_s), row stride pi_ld
+    int64_t pi_ld;
     float pi_s;
     int rows, K;
     FEP_DEVICE float operator()(int r, int k) const {
-        return (r < rows && k < K) ? (pi ? pi[k] : pi_s) * eps[r * ld + k] : 0.0f;
+        return (r < rows && k < K) ? (pi ? pi[r * pi_ld + k] : pi_s) * eps[r * ld + k] : 0.0f;
     }
 };
+
+// The backward product's A for the rows from sample row0 of the layer above, A.
+FEP_DEVICE SettleBackwardA settle_backward_a(const SettleLayer& A, const float* eps_above, int64_t ld_above,
+                                             int64_t row0, int rows, int K) {
+    const float* pi = A.pi ? A.pi + row0 * A.pi_ld : nullptr;
+    return SettleBackwardA{eps_above, ld_above, pi, A.pi_ld, A.pi_s, rows, K};
+}
 
 // B of the forward product: B(c, k) = W_l[c0 + c, k] (rows of W are contiguous in k).
 template <typename T>
@@ -155,25 +172,25 @@ struct SettleWeightCols {
 // epi(row, j, mu) for every in-range element.
 template <typename T, int NT, typename Epi>
 FEP_DEVICE void settle_forward_tile(const SettleLayer& L, const float* xin, int64_t ld_in, int rows, int c0,
-                                    const Epi& epi) {
+                                    bool tf32, const Epi& epi) {
     const SettleForwardA a{xin, ld_in, rows, L.n_in, L.act, L.alpha};
     const SettleWeightRows<T> b{(const T*)L.w, L.n, L.n_in, c0};
     const T* bias = (const T*)L.b;
-    fep_mma_tile<T, NT>(L.n_in, a, b, [&](int r, int c, float acc) {
+    fep_mma_tile<T, NT>(L.n_in, a, b, !tf32, [&](int r, int c, float acc) {
         const int j = c0 + c;
         if (r < rows && j < L.n) epi(r, j, acc + (bias ? fep_to_f32(bias[j]) : 0.0f));
     });
 }
 
 // back[row, j] = sum_k Pi_{l+1,k} eps_{l+1}[row, k] W_{l+1}[k, j] for layer l below `A` (the
-// layer above, l + 1); epi(row, j, back) for every in-range element. n = n_l. K = A.n, or 0 for
-// the top layer (no layer above: back = 0, A is not read).
+// layer above, l + 1), rows from sample row0; epi(row, j, back) for every in-range element.
+// n = n_l. K = A.n, or 0 for the top layer (no layer above: back = 0, A is not read).
 template <typename T, int NT, typename Epi>
 FEP_DEVICE void settle_backward_tile(const SettleLayer& A, int K, const float* eps_above, int64_t ld_above,
-                                     int rows, int n, int c0, const Epi& epi) {
-    const SettleBackwardA a{eps_above, ld_above, A.pi, A.pi_s, rows, K};
+                                     int64_t row0, int rows, int n, int c0, bool tf32, const Epi& epi) {
+    const SettleBackwardA a = settle_backward_a(A, eps_above, ld_above, row0, rows, K);
     const SettleWeightCols<T> b{(const T*)A.w, n, K, c0};
-    fep_mma_tile<T, NT>(K, a, b, [&](int r, int c, float acc) {
+    fep_mma_tile<T, NT>(K, a, b, !tf32, [&](int r, int c, float acc) {
         const int j = c0 + c;
         if (r < rows && j < n) epi(r, j, acc);
     });
@@ -219,7 +236,7 @@ FEP_DEVICE void settle_stage(const F& f, float* dst, int k0) {
 // epi(r, c, value) for every (r, c) of the 64 x 64 tile, each exactly once; K may be 0 (all
 // values 0). `stage` holds SETTLE_STAGE_FLOATS floats; it is free again when epi runs.
 template <typename In, typename FA, typename FB, typename Epi>
-FEP_DEVICE void settle_block_gemm(int K, const FA& a, const FB& b, float* stage, const Epi& epi) {
+FEP_DEVICE void settle_block_gemm(int K, const FA& a, const FB& b, float* stage, bool accurate, const Epi& epi) {
     constexpr int kRowTiles = SETTLE_BLOCK_ROWS / 16 / SETTLE_WARPS;
     constexpr int kNT = SETTLE_BLOCK_COLS / 16;
     float acc[kRowTiles][kNT][FEP_MMA_ACC];
@@ -242,7 +259,12 @@ FEP_DEVICE void settle_block_gemm(int K, const FA& a, const FB& b, float* stage,
             const float* ta = sa + (wr0 + 16 * t) * SETTLE_STAGE_LD;
             auto fa = [&](int r, int k) { return ta[r * SETTLE_STAGE_LD + k]; };
             auto fb = [&](int c, int k) { return sb[c * SETTLE_STAGE_LD + k]; };
-            for (int kk = 0; kk < SETTLE_STAGE_K; kk += FepMma<In>::kK) FepMma<In>::template run<kNT>(acc[t], fa, fb, kk);
+            if (accurate) {
+                for (int kk = 0; kk < SETTLE_STAGE_K; kk += FepMma<In>::kK)
+                    fep_mma_run_accurate<In, kNT>(acc[t], fa, fb, kk);
+            } else {
+                for (int kk = 0; kk < SETTLE_STAGE_K; kk += FepMma<In>::kK) FepMma<In>::template run<kNT>(acc[t], fa, fb, kk);
+            }
         }
     }
     __syncthreads();  // the stage is free for the epilogue

@@ -53,7 +53,7 @@ FEP_DEVICE void settle_forward(const SettleArgs& p) {
         // After the product the stage holds pi e^2 per element, [64][65]: every element is
         // written (0 outside the layer), column 64 is left for the row sums.
         float* red = stage;
-        settle_block_gemm<T>(L.n_in, a, b, stage, [&](int r, int c, float acc) {
+        settle_block_gemm<T>(L.n_in, a, b, stage, p.tf32 == 0, [&](int r, int c, float acc) {
             const int j = c0 + c;
             float contrib = 0.0f;
             if (r < rows && j < L.n) {
@@ -62,7 +62,7 @@ FEP_DEVICE void settle_forward(const SettleArgs& p) {
                 if (eval) {
                     const float e = L.x[i] - mu;
                     L.eps[i] = e;
-                    contrib = settle_pi(L, j) * e * e;
+                    contrib = settle_pi(L, row0 + r, j) * e * e;
                 } else {
                     L.x[i] = mu;
                 }
@@ -97,14 +97,14 @@ FEP_DEVICE void settle_backward(const SettleArgs& p) {
     const float alpha_above = top ? 0.0f : A.alpha;
     settle_for_tiles(p.batch, L.n, [&](int64_t row0, int rows, int c0, int) {
         if (!settle_rows_active(p, row0, rows)) return;
-        const SettleBackwardA a{A.eps + row0 * A.n, A.n, A.pi, A.pi_s, rows, K};
+        const SettleBackwardA a = settle_backward_a(A, A.eps + row0 * A.n, A.n, row0, rows, K);
         const SettleWeightCols<T> b{(const T*)A.w, L.n, K, c0};
-        settle_block_gemm<T>(K, a, b, stage, [&](int r, int c, float back) {
+        settle_block_gemm<T>(K, a, b, stage, p.tf32 == 0, [&](int r, int c, float back) {
             const int j = c0 + c;
             if (r >= rows || j >= L.n || p.done[row0 + r]) return;
             const int64_t i = (row0 + r) * L.n + j;
             float x = L.x[i], v = L.v[i];
-            settle_update(x, v, L.eps[i], settle_pi(L, j), back, act_above, alpha_above, p.eta, p.beta);
+            settle_update(x, v, L.eps[i], settle_pi(L, row0 + r, j), back, act_above, alpha_above, p.eta, p.beta);
             L.x[i] = x;
             L.v[i] = v;
         });
@@ -113,15 +113,16 @@ FEP_DEVICE void settle_backward(const SettleArgs& p) {
 
 // Operands of the weight gradient, a product over the batch (k = sample): both are read along
 // their unit index (consecutive in memory), not along k.
-struct SettleGradA {  // A(r, k) = Pi_j eps_l[k, j], j = j0 + r
+struct SettleGradA {  // A(r, k) = Pi_{k,j} eps_l[k, j], j = j0 + r
     static constexpr bool kKFast = false;
     const float* eps;
     const float* pi;
+    int64_t pi_ld;
     float pi_s;
     int n, batch, j0;
     FEP_DEVICE float operator()(int r, int k) const {
         const int j = j0 + r;
-        return (j < n && k < batch) ? (pi ? pi[j] : pi_s) * eps[(int64_t)k * n + j] : 0.0f;
+        return (j < n && k < batch) ? (pi ? pi[k * pi_ld + j] : pi_s) * eps[(int64_t)k * n + j] : 0.0f;
     }
 };
 struct SettleGradB {  // B(c, k) = f_l(x_{l-1}[k, i]), i = i0 + c
@@ -144,9 +145,9 @@ FEP_DEVICE void settle_grad_w(const SettleArgs& p) {
     const float* xin = p.layer == 1 ? p.x0 : lay[p.layer - 2].x;
     const float scale = -1.0f / (float)p.batch;
     settle_for_tiles(L.n, L.n_in, [&](int64_t j0, int rows, int i0, int) {
-        const SettleGradA a{L.eps, L.pi, L.pi_s, L.n, p.batch, (int)j0};
+        const SettleGradA a{L.eps, L.pi, L.pi_ld, L.pi_s, L.n, p.batch, (int)j0};
         const SettleGradB b{xin, L.n_in, p.batch, i0, L.act, L.alpha};
-        settle_block_gemm<T>(p.batch, a, b, stage, [&](int r, int c, float acc) {
+        settle_block_gemm<T>(p.batch, a, b, stage, p.tf32 == 0, [&](int r, int c, float acc) {
             const int64_t j = j0 + r;
             const int i = i0 + c;
             if (r < rows && i < L.n_in) p.grad[j * L.n_in + i] = scale * acc;
@@ -190,13 +191,82 @@ FEP_KERNEL void FEP_LAUNCH_BOUNDS(SETTLE_THREADS) settle_step_end(SettleArgs p) 
     }
 }
 
-// dE/db_l[j] = -(1/B) sum_b Pi_j eps_l[b, j], one thread per unit, into p.grad.
+// dE/db_l[j] = -(1/B) sum_b Pi_{b,j} eps_l[b, j], one thread per unit, into p.grad.
 FEP_KERNEL void FEP_LAUNCH_BOUNDS(SETTLE_THREADS) settle_grad_b(SettleArgs p) {
     const SettleLayer* lay = settle_layers(p);
     const SettleLayer& L = lay[p.layer - 1];
     for (int j = blockIdx.x * SETTLE_THREADS + threadIdx.x; j < L.n; j += gridDim.x * SETTLE_THREADS) {
         float s = 0.0f;
-        for (int64_t b = 0; b < p.batch; ++b) s += L.eps[b * L.n + j];
-        p.grad[j] = -settle_pi(L, j) * s / (float)p.batch;
+        for (int64_t b = 0; b < p.batch; ++b) s = fmaf(settle_pi(L, b, j), L.eps[b * L.n + j], s);
+        p.grad[j] = -s / (float)p.batch;
+    }
+}
+
+// dF/dPi_l at the settled state, batch-averaged, into p.grad (F = E - 1/2 sum_l ln|Pi_l|):
+//   diagonal [n]:          grad[j]      = (1/B) sum_b 1/2 (eps[b, j]^2 - 1/pi_j)
+//   per sample [batch, n]: grad[b, j]   = (1/B) 1/2 (eps[b, j]^2 - 1/pi_bj)
+//   scalar:                grad[0]      = (1/B) sum_b sum_j 1/2 (eps[b, j]^2 - 1/pi)
+// Sums in a fixed order (deterministic). The scalar case runs in one block (the host launches
+// one); the others one thread per unit (per element for per-sample precision).
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(SETTLE_THREADS) settle_grad_pi(SettleArgs p) {
+    const SettleLayer* lay = settle_layers(p);
+    const SettleLayer& L = lay[p.layer - 1];
+    const float inv_b = 1.0f / (float)p.batch;
+    if (L.pi == nullptr) {
+        __shared__ float scratch[FEP_MAX_WARPS];
+        float s = 0.0f;
+        for (int j = threadIdx.x; j < L.n; j += SETTLE_THREADS)
+            for (int64_t b = 0; b < p.batch; ++b) {
+                const float e = L.eps[b * L.n + j];
+                s = fmaf(e, e, s);
+            }
+        s = block_allreduce<FEP_WARP_SIZE>(s, FepSum(), 0.0f, scratch);
+        if (threadIdx.x == 0 && blockIdx.x == 0) p.grad[0] = 0.5f * (s * inv_b - (float)L.n / L.pi_s);
+        return;
+    }
+    if (L.pi_ld != 0) {
+        const int64_t total = (int64_t)p.batch * L.n;
+        for (int64_t i = (int64_t)blockIdx.x * SETTLE_THREADS + threadIdx.x; i < total;
+             i += (int64_t)gridDim.x * SETTLE_THREADS) {
+            const float e = L.eps[i];
+            p.grad[i] = 0.5f * inv_b * (e * e - 1.0f / L.pi[i]);
+        }
+        return;
+    }
+    for (int j = blockIdx.x * SETTLE_THREADS + threadIdx.x; j < L.n; j += gridDim.x * SETTLE_THREADS) {
+        float s = 0.0f;
+        for (int64_t b = 0; b < p.batch; ++b) {
+            const float e = L.eps[b * L.n + j];
+            s = fmaf(e, e, s);
+        }
+        p.grad[j] = 0.5f * (s * inv_b - 1.0f / L.pi[j]);
+    }
+}
+
+// With the normaliser (log_det): adds -1/2 sum_l ln|Pi_l| of each sample to its settled energy
+// and to every entry of its trace, after the settling (the early stop ran on the quadratic
+// part, which the states descend; the log-determinant does not depend on them). One thread per
+// sample, layers and units in order.
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(SETTLE_THREADS) settle_add_log_det(SettleArgs p) {
+    const SettleLayer* lay = settle_layers(p);
+    const int64_t t1 = p.total_steps + 1;
+    for (int64_t b = (int64_t)blockIdx.x * SETTLE_THREADS + threadIdx.x; b < p.batch;
+         b += (int64_t)gridDim.x * SETTLE_THREADS) {
+        float c = 0.0f;
+        for (int l = 0; l < p.depth; ++l) {
+            const SettleLayer& L = lay[l];
+            if (L.pi == nullptr) {
+                c += (float)L.n * logf(L.pi_s);
+            } else {
+                const float* pi = L.pi + b * L.pi_ld;
+                float s = 0.0f;
+                for (int j = 0; j < L.n; ++j) s += logf(pi[j]);
+                c += s;
+            }
+        }
+        c *= -0.5f;
+        if (p.energy) p.energy[b] += c;
+        if (p.trace)
+            for (int64_t t = 0; t < t1; ++t) p.trace[b * t1 + t] += c;
     }
 }

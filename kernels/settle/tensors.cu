@@ -57,6 +57,26 @@ FEP_DEVICE void settle_scan(const T* v, int64_t n, float* out) {
     }
 FEP_FOR_EACH_DTYPE(SETTLE_TENSOR_KERNELS)
 
+// SGD in log space on positive f32 parameters (precisions): p <- p exp(-lr p g), skipped when
+// *skip != 0; settle_check_log_update flags a new value that is not finite or not > 0 (the
+// rule of settle::sgd_log_all).
+FEP_DEVICE float settle_log_step(float p, float g, float lr) { return p * expf(-lr * p * g); }
+
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) settle_sgd_log_f32(float* param, const float* grad, int64_t n, float lr,
+                                                          const unsigned* skip) {
+    if (*skip != 0u) return;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        param[i] = settle_log_step(param[i], grad[i], lr);
+}
+
+FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) settle_check_log_update_f32(const float* param, const float* grad, int64_t n,
+                                                                  float lr, unsigned* flag) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float x = settle_log_step(param[i], grad[i], lr);
+        if (!(x - x == 0.0f) || !(x > 0.0f) || !(grad[i] - grad[i] == 0.0f)) *flag = 1u;
+    }
+}
+
 // p[i] = value (f32 or, with value 0, any 4-byte type).
 FEP_KERNEL void FEP_LAUNCH_BOUNDS(256) settle_fill(float* p, int64_t n, float value) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)

@@ -191,6 +191,7 @@ pub fn settle_learn_step(
         let grads = Gradients {
             weights: grad_w.iter_mut().map(|g| ViewMut::host(g)).collect(),
             biases: grad_b.iter_mut().map(|g| ViewMut::host(g)).collect(),
+            precisions: Vec::new(),
         };
         let stream = net.device().default_stream();
         settle::learn_step_into(&net, &spec, &x0v, &tv, state.outputs(), grads, stream)

@@ -61,6 +61,9 @@ pub struct FepSettleNet {
     /// L: `[n_l]` diagonal precisions (> 0) overriding the scalar where an entry is not NULL; or
     /// NULL.
     pub precision_diag: *const *const f32,
+    /// L flags, or NULL (all 0): where entry l is not 0, precision_diag[l] (required then) holds
+    /// one diagonal per sample, `[batch, n_l]` row-major, instead of one `[n_l]` for all.
+    pub precision_per_sample: *const i32,
 }
 
 /// The parameters of a settling (fep_settle_infer, fep_settle_learn).
@@ -82,6 +85,13 @@ pub struct FepSettleParams {
     /// which on a GPU reads back a few floats (the call waits for the stream); 1: skip the
     /// checks and return without synchronising.
     pub skip_input_checks: i32,
+    /// 1: energy_out and trace_out hold the free energy F = E - 1/2 sum_l ln|Pi_l| (the
+    /// Gaussian normaliser, needed to learn precisions); 0: E. States, early stop (on E) and
+    /// gradients are the same either way.
+    pub log_det: i32,
+    /// 1: allow single-pass TF32 tensor-core products for f32 weights on NVIDIA GPUs (about 1e-3
+    /// relative error per product); 0: f32-accurate products on every backend.
+    pub allow_tf32: i32,
 }
 
 /// The widths of a C network description (checked against `layers` and the address space).
@@ -122,6 +132,7 @@ unsafe fn net_view<'a, T: Element>(
     dev: &Device,
     net: &FepSettleNet,
     widths: &[usize],
+    batch: usize,
 ) -> Result<Network<'a, T>> {
     let depth = widths.len() - 1;
     let acts = unsafe { slice_of("net.activations", net.activations, depth)? };
@@ -131,6 +142,7 @@ unsafe fn net_view<'a, T: Element>(
     let has_diag = present("net.precision_diag", net.precision_diag)?;
     let has_prec = present("net.precision", net.precision)?;
     let has_bias = present("net.biases", net.biases)?;
+    let has_per_sample = present("net.precision_per_sample", net.precision_per_sample)?;
     let mut layers = Vec::with_capacity(depth);
     for l in 0..depth {
         let (n, n_in) = (widths[l + 1], widths[l]);
@@ -154,7 +166,13 @@ unsafe fn net_view<'a, T: Element>(
         } else {
             std::ptr::null()
         };
-        let precision = if !diag.is_null() {
+        let per_sample = has_per_sample && unsafe { *net.precision_per_sample.add(l) } != 0;
+        let precision = if per_sample {
+            let name = format!("net.precision_diag[{l}]");
+            non_null(&name, diag)?;
+            let len = product("batch", batch, n)?;
+            Precision::PerSample(unsafe { raw_view(dev, diag as u64, len, &name) })
+        } else if !diag.is_null() {
             Precision::Diagonal(unsafe {
                 raw_view(dev, diag as u64, n, &format!("net.precision_diag[{l}]"))
             })
@@ -187,6 +205,13 @@ fn settle_spec(p: &FepSettleParams) -> Result<SettleSpec> {
             ));
         }
     };
+    let flag = |name: &str, v: i32| match v {
+        0 | 1 => Ok(v == 1),
+        other => Err(Error::invalid(
+            format!("params.{name}"),
+            format!("must be 0 or 1, got {other}"),
+        )),
+    };
     Ok(SettleSpec {
         eta: p.eta,
         momentum: p.momentum,
@@ -194,6 +219,8 @@ fn settle_spec(p: &FepSettleParams) -> Result<SettleSpec> {
         tol: p.tol,
         init,
         check_finite: p.skip_input_checks == 0,
+        log_det: flag("log_det", p.log_det)?,
+        allow_tf32: flag("allow_tf32", p.allow_tf32)?,
     })
 }
 
@@ -334,7 +361,7 @@ pub unsafe extern "C" fn fep_settle_infer(
         let out = unsafe { c.outputs(x_out, eps_out, energy_out, trace_out, steps_out)? };
         let stream = raw_stream(stream);
         with_dtype!(c.net.dtype, T => {
-            let network = unsafe { net_view::<T>(&c.dev, &c.net, &c.widths)? };
+            let network = unsafe { net_view::<T>(&c.dev, &c.net, &c.widths, c.batch)? };
             settle::infer_into(&network, &c.spec, &x0, out, stream)
         })
     })
@@ -342,7 +369,10 @@ pub unsafe extern "C" fn fep_settle_infer(
 
 /// One learning step: settles with x_L clamped to target (f32, batch x n_L), then writes the
 /// gradients of the settled energy, grad_w[l-1] = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T
-/// (f32, n_l x n_{l-1}) and grad_b[l-1] (f32, n_l), both required. lr > 0 then applies
+/// (f32, n_l x n_{l-1}) and grad_b[l-1] (f32, n_l), both required; grad_pi (NULL, or L entries
+/// each NULL to skip) receives dF/dPi_l = (1/B) sum_b 1/2 (eps_l^2 - 1/pi) per unit: 1 value for
+/// a scalar precision (summed over units), n_l for a diagonal, batch x n_l per sample (f32; see
+/// fep_settle_sgd_log to apply it). lr > 0 then applies
 /// W_l -= lr grad_w, b_l -= lr grad_b in place (lr = 0: gradients only), all or nothing: the
 /// weights and biases must not share memory, and an update that would write a NaN or infinity
 /// writes no parameter. Outputs as for fep_settle_infer (x_out[L-1] receives the target).
@@ -368,6 +398,7 @@ pub unsafe extern "C" fn fep_settle_learn(
     steps_out: *mut u32,
     grad_w: *const *mut f32,
     grad_b: *const *mut f32,
+    grad_pi: *const *mut f32,
     lr: f32,
 ) -> i32 {
     guard(|| {
@@ -389,6 +420,12 @@ pub unsafe extern "C" fn fep_settle_learn(
         let mut grads = Gradients {
             weights: Vec::new(),
             biases: Vec::new(),
+            precisions: Vec::new(),
+        };
+        let gp = if grad_pi.is_null() {
+            None
+        } else {
+            Some(unsafe { slice_of("grad_pi", grad_pi, depth)? })
         };
         for l in 0..depth {
             non_null(&format!("grad_w[{l}]"), gw[l])?;
@@ -411,7 +448,15 @@ pub unsafe extern "C" fn fep_settle_learn(
         }
         let stream = raw_stream(stream);
         with_dtype!(c.net.dtype, T => {
-            let network = unsafe { net_view::<T>(dev, &c.net, widths)? };
+            let network = unsafe { net_view::<T>(dev, &c.net, widths, c.batch)? };
+            if let Some(gp) = gp {
+                for (l, &ptr) in gp.iter().enumerate() {
+                    let len = network.layers()[l].precision.grad_len(c.batch, widths[l + 1]);
+                    grads.precisions.push((!ptr.is_null()).then(|| unsafe {
+                        raw_view_mut(dev, ptr as u64, len, &format!("grad_pi[{l}]"))
+                    }));
+                }
+            }
             if lr > 0.0 {
                 // Updated in place: checked distinct before anything is written.
                 check_params_distinct(&network, &x0, &target)?;
@@ -458,7 +503,7 @@ fn check_params_distinct<T: Element>(
                 b.len().saturating_mul(el),
             ));
         }
-        if let Precision::Diagonal(p) = &layer.precision {
+        if let Precision::Diagonal(p) | Precision::PerSample(p) = &layer.precision {
             let name = format!("net.precision_diag[{l}]");
             ins.push((name, p.addr(), p.len().saturating_mul(4)));
         }
@@ -504,4 +549,59 @@ unsafe fn apply_sgd<T: Element>(
         }
     }
     settle::sgd_all(&mut params, &grads, lr, None, stream)
+}
+
+/// SGD in log space on `count` positive f32 tensors (precisions), all or nothing:
+/// p <- p exp(-lr p g) for every element, which keeps p > 0 for any lr (with p = exp(theta),
+/// a plain SGD step on theta). params[i] and grads[i] hold lens[i] floats (grads as
+/// fep_settle_learn's grad_pi returns them). When any gradient or new value is not finite or
+/// not > 0, nothing is written: on the CPU the call returns FEP_ERR_DIVERGED; on a GPU the
+/// update is skipped on the device without waiting, and *status (optional, device memory, one
+/// u32) is set to 1 (0 when applied). lr finite and >= 0; the tensors must not overlap.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fep_settle_sgd_log(
+    kind: i32,
+    ordinal: i32,
+    stream: *mut c_void,
+    count: u32,
+    params: *const *mut f32,
+    grads: *const *const f32,
+    lens: *const u64,
+    lr: f32,
+    status: *mut u32,
+) -> i32 {
+    guard(|| {
+        let dev = open_device(kind, ordinal)?;
+        let n = count as usize;
+        let (ps, gs, ls) = unsafe {
+            (
+                slice_of("params", params, n)?,
+                slice_of("grads", grads, n)?,
+                slice_of("lens", lens, n)?,
+            )
+        };
+        let (mut pv, mut gv) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..n {
+            non_null(&format!("params[{i}]"), ps[i])?;
+            non_null(&format!("grads[{i}]"), gs[i])?;
+            let len = usize_of(&format!("lens[{i}]"), ls[i])?;
+            unsafe {
+                pv.push(raw_view_mut::<f32>(
+                    &dev,
+                    ps[i] as u64,
+                    len,
+                    &format!("params[{i}]"),
+                ));
+                gv.push(raw_view::<f32>(
+                    &dev,
+                    gs[i] as u64,
+                    len,
+                    &format!("grads[{i}]"),
+                ));
+            }
+        }
+        let mut st = (!status.is_null())
+            .then(|| unsafe { raw_view_mut::<u32>(&dev, status as u64, 1, "status") });
+        settle::sgd_log_all(&mut pv, &gv, lr, st.as_mut(), raw_stream(stream))
+    })
 }

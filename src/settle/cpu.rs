@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::{Activation, Gradients, Init, Precision, Problem, SettleOutputs};
+use super::{Activation, Gradients, Init, Precision, Problem, Rule, SettleOutputs};
 use crate::backend::View;
 use crate::backend::cpu::check_finite;
 use crate::element::Element;
@@ -21,8 +21,22 @@ pub(crate) struct RefLayer {
     /// b_l `[n]` (zeros without bias).
     pub b: Vec<f64>,
     pub f: Activation,
-    /// Π_l `[n]`.
+    /// Π_l: `[n]`, or `[batch, n]` when `per_sample`.
     pub pi: Vec<f64>,
+    pub per_sample: bool,
+    /// Whether Π_l is one scalar (its gradient sums over units).
+    pub scalar: bool,
+}
+
+impl RefLayer {
+    /// Π_l of sample b, `[n]`.
+    fn pi_of(&self, b: usize) -> &[f64] {
+        if self.per_sample {
+            &self.pi[b * self.n..(b + 1) * self.n]
+        } else {
+            &self.pi
+        }
+    }
 }
 
 /// The network in f64, checked for NaN/Inf (when asked) and for non-positive precisions.
@@ -43,7 +57,9 @@ fn reference_layers<T: Element>(p: &Problem<'_, '_, T>) -> Result<Vec<RefLayer>>
         };
         let pi: Vec<f64> = match &layer.precision {
             Precision::Scalar(s) => vec![*s as f64; n],
-            Precision::Diagonal(v) => v.host_slice().iter().map(|&v| v as f64).collect(),
+            Precision::Diagonal(v) | Precision::PerSample(v) => {
+                v.host_slice().iter().map(|&v| v as f64).collect()
+            }
         };
         if p.spec.check_finite {
             check_finite(&format!("layers[{i}].weight"), w.iter().copied())?;
@@ -57,6 +73,8 @@ fn reference_layers<T: Element>(p: &Problem<'_, '_, T>) -> Result<Vec<RefLayer>>
             b,
             f: layer.activation,
             pi,
+            per_sample: matches!(layer.precision, Precision::PerSample(_)),
+            scalar: matches!(layer.precision, Precision::Scalar(_)),
         });
     }
     Ok(layers)
@@ -75,17 +93,19 @@ pub(crate) fn check_precision(name: &str, pi: &[f64]) -> Result<()> {
     Ok(())
 }
 
-/// ε_l = x_l − (W_l f_l(x_{l−1}) + b_l) for every layer; returns the energy ½ Σ π ε².
-fn errors(layers: &[RefLayer], x: &[Vec<f64>], eps: &mut [Vec<f64>]) -> f64 {
+/// ε_l = x_l − (W_l f_l(x_{l−1}) + b_l) for every layer of sample b; returns the energy
+/// ½ Σ π ε².
+fn errors(layers: &[RefLayer], b: usize, x: &[Vec<f64>], eps: &mut [Vec<f64>]) -> f64 {
     let mut energy = 0.0;
     for (l, layer) in layers.iter().enumerate() {
+        let pi = layer.pi_of(b);
         let fx: Vec<f64> = x[l].iter().map(|&v| layer.f.apply(v)).collect();
         for j in 0..layer.n {
             let row = &layer.w[j * layer.n_in..(j + 1) * layer.n_in];
             let mu: f64 = row.iter().zip(&fx).map(|(w, f)| w * f).sum::<f64>() + layer.b[j];
             let e = x[l + 1][j] - mu;
             eps[l][j] = e;
-            energy += 0.5 * layer.pi[j] * e * e;
+            energy += 0.5 * pi[j] * e * e;
         }
     }
     energy
@@ -114,11 +134,20 @@ pub(crate) struct Settled {
     pub steps: u32,
 }
 
-/// Settles one sample. `x` holds x₀ … x_L on entry: x₀ the input, x_L the target when
+/// −½ Σ_l ln|Π_l| of sample b: the normaliser of the free energy.
+fn log_det_term(layers: &[RefLayer], b: usize) -> f64 {
+    -0.5 * layers
+        .iter()
+        .map(|l| l.pi_of(b).iter().map(|p| p.ln()).sum::<f64>())
+        .sum::<f64>()
+}
+
+/// Settles sample b. `x` holds x₀ … x_L on entry: x₀ the input, x_L the target when
 /// `clamped`, the free layers their start when `given`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn settle_sample(
     layers: &[RefLayer],
+    b: usize,
     mut x: Vec<Vec<f64>>,
     clamped: bool,
     given: bool,
@@ -135,19 +164,21 @@ pub(crate) fn settle_sample(
     let mut eps: Vec<Vec<f64>> = layers.iter().map(|l| vec![0.0; l.n]).collect();
     let mut v: Vec<Vec<f64>> = layers.iter().map(|l| vec![0.0; l.n]).collect();
     let mut trace = Vec::with_capacity(steps as usize + 1);
-    trace.push(errors(layers, &x, &mut eps));
+    trace.push(errors(layers, b, &x, &mut eps));
     let mut done = steps;
     for t in 1..=steps {
         // g for every free layer from this step's errors, then all updates at once.
         let mut g: Vec<Vec<f64>> = Vec::with_capacity(top_free);
         for l in 1..=top_free {
             let layer = &layers[l - 1];
-            let mut gl: Vec<f64> = (0..layer.n).map(|j| layer.pi[j] * eps[l - 1][j]).collect();
+            let pi = layer.pi_of(b);
+            let mut gl: Vec<f64> = (0..layer.n).map(|j| pi[j] * eps[l - 1][j]).collect();
             if l < depth {
                 let above = &layers[l];
+                let pi_above = above.pi_of(b);
                 for (i, gi) in gl.iter_mut().enumerate() {
                     let back: f64 = (0..above.n)
-                        .map(|j| above.w[j * above.n_in + i] * above.pi[j] * eps[l][j])
+                        .map(|j| above.w[j * above.n_in + i] * pi_above[j] * eps[l][j])
                         .sum();
                     *gi -= above.f.derivative(x[l][i]) * back;
                 }
@@ -160,7 +191,7 @@ pub(crate) fn settle_sample(
                 x[l][i] -= eta * v[l - 1][i];
             }
         }
-        let e = errors(layers, &x, &mut eps);
+        let e = errors(layers, b, &x, &mut eps);
         let prev = trace[trace.len() - 1];
         trace.push(e);
         if converged(e, prev, trace[0], tol) {
@@ -185,15 +216,34 @@ pub(crate) fn converged(e: f64, prev: f64, start: f64, tol: f64) -> bool {
     tol > 0.0 && ((e - prev).abs() <= tol * prev || e <= tol * start)
 }
 
-/// Gradients at the settled states: ∂E/∂W_l = −(1/B) Σ_b (π ε_l) f_l(x_{l−1})ᵀ, ∂E/∂b_l.
+/// Gradients at the settled states: ∂E/∂W_l = −(1/B) Σ_b (π ε_l) f_l(x_{l−1})ᵀ, ∂E/∂b_l, and
+/// ∂F/∂Π_l = (1/B) Σ_b ½ (ε² − 1/π) per unit (per element for a per-sample precision, summed
+/// over units for a scalar).
 pub(crate) fn gradients(
     layers: &[RefLayer],
     settled: &[Settled],
-) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
-    let scale = -1.0 / settled.len() as f64;
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let batch = settled.len() as f64;
+    let scale = -1.0 / batch;
     let mut gw = Vec::new();
     let mut gb = Vec::new();
+    let mut gpi = Vec::new();
     for (l, layer) in layers.iter().enumerate() {
+        let half = |b: usize, j: usize| {
+            let e = settled[b].eps[l][j];
+            0.5 * (e * e - 1.0 / layer.pi_of(b)[j]) / batch
+        };
+        let units = |b: usize| (0..layer.n).map(move |j| half(b, j));
+        let p: Vec<f64> = if layer.per_sample {
+            (0..settled.len()).flat_map(units).collect()
+        } else if layer.scalar {
+            vec![(0..settled.len()).flat_map(units).sum()]
+        } else {
+            (0..layer.n)
+                .map(|j| (0..settled.len()).map(|b| half(b, j)).sum())
+                .collect()
+        };
+        gpi.push(p);
         let fx: Vec<Vec<f64>> = settled
             .iter()
             .map(|s| s.x[l].iter().map(|&v| layer.f.apply(v)).collect())
@@ -202,8 +252,8 @@ pub(crate) fn gradients(
         w.par_chunks_mut(layer.n_in)
             .enumerate()
             .for_each(|(j, row)| {
-                for (s, f) in settled.iter().zip(&fx) {
-                    let pe = layer.pi[j] * s.eps[l][j];
+                for (b, (s, f)) in settled.iter().zip(&fx).enumerate() {
+                    let pe = layer.pi_of(b)[j] * s.eps[l][j];
                     for (r, fi) in row.iter_mut().zip(f) {
                         *r += pe * fi;
                     }
@@ -215,14 +265,15 @@ pub(crate) fn gradients(
                 scale
                     * settled
                         .iter()
-                        .map(|s| layer.pi[j] * s.eps[l][j])
+                        .enumerate()
+                        .map(|(b, s)| layer.pi_of(b)[j] * s.eps[l][j])
                         .sum::<f64>()
             })
             .collect();
         gw.push(w);
         gb.push(b);
     }
-    (gw, gb)
+    (gw, gb, gpi)
 }
 
 fn rows(v: &View<'_, f32>, width: usize, name: &str, check: bool) -> Result<Vec<Vec<f64>>> {
@@ -276,8 +327,9 @@ pub(super) fn run<T: Element>(
             for (l, rows) in init.iter().enumerate() {
                 x[l + 1] = rows[b].clone();
             }
-            settle_sample(
+            let mut s = settle_sample(
                 &layers,
+                b,
                 x,
                 p.clamped,
                 given,
@@ -285,7 +337,12 @@ pub(super) fn run<T: Element>(
                 p.spec.momentum as f64,
                 p.spec.steps,
                 p.spec.tol as f64,
-            )
+            );
+            if p.spec.log_det {
+                let c = log_det_term(&layers, b);
+                s.trace.iter_mut().for_each(|e| *e += c);
+            }
+            s
         })
         .collect();
     if check {
@@ -316,12 +373,18 @@ pub(super) fn run<T: Element>(
         }
     }
     if let Some(mut g) = grads {
-        let (gw, gb) = gradients(&layers, &settled);
+        let (gw, gb, gpi) = gradients(&layers, &settled);
         for l in 0..depth {
             let dst = g.weights[l].host_slice_mut();
             dst.iter_mut().zip(&gw[l]).for_each(|(o, &v)| *o = v as f32);
             let dst = g.biases[l].host_slice_mut();
             dst.iter_mut().zip(&gb[l]).for_each(|(o, &v)| *o = v as f32);
+            if let Some(Some(dst)) = g.precisions.get_mut(l) {
+                let dst = dst.host_slice_mut();
+                dst.iter_mut()
+                    .zip(&gpi[l])
+                    .for_each(|(o, &v)| *o = v as f32);
+            }
         }
     }
     Ok(())
@@ -351,23 +414,33 @@ fn diverged<T: Element>(p: &Problem<'_, '_, T>, settled: &[Settled]) -> Result<(
     )))
 }
 
-/// p ← p − lr · g, rounded once to T, for every (param, grad) pair, all or nothing: when a
-/// gradient or a new value is not finite in T, nothing is written and the error names it.
+/// p ← p − lr · g (or, `Rule::Log`, p · exp(−lr · p · g)), rounded once to T, for every
+/// (param, grad) pair, all or nothing: when a gradient or a new value is not finite in T (or a
+/// log-space value is not > 0), nothing is written and the error names it.
 pub(super) fn sgd_all<T: Element>(
     params: &mut [&mut [T]],
     grads: &[&[f32]],
     lr: f64,
+    rule: Rule,
 ) -> Result<()> {
-    let new = |p: &T, g: f32| T::from_f64(p.to_f64() - lr * g as f64);
+    let new = |p: &T, g: f32| {
+        let p = p.to_f64();
+        T::from_f64(match rule {
+            Rule::Plain => p - lr * g as f64,
+            Rule::Log => p * (-lr * p * g as f64).exp(),
+        })
+    };
+    let ok = |v: f64, g: f32| g.is_finite() && v.is_finite() && (rule == Rule::Plain || v > 0.0);
     for (i, (param, grad)) in params.iter().zip(grads).enumerate() {
         if let Some(j) = param
             .iter()
             .zip(grad.iter())
-            .position(|(p, &g)| !new(p, g).to_f64().is_finite())
+            .position(|(p, &g)| !ok(new(p, g).to_f64(), g))
         {
             return Err(Error::Diverged(format!(
-                "the SGD step on parameter {i} makes element {j} non-finite (grad {}, lr {lr}); \
-                 no parameter was written",
+                "the SGD step on parameter {i} makes element {j} non-finite{} (grad {}, lr \
+                 {lr}); no parameter was written",
+                if rule == Rule::Log { " or 0" } else { "" },
                 grad[j]
             )));
         }

@@ -12,7 +12,7 @@
 
 use std::ffi::c_void;
 
-use super::{Gradients, Init, Precision, Problem, SettleOutputs};
+use super::{Gradients, Init, Precision, Problem, Rule, SettleOutputs};
 use crate::backend::{Device, LaunchConfig, Scratch, Stream, View, ViewMut};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -54,6 +54,8 @@ struct LayerArgs {
     n: i32,
     n_in: i32,
     ep_col: i32,
+    pi_ld: i32,
+    pad: i32,
 }
 
 #[repr(C)]
@@ -80,7 +82,7 @@ struct SettleArgs {
     eta: f32,
     beta: f32,
     tol: f32,
-    pad: f32,
+    tf32: i32,
 }
 
 fn arg<T>(v: &mut T) -> *mut c_void {
@@ -219,7 +221,7 @@ fn check_inputs<T: Element>(
     // At most: per layer precision, weight, bias; x0, target; the start of every layer.
     let mut scans = Scans::new(p.net.device(), 4 * p.net.depth() + 2, stream)?;
     for (i, layer) in p.net.layers().iter().enumerate() {
-        if let Precision::Diagonal(v) = &layer.precision {
+        if let Precision::Diagonal(v) | Precision::PerSample(v) = &layer.precision {
             scans.add::<f32>(format!("layers[{i}].precision"), v.addr(), v.len(), true)?;
         }
         let w = &layer.weight;
@@ -308,13 +310,14 @@ pub(super) fn run<T: Element>(
         eta: p.spec.eta,
         beta: p.spec.momentum,
         tol: p.spec.tol,
-        pad: 0.0,
+        tf32: p.spec.allow_tf32 as i32,
     };
     let mut ep_cols = 0;
     for (i, layer) in p.net.layers().iter().enumerate() {
-        let (pi, pi_s) = match &layer.precision {
-            Precision::Scalar(s) => (0, *s),
-            Precision::Diagonal(v) => (v.addr(), 1.0),
+        let (pi, pi_s, pi_ld) = match &layer.precision {
+            Precision::Scalar(s) => (0, *s, 0),
+            Precision::Diagonal(v) => (v.addr(), 1.0, 0),
+            Precision::PerSample(v) => (v.addr(), 1.0, widths[i + 1] as i32),
         };
         args.layers[i] = LayerArgs {
             w: layer.weight.addr(),
@@ -329,6 +332,8 @@ pub(super) fn run<T: Element>(
             n: widths[i + 1] as i32,
             n_in: widths[i] as i32,
             ep_col: ep_cols as i32,
+            pi_ld,
+            pad: 0,
         };
         ep_cols += widths[i + 1].div_ceil(BLOCK);
     }
@@ -353,6 +358,21 @@ pub(super) fn run<T: Element>(
         )?;
     } else {
         stepped::<T>(dev, p, args, init, stream)?;
+    }
+    if p.spec.log_det && (args.energy != 0 || args.trace != 0) {
+        let mut a = args;
+        let cfg = LaunchConfig {
+            grid: (blocks(batch, THREADS as usize), 1, 1),
+            block: THREADS,
+            smem: 0,
+        };
+        dev.launch(
+            STEPPED,
+            "settle_add_log_det",
+            cfg,
+            &mut [arg(&mut a)],
+            stream,
+        )?;
     }
     if let Some(g) = grads {
         gradients::<T>(dev, p, args, g, stream)?;
@@ -480,6 +500,27 @@ fn gradients<T: Element>(
             smem: 0,
         };
         dev.launch(STEPPED, "settle_grad_b", cfg, &mut [arg(&mut a)], stream)?;
+        let Some(Some(gp)) = g.precisions.get(l - 1) else {
+            continue;
+        };
+        let mut a = SettleArgs {
+            layer: l as i32,
+            grad: gp.addr,
+            ..args
+        };
+        // A scalar precision's gradient is one block's reduction; the others one thread per
+        // unit (per element for per-sample precisions).
+        let work = match &p.net.layers()[l - 1].precision {
+            Precision::Scalar(_) => 1,
+            Precision::Diagonal(_) => widths[l],
+            Precision::PerSample(_) => p.batch.saturating_mul(widths[l]),
+        };
+        let cfg = LaunchConfig {
+            grid: (blocks(work, THREADS as usize), 1, 1),
+            block: THREADS,
+            smem: 0,
+        };
+        dev.launch(STEPPED, "settle_grad_pi", cfg, &mut [arg(&mut a)], stream)?;
     }
     Ok(())
 }
@@ -493,6 +534,7 @@ pub(super) fn sgd_all<T: Element>(
     lr: f32,
     status: Option<&mut ViewMut<'_, u32>>,
     stream: Stream,
+    rule: Rule,
 ) -> Result<()> {
     let Some(first) = params.first() else {
         return Ok(());
@@ -507,7 +549,11 @@ pub(super) fn sgd_all<T: Element>(
         }
     };
     fill(&dev, flag, 1, 0.0, stream)?;
-    for pass in ["settle_check_update", "settle_sgd"] {
+    let passes = match rule {
+        Rule::Plain => ["settle_check_update", "settle_sgd"],
+        Rule::Log => ["settle_check_log_update", "settle_sgd_log"],
+    };
+    for pass in passes {
         for (param, grad) in params.iter().zip(grads) {
             let n = param.len();
             let (mut pp, mut g, mut n_, mut lr, mut f) =

@@ -50,7 +50,7 @@
 //! let x0 = dev.upload(&[1.0f32, -1.0])?;
 //! let target = dev.upload(&[0.5f32])?;
 //! let spec = SettleSpec::new(0.1).steps(20);
-//! let out = settle::learn_step(&net, &spec, &x0.view(), &target.view())?;
+//! let out = settle::learn_step(&net, &spec, &x0.view(), &target.view(), None)?;
 //! let trace = out.state.trace.as_ref().unwrap().to_vec()?;
 //! assert!(trace[20] < trace[0]); // settling lowered the energy
 //! println!("dE/dW2 = {:?}", out.grad_w[1].to_vec()?);
@@ -197,6 +197,28 @@ pub enum Precision<'a> {
     Scalar(f32),
     /// Π_l = diag(π), `[n_l]`, every entry > 0, on the network's device.
     Diagonal(View<'a, f32>),
+    /// One diagonal per sample, `[batch, n_l]` row-major, every entry > 0, on the network's
+    /// device: Π_l of sample b is diag(π[b, :]). Its length is checked against the batch of
+    /// each call.
+    PerSample(View<'a, f32>),
+}
+
+impl Precision<'_> {
+    /// How many values its gradient ∂F/∂Π_l has for a batch of `batch` samples of width `n`:
+    /// 1 (scalar), n (diagonal) or batch · n (per sample).
+    pub fn grad_len(&self, batch: usize, n: usize) -> usize {
+        match self {
+            Precision::Scalar(_) => 1,
+            Precision::Diagonal(_) => n,
+            Precision::PerSample(_) => batch.saturating_mul(n),
+        }
+    }
+    fn tensor(&self) -> Option<&View<'_, f32>> {
+        match self {
+            Precision::Scalar(_) => None,
+            Precision::Diagonal(v) | Precision::PerSample(v) => Some(v),
+        }
+    }
 }
 
 /// One layer l ≥ 1: W_l `[n_l, n_{l−1}]` row-major, b_l `[n_l]` (optional), f_l, Π_l.
@@ -306,6 +328,19 @@ impl<'a, T: Element> Network<'a, T> {
                     same_device(&name("precision"), v.device(), &dev)?;
                     check_len(&name("precision"), v.len(), n)?;
                 }
+                Precision::PerSample(v) => {
+                    same_device(&name("precision"), v.device(), &dev)?;
+                    if v.is_empty() || !v.len().is_multiple_of(n) {
+                        return Err(Error::invalid(
+                            name("precision"),
+                            format!(
+                                "per-sample precision has {} elements, not a positive multiple \
+                                 of n_{l} = {n} ([batch, n_{l}])",
+                                v.len()
+                            ),
+                        ));
+                    }
+                }
             }
         }
         Ok(Network {
@@ -368,6 +403,19 @@ pub struct SettleSpec {
     /// before any output is written; on a GPU a diverged settle shows as a non-finite energy
     /// output, and [`sgd_all`] refuses to apply its gradients.
     pub check_finite: bool,
+    /// Report the free energy F = E − ½ Σ_l ln|Π_l| (the Gaussian's normaliser, which keeps a
+    /// learned precision from collapsing to 0) in the energy and trace outputs instead of E.
+    /// The states, the early stop (which runs on E) and the weight gradients do not change: the
+    /// term depends on the precisions only. Off by default.
+    pub log_det: bool,
+    /// Allow single-pass TF32 tensor-core products for f32 weights on NVIDIA GPUs (like
+    /// PyTorch's `allow_tf32`). Off by default: every backend then computes the products to
+    /// f32 accuracy (three TF32 products on NVIDIA tensor cores, exact f32 on AMD's, f64 on the
+    /// CPU), and each layer's error meets ‖ε − ε_ref‖ ≤ 1e-5 ‖ε_ref‖ against the f64 reference
+    /// on well-conditioned problems. With it, a product keeps ~11 significant bits (relative
+    /// error ~1e-3 per product, growing with the steps), for up to 3x fewer tensor-core
+    /// operations. It changes nothing on AMD GPUs, on the CPU or for f16/bf16 weights.
+    pub allow_tf32: bool,
 }
 
 impl SettleSpec {
@@ -380,6 +428,8 @@ impl SettleSpec {
             tol: 0.0,
             init: Init::Feedforward,
             check_finite: true,
+            log_det: false,
+            allow_tf32: false,
         }
     }
     /// Sets β.
@@ -405,6 +455,16 @@ impl SettleSpec {
     /// Turns the finiteness check on or off.
     pub fn check_finite(mut self, on: bool) -> Self {
         self.check_finite = on;
+        self
+    }
+    /// Reports the free energy with the −½ ln|Π| normaliser ([`SettleSpec::log_det`]).
+    pub fn log_det(mut self, on: bool) -> Self {
+        self.log_det = on;
+        self
+    }
+    /// Allows single-pass TF32 products ([`SettleSpec::allow_tf32`]).
+    pub fn allow_tf32(mut self, on: bool) -> Self {
+        self.allow_tf32 = on;
         self
     }
 
@@ -454,12 +514,17 @@ pub struct SettleOutputs<'a> {
 }
 
 /// Where [`learn_step_into`] writes the gradients (f32): `weights[l−1]` `[n_l, n_{l−1}]` and
-/// `biases[l−1]` `[n_l]`. A layer without bias still gets its bias gradient.
+/// `biases[l−1]` `[n_l]`. A layer without bias still gets its bias gradient. `precisions` is
+/// empty (no precision gradients) or has one entry per layer, `None` to skip that layer, else
+/// ∂F/∂Π_l of [`Precision::grad_len`] values: 1 for a scalar, `[n_l]` for a diagonal,
+/// `[batch, n_l]` per sample.
 pub struct Gradients<'a> {
     /// ∂E/∂W_l.
     pub weights: Vec<ViewMut<'a, f32>>,
     /// ∂E/∂b_l.
     pub biases: Vec<ViewMut<'a, f32>>,
+    /// ∂F/∂Π_l = (1/B) Σ_b ½ (ε²_l − 1/π_l) per unit (summed over units for a scalar).
+    pub precisions: Vec<Option<ViewMut<'a, f32>>>,
 }
 
 /// The outputs of [`infer`], on the network's device.
@@ -486,6 +551,11 @@ pub struct LearnResult {
     pub grad_w: Vec<DeviceBuffer<f32>>,
     /// ∂E/∂b_l, `[n_l]` each.
     pub grad_b: Vec<DeviceBuffer<f32>>,
+    /// ∂F/∂Π_l of the free energy with the normaliser, one per layer, of
+    /// [`Precision::grad_len`] values: `[1]` for a scalar precision, `[n_l]` for a diagonal,
+    /// `[batch, n_l]` per sample. Returned whether or not the spec's `log_det` is on (the
+    /// gradient of E alone, ½ ε², would drive a learned precision to 0).
+    pub grad_pi: Vec<DeviceBuffer<f32>>,
 }
 
 /// What the backends run: the checked arguments.
@@ -520,12 +590,35 @@ fn batch_of(name: &str, len: usize, width: usize) -> Result<usize> {
     Ok(batch)
 }
 
+/// Per-sample precisions must hold `[batch, n_l]`.
+fn check_precisions<T: Element>(net: &Network<'_, T>, batch: usize) -> Result<()> {
+    for (i, layer) in net.layers.iter().enumerate() {
+        if let Precision::PerSample(v) = &layer.precision {
+            let n = net.widths[i + 1];
+            let want = product(&format!("layers[{i}].precision"), &[batch, n])?;
+            if v.len() != want {
+                return Err(Error::invalid(
+                    format!("layers[{i}].precision"),
+                    format!(
+                        "per-sample precision has {} elements, expected batch x n_{} = {batch} \
+                         x {n} = {want}",
+                        v.len(),
+                        i + 1
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_outputs<T: Element>(
     net: &Network<'_, T>,
     spec: &SettleSpec,
     batch: usize,
     out: &SettleOutputs<'_>,
 ) -> Result<()> {
+    check_precisions(net, batch)?;
     let dev = net.device();
     let depth = net.depth();
     check_len("x (number of layers)", out.x.len(), depth)?;
@@ -596,6 +689,15 @@ fn check_no_overlap<T: Element>(
         for (l, v) in g.biases.iter().enumerate() {
             outs.push(span::<f32>(format!("grad biases[{l}]"), v.addr, v.len()));
         }
+        for (l, v) in g.precisions.iter().enumerate() {
+            if let Some(v) = v {
+                outs.push(span::<f32>(
+                    format!("grad precisions[{l}]"),
+                    v.addr,
+                    v.len(),
+                ));
+            }
+        }
     }
     let mut ins: Vec<Span> = vec![span::<f32>("x0".into(), x0.addr, x0.len())];
     if let Some(t) = target {
@@ -607,7 +709,7 @@ fn check_no_overlap<T: Element>(
         if let Some(b) = &layer.bias {
             ins.push(span::<T>(format!("layers[{i}].bias"), b.addr, b.len()));
         }
-        if let Precision::Diagonal(p) = &layer.precision {
+        if let Some(p) = layer.precision.tensor() {
             ins.push(span::<f32>(
                 format!("layers[{i}].precision"),
                 p.addr,
@@ -706,6 +808,21 @@ pub fn learn_step_into<T: Element>(
         same_device(&name, grads.biases[l - 1].device(), net.device())?;
         check_len(&name, grads.biases[l - 1].len(), n)?;
     }
+    if !grads.precisions.is_empty() {
+        check_len(
+            "grad precisions (number of layers)",
+            grads.precisions.len(),
+            depth,
+        )?;
+        for (i, g) in grads.precisions.iter().enumerate() {
+            if let Some(g) = g {
+                let name = format!("grad precisions[{i}]");
+                same_device(&name, g.device(), net.device())?;
+                let want = net.layers[i].precision.grad_len(batch, net.widths[i + 1]);
+                check_len(&name, g.len(), want)?;
+            }
+        }
+    }
     check_no_overlap(net, x0, Some(target), &out, Some(&grads))?;
     let p = Problem {
         net,
@@ -779,30 +896,42 @@ pub fn infer<T: Element>(
 }
 
 /// One learning step on the default stream into new buffers: settle with x_L clamped to
-/// `target`, then the gradients. Free layers start at the feedforward prediction.
+/// `target`, then the gradients of the weights, biases and precisions. `init`: None for the
+/// feedforward start, or x₁ … x_{L−1} (`[batch, n_l]` each) to start the free layers from.
 pub fn learn_step<T: Element>(
     net: &Network<'_, T>,
     spec: &SettleSpec,
     x0: &View<'_, f32>,
     target: &View<'_, f32>,
+    init: Option<&[View<'_, f32>]>,
 ) -> Result<LearnResult> {
     spec.validate()?;
     let batch = batch_of("x0", x0.len(), net.widths[0])?;
+    check_precisions(net, batch)?;
     let dev = net.device();
     let mut state = alloc_state(dev, &net.widths, batch, spec.steps)?;
     let mut grad_w = Vec::new();
     let mut grad_b = Vec::new();
-    for w in net.widths.windows(2) {
-        grad_w.push(dev.alloc::<f32>(w[0] * w[1])?);
+    let mut grad_pi = Vec::new();
+    for (l, w) in net.widths.windows(2).enumerate() {
+        grad_w.push(dev.alloc::<f32>(product("grad weights", &[w[0], w[1]])?)?);
         grad_b.push(dev.alloc::<f32>(w[1])?);
+        grad_pi.push(dev.alloc::<f32>(net.layers[l].precision.grad_len(batch, w[1]))?);
     }
-    let spec = SettleSpec {
+    let mut spec = SettleSpec {
         init: Init::Feedforward,
         ..*spec
     };
+    if let Some(init) = init {
+        let depth = net.depth();
+        check_len("init (number of layers)", init.len(), depth - 1)?;
+        copy_init(dev, init, &mut state.x[..depth - 1])?;
+        spec.init = Init::FromOutputs;
+    }
     let grads = Gradients {
         weights: grad_w.iter_mut().map(|b| b.view_mut()).collect(),
         biases: grad_b.iter_mut().map(|b| b.view_mut()).collect(),
+        precisions: grad_pi.iter_mut().map(|b| Some(b.view_mut())).collect(),
     };
     learn_step_into(
         net,
@@ -817,6 +946,7 @@ pub fn learn_step<T: Element>(
         state,
         grad_w,
         grad_b,
+        grad_pi,
     })
 }
 
@@ -862,6 +992,62 @@ pub fn sgd_all<T: Element>(
     status: Option<&mut ViewMut<'_, u32>>,
     stream: Stream,
 ) -> Result<()> {
+    update_all(params, grads, lr, status, stream, Rule::Plain)
+}
+
+/// SGD in log space on positive parameters (precisions), all or nothing like [`sgd_all`]: with
+/// π = exp(θ), a step θ ← θ − lr ∂F/∂θ = θ − lr π ∂F/∂π, that is
+///
+/// ```text
+/// π ← π · exp(−lr · π · ∂F/∂π)
+/// ```
+///
+/// which keeps every π > 0 for any step size. `grads` are ∂F/∂π as [`learn_step`] returns them
+/// (`LearnResult::grad_pi`). When any gradient or new value is not finite, or a new value
+/// underflows to 0, nothing is written (CPU: [`Error::Diverged`]; GPU: skipped on the device,
+/// `status` as for [`sgd_all`]).
+///
+/// ```
+/// use fep_kernels::{Device, settle};
+/// let dev = Device::cpu();
+/// let mut pi = dev.upload(&[1.0f32, 4.0])?;
+/// // dF/dπ = ½(ε² − 1/π) with ε² = 0.25 for both units: the fixed point is π = 4.
+/// for _ in 0..200 {
+///     let p = pi.to_vec()?;
+///     let g = dev.upload(&[0.5 * (0.25 - 1.0 / p[0]), 0.5 * (0.25 - 1.0 / p[1])])?;
+///     settle::sgd_log_all(&mut [pi.view_mut()], &[g.view()], 0.5, None, dev.default_stream())?;
+/// }
+/// let p = pi.to_vec()?;
+/// assert!((p[0] - 4.0).abs() < 1e-3 && (p[1] - 4.0).abs() < 1e-3);
+/// # Ok::<(), fep_kernels::Error>(())
+/// ```
+pub fn sgd_log_all(
+    params: &mut [ViewMut<'_, f32>],
+    grads: &[View<'_, f32>],
+    lr: f32,
+    status: Option<&mut ViewMut<'_, u32>>,
+    stream: Stream,
+) -> Result<()> {
+    update_all(params, grads, lr, status, stream, Rule::Log)
+}
+
+/// The update rule of [`sgd_all`] and [`sgd_log_all`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rule {
+    /// p − lr g.
+    Plain,
+    /// p exp(−lr p g), for positive parameters.
+    Log,
+}
+
+fn update_all<T: Element>(
+    params: &mut [ViewMut<'_, T>],
+    grads: &[View<'_, f32>],
+    lr: f32,
+    status: Option<&mut ViewMut<'_, u32>>,
+    stream: Stream,
+    rule: Rule,
+) -> Result<()> {
     if !(lr.is_finite() && lr >= 0.0) {
         return Err(Error::invalid(
             "lr",
@@ -897,7 +1083,7 @@ pub fn sgd_all<T: Element>(
     if !dev.is_gpu() {
         let mut ps: Vec<&mut [T]> = params.iter_mut().map(|p| p.host_slice_mut()).collect();
         let gs: Vec<&[f32]> = grads.iter().map(|g| g.host_slice()).collect();
-        let r = cpu::sgd_all(&mut ps, &gs, lr as f64);
+        let r = cpu::sgd_all(&mut ps, &gs, lr as f64, rule);
         if let Some(s) = status {
             s.host_slice_mut()[0] = r.is_err() as u32;
         }
@@ -905,7 +1091,7 @@ pub fn sgd_all<T: Element>(
     }
     #[cfg(fep_gpu)]
     {
-        gpu::sgd_all(params, grads, lr, status, stream)
+        gpu::sgd_all(params, grads, lr, status, stream, rule)
     }
     #[cfg(not(fep_gpu))]
     unreachable!("a GPU device exists only with a GPU feature")
