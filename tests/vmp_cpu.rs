@@ -1580,3 +1580,137 @@ fn bad_host_inputs_to_the_reference() {
         "qs",
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A model without B: state inference only
+// ---------------------------------------------------------------------------------------------
+
+/// `spec` without its transitions (and without what needs them: pB).
+fn without_b(spec: &ModelSpec) -> ModelSpec {
+    ModelSpec {
+        b: Vec::new(),
+        pb: Vec::new(),
+        ..spec.clone()
+    }
+}
+
+#[test]
+fn state_inference_needs_no_b_and_the_rest_names_b() {
+    let mut r = rng(31);
+    let full = random_three_factor(&mut r, true);
+    let dev = Device::cpu();
+    let with_b = Model::new(&dev, &full).unwrap();
+    // The controls and the policy table stay: only the ops that read B refuse.
+    let spec = without_b(&full);
+    let model = Model::new(&dev, &spec).unwrap();
+    assert!(with_b.has_b() && !model.has_b());
+    let n = 5;
+    let obs = random_index_obs(&mut r, &spec.num_obs, n);
+    let prior = random_prior(&mut r, &spec.num_states, n);
+    let fspec = FpiSpec::new().iters(12);
+    // the reference and the view API: the same numbers as the model with B
+    let want = reference::fpi(&with_b, &fspec, HostObs::Index(&obs), Some(&prior)).unwrap();
+    let got = reference::fpi(&model, &fspec, HostObs::Index(&obs), Some(&prior)).unwrap();
+    assert_eq!(got.qs, want.qs);
+    assert_eq!(got.vfe, want.vfe);
+    let prior32 = to_f32(&prior);
+    let run = |m: &Model| {
+        let r = vmp::infer_states(
+            m,
+            &fspec,
+            &Obs::Index(View::host(&obs)),
+            Some(&View::host(&prior32)),
+        )
+        .unwrap();
+        (r.qs.to_vec().unwrap(), r.vfe.to_vec().unwrap())
+    };
+    assert_eq!(run(&model), run(&with_b));
+    // without D too (uniform prior), and a model with no counts at all
+    let bare = ModelSpec {
+        d: Vec::new(),
+        pa: Vec::new(),
+        pd: Vec::new(),
+        policies: Vec::new(),
+        policy_len: 0,
+        e: Vec::new(),
+        num_controls: Vec::new(),
+        ..spec.clone()
+    };
+    let bare = Model::new(&dev, &bare).unwrap();
+    assert_eq!(bare.num_controls(), &[1, 1, 1]);
+    vmp::infer_states(&bare, &fspec, &Obs::Index(View::host(&obs)), None).unwrap();
+
+    // sequence inference (both APIs), policy inference and pB learning name B
+    let steps = 2;
+    let sobs = random_index_obs(&mut r, &spec.num_obs, n * steps);
+    let acts = random_actions(&mut r, &spec.num_controls, n * (steps - 1));
+    let seq = SequenceSpec::new(Method::Vmp);
+    let reason = invalid(
+        vmp::infer_sequence(
+            &model,
+            &seq,
+            steps,
+            &Obs::Index(View::host(&sobs)),
+            Some(&View::host(&acts)),
+            None,
+        ),
+        "b",
+    );
+    assert!(
+        reason.contains("sequence inference") && reason.contains("B"),
+        "{reason}"
+    );
+    invalid(
+        reference::sequence(
+            &model,
+            &seq,
+            steps,
+            HostObs::Index(&sobs),
+            Some(&acts),
+            None,
+        ),
+        "b",
+    );
+    let qs = to_f32(&random_beliefs(&mut r, &spec.num_states, n));
+    let reason = invalid(
+        vmp::infer_policies(&model, &PolicySpec::new(), &View::host(&qs)),
+        "b",
+    );
+    assert!(reason.contains("policy inference"), "{reason}");
+    invalid(
+        reference::policies(&model, &PolicySpec::new(), &to_f64(&qs)),
+        "b",
+    );
+    let qs_seq = to_f32(&random_beliefs(&mut r, &spec.num_states, n * steps));
+    let mut m2 = Model::new(&dev, &spec).unwrap();
+    let s = dev.default_stream();
+    let learn = |m: &mut Model, lr: LearnSpec| {
+        vmp::learn(
+            m,
+            &lr,
+            steps,
+            &Obs::Index(View::host(&sobs)),
+            &View::host(&qs_seq),
+            Some(&View::host(&acts)),
+            s,
+        )
+    };
+    let reason = invalid(learn(&mut m2, LearnSpec::new(0.0, 1.0, 0.0)), "b");
+    assert!(reason.contains("lr_b"), "{reason}");
+    // learning what does not involve B works
+    let before = m2.counts_a(0).unwrap().unwrap();
+    learn(&mut m2, LearnSpec::new(1.0, 0.0, 1.0)).unwrap();
+    assert_ne!(m2.counts_a(0).unwrap().unwrap(), before);
+    // pB without B is refused when the model is made
+    let reason = invalid(
+        Model::new(
+            &dev,
+            &ModelSpec {
+                b: Vec::new(),
+                ..full.clone()
+            },
+        ),
+        "pb",
+    );
+    assert!(reason.contains("B"), "{reason}");
+}

@@ -828,6 +828,7 @@ fn model_descriptions_are_checked() {
     // The description's pointers and counts.
     let d = good.desc();
     let a_with_null = [good.spec.a[0].as_ptr(), null()];
+    let b_with_null = [good.spec.b[0].as_ptr(), null()];
     let too_many_deps = [2u64, 3];
     let cases: Vec<(&str, FepVmpModelDesc, &str)> = vec![
         ("NULL A", FepVmpModelDesc { a: null(), ..d }, "desc.a"),
@@ -839,7 +840,15 @@ fn model_descriptions_are_checked() {
             },
             "desc.a[1]",
         ),
-        ("NULL B", FepVmpModelDesc { b: null(), ..d }, "desc.b"),
+        (
+            "NULL B entry",
+            FepVmpModelDesc {
+                b: b_with_null.as_ptr(),
+                ..d
+            },
+            "desc.b[1]",
+        ),
+        ("pB without B", FepVmpModelDesc { b: null(), ..d }, "pb"),
         (
             "NULL num_states",
             FepVmpModelDesc {
@@ -1187,4 +1196,89 @@ fn c_abi_rejects_bad_arguments_with_a_message() {
         },
         "model",
     );
+}
+
+/// A description with `b` NULL: a model for state inference only. fep_vmp_infer_states gives
+/// the Rust API's numbers (those of the model with B); sequence and policy inference and
+/// learning pB fail with FEP_ERR_INVALID_ARGUMENT naming B, their outputs untouched; learning
+/// pA and pD works.
+#[test]
+fn a_description_without_b_does_state_inference_only() {
+    let mut full = spec();
+    full.pb = Vec::new();
+    let no_b = ModelSpec {
+        b: Vec::new(),
+        ..full.clone()
+    };
+    let dev = Device::cpu();
+    let desc = CDesc::new(no_b.clone());
+    let d = desc.desc();
+    assert!(d.b.is_null() && d.pb.is_null());
+    let c = c_model(&dev, &d);
+    let with_b = Model::new(&dev, &full).unwrap();
+    check_states(&dev, &with_b, &c);
+    let rust = Model::new(&dev, &no_b).unwrap();
+    assert!(!rust.has_b());
+
+    let obs = index_obs(T);
+    let acts = actions();
+    let mut qs = vec![f32::NAN; N * T * SUM_S];
+    let st = unsafe {
+        ffi::fep_vmp_infer_sequence(
+            c.0,
+            null_mut(),
+            &seq_params(Method::Vmp, 1.0),
+            T as u64,
+            ffi::FEP_VMP_OBS_INDEX,
+            obs.as_ptr().cast(),
+            N as u64,
+            acts.as_ptr(),
+            null(),
+            qs.as_mut_ptr(),
+            null_mut(),
+            null_mut(),
+        )
+    };
+    expect_invalid("sequence without B", st, "transition matrices B");
+    assert!(
+        last_error().contains("sequence inference"),
+        "{}",
+        last_error()
+    );
+    assert!(qs.iter().all(|v| v.is_nan()));
+    let beliefs_now = beliefs(N, 0);
+    let mut q_pi = vec![f32::NAN; N * rust.num_policies()];
+    let st = unsafe {
+        ffi::fep_vmp_infer_policies(
+            c.0,
+            null_mut(),
+            &policy_params(false),
+            beliefs_now.as_ptr(),
+            N as u64,
+            null_mut(),
+            q_pi.as_mut_ptr(),
+        )
+    };
+    expect_invalid("policies without B", st, "transition matrices B");
+    assert!(q_pi.iter().all(|v| v.is_nan()));
+    let post = beliefs(N * T, 3);
+    let learn = |p: &FepVmpLearnParams| unsafe {
+        ffi::fep_vmp_learn(
+            c.0,
+            null_mut(),
+            p,
+            T as u64,
+            ffi::FEP_VMP_OBS_INDEX,
+            obs.as_ptr().cast(),
+            N as u64,
+            post.as_ptr(),
+            acts.as_ptr(),
+        )
+    };
+    expect_invalid("learning pB without B", learn(&learn_params()), "lr_b");
+    let no_lr_b = FepVmpLearnParams {
+        lr_b: 0.0,
+        ..learn_params()
+    };
+    assert_eq!(learn(&no_lr_b), ffi::FEP_OK, "{}", last_error());
 }

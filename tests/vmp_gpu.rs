@@ -979,3 +979,108 @@ fn bad_data_is_rejected_on_the_gpu_and_outputs_stay_untouched() {
     expect_invalid(run, "obs", "learning from an out-of-range observation");
     assert_eq!(lm.counts_a(0).unwrap().unwrap(), before);
 }
+
+/// A model without B on the GPU: state inference gives bit for bit what the same model with B
+/// gives (the kernels never read B), for every shape, in shared and in global memory; sequence
+/// and policy inference and pB learning are refused naming B, their outputs untouched.
+#[test]
+fn states_without_b_match_the_model_with_b() {
+    let Some(dev) = gpu("states_without_b_match_the_model_with_b") else {
+        return;
+    };
+    let mut r = rng(61);
+    for shape in &SHAPES {
+        let mut full = spec_of(&mut r, shape, true);
+        full.pb = Vec::new();
+        let no_b = ModelSpec {
+            b: Vec::new(),
+            ..full.clone()
+        };
+        let with_b = Model::new(&dev, &full).unwrap();
+        let model = Model::new(&dev, &no_b).unwrap();
+        assert!(!model.has_b());
+        let n = 7;
+        let inp = inputs(&mut r, &no_b, n, n);
+        let obs = dev.upload(&inp.idx).unwrap();
+        let prior = dev.upload(&to_f32(&inp.prior)).unwrap();
+        let fspec = FpiSpec::new().iters(10);
+        let run = |m: &Model| {
+            let res =
+                vmp::infer_states(m, &fspec, &Obs::Index(obs.view()), Some(&prior.view())).unwrap();
+            (res.qs.to_vec().unwrap(), res.vfe.to_vec().unwrap())
+        };
+        let (got, want) = (run(&model), run(&with_b));
+        assert!(
+            got.0.iter().all(|v| v.is_finite()),
+            "{}: qs not finite",
+            shape.name
+        );
+        assert_eq!(got, want, "{}: without B differs from with B", shape.name);
+        // and within f32 of the CPU reference
+        let host = Model::new(&Device::cpu(), &no_b).unwrap();
+        let cpu =
+            reference::fpi(&host, &fspec, HostObs::Index(&inp.idx), Some(&inp.prior)).unwrap();
+        assert_close(shape.name, &got.0, &cpu.qs, false, 1e-4);
+
+        let steps = 2;
+        let sobs = dev
+            .upload(&random_index_obs(&mut r, &no_b.num_obs, n * steps))
+            .unwrap();
+        let acts = dev
+            .upload(&random_actions(&mut r, &no_b.num_controls, n * (steps - 1)))
+            .unwrap();
+        let mut qs = poisoned(&dev, n * steps * model.belief_len());
+        let out = SequenceOutputs {
+            qs: qs.view_mut(),
+            vfe: None,
+            vfe_t: None,
+        };
+        let r1 = vmp::infer_sequence_into(
+            &model,
+            &SequenceSpec::new(Method::Mmp),
+            steps,
+            &Obs::Index(sobs.view()),
+            Some(&acts.view()),
+            None,
+            out,
+            dev.default_stream(),
+        );
+        expect_invalid(r1, "b", "sequence without B");
+        assert_untouched(&qs);
+        let beliefs = dev
+            .upload(&to_f32(&random_beliefs(&mut r, &no_b.num_states, n)))
+            .unwrap();
+        let mut q_pi = poisoned(&dev, n * model.num_policies());
+        let out = PolicyOutputs {
+            g: None,
+            q_pi: q_pi.view_mut(),
+        };
+        let r2 = vmp::infer_policies_into(
+            &model,
+            &PolicySpec::new(),
+            &beliefs.view(),
+            out,
+            dev.default_stream(),
+        );
+        expect_invalid(r2, "b", "policies without B");
+        assert_untouched(&q_pi);
+        let post = dev
+            .upload(&to_f32(&random_beliefs(
+                &mut r,
+                &no_b.num_states,
+                n * steps,
+            )))
+            .unwrap();
+        let mut m2 = Model::new(&dev, &no_b).unwrap();
+        let r3 = vmp::learn(
+            &mut m2,
+            &LearnSpec::new(1.0, 1.0, 0.0),
+            steps,
+            &Obs::Index(sobs.view()),
+            &post.view(),
+            Some(&acts.view()),
+            dev.default_stream(),
+        );
+        expect_invalid(r3, "b", "pB learning without B");
+    }
+}

@@ -81,7 +81,10 @@ pub struct FepVmpModelDesc {
     pub a_deps: *const u64,
     /// M: A_m `[O_m, S_deps(m)[0], S_deps(m)[1], ...]`, p(o | s): every column sums to 1.
     pub a: *const *const f64,
-    /// F: B_f [S_f, S_f, U_f], B_f[s', s, u] = p(s' | s, u): columns sum to 1.
+    /// F: B_f [S_f, S_f, U_f], B_f[s', s, u] = p(s' | s, u): columns sum to 1. Or NULL: a
+    /// model without transitions, for state inference (fep_vmp_infer_states) only; sequence
+    /// and policy inference, counts pb and learning with lr_b > 0 then fail with
+    /// FEP_ERR_INVALID_ARGUMENT naming B.
     pub b: *const *const f64,
     /// M: C_m `[O_m]` log-preferences, used as given; or NULL (an entry may be NULL): zeros.
     pub c: *const *const f64,
@@ -329,7 +332,7 @@ unsafe fn model_spec(d: &FepVmpModelDesc) -> Result<ModelSpec> {
     };
     Ok(ModelSpec {
         a: required("desc.a", d.a, &a_lens)?,
-        b: required("desc.b", d.b, &b_lens)?,
+        b: optional("desc.b", d.b, &b_lens, None)?,
         c: optional("desc.c", d.c, &num_obs, Some(&zeros))?,
         d: optional("desc.d", d.d, &num_states, Some(&uniform))?,
         pa: optional("desc.pa", d.pa, &a_lens, None)?,

@@ -633,6 +633,7 @@ pub fn sequence(
     prior: Option<&[f64]>,
 ) -> Result<SequenceOut> {
     spec.validate()?;
+    model.require_b("sequence inference (the B-messages between steps)")?;
     if steps == 0 {
         return Err(Error::invalid("steps", "must be >= 1"));
     }

@@ -407,6 +407,7 @@ impl PolicySpec {
                 format!("must be finite and >= 0, got {}", self.gamma),
             ));
         }
+        model.require_b("policy inference (beliefs are rolled forward through B)")?;
         if model.t.num_policies == 0 {
             return Err(Error::invalid(
                 "model",
@@ -455,6 +456,9 @@ impl LearnSpec {
     }
 
     fn validate(&self, model: &Model) -> Result<()> {
+        if self.lr_b > 0.0 && self.lr_b.is_finite() {
+            model.require_b("learning pB (lr_b > 0)")?;
+        }
         let has = [
             model.counts.a.is_some(),
             model.counts.b.is_some(),
@@ -715,6 +719,7 @@ pub fn infer_sequence_into(
     stream: Stream,
 ) -> Result<()> {
     spec.validate()?;
+    model.require_b("sequence inference (the B-messages between steps)")?;
     if steps == 0 {
         return Err(Error::invalid("steps", "must be >= 1"));
     }
@@ -770,6 +775,7 @@ pub fn infer_sequence(
     prior: Option<&View<'_, f32>>,
 ) -> Result<SequenceResult> {
     spec.validate()?;
+    model.require_b("sequence inference (the B-messages between steps)")?;
     if steps == 0 {
         return Err(Error::invalid("steps", "must be >= 1"));
     }

@@ -28,7 +28,9 @@ pub const NORM_TOL: f64 = 1e-5;
 ///
 /// * `a[m]`: A_m `[O_m, S_{d0}, S_{d1}, …]` with `a_deps[m] = [d0, d1, …]` (any order, no
 ///   repeats); p(o | s), every column (fixed s) sums to 1.
-/// * `b[f]`: B_f `[S_f, S_f, U_f]`, B_f[s′, s, u] = p(s′ | s, u); columns sum to 1.
+/// * `b[f]`: B_f `[S_f, S_f, U_f]`, B_f[s′, s, u] = p(s′ | s, u); columns sum to 1. Empty:
+///   a model without transitions, enough for state inference ([`super::infer_states`]);
+///   sequence and policy inference, and Dirichlet counts `pb`, need B.
 /// * `c[m]`: C_m `[O_m]`, log-preferences used as given (empty: zeros).
 /// * `d[f]`: D_f `[S_f]`, the prior over initial states (empty: uniform).
 /// * `policies`: `[P, H, F]` actions (`policy_len` = H), e.g. [`construct_policies`]; needed
@@ -47,7 +49,7 @@ pub struct ModelSpec {
     pub a_deps: Vec<Vec<usize>>,
     /// A_m per modality.
     pub a: Vec<Vec<f64>>,
-    /// B_f per factor.
+    /// B_f per factor, or empty (no transitions: state inference only).
     pub b: Vec<Vec<f64>>,
     /// C_m per modality, or empty.
     pub c: Vec<Vec<f64>>,
@@ -125,6 +127,8 @@ pub(crate) struct Tables {
     pub b: Vec<Vec<f64>>,
     pub ln_b: Vec<Vec<f64>>,
     pub bn: Vec<Vec<f64>>,
+    /// Whether the model has B (without it b, ln_b and bn hold an empty vector per factor).
+    pub has_b: bool,
     /// ln max(D_f, eps).
     pub ln_d: Vec<Vec<f64>>,
     /// `[P, H, F]`, P, H, and ln max(E, eps) `[P]`.
@@ -293,8 +297,16 @@ impl ModelSpec {
         }
         let sum_o = self.num_obs.iter().sum();
 
-        len_is("b", self.b.len(), f_count, "one tensor per factor")?;
-        for f in 0..f_count {
+        let has_b = !self.b.is_empty();
+        if has_b {
+            len_is("b", self.b.len(), f_count, "one tensor per factor")?;
+        } else if !self.pb.is_empty() {
+            return Err(Error::invalid(
+                "pb",
+                "given without B (ModelSpec::b is empty): Dirichlet counts over B need B",
+            ));
+        }
+        for f in (0..f_count).filter(|_| has_b) {
             let name = format!("b[{f}]");
             len_is(
                 &name,
@@ -404,15 +416,22 @@ impl ModelSpec {
                     .collect()
             })
             .collect();
-        let ln_b = self
-            .b
+        let b_tables: Vec<Vec<f64>> = if has_b {
+            self.b.clone()
+        } else {
+            vec![Vec::new(); f_count]
+        };
+        let ln_b = b_tables
             .iter()
             .map(|b| b.iter().map(|&x| ln_clip(x)).collect())
             .collect();
         let bn = (0..f_count)
             .map(|f| {
                 let (n, uf) = (s[f], u[f]);
-                let b = &self.b[f];
+                let b = &b_tables[f];
+                if b.is_empty() {
+                    return Vec::new();
+                }
                 let mut out = vec![0.0; b.len()];
                 for sp in 0..n {
                     for a in 0..uf {
@@ -443,9 +462,10 @@ impl ModelSpec {
             ln_a,
             h_a,
             c,
-            b: self.b.clone(),
+            b: b_tables,
             ln_b,
             bn,
+            has_b,
             ln_d,
             policies: self.policies.clone(),
             num_policies,
@@ -548,6 +568,25 @@ impl Model {
     /// deps(m) per modality.
     pub fn a_deps(&self) -> &[Vec<usize>] {
         &self.t.deps
+    }
+
+    /// Whether the model has transition matrices B (a model without them does state
+    /// inference only).
+    pub fn has_b(&self) -> bool {
+        self.t.has_b
+    }
+
+    /// `Err` naming B when the model has none: `what` needs it.
+    pub(crate) fn require_b(&self, what: &str) -> Result<()> {
+        if self.t.has_b {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "b",
+            format!(
+                "the model has no transition matrices B (ModelSpec::b is empty, or NULL in the C ABI): {what} needs B for every factor"
+            ),
+        ))
     }
 
     /// ΣS: the length of one agent's belief vector (factor f at offset Σ_{g<f} S_g).
