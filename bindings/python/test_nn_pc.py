@@ -223,6 +223,31 @@ def test_divergence_raises_and_leaves_parameters():
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
 
 
+def test_start_states_and_tf32_option():
+    params = _settle_params()
+    if "init" not in params or "allow_tf32" not in params:
+        return "SKIPPED: this build's settling ops take no init / allow_tf32"
+    net = small(bias=[True, False, True])
+    x0, y = data()
+    # the feedforward states, given explicitly, are the default start
+    with torch.no_grad():
+        h, states = x0, []
+        for l, w in enumerate(net.weights[:-1]):
+            f = torch.tanh if l == 1 else (lambda t: t)
+            h = f(h) @ w.T + (net.biases[str(l)] if str(l) in net.biases else 0)
+            states.append(h.clone())
+    e0 = net.energy(x0, y)
+    e1 = net.energy(x0, y, init=states)
+    assert torch.allclose(e0, e1, rtol=1e-5, atol=1e-6), (e0, e1)
+    # another start settles elsewhere (30 steps do not forget the start completely)
+    e2 = net.energy(x0, y, init=[torch.zeros_like(t) for t in states])
+    assert torch.isfinite(e2) and not torch.equal(e0, e2)
+    # TF32 is an NVIDIA tensor-core option: no effect on the CPU
+    tf = small(bias=[True, False, True], allow_tf32=True)
+    assert torch.equal(tf.energy(x0, y), e0)
+    assert torch.equal(tf(x0), net(x0))
+
+
 def test_torch_compile():
     torch._dynamo.reset()
     learned = precision_learning()
