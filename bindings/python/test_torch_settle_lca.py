@@ -513,5 +513,75 @@ def test_bad_inputs_lca():
     assert a.shape == (5, 20)
 
 
+def tlca(*args, **kwargs):
+    """fep_kernels.torch_lca.lca_solve (eta=None automatic, tol_mode, allow_tf32)."""
+    return fk.torch_lca.lca_solve(*args, **kwargs)
+
+
+def test_lca_lambda_max_and_automatic_eta():
+    for dev in devices():
+        phi, x = dictionary(n=10, m=24, seed=11, device=dev)
+        want = torch.linalg.eigvalsh(phi.cpu().double().T @ phi.cpu().double()).max().item()
+        with fk.LcaDictionary(phi) as d:
+            lmax = d.lambda_max
+            assert abs(lmax - want) <= 1e-6 * want, (dev, lmax, want)
+            assert d.auto_eta == min(1.0, 1.0 / lmax)
+            # eta=None (the default) is the automatic step: the same as giving it explicitly
+            auto = d.solve(x, lam=0.1, steps=60, trace=True)
+            explicit = d.solve(x, lam=0.1, eta=d.auto_eta, steps=60, trace=True)
+            assert all(torch.equal(auto[k], explicit[k]) for k in auto), dev
+            # the op: eta=None by default, the same numbers
+            u, a, steps = tlca(phi, x, lam=0.1, steps=60)
+            assert torch.equal(u, auto["u"]) and torch.equal(a, auto["a"]), dev
+            expect(fk.FepError, lambda: d.solve(x, lam=0.1, eta=1.5, steps=5), "eta")
+
+
+def test_lca_relative_tol_is_scale_invariant():
+    for dev in devices():
+        phi, x = dictionary(n=12, m=30, B=4, seed=12, device=dev)
+        scale = 1024.0  # a power of two: every float32 operation scales exactly
+        kw = dict(steps=3000, tol=1e-4)
+        u1, a1, s1 = tlca(phi, x, lam=0.1, tol_mode="relative", **kw)
+        u2, a2, s2 = tlca(phi, scale * x, lam=0.1 * scale, tol_mode="relative", **kw)
+        assert torch.equal(s1, s2) and (s1 < 3000).all(), (dev, s1, s2)
+        assert torch.allclose(a2, scale * a1, rtol=1e-5, atol=1e-5 * scale), dev
+        # absolute: the same tol stops the scaled input later
+        _, _, t1 = tlca(phi, x, lam=0.1, **kw)
+        _, _, t2 = tlca(phi, scale * x, lam=0.1 * scale, **kw)
+        assert (t2 > t1).all(), (dev, t1, t2)
+        # 1000 x (not exact in binary): the same steps up to one, codes within float32 noise
+        _, a3, s3 = tlca(phi, 1000.0 * x, lam=100.0, tol_mode="relative", **kw)
+        assert ((s3 - s1).abs() <= 1).all() and torch.allclose(a3, 1000.0 * a1, rtol=1e-3,
+                                                               atol=1e-2), dev
+        expect(ValueError, lambda: tlca(phi, x, lam=0.1, tol_mode="rel"), "tol_mode")
+        expect(TypeError, lambda: tlca(phi, x, lam=0.1, tol_mode=1), "tol_mode")
+
+
+def test_lca_allow_tf32_is_a_no_op():
+    for dev in devices():
+        phi, x = dictionary(seed=13, device=dev)
+        ref = tlca(phi, x, lam=0.1, steps=40)
+        got = tlca(phi, x, lam=0.1, steps=40, allow_tf32=True)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got)), dev
+
+
+def test_lca_new_options_under_torch_compile():
+    for dev in devices():
+        torch._dynamo.reset()
+        phi, x = dictionary(seed=14, device=dev)
+
+        def f(phi, x):
+            u, a, s = tlca(phi, x, lam=0.1, steps=50, tol=1e-4, tol_mode="relative",
+                                   allow_tf32=True)
+            return a, s
+
+        cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+        for got, want in zip(cf(phi, x), f(phi, x)):
+            assert torch.equal(got, want), dev
+        torch.library.opcheck(torch.ops.fep.lca_solve,
+                              (phi, x, None, 0.1, 0.0, 30, "soft", 1e-4, True, "relative",
+                               False))
+
+
 if __name__ == "__main__":
     sys.exit(run_tests(globals(), "test_torch_settle_lca.py", f" (devices: {devices()})"))

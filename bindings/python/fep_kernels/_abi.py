@@ -28,6 +28,8 @@ FEP_LCA_SOFT = 0
 FEP_LCA_SOFT_NONNEG = 1
 FEP_LCA_HARD = 2
 FEP_LCA_HARD_NONNEG = 3
+FEP_LCA_TOL_ABSOLUTE = 0
+FEP_LCA_TOL_RELATIVE = 1
 
 FEP_ACT_IDENTITY = 0
 FEP_ACT_TANH = 1
@@ -110,6 +112,8 @@ class _FepLcaParams(ctypes.Structure):
         ("eta", ctypes.c_float),
         ("steps", ctypes.c_uint32),
         ("tol", ctypes.c_float),
+        ("tol_mode", ctypes.c_int32),
+        ("allow_tf32", ctypes.c_int32),
     ]
 
 
@@ -269,6 +273,7 @@ def _declare(lib):
         "fep_lca_dict_free": (None, [vp]),
         "fep_lca_dict_shape": (i32, [vp, p_u64, p_u64]),
         "fep_lca_dict_phi": (i32, [vp, vp, vp]),
+        "fep_lca_dict_lambda_max": (i32, [vp, ctypes.POINTER(ctypes.c_double)]),
         "fep_lca_solve": (
             i32,
             [vp, vp, i32, vp, u64, ctypes.POINTER(_FepLcaParams), vp, vp, vp, vp, vp, vp],

@@ -1,14 +1,36 @@
-"""Locally competitive algorithm (sparse coding) on a dictionary: :class:`LcaDictionary`."""
+"""Locally competitive algorithm (sparse coding) on a dictionary: :class:`LcaDictionary`.
+
+LCA (Rozell et al., 2008) codes each sample x [n] against a dictionary Phi [n, m] with
+unit-norm columns by T steps of the leaky integrator
+
+    b = Phi^T x,   G = Phi^T Phi - I,   u_0 = 0 (or a given start)
+    u <- u + eta (b - u - G a),   a = theta_lam(u)
+
+with theta one of "soft" (sign(u) max(|u| - lam, 0): the fixed point is the LASSO solution of
+0.5 ||x - Phi a||^2 + lam ||a||_1), "soft_nonneg" (max(u - lam, 0)), "hard" (u where
+|u| > lam) and "hard_nonneg" (u where u > lam).
+
+The step ``eta`` defaults to 1 / lambda_max(Phi^T Phi) (:attr:`LcaDictionary.lambda_max`), the
+largest step at which the iteration contracts on every set of active units; the early stop
+``tol`` is absolute (max |du| < tol) or relative to the input's scale (max |du| < tol *
+max |Phi^T x|, per sample).
+"""
 
 import ctypes
+from typing import Any, Dict, Optional, Tuple
 
 from ._abi import (
     FEP_ERR_INTERNAL,
+    FEP_LCA_TOL_ABSOLUTE,
+    FEP_LCA_TOL_RELATIVE,
     FEP_OK,
     FepError,
     _FepLcaParams,
     _THRESHOLDS,
 )
+
+# Early-stop modes: FepLcaParams.tol_mode (FEP_LCA_TOL_ABSOLUTE / FEP_LCA_TOL_RELATIVE).
+_TOL_MODES = {"absolute": FEP_LCA_TOL_ABSOLUTE, "relative": FEP_LCA_TOL_RELATIVE}
 from ._lib import (
     _check,
     _get,
@@ -27,8 +49,24 @@ from ._tensors import (
 )
 
 
+def _eta_arg(eta: Optional[float]) -> float:
+    """The library's eta: 0.0 (automatic, 1 / lambda_max) for None, else the number as given
+    (the library checks it is in (0, 1])."""
+    return 0.0 if eta is None else _number(eta, "eta")
+
+
+def _tol_mode_arg(tol_mode: str) -> int:
+    """The library's code for ``tol_mode`` ("absolute" or "relative")."""
+    if not isinstance(tol_mode, str):
+        raise TypeError(f"tol_mode: expected a str, got {type(tol_mode).__name__}")
+    if tol_mode not in _TOL_MODES:
+        raise ValueError(f"tol_mode: {tol_mode!r} is not one of {list(_TOL_MODES)}")
+    return _TOL_MODES[tol_mode]
+
+
 class LcaDictionary(_Owned):
-    """A prepared LCA dictionary (``FepLcaDict``): Phi [n, m] and G = Phi^T Phi - I in f32.
+    """A prepared LCA dictionary: Phi [n, m] and G = Phi^T Phi - I, stored in float32 on one
+    device.
 
     ``phi``: a contiguous tensor [n, m] (float32, float16 or bfloat16; unit-norm columns) on the
     CPU or a CUDA device; it is copied, so it may be freed or changed afterwards.
@@ -39,7 +77,7 @@ class LcaDictionary(_Owned):
 
     _free = "fep_lca_dict_free"
 
-    def __init__(self, phi, check_unit_norm=True):
+    def __init__(self, phi: Any, check_unit_norm: bool = True) -> None:
         self._handle = None
         lib = _get()
         _check_tensor(phi, "phi", (None, None))
@@ -64,20 +102,20 @@ class LcaDictionary(_Owned):
         self.n = n
         self.m = m
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._handle is None else f"n={self.n}, m={self.m}"
         return f"LcaDictionary({state}, device={self.device})"
 
     # -- queries --
 
     @property
-    def shape(self):
+    def shape(self) -> Tuple[int, int]:
         """(n, m) as reported by the library."""
         n, m = ctypes.c_uint64(), ctypes.c_uint64()
         _check(self._lib.fep_lca_dict_shape(self._h(), ctypes.byref(n), ctypes.byref(m)))
         return int(n.value), int(m.value)
 
-    def _stream(self):
+    def _stream(self) -> Optional[ctypes.c_void_p]:
         """The raw stream for work on this dictionary's device: PyTorch's current stream of
         that device (None, i.e. NULL, on the CPU)."""
         if self.device.type == "cpu":
@@ -85,7 +123,24 @@ class LcaDictionary(_Owned):
         s = _torch().cuda.current_stream(self.device).cuda_stream
         return ctypes.c_void_p(s) if s else None
 
-    def phi(self):
+    @property
+    def lambda_max(self) -> float:
+        """lambda_max(Phi^T Phi): the largest eigenvalue of the Gram matrix (>= 1 for unit-norm
+        columns). Computed once per dictionary, on first use, by power iteration in float64 on
+        the host (a fixed start vector; at most 1000 iterations, until the Rayleigh quotient
+        changes by less than 1e-9 relatively), and again after :meth:`learn`. On a GPU the first
+        call copies Phi to the host and waits for the device."""
+        v = ctypes.c_double()
+        _check(self._lib.fep_lca_dict_lambda_max(self._h(), ctypes.byref(v)))
+        return float(v.value)
+
+    @property
+    def auto_eta(self) -> float:
+        """The step that ``eta=None`` selects: min(1, 1 / :attr:`lambda_max`)."""
+        lmax = self.lambda_max
+        return 1.0 / lmax if lmax > 1.0 else 1.0
+
+    def phi(self) -> Any:
         """A new float32 tensor [n, m] holding the dictionary's Phi (on its device)."""
         torch = _torch()
         h = self._h()
@@ -95,14 +150,25 @@ class LcaDictionary(_Owned):
 
     # -- ops --
 
-    def solve(self, x, lam, eta, steps, threshold="soft", tol=0.0, u0=None, trace=False,
-              out=None):
-        """Runs LCA (DESIGN.md 4.3) on the rows of ``x``.
+    def solve(self, x: Any, lam: float, eta: Optional[float] = None, steps: int = 100,
+              threshold: str = "soft", tol: float = 0.0, u0: Any = None, trace: bool = False,
+              out: Optional[Dict[str, Any]] = None, tol_mode: str = "absolute",
+              allow_tf32: bool = False) -> Dict[str, Any]:
+        """Runs LCA on the rows of ``x``: T steps of u <- u + eta (b - u - G a), a = theta(u),
+        b = Phi^T x, G = Phi^T Phi - I, from u = ``u0`` (or 0).
 
         ``x``: [B, n] float32/float16/bfloat16 on the dictionary's device, contiguous.
-        ``lam`` (> 0), ``eta`` (in (0, 1]), ``steps`` (T >= 1), ``threshold``: "soft",
-        "soft_nonneg", "hard" or "hard_nonneg"; ``tol``: early stop when a sample's
-        max |du| < tol (0 disables: exactly T steps). ``u0``: optional [B, m] float32 start.
+        ``lam`` (> 0): the threshold; ``eta``: the step, in (0, 1], or None (default) for
+        1 / lambda_max(Phi^T Phi) (:attr:`auto_eta`); ``steps`` (T >= 1): the most steps;
+        ``threshold``: "soft", "soft_nonneg", "hard" or "hard_nonneg".
+        ``tol``: early stop per sample (0 disables: exactly T steps); with
+        ``tol_mode="absolute"`` a sample stops when max |du| < tol, with ``"relative"`` when
+        max |du| < tol * max |Phi^T x| of that sample (so x and c * x, with lam scaled by c too,
+        stop at the same step; a sample with Phi^T x = 0 stops once du is exactly 0).
+        ``u0``: optional [B, m] float32 start.
+        ``allow_tf32``: permission (not a request) to use TF32 tensor cores for float32
+        products, as PyTorch's ``allow_tf32``. No LCA kernel uses tensor cores today, so it
+        changes nothing: results are accurate float32 (FMA, float32 accumulation) either way.
 
         Returns a dict of new contiguous tensors on the dictionary's device: "u" and "a"
         [B, m] float32, and with ``trace=True`` also "energy" [B, T] float32
@@ -124,7 +190,9 @@ class LcaDictionary(_Owned):
         if threshold not in _THRESHOLDS:
             raise ValueError(f"threshold: {threshold!r} is not one of {list(_THRESHOLDS)}")
         steps = _integer(steps, "steps")
-        lam, eta, tol = (_number(v, name) for v, name in ((lam, "lam"), (eta, "eta"), (tol, "tol")))
+        lam, tol = (_number(v, name) for v, name in ((lam, "lam"), (tol, "tol")))
+        eta = _eta_arg(eta)
+        mode = _tol_mode_arg(tol_mode)
         if u0 is not None:
             _check_tensor(u0, "u0", (batch, self.m), dtype=torch.float32, device=self.device)
 
@@ -152,7 +220,8 @@ class LcaDictionary(_Owned):
         _check_no_overlap([(f"out[{k!r}]", res[k]) for k in res if k in out],
                           [("x", x), ("u0", u0)], same_ok=[("out['u']", "u0")])
 
-        params = _FepLcaParams(_THRESHOLDS[threshold], lam, eta, steps, tol)
+        params = _FepLcaParams(_THRESHOLDS[threshold], lam, eta, steps, tol, mode,
+                               1 if allow_tf32 else 0)
         _check(
             self._lib.fep_lca_solve(
                 h, self._stream(), dtype, _ptr(x), batch, ctypes.byref(params), _ptr(u0),
@@ -163,7 +232,7 @@ class LcaDictionary(_Owned):
         )
         return res
 
-    def learn(self, x, a, lr):
+    def learn(self, x: Any, a: Any, lr: float) -> None:
         """One dictionary-learning step, in place:
         Phi += (lr / B) sum_b (x_b - Phi a_b) a_b^T, columns renormalised, G recomputed.
 
