@@ -425,6 +425,43 @@ def test_cuda_tensors():
     return None
 
 
+def test_state_inference_without_b():
+    # B=None: a model for state inference only; it gives pymdp's fpi numbers (fpi never reads
+    # B), and what needs B says so.
+    for name in ("tmaze", "two_factor"):
+        fx = MODELS[name]
+        run = fx["fpi"]
+        obs = ints(run["obs"])
+        prior = flat_beliefs(run["prior"]).float()
+        num_states = [len(d) for d in tensors(fx["D"])]
+        for kwargs in (dict(), dict(num_states=num_states)):
+            with model_of(fx, counts=False, B=None, policies=None, E=None, **kwargs) as model:
+                assert not model.has_b and model.num_states == num_states
+                assert model.num_controls == [1] * len(num_states)
+                out = model.infer_states(obs, prior=prior, num_iter=run["num_iter"])
+                assert_close(f"{name} fpi without B", out["qs"], flat_beliefs(run["qs"]))
+                assert_close(f"{name} fpi vfe without B", out["vfe"], run["vfe"])
+                steps = 2
+                sobs = obs[:, None, :].repeat(1, steps, 1).contiguous()
+                acts = torch.zeros(obs.shape[0], steps - 1, len(num_states), dtype=torch.int32)
+                expect_error(fk.FepError, lambda: model.infer_sequence(sobs, actions=acts),
+                             "transition matrices B", "sequence inference")
+    fx = MODELS["two_factor"]
+    with model_of(fx, B=None, pB=None, policies=None, E=None, policy_len=1) as model:
+        qs = model.infer_states(ints(fx["fpi"]["obs"]))["qs"]
+        expect_error(fk.FepError, lambda: model.infer_policies(qs), "transition matrices B")
+        post = qs[:, None, :].contiguous()
+        obs1 = ints(fx["fpi"]["obs"])[:, None, :].contiguous()
+        expect_error(fk.FepError, lambda: model.learn(obs1, post, lr_b=1.0), "lr_b")
+        model.learn(obs1, post, lr_a=1.0)  # pA does not involve B
+    expect_error(ValueError, lambda: model_of(fx, B=None), "pB", "without B")
+    # num_states that A's shapes contradict
+    expect_error(ValueError, lambda: model_of(fx, counts=False, B=None,
+                                              num_states=[2, 2, 2]), "A[0]", "expected shape")
+    expect_error(ValueError, lambda: model_of(fx, counts=False, num_states=[9, 9]),
+                 "num_states", "disagrees")
+
+
 def main():
     return run_tests(globals(), "test_vmp.py", f", pymdp fixtures {DATA['pymdp_version']}")
 

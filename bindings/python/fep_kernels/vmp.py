@@ -1,9 +1,17 @@
 """Variational message passing (discrete active inference): :class:`VmpModel`,
-:func:`construct_policies`."""
+:func:`construct_policies`.
+
+A model has hidden-state factors f = 1..F with S_f states and modalities m = 1..M with O_m
+outcomes; A_m [O_m, S_deps(m)...] = p(o_m | s), B_f [S_f, S_f, U_f] = p(s' | s, u), C_m
+log-preferences, D_f the prior over initial states. State inference is pymdp's fixed-point
+iteration (``fpi``), sequence inference its ``vmp`` / ``mmp`` updates, policy inference its
+expected free energy, learning its Dirichlet count updates, with pymdp 1.0.4's layouts and
+conventions (logs clipped at the float64 machine epsilon).
+"""
 
 import ctypes
 import sys
-from typing import Any, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from ._abi import (
     FEP_ERR_INTERNAL,
@@ -49,7 +57,7 @@ _I32_LIMIT = 2**31 - 1  # indices go to the library as int32
 _VMP_METHODS = {"vmp": FEP_VMP_METHOD_VMP, "mmp": FEP_VMP_METHOD_MMP}
 
 
-def construct_policies(num_controls, policy_len):
+def construct_policies(num_controls: Sequence[int], policy_len: int) -> Any:
     """Every combination of actions over ``policy_len`` steps, in pymdp's order
     (``pymdp.control.construct_policies``: the last factor of the last step varies fastest),
     as a NumPy int32 array [P, policy_len, F]."""
@@ -64,13 +72,13 @@ def construct_policies(num_controls, policy_len):
     return np.asarray(rows, dtype=np.int32).reshape(len(rows), policy_len, len(num_controls))
 
 
-def _np():
+def _np() -> Any:
     import numpy as np  # imported lazily, like torch
 
     return np
 
 
-def _host_f64(x, what):
+def _host_f64(x: Any, what: str) -> Any:
     """A contiguous float64 NumPy copy of an array, list or tensor (host side)."""
     np = _np()
     torch = sys.modules.get("torch")
@@ -83,7 +91,7 @@ def _host_f64(x, what):
     return a
 
 
-def _host_list(x, what, count=None):
+def _host_list(x: Any, what: str, count: Optional[int] = None) -> List[Any]:
     """A per-modality or per-factor list (pymdp's list or object array; one array for a single
     entry) as a list of its entries (None entries kept)."""
     np = _np()
@@ -97,7 +105,7 @@ def _host_list(x, what, count=None):
     return x
 
 
-def _f64_pointers(arrays):
+def _f64_pointers(arrays: Sequence[Any]) -> Any:
     """A ctypes ``double *[]`` over float64 NumPy arrays (None entries: NULL)."""
     ptrs = (_P_F64 * len(arrays))()
     for i, a in enumerate(arrays):
@@ -106,7 +114,7 @@ def _f64_pointers(arrays):
     return ctypes.cast(ptrs, _P_P_F64), ptrs
 
 
-def _shaped(x, what, shape, optional_entries=False):
+def _shaped(x: Any, what: str, shape: Sequence[int], optional_entries: bool = False) -> Any:
     """``x`` as float64 with exactly ``shape`` (or None where allowed)."""
     if x is None and optional_entries:
         return None
@@ -116,9 +124,38 @@ def _shaped(x, what, shape, optional_entries=False):
     return a
 
 
+def _states_without_b(A: List[Any], A_dependencies: Optional[Sequence[Sequence[int]]],
+                      num_states: Optional[Sequence[int]]) -> List[int]:
+    """S_f per factor for a model without B: ``num_states`` when given, else read from A's
+    shapes (A_m's axis 1 + i has the size of factor A_dependencies[m][i]; without
+    A_dependencies every modality depends on every factor, so F = A_m.ndim - 1)."""
+    if num_states is not None:
+        out = [_integer(s, f"num_states[{f}]", 1, _I32_LIMIT) for f, s in enumerate(num_states)]
+        if not out:
+            raise ValueError("num_states: no factors")
+        return out
+    if not A:
+        raise ValueError("A: no modalities")
+    if A_dependencies is None:
+        return [int(v) for v in A[0].shape[1:]]
+    sizes: Dict[int, int] = {}
+    for m, deps in enumerate(A_dependencies):
+        for i, f in enumerate(deps):
+            f = _integer(f, f"A_dependencies[{m}][{i}]", 0, _I32_LIMIT)
+            if m < len(A) and 1 + i < A[m].ndim:
+                sizes.setdefault(f, int(A[m].shape[1 + i]))
+    F = max(sizes) + 1 if sizes else 0
+    missing = [f for f in range(F) if f not in sizes]
+    if missing or not F:
+        raise ValueError(f"num_states: needed with B=None (factors {missing} appear in no "
+                         f"modality's A_dependencies)")
+    return [sizes[f] for f in range(F)]
+
+
 class VmpModel(_Owned):
-    """A discrete generative model for active inference (``FepVmpModel``, DESIGN.md 4.4), on one
-    device, with pymdp 1.0.4's conventions (tests/fixtures/VMP-CONVENTIONS.md).
+    """A discrete generative model for active inference, stored on one device, with pymdp
+    1.0.4's conventions (layouts, log clipping at the float64 machine epsilon, the sign of the
+    expected free energy).
 
     The arguments follow pymdp's ``Agent`` and its layouts (NumPy arrays, lists, object arrays
     or tensors; copied, so they may be changed afterwards):
@@ -127,6 +164,10 @@ class VmpModel(_Owned):
     * ``B``: F arrays B_f [S_f, S_f, U_f] (or [S_f, S_f]: uncontrolled), B_f[s', s, u] =
       p(s' | s, u). The numbers of states and controls follow from B's shapes. pymdp's
       ``B_dependencies`` (transitions conditioned on other factors) are not supported.
+      ``B=None``: a model without transitions, for :meth:`infer_states` only (every factor
+      uncontrolled; the numbers of states from ``num_states``, or else from A's shapes).
+      :meth:`infer_sequence`, :meth:`infer_policies`, ``pB`` and :meth:`learn` with
+      ``lr_b > 0`` need B and raise :class:`FepError` / ValueError naming B without it.
     * ``A_dependencies``: M lists of factor indices, in A_m's axis order (default: every
       modality depends on every factor, as in pymdp).
     * ``C``: M log-preference vectors [O_m] used as given (None or None entries: zeros);
@@ -136,6 +177,8 @@ class VmpModel(_Owned):
       neither (no policy inference). ``E``: [P] prior over policies (default uniform).
     * ``pA``, ``pB``, ``pD``: Dirichlet counts shaped like A, B, D (optional); :meth:`learn`
       updates them, :meth:`infer_policies` can add their novelty.
+    * ``num_states``: [S_f] per factor; needed only with ``B=None`` when a factor's size
+      cannot be read from A (a factor no modality depends on); with B it must agree with B.
     * ``device``: where the model lives and every tensor of its calls must be ("cpu",
       "cuda", "cuda:1", a torch.device).
 
@@ -174,24 +217,37 @@ class VmpModel(_Owned):
 
     _free = "fep_vmp_model_free"
 
-    def __init__(self, A, B, C=None, D=None, A_dependencies=None, policies=None,
-                 policy_len=None, E=None, pA=None, pB=None, pD=None, device="cpu"):
+    def __init__(self, A: Any, B: Any = None, C: Any = None, D: Any = None,
+                 A_dependencies: Optional[Sequence[Sequence[int]]] = None, policies: Any = None,
+                 policy_len: Optional[int] = None, E: Any = None, pA: Any = None, pB: Any = None,
+                 pD: Any = None, device: Any = "cpu",
+                 num_states: Optional[Sequence[int]] = None) -> None:
         torch = _torch()
         np = _np()
         self._handle = None
         lib = _get()
-        B = [_host_f64(b, f"B[{f}]") for f, b in enumerate(_host_list(B, "B"))]
-        for f, b in enumerate(B):
-            if b.ndim == 2:
-                B[f] = b = b[:, :, None].copy()
-            if b.ndim != 3 or b.shape[0] != b.shape[1] or b.shape[0] == 0 or b.shape[2] == 0:
-                raise ValueError(f"B[{f}]: expected shape [S, S, U] (or [S, S]) with S, U >= 1, "
-                                 f"got {list(b.shape)}")
-        num_states = [int(b.shape[0]) for b in B]
-        num_controls = [int(b.shape[2]) for b in B]
-        F = len(B)
         A = [_host_f64(a, f"A[{m}]") for m, a in enumerate(_host_list(A, "A"))]
         M = len(A)
+        if B is not None:
+            B = [_host_f64(b, f"B[{f}]") for f, b in enumerate(_host_list(B, "B"))]
+            for f, b in enumerate(B):
+                if b.ndim == 2:
+                    B[f] = b = b[:, :, None].copy()
+                if b.ndim != 3 or b.shape[0] != b.shape[1] or b.shape[0] == 0 or b.shape[2] == 0:
+                    raise ValueError(f"B[{f}]: expected shape [S, S, U] (or [S, S]) with "
+                                     f"S, U >= 1, got {list(b.shape)}")
+            from_b = [int(b.shape[0]) for b in B]
+            if num_states is not None and [int(v) for v in num_states] != from_b:
+                raise ValueError(f"num_states: {list(num_states)} disagrees with B's shapes "
+                                 f"({from_b})")
+            num_states = from_b
+            num_controls = [int(b.shape[2]) for b in B]
+        else:
+            if pB is not None:
+                raise ValueError("pB: given without B (Dirichlet counts over B need B)")
+            num_states = _states_without_b(A, A_dependencies, num_states)
+            num_controls = [1] * len(num_states)
+        F = len(num_states)
         if A_dependencies is None:
             A_dependencies = [list(range(F)) for _ in range(M)]
         A_dependencies = [list(d) for d in A_dependencies]
@@ -213,7 +269,7 @@ class VmpModel(_Owned):
                                  f"(A_dependencies[{m}] = {deps[m]}), got {list(a.shape)}")
             num_obs.append(int(a.shape[0]))
             a_shapes.append(a.shape)
-        b_shapes = [b.shape for b in B]
+        b_shapes = [(s, s, u) for s, u in zip(num_states, num_controls)]
         d_shapes = [(s,) for s in num_states]
 
         def per_entry(x, what, shapes, fill_none):
@@ -293,8 +349,9 @@ class VmpModel(_Owned):
                         FEP_VMP_COUNTS_D: d_shapes}
         self._has_counts = {FEP_VMP_COUNTS_A: pA is not None, FEP_VMP_COUNTS_B: pB is not None,
                             FEP_VMP_COUNTS_D: pD is not None}
+        self.has_b = B is not None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._handle is None else (
             f"num_states={self.num_states}, num_obs={self.num_obs}, "
             f"A_dependencies={self.A_dependencies}, num_controls={self.num_controls}, "
@@ -303,7 +360,7 @@ class VmpModel(_Owned):
 
     # -- queries --
 
-    def info(self):
+    def info(self) -> Dict[str, int]:
         """The sizes as the library reports them: a dict with num_factors, num_modalities,
         belief_len (sum S), obs_len (sum O), num_policies and policy_len."""
         keys = ("num_factors", "num_modalities", "belief_len", "obs_len", "num_policies",
@@ -312,11 +369,11 @@ class VmpModel(_Owned):
         _check(self._lib.fep_vmp_model_info(self._h(), *[ctypes.byref(v) for v in vals]))
         return {k: int(v.value) for k, v in zip(keys, vals)}
 
-    def factors(self, beliefs):
+    def factors(self, beliefs: Any) -> List[Any]:
         """The per-factor views of beliefs [..., sum S]: a list of F tensors [..., S_f]."""
         return list(beliefs.split(self.num_states, dim=-1))
 
-    def _counts(self, which, index, what):
+    def _counts(self, which: int, index: int, what: str) -> Any:
         torch = _torch()
         np = _np()
         shapes = self._shapes[which]
@@ -328,23 +385,23 @@ class VmpModel(_Owned):
                                               out.ctypes.data_as(_P_F64), out.size))
         return torch.from_numpy(out)
 
-    def counts_a(self, m):
+    def counts_a(self, m: int) -> Any:
         """The current Dirichlet counts pA_m (a float64 CPU tensor shaped like A_m), or None
         when the model was built without pA. Waits for PyTorch's current stream (where
         :meth:`learn` ran) first."""
         return self._counts(FEP_VMP_COUNTS_A, m, "counts_a")
 
-    def counts_b(self, f):
+    def counts_b(self, f: int) -> Any:
         """The current pB_f (float64, shaped like B_f [S, S, U]), or None without pB."""
         return self._counts(FEP_VMP_COUNTS_B, f, "counts_b")
 
-    def counts_d(self, f):
+    def counts_d(self, f: int) -> Any:
         """The current pD_f (float64 [S_f]), or None without pD."""
         return self._counts(FEP_VMP_COUNTS_D, f, "counts_d")
 
     # -- plumbing --
 
-    def _check(self, t, what, shape, dtype):
+    def _check(self, t: Any, what: str, shape: Sequence[Optional[int]], dtype: Any) -> None:
         _check_tensor(t, what, shape, dtype=dtype, device=self.device,
                       owner="the model's device")
 
@@ -363,7 +420,7 @@ class VmpModel(_Owned):
             t = torch.minimum(t.to(torch.int64).clamp_min(0), hi)
         return t.to(torch.int32)
 
-    def _obs(self, obs, lead, check=True):
+    def _obs(self, obs: Any, lead: Sequence[Optional[int]], check: bool = True) -> Any:
         """(FEP_VMP_OBS_*, tensor) for observations [*lead, M] (integer indices, range-checked
         and converted to int32 by :meth:`_indices`) or [*lead, sum O] (float32
         distributions)."""
@@ -381,7 +438,7 @@ class VmpModel(_Owned):
         raise ValueError(f"obs: dtype {obs.dtype}: expected integer indices [..., "
                          f"{self.num_modalities}] or float32 distributions [..., {self.obs_len}]")
 
-    def _actions(self, actions, n, steps, check=True):
+    def _actions(self, actions: Any, n: int, steps: int, check: bool = True) -> Any:
         """Past actions [n, steps - 1, F] (int32 or int64) as int32, range-checked by
         :meth:`_indices`; None stays None."""
         torch = _torch()
@@ -394,7 +451,7 @@ class VmpModel(_Owned):
         return self._indices(actions, "actions", self.num_controls,
                              "factor {j} has {n} controls", check)
 
-    def _outputs(self, specs, out):
+    def _outputs(self, specs: Dict[str, Any], out: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         """New tensors for ``specs`` ({key: (shape, dtype) or None}), or the given ones from
         ``out`` (checked)."""
         torch = _torch()
@@ -413,14 +470,15 @@ class VmpModel(_Owned):
                 res[key] = torch.empty(spec[0], dtype=spec[1], device=self.device)
         return res
 
-    def _stream(self):
+    def _stream(self) -> Any:
         return _device_args(self.device, "device")[2]
 
     # -- ops --
 
-    def infer_states(self, obs, prior=None, num_iter=16, tol=0.0, trace=False, out=None,
-                     check=True):
-        """State inference for N agents (pymdp's ``fpi``; ``fep_vmp_infer_states``).
+    def infer_states(self, obs: Any, prior: Any = None, num_iter: int = 16, tol: float = 0.0,
+                     trace: bool = False, out: Optional[Dict[str, Any]] = None,
+                     check: bool = True) -> Dict[str, Any]:
+        """State inference for N agents (pymdp's ``fpi``). Works on a model without B.
 
         ``obs``: [N, M] integer indices, or [N, sum O] float32 distributions (modality m's O_m
         probabilities at offset O_0 + ... + O_{m-1}; used as sum_o o ln A, as pymdp).
@@ -454,10 +512,11 @@ class VmpModel(_Owned):
         ))
         return res
 
-    def infer_sequence(self, obs, actions=None, prior=None, method="vmp", num_iter=16, tau=1.0,
-                       out=None, check=True):
-        """Sequence inference over windows of T steps (pymdp's ``vmp`` / ``mmp``;
-        ``fep_vmp_infer_sequence``).
+    def infer_sequence(self, obs: Any, actions: Any = None, prior: Any = None,
+                       method: str = "vmp", num_iter: int = 16, tau: float = 1.0,
+                       out: Optional[Dict[str, Any]] = None, check: bool = True
+                       ) -> Dict[str, Any]:
+        """Sequence inference over windows of T steps (pymdp's ``vmp`` / ``mmp``). Needs B.
 
         ``obs``: [N, T, M] integer indices or [N, T, sum O] float32 distributions; ``actions``:
         [N, T - 1, F] integer past actions (action t moves the state from step t to t + 1;
@@ -490,9 +549,11 @@ class VmpModel(_Owned):
         ))
         return res
 
-    def infer_policies(self, qs, gamma=1.0, utility=True, state_info_gain=True,
-                       param_info_gain=False, out=None, check=True):
-        """Policy inference (pymdp's ``Agent.infer_policies``; ``fep_vmp_infer_policies``).
+    def infer_policies(self, qs: Any, gamma: float = 1.0, utility: bool = True,
+                       state_info_gain: bool = True, param_info_gain: bool = False,
+                       out: Optional[Dict[str, Any]] = None, check: bool = True
+                       ) -> Dict[str, Any]:
+        """Policy inference (pymdp's ``Agent.infer_policies``). Needs B.
 
         ``qs``: current beliefs [N, sum S] float32 (a sequence posterior [N, T, sum S] uses its
         last step, as pymdp's Agent). For every policy the beliefs are rolled forward through
@@ -520,15 +581,16 @@ class VmpModel(_Owned):
         ))
         return res
 
-    def learn(self, obs, qs, actions=None, lr_a=0.0, lr_b=0.0, lr_d=0.0, check=True):
-        """Dirichlet learning, in place (pymdp's ``infer_parameters``; ``fep_vmp_learn``):
+    def learn(self, obs: Any, qs: Any, actions: Any = None, lr_a: float = 0.0, lr_b: float = 0.0,
+              lr_d: float = 0.0, check: bool = True) -> None:
+        """Dirichlet learning, in place (pymdp's ``infer_parameters``):
         pA_m += lr_a sum o_m (x) q(s_deps(m)), pB_f[:, :, u] += lr_b sum [a_t = u] q_{t+1} (x) q_t,
         pD_f += lr_d sum q_0 where pD_f > 0, summed over the N agents and their steps.
 
         ``qs``: posteriors [N, T, sum S] float32 with ``obs`` [N, T, M] / [N, T, sum O] (or
         [N, sum S] with [N, M] / [N, sum O] for one step); ``actions``: [N, T - 1, F] (needed
-        for lr_b > 0 when T > 1). A rate > 0 needs those counts in the model. Read the counts
-        back with :meth:`counts_a` and friends.
+        for lr_b > 0 when T > 1). A rate > 0 needs those counts in the model (and lr_b > 0 needs
+        B). Read the counts back with :meth:`counts_a` and friends.
         """
         torch = _torch()
         h = self._h()
