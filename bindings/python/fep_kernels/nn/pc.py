@@ -12,7 +12,8 @@ and the network's free energy per sample is
 
 with Pi_l the precision (inverse variance) of layer l's prediction errors: a fixed number, a
 learned scalar, or a learned diagonal [n_l]. The ln|Pi_l| term is the Gaussian's normaliser
-(``log_det``); without it a learned precision would run to 0.
+and keeps a learned precision from running to 0: the precision gradients below always
+include it, and ``log_det`` chooses whether the value returned does.
 
 *Settling* (inference) holds x_0 at the input and moves the free layers down the gradient of F,
 ``x_l <- x_l - eta v_l`` with ``v_l <- momentum v_l + dF/dx_l`` for ``steps`` steps (or fewer,
@@ -157,8 +158,10 @@ class PCNetwork(nn.Module):
         momentum: the settling momentum in [0, 1).
         tol: 0 runs exactly ``steps`` steps; > 0 stops a sample early once its relative
             energy change per step falls below ``tol``.
-        log_det: include -ln|Pi_l| in F. None (the default): True when some precision is
-            learned, else False. Without it a learned precision collapses to 0.
+        log_det: whether the value :meth:`energy` returns includes -1/2 sum_l ln|Pi_l| (the
+            free energy F) or not (the energy E = 1/2 sum_l eps_l^T Pi_l eps_l). The precision
+            gradients are those of F either way. None (the default): True when some precision
+            is learned, else False.
         allow_tf32: on NVIDIA GPUs, let the settling products run as single-pass TF32
             (faster, about 1e-3 relative accuracy); False (the default) keeps them
             float32-accurate. No effect on the CPU.
