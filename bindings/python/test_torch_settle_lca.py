@@ -54,11 +54,13 @@ def net(device="cpu", dtype=torch.float32, widths=(6, 5, 4, 3), B=8, seed=0, gra
     return ws, bs, precs, x0.to(device), y.to(device)
 
 
-def raw_args(ws, bs, precs, x0, y=None, acts=ACTS, eta=0.1, steps=30):
+def raw_args(ws, bs, precs, x0, y=None, acts=ACTS, eta=0.1, steps=30, log_det=False):
     """The ops' argument tuple (with target y for settle_energy/settle_learn)."""
-    net_args, settle = fk.torch_settle._op_args(ws, bs, acts, precs, eta, steps, 0.5, 1e-6)
-    head = (*net_args[:4], x0) + ((y,) if y is not None else ())
-    return (*head, *net_args[4:], *settle, True)
+    ts = fk.torch_settle
+    net_args, init, settle = ts._op_args(ws, bs, acts, precs, eta, steps, 0.5, 1e-6, None,
+                                         log_det, False)
+    target = ts._NO_TARGET if y is None else y
+    return ts._call_args(net_args, x0, target, init, settle, True, log_det, False)
 
 
 def test_import_without_torch():
@@ -105,7 +107,9 @@ def test_settle_energy_grads_bitwise():
             for l, b in enumerate(bs):
                 if b is not None:
                     assert torch.equal(b.grad, (2.5 * ref["grad_b"][l]).to(dt)), (dev, dt, l)
-            assert x0.grad is None and precs[1].grad is None
+            # the precision tensor gets dF/dpi (the gradient of the free energy)
+            assert x0.grad is None
+            assert torch.equal(precs[1].grad, 2.5 * ref["grad_pi"][1]), (dev, dt)
             assert ref["grad_w"][0].abs().max() > 0
 
 
@@ -231,11 +235,13 @@ def test_settle_infer_and_learn_ops():
             h = x[l]
         assert energy.shape == (8,) and energy.abs().max() < 1e-6
         net_ = fk.SettleNet(ws, bs, ACTS, precs)
-        en, gw, gb = fk.torch_settle.settle_learn_op(ws, x0, y, **kw)
+        en, gw, gb, gp = fk.torch_settle.settle_learn_op(ws, x0, y, **kw)
         ref = net_.learn(x0, y, 0.1, 25)
         assert torch.equal(en, ref["energy"]) and en.min() > 0
         assert all(torch.equal(a, r) for a, r in zip(gw, ref["grad_w"]))
         assert all(torch.equal(a, r) for a, r in zip(gb, ref["grad_b"]))
+        # grad_pi: one per precision tensor (layer 1's diagonal here)
+        assert len(gp) == 1 and torch.equal(gp[0], ref["grad_pi"][1])
 
 
 def test_not_differentiable():
@@ -243,7 +249,7 @@ def test_not_differentiable():
     kw = dict(biases=bs, activations=ACTS, precisions=precs, eta=0.1, steps=5)
     x, _, _ = fk.torch_settle.settle_infer_op(ws, x0, **kw)
     expect(RuntimeError, lambda: x[-1].sum().backward(), "fep::settle_infer is not differentiable")
-    en, _, _ = fk.torch_settle.settle_learn_op(ws, x0, y, **kw)
+    en, _, _, _ = fk.torch_settle.settle_learn_op(ws, x0, y, **kw)
     expect(RuntimeError, lambda: en.sum().backward(), "use fep_kernels.settle_energy")
     phi, xl = dictionary(seed=5)
     _, a, _ = fk.lca_solve(phi.requires_grad_(), xl, lam=0.1, eta=0.1, steps=5)
@@ -262,8 +268,8 @@ def test_torch_compile_fullgraph():
         def infer(ws, x0, y, phi, x):
             x_, eps, en = fk.torch_settle.settle_infer_op(ws, x0, activations=ACTS, eta=0.1,
                                                           steps=10)
-            e2, gw, gb = fk.torch_settle.settle_learn_op(ws, x0, y, activations=ACTS, eta=0.1,
-                                                         steps=10)
+            e2, gw, gb, _ = fk.torch_settle.settle_learn_op(ws, x0, y, activations=ACTS, eta=0.1,
+                                                            steps=10)
             u, a, s = fk.lca_solve(phi, x, lam=0.1, eta=0.2, steps=20, tol=1e-4)
             return x_[-1] * 2, en + e2, gw[0] + 1, a.abs().sum(1), s
 
@@ -467,8 +473,11 @@ def test_bad_inputs_settle():
     expect(ValueError, lambda: se(biases=[None, None]), "biases: expected 3 entries")
     expect(ValueError, lambda: se(precisions=[1.0, precs[1].double(), 1.0]),
            "precisions[1]: dtype")
-    expect(ValueError, lambda: se(precisions=[1.0, torch.tensor(2.0), 1.0]),
-           "precisions[1]: expected a 1-d")
+    expect(ValueError, lambda: se(precisions=[1.0, torch.ones(1, 1, 4), 1.0]),
+           "precisions[1]: expected a 0-d (scalar), [n_l] (diagonal) or [B, n_l]")
+    expect(ValueError, lambda: se(precisions=[1.0, torch.ones(7, 4), 1.0]),
+           "precisions[1] (one diagonal per sample): expected shape [8, 4]")
+    expect(TypeError, lambda: se(log_det=1), "log_det: expected a bool")
     expect(ValueError, lambda: se(activations="swish"), "swish")
     expect(ValueError, lambda: se(x0=x0.to("meta")), "x0: on meta")
     if "cuda" in devices():
@@ -477,7 +486,7 @@ def test_bad_inputs_settle():
     expect(fk.FepError, lambda: se(eta=-1.0), "")
     # the ops check too (the raw op, bypassing the wrapper)
     bad = list(raw_args(ws, bs, precs, x0, y))
-    bad[4] = x0.double()
+    bad[5] = x0.double()
     expect(ValueError, lambda: torch.ops.fep.settle_learn(*bad), "x0: dtype torch.float64")
     expect(TypeError, lambda: fk.torch_settle.settle_infer_op([ws[0], 3], x0, eta=0.1, steps=1),
            "weights[1]: expected a torch.Tensor")

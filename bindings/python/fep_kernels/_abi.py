@@ -5,7 +5,7 @@ import ctypes
 
 
 # ---- constants of include/fep_kernels.h ----
-FEP_ABI_VERSION = 1
+FEP_ABI_VERSION = 2
 
 FEP_OK = 0
 FEP_ERR_INVALID_ARGUMENT = 1
@@ -103,6 +103,13 @@ class FepError(RuntimeError):
         super().__init__(f"{self.name} ({self.status}): {message}")
 
 
+class DivergedError(FepError):
+    """A settling or an update diverged (status ``FEP_ERR_DIVERGED``, 7): an energy, state,
+    gradient or updated parameter became NaN or infinite, usually because the step size ``eta``
+    (or the learning rate) is too large for the network's curvature. Nothing the call would have
+    updated in place was written. A :class:`FepError` (and so a RuntimeError)."""
+
+
 class _FepLcaParams(ctypes.Structure):
     """struct FepLcaParams of the header."""
 
@@ -130,6 +137,7 @@ class _FepSettleNet(ctypes.Structure):
         ("biases", ctypes.POINTER(ctypes.c_void_p)),
         ("precision", ctypes.POINTER(ctypes.c_float)),
         ("precision_diag", ctypes.POINTER(ctypes.c_void_p)),
+        ("precision_per_sample", ctypes.POINTER(ctypes.c_int32)),
     ]
 
 
@@ -143,6 +151,8 @@ class _FepSettleParams(ctypes.Structure):
         ("tol", ctypes.c_float),
         ("init", ctypes.c_int32),
         ("skip_input_checks", ctypes.c_int32),
+        ("log_det", ctypes.c_int32),
+        ("allow_tf32", ctypes.c_int32),
     ]
 
 
@@ -288,7 +298,10 @@ def _declare(lib):
         "fep_settle_learn": (
             i32,
             [i32, i32, vp, ctypes.POINTER(_FepSettleNet), ctypes.POINTER(_FepSettleParams), u64,
-             vp, vp, p_vp, p_vp, vp, vp, vp, p_vp, p_vp, ctypes.c_float],
+             vp, vp, p_vp, p_vp, vp, vp, vp, p_vp, p_vp, p_vp, ctypes.c_float],
+        ),
+        "fep_settle_sgd_log": (
+            i32, [i32, i32, vp, ctypes.c_uint32, p_vp, p_vp, _P_U64, ctypes.c_float, vp],
         ),
         # FepVmpModel* handles are void*; tensor pointers too (device memory on a GPU)
         "fep_vmp_model_new": (i32, [i32, i32, ctypes.POINTER(_FepVmpModelDesc),

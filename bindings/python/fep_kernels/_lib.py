@@ -10,7 +10,9 @@ from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._abi import (
     FEP_ABI_VERSION,
+    FEP_ERR_DIVERGED,
     FEP_OK,
+    DivergedError,
     FepError,
     _DEVICE_KINDS,
     _declare,
@@ -142,7 +144,8 @@ def _check(status: int, names: Optional[_Names] = None) -> None:
     """Raises :class:`FepError` for a status other than FEP_OK, with ``fep_last_error()``
     translated to the Python names by ``names`` (see :func:`_python_names`)."""
     if status != FEP_OK:
-        raise FepError(status, _python_names(last_error(), names))
+        cls = DivergedError if status == FEP_ERR_DIVERGED else FepError
+        raise cls(status, _python_names(last_error(), names))
 
 
 # ---- library and device queries ----
