@@ -509,6 +509,7 @@ proptest! {
     fn lca_never_panics(
         n in 1usize..4, m in 1usize..5, batch in 1usize..4, steps in 1u32..6,
         lam in param(), eta in param(), tol in param(), trace in any::<bool>(), broken in breakage(),
+        relative in any::<bool>(),
     ) {
         let (mut n_, mut m_, mut xlen, mut steps_) = (n, m, batch * n, steps);
         let mut phi_len = n * m;
@@ -529,10 +530,15 @@ proptest! {
         }
         let Ok(dict) = dict else { return Ok(()) };
         let x = vec![0.25f32; xlen];
-        let mut spec = LcaSpec::new(lam).eta(eta).tol(tol).trace(trace);
+        // eta = 0 is the automatic step 1/lambda_max (power iteration on the dictionary)
+        let mut spec = LcaSpec::new(lam).eta(eta).tol(tol).trace(trace).allow_tf32(relative);
+        if relative {
+            spec = spec.relative_tol(tol);
+        }
         spec.steps = steps_;
         let r = dict.solve(&spec, &View::host(&x), None);
-        let valid = [lam, eta].iter().all(|v| v.is_finite() && *v > 0.0 && *v < 1e3) && tol.is_finite() && tol >= 0.0;
+        let eta_ok = eta == 0.0 || (eta.is_finite() && eta > 0.0 && eta <= 1.0);
+        let valid = lam.is_finite() && lam > 0.0 && lam < 1e3 && eta_ok && tol.is_finite() && tol >= 0.0;
         if broken.is_none() && valid {
             prop_assert!(r.is_ok(), "{r:?}");
         }
