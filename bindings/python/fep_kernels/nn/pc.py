@@ -177,8 +177,12 @@ class PCNetwork(nn.Module):
     eps_{l,i}^2, the inverse mean squared error of unit i *at the settled state*. With the
     output clamped, the free layers below move to absorb part of the output error, so the
     settled output errors are smaller than the errors of the prediction with x_L free, the more
-    so the lower the hidden layers' precisions; with stiff hidden layers (high precision) the
-    output precision approaches the inverse noise variance of the targets.
+    so the lower the hidden layers' precisions and the higher the output's. Without free layers
+    (one weight matrix) the learned output precision is the inverse residual variance of the
+    fit, e.g. the inverse noise variance of the targets. With free layers that can explain the
+    output exactly, the settled F has no minimum in the output precision (eps_L -> 0 while
+    -1/2 ln pi_L -> -inf as pi_L grows): stiff hidden layers (fixed high precision) slow that
+    drift, a small learning rate for the log-precisions keeps it in check.
 
     Example::
 
