@@ -1,7 +1,8 @@
 //! Learnable precision (the free energy with the −½ ln|Π| normaliser) on the CPU reference:
 //! every precision gradient against finite differences of the settled free energy, the
 //! normaliser in the energies, per-sample precision, log-space SGD, learning from a given
-//! start, and the demonstration that learning precision recovers known noise levels.
+//! start, the demonstration that learning precision recovers known noise levels, and the
+//! stability bound on the step size.
 
 // `!(err < tol)` on purpose: a NaN error must fail.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -371,4 +372,49 @@ fn learned_precision_recovers_the_noise_levels() {
             pi2[k]
         );
     }
+}
+
+/// `max_stable_eta` is exact for a linear network with one free layer (H = π_1 I + π_2 W_2ᵀW_2):
+/// 0.95 of it settles, 1.05 of it diverges (reported as `Error::Diverged`, nothing written).
+#[test]
+fn max_stable_eta_separates_stable_from_diverging_steps() {
+    let mut r = rng(9);
+    let (w1, w2) = (randn(&mut r, 5 * 3, 0.7), randn(&mut r, 4 * 5, 0.7));
+    let x0 = randn(&mut r, 2 * 3, 1.0);
+    let y = randn(&mut r, 2 * 4, 1.0);
+    let net = Network::new(
+        &[3, 5, 4],
+        vec![
+            Layer::new(
+                View::host(&w1),
+                Activation::Identity,
+                Precision::Scalar(0.5),
+            ),
+            Layer::new(
+                View::host(&w2),
+                Activation::Identity,
+                Precision::Scalar(3.0),
+            ),
+        ],
+    )
+    .unwrap();
+    for beta in [0.0f32, 0.5] {
+        let eta = settle::max_stable_eta(&net, beta, true).unwrap();
+        assert!(eta.is_finite() && eta > 0.0);
+        let run = |e: f32| {
+            let spec = SettleSpec::new(e).momentum(beta).steps(3000);
+            settle::learn_step(&net, &spec, &View::host(&x0), &View::host(&y), None)
+        };
+        let ok = run(0.95 * eta).expect("0.95 of the bound settles");
+        let t = ok.state.trace.as_ref().unwrap().to_vec().unwrap();
+        assert!(t[3000] <= t[0], "beta {beta}: the energy did not fall");
+        match run(1.05 * eta) {
+            Err(fep_kernels::Error::Diverged(m)) => assert!(m.contains("lower eta"), "{m}"),
+            other => panic!("beta {beta}: 1.05 x the bound should diverge, got {other:?}"),
+        }
+    }
+    // Inference (x_L free too) allows a smaller step than learning.
+    let infer = settle::max_stable_eta(&net, 0.0, false).unwrap();
+    assert!(infer < settle::max_stable_eta(&net, 0.0, true).unwrap());
+    assert!(settle::max_stable_eta(&net, 1.0, true).is_err());
 }

@@ -6,7 +6,7 @@ use std::ffi::c_void;
 
 use super::{
     aligned, guard, non_null, open_device, product, raw_stream, raw_view, raw_view_mut, read_arg,
-    slice_of, usize_of,
+    slice_of, usize_of, write_out,
 };
 use crate::backend::{Device, Stream, View};
 use crate::element::Element;
@@ -603,5 +603,46 @@ pub unsafe extern "C" fn fep_settle_sgd_log(
         let mut st = (!status.is_null())
             .then(|| unsafe { raw_view_mut::<u32>(&dev, status as u64, 1, "status") });
         settle::sgd_log_all(&mut pv, &gv, lr, st.as_mut(), raw_stream(stream))
+    })
+}
+
+/// The largest stable step size for settling `net` (settle::max_stable_eta): with momentum in
+/// [0, 1) and x_L clamped (clamped = 1, learning) or free (0), *eta_out receives
+/// 2 (1 + momentum) / B, B an upper bound on the curvature of the energy near a settled state
+/// (sum over layers of max(Pi_l) (1 + max|f_l'| ||W_l||_2)^2 over the free layers); steps up
+/// to it never diverge near the minimum. `batch` sizes per-sample precisions (1 otherwise).
+/// On a GPU the weights and diagonal precisions are copied back (the call waits).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fep_settle_max_stable_eta(
+    kind: i32,
+    ordinal: i32,
+    net: *const FepSettleNet,
+    batch: u64,
+    momentum: f32,
+    clamped: i32,
+    eta_out: *mut f32,
+) -> i32 {
+    guard(|| {
+        let net = unsafe { read_arg("net", net)? };
+        let dev = open_device(kind, ordinal)?;
+        let widths = unsafe { net_widths(&net)? };
+        let batch = usize_of("batch", batch)?;
+        if batch == 0 {
+            return Err(Error::invalid("batch", "must be >= 1"));
+        }
+        let clamped = match clamped {
+            0 | 1 => clamped == 1,
+            other => {
+                return Err(Error::invalid(
+                    "clamped",
+                    format!("must be 0 or 1, got {other}"),
+                ));
+            }
+        };
+        let eta = with_dtype!(net.dtype, T => {
+            let network = unsafe { net_view::<T>(&dev, &net, &widths, batch)? };
+            settle::max_stable_eta(&network, momentum, clamped)
+        })?;
+        unsafe { write_out("eta_out", eta_out, eta) }
     })
 }

@@ -1096,3 +1096,120 @@ fn update_all<T: Element>(
     #[cfg(not(fep_gpu))]
     unreachable!("a GPU device exists only with a GPU feature")
 }
+
+/// The largest step size η for which settling `net` is certain to be stable near a settled
+/// state, with momentum β (`momentum`) and x_L clamped (`clamped`, learning) or free.
+///
+/// Settling is (heavy-ball) gradient descent on E, stable on a quadratic when
+/// 0 < η < 2(1 + β)/λmax(H), H the Hessian of E in the free layers. Near a settled state (small
+/// errors, where the terms of H with f″ vanish) H = Σ_l J_lᵀ Π_l J_l, with J_l = ∂ε_l/∂x: I on
+/// x_l and −W_l diag(f′_l(x_{l−1})) on x_{l−1} when those are free. So
+///
+/// ```text
+/// λmax(H) ≤ Σ_l π_l,max (a_l + c_l ‖W_l‖₂ b_l)²
+/// ```
+///
+/// with a_l = [x_l free], b_l = [x_{l−1} free] (l ≥ 2), c_l = max |f′_l| (1 for identity, tanh,
+/// ReLU; max(1, |α|) for leaky ReLU; ¼ for the sigmoid; 1.13 for GELU) and ‖W_l‖₂ by power
+/// iteration (f64, on the host: weights on a GPU are copied back, which waits for the default
+/// stream). The result 2(1 + β)/bound is a sufficient bound, not a necessary one: steps up to
+/// it never diverge near the minimum, larger ones may still converge. Errors: momentum outside
+/// [0, 1), a non-positive or non-finite precision.
+///
+/// ```
+/// use fep_kernels::{Device, settle::{self, Activation, Layer, Network, Precision}};
+/// let dev = Device::cpu();
+/// let w1 = dev.upload(&[2.0f32, 0.0, 0.0, 1.0])?;   // ‖W_1‖ = 2
+/// let w2 = dev.upload(&[1.0f32, 0.0, 0.0, 1.0])?;   // ‖W_2‖ = 1
+/// let net = Network::new(&[2, 2, 2], vec![
+///     Layer::new(w1.view(), Activation::Identity, Precision::Scalar(1.0)),
+///     Layer::new(w2.view(), Activation::Identity, Precision::Scalar(4.0)),
+/// ])?;
+/// // Learning (x_2 clamped): H ≤ π_1 + π_2 ‖W_2‖² = 1 + 4 = 5, so η < 2/5.
+/// let eta = settle::max_stable_eta(&net, 0.0, true)?;
+/// assert!((eta - 0.4).abs() < 1e-4);
+/// # Ok::<(), fep_kernels::Error>(())
+/// ```
+pub fn max_stable_eta<T: Element>(
+    net: &Network<'_, T>,
+    momentum: f32,
+    clamped: bool,
+) -> Result<f32> {
+    if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
+        return Err(Error::invalid(
+            "momentum",
+            format!("must be in [0, 1), got {momentum}"),
+        ));
+    }
+    let depth = net.depth();
+    let top_free = if clamped { depth - 1 } else { depth };
+    let mut bound = 0.0f64;
+    for (i, layer) in net.layers.iter().enumerate() {
+        let l = i + 1;
+        let pi_max = match &layer.precision {
+            Precision::Scalar(p) => *p as f64,
+            Precision::Diagonal(v) | Precision::PerSample(v) => {
+                let vals = v.to_vec()?;
+                let mut m = 0.0f64;
+                for (j, &p) in vals.iter().enumerate() {
+                    if !(p.is_finite() && p > 0.0) {
+                        return Err(Error::invalid(
+                            format!("layers[{i}].precision"),
+                            format!("element {j} is {p}: precisions must be finite and > 0"),
+                        ));
+                    }
+                    m = m.max(p as f64);
+                }
+                m
+            }
+        };
+        let a = if l <= top_free { 1.0 } else { 0.0 };
+        let below_free = l >= 2 && l - 1 <= top_free;
+        let coupling = if below_free {
+            let w: Vec<f64> = layer.weight.to_vec()?.iter().map(|v| v.to_f64()).collect();
+            let c = match layer.activation {
+                Activation::Sigmoid => 0.25,
+                Activation::Gelu => 1.13,
+                Activation::LeakyRelu(alpha) => (alpha.abs() as f64).max(1.0),
+                _ => 1.0,
+            };
+            c * spectral_norm(&w, net.widths[l], net.widths[l - 1])
+        } else {
+            0.0
+        };
+        bound += pi_max * (a + coupling).powi(2);
+    }
+    if bound == 0.0 {
+        // No free layer: any step is stable (nothing moves).
+        return Ok(f32::INFINITY);
+    }
+    Ok((2.0 * (1.0 + momentum as f64) / bound) as f32)
+}
+
+/// ‖W‖₂ of an `[n, m]` row-major matrix by power iteration on WᵀW (f64, a fixed start, at most
+/// 500 iterations or until the estimate changes by less than 1e-10 relatively).
+fn spectral_norm(w: &[f64], n: usize, m: usize) -> f64 {
+    let mut v: Vec<f64> = (0..m).map(|i| 1.0 + 0.01 * (i % 7) as f64).collect();
+    let mut sigma2 = 0.0f64;
+    for _ in 0..500 {
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm == 0.0 {
+            return 0.0;
+        }
+        v.iter_mut().for_each(|x| *x /= norm);
+        let u: Vec<f64> = (0..n)
+            .map(|j| (0..m).map(|i| w[j * m + i] * v[i]).sum())
+            .collect();
+        let next: Vec<f64> = (0..m)
+            .map(|i| (0..n).map(|j| w[j * m + i] * u[j]).sum())
+            .collect();
+        let s2 = next.iter().zip(&v).map(|(a, b)| a * b).sum::<f64>();
+        let done = (s2 - sigma2).abs() <= 1e-10 * s2.abs();
+        sigma2 = s2;
+        v = next;
+        if done {
+            break;
+        }
+    }
+    sigma2.max(0.0).sqrt()
+}

@@ -300,6 +300,10 @@ def _declare(lib):
             [i32, i32, vp, ctypes.POINTER(_FepSettleNet), ctypes.POINTER(_FepSettleParams), u64,
              vp, vp, p_vp, p_vp, vp, vp, vp, p_vp, p_vp, p_vp, ctypes.c_float],
         ),
+        "fep_settle_max_stable_eta": (
+            i32, [i32, i32, ctypes.POINTER(_FepSettleNet), u64, ctypes.c_float, i32,
+                  ctypes.POINTER(ctypes.c_float)],
+        ),
         "fep_settle_sgd_log": (
             i32, [i32, i32, vp, ctypes.c_uint32, p_vp, p_vp, _P_U64, ctypes.c_float, vp],
         ),

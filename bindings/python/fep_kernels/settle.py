@@ -479,16 +479,45 @@ class SettleNet:
             self._sgd_log(res["grad_pi"], lr_precision)
         return res
 
+    def max_stable_eta(self, momentum: float = 0.0, clamped: bool = True,
+                       batch: Optional[int] = None) -> float:
+        """The largest step size ``eta`` for which settling this network is certain to be
+        stable near a settled state (``fep_settle_max_stable_eta``).
+
+        Settling is gradient descent (with heavy-ball ``momentum``) on the energy, stable while
+        ``eta < 2 (1 + momentum) / lambda_max`` of its curvature in the free layers. Near a
+        settled state that curvature is at most ``sum_l max(Pi_l) (a_l + c_l ||W_l||_2 b_l)^2``
+        (a_l = 1 when x_l is free, b_l = 1 when x_{l-1} is free, c_l the largest slope of
+        f_l: 1 for identity/tanh/relu, 1/4 for the sigmoid, 1.13 for gelu), so the value
+        returned is a sufficient bound: larger steps may still converge, smaller ones never
+        diverge near the minimum. ``clamped``: x_L clamped (learning, the default) or free
+        (inference, a smaller bound). ``batch``: the batch of per-sample precisions (default:
+        their own). Weights on a GPU are copied back (the call waits).
+        """
+        self._bind()
+        batch = batch if batch is not None else max([1, *self._per_sample])
+        self._check_batch(_integer(batch, "batch"))
+        if not isinstance(clamped, bool):
+            raise TypeError(f"clamped: expected a bool, got {type(clamped).__name__}")
+        out = ctypes.c_float()
+        _check(self._lib.fep_settle_max_stable_eta(
+            self.kind, self.ordinal, ctypes.byref(self._net), batch,
+            _number(momentum, "momentum"), int(clamped), ctypes.byref(out)))
+        return float(out.value)
+
     def _sgd_log(self, grad_pi: List[Any], lr: float) -> None:
         """pi <- pi exp(-lr pi grad) on every tensor precision, all or nothing
         (``fep_settle_sgd_log``)."""
         torch = _torch()
-        pairs = [(p, g) for p, g in zip(self.precisions, grad_pi)
-                 if isinstance(p, torch.Tensor) and p.dim() > 0]
-        if not pairs:
+        precisions = _per_layer(self.precisions, "precisions", self.depth, default=1.0,
+                                one=lambda p: not isinstance(p, (list, tuple)))
+        layers = [l for l, p in enumerate(precisions)
+                  if isinstance(p, torch.Tensor) and p.dim() > 0]
+        if not layers:
             return
-        names = {f"params[{i}]": (f"precisions[{self.precisions.index(p)}]", tuple(p.shape))
-                 for i, (p, _) in enumerate(pairs)}
+        pairs = [(precisions[l], grad_pi[l]) for l in layers]
+        names = {f"params[{i}]": (f"precisions[{l}]", tuple(precisions[l].shape))
+                 for i, l in enumerate(layers)}
         _check(
             self._lib.fep_settle_sgd_log(
                 self.kind, self.ordinal, self._stream(), len(pairs),
@@ -526,3 +555,20 @@ def settle_learn(weights, biases, activations, precisions, x0, target, eta: floa
     return net.learn(x0, target, eta, steps, momentum=momentum, tol=tol, init=init, trace=trace,
                      lr=lr, out=out, check=check, log_det=log_det, allow_tf32=allow_tf32,
                      lr_precision=lr_precision)
+
+
+def max_stable_eta(weights, biases=None, activations: Any = "identity", precisions: Any = None,
+                   momentum: float = 0.0, clamped: bool = True) -> float:
+    """``SettleNet(weights, biases, activations, precisions).max_stable_eta(momentum,
+    clamped)``: the largest step size for which settling is certain to be stable near a
+    settled state (see :meth:`SettleNet.max_stable_eta`).
+
+    Example::
+
+        import torch
+        import fep_kernels as fk
+
+        w = [0.5 * torch.randn(16, 8), 0.5 * torch.randn(4, 16)]
+        eta = 0.9 * fk.max_stable_eta(w, activations="tanh", precisions=[1.0, 10.0])
+    """
+    return SettleNet(weights, biases, activations, precisions).max_stable_eta(momentum, clamped)
