@@ -181,14 +181,14 @@ def attention(q: "Tensor", k: "Tensor", v: "Tensor", precision_key: Optional["Te
                       normalizer=normalizer, kv_len=kv_len, layout=layout)
 
 
-def _settle_options(log_det: bool, allow_tf32: bool, init: Optional[Sequence["Tensor"]]
-                    ) -> Dict[str, Any]:
-    """The newer settling keywords, passed on only where they are not the default."""
+def _settle_options(log_det: Any, allow_tf32: Any, init: Any) -> Dict[str, Any]:
+    """The newer settling keywords, passed on as given (the op checks them) where they are not
+    the default."""
     kw: Dict[str, Any] = {}
-    if log_det:
-        kw["log_det"] = True
-    if allow_tf32:
-        kw["allow_tf32"] = True
+    if log_det is not False:
+        kw["log_det"] = log_det
+    if allow_tf32 is not False:
+        kw["allow_tf32"] = allow_tf32
     if init is not None:
         kw["init"] = init
     return kw
