@@ -85,7 +85,7 @@ from ._lib import abi_version, device_count, device_name, last_error, load, vers
 from ._tensors import ArgumentTypeError
 from .attention import attention_backward, attention_forward, attention_merge
 from .lca import LcaDictionary
-from .settle import SettleNet, settle_infer, settle_learn
+from .settle import SettleNet, max_stable_eta, settle_infer, settle_learn
 from .vmp import VmpModel, construct_policies
 
 if TYPE_CHECKING:  # PyTorch is imported lazily: ``import fep_kernels`` works without it
@@ -98,6 +98,7 @@ __all__ = [
     "ArgumentTypeError",
     "LcaDictionary",
     "SettleNet",
+    "max_stable_eta",
     "settle_infer",
     "settle_learn",
     "VmpModel",
