@@ -198,6 +198,29 @@ def test_precision_learning_deep_stays_positive():
     assert all(p.grad is not None for p in net.log_precisions.values())
 
 
+def test_max_stable_eta():
+    if not hasattr(fk, "max_stable_eta"):
+        return "SKIPPED: this build has no fep_kernels.max_stable_eta"
+    net = small(precision=[1.0, 4.0, 2.0])
+    eta = net.max_stable_eta()
+    ws = [w.detach() for w in net.weights]
+    bs = [net.biases[str(l)].detach() for l in range(3)]
+    assert eta == fk.max_stable_eta(ws, bs, activations=net.activations,
+                                    precisions=[1.0, 4.0, 2.0])
+    assert 0 < net.max_stable_eta(clamped=False) <= eta
+    net.eta = 0.9 * eta  # settles without diverging
+    x0, y = data()
+    assert torch.isfinite(net.energy(x0, y))
+    # learned precisions enter with their current values: a larger precision, a smaller bound
+    if precision_learning():
+        lp = small(precision=[None, "diagonal", "scalar"], init_precision=2.0)
+        e1 = lp.max_stable_eta()
+        with torch.no_grad():
+            lp.log_precisions["1"].add_(math.log(4.0))
+        assert lp.max_stable_eta() < e1
+    expect(TypeError, lambda: net.max_stable_eta(clamped=1), "clamped")
+
+
 def test_divergence_raises_and_leaves_parameters():
     if not hasattr(fk, "DivergedError"):
         return "SKIPPED: this build has no fep_kernels.DivergedError"

@@ -73,19 +73,19 @@ def precision_learning_available() -> bool:
     return "log_det" in _settle_params()
 
 
-def stable_eta(net: PCNetwork, eta_pi: float, eta_max: float) -> None:
-    """Keeps the settling step within the stability margin as precisions are learned: settling
-    is gradient descent on the free energy, whose curvature along layer l's errors is about
-    pi_l, so eta * max(pi) is held at ``eta_pi`` or below (and eta at ``eta_max`` or below)."""
-    pi_max = max(float(p.max()) for p in net.precisions())
-    net.eta = min(eta_max, eta_pi / pi_max)
+def stable_eta(net: PCNetwork, eta_max: float) -> None:
+    """Keeps the settling step stable as precisions are learned: settling is gradient descent on
+    the free energy, whose curvature grows with the precisions, and
+    ``PCNetwork.max_stable_eta()`` is the library's bound on the step below which it cannot
+    diverge near a settled state (for the current weights and precisions)."""
+    net.eta = min(eta_max, net.max_stable_eta())
 
 
 def train(net: PCNetwork, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
-          lr_pi: float, seed: int, eta_pi: Optional[float] = None) -> List[float]:
+          lr_pi: float, seed: int, adapt_eta: bool = False) -> List[float]:
     """Adam on the settled free energy over shuffled minibatches, with learning rate ``lr`` for
     the weights and biases and ``lr_pi`` for the log-precisions (two parameter groups); returns
-    the mean energy per epoch. With ``eta_pi``, the settling step follows the largest precision
+    the mean energy per epoch. With ``adapt_eta``, the settling step follows the precisions
     (see :func:`stable_eta`)."""
     log_pis = list(net.log_precisions.parameters())
     others = [p for n, p in net.named_parameters() if not n.startswith("log_precisions.")]
@@ -101,8 +101,8 @@ def train(net: PCNetwork, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: 
         total = 0.0
         for i in range(0, x.shape[0], batch):
             idx = perm[i:i + batch]
-            if eta_pi is not None:
-                stable_eta(net, eta_pi, eta_max)
+            if adapt_eta:
+                stable_eta(net, eta_max)
             total += net.learn_step(x[idx], y[idx], opt).item() * idx.numel()
         history.append(total / x.shape[0])
     return history
@@ -129,7 +129,7 @@ def classification(args: argparse.Namespace, data, learned: bool) -> Tuple[float
                         precision=[4.0, 4.0, 1.0], eta=0.1, steps=args.steps, device=dev)
     t = time.perf_counter()
     train(net, train_x.to(dev), onehot, args.epochs, args.batch, args.lr, args.lr_pi, args.seed,
-          eta_pi=0.4 if learned else None)
+          adapt_eta=learned)
     return accuracy(net, test_x.to(dev), test_y), net, time.perf_counter() - t
 
 
@@ -159,7 +159,7 @@ def recovery(args: argparse.Namespace, data) -> None:
                         device=dev)
         t = time.perf_counter()
         train(net, x.to(dev), y.to(dev), args.recovery_epochs, 64, 1e-2,
-              args.recovery_lr_pi, args.seed, eta_pi=0.5)
+              args.recovery_lr_pi, args.seed, adapt_eta=True)
         learned[name] = net.precisions()[-1].cpu()
         print(f"   {name:>7}: {'-'.join(map(str, widths))}, precisions {precision} "
               f"({time.perf_counter() - t:.1f} s)")

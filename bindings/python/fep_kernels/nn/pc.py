@@ -370,6 +370,33 @@ class PCNetwork(nn.Module):
         return [torch.tensor(p, dtype=torch.float32, device=dev) if isinstance(p, float) else p
                 for p in self._precision_list(detach=True)]
 
+    def max_stable_eta(self, clamped: bool = True) -> float:
+        """The largest settling step size that is certain to be stable near a settled state,
+        for the current weights and precisions and this network's ``momentum``.
+
+        Settling is gradient descent with heavy-ball momentum beta on F, stable while
+        eta < 2 (1 + beta) / lambda_max of F's curvature in the free layers; near a settled
+        state that curvature is at most sum_l max(pi_l) (a_l + c_l ||W_l||_2 b_l)^2 (a_l = 1 when
+        x_l is free, b_l = 1 when x_{l-1} is free, c_l the largest slope of f_l), so the value
+        is a sufficient bound: larger steps may still converge. ``clamped``: the top layer
+        clamped (learning, :meth:`energy`) or free (inference, :meth:`infer`; a smaller bound).
+        Use it to keep ``eta`` stable while precisions are learned, e.g.
+        ``net.eta = 0.5 * net.max_stable_eta()`` between steps. Needs the library's bound
+        (``fep_kernels.max_stable_eta``); weights on a GPU are copied back."""
+        from .. import settle as _settle
+
+        if not hasattr(_settle, "max_stable_eta"):
+            raise NotImplementedError("this build of fep_kernels has no max_stable_eta")
+        if not isinstance(clamped, bool):
+            raise TypeError(f"clamped: expected a bool, got {type(clamped).__name__}")
+        pis = [p if isinstance(p, float) else (p if p.dim() else float(p))
+               for p in self._precision_list(detach=True)]
+        return _settle.max_stable_eta([w.detach().float().contiguous() for w in self.weights],
+                                      [None if b is None else b.detach().float().contiguous()
+                                       for b in self._bias_list(True)],
+                                      activations=self.activations, precisions=pis,
+                                      momentum=self.momentum, clamped=clamped)
+
     def energy(self, x0: Tensor, target: Tensor,
                init: Optional[Sequence[Tensor]] = None) -> Tensor:
         """The settled free energy of a learning step: a 0-d float32 tensor, differentiable
