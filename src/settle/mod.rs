@@ -3,31 +3,55 @@
 //!
 //! Layers x₀ … x_L of widths n₀ … n_L for a batch of B samples; layer l ≥ 1 has weights
 //! W_l `[n_l, n_{l−1}]`, an optional bias b_l, an activation f_l applied to the layer below
-//! ([`Activation`]: identity, tanh, ReLU, leaky ReLU(α), sigmoid, GELU) and a precision Π_l,
-//! scalar or diagonal ([`Precision`]). Per sample, the prediction μ_l, the error ε_l, the energy
-//! E (a sum of precision-weighted squared errors), and the step on a free layer (the gradient
-//! g_l = ∂E/∂x_l, with heavy-ball momentum β and step η):
+//! ([`Activation`]: identity, tanh, ReLU, leaky ReLU(α), sigmoid, GELU) and a precision Π_l:
+//! a scalar, a diagonal `[n_l]`, or one diagonal per sample `[B, n_l]` ([`Precision`]). Per
+//! sample, the prediction μ_l, the error ε_l, the energy E (a sum of precision-weighted squared
+//! errors), the free energy F (E with the Gaussian's normaliser, [`SettleSpec::log_det`]), and
+//! the step on a free layer (the gradient g_l = ∂E/∂x_l, with heavy-ball momentum β and step η):
 //!
 //! ```text
 //! μ_l = W_l f_l(x_{l−1}) + b_l,   ε_l = x_l − μ_l,   E = ½ Σ_l ε_lᵀ Π_l ε_l   (per sample)
+//! F = E − ½ Σ_l ln|Π_l|
 //! g_l = Π_l ε_l − f′_{l+1}(x_l) ⊙ W_{l+1}ᵀ (Π_{l+1} ε_{l+1})    (no second term for l = L)
 //! v_l ← β v_l + g_l,   x_l ← x_l − η v_l                       (every free layer, synchronously)
 //! ```
 //!
 //! The velocities start at v_l = 0. x₀ is clamped to the input. [`infer`] leaves x_L free;
 //! [`learn_step`] clamps it to the target and, at the settled state, returns the batch-mean
-//! weight and bias gradients
+//! gradients of the weights, biases and precisions
 //!
 //! ```text
-//! ∂E/∂W_l = −(1/B) Σ_b (Π_l ε_l) f_l(x_{l−1})ᵀ,   ∂E/∂b_l = −(1/B) Σ_b Π_l ε_l
+//! ∂F/∂W_l = −(1/B) Σ_b (Π_l ε_l) f_l(x_{l−1})ᵀ,   ∂F/∂b_l = −(1/B) Σ_b Π_l ε_l
+//! ∂F/∂π_l,j = (1/B) Σ_b ½ (ε²_l,j − 1/π_l,j)    (a scalar π_l: summed over j; per sample: not
+//!                                               summed over b)
 //! ```
 //!
-//! for the caller's optimiser ([`sgd`] applies one: W ← W − lr ∂E/∂W). Free layers start at the
-//! feedforward prediction (x_l = μ_l, layer by layer from x₀) or at a given state ([`Init`]).
+//! for the caller's optimiser ([`sgd_all`] applies one: W ← W − lr ∂F/∂W; [`sgd_log_all`] a
+//! step in log space for the precisions, which keeps them positive). These are the total
+//! derivatives of the settled F by the envelope theorem (the settled state minimises F in the
+//! free layers), as far as settling converged. Without the normaliser a learned precision would
+//! run to 0: E alone falls as Π does. The fixed point of the precision's gradient is
+//! π_l,j = 1 / mean_b ε²_l,j, the inverse variance of the settled errors.
+//! Free layers start at the feedforward prediction (x_l = μ_l, layer by layer from x₀) or at a
+//! given state ([`Init`], or the `init` argument of [`infer`] and [`learn_step`]).
+//!
+//! Step size: settling is gradient descent on E, stable near a settled state while
+//! η < 2(1 + β)/λmax of its curvature; [`max_stable_eta`] bounds it from the weights and
+//! precisions. A settle that diverges is reported ([`Error::Diverged`] on the CPU and, with
+//! `check_finite`, in the Python bindings) and never reaches a caller's parameters.
+//!
+//! Accuracy: with f32 weights every backend computes the products to f32 accuracy by default
+//! (the CPU in f64; NVIDIA tensor cores as three TF32 products per product, AMD's f32 MFMA
+//! exactly), so the states match the f64 reference to ~1e-7 relatively and each layer's error
+//! ε_l to ~1e-5 of its own norm when ε_l is ~1% of x_l (the f32 floor: the states themselves are
+//! f32). [`SettleSpec::allow_tf32`] allows single-pass TF32 products on NVIDIA instead (about
+//! 1e-3 relative per product, ~1e-2 on a small ε_l). f16 and bf16 weights round the operands of
+//! each product to their type.
 //!
 //! Steps, energies and early stop: `trace[b][0]` is the energy at the start, `trace[b][t]` after
-//! t updates. A sample stops after step t when |E_t − E_{t−1}| ≤ tol · E_{t−1}, or when
-//! E_t ≤ tol · E_0 (tol > 0); it is then frozen (its trace repeats), so a sample's result never
+//! t updates (E, or F with `log_det`). A sample stops after step t when
+//! |E_t − E_{t−1}| ≤ tol · E_{t−1}, or when E_t ≤ tol · E_0 (tol > 0; always on E, which the
+//! states descend: F differs from it by a constant); it is then frozen (its trace repeats), so a sample's result never
 //! depends on the rest of its batch. The second rule matters for inference: descending towards
 //! E = 0 loses a constant fraction of the energy per step, so the relative change alone would
 //! never fall below a small tol.
