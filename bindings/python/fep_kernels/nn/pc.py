@@ -163,8 +163,8 @@ class PCNetwork(nn.Module):
             gradients are those of F either way. None (the default): True when some precision
             is learned, else False.
         allow_tf32: on NVIDIA GPUs, let the settling products run as single-pass TF32
-            (faster, about 1e-3 relative accuracy); False (the default) keeps them
-            float32-accurate. No effect on the CPU.
+            (faster; TF32 rounds the factors to a 10-bit mantissa); False (the default) keeps
+            them float32-accurate. No effect on the CPU.
         check: reject non-finite inputs and parameters before settling (on a GPU this reads a
             few values back, so the call waits for the stream).
         device, dtype: where the parameters live and the weights' and biases' dtype (float32,
