@@ -27,16 +27,6 @@ except ImportError as e:  # pragma: no cover
 import fep_kernels as fk  # noqa: E402
 from _runner import expect, run_tests  # noqa: E402
 from fep_kernels.nn import PCNetwork, PCState  # noqa: E402
-from fep_kernels.nn.pc import _settle_params  # noqa: E402
-
-NO_PRECISION = ("SKIPPED: this build's settle_energy has no precision learning (log_det, "
-                "precision gradients)")
-
-
-def precision_learning() -> bool:
-    """Whether the settling ops take log_det (and so give precision tensors gradients)."""
-    return "log_det" in _settle_params()
-
 
 def data(B=32, n0=6, nL=3, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -138,8 +128,6 @@ def test_infer_and_forward():
 def test_precision_gradient_closed_form():
     # one layer: no free layer, eps = target - W x0 - b exactly, so F = mean_b 1/2 sum_i
     # (pi_i eps_i^2 - ln pi_i) and dF/dlog_pi_i = pi_i mean_b 1/2 (eps_i^2 - 1/pi_i)
-    if not precision_learning():
-        return NO_PRECISION
     for kind in ("diagonal", "scalar"):
         torch.manual_seed(1)
         net = PCNetwork([5, 4], activations="identity", precision=kind, init_precision=1.5,
@@ -167,8 +155,6 @@ def test_precision_gradient_closed_form():
 def test_precision_recovers_noise_variances():
     # y = W* x + noise with a known standard deviation per output unit: the learned diagonal
     # precision converges to 1 / variance (the maximum-likelihood precision)
-    if not precision_learning():
-        return NO_PRECISION
     g = torch.Generator().manual_seed(3)
     sigma = torch.tensor([0.1, 0.3, 1.0])
     w_true = torch.randn(3, 6, generator=g)
@@ -186,8 +172,6 @@ def test_precision_recovers_noise_variances():
 
 
 def test_precision_learning_deep_stays_positive():
-    if not precision_learning():
-        return NO_PRECISION
     net = small(precision=["scalar", "diagonal", "diagonal"], eta=0.05)
     x0, y = data(B=64)
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
@@ -212,12 +196,11 @@ def test_max_stable_eta():
     x0, y = data()
     assert torch.isfinite(net.energy(x0, y))
     # learned precisions enter with their current values: a larger precision, a smaller bound
-    if precision_learning():
-        lp = small(precision=[None, "diagonal", "scalar"], init_precision=2.0)
-        e1 = lp.max_stable_eta()
-        with torch.no_grad():
-            lp.log_precisions["1"].add_(math.log(4.0))
-        assert lp.max_stable_eta() < e1
+    lp = small(precision=[None, "diagonal", "scalar"], init_precision=2.0)
+    e1 = lp.max_stable_eta()
+    with torch.no_grad():
+        lp.log_precisions["1"].add_(math.log(4.0))
+    assert lp.max_stable_eta() < e1
     expect(TypeError, lambda: net.max_stable_eta(clamped=1), "clamped")
 
 
@@ -234,9 +217,6 @@ def test_divergence_raises_and_leaves_parameters():
 
 
 def test_start_states_and_tf32_option():
-    params = _settle_params()
-    if "init" not in params or "allow_tf32" not in params:
-        return "SKIPPED: this build's settling ops take no init / allow_tf32"
     net = small(bias=[True, False, True])
     x0, y = data()
     # the feedforward states, given explicitly, are the default start
@@ -260,8 +240,7 @@ def test_start_states_and_tf32_option():
 
 def test_torch_compile():
     torch._dynamo.reset()
-    learned = precision_learning()
-    net = small(precision=[None, "diagonal", "scalar"] if learned else [1.0, 2.0, 1.0])
+    net = small(precision=[None, "diagonal", "scalar"])
     x0, y = data()
 
     def step(x0, y):
@@ -292,8 +271,7 @@ def test_torch_compile():
 
 
 def test_state_dict_round_trip():
-    learned = precision_learning()
-    kinds = ["scalar", "diagonal", None] if learned else [None, 2.0, None]
+    kinds = ["scalar", "diagonal", None]
     a = small(precision=kinds, seed=4)
     x0, y = data()
     opt = torch.optim.Adam(a.parameters(), lr=1e-2)
@@ -363,5 +341,4 @@ def test_nn_exports():
 
 
 if __name__ == "__main__":
-    sys.exit(run_tests(globals(), "test_nn_pc.py",
-                       "" if precision_learning() else " (no precision learning in this build)"))
+    sys.exit(run_tests(globals(), "test_nn_pc.py"))

@@ -94,19 +94,23 @@ def test_precision_gradients_match_float64_reference():
                 assert err < 1e-4, f"{dev} {kind} layer {l}: rel err {err:.2e}"
 
 
-def test_without_log_det_the_energy_is_e_and_the_gradient_still_that_of_f():
+def test_without_log_det_the_value_and_its_gradient_are_those_of_e():
     ws, x0, y = problem(2)
-    pi = torch.full((4,), 2.0, requires_grad=True)
+    B = x0.shape[0]
     kw = dict(activations="tanh", eta=0.2, steps=500)
-    e = fk.settle_energy(ws, x0, y, precisions=[1.0, pi], **kw)
-    e.backward()
-    g_e = pi.grad.clone()
-    pi.grad = None
-    f = fk.settle_energy(ws, x0, y, precisions=[1.0, pi], log_det=True, **kw)
-    f.backward()
-    # F - E = -1/2 ln|Pi_2| = -1/2 * 4 ln 2
-    assert abs((f - e).item() + 2.0 * torch.log(torch.tensor(2.0)).item()) < 1e-5
-    assert torch.equal(g_e, pi.grad)
+    for shape in ((), (4,), (B, 4)):
+        pi = torch.full(shape, 2.0, requires_grad=True)
+        e = fk.settle_energy(ws, x0, y, precisions=[1.0, pi], **kw)
+        e.backward()
+        g_e = pi.grad.clone()
+        pi.grad = None
+        f = fk.settle_energy(ws, x0, y, precisions=[1.0, pi], log_det=True, **kw)
+        f.backward()
+        # F - E = -1/2 ln|Pi_2| = -1/2 * 4 ln 2 per sample
+        assert abs((f - e).item() + 2.0 * torch.log(torch.tensor(2.0)).item()) < 1e-5
+        # dE/dpi = dF/dpi + d(1/2 ln|Pi|)/dpi, batch-averaged
+        extra = {(): 4 * 0.25, (4,): 0.25, (B, 4): 0.25 / B}[shape]
+        assert torch.allclose(g_e, pi.grad + extra, rtol=1e-6, atol=1e-7), (shape, g_e, pi.grad)
 
 
 def test_divergence_raises_diverged_error():

@@ -107,9 +107,11 @@ def test_settle_energy_grads_bitwise():
             for l, b in enumerate(bs):
                 if b is not None:
                     assert torch.equal(b.grad, (2.5 * ref["grad_b"][l]).to(dt)), (dev, dt, l)
-            # the precision tensor gets dF/dpi (the gradient of the free energy)
+            # the precision tensor gets the gradient of the value returned
             assert x0.grad is None
-            assert torch.equal(precs[1].grad, 2.5 * ref["grad_pi"][1]), (dev, dt)
+            # (of the value returned, E: dF/dpi + 1/(2 pi))
+            want = 2.5 * (ref["grad_pi"][1] + 0.5 / precs[1].detach())
+            assert torch.equal(precs[1].grad, want), (dev, dt)
             assert ref["grad_w"][0].abs().max() > 0
 
 

@@ -31,9 +31,7 @@ Run (from the repository root, after ``cargo build --release --lib``)::
     PYTHONPATH=bindings/python python3 examples/python/pc_digits_precision.py --epochs 30
 
 (or ``pip install ./bindings/python`` first and drop ``PYTHONPATH``). Runs on the CPU in well
-under a minute; ``--device cuda`` uses a GPU with a CUDA build of the library. It needs the
-settling ops' precision learning; with a build that lacks it, the learned-precision parts say so
-and are skipped.
+under a minute; ``--device cuda`` uses a GPU with a CUDA build of the library.
 """
 
 import argparse
@@ -64,13 +62,6 @@ def load_digits(path: str = DATA) -> Tuple[torch.Tensor, torch.Tensor, torch.Ten
     y = torch.from_numpy(rec[:, PIXELS].astype(np.int64))
     test = torch.from_numpy(rec[:, PIXELS + 1] == 1)
     return x[~test], y[~test], x[test], y[test]
-
-
-def precision_learning_available() -> bool:
-    """Whether this build of the settling ops learns precisions (takes ``log_det``)."""
-    from fep_kernels.nn.pc import _settle_params
-
-    return "log_det" in _settle_params()
 
 
 def stable_eta(net: PCNetwork, eta_max: float) -> None:
@@ -207,17 +198,11 @@ def main() -> int:
     data = load_digits()
     print(f"fep-kernels {fk.version()}, torch {torch.__version__}, device {args.device}; "
           f"digits: {data[0].shape[0]} train / {data[2].shape[0]} test")
-    have = precision_learning_available()
 
     print(f"\n1. classification: 64-64-64-10, tanh hidden layers, Adam lr {args.lr}, batch "
           f"{args.batch}, {args.epochs} epochs, {args.steps} settling steps")
     acc, _, secs = classification(args, data, learned=False)
     print(f"   fixed precision (4, 4, 1):        test accuracy {acc:.4f}  ({secs:.1f} s)")
-    if not have:
-        print("   learned precision: skipped (this build of fep_kernels' settling ops has no "
-              "precision learning)")
-        print("\n2. precision recovery: skipped (needs precision learning)")
-        return 0
     acc_l, net, secs = classification(args, data, learned=True)
     pis = net.precisions()
     print(f"   learned precision (from 4, 4, 1): test accuracy {acc_l:.4f}  ({secs:.1f} s)")

@@ -182,19 +182,6 @@ def attention(q: "Tensor", k: "Tensor", v: "Tensor", precision_key: Optional["Te
                       normalizer=normalizer, kv_len=kv_len, layout=layout)
 
 
-def _settle_options(log_det: Any, allow_tf32: Any, init: Any) -> Dict[str, Any]:
-    """The newer settling keywords, passed on as given (the op checks them) where they are not
-    the default."""
-    kw: Dict[str, Any] = {}
-    if log_det is not False:
-        kw["log_det"] = log_det
-    if allow_tf32 is not False:
-        kw["allow_tf32"] = allow_tf32
-    if init is not None:
-        kw["init"] = init
-    return kw
-
-
 def settle_energy(weights: Sequence["Tensor"], x0: "Tensor", target: "Tensor",
                   biases: Optional[Sequence[Optional["Tensor"]]] = None,
                   activations: Any = "identity", precisions: Any = None, *, eta: float,
@@ -219,7 +206,7 @@ def settle_energy(weights: Sequence["Tensor"], x0: "Tensor", target: "Tensor",
 
     return _settle_energy(weights, x0, target, biases=biases, activations=activations,
                           precisions=precisions, eta=eta, steps=steps, momentum=momentum,
-                          tol=tol, check=check, **_settle_options(log_det, allow_tf32, init))
+                          tol=tol, check=check, log_det=log_det, allow_tf32=allow_tf32, init=init)
 
 
 def settle_infer_op(weights: Sequence["Tensor"], x0: "Tensor",
@@ -239,7 +226,7 @@ def settle_infer_op(weights: Sequence["Tensor"], x0: "Tensor",
 
     return _settle_infer_op(weights, x0, biases=biases, activations=activations,
                             precisions=precisions, eta=eta, steps=steps, momentum=momentum,
-                            tol=tol, check=check, **_settle_options(log_det, allow_tf32, init))
+                            tol=tol, check=check, log_det=log_det, allow_tf32=allow_tf32, init=init)
 
 
 def lca_solve(phi: "Tensor", x: "Tensor", lam: float, eta: float, steps: int,

@@ -221,6 +221,11 @@ def _energy_setup(ctx, inputs, output):
     ctx.bias_layers = list(inputs[2])
     ctx.w_dtypes = [w.dtype for w in inputs[0]]
     ctx.b_dtypes = [b.dtype for b in inputs[1]]
+    # Without the normaliser the value is E, whose precision gradient lacks F's -1/(2 pi) term
+    # (per unit, batch-averaged): it is added back in backward from the precisions themselves.
+    ctx.log_det = bool(inputs[16])
+    ctx.batch = inputs[5].shape[0]
+    ctx.precisions = [] if ctx.log_det else [p.detach() for p in inputs[3]]
 
 
 def _energy_backward(ctx, g, _g_grad_w, _g_grad_b, _g_grad_pi):
@@ -229,7 +234,11 @@ def _energy_backward(ctx, g, _g_grad_w, _g_grad_b, _g_grad_pi):
     grad_w, grad_b, grad_pi = saved[:d], saved[d:2 * d], saved[2 * d:]
     dw = [(g * gw).to(dt) for gw, dt in zip(grad_w, ctx.w_dtypes)]
     db = [(g * grad_b[l]).to(dt) for l, dt in zip(ctx.bias_layers, ctx.b_dtypes)]
-    dp = [g * gp for gp in grad_pi]
+    if ctx.log_det:
+        dp = [g * gp for gp in grad_pi]
+    else:  # dE/dpi = dF/dpi + (1/B) sum_b 1/(2 pi)
+        dp = [g * (gp + 0.5 / p if p.dim() == 1 else gp + 0.5 / (ctx.batch * p))
+              for gp, p in zip(grad_pi, ctx.precisions)]
     # no gradient for bias_layers, precision_layers, x0, target, init and the non-tensor
     # arguments
     return (dw, db, ctx.no_grads[2], dp, *ctx.no_grads[4:])
@@ -383,9 +392,10 @@ def settle_energy(weights: Sequence[Tensor], x0: Tensor, target: Tensor,
     dtype). The settled free layers x* minimise E(x, theta), so
     dE(x*(theta), theta)/dtheta = dE/dtheta at x*, the library's formulas with x* held fixed.
     This is exact only as far as settling converged (enough ``steps``, small enough ``eta``).
-    ``grad_pi`` is the gradient of the free energy, ``(1/B) sum_b 1/2 (eps^2 - 1/pi)`` per
-    unit: with ``log_det=False`` the value returned is E but the precision gradient is still
-    that of F. ``x0``, ``target`` and ``init`` get no gradient.
+    For a precision the gradient is that of the value returned: with ``log_det=True`` that of
+    F, ``(1/B) sum_b 1/2 (eps^2 - 1/pi)`` per unit (``grad_pi``); with ``log_det=False`` that
+    of E, ``(1/B) sum_b 1/2 eps^2`` (which would drive a learned precision to 0).
+    ``x0``, ``target`` and ``init`` get no gradient.
 
     Raises:
         DivergedError: the settling diverged (a non-finite energy; ``eta`` too large).

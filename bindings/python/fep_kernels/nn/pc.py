@@ -12,8 +12,8 @@ and the network's free energy per sample is
 
 with Pi_l the precision (inverse variance) of layer l's prediction errors: a fixed number, a
 learned scalar, or a learned diagonal [n_l]. The ln|Pi_l| term is the Gaussian's normaliser
-and keeps a learned precision from running to 0: the precision gradients below always
-include it, and ``log_det`` chooses whether the value returned does.
+and keeps a learned precision from running to 0; ``log_det`` chooses whether the value
+returned (and so its precision gradients) includes it.
 
 *Settling* (inference) holds x_0 at the input and moves the free layers down the gradient of F,
 ``x_l <- x_l - eta v_l`` with ``v_l <- momentum v_l + dF/dx_l`` for ``steps`` steps (or fewer,
@@ -108,15 +108,6 @@ def _per_layer(value: Any, what: str, depth: int, one: Callable[[Any], bool]) ->
     return list(value)
 
 
-def _settle_params() -> Tuple[str, ...]:
-    """The keyword arguments that this build's ``settle_energy`` / ``settle_infer_op`` take."""
-    import inspect
-
-    e = inspect.signature(_ts.settle_energy).parameters
-    i = inspect.signature(_ts.settle_infer_op).parameters
-    return tuple(k for k in ("log_det", "allow_tf32", "init") if k in e and k in i)
-
-
 class PCNetwork(nn.Module):
     """A predictive-coding network that can learn the precision of its prediction errors.
 
@@ -159,9 +150,9 @@ class PCNetwork(nn.Module):
         tol: 0 runs exactly ``steps`` steps; > 0 stops a sample early once its relative
             energy change per step falls below ``tol``.
         log_det: whether the value :meth:`energy` returns includes -1/2 sum_l ln|Pi_l| (the
-            free energy F) or not (the energy E = 1/2 sum_l eps_l^T Pi_l eps_l). The precision
-            gradients are those of F either way. None (the default): True when some precision
-            is learned, else False.
+            free energy F) or not (the energy E = 1/2 sum_l eps_l^T Pi_l eps_l); gradients are
+            those of the value returned (E alone would drive a learned precision to 0). None
+            (the default): True when some precision is learned, else False.
         allow_tf32: on NVIDIA GPUs, let the settling products run as single-pass TF32
             (faster; TF32 rounds the factors to a 10-bit mantissa); False (the default) keeps
             them float32-accurate. No effect on the CPU.
@@ -289,7 +280,6 @@ class PCNetwork(nn.Module):
         self.check: bool = bool(check)
         # which of the newer settling options this build of the ops takes (read once, here:
         # not while torch.compile traces)
-        self._settle_kwargs: Tuple[str, ...] = _settle_params()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -335,24 +325,12 @@ class PCNetwork(nn.Module):
         return out
 
     def _options(self, init: Optional[Sequence[Tensor]]) -> dict:
-        """The newer settling keywords, passed only where they differ from the old behaviour so
-        that a network without learned precision also runs on a build without them."""
-        want = {}
-        if self.log_det:
-            want["log_det"] = True
-        if self.allow_tf32:
-            want["allow_tf32"] = True
-        if init is not None:
-            if not isinstance(init, (list, tuple)):
-                raise TypeError(f"init: expected None or a list of tensors (one per free "
-                                f"layer), got {type(init).__name__}")
-            want["init"] = list(init)
-        missing = [k for k in want if k not in self._settle_kwargs]
-        if missing:
-            raise NotImplementedError(
-                f"this build of fep_kernels' settling ops does not take {missing} (learned "
-                "precision needs log_det); update the fep-kernels library and package")
-        return want
+        """The settling keywords of this network and call."""
+        if init is not None and not isinstance(init, (list, tuple)):
+            raise TypeError(f"init: expected None or a list of tensors (one per free "
+                            f"layer), got {type(init).__name__}")
+        return dict(log_det=self.log_det, allow_tf32=self.allow_tf32,
+                    init=None if init is None else list(init))
 
     def _check_input(self, x0: Any, what: str, width: int) -> None:
         if not isinstance(x0, Tensor):
