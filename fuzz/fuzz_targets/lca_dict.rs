@@ -154,7 +154,14 @@ fuzz_target!(|input: Input| {
 
     // fep_lca_dict_lambda_max
     let mut l = Call::new("fep_lca_dict_lambda_max", input.values);
-    let lo = l.buf("out", Ty::F64, Role::Slot, Some(1), input.lmax_out, SENTINEL);
+    let lo = l.buf(
+        "out",
+        Ty::F64,
+        Role::Slot,
+        Some(1),
+        input.lmax_out,
+        SENTINEL,
+    );
     assert!(l.alloc());
     let h = mem.ptr(input.lmax_handle, dict, other);
     l.note(format!("dict {h:p} ({:?})", input.lmax_handle));
