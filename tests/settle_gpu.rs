@@ -824,12 +824,18 @@ fn settle_f32_errors_are_accurate_against_their_own_norm() {
         let d = data(&c);
         let cpu = run(&Device::cpu(), &c, &d).expect("CPU reference");
         let out = run(&dev, &c, &d).expect("GPU");
-        // The default bound is the f32 floor of this problem, not of the products: the states
-        // themselves are f32, rounded at each of the 100 updates (‖δx‖/‖x‖ ≈ 1.1e-7 measured),
-        // and ε_L is 1% of x_L, so ‖δε‖/‖ε‖ ≥ ~1e-5 even with exact f32 products (warp 64,
-        // AMD's f32 MFMA: 1.1e-5; warp 32, three TF32 products: 2.0e-5). Single-pass TF32 was
+        // Default mode: 1e-5 per layer, except the free top layer's ε (1% of x_L here), which is
+        // held to 2e-5: its error is that of μ_L itself evaluated in f32 (tanh and a 32-term
+        // sum, ~1e-7 of |μ_L|), measured 1.0e-5 (warp 64, exact f32 MFMA) and 1.3e-5 (warp 32,
+        // three TF32 products with the small ones accumulated apart). The states' own rounding,
+        // the largest error before (2e-5 on warp 32, 1.1e-5 on warp 64 in total), is removed by
+        // the compensated update (settle_update); layer 1 measures 7e-7. Single-pass TF32 was
         // 1.2e-2 here.
-        let bound = if allow_tf32 && tf32(&dev) { 5e-2 } else { 3e-5 };
+        let bounds = if allow_tf32 && tf32(&dev) {
+            [5e-2, 5e-2]
+        } else {
+            [1e-5, 2e-5]
+        };
         for l in 0..2 {
             let e = err_vs(&out.eps[l], &cpu.eps[l], &cpu.eps[l]);
             let rel_x = err_vs(&out.x[l], &cpu.x[l], &cpu.x[l]);
@@ -839,11 +845,16 @@ fn settle_f32_errors_are_accurate_against_their_own_norm() {
                 l + 1,
                 err_vs(&cpu.eps[l], &vec![0.0; cpu.eps[l].len()], &cpu.x[l])
             );
+            let bound = bounds[l];
             assert!(
                 e < bound,
                 "allow_tf32 {allow_tf32}, layer {}: ‖ε − ε_ref‖/‖ε_ref‖ = {e:e} >= {bound:e}",
                 l + 1
             );
+            // The opt-in reaches the kernels: single-pass TF32 is far less accurate.
+            if allow_tf32 && tf32(&dev) && l == 1 {
+                assert!(e > 1e-3, "allow_tf32 made no difference ({e:e})");
+            }
         }
     }
 }

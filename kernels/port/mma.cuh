@@ -295,16 +295,48 @@ FEP_DEVICE void fep_mma_run_accurate(float (&acc)[NT][FEP_MMA_ACC], const FA& a,
 // One warp computes a 16 x (16 NT) tile of A B over k in [0, K) and hands each element to
 // epi(row, col, value), row in [0, 16), col in [0, 16 NT); K may be any size (the functors
 // return 0 past it: the last step reads up to kK - 1 elements beyond). accurate:
-// fep_mma_run_accurate per step (f32 to f32 accuracy on NVIDIA), else one FepMma<In>::run.
-template <typename In, int NT, typename FA, typename FB, typename Epi>
-FEP_DEVICE void fep_mma_tile(int K, const FA& a, const FB& b, bool accurate, const Epi& epi) {
-    float acc[NT][FEP_MMA_ACC];
+// fep_mma_run_split per step (f32 to f32 accuracy on NVIDIA), else one FepMma<In>::run.
+// As fep_mma_run_accurate, with the two small products (hi*lo + lo*hi) summed into their own
+// accumulator `small` (NVIDIA, In = float), added to acc by the caller at the end: the big
+// accumulator then takes one rounding per k-step, as an exact f32 product would, instead of
+// three (the small terms are 2^-11 of the big ones, so their own roundings are negligible).
+// Elsewhere one pass into acc; `small` is untouched.
+template <typename In, int NT, typename FA, typename FB>
+FEP_DEVICE void fep_mma_run_split(float (&acc)[NT][FEP_MMA_ACC], float (&small)[NT][FEP_MMA_ACC], const FA& a,
+                                  const FB& b, int k0) {
+#if defined(FEP_MMA_NV)
+    if constexpr (sizeof(In) == 4) {
+        auto a_hi = [&](int r, int k) { return fep_mma_round<float>(a(r, k)); };
+        auto b_hi = [&](int c, int k) { return fep_mma_round<float>(b(c, k)); };
+        auto a_lo = [&](int r, int k) { const float x = a(r, k); return x - fep_mma_round<float>(x); };
+        auto b_lo = [&](int c, int k) { const float x = b(c, k); return x - fep_mma_round<float>(x); };
+        FepMma<float>::template run<NT>(small, a_lo, b_hi, k0);
+        FepMma<float>::template run<NT>(small, a_hi, b_lo, k0);
+        FepMma<float>::template run<NT>(acc, a_hi, b_hi, k0);
+        return;
+    }
+#endif
+    FepMma<In>::template run<NT>(acc, a, b, k0);
+}
+
+template <int NT>
+FEP_DEVICE void fep_mma_add(float (&acc)[NT][FEP_MMA_ACC], const float (&small)[NT][FEP_MMA_ACC]) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < FEP_MMA_ACC; ++i) acc[j][i] = 0.0f;
+        for (int i = 0; i < FEP_MMA_ACC; ++i) acc[j][i] += small[j][i];
+}
+
+template <typename In, int NT, typename FA, typename FB, typename Epi>
+FEP_DEVICE void fep_mma_tile(int K, const FA& a, const FB& b, bool accurate, const Epi& epi) {
+    float acc[NT][FEP_MMA_ACC], small[NT][FEP_MMA_ACC];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < FEP_MMA_ACC; ++i) acc[j][i] = small[j][i] = 0.0f;
     if (accurate) {
-        for (int k0 = 0; k0 < K; k0 += FepMma<In>::kK) fep_mma_run_accurate<In, NT>(acc, a, b, k0);
+        for (int k0 = 0; k0 < K; k0 += FepMma<In>::kK) fep_mma_run_split<In, NT>(acc, small, a, b, k0);
+        fep_mma_add<NT>(acc, small);
     } else {
         for (int k0 = 0; k0 < K; k0 += FepMma<In>::kK) FepMma<In>::template run<NT>(acc, a, b, k0);
     }

@@ -1,9 +1,9 @@
 // persistent.cu: all T steps of a settling in one launch, for networks whose state fits in
 // shared memory for a tile of 16 samples.
 //
-// One block per tile of SETTLE_TILE_ROWS samples (grid-stride over tiles). x_l, eps_l and the
-// momentum v_l of every layer l >= 1 stay in shared memory (12 bytes per unit and sample, 8
-// without momentum) for the whole settling; x_0 and the weights are read from global memory (L2) each step. A step is
+// One block per tile of SETTLE_TILE_ROWS samples (grid-stride over tiles). x_l, eps_l, the
+// compensation c_l of the state's updates and the momentum v_l of every layer l >= 1 stay in
+// shared memory (16 bytes per unit and sample, 12 without momentum) for the whole settling; x_0 and the weights are read from global memory (L2) each step. A step is
 // two phases separated by barriers:
 //   update:   every free layer, from this step's errors (the backward products)
 //   evaluate: every layer's error and the energy (the forward products)
@@ -17,13 +17,14 @@
 #define SETTLE_P_COLS (16 * SETTLE_P_NT)
 
 struct SettleSmem {
-    float* base;  // per layer l: x [16][n_l], eps [16][n_l], and v [16][n_l] when has_v, at off[l - 1]
+    float* base;  // per layer l: x, eps, c and (when has_v) v, each [16][n_l], at off[l - 1]
     // In shared memory too: a register array indexed by the layer would live on the stack.
     const int32_t* off;
     bool has_v;  // momentum > 0 (without momentum v is g itself and is not kept)
     FEP_DEVICE float* x(int l) const { return base + off[l - 1]; }
     FEP_DEVICE float* eps(int l, int n) const { return base + off[l - 1] + SETTLE_TILE_ROWS * n; }
-    FEP_DEVICE float* v(int l, int n) const { return base + off[l - 1] + 2 * SETTLE_TILE_ROWS * n; }
+    FEP_DEVICE float* c(int l, int n) const { return base + off[l - 1] + 2 * SETTLE_TILE_ROWS * n; }
+    FEP_DEVICE float* v(int l, int n) const { return base + off[l - 1] + 3 * SETTLE_TILE_ROWS * n; }
 };
 
 // The layer below l: x_0 rows in global memory, or x_{l-1} in shared memory.
@@ -46,13 +47,15 @@ FEP_DEVICE void settle_p_forward(const SettleArgs& p, const SettleLayer* lay, co
     const float* xin = settle_below(p, lay, s, l, row0, &ld_in);
     float* x = s.x(l);
     float* eps = s.eps(l, L.n);
+    const float* comp = s.c(l, L.n);
     const int chunks = (L.n + SETTLE_P_COLS - 1) / SETTLE_P_COLS;
     for (int c = (int)fep_warp_id(); c < chunks; c += SETTLE_WARPS) {
         settle_forward_tile<T, SETTLE_P_NT>(L, xin, ld_in, rows, c * SETTLE_P_COLS, p.tf32 != 0, [&](int r, int j, float mu) {
+            const int i = r * L.n + j;
             if (init) {
-                x[r * L.n + j] = mu;
+                x[i] = mu;
             } else {
-                eps[r * L.n + j] = x[r * L.n + j] - mu;
+                eps[i] = settle_eps(x[i], comp[i], mu);
             }
         });
     }
@@ -66,6 +69,7 @@ FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleLayer* lay, con
     float* x = s.x(l);
     float* eps = s.eps(l, L.n);
     float* v = s.has_v ? s.v(l, L.n) : nullptr;
+    float* comp = s.c(l, L.n);
     const bool top = l == p.depth;
     const int act_above = top ? -1 : lay[l].act;
     const float alpha_above = top ? 0.0f : lay[l].alpha;
@@ -75,7 +79,8 @@ FEP_DEVICE void settle_p_update(const SettleArgs& p, const SettleLayer* lay, con
             if (done[r]) return;
             const int i = r * L.n + j;
             float vi = v ? v[i] : 0.0f;
-            settle_update(x[i], vi, eps[i], settle_pi(L, row0 + r, j), back, act_above, alpha_above, p.eta, p.beta);
+            settle_update(x[i], vi, comp[i], eps[i], settle_pi(L, row0 + r, j), back, act_above, alpha_above, p.eta,
+                          p.beta);
             if (v) v[i] = vi;
         };
         // The top layer has no layer above: K = 0 gives back = 0 with the same element ownership.
@@ -122,7 +127,7 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
         int32_t off = 0;
         for (int l = 1; l <= p.depth; ++l) {
             offsets[l - 1] = off;
-            off += (p.beta != 0.0f ? 3 : 2) * SETTLE_TILE_ROWS * lay[l - 1].n;
+            off += (p.beta != 0.0f ? 4 : 3) * SETTLE_TILE_ROWS * lay[l - 1].n;
         }
     }
     __syncthreads();
@@ -145,6 +150,7 @@ FEP_DEVICE void settle_persistent(const SettleArgs& p) {
                 const int r = i / L.n;
                 s.x(l)[i] = (load && r < rows) ? L.x[row0 * L.n + i] : 0.0f;
                 s.eps(l, L.n)[i] = 0.0f;
+                s.c(l, L.n)[i] = 0.0f;
                 if (s.has_v) s.v(l, L.n)[i] = 0.0f;
             }
         }

@@ -6,7 +6,8 @@
 //
 // Rows are samples, columns units. Both run on the tensor cores through port/mma.cuh with the
 // weights' dtype as the input type. f32 weights are accurate to f32 by default (on NVIDIA three
-// tf32 products, fep_mma_run_accurate; AMD's f32 MFMA is exact); SettleArgs::tf32 = 1 (the
+// tf32 products, the two small ones in their own accumulator, fep_mma_run_split; AMD's f32
+// MFMA is exact); SettleArgs::tf32 = 1 (the
 // spec's allow_tf32) runs one tf32 product instead, ~3x fewer tensor-core operations at ~1e-3
 // relative error per product. The activation, precision and bounds are applied in the operand
 // functors, the error/update maths in the epilogue.
@@ -65,6 +66,7 @@ struct SettleLayer {
     float* x;         // x_l [batch, n]
     float* eps;       // eps_l [batch, n]
     float* v;         // momentum [batch, n] (stepped kernels)
+    float* c;         // compensation of the state's updates [batch, n] (stepped kernels)
     float pi_s;
     float alpha;     // slope of a leaky ReLU f_l
     int32_t act;     // f_l, applied to x_{l-1}
@@ -200,13 +202,24 @@ FEP_DEVICE void settle_backward_tile(const SettleLayer& A, int K, const float* e
 // term `back` (0 for the top layer), with f'_{l+1}(x) of the layer above (act/alpha; act < 0:
 // none): v <- beta v + g, x <- x - eta v. The layer above is passed by value: a pointer into the
 // kernel's parameters would make the compiler copy them all to the stack.
-FEP_DEVICE void settle_update(float& x, float& v, float e, float pi, float back, int act_above, float alpha_above,
-                              float eta, float beta) {
+//
+// The sum x + (-eta v) is compensated (Kahan): c keeps what the f32 x lost (the state is
+// x - c), so T updates do not accumulate T roundings. Without it the state's own rounding is
+// the largest error of a small eps = x - mu (issue 22: |eps| ~ 1% of |x| after 100 steps, where
+// 100 roundings of x were ~1e-5 of |eps|). settle_eps applies c to the error.
+FEP_DEVICE void settle_update(float& x, float& v, float& c, float e, float pi, float back, int act_above,
+                              float alpha_above, float eta, float beta) {
     float g = pi * e;
     if (act_above >= 0) g -= settle_df(act_above, alpha_above, x) * back;
     v = fmaf(beta, v, g);
-    x = fmaf(-eta, v, x);
+    const float y = -eta * v - c;
+    const float t = x + y;
+    c = (t - x) - y;
+    x = t;
 }
+
+// eps = x - mu of a state x with compensation c (the state is x - c).
+FEP_DEVICE float settle_eps(float x, float c, float mu) { return (x - mu) - c; }
 
 // The early-stop rule, shared by both kernels (and cpu.rs): after step t >= 1 with energy e, the
 // previous energy prev and the starting energy start, a sample stops when |e - prev| <= tol prev
@@ -239,13 +252,13 @@ template <typename In, typename FA, typename FB, typename Epi>
 FEP_DEVICE void settle_block_gemm(int K, const FA& a, const FB& b, float* stage, bool accurate, const Epi& epi) {
     constexpr int kRowTiles = SETTLE_BLOCK_ROWS / 16 / SETTLE_WARPS;
     constexpr int kNT = SETTLE_BLOCK_COLS / 16;
-    float acc[kRowTiles][kNT][FEP_MMA_ACC];
+    float acc[kRowTiles][kNT][FEP_MMA_ACC], small[kRowTiles][kNT][FEP_MMA_ACC];
 #pragma unroll
     for (int t = 0; t < kRowTiles; ++t)
 #pragma unroll
         for (int j = 0; j < kNT; ++j)
 #pragma unroll
-            for (int i = 0; i < FEP_MMA_ACC; ++i) acc[t][j][i] = 0.0f;
+            for (int i = 0; i < FEP_MMA_ACC; ++i) acc[t][j][i] = small[t][j][i] = 0.0f;
     float* sa = stage;
     float* sb = stage + SETTLE_BLOCK_ROWS * SETTLE_STAGE_LD;
     const int wr0 = (int)fep_warp_id() * kRowTiles * 16;
@@ -261,13 +274,16 @@ FEP_DEVICE void settle_block_gemm(int K, const FA& a, const FB& b, float* stage,
             auto fb = [&](int c, int k) { return sb[c * SETTLE_STAGE_LD + k]; };
             if (accurate) {
                 for (int kk = 0; kk < SETTLE_STAGE_K; kk += FepMma<In>::kK)
-                    fep_mma_run_accurate<In, kNT>(acc[t], fa, fb, kk);
+                    fep_mma_run_split<In, kNT>(acc[t], small[t], fa, fb, kk);
             } else {
                 for (int kk = 0; kk < SETTLE_STAGE_K; kk += FepMma<In>::kK) FepMma<In>::template run<kNT>(acc[t], fa, fb, kk);
             }
         }
     }
     __syncthreads();  // the stage is free for the epilogue
+    if (accurate)
+#pragma unroll
+        for (int t = 0; t < kRowTiles; ++t) fep_mma_add<kNT>(acc[t], small[t]);
     const int lane = (int)fep_lane();
 #pragma unroll
     for (int t = 0; t < kRowTiles; ++t)

@@ -1,6 +1,7 @@
 // stepped.cu: one launch per layer and phase, for networks too wide for the persistent kernel.
 //
-// The state lives in global memory (the outputs x, eps and a momentum scratch v). Per step the
+// The state lives in global memory (the outputs x, eps, and scratch for the momentum v and the
+// compensation c of the state's updates). Per step the
 // host launches settle_backward for every free layer (the update), settle_forward for every
 // layer (the errors and per-tile energy partials) and settle_step_end (energies, trace, early
 // stop). Each product is a tensor-core GEMM over a 64 x 64 block tile with the activation,
@@ -60,7 +61,9 @@ FEP_DEVICE void settle_forward(const SettleArgs& p) {
                 const float mu = acc + (bias ? fep_to_f32(bias[j]) : 0.0f);
                 const int64_t i = (row0 + r) * L.n + j;
                 if (eval) {
-                    const float e = L.x[i] - mu;
+                    // A free layer's state is x - c (c: the compensation of its updates);
+                    // layers that do not move (x_L clamped) have no c.
+                    const float e = L.c ? settle_eps(L.x[i], L.c[i], mu) : L.x[i] - mu;
                     L.eps[i] = e;
                     contrib = settle_pi(L, row0 + r, j) * e * e;
                 } else {
@@ -103,10 +106,12 @@ FEP_DEVICE void settle_backward(const SettleArgs& p) {
             const int j = c0 + c;
             if (r >= rows || j >= L.n || p.done[row0 + r]) return;
             const int64_t i = (row0 + r) * L.n + j;
-            float x = L.x[i], v = L.v[i];
-            settle_update(x, v, L.eps[i], settle_pi(L, row0 + r, j), back, act_above, alpha_above, p.eta, p.beta);
+            float x = L.x[i], v = L.v[i], comp = L.c[i];
+            settle_update(x, v, comp, L.eps[i], settle_pi(L, row0 + r, j), back, act_above, alpha_above, p.eta,
+                          p.beta);
             L.x[i] = x;
             L.v[i] = v;
+            L.c[i] = comp;
         });
     });
 }

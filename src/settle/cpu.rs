@@ -219,10 +219,7 @@ pub(crate) fn converged(e: f64, prev: f64, start: f64, tol: f64) -> bool {
 /// Gradients at the settled states: ∂E/∂W_l = −(1/B) Σ_b (π ε_l) f_l(x_{l−1})ᵀ, ∂E/∂b_l, and
 /// ∂F/∂Π_l = (1/B) Σ_b ½ (ε² − 1/π) per unit (per element for a per-sample precision, summed
 /// over units for a scalar).
-pub(crate) fn gradients(
-    layers: &[RefLayer],
-    settled: &[Settled],
-) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+pub(crate) fn gradients(layers: &[RefLayer], settled: &[Settled]) -> RefGradients {
     let batch = settled.len() as f64;
     let scale = -1.0 / batch;
     let mut gw = Vec::new();
@@ -273,7 +270,19 @@ pub(crate) fn gradients(
         gw.push(w);
         gb.push(b);
     }
-    (gw, gb, gpi)
+    RefGradients {
+        w: gw,
+        b: gb,
+        pi: gpi,
+    }
+}
+
+/// The gradients of every layer, f64: weights `[n·n_in]`, biases `[n]`, precisions (1, `[n]`
+/// or `[batch·n]`).
+pub(crate) struct RefGradients {
+    pub w: Vec<Vec<f64>>,
+    pub b: Vec<Vec<f64>>,
+    pub pi: Vec<Vec<f64>>,
 }
 
 fn rows(v: &View<'_, f32>, width: usize, name: &str, check: bool) -> Result<Vec<Vec<f64>>> {
@@ -373,7 +382,11 @@ pub(super) fn run<T: Element>(
         }
     }
     if let Some(mut g) = grads {
-        let (gw, gb, gpi) = gradients(&layers, &settled);
+        let RefGradients {
+            w: gw,
+            b: gb,
+            pi: gpi,
+        } = gradients(&layers, &settled);
         for l in 0..depth {
             let dst = g.weights[l].host_slice_mut();
             dst.iter_mut().zip(&gw[l]).for_each(|(o, &v)| *o = v as f32);

@@ -25,9 +25,10 @@ const THREADS: u32 = 128;
 const MAX_LAYERS: usize = 16;
 const TILE_ROWS: usize = 16;
 const BLOCK: usize = 64;
-/// Shared memory per unit and sample of the persistent kernel: x, eps and (with momentum) v in f32.
-const SMEM_PER_UNIT: usize = 12;
-const SMEM_PER_UNIT_NO_MOMENTUM: usize = 8;
+/// Shared memory per unit and sample of the persistent kernel: x, eps, the compensation c and
+/// (with momentum) v, in f32.
+const SMEM_PER_UNIT: usize = 16;
+const SMEM_PER_UNIT_NO_MOMENTUM: usize = 12;
 /// Room kept for the kernels' static shared memory.
 const STATIC_SMEM_MARGIN: usize = 1024;
 /// Grid limits below every vendor's; kernels loop past them.
@@ -48,6 +49,7 @@ struct LayerArgs {
     x: u64,
     eps: u64,
     v: u64,
+    c: u64,
     pi_s: f32,
     alpha: f32,
     act: i32,
@@ -326,6 +328,7 @@ pub(super) fn run<T: Element>(
             x: out.x[i].addr,
             eps: out.eps[i].addr,
             v: 0,
+            c: 0,
             pi_s,
             alpha: layer.activation.alpha(),
             act: layer.activation.code(),
@@ -405,12 +408,19 @@ fn stepped<T: Element>(
     let batch = p.batch;
     let top_free = depth - p.clamped as usize;
     // Momentum per free layer, and the per-sample bookkeeping.
-    let mut momentum = Vec::with_capacity(top_free);
+    // Momentum and the compensation of the state's updates per free layer, both zero.
+    let mut momentum = Vec::with_capacity(2 * top_free);
     for l in 1..=top_free {
-        let v = Scratch::new(dev, 4 * batch * widths[l], stream)?;
-        fill(dev, v.addr, batch * widths[l], 0.0, stream)?;
-        args.layers[l - 1].v = v.addr;
-        momentum.push(v);
+        for field in 0..2 {
+            let buf = Scratch::new(dev, 4 * batch * widths[l], stream)?;
+            fill(dev, buf.addr, batch * widths[l], 0.0, stream)?;
+            if field == 0 {
+                args.layers[l - 1].v = buf.addr;
+            } else {
+                args.layers[l - 1].c = buf.addr;
+            }
+            momentum.push(buf);
+        }
     }
     let done = Scratch::new(dev, 4 * batch, stream)?;
     fill(dev, done.addr, batch, 0.0, stream)?;
