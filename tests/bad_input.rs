@@ -772,3 +772,185 @@ fn c_abi_settle_learn_never_writes_diverged_weights_and_names_a_huge_width() {
     assert_eq!(status, ffi::FEP_ERR_INVALID_ARGUMENT);
     assert!(last_error().contains("`net.widths[1]`"), "{}", last_error());
 }
+
+/// The precision-learning entry points: fep_settle_sgd_log and fep_settle_max_stable_eta with
+/// NULL, misaligned or impossible arguments are errors naming the argument (nothing written);
+/// an update that would make a precision non-finite or 0 writes nothing; a per-sample
+/// precision or precision gradient of the wrong length is InvalidArgument before any write.
+#[test]
+fn precision_learning_entry_points_reject_bad_input() {
+    let cpu = ffi::FEP_DEVICE_CPU;
+    let mut pi = [1.0f32, 2.0];
+    let g = [0.5f32, -0.25];
+    let lens = [2u64];
+    let (pp, gp) = ([pi.as_mut_ptr()], [g.as_ptr()]);
+    let sgd = |params: *const *mut f32, grads: *const *const f32, lens: *const u64, lr: f32| unsafe {
+        ffi::fep_settle_sgd_log(cpu, 0, null_mut(), 1, params, grads, lens, lr, null_mut())
+    };
+    let lens_max = [u64::MAX];
+    let cases: [(&str, &dyn Fn() -> i32, &str); 6] = [
+        (
+            "NULL params",
+            &|| sgd(null(), gp.as_ptr(), lens.as_ptr(), 0.1),
+            "params",
+        ),
+        (
+            "NULL grads",
+            &|| sgd(pp.as_ptr(), null(), lens.as_ptr(), 0.1),
+            "grads",
+        ),
+        (
+            "NULL lens",
+            &|| sgd(pp.as_ptr(), gp.as_ptr(), null(), 0.1),
+            "lens",
+        ),
+        (
+            "lr NaN",
+            &|| sgd(pp.as_ptr(), gp.as_ptr(), lens.as_ptr(), f32::NAN),
+            "lr",
+        ),
+        (
+            "lr < 0",
+            &|| sgd(pp.as_ptr(), gp.as_ptr(), lens.as_ptr(), -1.0),
+            "lr",
+        ),
+        (
+            "a length past the address space",
+            &|| sgd(pp.as_ptr(), gp.as_ptr(), lens_max.as_ptr(), 0.1),
+            "params[0]",
+        ),
+    ];
+    for (what, call, name) in cases {
+        assert_eq!(call(), ffi::FEP_ERR_INVALID_ARGUMENT, "{what}");
+        assert!(last_error().contains(name), "{what}: {}", last_error());
+    }
+    let bytes = [0u8; 16];
+    let misaligned = [bytes.as_ptr().wrapping_add(1) as *mut f32];
+    assert_eq!(
+        sgd(misaligned.as_ptr(), gp.as_ptr(), lens.as_ptr(), 0.1),
+        ffi::FEP_ERR_INVALID_ARGUMENT
+    );
+    assert_eq!(pi, [1.0, 2.0], "nothing written");
+    // A step that would overflow one element writes neither.
+    let huge = [0.0f32, -1e30];
+    let s = sgd(pp.as_ptr(), [huge.as_ptr()].as_ptr(), lens.as_ptr(), 1.0);
+    assert_eq!(s, ffi::FEP_ERR_DIVERGED, "{}", last_error());
+    assert_eq!(pi, [1.0, 2.0]);
+    // A valid step: pi * exp(-lr pi g).
+    assert_eq!(
+        sgd(pp.as_ptr(), gp.as_ptr(), lens.as_ptr(), 0.1),
+        ffi::FEP_OK
+    );
+    assert!((pi[0] - (-0.05f32).exp()).abs() < 1e-6 && (pi[1] - 2.0 * 0.05f32.exp()).abs() < 1e-6);
+
+    // fep_settle_max_stable_eta
+    let widths = [2u64, 3, 2];
+    let acts = [ffi::FEP_ACT_IDENTITY; 2];
+    let (w1, w2) = ([0.5f32; 6], [0.5f32; 6]);
+    let weights = [w1.as_ptr() as *mut std::ffi::c_void, w2.as_ptr() as *mut _];
+    let net = ffi::FepSettleNet {
+        layers: 2,
+        widths: widths.as_ptr(),
+        activations: acts.as_ptr(),
+        leaky_alpha: null(),
+        dtype: ffi::FEP_DTYPE_F32,
+        weights: weights.as_ptr(),
+        biases: null(),
+        precision: null(),
+        precision_diag: null(),
+        precision_per_sample: null(),
+    };
+    let mut eta = -1.0f32;
+    let mse = |net: *const ffi::FepSettleNet, batch: u64, m: f32, clamped: i32, out: *mut f32| unsafe {
+        ffi::fep_settle_max_stable_eta(cpu, 0, net, batch, m, clamped, out)
+    };
+    let cases: [(&str, &dyn Fn(*mut f32) -> i32, &str); 5] = [
+        ("NULL net", &|o| mse(null(), 1, 0.0, 1, o), "net"),
+        ("NULL out", &|_| mse(&net, 1, 0.0, 1, null_mut()), "eta_out"),
+        ("batch 0", &|o| mse(&net, 0, 0.0, 1, o), "batch"),
+        ("clamped 2", &|o| mse(&net, 1, 0.0, 2, o), "clamped"),
+        ("momentum 1", &|o| mse(&net, 1, 1.0, 1, o), "momentum"),
+    ];
+    for (what, call, name) in cases {
+        assert_eq!(call(&mut eta), ffi::FEP_ERR_INVALID_ARGUMENT, "{what}");
+        assert!(last_error().contains(name), "{what}: {}", last_error());
+    }
+    assert_eq!(eta, -1.0, "nothing written");
+    // A per-sample flag without its diagonal is named.
+    let flags = [1i32, 0];
+    let s = mse(
+        &ffi::FepSettleNet {
+            precision_per_sample: flags.as_ptr(),
+            ..net
+        },
+        1,
+        0.0,
+        1,
+        &mut eta,
+    );
+    assert_eq!(s, ffi::FEP_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("precision_diag"), "{}", last_error());
+    assert_eq!(mse(&net, 1, 0.0, 1, &mut eta), ffi::FEP_OK);
+    assert!(eta > 0.0 && eta.is_finite());
+
+    // Rust: a precision gradient of the wrong length, a per-sample precision of the wrong batch.
+    let (w1, w2) = ([0.5f32; 6], [0.5f32; 6]);
+    let per_sample = [1.0f32; 3 * 3]; // batch 3, but the call's batch is 2
+    let net = Network::new(
+        &[2, 3, 2],
+        vec![
+            Layer::new(
+                View::host(&w1),
+                Activation::Tanh,
+                Precision::PerSample(View::host(&per_sample)),
+            ),
+            Layer::new(View::host(&w2), Activation::Tanh, Precision::Scalar(1.0)),
+        ],
+    )
+    .unwrap();
+    let (x0, y) = ([0.1f32; 4], [0.2f32; 4]);
+    let r = settle::learn_step(
+        &net,
+        &SettleSpec::new(0.1),
+        &View::host(&x0),
+        &View::host(&y),
+        None,
+    );
+    assert_eq!(invalid_name(r), "layers[0].precision");
+    let tiny = Network::new(
+        &[2, 3, 2],
+        vec![
+            Layer::new(View::host(&w1), Activation::Tanh, Precision::Scalar(1.0)),
+            Layer::new(View::host(&w2), Activation::Tanh, Precision::Scalar(1.0)),
+        ],
+    )
+    .unwrap();
+    let mut outs: Vec<Vec<f32>> = vec![vec![0.0; 6], vec![0.0; 4], vec![0.0; 6], vec![0.0; 4]];
+    let mut gws = vec![vec![0.0f32; 6], vec![0.0f32; 6]];
+    let mut gbs = vec![vec![0.0f32; 3], vec![0.0f32; 2]];
+    let mut gp = vec![0.0f32; 2]; // a scalar precision's gradient has 1 value
+    let (xs, es) = outs.split_at_mut(2);
+    let (g0, g1) = gws.split_at_mut(1);
+    let (b0, b1) = gbs.split_at_mut(1);
+    let r = settle::learn_step_into(
+        &tiny,
+        &SettleSpec::new(0.1),
+        &View::host(&x0),
+        &View::host(&y),
+        settle::SettleOutputs {
+            x: xs.iter_mut().map(|v| ViewMut::host(v)).collect(),
+            eps: es.iter_mut().map(|v| ViewMut::host(v)).collect(),
+            energy: None,
+            trace: None,
+            steps: None,
+        },
+        settle::Gradients {
+            weights: vec![ViewMut::host(&mut g0[0]), ViewMut::host(&mut g1[0])],
+            biases: vec![ViewMut::host(&mut b0[0]), ViewMut::host(&mut b1[0])],
+            precisions: vec![Some(ViewMut::host(&mut gp)), None],
+        },
+        Device::cpu().default_stream(),
+    );
+    assert_eq!(invalid_name(r), "grad precisions[0]");
+    assert!(outs.iter().flatten().all(|&v| v == 0.0), "nothing written");
+}

@@ -611,7 +611,8 @@ pub unsafe extern "C" fn fep_settle_sgd_log(
 /// 2 (1 + momentum) / B, B an upper bound on the curvature of the energy near a settled state
 /// (sum over layers of max(Pi_l) (1 + max|f_l'| ||W_l||_2)^2 over the free layers); steps up
 /// to it never diverge near the minimum. `batch` sizes per-sample precisions (1 otherwise).
-/// On a GPU the weights and diagonal precisions are copied back (the call waits).
+/// On a GPU the weights and diagonal precisions are copied back (the call waits). eta_out is
+/// required.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fep_settle_max_stable_eta(
     kind: i32,
@@ -623,6 +624,7 @@ pub unsafe extern "C" fn fep_settle_max_stable_eta(
     eta_out: *mut f32,
 ) -> i32 {
     guard(|| {
+        non_null("eta_out", eta_out)?;
         let net = unsafe { read_arg("net", net)? };
         let dev = open_device(kind, ordinal)?;
         let widths = unsafe { net_widths(&net)? };

@@ -229,22 +229,26 @@ def settle_infer_op(weights: Sequence["Tensor"], x0: "Tensor",
                             tol=tol, check=check, log_det=log_det, allow_tf32=allow_tf32, init=init)
 
 
-def lca_solve(phi: "Tensor", x: "Tensor", lam: float, eta: float, steps: int,
-              threshold: str = "soft", tol: float = 0.0, u0: Optional["Tensor"] = None,
-              check_unit_norm: bool = True) -> Any:
+def lca_solve(phi: "Tensor", x: "Tensor", lam: float, eta: Optional[float] = None,
+              steps: int = 100, threshold: str = "soft", tol: float = 0.0,
+              u0: Optional["Tensor"] = None, check_unit_norm: bool = True,
+              tol_mode: str = "absolute", allow_tf32: bool = False) -> Any:
     """Sparse coding by the locally competitive algorithm (LCA) on the rows of ``x`` [B, n]
     against the dictionary ``phi`` [n, m] (unit-norm columns) through ``fep::lca_solve``.
 
     Each of ``steps`` steps: u <- u + eta (phi^T x - u - (phi^T phi - I) a), a = theta_lam(u),
     from u = 0 (or ``u0``), with the threshold theta "soft" (sign(u) max(|u| - lam, 0): the
     fixed point minimises 1/2 |x - phi a|^2 + lam |a|_1), "soft_nonneg", "hard" or
-    "hard_nonneg"; ``tol`` > 0 stops a sample early. Returns ``(u, a, steps)`` ([B, m] float32
+    "hard_nonneg". ``eta`` None (the default): 1 / lambda_max(phi^T phi), computed once per
+    call. ``tol`` > 0 stops a sample once max|du| < tol (``tol_mode="absolute"``) or
+    < tol * max|phi^T x| (``"relative"``, independent of the input's scale). ``allow_tf32``:
+    permission only (LCA runs float32 arithmetic). Returns ``(u, a, steps)`` ([B, m] float32
     twice, the steps run [B] int32); not differentiable. Full description:
     :func:`fep_kernels.torch_lca.lca_solve`. Needs PyTorch; works under ``torch.compile``."""
     from .torch_lca import lca_solve as _lca_solve
 
     return _lca_solve(phi, x, lam, eta, steps, threshold=threshold, tol=tol, u0=u0,
-                      check_unit_norm=check_unit_norm)
+                      check_unit_norm=check_unit_norm, tol_mode=tol_mode, allow_tf32=allow_tf32)
 
 
 _TORCH_MODULES = ("torch_ops", "torch_settle", "torch_lca", "nn")
