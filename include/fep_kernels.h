@@ -26,7 +26,7 @@
 
 /// The version of the C ABI this header declares; `fep_abi_version()` returns the one the loaded
 /// library implements.
-#define FEP_ABI_VERSION 1
+#define FEP_ABI_VERSION 2
 
 /// Status code: the call succeeded.
 #define FEP_OK 0
@@ -103,6 +103,13 @@
 
 /// LCA threshold: hard and non-negative, a = u where u > lambda, else 0.
 #define FEP_LCA_HARD_NONNEG 3
+
+/// LCA early stop (`FepLcaParams.tol_mode`): stop a sample when max |du| < tol.
+#define FEP_LCA_TOL_ABSOLUTE 0
+
+/// LCA early stop: stop a sample when max |du| < tol * max |b|, b = Phi^T x of that sample
+/// (relative to the input's scale; a sample with b = 0 stops when du is exactly 0).
+#define FEP_LCA_TOL_RELATIVE 1
 
 /// Activation f_l of a predictive-coding layer (`FepSettleNet.activations`): f(x) = x.
 #define FEP_ACT_IDENTITY 0
@@ -215,12 +222,20 @@ typedef struct FepLcaParams {
     int32_t threshold;
     /// lambda > 0.
     float lambda;
-    /// dt / tau, in (0, 1].
+    /// dt / tau, in (0, 1]; or 0 for the automatic step 1 / lambda_max(Phi^T Phi) of the
+    /// dictionary (fep_lca_dict_lambda_max; computed once per dictionary, on first use).
     float eta;
     /// T >= 1.
     uint32_t steps;
-    /// Early stop when max |du| < tol for a sample; 0 disables.
+    /// Early stop when max |du| < tol for a sample (see tol_mode); 0 disables.
     float tol;
+    /// FEP_LCA_TOL_ABSOLUTE (0) or FEP_LCA_TOL_RELATIVE (1): tol absolute, or relative to the
+    /// sample's max |Phi^T x|.
+    int32_t tol_mode;
+    /// Nonzero allows (does not require) TF32 tensor cores for f32 products, as PyTorch's
+    /// allow_tf32. Reserved: no LCA kernel uses tensor cores, so it changes nothing today;
+    /// results are accurate f32 (FMA, f32 accumulation) either way.
+    int32_t allow_tf32;
 } FepLcaParams;
 
 /// Predictive-coding settling (the maths: the Rust crate's `settle` module docs): a network of L
@@ -247,6 +262,9 @@ typedef struct FepSettleNet {
     /// L: `[n_l]` diagonal precisions (> 0) overriding the scalar where an entry is not NULL; or
     /// NULL.
     const float *const *precision_diag;
+    /// L flags, or NULL (all 0): where entry l is not 0, precision_diag[l] (required then) holds
+    /// one diagonal per sample, `[batch, n_l]` row-major, instead of one `[n_l]` for all.
+    const int32_t *precision_per_sample;
 } FepSettleNet;
 
 /// The parameters of a settling (fep_settle_infer, fep_settle_learn).
@@ -266,6 +284,13 @@ typedef struct FepSettleParams {
     /// which on a GPU reads back a few floats (the call waits for the stream); 1: skip the
     /// checks and return without synchronising.
     int32_t skip_input_checks;
+    /// 1: energy_out and trace_out hold the free energy F = E - 1/2 sum_l ln|Pi_l| (the
+    /// Gaussian normaliser, needed to learn precisions); 0: E. States, early stop (on E) and
+    /// gradients are the same either way.
+    int32_t log_det;
+    /// 1: allow single-pass TF32 tensor-core products for f32 weights on NVIDIA GPUs (about 1e-3
+    /// relative error per product); 0: f32-accurate products on every backend.
+    int32_t allow_tf32;
 } FepSettleParams;
 
 /// A generative model in pymdp's layouts, all row-major, all in HOST memory whatever the device
@@ -288,7 +313,10 @@ typedef struct FepVmpModelDesc {
     const uint64_t *a_deps;
     /// M: A_m `[O_m, S_deps(m)[0], S_deps(m)[1], ...]`, p(o | s): every column sums to 1.
     const double *const *a;
-    /// F: B_f [S_f, S_f, U_f], B_f[s', s, u] = p(s' | s, u): columns sum to 1.
+    /// F: B_f [S_f, S_f, U_f], B_f[s', s, u] = p(s' | s, u): columns sum to 1. Or NULL: a
+    /// model without transitions, for state inference (fep_vmp_infer_states) only; sequence
+    /// and policy inference, counts pb and learning with lr_b > 0 then fail with
+    /// FEP_ERR_INVALID_ARGUMENT naming B.
     const double *const *b;
     /// M: C_m `[O_m]` log-preferences, used as given; or NULL (an entry may be NULL): zeros.
     const double *const *c;
@@ -505,6 +533,14 @@ void fep_lca_dict_free(struct FepLcaDict *dict);
 /// Writes the dictionary's shape (`n` or `m` may be NULL).
 int32_t fep_lca_dict_shape(const struct FepLcaDict *dict, uint64_t *n, uint64_t *m);
 
+/// Writes lambda_max(Phi^T Phi), the largest eigenvalue of the dictionary's Gram matrix, to
+/// `*out` (f64): power iteration in f64 on the host from a fixed start vector (at most 1000
+/// iterations, until the Rayleigh quotient changes by less than 1e-9 relatively), computed
+/// once per dictionary on first use and again after fep_lca_dict_learn. On a GPU the first
+/// call copies Phi to the host (it waits for the device). The automatic step (eta = 0 in
+/// FepLcaParams) is min(1, 1 / lambda_max).
+int32_t fep_lca_dict_lambda_max(const struct FepLcaDict *dict, double *out);
+
 /// Copies Phi (f32, n x m) into `phi_out` on the dictionary's device.
 int32_t fep_lca_dict_phi(const struct FepLcaDict *dict, void *stream, float *phi_out);
 
@@ -556,7 +592,10 @@ int32_t fep_settle_infer(int32_t kind,
 
 /// One learning step: settles with x_L clamped to target (f32, batch x n_L), then writes the
 /// gradients of the settled energy, grad_w[l-1] = -(1/B) sum_b (Pi_l eps_l) f_l(x_{l-1})^T
-/// (f32, n_l x n_{l-1}) and grad_b[l-1] (f32, n_l), both required. lr > 0 then applies
+/// (f32, n_l x n_{l-1}) and grad_b[l-1] (f32, n_l), both required; grad_pi (NULL, or L entries
+/// each NULL to skip) receives dF/dPi_l = (1/B) sum_b 1/2 (eps_l^2 - 1/pi) per unit: 1 value for
+/// a scalar precision (summed over units), n_l for a diagonal, batch x n_l per sample (f32; see
+/// fep_settle_sgd_log to apply it). lr > 0 then applies
 /// W_l -= lr grad_w, b_l -= lr grad_b in place (lr = 0: gradients only), all or nothing: the
 /// weights and biases must not share memory, and an update that would write a NaN or infinity
 /// writes no parameter. Outputs as for fep_settle_infer (x_out[L-1] receives the target).
@@ -580,7 +619,40 @@ int32_t fep_settle_learn(int32_t kind,
                          uint32_t *steps_out,
                          float *const *grad_w,
                          float *const *grad_b,
+                         float *const *grad_pi,
                          float lr);
+
+/// SGD in log space on `count` positive f32 tensors (precisions), all or nothing:
+/// p <- p exp(-lr p g) for every element, which keeps p > 0 for any lr (with p = exp(theta),
+/// a plain SGD step on theta). params[i] and grads[i] hold lens[i] floats (grads as
+/// fep_settle_learn's grad_pi returns them). When any gradient or new value is not finite or
+/// not > 0, nothing is written: on the CPU the call returns FEP_ERR_DIVERGED; on a GPU the
+/// update is skipped on the device without waiting, and *status (optional, device memory, one
+/// u32) is set to 1 (0 when applied). lr finite and >= 0; the tensors must not overlap.
+int32_t fep_settle_sgd_log(int32_t kind,
+                           int32_t ordinal,
+                           void *stream,
+                           uint32_t count,
+                           float *const *params,
+                           const float *const *grads,
+                           const uint64_t *lens,
+                           float lr,
+                           uint32_t *status);
+
+/// The largest stable step size for settling `net` (settle::max_stable_eta): with momentum in
+/// [0, 1) and x_L clamped (clamped = 1, learning) or free (0), *eta_out receives
+/// 2 (1 + momentum) / B, B an upper bound on the curvature of the energy near a settled state
+/// (sum over layers of max(Pi_l) (1 + max|f_l'| ||W_l||_2)^2 over the free layers); steps up
+/// to it never diverge near the minimum. `batch` sizes per-sample precisions (1 otherwise).
+/// On a GPU the weights and diagonal precisions are copied back (the call waits). eta_out is
+/// required.
+int32_t fep_settle_max_stable_eta(int32_t kind,
+                                  int32_t ordinal,
+                                  const struct FepSettleNet *net,
+                                  uint64_t batch,
+                                  float momentum,
+                                  int32_t clamped,
+                                  float *eta_out);
 
 /// Validates `desc` (shapes, normalised columns of A, B and D, non-negative counts,
 /// dependencies and policy actions in range) and stores the model on the device (kind,

@@ -319,12 +319,18 @@ FEP_DEVICE void fep_mma_run_split(float (&acc)[NT][FEP_MMA_ACC], float (&small)[
     FepMma<In>::template run<NT>(acc, a, b, k0);
 }
 
-template <int NT>
+// acc += small after fep_mma_run_split (nothing where it ran one pass: small is still 0, and
+// x + 0 is not folded away by an IEEE-strict compiler).
+template <typename In, int NT>
 FEP_DEVICE void fep_mma_add(float (&acc)[NT][FEP_MMA_ACC], const float (&small)[NT][FEP_MMA_ACC]) {
+#if defined(FEP_MMA_NV)
+    if constexpr (sizeof(In) == 4) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < FEP_MMA_ACC; ++i) acc[j][i] += small[j][i];
+            for (int i = 0; i < FEP_MMA_ACC; ++i) acc[j][i] += small[j][i];
+    }
+#endif
 }
 
 template <typename In, int NT, typename FA, typename FB, typename Epi>
@@ -336,7 +342,7 @@ FEP_DEVICE void fep_mma_tile(int K, const FA& a, const FB& b, bool accurate, con
         for (int i = 0; i < FEP_MMA_ACC; ++i) acc[j][i] = small[j][i] = 0.0f;
     if (accurate) {
         for (int k0 = 0; k0 < K; k0 += FepMma<In>::kK) fep_mma_run_split<In, NT>(acc, small, a, b, k0);
-        fep_mma_add<NT>(acc, small);
+        fep_mma_add<In, NT>(acc, small);
     } else {
         for (int k0 = 0; k0 < K; k0 += FepMma<In>::kK) FepMma<In>::template run<NT>(acc, a, b, k0);
     }

@@ -283,7 +283,7 @@ FEP_DEVICE void settle_block_gemm(int K, const FA& a, const FB& b, float* stage,
     __syncthreads();  // the stage is free for the epilogue
     if (accurate)
 #pragma unroll
-        for (int t = 0; t < kRowTiles; ++t) fep_mma_add<kNT>(acc[t], small[t]);
+        for (int t = 0; t < kRowTiles; ++t) fep_mma_add<In, kNT>(acc[t], small[t]);
     const int lane = (int)fep_lane();
 #pragma unroll
     for (int t = 0; t < kRowTiles; ++t)
