@@ -448,7 +448,7 @@ add port.load 20 0 "$B" "bash ci/gpu-run.sh --load-check $B"
 #    then the GPU ones by value, then the C ABI ones
 threads=${FEP_GPU_TEST_THREADS:+--test-threads=$FEP_GPU_TEST_THREADS}
 TESTS=()
-for t in attention settle vmp torch_ops torch_settle_lca; do
+for t in attention settle settle_precision vmp torch_ops torch_settle_lca nn_pc nn_lca; do
   add "tests.py-$t" 60 0 "$B/libfep_kernels.so" "FEP_KERNELS_LIB=$LIB $py bindings/python/test_$t.py"
   TESTS+=("tests.py-$t")
 done
@@ -465,7 +465,7 @@ for f in "$B"/tests/*; do
     mma_gpu | attention_gpu | attention_backward_gpu | attention_decode | lca_gpu | settle_gpu | vmp_gpu | attention_ffi | settle_ffi | vmp_ffi) ;;
     # CPU-only (candle_ops: candle's CPU storage; no tests at all without its feature)
     # bad_input*: the CPU's bad-input probes and property tests (README's matrix from the repo)
-    *_cpu | ffi_header | resources | settle_digits | census | candle_ops | bad_input | bad_input_matrix) CPU_TESTS+=("$t") ;;
+    *_cpu | ffi_header | resources | settle_digits | settle_precision | census | candle_ops | bad_input | bad_input_matrix) CPU_TESTS+=("$t") ;;
     *) add "tests.$t" 90 0 "$f" "$f --color never --show-output $threads"; TESTS+=("tests.$t") ;;
   esac
 done
