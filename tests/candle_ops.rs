@@ -687,6 +687,12 @@ fn check_settle<T: Element + WithDType>(dtype: DType) {
                     bits(&want.grad_b[l].to_vec().unwrap()),
                     "grad_b[{l}] {dtype:?} seed {seed}"
                 );
+                // ∂F/∂Π: [1] for a scalar precision, [n_l] for a diagonal.
+                assert_eq!(
+                    bits(&host::<f32>(&got.grad_pi[l])),
+                    bits(&want.grad_pi[l].to_vec().unwrap()),
+                    "grad_pi[{l}] {dtype:?} seed {seed}"
+                );
             }
             // Not all zero (the comparison means something).
             assert!(host::<f32>(&got.grad_w[0]).iter().any(|&g| g != 0.0));

@@ -77,6 +77,9 @@ pub struct LearnTensors {
     pub grad_w: Vec<Tensor>,
     /// ∂E/∂b_l, `[n_l]` f32 each (also for a layer without bias).
     pub grad_b: Vec<Tensor>,
+    /// ∂F/∂Π_l of the free energy F = E − ½ Σ ln|Π_l|, f32: `[1]` for a scalar precision
+    /// (summed over units), `[n_l]` for a diagonal; (1/B) Σ_b ½ (ε² − 1/π) per unit.
+    pub grad_pi: Vec<Tensor>,
 }
 
 /// [`settle::infer`] on candle tensors: settles x₀ `[batch, n₀]` (f32) through `layers` with x_L
@@ -182,6 +185,11 @@ pub fn settle_learn_step(
         .map(|w| vec![0.0; w[0] * w[1]])
         .collect();
     let mut grad_b: Vec<Vec<f32>> = p.widths[1..].iter().map(|&n| vec![0.0; n]).collect();
+    let pi_len = |l: usize| match layers[l].precision {
+        LayerPrecision::Scalar(_) => 1,
+        LayerPrecision::Diagonal(_) => p.widths[l + 1],
+    };
+    let mut grad_pi: Vec<Vec<f32>> = (0..layers.len()).map(|l| vec![0.0; pi_len(l)]).collect();
     let spec = SettleSpec {
         init: Init::Feedforward,
         ..*spec
@@ -191,7 +199,7 @@ pub fn settle_learn_step(
         let grads = Gradients {
             weights: grad_w.iter_mut().map(|g| ViewMut::host(g)).collect(),
             biases: grad_b.iter_mut().map(|g| ViewMut::host(g)).collect(),
-            precisions: Vec::new(),
+            precisions: grad_pi.iter_mut().map(|g| Some(ViewMut::host(g))).collect(),
         };
         let stream = net.device().default_stream();
         settle::learn_step_into(&net, &spec, &x0v, &tv, state.outputs(), grads, stream)
@@ -209,6 +217,13 @@ pub fn settle_learn_step(
             .into_iter()
             .enumerate()
             .map(|(l, g)| output(g, &[w[l + 1]]))
+            .collect::<candle_core::Result<_>>()?,
+        grad_pi: grad_pi
+            .into_iter()
+            .map(|g| {
+                let n = g.len();
+                output(g, &[n])
+            })
             .collect::<candle_core::Result<_>>()?,
     })
 }
