@@ -61,7 +61,7 @@ pub struct FepSettleNet {
     /// L: `[n_l]` diagonal precisions (> 0) overriding the scalar where an entry is not NULL; or
     /// NULL.
     pub precision_diag: *const *const f32,
-    /// L flags, or NULL (all 0): where entry l is not 0, precision_diag[l] (required then) holds
+    /// L flags, or NULL (all 0): where entry l is not 0, `precision_diag[l]` (required then) holds
     /// one diagonal per sample, `[batch, n_l]` row-major, instead of one `[n_l]` for all.
     pub precision_per_sample: *const i32,
 }
@@ -553,7 +553,7 @@ unsafe fn apply_sgd<T: Element>(
 
 /// SGD in log space on `count` positive f32 tensors (precisions), all or nothing:
 /// p <- p exp(-lr p g) for every element, which keeps p > 0 for any lr (with p = exp(theta),
-/// a plain SGD step on theta). params[i] and grads[i] hold lens[i] floats (grads as
+/// a plain SGD step on theta). `params[i]` and `grads[i]` hold `lens[i]` floats (grads as
 /// fep_settle_learn's grad_pi returns them). When any gradient or new value is not finite or
 /// not > 0, nothing is written: on the CPU the call returns FEP_ERR_DIVERGED; on a GPU the
 /// update is skipped on the device without waiting, and *status (optional, device memory, one
