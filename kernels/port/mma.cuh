@@ -273,34 +273,12 @@ FEP_DEVICE void FepMma<fep_bf16>::run(float (&acc)[NT][FEP_MMA_ACC], const FA& a
 
 // As FepMma<In>::run, accurate to f32 for In = float on NVIDIA: tf32 keeps 10 mantissa bits,
 // so each operand is split into tf32 high and low parts and three products are summed
-// (hi*hi + hi*lo + lo*hi, the lo*lo term is below f32 rounding). AMD's f32 MFMA and the 16-bit
-// types need one pass.
-template <typename In, int NT, typename FA, typename FB>
-FEP_DEVICE void fep_mma_run_accurate(float (&acc)[NT][FEP_MMA_ACC], const FA& a, const FB& b, int k0) {
-#if defined(FEP_MMA_NV)
-    if constexpr (sizeof(In) == 4) {
-        auto a_hi = [&](int r, int k) { return fep_mma_round<float>(a(r, k)); };
-        auto b_hi = [&](int c, int k) { return fep_mma_round<float>(b(c, k)); };
-        auto a_lo = [&](int r, int k) { const float x = a(r, k); return x - fep_mma_round<float>(x); };
-        auto b_lo = [&](int c, int k) { const float x = b(c, k); return x - fep_mma_round<float>(x); };
-        FepMma<float>::template run<NT>(acc, a_lo, b_hi, k0);
-        FepMma<float>::template run<NT>(acc, a_hi, b_lo, k0);
-        FepMma<float>::template run<NT>(acc, a_hi, b_hi, k0);
-        return;
-    }
-#endif
-    FepMma<In>::template run<NT>(acc, a, b, k0);
-}
-
-// One warp computes a 16 x (16 NT) tile of A B over k in [0, K) and hands each element to
-// epi(row, col, value), row in [0, 16), col in [0, 16 NT); K may be any size (the functors
-// return 0 past it: the last step reads up to kK - 1 elements beyond). accurate:
-// fep_mma_run_split per step (f32 to f32 accuracy on NVIDIA), else one FepMma<In>::run.
-// As fep_mma_run_accurate, with the two small products (hi*lo + lo*hi) summed into their own
-// accumulator `small` (NVIDIA, In = float), added to acc by the caller at the end: the big
+// (hi*hi + hi*lo + lo*hi, the lo*lo term is below f32 rounding). The two small products go to
+// the accumulator `small`, which the caller adds to acc at the end (fep_mma_add): the big
 // accumulator then takes one rounding per k-step, as an exact f32 product would, instead of
 // three (the small terms are 2^-11 of the big ones, so their own roundings are negligible).
-// Elsewhere one pass into acc; `small` is untouched.
+// `small` may be acc itself (fep_mma_run_accurate). AMD's f32 MFMA and the 16-bit types need
+// one pass into acc; `small` is untouched.
 template <typename In, int NT, typename FA, typename FB>
 FEP_DEVICE void fep_mma_run_split(float (&acc)[NT][FEP_MMA_ACC], float (&small)[NT][FEP_MMA_ACC], const FA& a,
                                   const FB& b, int k0) {
@@ -317,6 +295,12 @@ FEP_DEVICE void fep_mma_run_split(float (&acc)[NT][FEP_MMA_ACC], float (&small)[
     }
 #endif
     FepMma<In>::template run<NT>(acc, a, b, k0);
+}
+
+// fep_mma_run_split with one accumulator for all three products (the attention kernels).
+template <typename In, int NT, typename FA, typename FB>
+FEP_DEVICE void fep_mma_run_accurate(float (&acc)[NT][FEP_MMA_ACC], const FA& a, const FB& b, int k0) {
+    fep_mma_run_split<In, NT>(acc, acc, a, b, k0);
 }
 
 // acc += small after fep_mma_run_split (nothing where it ran one pass: small is still 0, and
