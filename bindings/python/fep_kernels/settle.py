@@ -363,7 +363,7 @@ class SettleNet:
             raise DivergedError(FEP_ERR_DIVERGED, f"settling sample {bad} diverged (energy "
                                 f"{float(res['energy'][bad])}) with eta = {eta}: lower eta")
 
-    def infer(self, x0, eta: float, steps: int, momentum: float = 0.0, tol: float = 0.0,
+    def infer(self, x0: Any, eta: float, steps: int, momentum: float = 0.0, tol: float = 0.0,
               init: Optional[Sequence[Any]] = None, trace: bool = False,
               out: Optional[dict] = None, check: bool = True, log_det: bool = False,
               allow_tf32: bool = False) -> dict:
@@ -423,7 +423,7 @@ class SettleNet:
         self._diverged(res, check, params.eta)
         return res
 
-    def learn(self, x0, target, eta: float, steps: int, momentum: float = 0.0, tol: float = 0.0,
+    def learn(self, x0: Any, target: Any, eta: float, steps: int, momentum: float = 0.0, tol: float = 0.0,
               init: Optional[Sequence[Any]] = None, trace: bool = False, lr: float = 0.0,
               out: Optional[dict] = None, check: bool = True, log_det: bool = False,
               allow_tf32: bool = False, lr_precision: float = 0.0) -> dict:
@@ -518,6 +518,8 @@ class SettleNet:
         pairs = [(precisions[l], grad_pi[l]) for l in layers]
         names = {f"params[{i}]": (f"precisions[{l}]", tuple(precisions[l].shape))
                  for i, l in enumerate(layers)}
+        names.update({f"grads[{i}]": (f"grad_pi[{l}]", tuple(precisions[l].shape))
+                      for i, l in enumerate(layers)})
         _check(
             self._lib.fep_settle_sgd_log(
                 self.kind, self.ordinal, self._stream(), len(pairs),
@@ -530,8 +532,10 @@ class SettleNet:
         )
 
 
-def settle_infer(weights, biases, activations, precisions, x0, eta: float, steps: int,
-                 momentum: float = 0.0, tol: float = 0.0, init=None, trace: bool = False,
+def settle_infer(weights: Sequence[Any], biases: Optional[Sequence[Any]], activations: Any,
+                 precisions: Any, x0: Any, eta: float, steps: int,
+                 momentum: float = 0.0, tol: float = 0.0, init: Optional[Sequence[Any]] = None,
+                 trace: bool = False,
                  out: Optional[dict] = None, check: bool = True, log_det: bool = False,
                  allow_tf32: bool = False) -> dict:
     """``SettleNet(weights, biases, activations, precisions).infer(x0, ...)``: settles x0 with
@@ -542,8 +546,10 @@ def settle_infer(weights, biases, activations, precisions, x0, eta: float, steps
                      check=check, log_det=log_det, allow_tf32=allow_tf32)
 
 
-def settle_learn(weights, biases, activations, precisions, x0, target, eta: float, steps: int,
-                 momentum: float = 0.0, tol: float = 0.0, init=None, trace: bool = False,
+def settle_learn(weights: Sequence[Any], biases: Optional[Sequence[Any]], activations: Any,
+                 precisions: Any, x0: Any, target: Any, eta: float, steps: int,
+                 momentum: float = 0.0, tol: float = 0.0, init: Optional[Sequence[Any]] = None,
+                 trace: bool = False,
                  lr: float = 0.0, out: Optional[dict] = None, check: bool = True,
                  log_det: bool = False, allow_tf32: bool = False,
                  lr_precision: float = 0.0) -> dict:
@@ -557,7 +563,8 @@ def settle_learn(weights, biases, activations, precisions, x0, target, eta: floa
                      lr_precision=lr_precision)
 
 
-def max_stable_eta(weights, biases=None, activations: Any = "identity", precisions: Any = None,
+def max_stable_eta(weights: Sequence[Any], biases: Optional[Sequence[Any]] = None,
+                   activations: Any = "identity", precisions: Any = None,
                    momentum: float = 0.0, clamped: bool = True) -> float:
     """``SettleNet(weights, biases, activations, precisions).max_stable_eta(momentum,
     clamped)``: the largest step size for which settling is certain to be stable near a
