@@ -66,9 +66,10 @@ for t in "${targets[@]}"; do
     status=FAILED
     failed+=("$t")
   fi
-  runs=$(sed -n 's/^Done \([0-9]*\) runs in .*/\1/p' "$log" | tail -1)
-  [[ -n $runs ]] || runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-  printf '%-22s %-6s %10s runs\n' "$t" "$status" "${runs:-?}"
+  # (not $runs: that is every target's run count)
+  done_runs=$(sed -n 's/^Done \([0-9]*\) runs in .*/\1/p' "$log" | tail -1)
+  [[ -n $done_runs ]] || done_runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  printf '%-22s %-6s %10s runs\n' "$t" "$status" "${done_runs:-?}"
   if [[ $status == FAILED ]]; then
     # The call, the panic or ASan report, and the artifact.
     grep -v -E '^\s+#[0-9]+ 0x|^\s+at |^\s+[0-9]+: ' "$log" \
