@@ -278,8 +278,6 @@ class PCNetwork(nn.Module):
             raise TypeError(f"allow_tf32: expected a bool, got {type(allow_tf32).__name__}")
         self.allow_tf32: bool = allow_tf32
         self.check: bool = bool(check)
-        # which of the newer settling options this build of the ops takes (read once, here:
-        # not while torch.compile traces)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -359,12 +357,10 @@ class PCNetwork(nn.Module):
         is a sufficient bound: larger steps may still converge. ``clamped``: the top layer
         clamped (learning, :meth:`energy`) or free (inference, :meth:`infer`; a smaller bound).
         Use it to keep ``eta`` stable while precisions are learned, e.g.
-        ``net.eta = 0.5 * net.max_stable_eta()`` between steps. Needs the library's bound
-        (``fep_kernels.max_stable_eta``); weights on a GPU are copied back."""
+        ``net.eta = 0.5 * net.max_stable_eta()`` between steps. Weights on a GPU are copied
+        back (the call waits)."""
         from .. import settle as _settle
 
-        if not hasattr(_settle, "max_stable_eta"):
-            raise NotImplementedError("this build of fep_kernels has no max_stable_eta")
         if not isinstance(clamped, bool):
             raise TypeError(f"clamped: expected a bool, got {type(clamped).__name__}")
         pis = [p if isinstance(p, float) else (p if p.dim() else float(p))
@@ -386,9 +382,9 @@ class PCNetwork(nn.Module):
         ``log_det`` the ln|Pi_l| term is left out). ``init``: None (start at the feedforward
         prediction) or one start state [B, n_l] float32 per free layer, x_1 ... x_{L-1}.
 
-        ``backward()`` gives every weight, bias and log-precision its gradient of F at the
-        settled state (see the module's docstring for the formulas); these are exact gradients
-        of the returned value as far as settling converged. Raises ``fep_kernels.DivergedError``
+        ``backward()`` gives every weight, bias and log-precision its gradient of the value
+        returned, taken at the settled state (see the module's docstring for the formulas):
+        exact gradients of that value as far as settling converged. Raises ``fep_kernels.DivergedError``
         when settling diverges (lower ``eta``); ``ValueError``/``TypeError`` naming the argument
         for a bad input."""
         self._check_input(x0, "x0", self.widths[0])
