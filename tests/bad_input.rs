@@ -694,12 +694,13 @@ fn misaligned_pointers_and_garbage_handles_are_errors() {
     );
 }
 
-/// fep_settle_learn of a [2, 3, 2] identity network (batch 2), returning the status; the
-/// weights are the caller's, updated in place with lr > 0.
-fn c_learn(widths: [u64; 3], w1: &mut [f32; 6], w2: &mut [f32; 6], eta: f32, lr: f32) -> i32 {
-    let acts = [ffi::FEP_ACT_IDENTITY; 2];
-    let weights = [w1.as_mut_ptr().cast(), w2.as_mut_ptr().cast()];
-    let net = ffi::FepSettleNet {
+/// A two-layer FepSettleNet over the caller's arrays: f32 weights, no biases, precision 1.
+fn c_identity_net(
+    widths: &[u64; 3],
+    acts: &[i32; 2],
+    weights: &[*mut std::ffi::c_void; 2],
+) -> ffi::FepSettleNet {
+    ffi::FepSettleNet {
         layers: 2,
         widths: widths.as_ptr(),
         activations: acts.as_ptr(),
@@ -710,7 +711,15 @@ fn c_learn(widths: [u64; 3], w1: &mut [f32; 6], w2: &mut [f32; 6], eta: f32, lr:
         precision: null(),
         precision_diag: null(),
         precision_per_sample: null(),
-    };
+    }
+}
+
+/// fep_settle_learn of a [2, 3, 2] identity network (batch 2), returning the status; the
+/// weights are the caller's, updated in place with lr > 0.
+fn c_learn(widths: [u64; 3], w1: &mut [f32; 6], w2: &mut [f32; 6], eta: f32, lr: f32) -> i32 {
+    let acts = [ffi::FEP_ACT_IDENTITY; 2];
+    let weights = [w1.as_mut_ptr().cast(), w2.as_mut_ptr().cast()];
+    let net = c_identity_net(&widths, &acts, &weights);
     let params = ffi::FepSettleParams {
         eta,
         momentum: 0.0,
@@ -848,18 +857,7 @@ fn precision_learning_entry_points_reject_bad_input() {
     let acts = [ffi::FEP_ACT_IDENTITY; 2];
     let (w1, w2) = ([0.5f32; 6], [0.5f32; 6]);
     let weights = [w1.as_ptr() as *mut std::ffi::c_void, w2.as_ptr() as *mut _];
-    let net = ffi::FepSettleNet {
-        layers: 2,
-        widths: widths.as_ptr(),
-        activations: acts.as_ptr(),
-        leaky_alpha: null(),
-        dtype: ffi::FEP_DTYPE_F32,
-        weights: weights.as_ptr(),
-        biases: null(),
-        precision: null(),
-        precision_diag: null(),
-        precision_per_sample: null(),
-    };
+    let net = c_identity_net(&widths, &acts, &weights);
     let mut eta = -1.0f32;
     let mse = |net: *const ffi::FepSettleNet, batch: u64, m: f32, clamped: i32, out: *mut f32| unsafe {
         ffi::fep_settle_max_stable_eta(cpu, 0, net, batch, m, clamped, out)

@@ -1379,7 +1379,29 @@ mod c_abi {
         }
     }
 
-    fn last_error() -> String {
+    /// A CPU f32 dictionary [n, m] through fep_lca_dict_new (unit norms checked); panics with
+    /// the library's message when that fails.
+    pub(super) fn c_dict_f32(phi: &[f32], n: usize, m: usize) -> *mut FepLcaDict {
+        let mut h: *mut FepLcaDict = null_mut();
+        let st = unsafe {
+            fep_lca_dict_new(
+                FEP_DEVICE_CPU,
+                0,
+                null_mut(),
+                FEP_DTYPE_F32,
+                phi.as_ptr().cast(),
+                n as u64,
+                m as u64,
+                1,
+                &mut h,
+            )
+        };
+        assert_eq!(st, FEP_OK, "{}", last_error());
+        assert!(!h.is_null());
+        h
+    }
+
+    pub(super) fn last_error() -> String {
         unsafe { CStr::from_ptr(fep_last_error()) }
             .to_string_lossy()
             .into_owned()
@@ -1426,22 +1448,7 @@ mod c_abi {
             None,
         );
 
-        let mut h: *mut FepLcaDict = null_mut();
-        let st = unsafe {
-            fep_lca_dict_new(
-                FEP_DEVICE_CPU,
-                0,
-                null_mut(),
-                FEP_DTYPE_F32,
-                phi.as_ptr().cast(),
-                n as u64,
-                m as u64,
-                1,
-                &mut h,
-            )
-        };
-        assert_eq!(st, FEP_OK, "{}", last_error());
-        assert!(!h.is_null());
+        let h = c_dict_f32(&phi, n, m);
         let (mut gn, mut gm) = (0u64, 0u64);
         assert_eq!(unsafe { fep_lca_dict_shape(h, &mut gn, &mut gm) }, FEP_OK);
         assert_eq!((gn, gm), (n as u64, m as u64));
@@ -2249,11 +2256,7 @@ mod c_abi_auto {
     use super::*;
     use fep_kernels::ffi::*;
 
-    fn last_error() -> String {
-        unsafe { CStr::from_ptr(fep_last_error()) }
-            .to_string_lossy()
-            .into_owned()
-    }
+    use super::c_abi::{c_dict_f32, last_error};
 
     /// fep_lca_dict_lambda_max, eta = 0 (automatic), FEP_LCA_TOL_RELATIVE and allow_tf32
     /// through the C ABI agree with the Rust API; bad codes and pointers are errors.
@@ -2262,21 +2265,7 @@ mod c_abi_auto {
         let (n, m, batch) = (9, 14, 2);
         let (phi, x) = problem(71, n, m, batch, 3, false);
         let d = dict(&phi, n, m);
-        let mut h: *mut FepLcaDict = null_mut();
-        let st = unsafe {
-            fep_lca_dict_new(
-                FEP_DEVICE_CPU,
-                0,
-                null_mut(),
-                FEP_DTYPE_F32,
-                phi.as_ptr().cast(),
-                n as u64,
-                m as u64,
-                1,
-                &mut h,
-            )
-        };
-        assert_eq!(st, FEP_OK, "{}", last_error());
+        let h = c_dict_f32(&phi, n, m);
         let mut lmax = f64::NAN;
         assert_eq!(unsafe { fep_lca_dict_lambda_max(h, &mut lmax) }, FEP_OK);
         assert_eq!(lmax, d.lambda_max().unwrap());
