@@ -307,10 +307,12 @@ fn bench_shape<T: Element>(
                 Prec::Head => Precisions {
                     head: Some(pi_head.view()),
                     key: None,
+                    ..Default::default()
                 },
                 Prec::Key => Precisions {
                     head: None,
                     key: Some(pi_key.view()),
+                    ..Default::default()
                 },
             };
             let (qt, kt, vt) = (
@@ -526,10 +528,12 @@ fn bench_bwd_shape<T: Element>(
                 Prec::Head => Precisions {
                     head: Some(pi_head.view()),
                     key: None,
+                    ..Default::default()
                 },
                 Prec::Key => Precisions {
                     head: None,
                     key: Some(pi_key.view()),
+                    ..Default::default()
                 },
             };
             let (qt, kt, vt) = (
@@ -559,6 +563,7 @@ fn bench_bwd_shape<T: Element>(
                 d_o: Tensor4::bhld(inp.d_o.view(), shape),
                 e: None,
                 d_e: None,
+                d_lse: None,
             };
             for &learn in bwd_variants(score) {
                 let group_name = bwd_group(backend, score, causal, learn, dtype);
@@ -581,6 +586,7 @@ fn bench_bwd_shape<T: Element>(
                         dpi_head: (learn && kind == Prec::Head).then(|| dph.view_mut()),
                         dpi_key: (learn && kind == Prec::Key).then(|| dpk.view_mut()),
                         dnu: None,
+                        dbias: None,
                     };
                     attention::backward_into(
                         &spec, &qt, &kt, &vt, &prec, None, &inputs, out, stream,
@@ -882,10 +888,12 @@ fn bench_decode<T: Element>(cr: &mut Criterion, run: &mut Run<'_>, shapes: &[Dec
                 Prec::Head => Precisions {
                     head: Some(pi_head.view()),
                     key: None,
+                    ..Default::default()
                 },
                 Prec::Key => Precisions {
                     head: None,
                     key: Some(pi_key.view()),
+                    ..Default::default()
                 },
             };
             let lens = kv_len.view();

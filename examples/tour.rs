@@ -150,6 +150,7 @@ fn attention_tour(dev: &Device, rng: &mut Lcg) -> Result<()> {
     let precision = Precisions {
         head: None,
         key: Some(pk_dev.view()),
+        ..Default::default()
     };
     let run = || {
         attention::forward(
@@ -187,6 +188,7 @@ fn attention_tour(dev: &Device, rng: &mut Lcg) -> Result<()> {
             pi_head: None,
             pi_key: Some(&pk0),
             kv_len: None,
+            ..Default::default()
         },
     )?;
     let row = (l - 1) * d;

@@ -132,7 +132,7 @@
 //!     Tensor4::bhld(v.view(), [1, 1, 3, 1]),
 //! );
 //! let spec = AttentionSpec::new(Score::StudentT(3.0)).causal(true);
-//! let pi = Precisions { head: None, key: Some(pi.view()) };
+//! let pi = Precisions { head: None, key: Some(pi.view()), ..Default::default() };
 //! let out = attention::forward(&spec, &q, &k, &v, &pi, None)?;
 //! println!("o = {:?}, lse = {:?}, e = {:?}", out.o.to_vec()?, out.lse.to_vec()?, out.e.to_vec()?);
 //! # Ok::<(), fep_kernels::Error>(())

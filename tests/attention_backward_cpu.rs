@@ -103,6 +103,7 @@ impl Prob {
             pi_head: self.pi_head.as_deref(),
             pi_key: self.pi_key.as_deref(),
             kv_len: self.kv_len.as_deref(),
+            ..Default::default()
         }
     }
 
@@ -113,6 +114,7 @@ impl Prob {
             &RefGradInputs {
                 d_o: &self.d_o,
                 d_e: self.d_e.as_deref(),
+                ..Default::default()
             },
         )
         .unwrap_or_else(|e| panic!("{}: {e}", self.name))
@@ -665,6 +667,7 @@ fn reference_rejects_bad_upstream_gradients() {
         let g = RefGradInputs {
             d_o: bad,
             d_e: Some(&de),
+            ..Default::default()
         };
         assert_eq!(name(reference::backward(&p.spec, &inp, &g)), "d_o");
     }
@@ -672,6 +675,7 @@ fn reference_rejects_bad_upstream_gradients() {
         let g = RefGradInputs {
             d_o: &p.d_o,
             d_e: Some(bad),
+            ..Default::default()
         };
         assert_eq!(name(reference::backward(&p.spec, &inp, &g)), "d_e");
     }
@@ -679,6 +683,7 @@ fn reference_rejects_bad_upstream_gradients() {
     let good = RefGradInputs {
         d_o: &p.d_o,
         d_e: Some(&de),
+        ..Default::default()
     };
     let mut pk = p.pi_key.clone().unwrap();
     pk[1] = 0.0;
@@ -781,6 +786,7 @@ fn every_case_matches_torch_autograd() {
             &RefGradInputs {
                 d_o: &c.d_o,
                 d_e: c.d_e.as_deref(),
+                ..Default::default()
             },
         )
         .unwrap_or_else(|e| panic!("{}: {e}", c.case.name));
@@ -924,6 +930,7 @@ fn view_api_blhd_matches_the_reference() {
         let prec = Precisions {
             head: Some(View::host(&ph)),
             key: Some(View::host(&pk)),
+            ..Default::default()
         };
         let klv = View::host(&kl);
         let inputs = BackwardInputs {
@@ -932,6 +939,7 @@ fn view_api_blhd_matches_the_reference() {
             d_o: Tensor4::blhd(View::host(&d_o), os),
             e: Some(View::host(&e)),
             d_e: d_e.as_deref().map(View::host),
+            d_lse: None,
         };
 
         // backward_into, BLHD outputs poisoned with NaN.
@@ -948,6 +956,7 @@ fn view_api_blhd_matches_the_reference() {
             dpi_head: Some(ViewMut::host(&mut dph)),
             dpi_key: Some(ViewMut::host(&mut dpk)),
             dnu: Some(ViewMut::host(&mut dnu)),
+            dbias: None,
         };
         let dev = Device::cpu();
         attention::backward_into(
@@ -982,6 +991,7 @@ fn view_api_blhd_matches_the_reference() {
             dpi_head: None,
             dpi_key: None,
             dnu: None,
+            dbias: None,
         };
         attention::backward_into(
             &spec,
@@ -1188,6 +1198,7 @@ fn try_bad(bad: Bad) -> (Option<String>, usize, bool) {
     let prec = Precisions {
         head: Some(View::host(&ph[..HQ + (bad == Bad::PiHeadLen) as usize])),
         key: Some(View::host(&pk[..N_DPK - (bad == Bad::PiKeyLen) as usize])),
+        ..Default::default()
     };
     let klv = View::host(&kl[..B + (bad == Bad::KvLenLen) as usize]);
     let inputs = BackwardInputs {
@@ -1196,6 +1207,7 @@ fn try_bad(bad: Bad) -> (Option<String>, usize, bool) {
         d_o: t_do,
         e: (bad != Bad::DeWithoutE).then(|| View::host(&e[..rows - (bad == Bad::ELen) as usize])),
         d_e: Some(View::host(&d_e[..rows + (bad == Bad::DeLen) as usize])),
+        d_lse: None,
     };
 
     // Output views into the arena (or, for the overlap cases, onto an input).
@@ -1254,6 +1266,7 @@ fn try_bad(bad: Bad) -> (Option<String>, usize, bool) {
         dpi_head: Some(dph_view),
         dpi_key: Some(dpk_view),
         dnu: Some(dnu_view),
+        dbias: None,
     };
     let r = attention::backward_into(
         &spec,

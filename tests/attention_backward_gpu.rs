@@ -171,10 +171,12 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
             pi_head: ph.as_deref(),
             pi_key: pk.as_deref(),
             kv_len: kv_len.as_deref(),
+            ..Default::default()
         },
         &RefGradInputs {
             d_o: &dof,
             d_e: c.d_e.then_some(&def[..]),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -217,6 +219,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
     let precision = Precisions {
         head: phb.as_ref().map(|p| p.view()),
         key: pkb.as_ref().map(|p| p.view()),
+        ..Default::default()
     };
     let kvv = klb.as_ref().map(|p| p.view());
     let fwd = attention::forward(&spec, &tq, &tk, &tv, &precision, kvv.as_ref())
@@ -227,6 +230,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
         d_o: t4(&dob, os, c.blhd),
         e: c.d_e.then(|| fwd.e.view()),
         d_e: c.d_e.then(|| deb.view()),
+        d_lse: None,
     };
 
     let run = || -> Got {
@@ -252,6 +256,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
                 dpi_head: Some(dph.view_mut()),
                 dpi_key: Some(dpk.view_mut()),
                 dnu: Some(dnu.view_mut()),
+                dbias: None,
             },
             dev.default_stream(),
         )
@@ -398,6 +403,7 @@ fn f32_with_two_head_dims_of_256_is_unsupported_not_wrong() {
         d_o: Tensor4::bhld(fwd.o.view(), s),
         e: None,
         d_e: None,
+        d_lse: None,
     };
     let err = attention::backward(&c.spec(), &t, &t, &t, &Precisions::default(), None, &inputs)
         .unwrap_err();

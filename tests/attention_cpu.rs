@@ -257,6 +257,7 @@ fn run_views(c: &Case, blhd: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let prec = Precisions {
         head: ph.as_deref().map(View::host),
         key: pk.as_deref().map(View::host),
+        ..Default::default()
     };
     let kl = c.kv_len.as_deref().map(View::host);
     let to = if blhd {
@@ -398,6 +399,7 @@ fn try_small(
     let prec = Precisions {
         head: Some(View::host(&s.ph[..qshape[1].min(s.ph.len())])),
         key: Some(View::host(&s.pk)),
+        ..Default::default()
     };
     let kl = View::host(&s.kl);
     let out = AttentionOutputs {

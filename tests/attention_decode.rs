@@ -79,6 +79,7 @@ impl Problem {
             pi_head: self.pi_head.as_deref(),
             pi_key: self.pi_key.as_deref(),
             kv_len: self.kv_len.as_deref(),
+            ..Default::default()
         }
     }
 }
@@ -234,6 +235,7 @@ fn chunk_parts(p: &Problem, bounds: &[usize]) -> (Vec<f64>, Vec<f64>, Vec<f64>) 
                     pi_head: p.pi_head.as_ref().map(|x| &x[h..h + 1]),
                     pi_key: p.pi_key.as_ref().map(|x| &x[kv0 + lo..kv0 + hi]),
                     kv_len: None,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -459,6 +461,7 @@ fn check_decode<T: Element>(dev: &Device, c: &Case) {
         &Precisions {
             head: ph.as_ref().map(|x| x.view()),
             key: pk.as_ref().map(|x| x.view()),
+            ..Default::default()
         },
         kv.as_ref(),
         AttentionOutputs {

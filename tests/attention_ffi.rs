@@ -161,6 +161,7 @@ fn run_rust<T: Element + Default>(spec: &AttentionSpec, x: &Inputs<T>) -> Out<T>
     let precision = Precisions {
         head: x.pi_head.as_deref().map(View::host),
         key: x.pi_key.as_deref().map(View::host),
+        ..Default::default()
     };
     let kv_len = x.kv_len.as_deref().map(View::host);
     let mut o = vec![T::from_f64(f64::NAN); x.os.iter().product()];
@@ -545,6 +546,7 @@ fn gpu_device_through_the_c_abi() {
             &Precisions {
                 head: Some(ph.view()),
                 key: Some(pk.view()),
+                ..Default::default()
             },
             Some(&kl.view()),
             AttentionOutputs {
@@ -729,6 +731,7 @@ fn reference_backward<T: Element + Default>(
         pi_head: ph.as_deref(),
         pi_key: pk.as_deref(),
         kv_len: c.kv_len.as_deref(),
+        ..Default::default()
     };
     let d_o: Vec<f64> = upstream(x.os.iter().product(), 1)
         .iter()
@@ -741,6 +744,7 @@ fn reference_backward<T: Element + Default>(
         &attention::reference::RefGradInputs {
             d_o: &d_o,
             d_e: d_e.as_deref(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -848,6 +852,7 @@ fn backward_matches_the_rust_api() {
     let precision = Precisions {
         head: x.pi_head.as_deref().map(View::host),
         key: x.pi_key.as_deref().map(View::host),
+        ..Default::default()
     };
     let kv_len = x.kv_len.as_deref().map(View::host);
     let g = attention::backward(
@@ -863,6 +868,7 @@ fn backward_matches_the_rust_api() {
             d_o: t4(&d_o, x.os),
             e: Some(View::host(&e)),
             d_e: Some(View::host(&d_e)),
+            d_lse: None,
         },
     )
     .unwrap();
@@ -1403,6 +1409,7 @@ fn gpu_backward_and_merge_through_the_c_abi() {
         let precision = Precisions {
             head: Some(ph.view()),
             key: Some(pk.view()),
+            ..Default::default()
         };
         let fwd = attention::forward(
             &spec,
@@ -1426,6 +1433,7 @@ fn gpu_backward_and_merge_through_the_c_abi() {
                 d_o: Tensor4::bhld(d_o.view(), os),
                 e: Some(fwd.e.view()),
                 d_e: Some(d_e.view()),
+                d_lse: None,
             },
         )
         .unwrap();

@@ -173,6 +173,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
             pi_head: ph.as_deref(),
             pi_key: pk.as_deref(),
             kv_len: x.kv_len.as_deref(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -213,6 +214,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
     let precision = Precisions {
         head: ph_d.as_ref().map(|p| p.view()),
         key: pk_d.as_ref().map(|p| p.view()),
+        ..Default::default()
     };
     let kv_view = kl_d.as_ref().map(|p| p.view());
     {
@@ -413,6 +415,7 @@ fn bad_input_is_rejected_on_the_device() {
             &Precisions {
                 head: None,
                 key: pk.map(|x| x.view()),
+                ..Default::default()
             },
             kv.as_ref(),
             AttentionOutputs {
@@ -532,6 +535,7 @@ fn pytorch_fixtures_on_the_device() {
             &Precisions {
                 head: phd.as_ref().map(|x| x.view()),
                 key: pkd.as_ref().map(|x| x.view()),
+                ..Default::default()
             },
             kv.as_ref(),
             AttentionOutputs {

@@ -484,7 +484,7 @@ proptest! {
         spec.window = window;
         spec.scale = tau;
         let pk = vec![1.5f32; 128];
-        let p = Precisions { head: None, key: with_pk.then(|| View::host(&pk[..pk_len.min(128)])) };
+        let p = Precisions { head: None, key: with_pk.then(|| View::host(&pk[..pk_len.min(128)])), ..Default::default() };
         let mut o = vec![SENTINEL; 512];
         let mut lse = vec![SENTINEL; 128];
         let out = AttentionOutputs {

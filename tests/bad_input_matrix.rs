@@ -381,6 +381,7 @@ fn cells() -> Vec<Cell> {
                 &Precisions {
                     head: None,
                     key: Some(View::host(&pk)),
+                    ..Default::default()
                 },
                 dot(),
             )

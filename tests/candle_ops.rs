@@ -59,6 +59,7 @@ fn expected<T: Element + WithDType>(
     let precision = Precisions {
         head: None,
         key: ph.as_deref().map(View::host),
+        ..Default::default()
     };
     let out = attention::forward(
         spec,

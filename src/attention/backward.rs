@@ -25,11 +25,14 @@ pub struct BackwardInputs<'a, T: Element> {
     pub e: Option<View<'a, f32>>,
     /// ∂L/∂e `[B, Hq, Lq]`, or None when the loss does not use e.
     pub d_e: Option<View<'a, f32>>,
+    /// ∂L/∂lse `[B, Hq, Lq]`, or None when the loss does not use lse (entries of rows with no
+    /// visible key are ignored).
+    pub d_lse: Option<View<'a, f32>>,
 }
 
 /// Where [`backward_into`] writes: dq `[B, Hq, Lq, D]`, dk `[B, Hkv, Lk, D]`, dv
-/// `[B, Hkv, Lk, Dv]` in the input dtype; dπ_h `[Hq]`, dπ_j `[B, Hkv, Lk]` and dν `[1]` in f32,
-/// each optional.
+/// `[B, Hkv, Lk, Dv]` in the input dtype; dπ_h `[Hq]`, dπ_j `[B, Hkv, Lk]`, dν (`[1]`, or `[Hq]`
+/// with a per-head ν) and dβ (the bias's shape, row-major) in f32, each optional.
 #[derive(Debug)]
 pub struct Gradients<'a, T: Element> {
     /// ∂L/∂q.
@@ -42,8 +45,11 @@ pub struct Gradients<'a, T: Element> {
     pub dpi_head: Option<ViewMut<'a, f32>>,
     /// ∂L/∂π_j.
     pub dpi_key: Option<ViewMut<'a, f32>>,
-    /// ∂L/∂ν (0 unless the score is Student-t).
+    /// ∂L/∂ν (0 unless the score is Student-t): `[1]`, or `[Hq]` with a per-head ν.
     pub dnu: Option<ViewMut<'a, f32>>,
+    /// ∂L/∂β in the bias's shape (row-major; each broadcast dimension summed in a fixed order);
+    /// only with a bias.
+    pub dbias: Option<ViewMut<'a, f32>>,
 }
 
 /// What [`backward`] returns (dq, dk, dv in BHLD).
@@ -59,8 +65,10 @@ pub struct GradientResult<T: Element> {
     pub dpi_head: DeviceBuffer<f32>,
     /// `[B, Hkv, Lk]`.
     pub dpi_key: DeviceBuffer<f32>,
-    /// `[1]`.
+    /// `[1]`, or `[Hq]` with a per-head ν.
     pub dnu: DeviceBuffer<f32>,
+    /// The bias's shape (row-major), or empty without a bias.
+    pub dbias: DeviceBuffer<f32>,
 }
 
 /// The backward problem, checked.
@@ -101,6 +109,13 @@ pub fn backward_into<'a, T: Element>(
     }
     same_device("lse", inputs.lse.device(), dev)?;
     check_len("lse", inputs.lse.len(), rows)?;
+    if let Some(dl) = &inputs.d_lse {
+        same_device("d_lse", dl.device(), dev)?;
+        check_len("d_lse", dl.len(), rows)?;
+    }
+    if out.dbias.is_some() && precision.bias.is_none() {
+        return Err(Error::invalid("dbias", "given without a bias"));
+    }
     match (&inputs.e, &inputs.d_e) {
         (None, Some(_)) => {
             return Err(Error::invalid(
@@ -132,10 +147,13 @@ pub fn backward_into<'a, T: Element>(
         same_device(name, t.data.device(), dev)?;
         check_tensor(name, t.shape, t.strides, t.data.len())?;
     }
+    let nu_len = if precision.nu.is_some() { dm.hq } else { 1 };
+    let bias_len = precision.bias.as_ref().map_or(0, |b| b.shape.iter().product());
     let small = [
         ("dpi_head", &out.dpi_head, dm.hq),
         ("dpi_key", &out.dpi_key, dm.b * dm.hkv * dm.lk),
-        ("dnu", &out.dnu, 1),
+        ("dnu", &out.dnu, nu_len),
+        ("dbias", &out.dbias, bias_len),
     ];
     for (name, x, n) in small {
         if let Some(x) = x {
@@ -158,7 +176,7 @@ pub fn backward_into<'a, T: Element>(
         t4("d_o", &inputs.d_o),
         ("lse", inputs.lse.addr(), inputs.lse.len().saturating_mul(4)),
     ]);
-    for (name, x) in [("e", &inputs.e), ("d_e", &inputs.d_e)] {
+    for (name, x) in [("e", &inputs.e), ("d_e", &inputs.d_e), ("d_lse", &inputs.d_lse)] {
         if let Some(x) = x {
             ins.push((name, x.addr(), x.len().saturating_mul(4)));
         }
@@ -192,6 +210,7 @@ pub fn backward_into<'a, T: Element>(
     if !dev.is_gpu() {
         return super::cpu_backward::backward_views(&p, out);
     }
+    super::gpu_supports(precision, inputs.d_lse.is_some())?;
     #[cfg(fep_gpu)]
     {
         super::gpu_backward::backward(&p, out, stream)
@@ -218,7 +237,7 @@ pub fn backward_into<'a, T: Element>(
 ///     Tensor4::bhld(k.view(), [1, 1, 3, 2]),
 ///     Tensor4::bhld(v.view(), [1, 1, 3, 1]),
 /// );
-/// let pi = Precisions { head: None, key: Some(pk.view()) };
+/// let pi = Precisions { key: Some(pk.view()), ..Default::default() };
 /// let spec = AttentionSpec::new(Score::StudentT(3.0));
 /// let fwd = attention::forward(&spec, &q, &k, &v, &pi, None)?;
 /// // L = Σ o: ∂L/∂o = 1.
@@ -229,6 +248,7 @@ pub fn backward_into<'a, T: Element>(
 ///     d_o: Tensor4::bhld(d_o.view(), [1, 1, 2, 1]),
 ///     e: None,
 ///     d_e: None,
+///     d_lse: None,
 /// };
 /// let g = attention::backward(&spec, &q, &k, &v, &pi, None, &inputs)?;
 /// // Raising the precision of key 2 (value 3) pulls the outputs towards 3 only if it is the
@@ -255,7 +275,8 @@ pub fn backward<'a, T: Element>(
         dv: dev.alloc(d.b * d.hkv * d.lk * d.dv)?,
         dpi_head: dev.alloc(d.hq)?,
         dpi_key: dev.alloc(d.b * d.hkv * d.lk)?,
-        dnu: dev.alloc(1)?,
+        dnu: dev.alloc(if precision.nu.is_some() { d.hq } else { 1 })?,
+        dbias: dev.alloc(precision.bias.as_ref().map_or(0, |b| b.shape.iter().product()))?,
     };
     let out = Gradients {
         dq: Tensor4Mut::bhld(r.dq.view_mut(), [d.b, d.hq, d.lq, d.d]),
@@ -264,6 +285,7 @@ pub fn backward<'a, T: Element>(
         dpi_head: Some(r.dpi_head.view_mut()),
         dpi_key: Some(r.dpi_key.view_mut()),
         dnu: Some(r.dnu.view_mut()),
+        dbias: precision.bias.as_ref().map(|_| r.dbias.view_mut()),
     };
     backward_into(
         spec,

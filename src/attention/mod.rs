@@ -381,14 +381,86 @@ impl AttentionSpec {
     }
 }
 
-/// The precisions π_h `[Hq]` and π_j `[B, Hkv, Lk]` (row-major), either optional, every entry
-/// finite and > 0.
+/// What the score reads besides q, k and v, each optional: the precisions π_h `[Hq]` and π_j
+/// `[B, Hkv, Lk]` (row-major, every entry finite and > 0), Student-t's ν per query head, an
+/// additive bias and a boolean mask broadcastable to the scores, and the offsets of packed
+/// variable-length sequences. Build it with struct update syntax:
+/// `Precisions { key: Some(pk.view()), ..Default::default() }`.
 #[derive(Clone, Debug, Default)]
 pub struct Precisions<'a> {
     /// Per query head.
     pub head: Option<View<'a, f32>>,
     /// Per kv head and key.
     pub key: Option<View<'a, f32>>,
+    /// Student-t's ν per query head `[Hq]` (finite, > 0), replacing the one in
+    /// [`Score::StudentT`]; only with that family. Its gradient is `[Hq]`.
+    pub nu: Option<View<'a, f32>>,
+    /// β added to every score after the family's (finite; see [`ScoreBias`]).
+    pub bias: Option<ScoreBias<'a, f32>>,
+    /// Which scores to keep (nonzero) or mask (0), as SDPA's boolean `attn_mask`.
+    pub mask: Option<ScoreBias<'a, u8>>,
+    /// Packed variable-length sequences (see [`Varlen`]).
+    pub varlen: Option<Varlen<'a>>,
+}
+
+/// A tensor broadcastable to the scores `[B, Hq, Lq, Lk]`: `shape` is `[B or 1, Hq or 1, Lq or 1,
+/// Lk]` (a size-1 dimension is broadcast), with element strides for its first three dimensions
+/// (free, 0 allowed) and Lk contiguous. E.g. a per-key bias `[B, Hq, 1, Lk]`, a relative-position
+/// bias shared by the batch `[1, Hq, Lq, Lk]`, a padding mask `[B, 1, 1, Lk]`.
+#[derive(Clone, Debug)]
+pub struct ScoreBias<'a, T: bytemuck::Pod> {
+    /// The elements.
+    pub data: View<'a, T>,
+    /// `[B | 1, Hq | 1, Lq | 1, Lk]`.
+    pub shape: [usize; 4],
+    /// Element strides of the first three dimensions.
+    pub strides: [usize; 3],
+}
+
+impl<'a, T: bytemuck::Pod> ScoreBias<'a, T> {
+    /// Row-major memory of `shape`.
+    pub fn contiguous(data: View<'a, T>, shape: [usize; 4]) -> Self {
+        ScoreBias {
+            data,
+            shape,
+            strides: bhld_strides(shape),
+        }
+    }
+
+    /// The element offset of score (b, h, i, j), broadcasting size-1 dimensions.
+    pub(crate) fn offset(&self, b: usize, h: usize, i: usize, j: usize) -> usize {
+        let [nb, nh, nl, _] = self.shape;
+        let [sb, sh, sl] = self.strides;
+        (if nb == 1 { 0 } else { b * sb })
+            + (if nh == 1 { 0 } else { h * sh })
+            + (if nl == 1 { 0 } else { i * sl })
+            + j
+    }
+}
+
+/// Packed variable-length sequences (FlashAttention's varlen convention): sequence s holds the
+/// query rows `cu_q[s]..cu_q[s + 1]` and the key rows `cu_k[s]..cu_k[s + 1]` of q `[1, Hq,
+/// total_q, D]`, k and v `[1, Hkv, total_k, ·]` (memory `[total, H, D]`: [`Tensor4::blhd`] with
+/// B = 1), and attends only within itself; causal and window masks apply per sequence (bottom-right
+/// aligned to its own lengths). lse, e and the per-key precision are `[Hq, total_q]`, `[Hq,
+/// total_q]` and `[Hkv, total_k]`. Not with `kv_len`, a bias or a mask.
+#[derive(Clone, Debug)]
+pub struct Varlen<'a> {
+    /// `[S + 1]` int32: 0, then nondecreasing, ending at total_q.
+    pub cu_q: View<'a, i32>,
+    /// `[S + 1]` int32: 0, then nondecreasing, ending at total_k.
+    pub cu_k: View<'a, i32>,
+    /// An upper bound of every query length (sizes the GPU grid).
+    pub max_q: usize,
+    /// An upper bound of every key length.
+    pub max_k: usize,
+}
+
+impl Varlen<'_> {
+    /// The number of sequences S.
+    pub fn sequences(&self) -> usize {
+        self.cu_q.len().saturating_sub(1)
+    }
 }
 
 /// Where [`forward_into`] writes: o `[B, Hq, Lq, Dv]` in the input dtype, lse and e
@@ -563,7 +635,128 @@ pub(crate) fn check_problem<'a, T: Element>(
         same_device("kv_len", l.device(), dev)?;
         check_len("kv_len", l.len(), dims.b)?;
     }
+    check_score_inputs(spec, &dims, precision, kv_len.is_some(), dev)?;
     Ok(dims)
+}
+
+/// The shape, device and length checks of ν, the bias, the mask and the varlen offsets (their
+/// values are checked by the reference, or on a GPU by the input scan).
+fn check_score_inputs(
+    spec: &AttentionSpec,
+    dims: &Dims,
+    precision: &Precisions<'_>,
+    has_kv_len: bool,
+    dev: &Device,
+) -> Result<()> {
+    if let Some(nu) = &precision.nu {
+        if !matches!(spec.score, Score::StudentT(_)) {
+            return Err(Error::invalid(
+                "nu",
+                "a per-head nu needs the Student-t score",
+            ));
+        }
+        same_device("nu", nu.device(), dev)?;
+        check_len("nu", nu.len(), dims.hq)?;
+    }
+    let want = |name: &str, shape: [usize; 4]| -> Result<()> {
+        let full = [dims.b, dims.hq, dims.lq, dims.lk];
+        let ok = (0..3).all(|i| shape[i] == 1 || shape[i] == full[i]) && shape[3] == full[3];
+        if !ok {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "shape {shape:?} does not broadcast to the scores {full:?} (each of B, Hq, Lq \
+                     full or 1, Lk full)"
+                ),
+            ));
+        }
+        Ok(())
+    };
+    if let Some(bias) = &precision.bias {
+        want("bias", bias.shape)?;
+        same_device("bias", bias.data.device(), dev)?;
+        check_tensor("bias", bias.shape, bias.strides, bias.data.len())?;
+    }
+    if let Some(mask) = &precision.mask {
+        want("mask", mask.shape)?;
+        same_device("mask", mask.data.device(), dev)?;
+        check_tensor("mask", mask.shape, mask.strides, mask.data.len())?;
+    }
+    if let Some(vl) = &precision.varlen {
+        if dims.b != 1 {
+            return Err(Error::invalid(
+                "q",
+                format!(
+                    "packed sequences take q, k and v with B = 1 ([1, H, total, D]); got B = {}",
+                    dims.b
+                ),
+            ));
+        }
+        for (name, other) in [
+            ("kv_len", has_kv_len),
+            ("bias", precision.bias.is_some()),
+            ("mask", precision.mask.is_some()),
+        ] {
+            if other {
+                return Err(Error::invalid(
+                    name,
+                    "not available with packed sequences (varlen): they carry their own lengths",
+                ));
+            }
+        }
+        same_device("cu_seqlens_q", vl.cu_q.device(), dev)?;
+        same_device("cu_seqlens_k", vl.cu_k.device(), dev)?;
+        if vl.cu_q.len() < 2 {
+            return Err(Error::invalid(
+                "cu_seqlens_q",
+                format!("needs S + 1 >= 2 offsets, got {}", vl.cu_q.len()),
+            ));
+        }
+        check_len("cu_seqlens_k", vl.cu_k.len(), vl.cu_q.len())?;
+        for (name, m, total) in [("max_seqlen_q", vl.max_q, dims.lq), ("max_seqlen_k", vl.max_k, dims.lk)] {
+            if m == 0 || m > total {
+                return Err(Error::invalid(
+                    name,
+                    format!("must be in 1..={total} (the packed length), got {m}"),
+                ));
+            }
+        }
+        if i32::try_from(dims.lq.max(dims.lk)).is_err() {
+            return Err(Error::invalid("q", "packed sequences index rows with int32"));
+        }
+    }
+    Ok(())
+}
+
+/// The checks of varlen offsets' values (host memory): `cu[0] = 0`, nondecreasing, `cu[S] =
+/// total`, every length ≤ `max`.
+pub(crate) fn check_cu_seqlens(name: &str, cu: &[i32], total: usize, max: usize) -> Result<()> {
+    if cu[0] != 0 {
+        return Err(Error::invalid(name, format!("must start at 0, got {}", cu[0])));
+    }
+    for s in 1..cu.len() {
+        let len = cu[s] as i64 - cu[s - 1] as i64;
+        if len < 0 {
+            return Err(Error::invalid(
+                name,
+                format!("must be nondecreasing: {name}[{s}] = {} < {}", cu[s], cu[s - 1]),
+            ));
+        }
+        if len as usize > max {
+            return Err(Error::invalid(
+                name,
+                format!("sequence {} has length {len} > the max length {max}", s - 1),
+            ));
+        }
+    }
+    let last = *cu.last().unwrap_or(&0);
+    if last as i64 != total as i64 {
+        return Err(Error::invalid(
+            name,
+            format!("must end at the packed length {total}, got {last}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Byte spans (name, address, bytes) of the forward's inputs, for the overlap check.
@@ -593,6 +786,19 @@ pub(crate) fn input_spans<'a, T: Element>(
     }
     if let Some(l) = kv_len {
         ins.push(("kv_len", l.addr(), l.len().saturating_mul(4)));
+    }
+    if let Some(nu) = &precision.nu {
+        ins.push(("nu", nu.addr(), nu.len().saturating_mul(4)));
+    }
+    if let Some(b) = &precision.bias {
+        ins.push(("bias", b.data.addr(), extent(b.shape, b.strides).saturating_mul(4)));
+    }
+    if let Some(m) = &precision.mask {
+        ins.push(("mask", m.data.addr(), extent(m.shape, m.strides)));
+    }
+    if let Some(vl) = &precision.varlen {
+        ins.push(("cu_seqlens_q", vl.cu_q.addr(), vl.cu_q.len().saturating_mul(4)));
+        ins.push(("cu_seqlens_k", vl.cu_k.addr(), vl.cu_k.len().saturating_mul(4)));
     }
     ins
 }
@@ -670,6 +876,7 @@ pub fn forward_into<'a, T: Element>(
     if !dev.is_gpu() {
         return cpu::forward_views(&p, out);
     }
+    gpu_supports(precision, false)?;
     #[cfg(fep_gpu)]
     {
         gpu::forward(&p, out, stream)
@@ -679,6 +886,100 @@ pub fn forward_into<'a, T: Element>(
         let _ = stream;
         unreachable!("a GPU device in a build without GPU backends")
     }
+}
+
+/// The score inputs the GPU kernels do not take yet: an error naming the first one.
+pub(crate) fn gpu_supports(precision: &Precisions<'_>, d_lse: bool) -> Result<()> {
+    let missing = [
+        ("nu", precision.nu.is_some()),
+        ("bias", precision.bias.is_some()),
+        ("mask", precision.mask.is_some()),
+        ("varlen", precision.varlen.is_some()),
+        ("d_lse", d_lse),
+    ];
+    match missing.iter().find(|m| m.1) {
+        Some((name, _)) => Err(Error::Unsupported(format!(
+            "`{name}` is not implemented by the GPU attention kernels yet (the CPU device has it)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The attention weights w_ij = softmax_j(s_ij) `[B, Hq, Lq, Lk]` (row-major f32) into `out`,
+/// enqueued on `stream`: a materialised score matrix, for inspection and visualisation only (it
+/// costs B·Hq·Lq·Lk floats, which is what the fused forward never stores). Masked keys and fully
+/// masked rows give 0. The arguments are the forward's (v is not read but sets Dv's checks);
+/// with packed sequences the matrix is `[1, Hq, total_q, total_k]`, zero across sequences.
+#[allow(clippy::too_many_arguments)]
+pub fn probabilities_into<'a, T: Element>(
+    spec: &AttentionSpec,
+    q: &Tensor4<'a, T>,
+    k: &Tensor4<'a, T>,
+    v: &Tensor4<'a, T>,
+    precision: &Precisions<'a>,
+    kv_len: Option<&View<'a, i32>>,
+    mut out: ViewMut<'_, f32>,
+    stream: Stream,
+) -> Result<()> {
+    let dims = check_problem(spec, q, k, v, precision, kv_len)?;
+    let dev = q.data.device();
+    let n = product("probabilities", &[dims.b, dims.hq, dims.lq, dims.lk])?;
+    same_device("probabilities", out.device(), dev)?;
+    check_len("probabilities", out.len(), n)?;
+    let ins = input_spans(q, k, v, precision, kv_len);
+    check_no_overlap(&ins, &[("probabilities", out.addr, n.saturating_mul(4))])?;
+    let p = Problem {
+        spec: *spec,
+        dims,
+        q,
+        k,
+        v,
+        precision,
+        kv_len,
+    };
+    if !dev.is_gpu() {
+        let host = cpu::Gathered::new(&p)?;
+        let w = cpu::probabilities(spec, &host.inputs(&p))?;
+        out.host_slice_mut()
+            .iter_mut()
+            .zip(&w)
+            .for_each(|(a, &c)| *a = c as f32);
+        return Ok(());
+    }
+    gpu_supports(precision, false)?;
+    let _ = stream;
+    Err(Error::Unsupported(
+        "attention probabilities are not implemented on the GPU yet".into(),
+    ))
+}
+
+/// [`probabilities_into`] on the default stream into a new buffer; refused (before allocating)
+/// above `max_elements` elements, so a debugging call cannot take the device's memory by surprise.
+pub fn probabilities<'a, T: Element>(
+    spec: &AttentionSpec,
+    q: &Tensor4<'a, T>,
+    k: &Tensor4<'a, T>,
+    v: &Tensor4<'a, T>,
+    precision: &Precisions<'a>,
+    kv_len: Option<&View<'a, i32>>,
+    max_elements: usize,
+) -> Result<DeviceBuffer<f32>> {
+    let d = check_problem(spec, q, k, v, precision, kv_len)?;
+    let n = product("probabilities", &[d.b, d.hq, d.lq, d.lk])?;
+    if n > max_elements {
+        return Err(Error::invalid(
+            "probabilities",
+            format!(
+                "[{}, {}, {}, {}] = {n} elements exceeds the limit of {max_elements} (raise it \
+                 explicitly to materialise this matrix)",
+                d.b, d.hq, d.lq, d.lk
+            ),
+        ));
+    }
+    let dev: &Device = q.data.device();
+    let mut w = dev.alloc(n)?;
+    probabilities_into(spec, q, k, v, precision, kv_len, w.view_mut(), dev.default_stream())?;
+    Ok(w)
 }
 
 /// Forward on the default stream into new buffers (o in BHLD, lse and e).
@@ -712,7 +1013,7 @@ pub fn forward<'a, T: Element>(
 /// The f64 reference on host slices (what the CPU device runs; tests hold it against the
 /// PyTorch fixtures at 1e-11).
 pub mod reference {
-    pub use super::cpu::{RefInputs, RefOutputs, forward};
+    pub use super::cpu::{RefBroadcast, RefInputs, RefOutputs, RefVarlen, forward, probabilities};
     pub use super::cpu_backward::{RefGradInputs, RefGradients, backward};
     pub use super::merge::merge_reference as merge;
 }

@@ -109,6 +109,7 @@ impl<'a> AttentionOp<'a> {
         let precision = Precisions {
             head: self.head.clone(),
             key: self.key.clone(),
+            ..Default::default()
         };
         for (name, p) in [("head precision", &self.head), ("key precision", &self.key)] {
             if p.as_ref().is_some_and(|p| p.device().is_gpu()) {

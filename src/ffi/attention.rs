@@ -234,6 +234,7 @@ pub unsafe extern "C" fn fep_attention_forward(
             Precisions {
                 head: (!pi_head.is_null()).then(|| raw_view(dev, pi_head as u64, hq, "pi_head")),
                 key: (!pi_key.is_null()).then(|| raw_view(dev, pi_key as u64, keys, "pi_key")),
+                ..Default::default()
             }
         };
         let kv_len =
@@ -338,6 +339,7 @@ pub unsafe extern "C" fn fep_attention_backward(
         let precision = Precisions {
             head: opt("pi_head", pi_head, hq),
             key: opt("pi_key", pi_key, keys),
+            ..Default::default()
         };
         let kv_len =
             (!kv_len.is_null()).then(|| unsafe { raw_view(dev, kv_len as u64, b, "kv_len") });
@@ -357,6 +359,7 @@ pub unsafe extern "C" fn fep_attention_backward(
                 d_o: d_o.view::<T>(dev),
                 e,
                 d_e,
+                d_lse: None,
             };
             let out = Gradients {
                 dq: dq.view_mut::<T>(dev),
@@ -365,6 +368,7 @@ pub unsafe extern "C" fn fep_attention_backward(
                 dpi_head,
                 dpi_key,
                 dnu,
+                dbias: None,
             };
             attention::backward_into(
                 &spec,

@@ -115,6 +115,7 @@ impl Case {
             pi_head: self.pi_head.as_deref(),
             pi_key: self.pi_key.as_deref(),
             kv_len: self.kv_len.as_deref(),
+            ..Default::default()
         }
     }
 
