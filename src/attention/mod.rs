@@ -134,6 +134,8 @@ mod gpu;
 #[cfg(fep_gpu)]
 mod gpu_backward;
 #[cfg(fep_gpu)]
+mod gpu_inputs;
+#[cfg(fep_gpu)]
 mod gpu_merge;
 mod merge;
 
@@ -876,7 +878,7 @@ pub fn forward_into<'a, T: Element>(
     if !dev.is_gpu() {
         return cpu::forward_views(&p, out);
     }
-    gpu_supports(precision, false)?;
+    gpu_supports(precision)?;
     #[cfg(fep_gpu)]
     {
         gpu::forward(&p, out, stream)
@@ -888,15 +890,19 @@ pub fn forward_into<'a, T: Element>(
     }
 }
 
-/// The score inputs the GPU kernels do not take yet: an error naming the first one.
-pub(crate) fn gpu_supports(precision: &Precisions<'_>, d_lse: bool) -> Result<()> {
+/// The score inputs the GPU forward kernels do not take yet: an error naming the first one.
+pub(crate) fn gpu_supports(precision: &Precisions<'_>) -> Result<()> {
     let missing = [
         ("nu", precision.nu.is_some()),
         ("bias", precision.bias.is_some()),
         ("mask", precision.mask.is_some()),
         ("varlen", precision.varlen.is_some()),
-        ("d_lse", d_lse),
     ];
+    unsupported_on_gpu(&missing)
+}
+
+/// An `Unsupported` error naming the first input marked present in `missing`.
+pub(crate) fn unsupported_on_gpu(missing: &[(&str, bool)]) -> Result<()> {
     match missing.iter().find(|m| m.1) {
         Some((name, _)) => Err(Error::Unsupported(format!(
             "`{name}` is not implemented by the GPU attention kernels yet (the CPU device has it)"
@@ -946,7 +952,7 @@ pub fn probabilities_into<'a, T: Element>(
             .for_each(|(a, &c)| *a = c as f32);
         return Ok(());
     }
-    gpu_supports(precision, false)?;
+    gpu_supports(precision)?;
     let _ = stream;
     Err(Error::Unsupported(
         "attention probabilities are not implemented on the GPU yet".into(),
