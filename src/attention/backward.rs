@@ -148,7 +148,10 @@ pub fn backward_into<'a, T: Element>(
         check_tensor(name, t.shape, t.strides, t.data.len())?;
     }
     let nu_len = if precision.nu.is_some() { dm.hq } else { 1 };
-    let bias_len = precision.bias.as_ref().map_or(0, |b| b.shape.iter().product());
+    let bias_len = precision
+        .bias
+        .as_ref()
+        .map_or(0, |b| b.shape.iter().product());
     let small = [
         ("dpi_head", &out.dpi_head, dm.hq),
         ("dpi_key", &out.dpi_key, dm.b * dm.hkv * dm.lk),
@@ -176,7 +179,11 @@ pub fn backward_into<'a, T: Element>(
         t4("d_o", &inputs.d_o),
         ("lse", inputs.lse.addr(), inputs.lse.len().saturating_mul(4)),
     ]);
-    for (name, x) in [("e", &inputs.e), ("d_e", &inputs.d_e), ("d_lse", &inputs.d_lse)] {
+    for (name, x) in [
+        ("e", &inputs.e),
+        ("d_e", &inputs.d_e),
+        ("d_lse", &inputs.d_lse),
+    ] {
         if let Some(x) = x {
             ins.push((name, x.addr(), x.len().saturating_mul(4)));
         }
@@ -287,7 +294,12 @@ pub fn backward<'a, T: Element>(
         dpi_head: dev.alloc(d.hq)?,
         dpi_key: dev.alloc(d.b * d.hkv * d.lk)?,
         dnu: dev.alloc(if precision.nu.is_some() { d.hq } else { 1 })?,
-        dbias: dev.alloc(precision.bias.as_ref().map_or(0, |b| b.shape.iter().product()))?,
+        dbias: dev.alloc(
+            precision
+                .bias
+                .as_ref()
+                .map_or(0, |b| b.shape.iter().product()),
+        )?,
     };
     let out = Gradients {
         dq: Tensor4Mut::bhld(r.dq.view_mut(), [d.b, d.hq, d.lq, d.d]),

@@ -147,10 +147,17 @@ pub(crate) fn validate(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<()> 
     }
     if let Some(nu) = inp.nu_head {
         if !matches!(spec.score, Score::StudentT(_)) {
-            return Err(Error::invalid("nu", "a per-head nu needs the Student-t score"));
+            return Err(Error::invalid(
+                "nu",
+                "a per-head nu needs the Student-t score",
+            ));
         }
         check_slice("nu", nu.len(), inp.hq)?;
-        if let Some((h, v)) = nu.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v > 0.0)) {
+        if let Some((h, v)) = nu
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(v.is_finite() && **v > 0.0))
+        {
             return Err(Error::invalid(
                 "nu",
                 format!("nu[{h}] is {v}; every nu must be finite and > 0"),
@@ -169,10 +176,17 @@ pub(crate) fn validate(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<()> 
     };
     if let Some(bias) = inp.bias {
         broadcasts("bias", bias.shape, bias.values.len())?;
-        if let Some(i) = bias.values.iter().position(|x| x.is_nan() || *x == f64::INFINITY) {
+        if let Some(i) = bias
+            .values
+            .iter()
+            .position(|x| x.is_nan() || *x == f64::INFINITY)
+        {
             return Err(Error::invalid(
                 "bias",
-                format!("element {i} is {}; a bias is finite or -inf", bias.values[i]),
+                format!(
+                    "element {i} is {}; a bias is finite or -inf",
+                    bias.values[i]
+                ),
             ));
         }
     }
@@ -223,7 +237,12 @@ pub(crate) fn visible(
         Some(vl) => {
             let s = vl.cu_q.partition_point(|&c| c as usize <= i) - 1;
             let (q0, k0) = (vl.cu_q[s] as i64, vl.cu_k[s] as i64);
-            (q0, k0, vl.cu_q[s + 1] as i64 - q0, vl.cu_k[s + 1] as i64 - k0)
+            (
+                q0,
+                k0,
+                vl.cu_q[s + 1] as i64 - q0,
+                vl.cu_k[s + 1] as i64 - k0,
+            )
         }
     };
     let diag = i as i64 - q0 + lk - lq; // i' (bottom-right aligned)
@@ -329,7 +348,13 @@ pub fn probabilities(spec: &AttentionSpec, inp: &RefInputs<'_>) -> Result<Vec<f6
     let mut w = crate::alloc::zeroed(n, || format!("[{}, {hq}, {lq}, {lk}] probabilities", inp.b))?;
     w.par_chunks_mut(lk).enumerate().for_each(|(row, wr)| {
         let mut t = Vec::new();
-        row_terms(spec, inp, (row / (hq * lq), row / lq % hq, row % lq), c, &mut t);
+        row_terms(
+            spec,
+            inp,
+            (row / (hq * lq), row / lq % hq, row % lq),
+            c,
+            &mut t,
+        );
         let m = t.iter().map(|t| t.s).fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = t.iter().map(|t| (t.s - m).exp()).sum();
         for t in &t {

@@ -715,7 +715,10 @@ fn check_score_inputs(
             ));
         }
         check_len("cu_seqlens_k", vl.cu_k.len(), vl.cu_q.len())?;
-        for (name, m, total) in [("max_seqlen_q", vl.max_q, dims.lq), ("max_seqlen_k", vl.max_k, dims.lk)] {
+        for (name, m, total) in [
+            ("max_seqlen_q", vl.max_q, dims.lq),
+            ("max_seqlen_k", vl.max_k, dims.lk),
+        ] {
             if m == 0 || m > total {
                 return Err(Error::invalid(
                     name,
@@ -724,7 +727,10 @@ fn check_score_inputs(
             }
         }
         if i32::try_from(dims.lq.max(dims.lk)).is_err() {
-            return Err(Error::invalid("q", "packed sequences index rows with int32"));
+            return Err(Error::invalid(
+                "q",
+                "packed sequences index rows with int32",
+            ));
         }
     }
     Ok(())
@@ -734,14 +740,21 @@ fn check_score_inputs(
 /// total`, every length ≤ `max`.
 pub(crate) fn check_cu_seqlens(name: &str, cu: &[i32], total: usize, max: usize) -> Result<()> {
     if cu[0] != 0 {
-        return Err(Error::invalid(name, format!("must start at 0, got {}", cu[0])));
+        return Err(Error::invalid(
+            name,
+            format!("must start at 0, got {}", cu[0]),
+        ));
     }
     for s in 1..cu.len() {
         let len = cu[s] as i64 - cu[s - 1] as i64;
         if len < 0 {
             return Err(Error::invalid(
                 name,
-                format!("must be nondecreasing: {name}[{s}] = {} < {}", cu[s], cu[s - 1]),
+                format!(
+                    "must be nondecreasing: {name}[{s}] = {} < {}",
+                    cu[s],
+                    cu[s - 1]
+                ),
             ));
         }
         if len as usize > max {
@@ -793,14 +806,26 @@ pub(crate) fn input_spans<'a, T: Element>(
         ins.push(("nu", nu.addr(), nu.len().saturating_mul(4)));
     }
     if let Some(b) = &precision.bias {
-        ins.push(("bias", b.data.addr(), extent(b.shape, b.strides).saturating_mul(4)));
+        ins.push((
+            "bias",
+            b.data.addr(),
+            extent(b.shape, b.strides).saturating_mul(4),
+        ));
     }
     if let Some(m) = &precision.mask {
         ins.push(("mask", m.data.addr(), extent(m.shape, m.strides)));
     }
     if let Some(vl) = &precision.varlen {
-        ins.push(("cu_seqlens_q", vl.cu_q.addr(), vl.cu_q.len().saturating_mul(4)));
-        ins.push(("cu_seqlens_k", vl.cu_k.addr(), vl.cu_k.len().saturating_mul(4)));
+        ins.push((
+            "cu_seqlens_q",
+            vl.cu_q.addr(),
+            vl.cu_q.len().saturating_mul(4),
+        ));
+        ins.push((
+            "cu_seqlens_k",
+            vl.cu_k.addr(),
+            vl.cu_k.len().saturating_mul(4),
+        ));
     }
     ins
 }
@@ -984,7 +1009,16 @@ pub fn probabilities<'a, T: Element>(
     }
     let dev: &Device = q.data.device();
     let mut w = dev.alloc(n)?;
-    probabilities_into(spec, q, k, v, precision, kv_len, w.view_mut(), dev.default_stream())?;
+    probabilities_into(
+        spec,
+        q,
+        k,
+        v,
+        precision,
+        kv_len,
+        w.view_mut(),
+        dev.default_stream(),
+    )?;
     Ok(w)
 }
 

@@ -186,6 +186,146 @@ impl AttnDesc {
     }
 }
 
+/// The optional per-score inputs of fep_attention_forward2 / _backward2 / _probabilities (the
+/// whole struct may be NULL: none of them). Every pointer is on the call's device, NULL when
+/// absent.
+/// - nu_head `[Hq]` float: Student-t's nu per query head (finite, > 0), replacing params.nu;
+///   only with FEP_SCORE_STUDENT_T.
+/// - bias: float beta added to every score s_ij after the family's; bias_shape is
+///   {B or 1, Hq or 1, Lq or 1, Lk} (a dimension of 1 is broadcast), bias_strides the element
+///   strides of its first three dimensions (Lk contiguous). Finite or -inf (-inf masks).
+/// - mask: uint8 (nonzero: keep, 0: masked; PyTorch's boolean attn_mask), mask_shape and
+///   mask_strides as the bias's.
+/// - cu_seqlens_q, cu_seqlens_k `[num_seqs + 1]` int32: packed variable-length sequences
+///   (FlashAttention's varlen convention). Then q, k, v (and o, dq, ...) have B = 1 and L = the
+///   packed length (memory [total, H, D]: strides {0, D, H D}); sequence s holds query rows
+///   cu_seqlens_q[s] .. cu_seqlens_q[s+1] and key rows cu_seqlens_k[s] .. cu_seqlens_k[s+1] and
+///   attends only within itself (causal and window per sequence); lse, e are [Hq, total_q] and
+///   pi_key [Hkv, total_k]. max_seqlen_q / _k bound every length. Not with kv_len, bias or mask.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FepAttnScoreInputs {
+    /// `[Hq]` or NULL.
+    pub nu_head: *const f32,
+    /// The additive bias or NULL.
+    pub bias: *const f32,
+    /// {B | 1, Hq | 1, Lq | 1, Lk}.
+    pub bias_shape: [u64; 4],
+    /// Element strides of the bias's B, Hq and Lq dimensions.
+    pub bias_strides: [u64; 3],
+    /// The boolean mask (uint8) or NULL.
+    pub mask: *const u8,
+    /// {B | 1, Hq | 1, Lq | 1, Lk}.
+    pub mask_shape: [u64; 4],
+    /// Element strides of the mask's B, Hq and Lq dimensions.
+    pub mask_strides: [u64; 3],
+    /// `[num_seqs + 1]` int32 or NULL.
+    pub cu_seqlens_q: *const i32,
+    /// `[num_seqs + 1]` int32 or NULL (both or neither).
+    pub cu_seqlens_k: *const i32,
+    /// The number of packed sequences.
+    pub num_seqs: u64,
+    /// The longest query sequence (or an upper bound).
+    pub max_seqlen_q: u64,
+    /// The longest key sequence (or an upper bound).
+    pub max_seqlen_k: u64,
+}
+
+/// A broadcast tensor of the C struct as the Rust API's `ScoreBias` (extent-checked).
+unsafe fn score_bias<'a, T: bytemuck::Pod>(
+    dev: &Device,
+    name: &str,
+    data: *const T,
+    shape: [u64; 4],
+    strides: [u64; 3],
+) -> Result<attention::ScoreBias<'a, T>> {
+    let t = FepAttnTensor {
+        data: data as *mut c_void,
+        shape,
+        strides,
+    };
+    let d = unsafe { attn_desc(name, &t)? };
+    Ok(attention::ScoreBias {
+        data: unsafe { raw_view(dev, d.data as u64, d.extent, &d.name) },
+        shape: d.shape,
+        strides: d.strides,
+    })
+}
+
+/// `Precisions` from the C arguments: pi_head `[Hq]`, pi_key (B Hkv Lk elements) and the
+/// optional score inputs.
+unsafe fn precisions<'a>(
+    dev: &Device,
+    hq: usize,
+    keys: usize,
+    pi_head: *const f32,
+    pi_key: *const f32,
+    inputs: *const FepAttnScoreInputs,
+) -> Result<Precisions<'a>> {
+    let mut p = Precisions {
+        head: (!pi_head.is_null()).then(|| unsafe { raw_view(dev, pi_head as u64, hq, "pi_head") }),
+        key: (!pi_key.is_null()).then(|| unsafe { raw_view(dev, pi_key as u64, keys, "pi_key") }),
+        ..Default::default()
+    };
+    if inputs.is_null() {
+        return Ok(p);
+    }
+    let x = unsafe { read_arg("inputs", inputs)? };
+    if !x.nu_head.is_null() {
+        p.nu = Some(unsafe { raw_view(dev, x.nu_head as u64, hq, "inputs.nu_head") });
+    }
+    if !x.bias.is_null() {
+        p.bias =
+            Some(unsafe { score_bias(dev, "inputs.bias", x.bias, x.bias_shape, x.bias_strides)? });
+    }
+    if !x.mask.is_null() {
+        p.mask =
+            Some(unsafe { score_bias(dev, "inputs.mask", x.mask, x.mask_shape, x.mask_strides)? });
+    }
+    match (x.cu_seqlens_q.is_null(), x.cu_seqlens_k.is_null()) {
+        (true, true) => {}
+        (false, false) => {
+            let s = usize_of("inputs.num_seqs", x.num_seqs)?;
+            let n = s
+                .checked_add(1)
+                .ok_or_else(|| Error::invalid("inputs.num_seqs", "too large"))?;
+            p.varlen = Some(attention::Varlen {
+                cu_q: unsafe { raw_view(dev, x.cu_seqlens_q as u64, n, "inputs.cu_seqlens_q") },
+                cu_k: unsafe { raw_view(dev, x.cu_seqlens_k as u64, n, "inputs.cu_seqlens_k") },
+                max_q: usize_of("inputs.max_seqlen_q", x.max_seqlen_q)?,
+                max_k: usize_of("inputs.max_seqlen_k", x.max_seqlen_k)?,
+            });
+        }
+        (q_null, _) => {
+            return Err(Error::invalid(
+                if q_null {
+                    "inputs.cu_seqlens_q"
+                } else {
+                    "inputs.cu_seqlens_k"
+                },
+                "is NULL while the other cu_seqlens is not: give both or neither",
+            ));
+        }
+    }
+    Ok(p)
+}
+
+/// The Rust API's argument names as the C struct's fields.
+fn inputs_names(err: Error) -> Error {
+    match err {
+        Error::InvalidArgument { name, reason } => {
+            let name = match name.as_str() {
+                "nu" => "inputs.nu_head".to_string(),
+                "bias" | "mask" | "cu_seqlens_q" | "cu_seqlens_k" => format!("inputs.{name}"),
+                "max_seqlen_q" | "max_seqlen_k" => format!("inputs.{name}"),
+                _ => name,
+            };
+            Error::InvalidArgument { name, reason }
+        }
+        other => other,
+    }
+}
+
 /// o_i = sum_j softmax_j(s_ij) v_j over the visible keys, with q [B, Hq, Lq, D],
 /// k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq % Hkv == 0: query head h reads kv head
 /// h / (Hq / Hkv)), all of `dtype` (FEP_DTYPE_F32, _F16 or _BF16), o [B, Hq, Lq, Dv] of `dtype`
@@ -213,6 +353,47 @@ pub unsafe extern "C" fn fep_attention_forward(
     lse: *mut f32,
     e: *mut f32,
 ) -> i32 {
+    unsafe {
+        fep_attention_forward2(
+            kind,
+            ordinal,
+            stream,
+            params,
+            dtype,
+            q,
+            k,
+            v,
+            pi_head,
+            pi_key,
+            kv_len,
+            std::ptr::null(),
+            o,
+            lse,
+            e,
+        )
+    }
+}
+
+/// fep_attention_forward with the optional score inputs (`inputs`, NULL: none; see
+/// FepAttnScoreInputs): per-head nu, an additive bias, a boolean mask, packed sequences.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fep_attention_forward2(
+    kind: i32,
+    ordinal: i32,
+    stream: *mut c_void,
+    params: *const FepAttentionParams,
+    dtype: i32,
+    q: *const FepAttnTensor,
+    k: *const FepAttnTensor,
+    v: *const FepAttnTensor,
+    pi_head: *const f32,
+    pi_key: *const f32,
+    kv_len: *const i32,
+    inputs: *const FepAttnScoreInputs,
+    o: *const FepAttnTensor,
+    lse: *mut f32,
+    e: *mut f32,
+) -> i32 {
     guard(|| {
         let spec = attention_spec(&unsafe { read_arg("params", params)? })?;
         let (q, k, v, o) = unsafe {
@@ -230,13 +411,7 @@ pub unsafe extern "C" fn fep_attention_forward(
         let rows = product("q.shape", product("q.shape", b, hq)?, lq)?;
         let keys = product("k.shape", product("k.shape", b, hkv)?, lk)?;
         let dev = &dev;
-        let precision = unsafe {
-            Precisions {
-                head: (!pi_head.is_null()).then(|| raw_view(dev, pi_head as u64, hq, "pi_head")),
-                key: (!pi_key.is_null()).then(|| raw_view(dev, pi_key as u64, keys, "pi_key")),
-                ..Default::default()
-            }
-        };
+        let precision = unsafe { precisions(dev, hq, keys, pi_head, pi_key, inputs)? };
         let kv_len =
             (!kv_len.is_null()).then(|| unsafe { raw_view(dev, kv_len as u64, b, "kv_len") });
         let (lse, e) = unsafe {
@@ -254,6 +429,7 @@ pub unsafe extern "C" fn fep_attention_forward(
                 e,
             };
             attention::forward_into(&spec, &q, &k, &v, &precision, kv_len.as_ref(), out, stream)
+                .map_err(inputs_names)
         })
     })
 }
@@ -308,6 +484,72 @@ pub unsafe extern "C" fn fep_attention_backward(
     dpi_key: *mut f32,
     dnu: *mut f32,
 ) -> i32 {
+    unsafe {
+        fep_attention_backward2(
+            kind,
+            ordinal,
+            stream,
+            params,
+            dtype,
+            q,
+            k,
+            v,
+            pi_head,
+            pi_key,
+            kv_len,
+            std::ptr::null(),
+            o,
+            lse,
+            d_o,
+            e,
+            d_e,
+            std::ptr::null(),
+            dq,
+            dk,
+            dv,
+            dpi_head,
+            dpi_key,
+            dnu,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
+/// fep_attention_backward with the optional score inputs (`inputs`, NULL: none; the same as the
+/// forward call's), the gradient arriving through lse and the bias's gradient:
+/// - d_lse [B, Hq, Lq] float: dL/dlse, or NULL when the loss does not use lse (then
+///   dS_ij = w_ij (dL/dw_ij - Delta_i + d_lse_i))
+/// - dnu: `[Hq]` float when inputs->nu_head is given, else `[1]`
+/// - dbias: float in the bias's shape (row-major, each broadcast dimension summed in a fixed
+///   order), or NULL; only with a bias
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fep_attention_backward2(
+    kind: i32,
+    ordinal: i32,
+    stream: *mut c_void,
+    params: *const FepAttentionParams,
+    dtype: i32,
+    q: *const FepAttnTensor,
+    k: *const FepAttnTensor,
+    v: *const FepAttnTensor,
+    pi_head: *const f32,
+    pi_key: *const f32,
+    kv_len: *const i32,
+    inputs: *const FepAttnScoreInputs,
+    o: *const FepAttnTensor,
+    lse: *const f32,
+    d_o: *const FepAttnTensor,
+    e: *const f32,
+    d_e: *const f32,
+    d_lse: *const f32,
+    dq: *const FepAttnTensor,
+    dk: *const FepAttnTensor,
+    dv: *const FepAttnTensor,
+    dpi_head: *mut f32,
+    dpi_key: *mut f32,
+    dnu: *mut f32,
+    dbias: *mut f32,
+) -> i32 {
     guard(|| {
         let spec = attention_spec(&unsafe { read_arg("params", params)? })?;
         let (q, k, v, o, d_o, dq, dk, dv) = unsafe {
@@ -336,19 +578,31 @@ pub unsafe extern "C" fn fep_attention_backward(
         let opt_mut = |name: &str, p: *mut f32, len: usize| {
             (!p.is_null()).then(|| unsafe { raw_view_mut::<f32>(dev, p as u64, len, name) })
         };
-        let precision = Precisions {
-            head: opt("pi_head", pi_head, hq),
-            key: opt("pi_key", pi_key, keys),
-            ..Default::default()
-        };
+        let precision = unsafe { precisions(dev, hq, keys, pi_head, pi_key, inputs)? };
         let kv_len =
             (!kv_len.is_null()).then(|| unsafe { raw_view(dev, kv_len as u64, b, "kv_len") });
         let lse = unsafe { raw_view(dev, lse as u64, rows, "lse") };
-        let (e, d_e) = (opt("e", e, rows), opt("d_e", d_e, rows));
-        let (dpi_head, dpi_key, dnu) = (
+        let (e, d_e, d_lse) = (
+            opt("e", e, rows),
+            opt("d_e", d_e, rows),
+            opt("d_lse", d_lse, rows),
+        );
+        let nu_len = if precision.nu.is_some() { hq } else { 1 };
+        if !dbias.is_null() && precision.bias.is_none() {
+            return Err(Error::invalid("dbias", "given without inputs->bias"));
+        }
+        let bias_len = match &precision.bias {
+            Some(b) => b
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &x| product("inputs.bias_shape", a, x))?,
+            None => 0,
+        };
+        let (dpi_head, dpi_key, dnu, dbias) = (
             opt_mut("dpi_head", dpi_head, hq),
             opt_mut("dpi_key", dpi_key, keys),
-            opt_mut("dnu", dnu, 1),
+            opt_mut("dnu", dnu, nu_len),
+            opt_mut("dbias", dbias, bias_len),
         );
         let stream = raw_stream(stream);
         with_dtype!(dtype, T => unsafe {
@@ -359,7 +613,7 @@ pub unsafe extern "C" fn fep_attention_backward(
                 d_o: d_o.view::<T>(dev),
                 e,
                 d_e,
-                d_lse: None,
+                d_lse,
             };
             let out = Gradients {
                 dq: dq.view_mut::<T>(dev),
@@ -368,7 +622,7 @@ pub unsafe extern "C" fn fep_attention_backward(
                 dpi_head,
                 dpi_key,
                 dnu,
-                dbias: None,
+                dbias,
             };
             attention::backward_into(
                 &spec,
@@ -381,6 +635,57 @@ pub unsafe extern "C" fn fep_attention_backward(
                 out,
                 stream,
             )
+            .map_err(inputs_names)
+        })
+    })
+}
+
+/// The attention weights w_ij = softmax_j(s_ij) of a forward call (the same params, dtype, q,
+/// k, v, pi_head, pi_key, kv_len and inputs) into `w` [B, Hq, Lq, Lk] float, row-major, of
+/// `w_len` elements (checked): a materialised score matrix for inspection and visualisation
+/// only (B Hq Lq Lk floats, which the fused forward never stores). Masked keys and fully masked
+/// rows give 0; with packed sequences w is [Hq, total_q, total_k], 0 across sequences.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fep_attention_probabilities(
+    kind: i32,
+    ordinal: i32,
+    stream: *mut c_void,
+    params: *const FepAttentionParams,
+    dtype: i32,
+    q: *const FepAttnTensor,
+    k: *const FepAttnTensor,
+    v: *const FepAttnTensor,
+    pi_head: *const f32,
+    pi_key: *const f32,
+    kv_len: *const i32,
+    inputs: *const FepAttnScoreInputs,
+    w: *mut f32,
+    w_len: u64,
+) -> i32 {
+    guard(|| {
+        let spec = attention_spec(&unsafe { read_arg("params", params)? })?;
+        let (q, k, v) = unsafe { (attn_desc("q", q)?, attn_desc("k", k)?, attn_desc("v", v)?) };
+        non_null("w", w)?;
+        let dev = open_device(kind, ordinal)?;
+        let dev = &dev;
+        let [b, hq, _, _] = q.shape;
+        let [_, hkv, lk, _] = k.shape;
+        let keys = product("k.shape", product("k.shape", b, hkv)?, lk)?;
+        let precision = unsafe { precisions(dev, hq, keys, pi_head, pi_key, inputs)? };
+        let kv_len =
+            (!kv_len.is_null()).then(|| unsafe { raw_view(dev, kv_len as u64, b, "kv_len") });
+        let w = unsafe { raw_view_mut::<f32>(dev, w as u64, usize_of("w_len", w_len)?, "w") };
+        let stream = raw_stream(stream);
+        with_dtype!(dtype, T => unsafe {
+            let (q, k, v) = (q.view::<T>(dev), k.view::<T>(dev), v.view::<T>(dev));
+            attention::probabilities_into(&spec, &q, &k, &v, &precision, kv_len.as_ref(), w, stream)
+                .map_err(inputs_names)
+                .map_err(|e| match e {
+                    Error::InvalidArgument { name, reason } if name == "probabilities" => {
+                        Error::InvalidArgument { name: "w".into(), reason }
+                    }
+                    other => other,
+                })
         })
     })
 }

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 
 /// The version of the C ABI this header declares; `fep_abi_version()` returns the one the loaded
 /// library implements.
-pub const FEP_ABI_VERSION: i32 = 2;
+pub const FEP_ABI_VERSION: i32 = 3;
 
 /// Status code: the call succeeded.
 pub const FEP_OK: i32 = 0;
