@@ -26,7 +26,7 @@
 
 /// The version of the C ABI this header declares; `fep_abi_version()` returns the one the loaded
 /// library implements.
-#define FEP_ABI_VERSION 2
+#define FEP_ABI_VERSION 3
 
 /// Status code: the call succeeded.
 #define FEP_OK 0
@@ -215,6 +215,49 @@ typedef struct FepAttnTensor {
     /// Element strides of B, H and L.
     uint64_t strides[3];
 } FepAttnTensor;
+
+/// The optional per-score inputs of fep_attention_forward2 / _backward2 / _probabilities (the
+/// whole struct may be NULL: none of them). Every pointer is on the call's device, NULL when
+/// absent.
+/// - nu_head `[Hq]` float: Student-t's nu per query head (finite, > 0), replacing params.nu;
+///   only with FEP_SCORE_STUDENT_T.
+/// - bias: float beta added to every score s_ij after the family's; bias_shape is
+///   {B or 1, Hq or 1, Lq or 1, Lk} (a dimension of 1 is broadcast), bias_strides the element
+///   strides of its first three dimensions (Lk contiguous). Finite or -inf (-inf masks).
+/// - mask: uint8 (nonzero: keep, 0: masked; PyTorch's boolean attn_mask), mask_shape and
+///   mask_strides as the bias's.
+/// - cu_seqlens_q, cu_seqlens_k `[num_seqs + 1]` int32: packed variable-length sequences
+///   (FlashAttention's varlen convention). Then q, k, v (and o, dq, ...) have B = 1 and L = the
+///   packed length (memory [total, H, D]: strides {0, D, H D}); sequence s holds query rows
+///   cu_seqlens_q[s] .. cu_seqlens_q[s+1] and key rows cu_seqlens_k[s] .. cu_seqlens_k[s+1] and
+///   attends only within itself (causal and window per sequence); lse, e are [Hq, total_q] and
+///   pi_key [Hkv, total_k]. max_seqlen_q / _k bound every length. Not with kv_len, bias or mask.
+typedef struct FepAttnScoreInputs {
+    /// `[Hq]` or NULL.
+    const float *nu_head;
+    /// The additive bias or NULL.
+    const float *bias;
+    /// {B | 1, Hq | 1, Lq | 1, Lk}.
+    uint64_t bias_shape[4];
+    /// Element strides of the bias's B, Hq and Lq dimensions.
+    uint64_t bias_strides[3];
+    /// The boolean mask (uint8) or NULL.
+    const uint8_t *mask;
+    /// {B | 1, Hq | 1, Lq | 1, Lk}.
+    uint64_t mask_shape[4];
+    /// Element strides of the mask's B, Hq and Lq dimensions.
+    uint64_t mask_strides[3];
+    /// `[num_seqs + 1]` int32 or NULL.
+    const int32_t *cu_seqlens_q;
+    /// `[num_seqs + 1]` int32 or NULL (both or neither).
+    const int32_t *cu_seqlens_k;
+    /// The number of packed sequences.
+    uint64_t num_seqs;
+    /// The longest query sequence (or an upper bound).
+    uint64_t max_seqlen_q;
+    /// The longest key sequence (or an upper bound).
+    uint64_t max_seqlen_k;
+} FepAttnScoreInputs;
 
 /// The parameters of an LCA solve (fep_lca_solve).
 typedef struct FepLcaParams {
@@ -437,6 +480,24 @@ int32_t fep_attention_forward(int32_t kind,
                               float *lse,
                               float *e);
 
+/// fep_attention_forward with the optional score inputs (`inputs`, NULL: none; see
+/// FepAttnScoreInputs): per-head nu, an additive bias, a boolean mask, packed sequences.
+int32_t fep_attention_forward2(int32_t kind,
+                               int32_t ordinal,
+                               void *stream,
+                               const struct FepAttentionParams *params,
+                               int32_t dtype,
+                               const struct FepAttnTensor *q,
+                               const struct FepAttnTensor *k,
+                               const struct FepAttnTensor *v,
+                               const float *pi_head,
+                               const float *pi_key,
+                               const int32_t *kv_len,
+                               const struct FepAttnScoreInputs *inputs,
+                               const struct FepAttnTensor *o,
+                               float *lse,
+                               float *e);
+
 /// The gradients of a loss L(o, e) of a forward call (the same params, dtype, q, k, v, pi_head,
 /// pi_key and kv_len as that call) with respect to q, k, v, the precisions and nu, given
 /// d_o = dL/do and optionally d_e = dL/de. The maths is in src/attention/backward.rs.
@@ -484,6 +545,59 @@ int32_t fep_attention_backward(int32_t kind,
                                float *dpi_head,
                                float *dpi_key,
                                float *dnu);
+
+/// fep_attention_backward with the optional score inputs (`inputs`, NULL: none; the same as the
+/// forward call's), the gradient arriving through lse and the bias's gradient:
+/// - d_lse [B, Hq, Lq] float: dL/dlse, or NULL when the loss does not use lse (then
+///   dS_ij = w_ij (dL/dw_ij - Delta_i + d_lse_i))
+/// - dnu: `[Hq]` float when inputs->nu_head is given, else `[1]`
+/// - dbias: float in the bias's shape (row-major, each broadcast dimension summed in a fixed
+///   order), or NULL; only with a bias
+int32_t fep_attention_backward2(int32_t kind,
+                                int32_t ordinal,
+                                void *stream,
+                                const struct FepAttentionParams *params,
+                                int32_t dtype,
+                                const struct FepAttnTensor *q,
+                                const struct FepAttnTensor *k,
+                                const struct FepAttnTensor *v,
+                                const float *pi_head,
+                                const float *pi_key,
+                                const int32_t *kv_len,
+                                const struct FepAttnScoreInputs *inputs,
+                                const struct FepAttnTensor *o,
+                                const float *lse,
+                                const struct FepAttnTensor *d_o,
+                                const float *e,
+                                const float *d_e,
+                                const float *d_lse,
+                                const struct FepAttnTensor *dq,
+                                const struct FepAttnTensor *dk,
+                                const struct FepAttnTensor *dv,
+                                float *dpi_head,
+                                float *dpi_key,
+                                float *dnu,
+                                float *dbias);
+
+/// The attention weights w_ij = softmax_j(s_ij) of a forward call (the same params, dtype, q,
+/// k, v, pi_head, pi_key, kv_len and inputs) into `w` [B, Hq, Lq, Lk] float, row-major, of
+/// `w_len` elements (checked): a materialised score matrix for inspection and visualisation
+/// only (B Hq Lq Lk floats, which the fused forward never stores). Masked keys and fully masked
+/// rows give 0; with packed sequences w is [Hq, total_q, total_k], 0 across sequences.
+int32_t fep_attention_probabilities(int32_t kind,
+                                    int32_t ordinal,
+                                    void *stream,
+                                    const struct FepAttentionParams *params,
+                                    int32_t dtype,
+                                    const struct FepAttnTensor *q,
+                                    const struct FepAttnTensor *k,
+                                    const struct FepAttnTensor *v,
+                                    const float *pi_head,
+                                    const float *pi_key,
+                                    const int32_t *kv_len,
+                                    const struct FepAttnScoreInputs *inputs,
+                                    float *w,
+                                    uint64_t w_len);
 
 /// Merges `splits` = S >= 1 partial attention results of the same rows, each over a subset of
 /// the keys (a split decode, or shards of a sequence on several devices), by their lse:

@@ -201,6 +201,20 @@ fn layouts() -> Vec<Layout> {
         layout!(FepVmpLearnParams: lr_a, lr_b, lr_d, skip_input_checks),
         layout!(FepAttnTensor: data, shape, strides),
         layout!(
+            FepAttnScoreInputs: nu_head,
+            bias,
+            bias_shape,
+            bias_strides,
+            mask,
+            mask_shape,
+            mask_strides,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            num_seqs,
+            max_seqlen_q,
+            max_seqlen_k
+        ),
+        layout!(
             FepAttentionParams: score,
             nu,
             scale,
