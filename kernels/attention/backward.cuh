@@ -81,8 +81,9 @@ struct AttnBwdTerms {
     float w_nu, w_lnpi;  // w ∂s/∂ν and w π∂s/∂π: the dq kernel's correction of Δ (attn_bwd_dq)
 };
 
+// beta: the additive bias β_ij (0 without one), added to the family's score.
 FEP_DEVICE AttnBwdTerms attn_bwd_terms(const AttnBwdScore& sc, float x, float d2, float pi, float lse, float dp,
-                                       float de, float delta) {
+                                       float de, float delta, float beta) {
     float s, s_x = 0.0f, s_d2 = 0.0f, s_lnpi, s_nu = 0.0f;
     const float tp = sc.tau * pi, nl = sc.c != 0.0f ? sc.c * logf(pi) : 0.0f;
     switch (sc.family) {
@@ -109,7 +110,7 @@ FEP_DEVICE AttnBwdTerms attn_bwd_terms(const AttnBwdScore& sc, float x, float d2
         }
     }
     AttnBwdTerms t;
-    t.w = expf(s - lse);
+    t.w = expf(s + beta - lse);
     const float ds = t.w * (fmaf(de * pi, d2, dp) - delta);
     t.g = fmaf(ds, s_d2, de * t.w * pi);
     t.m = fmaf(ds, s_x, -2.0f * t.g);
@@ -121,15 +122,28 @@ FEP_DEVICE AttnBwdTerms attn_bwd_terms(const AttnBwdScore& sc, float x, float d2
     return t;
 }
 
-FEP_DEVICE AttnBwdScore attn_bwd_score(const AttnBwdParams& p) {
+// The constants of query head h (Student-t's ν may be per head).
+FEP_DEVICE AttnBwdScore attn_bwd_score(const AttnBwdParams& p, int h) {
     AttnBwdScore sc;
     sc.family = p.family;
     sc.tau = p.tau;
-    sc.nu = p.nu;
+    sc.nu = attn_nu_of(p.in, h, p.nu);
     sc.c = p.normalizer && p.family != ATTN_DOT ? 0.5f * (float)p.dim_d : 0.0f;
-    sc.kappa = 0.5f * (p.nu + (float)p.dim_d);
+    sc.kappa = 0.5f * (sc.nu + (float)p.dim_d);
     return sc;
 }
+
+// The optional score inputs of (b, h, i, j): β into `beta` (0 without a bias), and whether the
+// mask and the bias keep the score (a −∞ bias masks it). Without them only two uniform branches
+// on null pointers: the hot loops call this behind a per-kernel flag (`extra`).
+FEP_DEVICE bool attn_bwd_extra(const AttnBwdParams& p, int b, int h, int i, int j, float& beta) {
+    beta = attn_bias_at(p.in, b, h, i, j);
+    return beta != ATTN_NEG_INF && attn_keep_at(p.in, b, h, i, j);
+}
+
+// The batch index of the tensors: 0 for packed sequences (B = 1, sequence b at rows offset by
+// attn_seq), else the grid's b.
+FEP_DEVICE int attn_bwd_tensor_b(const AttnBwdParams& p, int b) { return p.in.cu_q ? 0 : b; }
 
 // Whether query i sees key j (besides the key length and lse): the causal diagonal and the window.
 FEP_DEVICE bool attn_bwd_visible(const AttnBwdParams& p, int i, int j, int off) {
@@ -175,34 +189,46 @@ FEP_DEVICE void attn_bwd_dq(const AttnBwdParams& p) {
     float *k_n = f + 4 * Tr::kMost, *k_pi = f + 5 * Tr::kMost;
     __shared__ float red[2 * FEP_MAX_WARPS];
 
-    const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * Tr::kRows;
-    const int hk = h / (p.hq / p.hkv), off = p.lk - p.lq;
-    const int kv_end = p.kv_len ? min(max(p.kv_len[b], 0), p.lk) : p.lk;
-    const int i_last = min(i0 + Tr::kRows, p.lq) - 1;
+    // b: the batch, or with packed sequences the sequence (bt = 0 then indexes the tensors, and
+    // rows and keys start at the sequence's q0 and k0; sq_.lq and sq_.lk are its lengths).
+    const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * Tr::kRows, bt = attn_bwd_tensor_b(p, b);
+    const AttnSeq sq_ = attn_seq(p.in, b, p.lq, p.lk);
+    if (i0 >= sq_.lq) {  // past this sequence's rows: no terms, zero partials
+        if (threadIdx.x == 0) {
+            const long long at = ((long long)b * p.hq + h) * p.n_qtiles + blockIdx.x;
+            p.part_head[at] = 0.0f, p.part_nu[at] = 0.0f;
+        }
+        return;
+    }
+    const int hk = h / (p.hq / p.hkv), off = sq_.lk - sq_.lq;
+    const int kv_end = p.kv_len ? min(max(p.kv_len[b], 0), sq_.lk) : sq_.lk;
+    const int i_last = min(i0 + Tr::kRows, sq_.lq) - 1;
     const int j_end = p.causal ? min(kv_end, i_last + off + 1) : kv_end;
     const int j_begin = p.window > 0 ? max(0, i0 + off - p.window + 1) : 0;
-    const In* qg = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1] + (long long)i0 * p.q_stride[2];
-    const In* dog = (const In*)p.d_o + b * p.do_stride[0] + h * p.do_stride[1] + (long long)i0 * p.do_stride[2];
-    const In* og = (const In*)p.o + b * p.o_stride[0] + h * p.o_stride[1] + (long long)i0 * p.o_stride[2];
-    const In* kg = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1];
-    const In* vg = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1];
-    const float* pik = p.pi_key ? p.pi_key + ((long long)b * p.hkv + hk) * p.lk : nullptr;
+    const long long qr = (long long)sq_.q0 + i0, kr0 = sq_.k0;  // the first packed query row and key
+    const In* qg = (const In*)p.q + bt * p.q_stride[0] + h * p.q_stride[1] + qr * p.q_stride[2];
+    const In* dog = (const In*)p.d_o + bt * p.do_stride[0] + h * p.do_stride[1] + qr * p.do_stride[2];
+    const In* og = (const In*)p.o + bt * p.o_stride[0] + h * p.o_stride[1] + qr * p.o_stride[2];
+    const In* kg = (const In*)p.k + bt * p.k_stride[0] + hk * p.k_stride[1] + kr0 * p.k_stride[2];
+    const In* vg = (const In*)p.v + bt * p.v_stride[0] + hk * p.v_stride[1] + kr0 * p.v_stride[2];
+    const float* pik = p.pi_key ? p.pi_key + ((long long)bt * p.hkv + hk) * p.lk + kr0 : nullptr;
     const float pi_h = p.pi_head ? p.pi_head[h] : 1.0f;
-    const long long row0 = ((long long)b * p.hq + h) * p.lq + i0;
+    const long long row0 = ((long long)bt * p.hq + h) * p.lq + qr;
     const int warp = (int)fep_warp_id(), lane = (int)fep_lane();
-    const AttnBwdScore sc = attn_bwd_score(p);
-    const bool vec = p.vec_loads != 0;
+    const AttnBwdScore sc = attn_bwd_score(p, h);
+    const bool vec = p.vec_loads != 0, extra = p.in.bias || p.in.mask;
 
-    attn_bwd_load<In, kD, Tr::kDs, Tr::kThreads>(sq, qg, p.q_stride[2], Tr::kRows, p.lq - i0, p.dim_d, vec);
-    attn_bwd_load<In, kDv, Tr::kDvs, Tr::kThreads>(sdo, dog, p.do_stride[2], Tr::kRows, p.lq - i0, p.dim_dv, vec);
+    attn_bwd_load<In, kD, Tr::kDs, Tr::kThreads>(sq, qg, p.q_stride[2], Tr::kRows, sq_.lq - i0, p.dim_d, vec);
+    attn_bwd_load<In, kDv, Tr::kDvs, Tr::kThreads>(sdo, dog, p.do_stride[2], Tr::kRows, sq_.lq - i0, p.dim_dv, vec);
     __syncthreads();
-    // Per row: Δ = dO·o + dE e (also for the dk/dv kernel), ‖q‖², lse, dE.
+    // Per row: Δ = dO·o + dE e − dlse (also for the dk/dv kernel), ‖q‖², lse, dE.
     for (int r = threadIdx.x; r < Tr::kRows; r += Tr::kThreads) {
         float delta = 0.0f, qn = 0.0f, lse = ATTN_NEG_INF, de = 0.0f;
-        if (i0 + r < p.lq) {
+        if (i0 + r < sq_.lq) {
             const In* orow = og + (long long)r * p.o_stride[2];
             for (int c = 0; c < p.dim_dv; ++c) delta = fmaf(fep_to_f32(sdo[r * Tr::kDvs + c]), fep_to_f32(orow[c]), delta);
             if (p.d_e) de = p.d_e[row0 + r], delta = fmaf(de, p.e[row0 + r], delta);
+            if (p.d_lse) delta -= p.d_lse[row0 + r];
             for (int c = 0; c < p.dim_d; ++c) qn = fmaf(fep_to_f32(sq[r * Tr::kDs + c]), fep_to_f32(sq[r * Tr::kDs + c]), qn);
             lse = p.lse[row0 + r];
         }
@@ -257,10 +283,12 @@ FEP_DEVICE void attn_bwd_dq(const AttnBwdParams& p) {
                 const int r = Mma::acc_row(lane, i), c = 16 * t + Mma::acc_col(lane, i), sl = Mma::row_slot(i);
                 const int rr = warp * 16 + r, row = i0 + rr, j = j0 + c;
                 const float lse = r_lse[rr];
-                float m = 0.0f;
-                if (row < p.lq && j < kv_end && j >= j_begin && lse != ATTN_NEG_INF && attn_bwd_visible(p, row, j, off)) {
+                float m = 0.0f, beta = 0.0f;
+                if (row < sq_.lq && j < kv_end && j >= j_begin && lse != ATTN_NEG_INF && attn_bwd_visible(p, row, j, off) &&
+                    (!extra || attn_bwd_extra(p, b, h, row, j, beta))) {
                     const float d2 = fmaxf(fmaf(-2.0f, x[t][i], r_qn[rr] + k_n[c]), 0.0f);
-                    const AttnBwdTerms tm = attn_bwd_terms(sc, x[t][i], d2, k_pi[c], lse, dp[t][i], r_de[rr], r_delta[rr]);
+                    const AttnBwdTerms tm =
+                        attn_bwd_terms(sc, x[t][i], d2, k_pi[c], lse, dp[t][i], r_de[rr], r_delta[rr], beta);
                     m = tm.m;
                     gsum[sl] += tm.g;
                     hsum[sl] += tm.pg;
@@ -286,22 +314,24 @@ FEP_DEVICE void attn_bwd_dq(const AttnBwdParams& p) {
         const float a = Mma::row_allreduce(asum[s], FepSum()), w = Mma::row_allreduce(wsum[s], FepSum());
         const float h = Mma::row_allreduce(hsum[s], FepSum()), n = Mma::row_allreduce(nsum[s], FepSum());
         const float b = Mma::row_allreduce(bsum[s], FepSum()), c = Mma::row_allreduce(csum[s], FepSum());
-        const float shift = w > 0.0f ? a / w : 0.0f;  // Δ' − Δ
+        // Δ' − Δ: with d_lse, Σ_j dS_ij = dlse_i Σ_j w_ij, so the rounding is what exceeds that.
+        const int srow = i0 + warp * 16 + Mma::slot_row(lane, s);
+        const float dl = p.d_lse && srow < sq_.lq ? p.d_lse[row0 - i0 + srow] : 0.0f;
+        const float shift = w > 0.0f ? a / w - dl : 0.0f;
         // One lane per row adds the row's corrected sums (the row's lanes differ in the low bits).
         if (lane % Mma::kRowLanes == 0) {
             head_part += (h - shift * c) / pi_h;
             nu_part += n - shift * b;
-            const int row = i0 + warp * 16 + Mma::slot_row(lane, s);
-            if (row < p.lq) p.delta[row0 - i0 + row] = r_delta[row - i0] + shift;
+            if (srow < sq_.lq) p.delta[row0 - i0 + srow] = r_delta[srow - i0] + shift;
         }
     }
-    In* dqg = (In*)p.dq + b * p.dq_stride[0] + h * p.dq_stride[1];
+    In* dqg = (In*)p.dq + bt * p.dq_stride[0] + h * p.dq_stride[1] + (long long)sq_.q0 * p.dq_stride[2];
 #pragma unroll
     for (int t = 0; t < kND; ++t) {
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) {
             const int r = Mma::acc_row(lane, i), c = 16 * t + Mma::acc_col(lane, i), row = i0 + warp * 16 + r;
-            if (row < p.lq && c < p.dim_d) {
+            if (row < sq_.lq && c < p.dim_d) {
                 const float v = fmaf(2.0f * gsum[Mma::row_slot(i)], fep_to_f32(qs[r * Tr::kDs + c]), dq[t][i]);
                 dqg[(long long)row * p.dq_stride[2] + c] = fep_from_f32<In>(v);
             }
@@ -340,19 +370,23 @@ FEP_DEVICE void attn_bwd_kv_pass(const AttnBwdParams& p) {
     float *q_lse = f, *q_delta = f + Tr::kMost, *q_de = f + 2 * Tr::kMost, *q_n = f + 3 * Tr::kMost;
     float *k_n = f + 4 * Tr::kMost, *k_pi = f + 5 * Tr::kMost;
 
-    const int b = blockIdx.z, hk = blockIdx.y, j0 = blockIdx.x * Tr::kRows;
-    const int group = p.hq / p.hkv, off = p.lk - p.lq;
-    const int kv_end = p.kv_len ? min(max(p.kv_len[b], 0), p.lk) : p.lk;
+    // b: the batch or the packed sequence (as in attn_bwd_dq); a block past the sequence's keys
+    // has nothing to write (those key rows belong to the next sequence).
+    const int b = blockIdx.z, hk = blockIdx.y, j0 = blockIdx.x * Tr::kRows, bt = attn_bwd_tensor_b(p, b);
+    const AttnSeq sq_ = attn_seq(p.in, b, p.lq, p.lk);
+    if (j0 >= sq_.lk) return;
+    const int group = p.hq / p.hkv, off = sq_.lk - sq_.lq;
+    const int kv_end = p.kv_len ? min(max(p.kv_len[b], 0), sq_.lk) : sq_.lk;
     const int j_last = min(j0 + Tr::kRows, kv_end) - 1;  // the block's last live key
     // The queries that see one of the block's keys: i >= j - off (causal), i < j + W - off (window).
     const int i_begin = p.causal ? max(0, j0 - off) : 0;
-    const int i_end = j_last < j0 ? 0 : (p.window > 0 ? min(p.lq, j_last - off + p.window) : p.lq);
-    const In* kg = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1] + (long long)j0 * p.k_stride[2];
-    const In* vg = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1] + (long long)j0 * p.v_stride[2];
-    const float* pik = p.pi_key ? p.pi_key + ((long long)b * p.hkv + hk) * p.lk : nullptr;
+    const int i_end = j_last < j0 ? 0 : (p.window > 0 ? min(sq_.lq, j_last - off + p.window) : sq_.lq);
+    const long long krow = (long long)sq_.k0 + j0;  // the block's first packed key row
+    const In* kg = (const In*)p.k + bt * p.k_stride[0] + hk * p.k_stride[1] + krow * p.k_stride[2];
+    const In* vg = (const In*)p.v + bt * p.v_stride[0] + hk * p.v_stride[1] + krow * p.v_stride[2];
+    const float* pik = p.pi_key ? p.pi_key + ((long long)bt * p.hkv + hk) * p.lk + sq_.k0 : nullptr;
     const int warp = (int)fep_warp_id(), lane = (int)fep_lane();
-    const AttnBwdScore sc = attn_bwd_score(p);
-    const bool vec = p.vec_loads != 0;
+    const bool vec = p.vec_loads != 0, extra = p.in.bias || p.in.mask;
 
     attn_bwd_load<In, kD, Tr::kDs, Tr::kThreads>(sk, kg, p.k_stride[2], Tr::kRows, kv_end - j0, p.dim_d, vec);
     attn_bwd_load<In, kDv, Tr::kDvs, Tr::kThreads>(sv, vg, p.v_stride[2], Tr::kRows, kv_end - j0, p.dim_dv, vec);
@@ -388,18 +422,20 @@ FEP_DEVICE void attn_bwd_kv_pass(const AttnBwdParams& p) {
     for (int g = 0; g < group; ++g) {
         const int h = hk * group + g;
         const float pi_h = p.pi_head ? p.pi_head[h] : 1.0f;
-        const In* qg = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1];
-        const In* dog = (const In*)p.d_o + b * p.do_stride[0] + h * p.do_stride[1];
-        const long long rows0 = ((long long)b * p.hq + h) * p.lq;
+        const AttnBwdScore sc = attn_bwd_score(p, h);
+        const long long qr = sq_.q0;  // the sequence's first packed query row
+        const In* qg = (const In*)p.q + bt * p.q_stride[0] + h * p.q_stride[1] + qr * p.q_stride[2];
+        const In* dog = (const In*)p.d_o + bt * p.do_stride[0] + h * p.do_stride[1] + qr * p.do_stride[2];
+        const long long rows0 = ((long long)bt * p.hq + h) * p.lq + qr;
         for (int i0 = (i_begin / Tr::kBt) * Tr::kBt; i0 < i_end; i0 += Tr::kBt) {
             __syncthreads();  // the previous tile's Q, dO, Pᵀ, Mᵀ and row terms are consumed
             attn_bwd_load<In, kD, Tr::kDs, Tr::kThreads>(sq, qg + (long long)i0 * p.q_stride[2], p.q_stride[2],
-                                                         Tr::kBt, p.lq - i0, p.dim_d, vec);
+                                                         Tr::kBt, sq_.lq - i0, p.dim_d, vec);
             attn_bwd_load<In, kDv, Tr::kDvs, Tr::kThreads>(sdo, dog + (long long)i0 * p.do_stride[2],
-                                                           p.do_stride[2], Tr::kBt, p.lq - i0, p.dim_dv, vec);
+                                                           p.do_stride[2], Tr::kBt, sq_.lq - i0, p.dim_dv, vec);
             __syncthreads();
             for (int c = threadIdx.x; c < Tr::kBt; c += Tr::kThreads) {
-                const bool live = i0 + c < p.lq;
+                const bool live = i0 + c < sq_.lq;
                 float n = 0.0f;
                 for (int d = 0; d < p.dim_d; ++d) n = fmaf(fep_to_f32(sq[c * Tr::kDs + d]), fep_to_f32(sq[c * Tr::kDs + d]), n);
                 q_n[c] = n;
@@ -419,11 +455,12 @@ FEP_DEVICE void attn_bwd_kv_pass(const AttnBwdParams& p) {
                     const int r = Mma::acc_row(lane, i), c = 16 * t + Mma::acc_col(lane, i), sl = Mma::row_slot(i);
                     const int kr = warp * 16 + r, j = j0 + kr, row = i0 + c;
                     const float lse = q_lse[c];
-                    float w = 0.0f, m = 0.0f;
-                    if (j < kv_end && lse != ATTN_NEG_INF && attn_bwd_visible(p, row, j, off)) {
+                    float w = 0.0f, m = 0.0f, beta = 0.0f;
+                    if (j < kv_end && lse != ATTN_NEG_INF && attn_bwd_visible(p, row, j, off) &&
+                        (!extra || attn_bwd_extra(p, b, h, row, j, beta))) {
                         const float d2 = fmaxf(fmaf(-2.0f, x[t][i], q_n[c] + k_n[kr]), 0.0f);
-                        const AttnBwdTerms tm =
-                            attn_bwd_terms(sc, x[t][i], d2, pi_h * k_pi[kr], lse, dp[t][i], q_de[c], q_delta[c]);
+                        const AttnBwdTerms tm = attn_bwd_terms(sc, x[t][i], d2, pi_h * k_pi[kr], lse, dp[t][i], q_de[c],
+                                                               q_delta[c], beta);
                         w = tm.w, m = tm.m;
                         gsum[sl] += tm.g;
                         psum[sl] += tm.pg;
@@ -451,32 +488,32 @@ FEP_DEVICE void attn_bwd_kv_pass(const AttnBwdParams& p) {
     }
     // Every key of the block is written (keys past the key length get zeros).
     if constexpr (kDV) {
-        In* dvg = (In*)p.dv + b * p.dv_stride[0] + hk * p.dv_stride[1];
+        In* dvg = (In*)p.dv + bt * p.dv_stride[0] + hk * p.dv_stride[1] + (long long)sq_.k0 * p.dv_stride[2];
 #pragma unroll
         for (int t = 0; t < kNV; ++t) {
 #pragma unroll
             for (int i = 0; i < kAcc; ++i) {
                 const int r = Mma::acc_row(lane, i), c = 16 * t + Mma::acc_col(lane, i), j = j0 + warp * 16 + r;
-                if (j < p.lk && c < p.dim_dv) dvg[(long long)j * p.dv_stride[2] + c] = fep_from_f32<In>(dv[t][i]);
+                if (j < sq_.lk && c < p.dim_dv) dvg[(long long)j * p.dv_stride[2] + c] = fep_from_f32<In>(dv[t][i]);
             }
         }
         if (p.dpi_key) {
-            float* dpk = p.dpi_key + ((long long)b * p.hkv + hk) * p.lk;
+            float* dpk = p.dpi_key + ((long long)bt * p.hkv + hk) * p.lk + sq_.k0;
 #pragma unroll
             for (int i = 0; i < kAcc; ++i) {
                 const int r = Mma::acc_row(lane, i), kr = warp * 16 + r, j = j0 + kr;
-                if (Mma::acc_col(lane, i) == 0 && j < p.lk) dpk[j] = psum[Mma::row_slot(i)] / k_pi[kr];
+                if (Mma::acc_col(lane, i) == 0 && j < sq_.lk) dpk[j] = psum[Mma::row_slot(i)] / k_pi[kr];
             }
         }
     }
     if constexpr (kDK) {
-        In* dkg = (In*)p.dk + b * p.dk_stride[0] + hk * p.dk_stride[1];
+        In* dkg = (In*)p.dk + bt * p.dk_stride[0] + hk * p.dk_stride[1] + (long long)sq_.k0 * p.dk_stride[2];
 #pragma unroll
         for (int t = 0; t < kNK; ++t) {
 #pragma unroll
             for (int i = 0; i < kAcc; ++i) {
                 const int r = Mma::acc_row(lane, i), c = 16 * t + Mma::acc_col(lane, i), j = j0 + warp * 16 + r;
-                if (j < p.lk && c < p.dim_d) {
+                if (j < sq_.lk && c < p.dim_d) {
                     const float v = fmaf(2.0f * gsum[Mma::row_slot(i)], fep_to_f32(ks[r * Tr::kDs + c]), dk[t][i]);
                     dkg[(long long)j * p.dk_stride[2] + c] = fep_from_f32<In>(v);
                 }

@@ -1,9 +1,10 @@
 // backward_params.cuh: the one argument of the backward kernels, mirrored field for field by
 // `AttnBwdParams` in src/attention/gpu_backward.rs (#[repr(C)]; pointers, then 64-bit strides,
-// then 4-byte fields, an even number of them: no padding for either side to disagree about), and
+// then the embedded AttnScoreInputs (8-byte fields), then 4-byte fields, an even number of them: no padding for either side to disagree about), and
 // the tile shape both backward kernels share.
 #pragma once
 #include "params.cuh"
+#include "score_inputs.cuh"
 
 struct AttnBwdParams {
     const void* q;          // [B, Hq, Lq, D]
@@ -26,7 +27,9 @@ struct AttnBwdParams {
     float* head_nu;         // [Hq] workspace of the reduce kernel
     float* dpi_head;        // [Hq] or null
     float* dpi_key;         // [B, Hkv, Lk] or null
-    float* dnu;             // [1] or null
+    float* dnu;             // [1], or [Hq] with a per-head ν (in.nu_head), or null
+    const float* d_lse;     // [B, Hq, Lq] or null: ∂L/∂lse (Δ_i ← Δ_i − dlse_i)
+    float* dbias;           // the bias's shape [bias_n[0], bias_n[1], bias_n[2], Lk] row-major, or null
     long long q_stride[3];  // element strides of B, H, L (the last dimension is contiguous)
     long long k_stride[3];
     long long v_stride[3];
@@ -35,7 +38,8 @@ struct AttnBwdParams {
     long long dq_stride[3];
     long long dk_stride[3];
     long long dv_stride[3];
-    int b, hq, hkv, lq, lk;
+    AttnScoreInputs in;     // bias, mask, per-head ν, packed sequences (score_inputs.cuh)
+    int b, hq, hkv, lq, lk;  // packed sequences: b = 1, lq and lk the packed totals
     int dim_d, dim_dv;      // the real head dims (<= the kernel's kD, kDv: columns past them are 0)
     int family;             // ATTN_*
     float tau;
@@ -46,6 +50,8 @@ struct AttnBwdParams {
     int n_qtiles;           // query tiles of the dq kernel (the partials' last dimension)
     int smem;               // the dynamic shared memory the launch gave (checked)
     int vec_loads;          // q, k, v and dO allow 16-byte loads (base addresses and strides)
+    int bias_n[3];          // the bias's B, Hq, Lq sizes (1: broadcast), for dβ
+    int seqs;               // packed sequences S (the grids' z), or B
 };
 
 // What one pass of the dk/dv kernels accumulates (backward.cuh).

@@ -217,7 +217,6 @@ pub fn backward_into<'a, T: Element>(
     if !dev.is_gpu() {
         return super::cpu_backward::backward_views(&p, out);
     }
-    gpu_backward_supports(precision, inputs.d_lse.is_some())?;
     #[cfg(fep_gpu)]
     {
         super::gpu_backward::backward(&p, out, stream)
@@ -227,17 +226,6 @@ pub fn backward_into<'a, T: Element>(
         let _ = stream;
         unreachable!("a GPU device in a build without GPU backends")
     }
-}
-
-/// The inputs the GPU backward kernels do not take yet: an error naming the first one.
-fn gpu_backward_supports(precision: &Precisions<'_>, d_lse: bool) -> Result<()> {
-    super::unsupported_on_gpu(&[
-        ("nu", precision.nu.is_some()),
-        ("bias", precision.bias.is_some()),
-        ("mask", precision.mask.is_some()),
-        ("varlen", precision.varlen.is_some()),
-        ("d_lse", d_lse),
-    ])
 }
 
 /// Backward on the default stream into new buffers (dq, dk, dv in BHLD; every gradient). The

@@ -3,11 +3,17 @@
 //!
 //! Order on the stream: the dq kernel (writes Δ and the per-tile partials of dπ_h and dν), the
 //! dk/dv kernel (reads Δ; with D + Dv > 256 it does dv and dπ_j, and `attn_bwd_dk_*` then dk),
-//! then the reduce kernel when dπ_h or dν is asked for. The workspace is stream-ordered scratch.
+//! then the dβ kernel (backward_dbias.cu, reads Δ) when dβ is asked for, then the reduce kernel
+//! when dπ_h or dν is asked for. The workspace is stream-ordered scratch.
+//!
+//! The optional score inputs (bias, mask, per-head ν, packed sequences) travel in the embedded
+//! `AttnScoreInputs` (src/attention/gpu_inputs.rs); with packed sequences the grids' z runs over
+//! the S sequences (`seqs`) and their x over the longest one's tiles (`max_q`, `max_k`).
 
 use super::Score;
 use super::backward::{BackwardProblem, Gradients};
 use super::gpu::{aligned, arg, check_dims, scan_inputs, strides, to_i32};
+use super::gpu_inputs::AttnScoreInputs;
 use crate::backend::{LaunchConfig, Scratch, Stream};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -36,6 +42,8 @@ struct AttnBwdParams {
     dpi_head: u64,
     dpi_key: u64,
     dnu: u64,
+    d_lse: u64,
+    dbias: u64,
     q_stride: [i64; 3],
     k_stride: [i64; 3],
     v_stride: [i64; 3],
@@ -44,6 +52,7 @@ struct AttnBwdParams {
     dq_stride: [i64; 3],
     dk_stride: [i64; 3],
     dv_stride: [i64; 3],
+    inputs: AttnScoreInputs,
     b: i32,
     hq: i32,
     hkv: i32,
@@ -60,10 +69,15 @@ struct AttnBwdParams {
     n_qtiles: i32,
     smem: i32,
     vec_loads: i32,
+    bias_n: [i32; 3],
+    seqs: i32,
 }
 
 /// ATTN_BWD_REDUCE_THREADS of backward_reduce.cu.
 const REDUCE_THREADS: u32 = 256;
+
+/// ATTN_BWD_DBIAS_THREADS of backward_dbias.cu: keys per dβ block.
+const DBIAS_THREADS: usize = 64;
 
 /// The compiled head-dim bucket of `d` (backward_params.cuh: 64, 128, 256).
 fn bucket(d: usize) -> usize {
@@ -130,9 +144,15 @@ pub(crate) fn backward<T: Element>(
         scan_inputs(f, dev, stream)?;
     }
     let rows_per_block = 16 * warps;
-    let n_qtiles = dm.lq.div_ceil(rows_per_block);
+    // Packed sequences: one grid slice per sequence, tiles for the longest.
+    let varlen = f.precision.varlen.as_ref();
+    let (seqs, max_q, max_k) = match varlen {
+        Some(vl) => (vl.sequences(), vl.max_q, vl.max_k),
+        None => (dm.b, dm.lq, dm.lk),
+    };
+    let n_qtiles = max_q.div_ceil(rows_per_block);
     let rows = dm.b * dm.hq * dm.lq;
-    let parts = dm.b * dm.hq * n_qtiles;
+    let parts = seqs * dm.hq * n_qtiles;
     // Δ [rows], the partials [2 parts] and the per-head dν sums [Hq], f32.
     let work = Scratch::new(dev, 4 * (rows + 2 * parts + dm.hq), stream)?;
     let delta = work.addr;
@@ -163,6 +183,8 @@ pub(crate) fn backward<T: Element>(
         dpi_head: out.dpi_head.as_ref().map_or(0, |v| v.addr),
         dpi_key: out.dpi_key.as_ref().map_or(0, |v| v.addr),
         dnu: out.dnu.as_ref().map_or(0, |v| v.addr),
+        d_lse: inp.d_lse.as_ref().map_or(0, |v| v.addr()),
+        dbias: out.dbias.as_ref().map_or(0, |v| v.addr),
         q_stride: strides(f.q.strides),
         k_stride: strides(f.k.strides),
         v_stride: strides(f.v.strides),
@@ -171,6 +193,7 @@ pub(crate) fn backward<T: Element>(
         dq_stride: strides(out.dq.strides),
         dk_stride: strides(out.dk.strides),
         dv_stride: strides(out.dv.strides),
+        inputs: AttnScoreInputs::new(f.precision),
         b: to_i32("B", dm.b)?,
         hq: to_i32("Hq", dm.hq)?,
         hkv: to_i32("Hkv", dm.hkv)?,
@@ -195,6 +218,12 @@ pub(crate) fn backward<T: Element>(
             (f.v.data.addr(), f.v.strides),
             (inp.d_o.data.addr(), inp.d_o.strides),
         ]) as i32,
+        bias_n: f
+            .precision
+            .bias
+            .as_ref()
+            .map_or([1; 3], |b| [b.shape[0] as i32, b.shape[1] as i32, b.shape[2] as i32]),
+        seqs: to_i32("sequences", seqs)?,
     };
     let module = match T::DTYPE.suffix() {
         "f32" => "attention/backward_f32",
@@ -204,16 +233,16 @@ pub(crate) fn backward<T: Element>(
     let name = |kind: &str| format!("attn_bwd_{kind}_{}_d{kd}_v{kdv}", T::DTYPE.suffix());
     let block = (warps * dev.warp_size()) as u32;
     let dq_cfg = LaunchConfig {
-        grid: (n_qtiles as u32, dm.hq as u32, dm.b as u32),
+        grid: (n_qtiles as u32, dm.hq as u32, seqs as u32),
         block,
         smem: smem as u32,
     };
     dev.launch(module, &name("dq"), dq_cfg, &mut [arg(&mut params)], stream)?;
     let kv_cfg = LaunchConfig {
         grid: (
-            dm.lk.div_ceil(rows_per_block) as u32,
+            max_k.div_ceil(rows_per_block) as u32,
             dm.hkv as u32,
-            dm.b as u32,
+            seqs as u32,
         ),
         block,
         smem: smem as u32,
@@ -222,6 +251,36 @@ pub(crate) fn backward<T: Element>(
     if kd + kdv > 256 {
         // The dk pass (attn_bwd_kv then did dv and dπ_j only).
         dev.launch(module, &name("dk"), kv_cfg, &mut [arg(&mut params)], stream)?;
+    }
+    if params.dbias != 0 {
+        // One block per (bias row, key tile), bias head, bias batch (backward_dbias.cu).
+        let [nb, nh, nl] = params.bias_n.map(|x| x as usize);
+        let x = nl
+            .checked_mul(dm.lk.div_ceil(DBIAS_THREADS))
+            .filter(|&x| x <= i32::MAX as usize)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "dbias over {nl} rows of {} keys exceeds the grid",
+                    dm.lk
+                ))
+            })?;
+        let cfg = LaunchConfig {
+            grid: (x as u32, nh as u32, nb as u32),
+            block: DBIAS_THREADS as u32,
+            smem: 0,
+        };
+        let module = match T::DTYPE.suffix() {
+            "f32" => "f32",
+            "f16" => "f16",
+            _ => "bf16",
+        };
+        dev.launch(
+            "attention/backward_dbias",
+            &format!("attn_bwd_dbias_{module}"),
+            cfg,
+            &mut [arg(&mut params)],
+            stream,
+        )?;
     }
     if params.dpi_head != 0 || params.dnu != 0 {
         let cfg = LaunchConfig {
