@@ -83,7 +83,8 @@ from ._abi import *  # noqa: F401,F403  (the FEP_* constants and FepError)
 from ._abi import FEP_SCORE_DOT, FEP_SCORE_GAUSSIAN, FEP_SCORE_LAPLACE, FEP_SCORE_STUDENT_T
 from ._lib import abi_version, device_count, device_name, last_error, load, version
 from ._tensors import ArgumentTypeError
-from .attention import attention_backward, attention_forward, attention_merge
+from .attention import (attention_backward, attention_forward, attention_merge,
+                        attention_probabilities)
 from .lca import LcaDictionary
 from .settle import SettleNet, max_stable_eta, settle_infer, settle_learn
 from .vmp import VmpModel, construct_policies
@@ -152,6 +153,7 @@ __all__ += [
     "attention_forward",
     "attention_backward",
     "attention_merge",
+    "attention_probabilities",
     "FEP_SCORE_DOT",
     "FEP_SCORE_GAUSSIAN",
     "FEP_SCORE_STUDENT_T",
@@ -164,7 +166,8 @@ if "DivergedError" in globals():  # a diverging settle (a FepError)
 def attention(q: "Tensor", k: "Tensor", v: "Tensor", precision_key: Optional["Tensor"] = None,
               precision_head: Optional["Tensor"] = None, score: str = "dot", nu: float = 5.0,
               scale: Optional[float] = None, causal: bool = False, window: Optional[int] = None,
-              normalizer: bool = True, kv_len: Optional["Tensor"] = None, layout: str = "bhld"
+              normalizer: bool = True, kv_len: Optional["Tensor"] = None, layout: str = "bhld",
+              *, bias: Optional["Tensor"] = None, attn_mask: Optional["Tensor"] = None
               ) -> "Tensor":
     """Differentiable precision-weighted attention on PyTorch tensors: returns ``o``.
 
@@ -173,13 +176,16 @@ def attention(q: "Tensor", k: "Tensor", v: "Tensor", precision_key: Optional["Te
     ("gaussian"), -((nu + D)/2) ln(1 + tau pi d2 / nu) ("student_t") or -sqrt(tau pi d2)
     ("laplace"), the last three plus (D/2) ln pi with ``normalizer``; o_i = sum_j
     softmax_j(s_ij) v_j. Gradients flow to q, k, v, ``precision_key`` [B, Hkv, Lk] and
-    ``precision_head`` [Hq]. Full description: :func:`fep_kernels.torch_ops.attention_with_stats`.
-    Needs PyTorch; works under ``torch.compile``."""
+    ``precision_head`` [Hq], a tensor ``nu`` (per head) and an additive ``bias`` (broadcast to
+    [B, Hq, Lq, Lk]); ``attn_mask`` (bool, True = keep) removes scores. Full description:
+    :func:`fep_kernels.torch_ops.attention_with_stats`. Needs PyTorch; works under
+    ``torch.compile`` and ``torch.autocast``."""
     from .torch_ops import attention as _attention
 
     return _attention(q, k, v, precision_key=precision_key, precision_head=precision_head,
                       score=score, nu=nu, scale=scale, causal=causal, window=window,
-                      normalizer=normalizer, kv_len=kv_len, layout=layout)
+                      normalizer=normalizer, kv_len=kv_len, layout=layout, bias=bias,
+                      attn_mask=attn_mask)
 
 
 def settle_energy(weights: Sequence["Tensor"], x0: "Tensor", target: "Tensor",
@@ -262,6 +268,10 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return importlib.import_module("." + name, __name__)
+    if name in ("attention_with_stats", "attention_varlen"):  # PyTorch functions, lazily
+        from . import torch_ops
+
+        return getattr(torch_ops, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -269,6 +279,8 @@ if "torch" in _sys.modules:  # PyTorch already imported: register the fep:: ops 
     from . import torch_lca, torch_ops, torch_settle  # noqa: E402,F401
 
     attention = torch_ops.attention  # noqa: F811
+    attention_with_stats = torch_ops.attention_with_stats
+    attention_varlen = torch_ops.attention_varlen
     settle_energy = torch_settle.settle_energy  # noqa: F811
     settle_infer_op = torch_settle.settle_infer_op  # noqa: F811
     lca_solve = torch_lca.lca_solve  # noqa: F811

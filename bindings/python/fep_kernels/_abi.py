@@ -5,7 +5,7 @@ import ctypes
 
 
 # ---- constants of include/fep_kernels.h ----
-FEP_ABI_VERSION = 2
+FEP_ABI_VERSION = 3
 
 FEP_OK = 0
 FEP_ERR_INVALID_ARGUMENT = 1
@@ -254,6 +254,25 @@ class _FepAttnTensor(ctypes.Structure):
     ]
 
 
+class _FepAttnScoreInputs(ctypes.Structure):
+    """struct FepAttnScoreInputs of the header."""
+
+    _fields_ = [
+        ("nu_head", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("bias_shape", ctypes.c_uint64 * 4),
+        ("bias_strides", ctypes.c_uint64 * 3),
+        ("mask", ctypes.c_void_p),
+        ("mask_shape", ctypes.c_uint64 * 4),
+        ("mask_strides", ctypes.c_uint64 * 3),
+        ("cu_seqlens_q", ctypes.c_void_p),
+        ("cu_seqlens_k", ctypes.c_void_p),
+        ("num_seqs", ctypes.c_uint64),
+        ("max_seqlen_q", ctypes.c_uint64),
+        ("max_seqlen_k", ctypes.c_uint64),
+    ]
+
+
 class _FepAttentionParams(ctypes.Structure):
     """struct FepAttentionParams of the header."""
 
@@ -344,6 +363,19 @@ def _declare_attention(lib):
     f.restype = i32
     f.argtypes = [i32, i32, vp, ctypes.POINTER(_FepAttentionParams), i32, p_t, p_t, p_t, vp, vp,
                   vp, p_t, vp, p_t, vp, vp, p_t, p_t, p_t, vp, vp, vp]
+    p_in = ctypes.POINTER(_FepAttnScoreInputs)
+    f = lib.fep_attention_forward2
+    f.restype = i32
+    f.argtypes = [i32, i32, vp, ctypes.POINTER(_FepAttentionParams), i32, p_t, p_t, p_t, vp, vp,
+                  vp, p_in, p_t, vp, vp]
+    f = lib.fep_attention_backward2
+    f.restype = i32
+    f.argtypes = [i32, i32, vp, ctypes.POINTER(_FepAttentionParams), i32, p_t, p_t, p_t, vp, vp,
+                  vp, p_in, p_t, vp, p_t, vp, vp, vp, p_t, p_t, p_t, vp, vp, vp, vp]
+    f = lib.fep_attention_probabilities
+    f.restype = i32
+    f.argtypes = [i32, i32, vp, ctypes.POINTER(_FepAttentionParams), i32, p_t, p_t, p_t, vp, vp,
+                  vp, p_in, vp, ctypes.c_uint64]
     f = lib.fep_attention_merge
     f.restype = i32
     f.argtypes = [i32, i32, vp, i32, ctypes.c_uint64, vp, vp, vp, p_t, vp, vp]

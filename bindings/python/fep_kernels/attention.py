@@ -1,5 +1,5 @@
 """Precision-weighted attention: :func:`attention_forward`, :func:`attention_backward`,
-:func:`attention_merge`.
+:func:`attention_probabilities`, :func:`attention_merge`.
 
 Attention in which every query-key pair carries a precision pi_ij = pi_head[h] * pi_key[b, h_kv, j]
 (inverse variance, > 0) that scales its score: with d2 = |q_i - k_j|^2 and a scale tau, the
@@ -8,6 +8,15 @@ score s_ij is tau pi q.k ("dot"), -tau pi d2 / 2 ("gaussian"), -((nu + D)/2) ln(
 of the distribution, which matters when pi varies per key). The output is o_i = sum_j
 softmax_j(s_ij) v_j, with lse_i = ln sum_j exp(s_ij) and the expected precision-weighted error
 e_i = sum_j w_ij pi_ij d2_ij (the predictive-coding energy of the head) alongside.
+
+Optional score inputs (keyword arguments of every call here): ``nu`` per query head as a float32
+tensor [Hq]; an additive ``bias`` (float32) and a boolean ``attn_mask`` (True = keep, as
+PyTorch's SDPA), each broadcastable to the scores [B, Hq, Lq, Lk] with Lk given in full
+(s_ij += bias[b, h, i, j]; a masked score, or a bias of -inf, leaves key j out of row i; a row
+with nothing left gives o = 0, lse = -inf); and packed variable-length sequences
+(``cu_seqlens_q``/``cu_seqlens_k`` int32 [S + 1] and ``max_seqlen_q``/``max_seqlen_k``:
+FlashAttention's varlen convention, q [total_q, Hq, D], k and v [total_k, Hkv, D], every mask
+applied within each sequence).
 """
 
 import ctypes
@@ -16,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 from ._abi import (
     FEP_ERR_UNSUPPORTED,
     _FepAttentionParams,
+    _FepAttnScoreInputs,
     _FepAttnTensor,
     _SCORES,
     _declare_attention,
@@ -87,7 +97,12 @@ def _attn_params(score: str, nu: Any, scale: Any, causal: bool, window: Any, nor
         raise ValueError(f"score: {score!r} is not one of {list(_SCORES)}")
     p = _FepAttentionParams()
     p.score = _SCORES[score]
-    p.nu = _number(nu, "nu") if score == "student_t" else 0.0
+    # A per-head nu (a tensor) travels in FepAttnScoreInputs; the params' own must still be valid.
+    torch = _torch()
+    per_head = isinstance(nu, torch.Tensor)
+    p.nu = (1.0 if per_head else _number(nu, "nu")) if score == "student_t" else 0.0
+    if per_head and score != "student_t":
+        raise ValueError(f"nu: a per-head nu tensor needs score='student_t', got {score!r}")
     p.scale = 0.0 if scale is None else _number(scale, "scale")
     if scale is not None and not p.scale > 0:
         raise ValueError(f"scale: must be > 0 (None for the default), got {scale}")
@@ -107,7 +122,114 @@ def _c_names(qs: Sequence[int], ks: Sequence[int],
     return {"precision.head": (names.get("pi_head", "pi_head"), [qs[1]]),
             "precision.key": (names.get("pi_key", "pi_key"), [ks[0], ks[1], ks[2]]),
             "kv_len": ("kv_len", [qs[0]]),
+            "inputs.nu_head": ("nu", [qs[1]]),
+            "inputs.bias": (names.get("bias", "bias"), None),
+            "inputs.mask": (names.get("attn_mask", "attn_mask"), None),
+            **{f"inputs.{p}": (p, None)
+               for p in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")},
             **{f"params.{p}": (p, None) for p in ("score", "nu", "scale", "window")}}
+
+
+def _broadcast4(t: Any, what: str, full: Sequence[int], dtypes: Sequence[Any], q: Any) -> Any:
+    """``t`` as a 4-d view broadcastable to the scores ``full`` = [B, Hq, Lq, Lk]: fewer dims
+    are padded on the left with 1s (SDPA's broadcasting), B, Hq and Lq may be 1, Lk must be
+    full; a key dimension of 1 is expanded and copied (the kernels read Lk contiguously)."""
+    torch = _torch()
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{what}: dtype {t.dtype} is not supported ({names})")
+    if t.device != q.device:
+        raise ValueError(f"{what}: on {t.device}, expected {q.device} (q's device)")
+    if not 1 <= t.dim() <= 4:
+        raise ValueError(f"{what}: expected 1 to 4 dims broadcastable to {list(full)}, got "
+                         f"shape {list(t.shape)}")
+    x = t.reshape([1] * (4 - t.dim()) + list(t.shape)) if t.dim() < 4 else t
+    shape = list(x.shape)
+    if any(n not in (1, f) for n, f in zip(shape, full)):
+        raise ValueError(f"{what}: shape {list(t.shape)} does not broadcast to the scores "
+                         f"[B, Hq, Lq, Lk] = {list(full)} (each of B, Hq, Lq full or 1)")
+    if shape[3] != full[3] or (x.stride(3) != 1 and full[3] > 1):
+        x = x.expand(*shape[:3], full[3]).contiguous()
+    if any(st < 0 for st in x.stride()):
+        raise ValueError(f"{what}: negative strides are not supported")
+    return x
+
+
+def _score_inputs(q: Any, qs: Sequence[int], ks: Sequence[int], nu: Any, bias: Any,
+                  attn_mask: Any, varlen: Optional[Tuple[Any, Any, int, int]]
+                  ) -> Tuple[Any, list]:
+    """The FepAttnScoreInputs of the optional inputs (None when there are none) and the tensors
+    it points into (kept alive for the call)."""
+    torch = _torch()
+    if nu is None or not isinstance(nu, torch.Tensor):
+        nu = None
+    if nu is None and bias is None and attn_mask is None and varlen is None:
+        return None, []
+    x = _FepAttnScoreInputs()
+    keep = []
+    full = [qs[0], qs[1], qs[2], ks[2]]
+    if nu is not None:
+        _check_tensor(nu, "nu", [qs[1]], dtype=torch.float32, device=q.device,
+                      owner="q's device")
+        x.nu_head = nu.data_ptr()
+        keep.append(nu)
+    for t, what, dtypes in ((bias, "bias", (torch.float32,)),
+                            (attn_mask, "attn_mask", (torch.bool, torch.uint8))):
+        if t is None:
+            continue
+        t4 = _broadcast4(t, what, full, dtypes, q)
+        if t4.dtype == torch.bool:
+            t4 = t4.view(torch.uint8)
+        keep.append(t4)
+        field = "bias" if what == "bias" else "mask"
+        setattr(x, field, t4.data_ptr())
+        for i in range(4):
+            getattr(x, f"{field}_shape")[i] = t4.shape[i]
+        for i in range(3):
+            getattr(x, f"{field}_strides")[i] = t4.stride(i)
+    if varlen is not None:
+        cu_q, cu_k, max_q, max_k = varlen
+        for t, what in ((cu_q, "cu_seqlens_q"), (cu_k, "cu_seqlens_k")):
+            _check_tensor(t, what, [None], dtype=torch.int32, device=q.device, owner="q's device")
+        if cu_k.numel() != cu_q.numel():
+            raise ValueError(f"cu_seqlens_k: has {cu_k.numel()} offsets, cu_seqlens_q "
+                             f"{cu_q.numel()}: both are [S + 1]")
+        if cu_q.numel() < 2:
+            raise ValueError("cu_seqlens_q: needs S + 1 >= 2 offsets")
+        x.cu_seqlens_q, x.cu_seqlens_k = cu_q.data_ptr(), cu_k.data_ptr()
+        x.num_seqs = cu_q.numel() - 1
+        x.max_seqlen_q = _integer(max_q, "max_seqlen_q", 1, 2**31 - 1)
+        x.max_seqlen_k = _integer(max_k, "max_seqlen_k", 1, 2**31 - 1)
+        keep += [cu_q, cu_k]
+    return x, keep
+
+
+def _varlen_args(cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: Any, max_seqlen_k: Any
+                 ) -> Optional[Tuple[Any, Any, Any, Any]]:
+    """The packed-sequence arguments as one tuple, or None; all four or none (ValueError)."""
+    given = [a is not None for a in (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: packed "
+                         "sequences need all four")
+    return cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+
+
+def _packed(ts: Sequence[Any], names: Sequence[str]) -> list:
+    """3-d packed tensors [total, H, D] as the 4-d [1, total, H, D] views the library takes
+    (layout "blhd")."""
+    torch = _torch()
+    out = []
+    for t, what in zip(ts, names):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{what}: packed sequences take a 3-d [total, H, D] tensor, got "
+                             f"{got}")
+        out.append(t.unsqueeze(0))
+    return out
 
 
 def _attn_inputs(q: Any, k: Any, v: Any, layout: str, pi_head: Any, pi_key: Any, kv_len: Any,
@@ -177,6 +299,10 @@ def attention_forward(q: "Tensor", k: "Tensor", v: "Tensor", score: str = "dot",
                       pi_head: Optional["Tensor"] = None, pi_key: Optional["Tensor"] = None,
                       kv_len: Optional["Tensor"] = None, layout: str = "bhld",
                       out: Optional["Tensor"] = None, check: bool = True, *,
+                      bias: Optional["Tensor"] = None, attn_mask: Optional["Tensor"] = None,
+                      cu_seqlens_q: Optional["Tensor"] = None,
+                      cu_seqlens_k: Optional["Tensor"] = None,
+                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
                       _arg_names: Optional[Mapping[str, str]] = None
                       ) -> Tuple["Tensor", "Tensor", "Tensor"]:
     """Precision-weighted attention, forward: returns ``(o, lse, e)``.
@@ -207,6 +333,15 @@ def attention_forward(q: "Tensor", k: "Tensor", v: "Tensor", score: str = "dot",
     float64 reference. (``_arg_names``, internal: the caller's names of ``pi_head`` and
     ``pi_key`` for error messages.)
 
+    Optional score inputs: ``nu`` may be a float32 tensor [Hq] (Student-t's nu per query
+    head); ``bias`` (float32) is added to the scores and ``attn_mask`` (bool or uint8, True =
+    keep) removes keys, each broadcastable to [B, Hq, Lq, Lk] (1 to 4 dims, padded on the left;
+    B, Hq, Lq may be 1; -inf in the bias masks). Packed sequences: ``cu_seqlens_q``,
+    ``cu_seqlens_k`` (int32 [S + 1], starting at 0, nondecreasing) with ``max_seqlen_q``,
+    ``max_seqlen_k``: q [total_q, Hq, D], k and v [total_k, Hkv, D] (3-d; ``layout`` is
+    ignored), o [total_q, Hq, Dv], lse and e [Hq, total_q], ``pi_key`` [1, Hkv, total_k]; not
+    with ``kv_len``, ``bias`` or ``attn_mask``.
+
     Example::
 
         import torch
@@ -225,22 +360,86 @@ def attention_forward(q: "Tensor", k: "Tensor", v: "Tensor", score: str = "dot",
     """
     torch = _torch()
     lib = _attn_lib()
+    varlen = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if varlen is not None:
+        q, k, v = _packed((q, k, v), ("q", "k", "v"))
+        layout = "blhd"
+        if out is not None:
+            out = _packed((out,), ("out",))[0]
     p = _attn_params(score, nu, scale, causal, window, normalizer, check)
     x = _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len, _arg_names)
     qd, kd, vd, dtype, dev, opt = x["q"], x["k"], x["v"], x["dtype"], x["dev"], x["opt"]
     b, hq, lq, _ = x["qs"]
     dv = x["vs"][3]
+    inputs, keep = _score_inputs(q, x["qs"], x["ks"], nu, bias, attn_mask, varlen)
     o_shape = [b, lq, hq, dv] if layout == "blhd" else [b, hq, lq, dv]
     o = _attn_out(out, o_shape, q.dtype, q.device)
     od, _ = _attn_tensor(o, "out", layout)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
     e = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
     kind, ordinal, stream = _device_args(dev, "q")
-    _check(lib.fep_attention_forward(
+    _check(lib.fep_attention_forward2(
         kind, ordinal, stream, ctypes.byref(p), dtype, ctypes.byref(qd), ctypes.byref(kd),
-        ctypes.byref(vd), _ptr(opt[0]), _ptr(opt[1]), _ptr(opt[2]), ctypes.byref(od), _ptr(lse),
+        ctypes.byref(vd), _ptr(opt[0]), _ptr(opt[1]), _ptr(opt[2]),
+        None if inputs is None else ctypes.byref(inputs), ctypes.byref(od), _ptr(lse),
         _ptr(e)), x["names"])
+    del keep
+    if varlen is not None:
+        return o[0], lse[0], e[0]
     return o, lse, e
+
+
+def attention_probabilities(q: "Tensor", k: "Tensor", v: "Tensor", score: str = "dot",
+                            nu: Any = 5.0, scale: Optional[float] = None, causal: bool = False,
+                            window: Optional[int] = None, normalizer: bool = True,
+                            pi_head: Optional["Tensor"] = None,
+                            pi_key: Optional["Tensor"] = None,
+                            kv_len: Optional["Tensor"] = None, layout: str = "bhld", *,
+                            bias: Optional["Tensor"] = None,
+                            attn_mask: Optional["Tensor"] = None,
+                            cu_seqlens_q: Optional["Tensor"] = None,
+                            cu_seqlens_k: Optional["Tensor"] = None,
+                            max_seqlen_q: Optional[int] = None,
+                            max_seqlen_k: Optional[int] = None,
+                            max_elements: int = 1 << 26) -> "Tensor":
+    """The attention weights w_ij = softmax_j(s_ij) of :func:`attention_forward` with the same
+    arguments, as a float32 tensor [B, Hq, Lq, Lk] (packed sequences: [Hq, total_q, total_k],
+    0 across sequences). Masked keys and fully masked rows are 0.
+
+    A debugging and visualisation aid: it materialises the score matrix that the fused kernels
+    never store (B Hq Lq Lk floats), so it is refused (ValueError) above ``max_elements``
+    (default 2^26, 256 MiB); raise that explicitly for a bigger one. Not differentiable.
+
+    Example::
+
+        w = fk.attention_probabilities(q, k, v, score="student_t", causal=True)
+        print(w.sum(-1))   # 1 on every row with a visible key
+    """
+    torch = _torch()
+    lib = _attn_lib()
+    varlen = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if varlen is not None:
+        q, k, v = _packed((q, k, v), ("q", "k", "v"))
+        layout = "blhd"
+    p = _attn_params(score, nu, scale, causal, window, normalizer, True)
+    x = _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len)
+    b, hq, lq, _ = x["qs"]
+    lk = x["ks"][2]
+    n = b * hq * lq * lk
+    limit = _integer(max_elements, "max_elements", 1, 2**62)
+    if n > limit:
+        raise ValueError(f"max_elements: the probabilities [{b}, {hq}, {lq}, {lk}] have {n} "
+                         f"elements, over the limit {limit} (raise it to materialise them)")
+    inputs, keep = _score_inputs(q, x["qs"], x["ks"], nu, bias, attn_mask, varlen)
+    w = torch.empty(b, hq, lq, lk, dtype=torch.float32, device=q.device)
+    kind, ordinal, stream = _device_args(x["dev"], "q")
+    opt = x["opt"]
+    _check(lib.fep_attention_probabilities(
+        kind, ordinal, stream, ctypes.byref(p), x["dtype"], ctypes.byref(x["q"]),
+        ctypes.byref(x["k"]), ctypes.byref(x["v"]), _ptr(opt[0]), _ptr(opt[1]), _ptr(opt[2]),
+        None if inputs is None else ctypes.byref(inputs), _ptr(w), n), x["names"])
+    del keep
+    return w[0] if varlen is not None else w
 
 
 def _f32_rows(t: Any, what: str, q: Any, shape: Sequence[int]) -> Any:
@@ -257,9 +456,13 @@ def attention_backward(q: "Tensor", k: "Tensor", v: "Tensor", o: "Tensor", lse: 
                        pi_head: Optional["Tensor"] = None, pi_key: Optional["Tensor"] = None,
                        kv_len: Optional["Tensor"] = None, layout: str = "bhld",
                        precision_grads: bool = True, check: bool = True, *,
+                       d_lse: Optional["Tensor"] = None, bias: Optional["Tensor"] = None,
+                       attn_mask: Optional["Tensor"] = None,
+                       cu_seqlens_q: Optional["Tensor"] = None,
+                       cu_seqlens_k: Optional["Tensor"] = None,
+                       max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
                        _arg_names: Optional[Mapping[str, str]] = None
-                       ) -> Tuple["Tensor", "Tensor", "Tensor", Optional["Tensor"],
-                                  Optional["Tensor"], Optional["Tensor"]]:
+                       ) -> Tuple[Any, ...]:
     """Attention backward: the gradients of a loss L(o, e) of :func:`attention_forward`, given
     ``d_o`` = dL/do and optionally ``d_e`` = dL/de. Returns
     ``(dq, dk, dv, dpi_head, dpi_key, dnu)``.
@@ -278,6 +481,13 @@ def attention_backward(q: "Tensor", k: "Tensor", v: "Tensor", o: "Tensor", lse: 
     run the float64 reference; GPU tensors run three kernels on the current stream (head dims as
     for the forward; float32 takes D + Dv <= 384).
 
+    The optional score inputs (``nu`` as a tensor [Hq], ``bias``, ``attn_mask``, packed
+    sequences) are the forward call's. ``d_lse`` [B, Hq, Lq] float32 is dL/dlse (None: the loss
+    does not use lse; a row with no visible key ignores it): it enters as
+    dS_ij = w_ij (dL/dw_ij - Delta_i + d_lse_i). With a tensor ``nu``, dnu is [Hq]. With a
+    ``bias``, a seventh value dbias is returned: dL/dbias in the 4-d broadcast shape of the bias
+    (its dims padded on the left to 4), each broadcast dimension summed in a fixed order.
+
     Example (the loss L = sum(o * g))::
 
         o, lse, e = fk.attention_forward(q, k, v, score="gaussian", causal=True, pi_key=pk)
@@ -286,6 +496,12 @@ def attention_backward(q: "Tensor", k: "Tensor", v: "Tensor", o: "Tensor", lse: 
     """
     torch = _torch()
     lib = _attn_lib()
+    varlen = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if varlen is not None:
+        q, k, v, o, d_o = _packed((q, k, v, o, d_o), ("q", "k", "v", "o", "d_o"))
+        rows_in = [t if t is None else t.unsqueeze(0) for t in (lse, e, d_e, d_lse)]
+        lse, e, d_e, d_lse = rows_in
+        layout = "blhd"
     p = _attn_params(score, nu, scale, causal, window, normalizer, check)
     x = _attn_inputs(q, k, v, layout, pi_head, pi_key, kv_len, _arg_names)
     qd, kd, vd, dtype, dev, opt = x["q"], x["k"], x["v"], x["dtype"], x["dev"], x["opt"]
@@ -295,31 +511,45 @@ def attention_backward(q: "Tensor", k: "Tensor", v: "Tensor", o: "Tensor", lse: 
     os_ = [b, hq, lq, vs[3]]
     od = _like_q(o, "o", q, layout, os_)
     dod = _like_q(d_o, "d_o", q, layout, os_)
-    _f32_rows(lse, "lse", q, [b, hq, lq])
+    rows = [b, hq, lq]
+    _f32_rows(lse, "lse", q, rows)
     if d_e is not None:
         if e is None:
             raise ValueError("e: the forward's e is required when d_e is given")
-        _f32_rows(d_e, "d_e", q, [b, hq, lq])
+        _f32_rows(d_e, "d_e", q, rows)
     if e is not None:
-        _f32_rows(e, "e", q, [b, hq, lq])
+        _f32_rows(e, "e", q, rows)
+    if d_lse is not None:
+        _f32_rows(d_lse, "d_lse", q, rows)
+    inputs, keep = _score_inputs(q, qs, ks, nu, bias, attn_mask, varlen)
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     dq, dk, dv = grads
     dqd, dkd, dvd = (_attn_tensor(t, n, layout)[0] for t, n in zip(grads, ("dq", "dk", "dv")))
+    f32 = dict(dtype=torch.float32, device=q.device)
     if precision_grads:
-        f32 = dict(dtype=torch.float32, device=q.device)
         dpi_head = torch.empty(hq, **f32)
         dpi_key = torch.empty(b, hkv, lk, **f32)
-        dnu = torch.empty((), **f32)
+        dnu = torch.empty(hq, **f32) if isinstance(nu, torch.Tensor) else torch.empty((), **f32)
     else:
         dpi_head = dpi_key = dnu = None
+    dbias = None
+    if bias is not None:
+        bias4 = keep[1 if isinstance(nu, torch.Tensor) else 0]  # the 4-d view _score_inputs made
+        dbias = torch.empty(list(bias4.shape), **f32)
     kind, ordinal, stream = _device_args(dev, "q")
-    _check(lib.fep_attention_backward(
+    _check(lib.fep_attention_backward2(
         kind, ordinal, stream, ctypes.byref(p), dtype, ctypes.byref(qd), ctypes.byref(kd),
-        ctypes.byref(vd), _ptr(opt[0]), _ptr(opt[1]), _ptr(opt[2]), ctypes.byref(od), _ptr(lse),
-        ctypes.byref(dod), _ptr(e), _ptr(d_e), ctypes.byref(dqd), ctypes.byref(dkd),
-        ctypes.byref(dvd), _ptr(dpi_head), _ptr(dpi_key), _ptr(dnu)),
-        {**x["names"], "lse": ("lse", [b, hq, lq]), "e": ("e", [b, hq, lq]),
-         "d_e": ("d_e", [b, hq, lq])})
+        ctypes.byref(vd), _ptr(opt[0]), _ptr(opt[1]), _ptr(opt[2]),
+        None if inputs is None else ctypes.byref(inputs), ctypes.byref(od), _ptr(lse),
+        ctypes.byref(dod), _ptr(e), _ptr(d_e), _ptr(d_lse), ctypes.byref(dqd), ctypes.byref(dkd),
+        ctypes.byref(dvd), _ptr(dpi_head), _ptr(dpi_key), _ptr(dnu), _ptr(dbias)),
+        {**x["names"], "lse": ("lse", rows), "e": ("e", rows), "d_e": ("d_e", rows),
+         "d_lse": ("d_lse", rows)})
+    del keep
+    if varlen is not None:
+        dq, dk, dv = dq[0], dk[0], dv[0]
+    if bias is not None:
+        return dq, dk, dv, dpi_head, dpi_key, dnu, dbias
     return dq, dk, dv, dpi_head, dpi_key, dnu
 
 
