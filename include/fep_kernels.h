@@ -229,8 +229,8 @@ typedef struct FepAttnTensor {
 /// - cu_seqlens_q, cu_seqlens_k `[num_seqs + 1]` int32: packed variable-length sequences
 ///   (FlashAttention's varlen convention). Then q, k, v (and o, dq, ...) have B = 1 and L = the
 ///   packed length (memory [total, H, D]: strides {0, D, H D}); sequence s holds query rows
-///   cu_seqlens_q[s] .. cu_seqlens_q[s+1] and key rows cu_seqlens_k[s] .. cu_seqlens_k[s+1] and
-///   attends only within itself (causal and window per sequence); lse, e are [Hq, total_q] and
+///   `cu_seqlens_q[s] .. cu_seqlens_q[s+1]` and key rows `cu_seqlens_k[s] .. cu_seqlens_k[s+1]`
+///   and attends only within itself (causal and window per sequence); lse, e are [Hq, total_q] and
 ///   pi_key [Hkv, total_k]. max_seqlen_q / _k bound every length. Not with kv_len, bias or mask.
 typedef struct FepAttnScoreInputs {
     /// `[Hq]` or NULL.

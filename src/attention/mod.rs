@@ -39,15 +39,33 @@
 //! aligned, for a KV cache), with a `window` W also j > i + Lk − Lq − W, and with per-batch key
 //! lengths only j < kv_len\[b\]. A row with no visible key gives o = 0, lse = −∞, e = 0 (no NaN).
 //!
-//! # Backward
+//! # Score inputs: bias, mask, ν per head, packed sequences
 //!
-//! [`backward`] returns the gradients of a loss L(o, e) given dO = ∂L/∂o and, when the loss uses
-//! the energy, dE = ∂L/∂e. Per row i and visible key j, with x = q_i·k_j, π = π_ij and w, o, e
-//! as above:
+//! [`Precisions`] also carries, each optional:
 //!
 //! ```text
-//! ∂L/∂w_ij = dO_i·v_j + dE_i π d²,   Δ_i = Σ_j w_ij ∂L/∂w_ij = dO_i·o_i + dE_i e_i
-//! dS_ij    = w_ij (∂L/∂w_ij − Δ_i)                      (through the softmax)
+//! s_ij ← s_ij + β[b, h, i, j]      bias ([`ScoreBias`] f32, broadcast over any of B, Hq, Lq;
+//!                                   −∞ masks the score)
+//! j visible only if m[b, h, i, j]  mask (u8, nonzero = keep: SDPA's boolean attn_mask)
+//! ν → ν_h                          Student-t's ν per query head [Hq]
+//! ```
+//!
+//! and packed variable-length sequences ([`Varlen`]): q `[1, Hq, total_q, D]`, k and v
+//! `[1, Hkv, total_k, ·]` with sequence s on rows cu_q\[s\]..cu_q\[s+1\] and cu_k\[s\]..cu_k\[s+1\];
+//! row i of sequence s sees only that sequence's keys, with the causal diagonal and the window
+//! taken on the sequence's own lengths (local row i − cu_q\[s\] sees local keys
+//! j ≤ i − cu_q\[s\] + Lk_s − Lq_s). [`probabilities()`] materialises w_ij for inspection.
+//!
+//! # Backward
+//!
+//! [`backward`] returns the gradients of a loss L(o, e, lse) given dO = ∂L/∂o and, when the loss
+//! uses them, dE = ∂L/∂e and dlse = ∂L/∂lse ([`BackwardInputs::d_lse`]). Per row i and visible,
+//! unmasked key j, with x = q_i·k_j, π = π_ij, s_ij the family's score plus the bias β_ij, and
+//! w, o, e as above:
+//!
+//! ```text
+//! ∂L/∂w_ij = dO_i·v_j + dE_i π d²,   Δ_i = Σ_j w_ij ∂L/∂w_ij − dlse_i = dO_i·o_i + dE_i e_i − dlse_i
+//! dS_ij    = w_ij (∂L/∂w_ij − Δ_i) = ∂L/∂s_ij           (through the softmax and lse)
 //! dv_j     = Σ_i w_ij dO_i
 //! g_ij     = dS_ij ∂s/∂d² + dE_i w_ij π                 (the coefficient of d²)
 //! M_ij     = dS_ij ∂s/∂x − 2 g_ij
@@ -55,7 +73,8 @@
 //! dk_j     = Σ_i M_ij q_i + 2 (Σ_i g_ij) k_j
 //! P_ij     = dS_ij π ∂s/∂π + dE_i w_ij π d²             (π ∂L/∂π_ij)
 //! dπ_h     = Σ_{b,i,j} P_ij / π_h,   dπ_j = Σ_{h in the group, i} P_ij / π_j
-//! dν       = Σ dS_ij ∂s/∂ν
+//! dν       = Σ dS_ij ∂s/∂ν            (per head with a per-head ν: dν_h = Σ_{b,i,j} dS_ij ∂s/∂ν)
+//! dβ_ij    = dS_ij                    (summed over the dimensions the bias broadcasts)
 //! ```
 //!
 //! with each family's partial derivatives (a = τπd²/ν, κ = (ν + D)/2, c = D/2 with the
@@ -73,7 +92,17 @@
 //! minimum-norm subgradient). A row with no visible key contributes nothing. GQA sums dk, dv and
 //! dπ_j over the query heads of each group. Without a per-head (per-key) precision, dπ_h (dπ_j)
 //! is the gradient at π_h = 1 (π_j = 1). No output is summed with floating-point atomics, so two
-//! runs give the same bits.
+//! runs give the same bits (on a GPU, dβ has a kernel of its own that walks the broadcast
+//! dimensions in order: kernels/attention/backward_dbias.cu).
+//!
+//! d_lse: lse_i = ln Σ_j e^{s_ij} gives ∂lse_i/∂s_ij = w_ij, so a loss that reads lse adds
+//! dlse_i w_ij to ∂L/∂s_ij, which is the −dlse_i in Δ_i; then Σ_j dS_ij = dlse_i (0 without it).
+//! Rows with no visible key ignore their dlse_i. dβ: s_ij = score_ij + β_{b'h'i'j} with
+//! (b', h', i') = (b, h, i) except 0 where the bias has size 1, so ∂L/∂β_{b'h'i'j} = Σ dS_bhij
+//! over every (b, h, i) mapped to (b', h', i') — in a fixed order (batch, then head, then row),
+//! in the bias's shape, row-major. A masked score (mask 0, or β = −∞) has w = 0 and dS = 0 (its
+//! dβ is 0). With packed sequences (varlen) every sum runs within a sequence; dπ_h and dν sum over
+//! the sequences as over a batch.
 //!
 //! # Decode: key splits and the lse merge
 //!
@@ -916,13 +945,11 @@ pub fn forward_into<'a, T: Element>(
 }
 
 /// The score inputs the GPU forward kernels do not take yet: an error naming the first one.
+/// None since issue 23 (ν per head, bias, mask and packed sequences are all implemented); kept as
+/// the one place to name an input the kernels lack.
 pub(crate) fn gpu_supports(precision: &Precisions<'_>) -> Result<()> {
-    let missing = [
-        ("nu", precision.nu.is_some()),
-        ("bias", precision.bias.is_some()),
-        ("mask", precision.mask.is_some()),
-        ("varlen", precision.varlen.is_some()),
-    ];
+    let missing: [(&str, bool); 0] = [];
+    let _ = precision;
     unsupported_on_gpu(&missing)
 }
 
@@ -978,10 +1005,15 @@ pub fn probabilities_into<'a, T: Element>(
         return Ok(());
     }
     gpu_supports(precision)?;
-    let _ = stream;
-    Err(Error::Unsupported(
-        "attention probabilities are not implemented on the GPU yet".into(),
-    ))
+    #[cfg(fep_gpu)]
+    {
+        gpu::probabilities(&p, out.addr, stream)
+    }
+    #[cfg(not(fep_gpu))]
+    {
+        let _ = stream;
+        unreachable!("a GPU device in a build without GPU backends")
+    }
 }
 
 /// [`probabilities_into`] on the default stream into a new buffer; refused (before allocating)
