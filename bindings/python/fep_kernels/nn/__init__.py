@@ -6,6 +6,9 @@
   top layer free. :class:`PCState` is what ``infer`` returns.
 - :class:`LCALayer`: sparse coding by the locally competitive algorithm, with the dictionary as
   a parameter and a dictionary-learning step.
+- :class:`PrecisionAttention`: multi-head (grouped-query) precision-weighted attention with
+  learned per-head precisions, Student-t nu and optional per-key precisions; :class:`KVCache`
+  for incremental decoding with it.
 
 Example::
 
@@ -23,16 +26,22 @@ from typing import Any, List
 
 from .pc import PCNetwork, PCState
 
-__all__ = ["PCNetwork", "PCState", "LCALayer"]
+__all__ = ["PCNetwork", "PCState", "LCALayer", "PrecisionAttention", "KVCache"]
 
 
 def __getattr__(name: str) -> Any:
-    # LCALayer lives in its own module, imported on first use
+    # LCALayer, PrecisionAttention and KVCache live in their own modules, imported on first use
     if name == "LCALayer":
         from .lca import LCALayer
 
         globals()["LCALayer"] = LCALayer
         return LCALayer
+    if name in ("PrecisionAttention", "KVCache"):
+        from . import attention
+
+        globals()["PrecisionAttention"] = attention.PrecisionAttention
+        globals()["KVCache"] = attention.KVCache
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
