@@ -42,6 +42,8 @@ struct Case {
     /// A mask [B, 1, Lq, Lk] with row 1 of batch 0 fully masked.
     mask: bool,
     nu_head: bool,
+    /// Key lengths [Lk − 6, 0] (B = 2: the second batch sees nothing).
+    kv_len: bool,
     /// Packed sequences: (query length, key length) each.
     varlen: Option<Vec<(usize, usize)>>,
     seed: u64,
@@ -66,6 +68,7 @@ impl Case {
             bias: None,
             mask: false,
             nu_head: false,
+            kv_len: false,
             varlen: None,
             seed,
         }
@@ -194,6 +197,11 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
         None => (Vec::new(), Vec::new()),
     };
 
+    let kv_len: Option<Vec<i32>> = c.kv_len.then(|| {
+        (0..b)
+            .map(|i| if i == 0 { lk as i32 - 6 } else { 0 })
+            .collect()
+    });
     // The reference on the same rounded values.
     let f64s = |v: &[T]| v.iter().map(|a| a.to_f64()).collect::<Vec<_>>();
     let f64f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
@@ -221,7 +229,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
         v: &vf,
         pi_head: Some(&phf),
         pi_key: Some(&pkf),
-        kv_len: None,
+        kv_len: kv_len.as_deref(),
         nu_head: c.nu_head.then_some(&nuf[..]),
         bias: biasf.as_deref().map(|values| RefBroadcast {
             values,
@@ -279,6 +287,8 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
     let maskbuf = mask.as_ref().map(|x| dev.upload(x).unwrap());
     let cuqb = packed.then(|| dev.upload(&cu_q).unwrap());
     let cukb = packed.then(|| dev.upload(&cu_k).unwrap());
+    let klb = kv_len.as_ref().map(|x| dev.upload(x).unwrap());
+    let kvv = klb.as_ref().map(|x| x.view());
     let (tq, tk, tv) = (t4(&qb, qs), t4(&kb, ks), t4(&vb, vs));
     let precision = Precisions {
         head: Some(phb.view()),
@@ -324,7 +334,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
             &tk,
             &tv,
             &precision,
-            None,
+            kvv.as_ref(),
             &inputs,
             Gradients {
                 dq: tm(&mut dq, qs),
@@ -361,7 +371,11 @@ fn check_case<T: Element>(dev: &Device, c: &Case) {
     };
     let g = run();
     let f32_dtype = T::DTYPE == fep_kernels::DType::F32;
-    let (tol, sum_tol) = if f32_dtype { (1e-4, 2e-4) } else { (3e-2, 1e-3) };
+    let (tol, sum_tol) = if f32_dtype {
+        (1e-4, 2e-4)
+    } else {
+        (3e-2, 1e-3)
+    };
     let name = T::DTYPE.suffix();
     let want_dnu = if c.nu_head {
         want.dnu_head.clone()
@@ -405,7 +419,7 @@ fn abs_rel(got: &[f32], want: &[f64]) -> f64 {
 }
 
 /// Per family: d_lse alone and with dO and d_e; each bias shape with dβ; a mask with a fully
-/// masked row; per-head ν (Student-t); packed sequences (one empty) with causal and window, GQA.
+/// masked row (with key lengths in half the families); per-head ν (Student-t); packed sequences (one empty) with causal and window, GQA.
 fn cases() -> Vec<Case> {
     let mut out = Vec::new();
     let families = [
@@ -438,7 +452,7 @@ fn cases() -> Vec<Case> {
             out.push(c);
         }
         let mut c = Case::new(score, seed + 20);
-        (c.mask, c.d_lse, c.d, c.dv) = (true, true, 64, 32);
+        (c.mask, c.d_lse, c.d, c.dv, c.kv_len) = (true, true, 64, 32, fi % 2 == 0);
         c.bias = Some([2, 1, 1]);
         out.push(c);
         if matches!(score, Score::StudentT(_)) {

@@ -193,17 +193,12 @@ FEP_DEVICE void attn_bwd_dq(const AttnBwdParams& p) {
     // rows and keys start at the sequence's q0 and k0; sq_.lq and sq_.lk are its lengths).
     const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * Tr::kRows, bt = attn_bwd_tensor_b(p, b);
     const AttnSeq sq_ = attn_seq(p.in, b, p.lq, p.lk);
-    if (i0 >= sq_.lq) {  // past this sequence's rows: no terms, zero partials
-        if (threadIdx.x == 0) {
-            const long long at = ((long long)b * p.hq + h) * p.n_qtiles + blockIdx.x;
-            p.part_head[at] = 0.0f, p.part_nu[at] = 0.0f;
-        }
-        return;
-    }
     const int hk = h / (p.hq / p.hkv), off = sq_.lk - sq_.lq;
     const int kv_end = p.kv_len ? min(max(p.kv_len[b], 0), sq_.lk) : sq_.lk;
     const int i_last = min(i0 + Tr::kRows, sq_.lq) - 1;
-    const int j_end = p.causal ? min(kv_end, i_last + off + 1) : kv_end;
+    // A block past its sequence's rows (packed sequences) visits no key tile; it still runs to
+    // the end, which writes its zero partials (an early return cost gfx942 scratch).
+    const int j_end = i_last < i0 ? 0 : (p.causal ? min(kv_end, i_last + off + 1) : kv_end);
     const int j_begin = p.window > 0 ? max(0, i0 + off - p.window + 1) : 0;
     const long long qr = (long long)sq_.q0 + i0, kr0 = sq_.k0;  // the first packed query row and key
     const In* qg = (const In*)p.q + bt * p.q_stride[0] + h * p.q_stride[1] + qr * p.q_stride[2];

@@ -218,11 +218,9 @@ pub(crate) fn backward<T: Element>(
             (f.v.data.addr(), f.v.strides),
             (inp.d_o.data.addr(), inp.d_o.strides),
         ]) as i32,
-        bias_n: f
-            .precision
-            .bias
-            .as_ref()
-            .map_or([1; 3], |b| [b.shape[0] as i32, b.shape[1] as i32, b.shape[2] as i32]),
+        bias_n: f.precision.bias.as_ref().map_or([1; 3], |b| {
+            [b.shape[0] as i32, b.shape[1] as i32, b.shape[2] as i32]
+        }),
         seqs: to_i32("sequences", seqs)?,
     };
     let module = match T::DTYPE.suffix() {
@@ -252,7 +250,7 @@ pub(crate) fn backward<T: Element>(
         // The dk pass (attn_bwd_kv then did dv and dπ_j only).
         dev.launch(module, &name("dk"), kv_cfg, &mut [arg(&mut params)], stream)?;
     }
-    if params.dbias != 0 {
+    if params.dbias != 0 && dm.lk > 0 {
         // One block per (bias row, key tile), bias head, bias batch (backward_dbias.cu).
         let [nb, nh, nl] = params.bias_n.map(|x| x as usize);
         let x = nl
