@@ -2546,7 +2546,6 @@ fn strided_bias_and_mask_equal_the_contiguous_ones() {
 /// a stride below Lk on any dimension of size > 1. Ignored until the owner of mod.rs decides
 /// (allow it for ScoreBias, or change the documentation).
 #[test]
-#[ignore = "ScoreBias docs allow stride 0, check_tensor refuses it on a full dimension (reported)"]
 fn zero_stride_bias_equals_the_materialised_bias() {
     let p = prob(
         "gaussian/stride0",

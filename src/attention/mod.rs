@@ -706,12 +706,12 @@ fn check_score_inputs(
     if let Some(bias) = &precision.bias {
         want("bias", bias.shape)?;
         same_device("bias", bias.data.device(), dev)?;
-        check_tensor("bias", bias.shape, bias.strides, bias.data.len())?;
+        check_read_only("bias", bias.shape, bias.strides, bias.data.len())?;
     }
     if let Some(mask) = &precision.mask {
         want("mask", mask.shape)?;
         same_device("mask", mask.data.device(), dev)?;
-        check_tensor("mask", mask.shape, mask.strides, mask.data.len())?;
+        check_read_only("mask", mask.shape, mask.strides, mask.data.len())?;
     }
     if let Some(vl) = &precision.varlen {
         if dims.b != 1 {
@@ -761,6 +761,21 @@ fn check_score_inputs(
                 "packed sequences index rows with int32",
             ));
         }
+    }
+    Ok(())
+}
+
+/// [`check_tensor`] for a tensor that is only read: rows may alias (a stride of 0, or below the
+/// row length, repeats rows, as an expanded PyTorch tensor does), so only the extent is checked.
+fn check_read_only(name: &str, shape: [usize; 4], strides: [usize; 3], len: usize) -> Result<()> {
+    let need = extent(shape, strides);
+    if need == usize::MAX || need > len {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "shape {shape:?} with strides {strides:?} addresses {need} elements; the view has {len}"
+            ),
+        ));
     }
     Ok(())
 }
