@@ -37,12 +37,13 @@ const REQUIRED: [&str; 12] = [
 
 /// REQUIRED, the attention forward kernel of every dtype and (D, Dv) pair the API accepts
 /// (kernels/attention/traits.cuh instantiates the same list), the backward kernels of every
-/// dtype and head-dim bucket, and the merge of every dtype.
+/// dtype and head-dim bucket, and the merge and the probabilities of every dtype.
 fn required() -> Vec<String> {
     let mut all: Vec<String> = REQUIRED.iter().map(|s| s.to_string()).collect();
     all.push("attn_bwd_reduce".to_string());
     for dtype in ["f32", "f16", "bf16"] {
         all.push(format!("attn_merge_{dtype}"));
+        all.push(format!("attn_probs_{dtype}"));
         // dβ of the backward (backward_dbias.cu): one kernel per dtype, no head-dim template.
         all.push(format!("attn_bwd_dbias_{dtype}"));
         // The backward kernels' head-dim buckets (kernels/attention/backward_params.cuh).

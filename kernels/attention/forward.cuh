@@ -80,14 +80,15 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
     float* kp = kn + kBc;
 
     const AttnBlock<In> blk(p, kBr);
+    if (blk.idle()) return;  // rows past a packed sequence's length (uniform over the block)
     const int b = blk.b, h = blk.h, i0 = blk.i0, off = blk.off, kv_end = blk.kv_end, i_last = blk.i_last;
-    const int j_begin = blk.j_begin, j_end = blk.j_end;
+    const int j_begin = blk.j_begin, j_end = blk.j_end, lq = blk.lq;
     const In *qg = blk.q, *kg = blk.k, *vg = blk.v;
     const float* pik = blk.pi_key;
     const int warp = (int)fep_warp_id(), lane = (int)fep_lane();
     const bool vec = p.vec_loads != 0;
     attn_load_rows<In, kD, Tr::kQs, Tr::kThreads>(sq, qg + (long long)i0 * p.q_stride[2], p.q_stride[2], kBr,
-                                                  p.lq - i0, vec);
+                                                  lq - i0, vec);
 
     const int family = p.family;
     const float pi_h = blk.pi_h;
@@ -95,7 +96,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
     // Gaussian with one precision per row: −½τπ‖q_i‖² is a constant of the row (see above).
     const bool gauss_bias = family == ATTN_GAUSSIAN && !p.pi_key;
     const bool norm = p.normalizer && family != ATTN_DOT;
-    const float kappa = 0.5f * (p.nu + (float)kD);
+    const float nu = blk.nu, kappa = 0.5f * (nu + (float)kD);
     __syncthreads();
 
     const In* qs = sq + warp * 16 * Tr::kQs;  // this warp's 16 rows
@@ -149,7 +150,9 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
             for (int d = 0; d < kD; ++d) n = fmaf(fep_to_f32(sk[c * Tr::kKs + d]), fep_to_f32(sk[c * Tr::kKs + d]), n);
             const float pi = pi_h * (pik && live ? pik[j0 + c] : 1.0f);
             float a, bias;
-            attn_key_terms(family, p.tau, p.nu, pi, n, norm, (float)kD, a, bias);
+            attn_key_terms(family, p.tau, nu, pi, n, norm, (float)kD, a, bias);
+            // A bias or mask broadcast over Lq is a per-key term of the block (score_inputs.cuh).
+            if (live && p.key_extra) bias += attn_extra_log2<false>(p.x, b, h, 0, j0 + c);
             ka[c] = a;
             kb[c] = live ? bias : ATTN_NEG_INF;
             kn[c] = n;
@@ -162,7 +165,9 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
 
         // Scores (base 2), in place of x, and the tile's row maxima; one loop per family, so
         // the per-score code has no branch on it.
-        const bool edge = (p.causal && j0 + kBc - 1 > i0 + off) || (p.window > 0 && j0 <= i_last + off - p.window);
+        // A bias or mask that varies over the rows makes every tile an edge tile.
+        const bool edge = (p.causal && j0 + kBc - 1 > i0 + off) || (p.window > 0 && j0 <= i_last + off - p.window) ||
+                          p.row_extra;
         float mx[kSlots];
 #pragma unroll
         for (int s = 0; s < kSlots; ++s) mx[s] = ATTN_NEG_INF;
@@ -176,7 +181,11 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
                     float v = attn_score<kFamily, sizeof(In) == 4>(x[t][i], ka[c], kb[c], qn[sl], hq[sl], kn[c], kappa);
                     if (edge) {
                         const int i_row = i0 + warp * 16 + Mma::acc_row(lane, i), j = j0 + c;
-                        if (j > i_row + off || (p.window > 0 && j <= i_row + off - p.window)) v = ATTN_NEG_INF;
+                        // (causal tested here too: a per-row bias or mask alone also makes edges)
+                        if ((p.causal && j > i_row + off) || (p.window > 0 && j <= i_row + off - p.window))
+                            v = ATTN_NEG_INF;
+                        // Only real rows and keys are read (both arrays end at Lq and Lk).
+                        if (p.row_extra && i_row < lq && j < kv_end) v += attn_extra_log2<true>(p.x, b, h, i_row, j);
                     }
                     x[t][i] = v;
                     mx[sl] = fmaxf(mx[sl], v);
@@ -249,7 +258,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
     for (int i = 0; i < kAcc; ++i) {
         // The lane holding column 0 of a row writes its lse and e.
         const int r = Mma::acc_row(lane, i), sl = Mma::row_slot(i), row = i0 + warp * 16 + r;
-        if (Mma::acc_col(lane, i) != 0 || row >= p.lq) continue;
+        if (Mma::acc_col(lane, i) != 0 || row >= lq) continue;
         const bool seen = l[sl] > 0.0f;
         if (p.lse) {
             const float shift = gauss_bias ? -0.5f * p.tau * pi_h * qn[sl] : 0.0f;
@@ -266,7 +275,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) {
             const int row = i0 + warp * 16 + Mma::acc_row(lane, i);
-            if (row < p.lq)
+            if (row < lq)
                 og[row * p.o_stride[2] + 16 * t + Mma::acc_col(lane, i)] = fep_from_f32<In>(o[t][i] * inv[Mma::row_slot(i)]);
         }
     }

@@ -71,6 +71,13 @@ FEP_DEVICE float attn_exp2(float x) {
     }
 }
 
+// The per-row bias of score (i, j) in base 2 (0 without one, or for a row past the sequence's
+// length: those rows never took it, see the scores loop).
+FEP_DEVICE float attn16_row_bias(const AttnParams& p, int b, int h, int i, int j, int lq) {
+    if (!p.x.bias || p.x.bias_stride[2] == 0 || i >= lq) return 0.0f;
+    return attn_bias_at(p.x, b, h, i, j) * ATTN_LOG2E;
+}
+
 template <typename In, int kD, int kDv, int F>
 FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     using Tr = AttnTraits<In, kD, kDv>;
@@ -95,8 +102,9 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     float* kti = ktp + kBc;
 
     const AttnBlock<In> blk(p, kBr);
+    if (blk.idle()) return;  // rows past a packed sequence's length (uniform over the block)
     const int b = blk.b, h = blk.h, i0 = blk.i0, off = blk.off, kv_end = blk.kv_end, i_last = blk.i_last;
-    const int j_begin = blk.j_begin, j_end = blk.j_end;
+    const int j_begin = blk.j_begin, j_end = blk.j_end, lq = blk.lq;
     const In *qg = blk.q, *kg = blk.k, *vg = blk.v;
     const float* pik = blk.pi_key;
     const float pi_h = blk.pi_h;
@@ -104,13 +112,14 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     const int rw = warp * 16 * kMT;  // the warp's first row in the block
     const bool vec = p.vec_loads != 0;
     const bool want_e = p.e != nullptr;
-    // Dot with no per-key precision needs no per-key terms: a = τ π_h log2(e) for every key.
-    const bool terms = F != ATTN_DOT || pik != nullptr || want_e;
+    // Dot with no per-key precision (nor a bias or mask broadcast over Lq) needs no per-key
+    // terms: a = τ π_h log2(e) for every key.
+    const bool terms = F != ATTN_DOT || pik != nullptr || want_e || p.key_extra;
     const float a_u = p.tau * pi_h * ATTN_LOG2E;
     // Gaussian with one precision per row: −½τπ‖q_i‖² is a constant of the row (score.cuh).
     const bool gauss_bias = F == ATTN_GAUSSIAN && !pik;
     const bool norm = p.normalizer && F != ATTN_DOT;
-    const float kappa = 0.5f * (p.nu + (float)kD), inv_kappa = 1.0f / kappa;
+    const float nu = blk.nu, kappa = 0.5f * (nu + (float)kD), inv_kappa = 1.0f / kappa;
 
     // K and V of a tile in one group of copies; Q in its own, landed before the key loop.
     using CK = Attn16Copy<kBc, kD, Tr::kThreads>;
@@ -128,12 +137,12 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     {
         FepCopies<Attn16Copy<kBr, kD, Tr::kThreads>::kIters> qc;
         const In* q0 = qg + (long long)i0 * p.q_stride[2];
-        attn16_copy_rows<In, kBr, kD, Tr::kQs, Tr::kThreads, 0>(qc, sq, q0, p.q_stride[2], p.lq - i0, vec);
+        attn16_copy_rows<In, kBr, kD, Tr::kQs, Tr::kThreads, 0>(qc, sq, q0, p.q_stride[2], lq - i0, vec);
         fep_copy_commit();
         if (j_first < j_end) load_kv(AttnBool<false>(), j_first, 0);
         fep_copy_commit();
         fep_copy_wait<1>();  // Q (the older group)
-        attn16_copy_rows<In, kBr, kD, Tr::kQs, Tr::kThreads, 0, true>(qc, sq, q0, p.q_stride[2], p.lq - i0, vec);
+        attn16_copy_rows<In, kBr, kD, Tr::kQs, Tr::kThreads, 0, true>(qc, sq, q0, p.q_stride[2], lq - i0, vec);
     }
 
     float m[kMT][kS], l[kMT][kS], ep[kMT][kS], qn[kMT][kS], hq[kMT][kS];
@@ -194,7 +203,9 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
                 const bool live = j0 + c < kv_end;
                 const float pi = pi_h * (pik && live ? pik[j0 + c] : 1.0f);
                 float a, bias;
-                attn_key_terms(F, p.tau, p.nu, pi, n, norm, (float)kD, a, bias);
+                attn_key_terms(F, p.tau, nu, pi, n, norm, (float)kD, a, bias);
+                // A bias or mask broadcast over Lq is a per-key term of the block (score_inputs.cuh).
+                if (live && p.key_extra) bias += attn_extra_log2<false>(p.x, b, h, 0, j0 + c);
                 kta[c] = a, ktb[c] = live ? bias : ATTN_NEG_INF, ktn[c] = n, ktp[c] = pi, kti[c] = 1.0f / a;
             }
             __syncthreads();
@@ -223,8 +234,9 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
 
         // Scores in place, and the tile's row maxima. In an edge tile a row's visible keys are
         // [lo, hi): the window's start, and the first key past the diagonal or the key length.
+        // A bias or mask that varies over the rows makes every tile an edge tile.
         const bool edge = j0 + kBc > kv_end || (p.causal && j0 + kBc - 1 > i0 + off) ||
-                          (p.window > 0 && j0 <= i_last + off - p.window);
+                          (p.window > 0 && j0 <= i_last + off - p.window) || p.row_extra;
         int lo[kMT][kS], hi[kMT][kS];
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
@@ -252,8 +264,11 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
                     float v = F == ATTN_DOT && !terms ? s[mt][n][i] * a_u
                                                       : attn_score<F, false, true>(s[mt][n][i], ka, kb, qn[mt][sl], hq[mt][sl], kn, kappa);
                     if (edge) {
-                        const int j = j0 + c;
-                        v = (j < lo[mt][sl]) | (j >= hi[mt][sl]) ? ATTN_NEG_INF : v;
+                        const int j = j0 + c, i_row = i0 + rw + 16 * mt + T::slot_row(lane, sl);
+                        const bool vis = (j >= lo[mt][sl]) & (j < hi[mt][sl]);
+                        v = vis ? v : ATTN_NEG_INF;
+                        // Only real rows and keys are read (hi <= the key length).
+                        if (p.row_extra && vis && i_row < lq) v += attn_extra_log2<true>(p.x, b, h, i_row, j);
                     }
                     s[mt][n][i] = v;
                     mx[mt][sl] = fmaxf(mx[mt][sl], v);
@@ -298,8 +313,11 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
                         l[mt][sl] += pv;
                         s[mt][n][i] = pv;
                         if constexpr (kE) {
+                            // d² from the score without a per-row bias (the per-key one is in ktb).
+                            float sd = sc;
+                            if (p.row_extra && pv > 0.0f) sd -= attn16_row_bias(p, b, h, i0 + rw + 16 * mt + T::slot_row(lane, sl), j0 + c, lq);
                             const float d2 =
-                                attn_d2_from_score<F>(sc, kti[c], ktb[c], qn[mt][sl], hq[mt][sl], ktn[c], inv_kappa);
+                                attn_d2_from_score<F>(sd, kti[c], ktb[c], qn[mt][sl], hq[mt][sl], ktn[c], inv_kappa);
                             ep[mt][sl] = fmaf(T::as_operand(pv) * ktp[c], pv > 0.0f ? d2 : 0.0f, ep[mt][sl]);
                         }
                     }
@@ -346,7 +364,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
         for (int i = 0; i < kAcc; ++i) {
             // The lane holding column 0 of a row writes its lse and e.
             const int sl = T::slot(i), row = i0 + rw + 16 * mt + T::row(lane, i);
-            if (T::col(lane, i) != 0 || row >= p.lq) continue;
+            if (T::col(lane, i) != 0 || row >= lq) continue;
             const bool seen = l[mt][sl] > 0.0f;
             if (p.lse) {
                 const float shift = gauss_bias ? -0.5f * p.tau * pi_h * qn[mt][sl] : 0.0f;
@@ -359,7 +377,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
 #pragma unroll
             for (int i = 0; i < kAcc; ++i) {
                 const int row = i0 + rw + 16 * mt + T::row(lane, i);
-                if (row < p.lq)
+                if (row < lq)
                     og[row * p.o_stride[2] + 16 * t + T::col(lane, i)] = fep_from_f32<In>(o[mt][t][i] * inv[T::slot(i)]);
             }
     }

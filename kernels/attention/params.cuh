@@ -3,6 +3,7 @@
 // neither side has padding to disagree about).
 #pragma once
 #include "../port/types.cuh"
+#include "score_inputs.cuh"
 
 // Score families (src/attention/mod.rs Score::code).
 #define ATTN_DOT 0
@@ -26,7 +27,8 @@ struct AttnParams {
     long long o_stride[3];
     long long split_o;      // split s writes o at o + s split_o (elements)
     long long split_row;    // ... and lse, e at + s split_row
-    int b, hq, hkv, lq, lk;
+    AttnScoreInputs x;      // bias, mask, ν per head, packed-sequence offsets (score_inputs.cuh)
+    int b, hq, hkv, lq, lk; // packed sequences: b = S (grid z), lq, lk = total_q, total_k
     int family;             // ATTN_*
     float tau;              // the scale
     float nu;               // Student-t's ν
@@ -38,4 +40,9 @@ struct AttnParams {
     int split;              // keys per split, a multiple of the key tile (checked; unsplit: one
                             // split of Lk rounded up). Split s = blockIdx.x / row tiles sees keys
                             // [s split, (s + 1) split) and writes part s of o, lse, e
+    int tiles;              // row tiles per split (grid x = tiles × splits): ⌈Lq / kBr⌉, or
+                            // ⌈max_q / kBr⌉ with packed sequences
+    int key_extra;          // a bias or mask broadcast over Lq: folded into the per-key terms
+    int row_extra;          // a bias or mask that varies over Lq: applied per score
+    int pad_;               // (8-byte multiple: the Rust mirror has no trailing padding)
 };

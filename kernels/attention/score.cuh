@@ -11,11 +11,15 @@
 // tensors start. With a key split (decode) grid.x is row tiles × splits: split
 // s = blockIdx.x / row tiles sees only keys [s split, (s + 1) split), a whole number of key tiles,
 // so every key tile lies in one split and the tile-level mask logic (causal, window, key length,
-// all in absolute key indices) holds as it is; the split writes its normalised o, lse and e to
-// part s of the outputs (merged by lse afterwards, merge.cu).
+// all in the sequence's key indices) holds as it is; the split writes its normalised o, lse and e
+// to part s of the outputs (merged by lse afterwards, merge.cu).
+// Packed sequences (p.x.cu_q): grid.z is the sequence, whose rows start at q0 and keys at k0 of
+// batch 0; i0, the masks and the key length are the sequence's own (bottom-right aligned to its
+// lengths), and a block whose rows start past the sequence's length has nothing to do (`idle`).
 template <typename In>
 struct AttnBlock {
     int b, h, hk, i0;
+    int lq;        // the rows of the block's sequence (the problem's Lq when unpacked)
     int off;       // row i sees keys j <= i + off (bottom-right aligned)
     int kv_end;    // the batch's key length
     int i_last;    // the block's last real row
@@ -24,36 +28,48 @@ struct AttnBlock {
     const In *q, *k, *v;  // this head's rows
     const float* pi_key;  // this KV head's per-key precisions, or null
     float pi_h;
+    float nu;   // Student-t's ν of this head (the per-head one when given)
     int split;  // the block's split (0 without one)
 
+    FEP_DEVICE bool idle() const { return i0 >= lq; }
+
+    // The sequence's first row in batch 0 (0 unpacked): reloaded after the key loop rather than
+    // held across it (registers; see out()).
+    static FEP_DEVICE int q_first(const AttnParams& p) {
+        return p.x.cu_q ? attn_seq(p.x, (int)blockIdx.z, p.lq, p.lk).q0 : 0;
+    }
     // Where the block writes, computed after the key loop (pointers to its part held across the
-    // loop cost registers: d96_v32 spilled): this head's output rows and first row of lse and e.
+    // loop cost registers: d96_v32 spilled): this head's output rows and first row of lse and e,
+    // both at the sequence's first row.
     FEP_DEVICE In* out(const AttnParams& p) const {
-        return (In*)p.o + split * p.split_o + b * p.o_stride[0] + h * p.o_stride[1];
+        return (In*)p.o + split * p.split_o + b * p.o_stride[0] + h * p.o_stride[1] + q_first(p) * p.o_stride[2];
     }
     FEP_DEVICE long long row0(const AttnParams& p) const {
-        return split * p.split_row + ((long long)b * p.hq + h) * p.lq;
+        return split * p.split_row + ((long long)b * p.hq + h) * p.lq + q_first(p);
     }
 
     FEP_DEVICE AttnBlock(const AttnParams& p, int kBr) {
-        const int tiles = (p.lq + kBr - 1) / kBr;
-        split = (int)blockIdx.x / tiles;
-        b = blockIdx.z, h = blockIdx.y, i0 = ((int)blockIdx.x - split * tiles) * kBr;
+        split = (int)blockIdx.x / p.tiles;
+        h = blockIdx.y, i0 = ((int)blockIdx.x - split * p.tiles) * kBr;
         hk = h / (p.hq / p.hkv);
-        off = p.lk - p.lq;
-        kv_end = p.kv_len ? min(max(p.kv_len[b], 0), p.lk) : p.lk;
-        i_last = min(i0 + kBr, p.lq) - 1;
+        const AttnSeq seq = attn_seq(p.x, (int)blockIdx.z, p.lq, p.lk);
+        b = p.x.cu_q ? 0 : (int)blockIdx.z;  // packed sequences all live in batch 0
+        lq = seq.lq;
+        off = seq.lk - seq.lq;
+        kv_end = p.kv_len ? min(max(p.kv_len[b], 0), seq.lk) : seq.lk;
+        i_last = min(i0 + kBr, lq) - 1;
         j_end = p.causal ? min(kv_end, i_last + off + 1) : kv_end;
         j_begin = p.window > 0 ? max(0, i0 + off - p.window + 1) : 0;
         // Unsplit, the host passes one split covering every key (no branch here: with one, clang
         // duplicated the key loop). It keeps S split within int.
         j_begin = max(j_begin, split * p.split);
         j_end = min(j_end, (split + 1) * p.split);
-        q = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1];
-        k = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1];
-        v = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1];
-        pi_key = p.pi_key ? p.pi_key + ((long long)b * p.hkv + hk) * p.lk : nullptr;
+        q = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1] + seq.q0 * p.q_stride[2];
+        k = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1] + seq.k0 * p.k_stride[2];
+        v = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1] + seq.k0 * p.v_stride[2];
+        pi_key = p.pi_key ? p.pi_key + ((long long)b * p.hkv + hk) * p.lk + seq.k0 : nullptr;
         pi_h = p.pi_head ? p.pi_head[h] : 1.0f;
+        nu = attn_nu_of(p.x, h, p.nu);
     }
 };
 

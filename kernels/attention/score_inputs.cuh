@@ -38,13 +38,27 @@ struct AttnSeq {
     int q0, k0, lq, lk;
 };
 
+// Packed, the offsets are clamped to [0, total] and the lengths to >= 0: offsets that were not
+// scanned (check_inputs off) can make a sequence wrong, never a read out of bounds.
 FEP_DEVICE AttnSeq attn_seq(const AttnScoreInputs& x, int b, int lq, int lk) {
     AttnSeq s;
     if (x.cu_q) {
-        s.q0 = x.cu_q[b], s.k0 = x.cu_k[b];
-        s.lq = x.cu_q[b + 1] - s.q0, s.lk = x.cu_k[b + 1] - s.k0;
+        s.q0 = min(max(x.cu_q[b], 0), lq), s.k0 = min(max(x.cu_k[b], 0), lk);
+        s.lq = min(max(x.cu_q[b + 1], s.q0), lq) - s.q0, s.lk = min(max(x.cu_k[b + 1], s.k0), lk) - s.k0;
     } else {
         s.q0 = 0, s.k0 = 0, s.lq = lq, s.lk = lk;
     }
     return s;
+}
+
+// The bias (in base 2: β log2 e) and the mask of score (b, h, i, j) as one additive term (−∞:
+// masked), from only the inputs that vary over Lq (kRows) or only those broadcast over it
+// (!kRows): the forward kernels fold the latter into their per-key terms (once per key tile)
+// and add the former per score, in the tiles they flag.
+template <bool kRows>
+FEP_DEVICE float attn_extra_log2(const AttnScoreInputs& x, int b, int h, int i, int j) {
+    float t = 0.0f;
+    if (x.bias && (x.bias_stride[2] != 0) == kRows) t = attn_bias_at(x, b, h, i, j) * 1.4426950408889634f;
+    if (x.mask && (x.mask_stride[2] != 0) == kRows && !attn_keep_at(x, b, h, i, j)) t = -__uint_as_float(0x7f800000u);
+    return t;
 }

@@ -11,13 +11,19 @@
 
 use std::ffi::c_void;
 
+use super::gpu_inputs::AttnScoreInputs;
 use super::gpu_merge::{self, MergeArgs};
-use super::{AttentionOutputs, Dims, HEAD_DIMS, Problem, Score};
+use super::{AttentionOutputs, Dims, HEAD_DIMS, Problem, Score, check_cu_seqlens};
 use crate::backend::{Device, LaunchConfig, Scratch, Stream, View};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
 const CHECK: &str = "attention/check";
+const PROBS: &str = "attention/probabilities";
+/// ATTN_PROBS_THREADS of probabilities.cu.
+const PROBS_THREADS: u32 = 256;
+/// ATTN_CHECK_ARRAYS of check.cu: π per head, π per key, key lengths, ν per head, the bias.
+const CHECK_ARRAYS: usize = 5;
 /// ATTN_SMEM_BUDGET of traits.cuh (the f32 kernel's budget).
 const SMEM_BUDGET: usize = 65536;
 /// ATTN_CHECK_THREADS of check.cu, and at most this many scan blocks.
@@ -49,6 +55,7 @@ struct AttnParams {
     o_stride: [i64; 3],
     split_o: i64,
     split_row: i64,
+    x: AttnScoreInputs,
     b: i32,
     hq: i32,
     hkv: i32,
@@ -63,6 +70,10 @@ struct AttnParams {
     vec_loads: i32,
     smem: i32,
     split: i32,
+    tiles: i32,
+    key_extra: i32,
+    row_extra: i32,
+    pad_: i32,
 }
 
 /// `attn_smem` of traits.cuh (the f32 kernel): Q, K, V and P tiles of `size`-byte elements with
@@ -173,89 +184,153 @@ pub(crate) fn strides(s: [usize; 3]) -> [i64; 3] {
     s.map(|x| x as i64)
 }
 
-/// Scans the precisions (finite, > 0) and key lengths (0..=Lk) on the device: one launch, one
-/// read-back; the first bad element of the first failing array becomes the error.
+/// `AttnCheckParams` of kernels/attention/check.cu, field for field.
+#[repr(C)]
+struct CheckParams {
+    pi_head: u64,
+    pi_key: u64,
+    kv_len: u64,
+    nu: u64,
+    bias: u64,
+    first: u64,
+    n: [i64; CHECK_ARRAYS],
+    bias_shape: [i64; 4],
+    bias_stride: [i64; 3],
+    lk: i64,
+}
+
+/// Scans the precisions and ν (finite, > 0), key lengths (0..=Lk) and the bias (no NaN, no +∞)
+/// on the device: one launch, one read-back; the first bad element of the first failing array
+/// becomes the error. Packed-sequence offsets are read back and checked on the host (a few
+/// integers; the CPU's checks and messages).
 pub(crate) fn scan_inputs<T: Element>(
     p: &Problem<'_, '_, T>,
     dev: &Device,
     stream: Stream,
 ) -> Result<()> {
-    let arrays: [(&str, Option<u64>, usize); 3] = [
+    if let Some(vl) = &p.precision.varlen {
+        let cu_q = vl.cu_q.to_vec_on(stream)?;
+        let cu_k = vl.cu_k.to_vec_on(stream)?;
+        check_cu_seqlens("cu_seqlens_q", &cu_q, p.dims.lq, vl.max_q)?;
+        check_cu_seqlens("cu_seqlens_k", &cu_k, p.dims.lk, vl.max_k)?;
+    }
+    let pr = p.precision;
+    let bias = pr.bias.as_ref();
+    // (name, address, elements) in check.cu's order.
+    let arrays: [(&str, Option<u64>, usize); CHECK_ARRAYS] = [
         (
             "precision.head",
-            p.precision.head.as_ref().map(|v| v.addr()),
+            pr.head.as_ref().map(|v| v.addr()),
             p.dims.hq,
         ),
         (
             "precision.key",
-            p.precision.key.as_ref().map(|v| v.addr()),
+            pr.key.as_ref().map(|v| v.addr()),
             p.dims.b * p.dims.hkv * p.dims.lk,
         ),
         ("kv_len", p.kv_len.map(|v| v.addr()), p.dims.b),
+        ("nu", pr.nu.as_ref().map(|v| v.addr()), p.dims.hq),
+        (
+            "bias",
+            bias.map(|b| b.data.addr()),
+            bias.map_or(0, |b| b.shape.iter().product()),
+        ),
     ];
-    let lens: Vec<usize> = arrays
-        .iter()
-        .map(|(_, a, n)| if a.is_some() { *n } else { 0 })
-        .collect();
+    let lens: [usize; CHECK_ARRAYS] = std::array::from_fn(|a| {
+        if arrays[a].1.is_some() {
+            arrays[a].2
+        } else {
+            0
+        }
+    });
     let most = lens.iter().copied().max().unwrap_or(0);
     if most == 0 {
         return Ok(());
     }
     let grid = most.div_ceil(CHECK_THREADS).clamp(1, CHECK_BLOCKS);
-    let out = Scratch::new(dev, 8 * 3 * grid, stream)?;
-    let (mut a0, mut a1, mut a2) = (
-        arrays[0].1.unwrap_or(0),
-        arrays[1].1.unwrap_or(0),
-        arrays[2].1.unwrap_or(0),
-    );
-    let (mut n0, mut n1, mut n2) = (lens[0] as i64, lens[1] as i64, lens[2] as i64);
-    let mut lk = to_i32("Lk", p.dims.lk)?;
-    let mut first = out.addr;
+    let out = Scratch::new(dev, 8 * CHECK_ARRAYS * grid, stream)?;
+    // Broadcast strides (0 where a dimension has size 1: its index is always 0 there).
+    let bias_stride = AttnScoreInputs::new(pr).bias_stride;
+    let mut params = CheckParams {
+        pi_head: arrays[0].1.unwrap_or(0),
+        pi_key: arrays[1].1.unwrap_or(0),
+        kv_len: arrays[2].1.unwrap_or(0),
+        nu: arrays[3].1.unwrap_or(0),
+        bias: arrays[4].1.unwrap_or(0),
+        first: out.addr,
+        n: lens.map(|n| n as i64),
+        bias_shape: bias.map_or([1; 4], |b| b.shape.map(|x| x as i64)),
+        bias_stride,
+        lk: p.dims.lk as i64,
+    };
     let cfg = LaunchConfig {
         grid: (grid as u32, 1, 1),
         block: CHECK_THREADS as u32,
         smem: 0,
     };
-    dev.launch(
-        CHECK,
-        "attn_check",
-        cfg,
-        &mut [
-            arg(&mut a0),
-            arg(&mut n0),
-            arg(&mut a1),
-            arg(&mut n1),
-            arg(&mut a2),
-            arg(&mut n2),
-            arg(&mut lk),
-            arg(&mut first),
-        ],
-        stream,
-    )?;
-    let firsts = unsafe { View::<i64>::from_raw(dev, out.addr, 3 * grid) }.to_vec_on(stream)?;
+    dev.launch(CHECK, "attn_check", cfg, &mut [arg(&mut params)], stream)?;
+    let firsts =
+        unsafe { View::<i64>::from_raw(dev, out.addr, CHECK_ARRAYS * grid) }.to_vec_on(stream)?;
     for (a, (name, addr, _)) in arrays.iter().enumerate() {
         let n = lens[a];
         let Some(i) = (0..grid)
-            .map(|g| firsts[3 * g + a] as usize)
+            .map(|g| firsts[CHECK_ARRAYS * g + a] as usize)
             .filter(|&i| i < n)
             .min()
         else {
             continue;
         };
-        let at = addr.unwrap_or(0) + 4 * i as u64;
-        let reason = if a == 2 {
-            let v = unsafe { View::<i32>::from_raw(dev, at, 1) }.to_vec_on(stream)?[0];
+        return Err(Error::invalid(
+            *name,
+            scan_reason(p, dev, stream, a, addr.unwrap_or(0), i)?,
+        ));
+    }
+    Ok(())
+}
+
+/// The message for element `i` (logical index) of scanned array `a` at `addr`: its value read
+/// back, and the rule it breaks (the CPU's words).
+fn scan_reason<T: Element>(
+    p: &Problem<'_, '_, T>,
+    dev: &Device,
+    stream: Stream,
+    a: usize,
+    addr: u64,
+    i: usize,
+) -> Result<String> {
+    let read_f32 = |elem: usize| -> Result<f32> {
+        Ok(unsafe { View::<f32>::from_raw(dev, addr + 4 * elem as u64, 1) }.to_vec_on(stream)?[0])
+    };
+    Ok(match a {
+        2 => {
+            let v =
+                unsafe { View::<i32>::from_raw(dev, addr + 4 * i as u64, 1) }.to_vec_on(stream)?[0];
             format!(
                 "element {i} is {v}; key lengths must be in 0..={}",
                 p.dims.lk
             )
-        } else {
-            let v = unsafe { View::<f32>::from_raw(dev, at, 1) }.to_vec_on(stream)?[0];
-            format!("element {i} is {v}; every precision must be finite and > 0")
-        };
-        return Err(Error::invalid(*name, reason));
-    }
-    Ok(())
+        }
+        3 => format!(
+            "nu[{i}] is {}; every nu must be finite and > 0",
+            read_f32(i)?
+        ),
+        4 => {
+            // The logical index in [B|1, Hq|1, Lq|1, Lk] to the element's memory offset.
+            let b = p.precision.bias.as_ref().map_or([1; 4], |b| b.shape);
+            let (j, r) = (i % b[3], i / b[3]);
+            let (l, h, bb) = (r % b[2], r / b[2] % b[1], r / b[2] / b[1]);
+            let at = p
+                .precision
+                .bias
+                .as_ref()
+                .map_or(0, |x| x.offset(bb, h, l, j));
+            format!("element {i} is {}; a bias is finite or -inf", read_f32(at)?)
+        }
+        _ => format!(
+            "element {i} is {}; every precision must be finite and > 0",
+            read_f32(i)?
+        ),
+    })
 }
 
 /// The key split of a call: (S, keys per split), S = 1 (and 0 keys) for none. `forced`: the
@@ -342,13 +417,24 @@ pub(crate) fn forward<T: Element>(
             dev.max_shared_per_block()
         )));
     }
+    // The grid's batches (z), rows and keys per batch: with packed sequences, S sequences of at
+    // most max_q rows and max_k keys (the blocks past a sequence's own length exit at once).
+    let (batches, lq, lk) = match &p.precision.varlen {
+        Some(vl) => (vl.sequences(), vl.max_q, vl.max_k),
+        None => (d.b, d.lq, d.lk),
+    };
+    if batches > GRID_YZ {
+        return Err(Error::Unsupported(format!(
+            "{batches} packed sequences: at most {GRID_YZ} on a GPU"
+        )));
+    }
     let rows = 16 * mt * warps;
-    let tiles = d.lq.div_ceil(rows);
+    let tiles = lq.div_ceil(rows);
     let (splits, chunk) = key_split(
         p.spec.key_splits,
-        d.lq,
-        d.lk,
-        d.b * d.hq * tiles,
+        lq,
+        lk,
+        batches * d.hq * tiles,
         dev.multiprocessor_count(),
         bc,
     );
@@ -356,7 +442,7 @@ pub(crate) fn forward<T: Element>(
     let chunk = if splits > 1 {
         chunk
     } else {
-        d.lk.next_multiple_of(bc)
+        lk.next_multiple_of(bc)
     };
     let grid_x = tiles
         .checked_mul(splits)
@@ -410,6 +496,7 @@ pub(crate) fn forward<T: Element>(
         (v.data.addr(), v.strides),
         (o_addr, o_stride),
     ]);
+    let x = AttnScoreInputs::new(p.precision);
     let mut params = AttnParams {
         q: q.data.addr(),
         k: k.data.addr(),
@@ -426,7 +513,8 @@ pub(crate) fn forward<T: Element>(
         o_stride: strides(o_stride),
         split_o: (n_rows * d.dv) as i64,
         split_row: n_rows as i64,
-        b: to_i32("B", d.b)?,
+        x,
+        b: to_i32("B", batches)?,
         hq: to_i32("Hq", d.hq)?,
         hkv: to_i32("Hkv", d.hkv)?,
         lq: to_i32("Lq", d.lq)?,
@@ -443,9 +531,13 @@ pub(crate) fn forward<T: Element>(
         vec_loads: vec_loads as i32,
         smem: smem as i32,
         split: chunk as i32,
+        tiles: to_i32("row tiles", tiles)?,
+        key_extra: x.key_extra() as i32,
+        row_extra: x.row_extra() as i32,
+        pad_: 0,
     };
     let cfg = LaunchConfig {
-        grid: (grid_x as u32, d.hq as u32, d.b as u32),
+        grid: (grid_x as u32, d.hq as u32, batches as u32),
         block: (warps * dev.warp_size()) as u32,
         smem: smem as u32,
     };
@@ -474,6 +566,92 @@ pub(crate) fn forward<T: Element>(
         },
         stream,
     )
+}
+
+/// `AttnProbsParams` of kernels/attention/probabilities.cu, field for field.
+#[repr(C)]
+struct ProbsParams {
+    q: u64,
+    k: u64,
+    pi_head: u64,
+    pi_key: u64,
+    kv_len: u64,
+    w: u64,
+    x: AttnScoreInputs,
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    b: i32,
+    hq: i32,
+    hkv: i32,
+    lq: i32,
+    lk: i32,
+    d: i32,
+    family: i32,
+    tau: f32,
+    nu: f32,
+    causal: i32,
+    window: i32,
+    normalizer: i32,
+    seqs: i32,
+    pad_: i32,
+}
+
+/// The attention weights `[B, Hq, Lq, Lk]` f32 into the device memory at `w` (checked by the
+/// caller): scans the inputs if asked, then one block per (row, head, batch) of
+/// kernels/attention/probabilities.cu. Any head dim (the kernel loops over D).
+pub(crate) fn probabilities<T: Element>(
+    p: &Problem<'_, '_, T>,
+    w: u64,
+    stream: Stream,
+) -> Result<()> {
+    let d = p.dims;
+    let dev = p.q.data.device();
+    if d.hq > GRID_YZ || d.b > GRID_YZ {
+        return Err(Error::Unsupported(format!(
+            "B = {} and Hq = {} must each be at most {GRID_YZ} on a GPU",
+            d.b, d.hq
+        )));
+    }
+    if p.spec.check_inputs {
+        scan_inputs(p, dev, stream)?;
+    }
+    let vl = p.precision.varlen.as_ref();
+    let mut params = ProbsParams {
+        q: p.q.data.addr(),
+        k: p.k.data.addr(),
+        pi_head: p.precision.head.as_ref().map_or(0, |v| v.addr()),
+        pi_key: p.precision.key.as_ref().map_or(0, |v| v.addr()),
+        kv_len: p.kv_len.map_or(0, |v| v.addr()),
+        w,
+        x: AttnScoreInputs::new(p.precision),
+        q_stride: strides(p.q.strides),
+        k_stride: strides(p.k.strides),
+        b: to_i32("B", d.b)?,
+        hq: to_i32("Hq", d.hq)?,
+        hkv: to_i32("Hkv", d.hkv)?,
+        lq: to_i32("Lq", d.lq)?,
+        lk: to_i32("Lk", d.lk)?,
+        d: to_i32("D", d.d)?,
+        family: p.spec.score.code(),
+        tau: p.spec.tau(d.d) as f32,
+        nu: match p.spec.score {
+            Score::StudentT(nu) => nu,
+            _ => 1.0,
+        },
+        causal: p.spec.is_causal() as i32,
+        window: p.spec.window.map_or(0, |w| w.min(i32::MAX as u32) as i32),
+        normalizer: (p.spec.normalizer && p.spec.score.is_distance()) as i32,
+        seqs: to_i32("sequences", vl.map_or(0, |v| v.sequences()))?,
+        pad_: 0,
+    };
+    // Packed: every row of batch 0 finds its own sequence (grid z = 1).
+    let cfg = LaunchConfig {
+        grid: (d.lq as u32, d.hq as u32, d.b as u32),
+        block: PROBS_THREADS,
+        smem: 0,
+    };
+    let kernel = format!("attn_probs_{}", T::DTYPE.suffix());
+    dev.launch(PROBS, &kernel, cfg, &mut [arg(&mut params)], stream)
 }
 
 #[cfg(test)]

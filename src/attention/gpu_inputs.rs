@@ -42,4 +42,15 @@ impl AttnScoreInputs {
         }
         x
     }
+
+    /// Whether a bias or mask is broadcast over Lq (stride 0): the forward kernels fold it into
+    /// their per-key terms, once per key tile.
+    pub(crate) fn key_extra(&self) -> bool {
+        (self.bias != 0 && self.bias_stride[2] == 0) || (self.mask != 0 && self.mask_stride[2] == 0)
+    }
+
+    /// Whether a bias or mask varies over Lq: the forward kernels add it per score.
+    pub(crate) fn row_extra(&self) -> bool {
+        (self.bias != 0 && self.bias_stride[2] != 0) || (self.mask != 0 && self.mask_stride[2] != 0)
+    }
 }
