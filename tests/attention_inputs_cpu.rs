@@ -1930,6 +1930,7 @@ enum Bad {
     DLseLen,
     DbiasLen,
     DbiasWithoutBias,
+    DbiasEmptyWithoutBias,
     DnuLenWithNuHead,
 }
 
@@ -2085,8 +2086,12 @@ fn try_bad(bad: Bad) -> ((Option<String>, bool), (Option<String>, bool)) {
     let (dpk, r) = r.split_at_mut(b * hkv * lk);
     let (dnu, r) = r.split_at_mut(hq);
     let dnu_len = if bad == Bad::DnuLenWithNuHead { 1 } else { hq };
-    let dbias_len = if bad == Bad::DbiasLen { nb + 1 } else { nb };
-    let bwd_prec = if bad == Bad::DbiasWithoutBias {
+    let dbias_len = match bad {
+        Bad::DbiasLen => nb + 1,
+        Bad::DbiasEmptyWithoutBias => 0,
+        _ => nb,
+    };
+    let bwd_prec = if matches!(bad, Bad::DbiasWithoutBias | Bad::DbiasEmptyWithoutBias) {
         Precisions {
             bias: None,
             ..prec.clone()
@@ -2148,6 +2153,7 @@ fn bad_score_inputs_are_rejected_before_any_write() {
         (Bad::DLseLen, None, "d_lse"),
         (Bad::DbiasLen, None, "dbias"),
         (Bad::DbiasWithoutBias, None, "dbias"),
+        (Bad::DbiasEmptyWithoutBias, None, "dbias"),
         (Bad::DnuLenWithNuHead, None, "dnu"),
     ];
     let mut failures = Vec::new();
