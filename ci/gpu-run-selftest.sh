@@ -75,12 +75,13 @@ suite() { # suite NAME [ENV=VALUE...] -- LAUNCH...: ci/gpu-run.sh on the stand-i
   rc=$?
 }
 # $OUT: at most 8 files, nothing more than two folders deep, the three published files there
+# (grep reads the whole listing: with -q it could exit first and tar's SIGPIPE fail the pipeline)
 out_contract() {
   local files deep
   files=$(find "$out" -type f | wc -l)
   deep=$(find "$out" -mindepth 3 | wc -l)
   [ "$files" -le 8 ] && [ "$deep" -eq 0 ] && [ -s "$out/dry-run.md" ] && [ -s "$out/summary.txt" ] &&
-    tar tzf "$out/gpu-run.tar.gz" | grep -q "^run/steps.tsv$" ||
+    tar tzf "$out/gpu-run.tar.gz" | grep -x "run/steps.tsv" >/dev/null ||
     { echo "    \$OUT: $files files, $deep deeper than 2 folders:"; find "$out" | sed 's/^/    /'; return 1; }
 }
 has() { grep -qE -- "$2" "$1" || { echo "    no /$2/ in $1:"; sed 's/^/    | /' "$1" | head -40; return 1; }; }

@@ -31,7 +31,9 @@
 # machine's CPU PyTorch 2.15 (torch.compile / inductor, fresh cache, issue 20): one LCA step
 # 9-14 s; the settle step 11-12 s (f32; bf16 after it 2.5 s; JAX jit 0.2-0.4 s); FlexAttention
 # forward 14-15 s for the first family, 5-6 s for each further one (one graph per family, reused
-# across lengths). Triton on the GPU machine's 16 cores is taken to cost the same, and each
+# across lengths; issue 23's score_mods with a captured bias or a padding block mask, measured
+# with a cargo bench running beside: 25 s cold, 11-13 s each further one). Triton on the GPU
+# machine's 16 cores is taken to cost the same, and each
 # limit allows twice that; FlexAttention's backward has no CPU implementation to measure
 # (torch 2.15), so its compile is taken as twice the forward's (30 s + 12 s per further family).
 #
@@ -49,6 +51,8 @@
 # |   ours attention bf16 forward, 24 configs|        |  75   |   30 s    | (4 families x causal/full x L 1k/4k/16k, D 128 and 64)   |
 # |   ours attention backward (D 128, L 4k)  |        |  40   |   12 s    | 14 configs                                               |
 # |   ours attention decode                  |        |  45   |   20 s    | 24 configs incl. uploading 2 x 2 GiB of cache            |
+# |   ours attention score inputs (bias,     |        |  40   |   15 s    | 14 configs (dot, studentt x 7; D 128, L 4k) incl. a 1 GB |
+# |   mask, packed sequences; issue 23)      |        |       |           | full bias + dbias; SKIPPED at once without GPU kernels   |
 # |   ours lca large, settle pcx, vmp at the |        | 20/25 |   19 s    | calibration solves, 4 settle configs, 3 vmp batches of   |
 # |   targets                                |        |  /20  |           | up to 100k agents built on the host                      |
 # |   peers attention forward (SDPA, flex,   |        |  90   |   80 s    | flex: 30 s + 3 x 12 s of compiles; 24 shapes x 3.3 impls |
@@ -61,6 +65,10 @@
 # |   peers attention decode (SDPA, flex)    |        |  80   |   70 s    | flex: 30 s + 3 x 12 s of compiles, then the shapes       |
 # |   peers attention backward (flex, SDPA,  |        | 150   |  145 s    | flex fwd+bwd: 60 s + 3 x 25 s of compiles (taken as 2x   |
 # |   padded SDPA)                           |        |       |           | the forward's), then 14 shapes                           |
+# |   peers attention score inputs (flex     |        | 150   | ~190 s:   | 10 flex compiles (dot, studentt x 5 variants): forward   |
+# |   with a captured bias / block masks,    |        |       | cut by its| 25 s first + 5 x 12 s (bias, mask score_mods measured on |
+# |   SDPA with attn_mask), lowest value     |        |       | budget    | the CPU: 25, 11, 13 s), backward 4 x 24 s (2x): the bias |
+# |                                          |        |       |           | forward and backward rows come first, packed ones cut    |
 # | 4 the rest until 440 s: first what steps |  rest  |       |  (cut)    | on the H200 whatever fits (~40-80 s): the cut peers of   |
 # |   1-3 cut and the tests step 2 killed,   |        |       |           | step 3 first; the full attention bench (192 configs,     |
 # |   then tour, pc_digits, ours attention   |        |       |           | ~250 s) is last and usually KILLED (its figures so far   |
@@ -416,6 +424,7 @@ if [ "$DRY" = 1 ]; then
   f_att16="cpu_attention_.*_f16/"
   f_bwd="cpu_attention_bwd_.*_f32/"
   f_dec="cpu_attention_decode_.*_f32/"
+  f_inp="cpu_attention_inputs_.*_f32/"
   dt_q=f32 dt_16=f16
   f_lca="cpu_lca_small_f32/"
   f_settle="cpu_settle_smoke_(infer|learn)_f32/"
@@ -427,6 +436,7 @@ else
   f_att16="cuda_attention_(dot|gaussian|studentt|laplace)_(full|causal)_f16/D(64|128)_L(1024|4096|16384)_"
   f_bwd="cuda_attention_bwd_.*_bf16/D128_L4096_"
   f_dec="cuda_attention_decode_.*_bf16/"
+  f_inp="cuda_attention_inputs_(dot|studentt)_.*_bf16/D128_(L4096_B4|T16384_S8)_H16"
   dt_q=bf16 dt_16=f16
   f_lca="cuda_lca_large_f32/"
   f_settle="cuda_settle_pcx_(infer|learn)_f32/"
@@ -476,20 +486,24 @@ att="$B/bench-attention"
 add quick.bench-attention 75 0 "$att" "$bq FEP_BENCH_OPS=forward FEP_BENCH_DTYPES=$dt_q $att $crit '$f_att'"
 add quick.bench-attention-bwd 40 0 "$att" "$bq FEP_BENCH_OPS=backward FEP_BENCH_DTYPES=$dt_q $att $crit '$f_bwd'"
 add quick.bench-attention-decode 45 0 "$att" "$bq FEP_BENCH_OPS=decode FEP_BENCH_DTYPES=$dt_q $att $crit '$f_dec'"
+add quick.bench-attention-inputs 40 0 "$att" "$bq FEP_BENCH_OPS=inputs FEP_BENCH_DTYPES=$dt_q $att $crit '$f_inp'"
 add quick.bench-lca 20 0 "$B/bench-lca" "$bq $B/bench-lca $crit '$f_lca'"
 add quick.bench-settle 25 0 "$B/bench-settle" "$bq $B/bench-settle $crit '$f_settle'"
 add quick.bench-vmp 20 0 "$B/bench-vmp" "$bq $B/bench-vmp $crit '$f_vmp'"
 add quick.peers-attention 90 15 - "$py benches/peers/attention.py --lib $LIB $smoke $p_att --budget-s @BUDGET@ --out $RUN/peers-attention.json"
 add quick.peers-attention-bwd 150 30 - "$py benches/peers/attention.py --op backward --lib $LIB $smoke ${p_att:+--quick} --criterion $RUN/criterion --budget-s @BUDGET@ --out $RUN/peers-attention-bwd.json"
+add quick.peers-attention-inputs 150 30 - "$py benches/peers/attention.py --op inputs --lib $LIB $smoke ${p_att:+--quick} --budget-s @BUDGET@ --out $RUN/peers-attention-inputs.json"
 add quick.peers-attention-decode 80 15 - "$py benches/peers/attention.py --op decode --lib $LIB $smoke ${p_att:+--quick} --budget-s @BUDGET@ --out $RUN/peers-attention-decode.json"
 add quick.peers-lca 60 10 - "$py benches/peers/lca.py --lib $LIB $lcadev $p_lca --budget-s @BUDGET@ --out $RUN/peers-lca.json"
 add quick.peers-settle 50 10 - "$py benches/peers/settle.py --lib $LIB $smoke $p_settle --budget-s @BUDGET@ --out $RUN/peers-settle.json"
 add quick.peers-vmp 40 10 - "bash ci/gpu-run.sh --pydeps $B $pydeps; $py benches/peers/vmp.py --lib $LIB $smoke $p_vmp $vmpdeps --budget-s @BUDGET@ --out $RUN/peers-vmp.json"
 # the peers by value and cost: the headline comparison (attention forward) first, then the
-# cheap ones, the costliest compiles (FlexAttention's decode and backward) last
-QUICK=(quick.bench-attention quick.bench-attention-bwd quick.bench-attention-decode quick.bench-lca
-  quick.bench-settle quick.bench-vmp quick.peers-attention quick.peers-lca quick.peers-settle
-  quick.peers-vmp quick.peers-attention-decode quick.peers-attention-bwd)
+# cheap ones, the costliest compiles (FlexAttention's decode and backward) last, the score inputs
+# (issue 23: bias, mask, packed sequences; ten flex compiles) after them as the lowest value
+QUICK=(quick.bench-attention quick.bench-attention-bwd quick.bench-attention-decode
+  quick.bench-attention-inputs quick.bench-lca quick.bench-settle quick.bench-vmp
+  quick.peers-attention quick.peers-lca quick.peers-settle quick.peers-vmp
+  quick.peers-attention-decode quick.peers-attention-bwd quick.peers-attention-inputs)
 
 # 4. the rest, in order of value
 add rest.tour 60 0 "$B/tour" "$B/tour"
@@ -526,6 +540,14 @@ if [ "$DRY" != 1 ]; then
       g=${fam/_V/_${mask}_$v}; [ "$fam" = dot ] && g=dot_$mask
       echo "quick.bench-attention-bwd cuda_attention_bwd_${g}_bf16/D128_L4096_B4_H16"
     done; done; done
+    for fam in dot studentt; do
+      for v in fwd fwd_keybias fwd_padmask bwd bwd_fullbias; do
+        echo "quick.bench-attention-inputs cuda_attention_inputs_${fam}_${v}_bf16/D128_L4096_B4_H16"
+      done
+      for v in fwd_varlen_causal bwd_varlen_causal; do
+        echo "quick.bench-attention-inputs cuda_attention_inputs_${fam}_${v}_bf16/D128_T16384_S8_H16"
+      done
+    done
     for fam in dot gaussian studentt laplace; do for lq in 1 16; do
       for bl in 1:65536 4:65536 1:1048576; do
         echo "quick.bench-attention-decode cuda_attention_decode_${fam}_bf16/Lq${lq}_Lk${bl#*:}_B${bl%%:*}_Hq32_Hkv8_D128"

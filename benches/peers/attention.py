@@ -73,6 +73,21 @@ flex (enable_gqa, block mask from the lengths; key norms cached). Records "kind"
 Lk, and "gbps" (KV cache bytes read per second), also in the target column against the H100's
 3.35 and the H200's 4.8 TB/s.
 
+--op inputs (issue 23): the score inputs, full (non-causal) unless said, no precision gradient;
+bf16, D = 128, L = 4k (B 4, H 16), dot and studentt (--full: D 128 and 64, L 1k and 4k, every
+family); in order of value (a short budget cuts the last): a per-key bias [B,H,1,L] forward, a
+full bias [1,H,L,L] backward with its gradient, a padding mask [B,1,1,L] forward, then the B*L
+tokens packed as 8 causal sequences of random lengths, forward and backward. Ours:
+attention_forward / attention_backward with bias=, attn_mask=, cu_seqlens_q/k (packed: [total,
+H, D] views), with our plain call on the same shape timed beside (ours/plain in the note: the
+targets <= 1.05 for the per-key bias forward, <= 1.5 for the full-bias backward, as reminders);
+flex: the same score_mod plus the captured bias (CAP.bias[b, h, ki] or CAP.bias[h, qi, ki]; the
+full one requires grad and torch.autograd.grad takes its gradient with q, k, v's; checked first
+that this PyTorch propagates gradients into captured tensors, else flex's backward is SKIPPED),
+the padding mask as a block mask, the packed sequences as a document-causal block mask; SDPA for
+Dot with the bias as a float attn_mask (requiring grad in the backward) or the boolean mask.
+Records "kind": "inputs" with "variant"; FLOPs of the packed sequences per sequence.
+
 A missing piece (PyTorch, CUDA, FlexAttention, the library, attention_forward, GPU kernels)
 makes the implementations that need it SKIPPED; a failing call is FAILED; neither is fatal.
 """
@@ -202,7 +217,7 @@ class Agreement:
 class Captured:
     """The tensors score_mod and mask_mod read; swapped per shape (dynamo lifts them as graph
     inputs, guarded on metadata, so with dynamic shapes the compiled kernel is reused)."""
-    qn = kn = pih = lpih = pik = lpik = full = kv_len = offset = None
+    qn = kn = pih = lpih = pik = lpik = full = kv_len = offset = bias = doc = None
 
 
 CAP = Captured()
@@ -789,6 +804,346 @@ def run_backward(args, tx, flex, ours, timer, dtype_name, D, lengths, families, 
     del base
 
 
+# ---- score inputs (--op inputs, issue 23): bias, mask, packed sequences ----
+
+INPUTS_FAMILIES = ["dot", "studentt"]  # the default and quick subset; --full: all four
+# by value: the targets' rows first (a short budget cuts the last)
+INPUTS_VARIANTS = ["fwd_keybias", "bwd_fullbias", "fwd_padmask", "fwd_varlen", "bwd_varlen"]
+INPUTS_DESC = {
+    "fwd_keybias": "per-key bias [B,H,1,L]",
+    "bwd_fullbias": "full bias [1,H,L,L], backward with dbias",
+    "fwd_padmask": "padding mask [B,1,1,L]",
+    "fwd_varlen": "8 packed sequences, causal",
+    "bwd_varlen": "8 packed sequences, causal, backward",
+}
+
+
+def inputs_score_mod(fam, D, variant):
+    """The family's score_mod plus the captured bias: CAP.bias [B, H, L] (per key) or [H, L, L]
+    (full; a tensor that requires grad in the backward)."""
+    base = make_score_mod(fam, D)
+    if variant == "fwd_keybias":
+        def score_mod(score, b, h, qi, ki):
+            return base(score, b, h, qi, ki) + CAP.bias[b, h, ki]
+        return score_mod
+    if variant == "bwd_fullbias":
+        def score_mod(score, b, h, qi, ki):
+            return base(score, b, h, qi, ki) + CAP.bias[h, qi, ki]
+        return score_mod
+    return base
+
+
+def pad_mask_mod(b, h, qi, ki):
+    return ki < CAP.kv_len[b]
+
+
+def doc_mask_mod(b, h, qi, ki):
+    # packed sequences: the same sequence, causal within it (Lq_s = Lk_s)
+    return (CAP.doc[qi] == CAP.doc[ki]) & (qi >= ki)
+
+
+def inputs_lengths(total, seed):
+    """8 random sequence lengths summing to total (each >= 1), as benches/attention.rs draws
+    them (not the same numbers: another generator)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = 0.25 + 1.5 * torch.rand(8, generator=g, dtype=torch.float64)
+    lens = [max(1, int(x)) for x in (w / w.sum() * total).tolist()]
+    lens[-1] = total - sum(lens[:-1])
+    return lens
+
+
+def run_inputs(args, tx, flex, ours, timer, dtype_name, D, lengths, families, records):
+    """ours (fk.attention_forward/attention_backward with bias=, attn_mask=, cu_seqlens_*) vs
+    FlexAttention with the same score_mod plus a captured bias (the full one requires grad; its
+    gradient is taken by torch.autograd.grad with q, k, v's), the padding mask as a block mask,
+    packed sequences as a document-causal block mask; SDPA (Dot) with the bias as a float
+    attn_mask (requiring grad in the backward) and the padding mask as a boolean one. Full
+    (non-causal) but for the packed sequences; no precision gradient."""
+    dev = tx["device"]
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype_name]
+    tokens, model_dim = args.tokens, args.model_dim
+    H = model_dim // D
+    gen = torch.Generator(device="cpu").manual_seed(SEED + 3000 + D)
+    n = tokens * model_dim
+    base = [(torch.rand(n, generator=gen) * 2 - 1).to(dtype).to(dev) for _ in range(4)]
+    pih_all = (0.5 + 1.5 * torch.rand(H, generator=gen)).to(dev)
+    pik_all = (0.5 + 1.5 * torch.rand(tokens * H, generator=gen)).to(dev)
+    fk = ours.get("fk") if ours["ok"] else None
+    ffns, failed, first = {}, {}, {}
+    for variant in INPUTS_VARIANTS:
+        bwd = variant.startswith("bwd")
+        varlen = variant.endswith("varlen")
+        for L in lengths:
+            B = tokens // L
+            for fam in families:
+                key = (fam, variant)
+                causal = varlen
+                tau = tau_of(fam, D)
+                rec0 = {"op": "attention", "kind": "inputs", "variant": variant,
+                        "family": fam, "precision": f"{PREC[fam] or 'none'}; "
+                        f"{INPUTS_DESC[variant]}", "causal": causal, "dtype": dtype_name,
+                        "D": D, "L": L, "B": B, "H": H}
+                why = budget_why(args, args.compile_s if (first.get(key, True) and flex["ok"])
+                                 else 0.0)
+                if why:
+                    cut_record(args, records, dict(rec0), why)
+                    continue
+                if varlen:
+                    lens = inputs_lengths(tokens, SEED + D + L)
+                    rec0["lens"] = lens
+                    fl = sum(flops(1, H, l, D, True) for l in lens)
+                else:
+                    fl = flops(B, H, L, D, False)
+                if bwd:
+                    fl *= 2.5
+                print(f"-- inputs {variant} {fam} {dtype_name} D={D} L={L} B={B} H={H}"
+                      + (f" lens={lens}" if varlen else ""))
+                tgt = {"fwd_keybias": "<=1.05x our plain fwd",
+                       "bwd_fullbias": "<=1.5x our plain bwd"}.get(variant, "")
+                M = Measurer(args, timer, records, rec0, fl, tx, flex,
+                             note_head=INPUTS_DESC[variant] + ("; FLOPs 2.5x the forward's"
+                                                                if bwd else ""),
+                             target=lambda impl, ms: (tgt if impl == "ours" else
+                                                      "flex/ours>=1" if impl == "flex" else ""))
+                M.first_flex = first.get(key, True)
+                pih = pih_all if PREC[fam] == "head" else None
+                if varlen:
+                    shape = (1, H, tokens, D)
+                    pik = pik_all.view(1, H, tokens) if PREC[fam] == "key" else None
+                else:
+                    shape = (B, H, L, D)
+                    pik = pik_all.view(B, H, L) if PREC[fam] == "key" else None
+                q, k, v, d_o = (x.view(*shape) for x in base)
+                # the variant's inputs
+                bias = mask = cu = None
+                kw_in = {}
+                if variant == "fwd_keybias":
+                    bias = torch.empty(B, H, 1, L, device=dev).uniform_(-1, 1)
+                    kw_in = {"bias": bias}
+                elif variant == "bwd_fullbias":
+                    bias = torch.empty(1, H, L, L, device=dev).uniform_(-1, 1)
+                    kw_in = {"bias": bias}
+                elif variant == "fwd_padmask":
+                    keep = torch.tensor([L - (b % 4 + 1) * L // 8 for b in range(B)],
+                                        device=dev, dtype=torch.int32)
+                    mask = (torch.arange(L, device=dev)[None, :] < keep[:, None]).view(B, 1, 1, L)
+                    kw_in = {"attn_mask": mask}
+                else:
+                    offs = [0]
+                    for ln in lens:
+                        offs.append(offs[-1] + ln)
+                    cu = torch.tensor(offs, dtype=torch.int32, device=dev)
+                    kw_in = {"cu_seqlens_q": cu, "cu_seqlens_k": cu,
+                             "max_seqlen_q": max(lens), "max_seqlen_k": max(lens)}
+
+                o_ours = dbias_ours = None
+
+                def dbias_vs_ours(run):
+                    """An after callback (full-bias backward): max|dbias - ours| / max|ours|."""
+                    def after(r):
+                        if dbias_ours is None:
+                            return
+                        g = run()[3]
+                        if g is None:
+                            r["note"] += "; NO gradient reached the bias"
+                            return
+                        err = ((g.float().reshape(-1) - dbias_ours.reshape(-1)).abs().max()
+                               / dbias_ours.abs().max()).item()
+                        r["rel_err_vs_ours"] = err
+                        r["note"] += f"; max|dbias - ours| / max|ours| = {err:.1e}"
+                        print(f"  {r['impl']} vs ours: max|dbias - ours| / max|ours| = {err:.1e}")
+                    return after
+
+                def vs_ours(out):
+                    """An after callback: max|o - ours| / max|ours| into the note (forward)."""
+                    def after(r):
+                        if o_ours is None or M.ours_ms is None:
+                            return
+                        o = out()
+                        if varlen:
+                            o = o[0].transpose(0, 1)
+                        err = ((o.float() - o_ours.float()).abs().max()
+                               / o_ours.float().abs().max()).item()
+                        r["rel_err_vs_ours"] = err
+                        r["note"] = "; ".join(x for x in (r["note"],
+                                              f"max|o - ours| / max|ours| = {err:.1e}") if x)
+                        print(f"  {r['impl']} vs ours: max|o - ours| / max|ours| = {err:.1e}")
+                    return after
+
+                # ours
+                if fk is None:
+                    M.skip("ours", ours["why"])
+                else:
+                    try:
+                        kw = dict(score=OURS_SCORE[fam], causal=causal, pi_head=pih,
+                                  pi_key=pik, check=False)
+                        if fam == "studentt":
+                            kw["nu"] = NU
+                        if varlen:  # packed: [total, H, D] views of the same memory
+                            qo, ko, vo, do = (x[0].transpose(0, 1) for x in (q, k, v, d_o))
+                        else:
+                            qo, ko, vo, do = q, k, v, d_o
+                        with torch.no_grad():
+                            if bwd:
+                                o_f, lse_f = fk.attention_forward(qo, ko, vo, **kw, **kw_in)[:2]
+
+                                def run_ours(kw_in=kw_in):
+                                    return fk.attention_backward(qo, ko, vo, o_f, lse_f, do,
+                                                                 precision_grads=False, **kw,
+                                                                 **kw_in)
+                            else:
+                                o_ours = torch.empty_like(qo)
+
+                                def run_ours(kw_in=kw_in):
+                                    return fk.attention_forward(qo, ko, vo, out=o_ours, **kw,
+                                                                **kw_in)
+                            note = ""
+                            if variant in ("fwd_keybias", "bwd_fullbias", "fwd_padmask"):
+                                # our plain call on the same shape: the ratio of the targets
+                                try:
+                                    if bwd:  # from the plain forward's o and lse
+                                        o_p, lse_p = fk.attention_forward(qo, ko, vo, **kw)[:2]
+
+                                        def plain():
+                                            return fk.attention_backward(
+                                                qo, ko, vo, o_p, lse_p, do,
+                                                precision_grads=False, **kw)
+                                    else:
+                                        def plain():
+                                            return fk.attention_forward(qo, ko, vo, out=o_ours,
+                                                                        **kw)
+                                    timer.once(plain)
+                                    p_ms = timer.median(plain, max(args.min_reps, 3), warmup=0)
+                                    note = f"our plain call {p_ms:.4f} ms"
+                                    M.plain_ms = p_ms
+                                except Exception as e:
+                                    note = f"our plain call: {fail_msg(e)}"
+                                    M.plain_ms = None
+                            got = M.measure("ours", run_ours, note, skip_unsupported=True)
+                            if got is not None and variant == "bwd_fullbias":
+                                dbias_ours = run_ours()[6].float()
+                            if got is not None and getattr(M, "plain_ms", None):
+                                r = M.records[-1]
+                                r["ours_over_plain"] = got / M.plain_ms
+                                r["note"] += f"; with the input / plain = {got / M.plain_ms:.3f}"
+                                M.records.write()
+                                print(f"  ours/plain {got / M.plain_ms:.3f} ({tgt or 'no target'}"
+                                      "; a reminder, not a check)")
+                    except Exception as e:  # e.g. the forward a backward needs, not built
+                        if is_unsupported(e):
+                            M.skip("ours", fail_msg(e))
+                        else:
+                            M.fail("ours", e)
+
+                # sdpa (Dot): the bias as a float attn_mask, the padding mask as a boolean one
+                if fam == "dot" and not varlen:
+                    try:
+                        if variant == "fwd_padmask":
+                            am = mask
+                        else:
+                            am = bias.to(dtype)
+                        if bwd:
+                            qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+                            am = am.detach().clone().requires_grad_()
+                            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=am,
+                                                               scale=tau)
+
+                            def run_sdpa():
+                                return torch.autograd.grad(o, [qs, ks, vs, am], d_o,
+                                                           retain_graph=True)
+                            M.measure("sdpa", run_sdpa, "attn_mask a float tensor requiring "
+                                      "grad (its gradient taken); default backend selection",
+                                      after=dbias_vs_ours(run_sdpa))
+                            del o
+                        else:
+                            def run_sdpa():
+                                with torch.no_grad():
+                                    return F.scaled_dot_product_attention(q, k, v, attn_mask=am,
+                                                                          scale=tau)
+                            M.measure("sdpa", run_sdpa, "attn_mask " + (
+                                "boolean" if variant == "fwd_padmask" else "float (the bias)")
+                                + "; default backend selection", after=vs_ours(run_sdpa))
+                    except Exception as e:
+                        M.fail("sdpa", e)
+
+                # flex
+                if not flex["ok"]:
+                    M.skip("flex", flex["why"])
+                elif key in failed:
+                    M.skip("flex", f"its first call for this family and variant failed "
+                           f"({failed[key]})")
+                elif bwd and not args.captured_grad[0]:
+                    M.skip("flex", "its backward, checked first on a tiny case with a captured "
+                           f"tensor requiring grad: {args.captured_grad[1]}")
+                else:
+                    try:
+                        if key not in ffns:
+                            ffns[key] = flex["compiled"](inputs_score_mod(fam, D, variant))
+                        ffn = ffns[key]
+                        CAP.pih, CAP.lpih = (pih, pih.log()) if pih is not None else (None, None)
+                        CAP.pik, CAP.lpik = (pik, pik.log()) if pik is not None else (None, None)
+                        Lf = tokens if varlen else L
+                        if variant == "fwd_padmask":
+                            CAP.kv_len = keep
+                            bm = flex["create_block_mask"](pad_mask_mod, B, None, L, L,
+                                                           device=dev)
+                        elif varlen:
+                            CAP.doc = torch.repeat_interleave(
+                                torch.arange(len(lens), device=dev),
+                                torch.tensor(lens, device=dev))
+                            bm = flex["create_block_mask"](doc_mask_mod, None, None, Lf, Lf,
+                                                           device=dev)
+                        else:
+                            bm = None
+                        fscale = tau if fam == "dot" else 1.0
+                        norms = fam != "dot"
+                        if bwd:
+                            qf, kf, vf = (x.detach().clone().requires_grad_() for x in (q, k, v))
+                            wrt = [qf, kf, vf]
+                            if bias is not None:
+                                CAP.bias = bias[0].detach().clone().requires_grad_()
+                                wrt.append(CAP.bias)
+                            if norms:  # in the graph: their gradients flow to q and k
+                                CAP.qn = qf.float().square().sum(-1)
+                                CAP.kn = kf.float().square().sum(-1)
+                            o = ffn(qf, kf, vf, bm, fscale)
+
+                            def run_flex():
+                                return torch.autograd.grad(o, wrt, d_o, retain_graph=True,
+                                                           allow_unused=True)
+
+                            got = M.measure("flex", run_flex, "backward alone (torch.autograd."
+                                            "grad of o wrt q, k, v" + (", bias" if bias is not
+                                                                      None else "") + ")",
+                                            after=dbias_vs_ours(run_flex) if bias is not None
+                                            else None)
+                            del o, wrt
+                        else:
+                            if variant == "fwd_keybias":
+                                CAP.bias = bias.view(B, H, L)
+
+                            def run_flex():
+                                with torch.no_grad():
+                                    if norms:  # what a user computes per call
+                                        CAP.qn = q.float().square().sum(-1)
+                                        CAP.kn = k.float().square().sum(-1)
+                                    return ffn(q, k, v, bm, fscale)
+                            got = M.measure("flex", run_flex, after=vs_ours(run_flex))
+                        if got is None:
+                            failed[key] = M.results[-1]["note"]
+                    except Exception as e:
+                        M.fail("flex", e)
+                        failed[key] = fail_msg(e)
+                        M.first_flex = False
+                    CAP.qn = CAP.kn = CAP.pih = CAP.lpih = CAP.pik = CAP.lpik = None
+                    CAP.bias = CAP.kv_len = CAP.doc = None
+                first[key] = M.first_flex
+                del q, k, v, d_o, bias, mask, cu
+                if tx["cuda"]:
+                    torch.cuda.empty_cache()
+    del base
+
+
 DECODE_HQ, DECODE_HKV, DECODE_D = 32, 8, 128
 DECODE_LK = [4096, 65536, 262144, 1 << 20]
 DECODE_QUICK_LK = [65536, 1 << 20]
@@ -931,7 +1286,9 @@ def sdpa_ctx(tx):
 
 def print_table(records):
     print()
-    hdr = (f"{'family':<9} {'mask':<6} {'dtype':<5} {'D':>4} {'L':>6} {'impl':<9} {'ms':>10} "
+    fw = max([9] + [len(r["family"]) + 1 + len(r["variant"]) for r in records
+                    if r.get("variant")])
+    hdr = (f"{'family':<{fw}} {'mask':<6} {'dtype':<5} {'D':>4} {'L':>6} {'impl':<9} {'ms':>10} "
            f"{'TFLOP/s':>8} {'peer/ours':>9} {'target':<15} {'rel.err':>8}")
     print(hdr)
     print("-" * len(hdr))
@@ -939,7 +1296,8 @@ def print_table(records):
     for r in records:
         if r.get("cut"):
             continue
-        head = (f"{r['family']:<9} {'causal' if r['causal'] else 'full':<6} {r['dtype']:<5} "
+        fam = r["family"] + (f" {r['variant']}" if r.get("variant") else "")
+        head = (f"{fam:<{fw}} {'causal' if r['causal'] else 'full':<6} {r['dtype']:<5} "
                 f"{r['D']:>4} {r['L']:>6} {r['impl']:<9}")
         if r["ms"] is None:
             print(f"{head} {'-':>10}   {r['note']}")
@@ -948,7 +1306,8 @@ def print_table(records):
         err = f"{r['rel_err_vs_ref']:.1e}" if r["rel_err_vs_ref"] is not None else "-"
         print(f"{head} {r['ms']:10.4f} {r['tflops']:8.2f} {ratio:>9} {r['target']:<15} {err:>8}")
     print("(TFLOP/s: FlashAttention's convention 4*B*H*L^2*D, halved when causal; peer/ours: time "
-          "ratio, > 1: ours is faster; target: issue 5's goal for that row, not a verdict; "
+          "ratio, > 1: ours is faster; target: the issue's goal for that row (issue 5; --op inputs: "
+          "issue 23), not a verdict; "
           "rel.err: max|o - ref| / max|ref| vs float32 on batch 0, heads 0-1, shortest length)")
     if cut:
         print(f"CUT for time ({len(cut)} shapes, not measured): " + ", ".join(
@@ -975,11 +1334,13 @@ def main():
                     ", ".join(FAMILIES))
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
                     help="default cuda (cpu with --smoke)")
-    ap.add_argument("--op", default="forward", choices=["forward", "backward", "decode"],
+    ap.add_argument("--op", default="forward", choices=["forward", "backward", "decode", "inputs"],
                     help="forward (default), backward (default subset bf16, D = 128, L = 4k, "
                     "learned precisions; --full: bf16 and f16, D 128 and 64, L 1k/4k/16k, learned "
                     "and fixed) or decode (default subset Lk 64k (B 1, 4) and 1M (B 1), Lq 1 and "
-                    "16, bf16; --full: Lk 4k to 1M)")
+                    "16, bf16; --full: Lk 4k to 1M) or inputs (bias, padding mask, packed "
+                    "sequences: bf16, D = 128, L = 4k, dot and studentt; --full: D 128 and 64, "
+                    "L 1k and 4k, every family)")
     ap.add_argument("--criterion", default=None,
                     help="criterion's output folder ($CRITERION_HOME) of a benches/attention.rs "
                     "run: --op backward takes ours from it (the binding has no backward)")
@@ -1010,6 +1371,15 @@ def main():
     if args.op == "backward" and not args.full:
         dims = [16] if args.smoke else [128]
         lengths = [64] if args.smoke else [4096]
+    if args.op == "inputs":
+        if args.smoke:
+            dims, lengths = [16], [64]
+        elif not args.full:
+            dims, lengths = [128], [4096]
+        else:
+            dims, lengths = [128, 64], [1024, 4096]  # a full bias at 16k would be 17 GB
+        if not args.full and not args.dtypes:
+            dtypes = dtypes[:1]
     if args.op == "decode" and args.full and not args.dtypes:
         dtypes = ["bf16", "f16"]
     args.decode_lk = ints(args.decode_lk) if args.decode_lk else None
@@ -1017,7 +1387,8 @@ def main():
     dims = ints(args.dims) if args.dims else dims
     lengths = ints(args.lengths) if args.lengths else lengths
     families = args.families.split(",") if args.families else (
-        BWD_FAMILIES if args.op == "backward" else FAMILIES)
+        BWD_FAMILIES if args.op == "backward" else
+        INPUTS_FAMILIES if args.op == "inputs" and not args.full else FAMILIES)
     bad = set(families) - set(FAMILIES)
     if bad:
         ap.error(f"unknown families {sorted(bad)}")
@@ -1039,7 +1410,7 @@ def main():
         print(f"{args.op} shapes: B*L = {args.tokens} tokens, Hq*D = {args.model_dim}, dtypes "
               f"{dtypes}, D {dims}, L {lengths}, causal and full, families {families}")
     args.captured_grad = (False, "not checked")
-    if args.op == "backward" and flex["ok"]:
+    if args.op in ("backward", "inputs") and flex["ok"]:
         args.captured_grad = flex_captured_grad(tx, flex)
         print(f"FlexAttention, gradients of captured tensors: "
               f"{'yes' if args.captured_grad[0] else 'NO'}: {args.captured_grad[1]}")
@@ -1061,7 +1432,9 @@ def main():
             continue
         for D in dims:
             try:
-                if args.op == "backward":
+                if args.op == "inputs":
+                    run_inputs(args, tx, flex, ours, timer, dt, D, lengths, families, records)
+                elif args.op == "backward":
                     run_backward(args, tx, flex, ours, timer, dt, D, lengths, families,
                                  records)
                 else:
