@@ -2547,10 +2547,8 @@ fn strided_bias_and_mask_equal_the_contiguous_ones() {
 }
 
 /// A bias given as a broadcast view with a zero stride on a full dimension (what torch's
-/// `expand` makes) is the same bias as the materialised one: ScoreBias documents its strides as
-/// "free, 0 allowed", but the shared stride check (`check_tensor`, src/attention/mod.rs) refuses
-/// a stride below Lk on any dimension of size > 1. Ignored until the owner of mod.rs decides
-/// (allow it for ScoreBias, or change the documentation).
+/// `expand` makes) is the same bias as the materialised one (ScoreBias: strides "free, 0
+/// allowed"; refused by the shared stride check until commit 71541ce).
 #[test]
 fn zero_stride_bias_equals_the_materialised_bias() {
     let p = prob(
