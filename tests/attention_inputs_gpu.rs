@@ -3,7 +3,8 @@
 //! per row, with −∞ and fully masked rows), Student-t's ν per head, and packed variable-length
 //! sequences (one empty) with causal and window masks; decode with key splits over all of them;
 //! the materialised probabilities; and bad values refused by the input scan before anything is
-//! written.
+//! written. A bias or mask varying over Lq runs the row kernel (probabilities.cu), one broadcast
+//! over Lq the fused kernels (v1 for f32 and Dv = 256, v2 for bf16): both are covered.
 //!
 //! Inputs are fresh random values rounded to the dtype (the reference sees the same rounded
 //! values); outputs are poisoned with NaN first. Bounds (DESIGN.md §6, as tests/attention_gpu.rs):
@@ -483,8 +484,9 @@ fn score_inputs_other_head_dims() {
     }
 }
 
-/// Decode (Lq ≤ 16) with forced key splits (incl. more splits than key tiles) over a bias, a
-/// mask, per-head ν and packed sequences: each split attends its chunk, merge.cu joins them.
+/// Decode (Lq ≤ 16) with forced key splits (incl. more splits than key tiles) over a bias and a
+/// mask broadcast over Lq, per-head ν and packed sequences: each split attends its chunk,
+/// merge.cu joins them; and a per-row bias (the row kernel, unsplit).
 #[test]
 fn decode_splits_with_score_inputs() {
     let Some(dev) = gpu("decode_splits_with_score_inputs") else {
@@ -496,6 +498,14 @@ fn decode_splits_with_score_inputs() {
         (c.lq, c.lk, c.key_splits) = (3, 300, Some(3));
         c.bias = Some(([2, 4, 3, 300], true));
         c.mask = Some(([2, 1, 1, 300], false));
+        c.nu_head = matches!(score, Score::StudentT(_));
+        check::<f32>(&dev, &c, false);
+        check::<bf16>(&dev, &c, false);
+        // Broadcast over Lq: the split fused kernels (the one above runs the row kernel, unsplit).
+        let mut c = Case::new(score, s + 3);
+        (c.lq, c.lk, c.key_splits) = (2, 290, Some(4));
+        c.bias = Some(([2, 4, 1, 290], true));
+        c.mask = Some(([2, 1, 1, 290], false));
         c.nu_head = matches!(score, Score::StudentT(_));
         check::<f32>(&dev, &c, false);
         check::<bf16>(&dev, &c, false);

@@ -80,7 +80,6 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
     float* kp = kn + kBc;
 
     const AttnBlock<In> blk(p, kBr);
-    if (blk.idle()) return;  // rows past a packed sequence's length (uniform over the block)
     const int b = blk.b, h = blk.h, i0 = blk.i0, off = blk.off, kv_end = blk.kv_end, i_last = blk.i_last;
     const int j_begin = blk.j_begin, j_end = blk.j_end, lq = blk.lq;
     const In *qg = blk.q, *kg = blk.k, *vg = blk.v;
@@ -152,7 +151,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
             float a, bias;
             attn_key_terms(family, p.tau, nu, pi, n, norm, (float)kD, a, bias);
             // A bias or mask broadcast over Lq is a per-key term of the block (score_inputs.cuh).
-            if (live && p.key_extra) bias += attn_extra_log2<false>(p.x, b, h, 0, j0 + c);
+            if (live && p.key_extra) bias += attn_extra_log2<false>(p.x, (int)blockIdx.z, (int)blockIdx.y, 0, j0 + c);
             ka[c] = a;
             kb[c] = live ? bias : ATTN_NEG_INF;
             kn[c] = n;
@@ -165,9 +164,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
 
         // Scores (base 2), in place of x, and the tile's row maxima; one loop per family, so
         // the per-score code has no branch on it.
-        // A bias or mask that varies over the rows makes every tile an edge tile.
-        const bool edge = (p.causal && j0 + kBc - 1 > i0 + off) || (p.window > 0 && j0 <= i_last + off - p.window) ||
-                          p.row_extra;
+        const bool edge = (p.causal && j0 + kBc - 1 > i0 + off) || (p.window > 0 && j0 <= i_last + off - p.window);
         float mx[kSlots];
 #pragma unroll
         for (int s = 0; s < kSlots; ++s) mx[s] = ATTN_NEG_INF;
@@ -181,11 +178,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
                     float v = attn_score<kFamily, sizeof(In) == 4>(x[t][i], ka[c], kb[c], qn[sl], hq[sl], kn[c], kappa);
                     if (edge) {
                         const int i_row = i0 + warp * 16 + Mma::acc_row(lane, i), j = j0 + c;
-                        // (causal tested here too: a per-row bias or mask alone also makes edges)
-                        if ((p.causal && j > i_row + off) || (p.window > 0 && j <= i_row + off - p.window))
-                            v = ATTN_NEG_INF;
-                        // Only real rows and keys are read (both arrays end at Lq and Lk).
-                        if (p.row_extra && i_row < lq && j < kv_end) v += attn_extra_log2<true>(p.x, b, h, i_row, j);
+                        if (j > i_row + off || (p.window > 0 && j <= i_row + off - p.window)) v = ATTN_NEG_INF;
                     }
                     x[t][i] = v;
                     mx[sl] = fmaxf(mx[sl], v);
@@ -254,11 +247,12 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
         ep[s] = Mma::row_allreduce(ep[s], FepSum());
     }
     const long long row0 = blk.row0(p);  // this split's part of the outputs (score.cuh)
+    const int lq_end = AttnBlock<In>::rows(p);  // the sequence's rows (reloaded: see rows())
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) {
         // The lane holding column 0 of a row writes its lse and e.
         const int r = Mma::acc_row(lane, i), sl = Mma::row_slot(i), row = i0 + warp * 16 + r;
-        if (Mma::acc_col(lane, i) != 0 || row >= lq) continue;
+        if (Mma::acc_col(lane, i) != 0 || row >= lq_end) continue;
         const bool seen = l[sl] > 0.0f;
         if (p.lse) {
             const float shift = gauss_bias ? -0.5f * p.tau * pi_h * qn[sl] : 0.0f;
@@ -275,7 +269,7 @@ FEP_DEVICE void attn_forward(const AttnParams& p) {
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) {
             const int row = i0 + warp * 16 + Mma::acc_row(lane, i);
-            if (row < lq)
+            if (row < lq_end)
                 og[row * p.o_stride[2] + 16 * t + Mma::acc_col(lane, i)] = fep_from_f32<In>(o[t][i] * inv[Mma::row_slot(i)]);
         }
     }

@@ -71,13 +71,6 @@ FEP_DEVICE float attn_exp2(float x) {
     }
 }
 
-// The per-row bias of score (i, j) in base 2 (0 without one, or for a row past the sequence's
-// length: those rows never took it, see the scores loop).
-FEP_DEVICE float attn16_row_bias(const AttnParams& p, int b, int h, int i, int j, int lq) {
-    if (!p.x.bias || p.x.bias_stride[2] == 0 || i >= lq) return 0.0f;
-    return attn_bias_at(p.x, b, h, i, j) * ATTN_LOG2E;
-}
-
 template <typename In, int kD, int kDv, int F>
 FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     using Tr = AttnTraits<In, kD, kDv>;
@@ -102,7 +95,6 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
     float* kti = ktp + kBc;
 
     const AttnBlock<In> blk(p, kBr);
-    if (blk.idle()) return;  // rows past a packed sequence's length (uniform over the block)
     const int b = blk.b, h = blk.h, i0 = blk.i0, off = blk.off, kv_end = blk.kv_end, i_last = blk.i_last;
     const int j_begin = blk.j_begin, j_end = blk.j_end, lq = blk.lq;
     const In *qg = blk.q, *kg = blk.k, *vg = blk.v;
@@ -205,7 +197,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
                 float a, bias;
                 attn_key_terms(F, p.tau, nu, pi, n, norm, (float)kD, a, bias);
                 // A bias or mask broadcast over Lq is a per-key term of the block (score_inputs.cuh).
-                if (live && p.key_extra) bias += attn_extra_log2<false>(p.x, b, h, 0, j0 + c);
+                if (live && p.key_extra) bias += attn_extra_log2<false>(p.x, (int)blockIdx.z, (int)blockIdx.y, 0, j0 + c);
                 kta[c] = a, ktb[c] = live ? bias : ATTN_NEG_INF, ktn[c] = n, ktp[c] = pi, kti[c] = 1.0f / a;
             }
             __syncthreads();
@@ -234,9 +226,8 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
 
         // Scores in place, and the tile's row maxima. In an edge tile a row's visible keys are
         // [lo, hi): the window's start, and the first key past the diagonal or the key length.
-        // A bias or mask that varies over the rows makes every tile an edge tile.
         const bool edge = j0 + kBc > kv_end || (p.causal && j0 + kBc - 1 > i0 + off) ||
-                          (p.window > 0 && j0 <= i_last + off - p.window) || p.row_extra;
+                          (p.window > 0 && j0 <= i_last + off - p.window);
         int lo[kMT][kS], hi[kMT][kS];
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
@@ -264,11 +255,8 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
                     float v = F == ATTN_DOT && !terms ? s[mt][n][i] * a_u
                                                       : attn_score<F, false, true>(s[mt][n][i], ka, kb, qn[mt][sl], hq[mt][sl], kn, kappa);
                     if (edge) {
-                        const int j = j0 + c, i_row = i0 + rw + 16 * mt + T::slot_row(lane, sl);
-                        const bool vis = (j >= lo[mt][sl]) & (j < hi[mt][sl]);
-                        v = vis ? v : ATTN_NEG_INF;
-                        // Only real rows and keys are read (hi <= the key length).
-                        if (p.row_extra && vis && i_row < lq) v += attn_extra_log2<true>(p.x, b, h, i_row, j);
+                        const int j = j0 + c;
+                        v = (j < lo[mt][sl]) | (j >= hi[mt][sl]) ? ATTN_NEG_INF : v;
                     }
                     s[mt][n][i] = v;
                     mx[mt][sl] = fmaxf(mx[mt][sl], v);
@@ -313,11 +301,9 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
                         l[mt][sl] += pv;
                         s[mt][n][i] = pv;
                         if constexpr (kE) {
-                            // d² from the score without a per-row bias (the per-key one is in ktb).
-                            float sd = sc;
-                            if (p.row_extra && pv > 0.0f) sd -= attn16_row_bias(p, b, h, i0 + rw + 16 * mt + T::slot_row(lane, sl), j0 + c, lq);
+                            // (a bias broadcast over Lq is in ktb, so s − b is still the family's score)
                             const float d2 =
-                                attn_d2_from_score<F>(sd, kti[c], ktb[c], qn[mt][sl], hq[mt][sl], ktn[c], inv_kappa);
+                                attn_d2_from_score<F>(sc, kti[c], ktb[c], qn[mt][sl], hq[mt][sl], ktn[c], inv_kappa);
                             ep[mt][sl] = fmaf(T::as_operand(pv) * ktp[c], pv > 0.0f ? d2 : 0.0f, ep[mt][sl]);
                         }
                     }
@@ -350,6 +336,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
 
     // Row totals over the lanes of each row, then o / l, lse and e.
     const long long row0 = blk.row0(p);  // this split's part of the outputs (score.cuh)
+    const int lq_end = AttnBlock<In>::rows(p);  // the sequence's rows (reloaded: see rows())
     In* og = blk.out(p);
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
@@ -364,7 +351,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
         for (int i = 0; i < kAcc; ++i) {
             // The lane holding column 0 of a row writes its lse and e.
             const int sl = T::slot(i), row = i0 + rw + 16 * mt + T::row(lane, i);
-            if (T::col(lane, i) != 0 || row >= lq) continue;
+            if (T::col(lane, i) != 0 || row >= lq_end) continue;
             const bool seen = l[mt][sl] > 0.0f;
             if (p.lse) {
                 const float shift = gauss_bias ? -0.5f * p.tau * pi_h * qn[mt][sl] : 0.0f;
@@ -377,7 +364,7 @@ FEP_DEVICE void attn_forward16_family(const AttnParams& p) {
 #pragma unroll
             for (int i = 0; i < kAcc; ++i) {
                 const int row = i0 + rw + 16 * mt + T::row(lane, i);
-                if (row < lq)
+                if (row < lq_end)
                     og[row * p.o_stride[2] + 16 * t + T::col(lane, i)] = fep_from_f32<In>(o[mt][t][i] * inv[T::slot(i)]);
             }
     }

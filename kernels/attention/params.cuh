@@ -43,6 +43,7 @@ struct AttnParams {
     int tiles;              // row tiles per split (grid x = tiles × splits): ⌈Lq / kBr⌉, or
                             // ⌈max_q / kBr⌉ with packed sequences
     int key_extra;          // a bias or mask broadcast over Lq: folded into the per-key terms
-    int row_extra;          // a bias or mask that varies over Lq: applied per score
+    int row_extra;          // unused by these kernels (a bias or mask varying over Lq runs the
+                            // row kernel of probabilities.cu instead; NOTES.md, issue 23)
     int pad_;               // (8-byte multiple: the Rust mirror has no trailing padding)
 };

@@ -15,7 +15,8 @@
 // to part s of the outputs (merged by lse afterwards, merge.cu).
 // Packed sequences (p.x.cu_q): grid.z is the sequence, whose rows start at q0 and keys at k0 of
 // batch 0; i0, the masks and the key length are the sequence's own (bottom-right aligned to its
-// lengths), and a block whose rows start past the sequence's length has nothing to do (`idle`).
+// lengths), and a block whose rows start past the sequence's length has nothing to do (`idle`:
+// it visits no key tile and writes nothing).
 template <typename In>
 struct AttnBlock {
     int b, h, hk, i0;
@@ -32,6 +33,12 @@ struct AttnBlock {
     int split;  // the block's split (0 without one)
 
     FEP_DEVICE bool idle() const { return i0 >= lq; }
+
+    // The rows of the block's sequence again, for after the key loop (reloaded rather than held
+    // across it: a register the v2 kernels at Dv = 32 do not have).
+    static FEP_DEVICE int rows(const AttnParams& p) {
+        return p.x.cu_q ? attn_seq(p.x, (int)blockIdx.z, p.lq, p.lk).lq : p.lq;
+    }
 
     // The sequence's first row in batch 0 (0 unpacked): reloaded after the key loop rather than
     // held across it (registers; see out()).
@@ -64,6 +71,10 @@ struct AttnBlock {
         // duplicated the key loop). It keeps S split within int.
         j_begin = max(j_begin, split * p.split);
         j_end = min(j_end, (split + 1) * p.split);
+        // Rows past a packed sequence's length: no key tile, and the epilogue writes no row. Not
+        // an early return: on gfx942 a second exit changed the loop layout (the census then read
+        // all four family copies as one loop) — the backward's dq kernel found scratch with one.
+        j_end = idle() ? 0 : j_end;
         q = (const In*)p.q + b * p.q_stride[0] + h * p.q_stride[1] + seq.q0 * p.q_stride[2];
         k = (const In*)p.k + b * p.k_stride[0] + hk * p.k_stride[1] + seq.k0 * p.k_stride[2];
         v = (const In*)p.v + b * p.v_stride[0] + hk * p.v_stride[1] + seq.k0 * p.v_stride[2];

@@ -8,6 +8,11 @@
 //! Decode: with a key split ([`key_split`]) the grid's x is row tiles × S, the kernels write S
 //! normalised parts to a workspace, and kernels/attention/merge.cu merges them by lse into the
 //! caller's outputs (NOTES.md, "Decode").
+//!
+//! Score inputs (issue 23): ν per head and packed sequences run in the fused kernels, and so does
+//! a bias or mask broadcast over Lq (folded into the per-key terms); a bias or mask that varies
+//! over Lq runs the row kernel of kernels/attention/probabilities.cu instead (correct, scalar:
+//! NOTES.md, "Forward with bias/mask ..."), which also materialises the probabilities.
 
 use std::ffi::c_void;
 
@@ -455,6 +460,11 @@ pub(crate) fn forward<T: Element>(
     if p.spec.check_inputs {
         scan_inputs(p, dev, stream)?;
     }
+    let x = AttnScoreInputs::new(p.precision);
+    if x.row_extra() {
+        // A bias or mask varying over Lq: not in the fused kernels' hot loop (NOTES.md, issue 23).
+        return forward_rows(p, &out, stream);
+    }
     let tau = p.spec.tau(d.d) as f32;
     let (q, k, v) = (p.q, p.k, p.v);
     let n_rows = d.b * d.hq * d.lq;
@@ -496,7 +506,6 @@ pub(crate) fn forward<T: Element>(
         (v.data.addr(), v.strides),
         (o_addr, o_stride),
     ]);
-    let x = AttnScoreInputs::new(p.precision);
     let mut params = AttnParams {
         q: q.data.addr(),
         k: k.data.addr(),
@@ -533,7 +542,7 @@ pub(crate) fn forward<T: Element>(
         split: chunk as i32,
         tiles: to_i32("row tiles", tiles)?,
         key_extra: x.key_extra() as i32,
-        row_extra: x.row_extra() as i32,
+        row_extra: 0,
         pad_: 0,
     };
     let cfg = LaunchConfig {
@@ -573,6 +582,10 @@ pub(crate) fn forward<T: Element>(
 struct ProbsParams {
     q: u64,
     k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    e: u64,
     pi_head: u64,
     pi_key: u64,
     kv_len: u64,
@@ -580,6 +593,8 @@ struct ProbsParams {
     x: AttnScoreInputs,
     q_stride: [i64; 3],
     k_stride: [i64; 3],
+    v_stride: [i64; 3],
+    o_stride: [i64; 3],
     b: i32,
     hq: i32,
     hkv: i32,
@@ -593,39 +608,40 @@ struct ProbsParams {
     window: i32,
     normalizer: i32,
     seqs: i32,
-    pad_: i32,
+    dv: i32,
 }
 
-/// The attention weights `[B, Hq, Lq, Lk]` f32 into the device memory at `w` (checked by the
-/// caller): scans the inputs if asked, then one block per (row, head, batch) of
-/// kernels/attention/probabilities.cu. Any head dim (the kernel loops over D).
-pub(crate) fn probabilities<T: Element>(
-    p: &Problem<'_, '_, T>,
-    w: u64,
-    stream: Stream,
-) -> Result<()> {
-    let d = p.dims;
-    let dev = p.q.data.device();
+/// The limits of the row kernels (probabilities.cu: one block per (row, head, batch)).
+fn check_row_grid(d: &Dims) -> Result<()> {
     if d.hq > GRID_YZ || d.b > GRID_YZ {
         return Err(Error::Unsupported(format!(
             "B = {} and Hq = {} must each be at most {GRID_YZ} on a GPU",
             d.b, d.hq
         )));
     }
-    if p.spec.check_inputs {
-        scan_inputs(p, dev, stream)?;
-    }
+    Ok(())
+}
+
+/// The parameters of probabilities.cu's kernels for `p` (outputs 0: the caller sets them).
+fn probs_params<T: Element>(p: &Problem<'_, '_, T>) -> Result<ProbsParams> {
+    let d = p.dims;
     let vl = p.precision.varlen.as_ref();
-    let mut params = ProbsParams {
+    Ok(ProbsParams {
         q: p.q.data.addr(),
         k: p.k.data.addr(),
+        v: p.v.data.addr(),
+        o: 0,
+        lse: 0,
+        e: 0,
         pi_head: p.precision.head.as_ref().map_or(0, |v| v.addr()),
         pi_key: p.precision.key.as_ref().map_or(0, |v| v.addr()),
         kv_len: p.kv_len.map_or(0, |v| v.addr()),
-        w,
+        w: 0,
         x: AttnScoreInputs::new(p.precision),
         q_stride: strides(p.q.strides),
         k_stride: strides(p.k.strides),
+        v_stride: strides(p.v.strides),
+        o_stride: [0; 3],
         b: to_i32("B", d.b)?,
         hq: to_i32("Hq", d.hq)?,
         hkv: to_i32("Hkv", d.hkv)?,
@@ -642,16 +658,61 @@ pub(crate) fn probabilities<T: Element>(
         window: p.spec.window.map_or(0, |w| w.min(i32::MAX as u32) as i32),
         normalizer: (p.spec.normalizer && p.spec.score.is_distance()) as i32,
         seqs: to_i32("sequences", vl.map_or(0, |v| v.sequences()))?,
-        pad_: 0,
-    };
-    // Packed: every row of batch 0 finds its own sequence (grid z = 1).
+        dv: to_i32("Dv", d.dv)?,
+    })
+}
+
+/// Launches `attn_<name>_<dtype>` of probabilities.cu: one block per (row, head, batch); packed,
+/// every row of batch 0 finds its own sequence (grid z = 1).
+fn launch_rows<T: Element>(
+    p: &Problem<'_, '_, T>,
+    name: &str,
+    params: &mut ProbsParams,
+    stream: Stream,
+) -> Result<()> {
+    let d = p.dims;
     let cfg = LaunchConfig {
         grid: (d.lq as u32, d.hq as u32, d.b as u32),
         block: PROBS_THREADS,
         smem: 0,
     };
-    let kernel = format!("attn_probs_{}", T::DTYPE.suffix());
-    dev.launch(PROBS, &kernel, cfg, &mut [arg(&mut params)], stream)
+    let kernel = format!("attn_{name}_{}", T::DTYPE.suffix());
+    p.q.data
+        .device()
+        .launch(PROBS, &kernel, cfg, &mut [arg(params)], stream)
+}
+
+/// The attention weights `[B, Hq, Lq, Lk]` f32 into the device memory at `w` (checked by the
+/// caller): scans the inputs if asked, then one block per (row, head, batch) of
+/// kernels/attention/probabilities.cu. Any head dim (the kernel loops over D).
+pub(crate) fn probabilities<T: Element>(
+    p: &Problem<'_, '_, T>,
+    w: u64,
+    stream: Stream,
+) -> Result<()> {
+    check_row_grid(&p.dims)?;
+    if p.spec.check_inputs {
+        scan_inputs(p, p.q.data.device(), stream)?;
+    }
+    let mut params = probs_params(p)?;
+    params.w = w;
+    launch_rows(p, "probs", &mut params, stream)
+}
+
+/// The forward of a call whose bias or mask varies over Lq: the row kernel of probabilities.cu
+/// (o, lse and e of one row per block, unsplit), inputs scanned by the caller.
+fn forward_rows<T: Element>(
+    p: &Problem<'_, '_, T>,
+    out: &AttentionOutputs<'_, T>,
+    stream: Stream,
+) -> Result<()> {
+    check_row_grid(&p.dims)?;
+    let mut params = probs_params(p)?;
+    params.o = out.o.data.addr;
+    params.o_stride = strides(out.o.strides);
+    params.lse = out.lse.as_ref().map_or(0, |v| v.addr);
+    params.e = out.e.as_ref().map_or(0, |v| v.addr);
+    launch_rows(p, "rows", &mut params, stream)
 }
 
 #[cfg(test)]
