@@ -458,11 +458,11 @@ add port.load 20 0 "$B" "bash ci/gpu-run.sh --load-check $B"
 #    then the GPU ones by value, then the C ABI ones
 threads=${FEP_GPU_TEST_THREADS:+--test-threads=$FEP_GPU_TEST_THREADS}
 TESTS=()
-for t in attention settle settle_precision vmp torch_ops torch_settle_lca nn_pc nn_lca; do
+for t in attention attention_inputs settle settle_precision vmp torch_ops torch_settle_lca nn_pc nn_lca nn_attention; do
   add "tests.py-$t" 60 0 "$B/libfep_kernels.so" "FEP_KERNELS_LIB=$LIB $py bindings/python/test_$t.py"
   TESTS+=("tests.py-$t")
 done
-for t in attention_gpu attention_backward_gpu attention_decode lca_gpu settle_gpu vmp_gpu attention_ffi settle_ffi vmp_ffi; do
+for t in attention_gpu attention_backward_gpu attention_decode attention_inputs_gpu attention_inputs_backward_gpu lca_gpu settle_gpu vmp_gpu attention_ffi settle_ffi vmp_ffi; do
   add "tests.$t" 90 0 "$B/tests/$t" "$B/tests/$t --color never --show-output $threads"
   TESTS+=("tests.$t")
 done
@@ -472,7 +472,7 @@ for f in "$B"/tests/*; do
   [ -e "$f" ] || continue
   t=$(basename "$f")
   case "$t" in
-    mma_gpu | attention_gpu | attention_backward_gpu | attention_decode | lca_gpu | settle_gpu | vmp_gpu | attention_ffi | settle_ffi | vmp_ffi) ;;
+    mma_gpu | attention_gpu | attention_backward_gpu | attention_decode | attention_inputs_gpu | attention_inputs_backward_gpu | lca_gpu | settle_gpu | vmp_gpu | attention_ffi | settle_ffi | vmp_ffi) ;;
     # CPU-only (candle_ops: candle's CPU storage; no tests at all without its feature)
     # bad_input*: the CPU's bad-input probes and property tests (README's matrix from the repo)
     *_cpu | ffi_header | resources | settle_digits | settle_precision | census | candle_ops | bad_input | bad_input_matrix) CPU_TESTS+=("$t") ;;
