@@ -43,7 +43,9 @@ fn required() -> Vec<String> {
     all.push("attn_bwd_reduce".to_string());
     for dtype in ["f32", "f16", "bf16"] {
         all.push(format!("attn_merge_{dtype}"));
+        // probabilities.cu: the probabilities, and the forward of a bias or mask varying over Lq.
         all.push(format!("attn_probs_{dtype}"));
+        all.push(format!("attn_rows_{dtype}"));
         // dβ of the backward (backward_dbias.cu): one kernel per dtype, no head-dim template.
         all.push(format!("attn_bwd_dbias_{dtype}"));
         // The backward kernels' head-dim buckets (kernels/attention/backward_params.cuh).
