@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # ci/fuzz.sh: the C ABI fuzz run. Builds every cargo-fuzz target in fuzz/ (one per C ABI entry
-# point or handle family: attention forward/backward/merge, settle infer/learn, LCA dictionary
+# point or handle family: attention forward/backward/merge, the v3 score inputs (attention_inputs:
+# forward2 and probabilities; attention_backward2), settle infer/learn, LCA dictionary
 # new-shape-phi-free / solve / learn, VMP model new-info-counts-free / infer_states /
 # infer_sequence / infer_policies / learn, device and library queries) with AddressSanitizer,
 # then runs each, on the CPU backend, from its committed seed corpus (fuzz/corpus/<target>) for
 # FEP_FUZZ_RUNS (default 3000) runs from the seed FEP_FUZZ_SEED (default 1), each capped at an
-# equal share of FEP_FUZZ_SECONDS (default 60) seconds. Prints the number of runs of
+# equal share of FEP_FUZZ_SECONDS (default 68: 4 s for each of the 17) seconds. Prints the number of runs of
 # each target; exits non-zero when any target crashes: a panic (libfuzzer-sys's hook aborts
 # even on one the entry point would catch), an ASan report (out-of-bounds, use after free), an
 # oracle failure (FEP_ERR_INTERNAL, an undocumented status, an output written on failure, an
@@ -33,7 +34,7 @@ export RUSTC_BOOTSTRAP=1
 # A failed allocation returns NULL, as in production, so the library's fallible allocation path
 # (an OutOfMemory error) is what gets tested; an infallible one still aborts and is reported.
 export ASAN_OPTIONS="allocator_may_return_null=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
-total=${FEP_FUZZ_SECONDS:-60}
+total=${FEP_FUZZ_SECONDS:-68}
 # A fixed seed and a fixed number of runs per target make the run reproducible: the same tree
 # explores the same inputs on every machine (a slow one, stopped by the time cap, a prefix of
 # them), so CI is red for a bug in the change, not for a lucky draw. Longer or other draws:

@@ -40,6 +40,7 @@ use arbitrary::Arbitrary;
 pub use fep_kernels::ffi;
 
 pub mod lca;
+pub mod score_inputs;
 pub mod settle;
 pub mod vmp;
 
