@@ -41,7 +41,10 @@ def op_args(score="gaussian", causal=True, layout="bhld", **kw):
     q, k, v, ph, pk = problem(**kw)
     if layout == "blhd":
         q, k, v = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
-    return (q, k, v, ph, pk, None, score, 4.0, None, causal, None, True, layout)
+    # q, k, v, pi_head, pi_key, kv_len, nu_head, bias, mask, cu_seqlens_q, cu_seqlens_k, score,
+    # nu, scale, causal, window, normalizer, layout, max_seqlen_q, max_seqlen_k
+    return (q, k, v, ph, pk, None, None, None, None, None, None, score, 4.0, None, causal, None,
+            True, layout, None, None)
 
 
 def test_ops_registered():
@@ -60,17 +63,38 @@ def test_opcheck_attention_forward():
     q, k, v, _, _ = problem()
     kv = torch.tensor([6, 3], dtype=torch.int32)
     torch.library.opcheck(torch.ops.fep.attention_forward,
-                          (q, k, v, None, None, kv, "dot", 5.0, 0.5, False, 2, False, "bhld"))
+                          (q, k, v, None, None, kv, None, None, None, None, None, "dot", 5.0, 0.5,
+                           False, 2, False, "bhld", None, None))
+    # per-head nu, a bias and a mask (issue 23's score inputs)
+    q, k, v, ph, pk = problem()
+    nu = torch.tensor([2.0, 3.0, 5.0, 8.0], requires_grad=True)
+    bias = torch.randn(1, 4, 5, 6, requires_grad=True)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, 0, 0, 2] = False
+    torch.library.opcheck(torch.ops.fep.attention_forward,
+                          (q, k, v, ph, pk, None, nu, bias, mask, None, None, "student_t", 1.0,
+                           None, True, None, True, "bhld", None, None))
 
 
 def test_opcheck_attention_backward():
     q, k, v, ph, pk = problem(grad=False)
     o, lse, e = fk.attention_forward(q, k, v, score="student_t", nu=4.0, pi_head=ph, pi_key=pk)
     d_o, d_e = torch.randn_like(o), torch.randn_like(e)
-    for de in (None, d_e):
+    d_lse = torch.randn_like(lse)
+    for de, dl in ((None, None), (d_e, None), (d_e, d_lse)):
         torch.library.opcheck(torch.ops.fep.attention_backward,
-                              (q, k, v, o, lse, d_o, e if de is not None else None, de, ph, pk,
-                               None, "student_t", 4.0, None, False, None, True, "bhld"))
+                              (q, k, v, o, lse, d_o, e if de is not None else None, de, dl, ph,
+                               pk, None, None, None, None, None, None, "student_t", 4.0, None,
+                               False, None, True, "bhld", None, None))
+    # with a bias (dbias) and a per-head nu (dnu [Hq])
+    nu = torch.tensor([2.0, 3.0, 5.0, 8.0])
+    bias = torch.randn(1, 4, 1, 6)
+    o, lse, e = fk.attention_forward(q, k, v, score="student_t", nu=nu, pi_head=ph, pi_key=pk,
+                                     bias=bias)
+    torch.library.opcheck(torch.ops.fep.attention_backward,
+                          (q, k, v, o, lse, d_o, e, d_e, d_lse, ph, pk, None, nu, bias, None,
+                           None, None, "student_t", 1.0, None, False, None, True, "bhld", None,
+                           None))
 
 
 def test_gradcheck_float32():

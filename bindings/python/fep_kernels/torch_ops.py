@@ -276,23 +276,28 @@ def _backward(ctx, d_o, d_lse, d_e):
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """q, k, v in the autocast region's dtype when one is active on q's device (float16 or
-    bfloat16: the kernels' 16-bit inputs), else as they are."""
+def _autocast_dtype(q: Any) -> Optional[torch.dtype]:
+    """The dtype of the autocast region active on q's device (float16 or bfloat16: the kernels'
+    16-bit inputs), or None outside one."""
+    if not isinstance(q, Tensor):
+        return None  # _validate names the argument that is not a tensor
     dev = q.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         if dt in (torch.float16, torch.bfloat16):
-            return q.to(dt), k.to(dt), v.to(dt)
-    return q, k, v
+            return dt
+    return None
 
 
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A floating tensor as float32 (precisions, nu and the bias are float32 whatever the
-    autocast dtype); anything else as it is (the checks name it)."""
-    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float32:
-        return t.float()
-    return t
+def _autocast(q: Any, k: Any, v: Any, *f32: Any) -> Tuple[Any, ...]:
+    """Inside an autocast region: q, k, v cast to its dtype and the ``f32`` tensors (precisions,
+    nu, the bias) to float32, whatever dtype autocast gave them. Outside one: everything as it
+    is (a wrong dtype is then an error naming the argument)."""
+    dt = _autocast_dtype(q)
+    if dt is None:
+        return (q, k, v, *f32)
+    cast = lambda t, d: t.to(d) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+    return (cast(q, dt), cast(k, dt), cast(v, dt), *(cast(t, torch.float32) for t in f32))
 
 
 def _bias4(bias: Optional[Tensor], full: Sequence[int], what: str) -> Optional[Tensor]:
@@ -319,7 +324,7 @@ def _nu_args(nu: Any, hq: int) -> Tuple[float, Optional[Tensor]]:
     """(the op's float nu, its per-head nu tensor or None): a tensor nu of shape [], [1] or [Hq]
     becomes [Hq] float32 (a shared learnable nu through expand); a number stays a number."""
     if isinstance(nu, Tensor):
-        t = _f32(nu)
+        t = nu
         if t.dim() == 0 or list(t.shape) == [1]:
             t = t.reshape(1).expand(hq)
         return 1.0, t
@@ -361,13 +366,13 @@ def attention_with_stats(q: Tensor, k: Tensor, v: Tensor, precision_key: Optiona
     precisions, nu and bias kept in float32. Works under ``torch.compile(fullgraph=True)``.
     Argument errors raise TypeError (not a tensor or number) or ValueError (dtype, device,
     shape, unknown score/layout) before the library is called."""
-    q, k, v = _autocast(q, k, v)
-    precision_key, precision_head = _f32(precision_key), _f32(precision_head)
+    q, k, v, precision_key, precision_head, bias, nu = _autocast(
+        q, k, v, precision_key, precision_head, bias, nu)
     _validate(q, k, v, precision_head, precision_key, kv_len, score, layout)
     b, hq, lq, _ = _bhld(q.shape, layout)
     lk = _bhld(k.shape, layout)[2]
     nu_f, nu_head = _nu_args(nu, hq)
-    bias = _bias4(_f32(bias), (b, hq, lq, lk), "bias")
+    bias = _bias4(bias, (b, hq, lq, lk), "bias")
     mask = _bias4(attn_mask, (b, hq, lq, lk), "attn_mask")
     scale, window = _scale_window(scale, window)
     return torch.ops.fep.attention_forward(q, k, v, precision_head, precision_key, kv_len,
@@ -409,8 +414,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         q, k, v = (torch.randn(12, 4, 32, requires_grad=True) for _ in range(3))
         o = fk.attention_varlen(q, k, v, cu, cu, 7, 7, causal=True)   # [12, 4, 32]
     """
-    q, k, v = _autocast(q, k, v)
-    precision_key, precision_head = _f32(precision_key), _f32(precision_head)
+    q, k, v, precision_key, precision_head, nu = _autocast(q, k, v, precision_key,
+                                                          precision_head, nu)
     for t, what in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
         if not isinstance(t, Tensor):
             raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
