@@ -127,10 +127,12 @@ check "report: the ours record" has "$out/dry-run.md" "\| small .*\| ours \| [0-
 check "no process of the suite left" none_left
 
 echo "4. a test stopped at step 2's budget is retried in step 4 and fails the run"
-suite retry FEP_GPU_STEPS="tests.attention_gpu tests.lca_gpu" FEP_GPU_BUDGET_S=40 FEP_GPU_LIMITS="tests.lca_gpu=12" -- env
+# A total of 60 s gives step 2 13 s: the ~17 items recorded "not selected" ahead of lca_gpu take
+# ~0.4 s each, so lca_gpu still starts (with >= 5 s left) and is stopped by the step's end.
+suite retry FEP_GPU_STEPS="tests.attention_gpu tests.lca_gpu" FEP_GPU_BUDGET_S=60 FEP_GPU_LIMITS="tests.lca_gpu=16" -- env
 check "exit 1 (rc $rc)" test "$rc" = 1
-check "killed at step 2's budget (10 s)" has "$out/summary.txt" "lca_gpu +KILLED .*step's budget"
-check "retried in step 4 until its own limit (12 s)" has "$out/summary.txt" "lca_gpu +TIMEOUT .*its own limit"
+check "killed at step 2's budget (13 s)" has "$out/summary.txt" "lca_gpu +KILLED .*step's budget"
+check "retried in step 4 until its own limit (16 s)" has "$out/summary.txt" "lca_gpu +TIMEOUT .*its own limit"
 check "counted as a failure" has "$tmp/retry.log" "1 test item\(s\) did not pass"
 check "no process of the suite left" none_left
 
