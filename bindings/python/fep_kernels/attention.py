@@ -534,8 +534,7 @@ def attention_backward(q: "Tensor", k: "Tensor", v: "Tensor", o: "Tensor", lse: 
         dpi_head = dpi_key = dnu = None
     dbias = None
     if bias is not None:
-        bias4 = keep[1 if isinstance(nu, torch.Tensor) else 0]  # the 4-d view _score_inputs made
-        dbias = torch.empty(list(bias4.shape), **f32)
+        dbias = torch.empty(list(inputs.bias_shape), **f32)  # the bias's 4-d broadcast shape
     kind, ordinal, stream = _device_args(dev, "q")
     _check(lib.fep_attention_backward2(
         kind, ordinal, stream, ctypes.byref(p), dtype, ctypes.byref(qd), ctypes.byref(kd),
