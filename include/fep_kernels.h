@@ -26,7 +26,7 @@
 
 /// The version of the C ABI this header declares; `fep_abi_version()` returns the one the loaded
 /// library implements.
-#define FEP_ABI_VERSION 3
+#define FEP_ABI_VERSION 4
 
 /// Status code: the call succeeded.
 #define FEP_OK 0
@@ -69,6 +69,10 @@
 
 /// Device kind: an AMD GPU through HIP (tensors are `hipDeviceptr_t`s, streams `hipStream_t`s).
 #define FEP_DEVICE_HIP 2
+
+/// Device kind: the f64 reference on the host, the oracle the fast CPU path (`FEP_DEVICE_CPU`)
+/// and the GPUs are tested against. Host memory, like `FEP_DEVICE_CPU`; slower by design.
+#define FEP_DEVICE_CPU_REFERENCE 3
 
 /// Element type of inputs: 32-bit IEEE float.
 #define FEP_DTYPE_F32 0
@@ -444,6 +448,14 @@ const char *fep_version(void);
 
 /// The ABI version this library implements (`FEP_ABI_VERSION` of its header).
 int32_t fep_abi_version(void);
+
+/// Sets the number of threads the CPU device uses: n >= 1 a pool of n threads of the library's
+/// own, 0 rayon's global pool (the default; `RAYON_NUM_THREADS` or one per core). A call made
+/// from inside a rayon pool runs on that pool. Results do not depend on the thread count.
+int32_t fep_set_num_threads(int32_t n);
+
+/// The number of threads a CPU call made here and now would use.
+int32_t fep_num_threads(void);
 
 /// The message of the last failed call on this thread ("" if none). Valid until the next call.
 const char *fep_last_error(void);

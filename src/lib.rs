@@ -161,12 +161,14 @@ pub mod ffi;
 pub mod lca;
 pub mod settle;
 mod tensor;
+mod threads;
 pub mod vmp;
 
 pub use backend::{Device, DeviceBuffer, DeviceKind, Stream, View, ViewMut};
 pub use element::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use threads::{num_threads, set_num_threads};
 
 /// The compilers' per-kernel resource report for this build (registers, shared memory,
 /// spills), one line per kernel and target. Empty without a GPU feature.

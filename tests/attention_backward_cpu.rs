@@ -3,7 +3,7 @@
 //! mask, GQA ratio, D ≠ Dv, with and without ∂L/∂e), against PyTorch float64 autograd
 //! (tests/fixtures/attention_backward_torch.json, conventions in
 //! tests/fixtures/ATTENTION-CONVENTIONS.md §11), the View API (`backward`, `backward_into`) on
-//! `Device::cpu()` with strided BLHD tensors, and bad input.
+//! `Device::reference()` with strided BLHD tensors, and bad input.
 
 // `!(err <= tol)` on purpose: a NaN error must fail.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -830,7 +830,7 @@ fn every_case_matches_torch_autograd() {
 }
 
 // =============================================================================================
-// The View API on Device::cpu()
+// The View API on Device::reference()
 // =============================================================================================
 
 fn f32s(x: &[f64]) -> Vec<f32> {
@@ -924,20 +924,20 @@ fn view_api_blhd_matches_the_reference() {
         let ph = f32s(p.pi_head.as_ref().unwrap());
         let pk = f32s(p.pi_key.as_ref().unwrap());
         let kl = p.kv_len.clone().unwrap();
-        let tq = Tensor4::blhd(View::host(&q), qs);
-        let tk = Tensor4::blhd(View::host(&k), ks);
-        let tv = Tensor4::blhd(View::host(&v), vs);
+        let tq = Tensor4::blhd(common::host(&q), qs);
+        let tk = Tensor4::blhd(common::host(&k), ks);
+        let tv = Tensor4::blhd(common::host(&v), vs);
         let prec = Precisions {
-            head: Some(View::host(&ph)),
-            key: Some(View::host(&pk)),
+            head: Some(common::host(&ph)),
+            key: Some(common::host(&pk)),
             ..Default::default()
         };
-        let klv = View::host(&kl);
+        let klv = common::host(&kl);
         let inputs = BackwardInputs {
-            o: Tensor4::blhd(View::host(&o), os),
-            lse: View::host(&lse),
-            d_o: Tensor4::blhd(View::host(&d_o), os),
-            e: Some(View::host(&e)),
+            o: Tensor4::blhd(common::host(&o), os),
+            lse: common::host(&lse),
+            d_o: Tensor4::blhd(common::host(&d_o), os),
+            e: Some(common::host(&e)),
             d_e: d_e.as_deref().map(View::host),
             d_lse: None,
         };
@@ -950,15 +950,15 @@ fn view_api_blhd_matches_the_reference() {
         let mut dpk = vec![f32::NAN; b * hkv * lk];
         let mut dnu = [f32::NAN];
         let out = Gradients {
-            dq: Tensor4Mut::blhd(ViewMut::host(&mut dq), qs),
-            dk: Tensor4Mut::blhd(ViewMut::host(&mut dk), ks),
-            dv: Tensor4Mut::blhd(ViewMut::host(&mut dvv), vs),
-            dpi_head: Some(ViewMut::host(&mut dph)),
-            dpi_key: Some(ViewMut::host(&mut dpk)),
-            dnu: Some(ViewMut::host(&mut dnu)),
+            dq: Tensor4Mut::blhd(common::host_mut(&mut dq), qs),
+            dk: Tensor4Mut::blhd(common::host_mut(&mut dk), ks),
+            dv: Tensor4Mut::blhd(common::host_mut(&mut dvv), vs),
+            dpi_head: Some(common::host_mut(&mut dph)),
+            dpi_key: Some(common::host_mut(&mut dpk)),
+            dnu: Some(common::host_mut(&mut dnu)),
             dbias: None,
         };
-        let dev = Device::cpu();
+        let dev = Device::reference();
         attention::backward_into(
             &spec,
             &tq,
@@ -985,9 +985,9 @@ fn view_api_blhd_matches_the_reference() {
         let mut dk2 = vec![f32::NAN; b * hkv * lk * d];
         let mut dv2 = vec![f32::NAN; b * hkv * lk * dv];
         let out = Gradients {
-            dq: Tensor4Mut::bhld(ViewMut::host(&mut dq2), qs),
-            dk: Tensor4Mut::bhld(ViewMut::host(&mut dk2), ks),
-            dv: Tensor4Mut::bhld(ViewMut::host(&mut dv2), vs),
+            dq: Tensor4Mut::bhld(common::host_mut(&mut dq2), qs),
+            dk: Tensor4Mut::bhld(common::host_mut(&mut dk2), ks),
+            dv: Tensor4Mut::bhld(common::host_mut(&mut dv2), vs),
             dpi_head: None,
             dpi_key: None,
             dnu: None,
@@ -1113,7 +1113,7 @@ const N_ARENA: usize = OFF_DNU + 1;
 /// error's argument name (None on success), how many of the outputs' elements are still NaN (of
 /// N_ARENA), and whether the inputs (and the arena's slack past the outputs) are unchanged.
 fn try_bad(bad: Bad) -> (Option<String>, usize, bool) {
-    let dev = Device::cpu();
+    let dev = Device::reference();
     let g = |tid, n| -> Vec<f32> { f32s(&uniform_tensor(77, tid, n)) };
     let rows = B * HQ * LQ;
     let q = g(1, rows * D + 8);
@@ -1180,33 +1180,33 @@ fn try_bad(bad: Bad) -> (Option<String>, usize, bool) {
     } else {
         rows * D
     };
-    let mut tq = Tensor4::bhld(View::host(&q[..q_len]), qs);
+    let mut tq = Tensor4::bhld(common::host(&q[..q_len]), qs);
     if bad == Bad::QStrideBelowRow {
         tq.strides[2] = D - 1;
     }
-    let tk = Tensor4::bhld(View::host(&k), ks);
-    let tv = Tensor4::bhld(View::host(&v), vs);
+    let tk = Tensor4::bhld(common::host(&k), ks);
+    let tv = Tensor4::bhld(common::host(&v), vs);
     let o_len = if bad == Bad::OViewShort {
         rows * DV - 1
     } else {
         rows * DV
     };
-    let mut t_do = Tensor4::bhld(View::host(&d_o[..rows * DV]), dos);
+    let mut t_do = Tensor4::bhld(common::host(&d_o[..rows * DV]), dos);
     if bad == Bad::DoStrideBelowRow {
         t_do.strides[1] = 1;
     }
     let prec = Precisions {
-        head: Some(View::host(&ph[..HQ + (bad == Bad::PiHeadLen) as usize])),
-        key: Some(View::host(&pk[..N_DPK - (bad == Bad::PiKeyLen) as usize])),
+        head: Some(common::host(&ph[..HQ + (bad == Bad::PiHeadLen) as usize])),
+        key: Some(common::host(&pk[..N_DPK - (bad == Bad::PiKeyLen) as usize])),
         ..Default::default()
     };
-    let klv = View::host(&kl[..B + (bad == Bad::KvLenLen) as usize]);
+    let klv = common::host(&kl[..B + (bad == Bad::KvLenLen) as usize]);
     let inputs = BackwardInputs {
-        o: Tensor4::bhld(View::host(&o[..o_len]), os),
-        lse: View::host(&lse[..rows + (bad == Bad::LseLen) as usize]),
+        o: Tensor4::bhld(common::host(&o[..o_len]), os),
+        lse: common::host(&lse[..rows + (bad == Bad::LseLen) as usize]),
         d_o: t_do,
-        e: (bad != Bad::DeWithoutE).then(|| View::host(&e[..rows - (bad == Bad::ELen) as usize])),
-        d_e: Some(View::host(&d_e[..rows + (bad == Bad::DeLen) as usize])),
+        e: (bad != Bad::DeWithoutE).then(|| common::host(&e[..rows - (bad == Bad::ELen) as usize])),
+        d_e: Some(common::host(&d_e[..rows + (bad == Bad::DeLen) as usize])),
         d_lse: None,
     };
 

@@ -1,7 +1,7 @@
 //! Precision-weighted attention, the f64 CPU reference (DESIGN.md §4.1) against the PyTorch f64
 //! fixtures (tests/fixtures/attention_torch.json, conventions in
 //! tests/fixtures/ATTENTION-CONVENTIONS.md): the input generator bit for bit, every case at 1e-11,
-//! the View API on `Device::cpu()` in f32 and BLHD layout, and bad input.
+//! the View API on `Device::reference()` in f32 and BLHD layout, and bad input.
 
 // `!(err <= tol)` on purpose: a NaN error must fail.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -18,7 +18,7 @@ use fep_kernels::attention::reference::{self, RefInputs};
 use fep_kernels::attention::{
     self, AttentionOutputs, AttentionSpec, Precisions, Score, Tensor4, Tensor4Mut,
 };
-use fep_kernels::{Device, Error, View, ViewMut};
+use fep_kernels::{Device, Error, View};
 use serde_json::Value;
 
 /// |x − ref| / max(1, |ref|), the conventions' metric (§7); −∞ must match exactly.
@@ -228,7 +228,7 @@ fn from_blhd<T: Copy>(x: &[T], [b, h, l, d]: [usize; 4]) -> Vec<T> {
     out
 }
 
-/// One case through `forward_into` on `Device::cpu()` in f32 (BLHD or BHLD); returns (o BHLD,
+/// One case through `forward_into` on `Device::reference()` in f32 (BLHD or BHLD); returns (o BHLD,
 /// lse, e) widened.
 fn run_views(c: &Case, blhd: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let qs = [c.b, c.hq, c.lq, c.d];
@@ -248,9 +248,9 @@ fn run_views(c: &Case, blhd: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let mut e = vec![f32::NAN; rows];
     fn t4(x: &[f32], s: [usize; 4], blhd: bool) -> Tensor4<'_, f32> {
         if blhd {
-            Tensor4::blhd(View::host(x), s)
+            Tensor4::blhd(common::host(x), s)
         } else {
-            Tensor4::bhld(View::host(x), s)
+            Tensor4::bhld(common::host(x), s)
         }
     }
     let (tq, tk, tv) = (t4(&q, qs, blhd), t4(&k, ks, blhd), t4(&v, vs, blhd));
@@ -261,16 +261,16 @@ fn run_views(c: &Case, blhd: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     };
     let kl = c.kv_len.as_deref().map(View::host);
     let to = if blhd {
-        Tensor4Mut::blhd(ViewMut::host(&mut o), os)
+        Tensor4Mut::blhd(common::host_mut(&mut o), os)
     } else {
-        Tensor4Mut::bhld(ViewMut::host(&mut o), os)
+        Tensor4Mut::bhld(common::host_mut(&mut o), os)
     };
     let out = AttentionOutputs {
         o: to,
-        lse: Some(ViewMut::host(&mut lse)),
-        e: Some(ViewMut::host(&mut e)),
+        lse: Some(common::host_mut(&mut lse)),
+        e: Some(common::host_mut(&mut e)),
     };
-    let dev = Device::cpu();
+    let dev = Device::reference();
     attention::forward_into(
         &c.spec,
         &tq,
@@ -393,19 +393,19 @@ fn try_small(
     let mut o = vec![f32::NAN; rows * os[3]];
     let mut lse = vec![f32::NAN; rows];
     let mut e = vec![f32::NAN; rows];
-    let q = Tensor4::bhld(View::host(&s.q[..q_len]), qshape);
-    let k = Tensor4::bhld(View::host(&s.k), kshape);
-    let v = Tensor4::bhld(View::host(&s.v), vshape);
+    let q = Tensor4::bhld(common::host(&s.q[..q_len]), qshape);
+    let k = Tensor4::bhld(common::host(&s.k), kshape);
+    let v = Tensor4::bhld(common::host(&s.v), vshape);
     let prec = Precisions {
-        head: Some(View::host(&s.ph[..qshape[1].min(s.ph.len())])),
-        key: Some(View::host(&s.pk)),
+        head: Some(common::host(&s.ph[..qshape[1].min(s.ph.len())])),
+        key: Some(common::host(&s.pk)),
         ..Default::default()
     };
-    let kl = View::host(&s.kl);
+    let kl = common::host(&s.kl);
     let out = AttentionOutputs {
-        o: Tensor4Mut::bhld(ViewMut::host(&mut o), os),
-        lse: Some(ViewMut::host(&mut lse)),
-        e: Some(ViewMut::host(&mut e)),
+        o: Tensor4Mut::bhld(common::host_mut(&mut o), os),
+        lse: Some(common::host_mut(&mut lse)),
+        e: Some(common::host_mut(&mut e)),
     };
     let r = attention::forward_into(
         &spec,
@@ -415,7 +415,7 @@ fn try_small(
         &prec,
         Some(&kl),
         out,
-        Device::cpu().default_stream(),
+        Device::reference().default_stream(),
     );
     let untouched = o.iter().chain(&lse).chain(&e).all(|x| x.is_nan());
     match r {

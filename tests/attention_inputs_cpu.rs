@@ -19,7 +19,7 @@ use fep_kernels::attention::{
     self, AttentionOutputs, AttentionSpec, BackwardInputs, Gradients, Precisions, Score, ScoreBias,
     Tensor4, Tensor4Mut, Varlen,
 };
-use fep_kernels::{Device, Error, View, ViewMut};
+use fep_kernels::{Device, Error, View};
 use serde_json::Value;
 
 // Tensor ids of the generator (ATTENTION-CONVENTIONS.md §2, gen_attention_inputs.py).
@@ -671,15 +671,15 @@ impl Host32 {
 
     fn t4<'a>(&self, x: &'a [f32], s: [usize; 4], blhd: bool) -> Tensor4<'a, f32> {
         if blhd {
-            Tensor4::blhd(View::host(x), s)
+            Tensor4::blhd(common::host(x), s)
         } else {
-            Tensor4::bhld(View::host(x), s)
+            Tensor4::bhld(common::host(x), s)
         }
     }
 }
 
 /// Forward then backward (every gradient) through `forward_into` / `backward_into` on
-/// `Device::cpu()` in f32, outputs poisoned with NaN; BLHD tensors when `blhd`.
+/// `Device::reference()` in f32, outputs poisoned with NaN; BLHD tensors when `blhd`.
 fn device_run(p: &P, blhd: bool) -> DevOut {
     let h = Host32::new(p, blhd);
     let (qs, ks, vs, os) = (
@@ -701,14 +701,14 @@ fn device_run(p: &P, blhd: bool) -> DevOut {
         bias: h
             .bias
             .as_deref()
-            .map(|b| ScoreBias::contiguous(View::host(b), p.bias.as_ref().unwrap().1)),
+            .map(|b| ScoreBias::contiguous(common::host(b), p.bias.as_ref().unwrap().1)),
         mask: h
             .mask
             .as_deref()
-            .map(|m| ScoreBias::contiguous(View::host(m), p.mask.as_ref().unwrap().1)),
+            .map(|m| ScoreBias::contiguous(common::host(m), p.mask.as_ref().unwrap().1)),
         varlen: vl.map(|(cq, ck)| Varlen {
-            cu_q: View::host(cq),
-            cu_k: View::host(ck),
+            cu_q: common::host(cq),
+            cu_k: common::host(ck),
             max_q: cq
                 .windows(2)
                 .map(|w| (w[1] - w[0]) as usize)
@@ -725,12 +725,12 @@ fn device_run(p: &P, blhd: bool) -> DevOut {
     };
     let kl = p.kv_len.as_deref().map(View::host);
     let rows = p.rows();
-    let dev = Device::cpu();
+    let dev = Device::reference();
     fn mk4_(x: &mut [f32], s: [usize; 4], blhd: bool) -> Tensor4Mut<'_, f32> {
         if blhd {
-            Tensor4Mut::blhd(ViewMut::host(x), s)
+            Tensor4Mut::blhd(common::host_mut(x), s)
         } else {
-            Tensor4Mut::bhld(ViewMut::host(x), s)
+            Tensor4Mut::bhld(common::host_mut(x), s)
         }
     }
 
@@ -746,8 +746,8 @@ fn device_run(p: &P, blhd: bool) -> DevOut {
         kl.as_ref(),
         AttentionOutputs {
             o: mk4_(&mut o, os, blhd),
-            lse: Some(ViewMut::host(&mut lse)),
-            e: Some(ViewMut::host(&mut e)),
+            lse: Some(common::host_mut(&mut lse)),
+            e: Some(common::host_mut(&mut e)),
         },
         dev.default_stream(),
     )
@@ -764,9 +764,9 @@ fn device_run(p: &P, blhd: bool) -> DevOut {
     {
         let inputs = BackwardInputs {
             o: h.t4(&o, os, blhd),
-            lse: View::host(&lse),
+            lse: common::host(&lse),
             d_o: h.t4(&h.d_o, os, blhd),
-            e: Some(View::host(&e)),
+            e: Some(common::host(&e)),
             d_e: h.d_e.as_deref().map(View::host),
             d_lse: h.d_lse.as_deref().map(View::host),
         };
@@ -774,10 +774,10 @@ fn device_run(p: &P, blhd: bool) -> DevOut {
             dq: mk4_(&mut dq, qs, blhd),
             dk: mk4_(&mut dk, ks, blhd),
             dv: mk4_(&mut dvv, vs, blhd),
-            dpi_head: Some(ViewMut::host(&mut dph)),
-            dpi_key: Some(ViewMut::host(&mut dpk)),
-            dnu: Some(ViewMut::host(&mut dnu)),
-            dbias: p.bias.as_ref().map(|_| ViewMut::host(&mut dbias)),
+            dpi_head: Some(common::host_mut(&mut dph)),
+            dpi_key: Some(common::host_mut(&mut dpk)),
+            dnu: Some(common::host_mut(&mut dnu)),
+            dbias: p.bias.as_ref().map(|_| common::host_mut(&mut dbias)),
         };
         attention::backward_into(
             &p.spec,
@@ -1556,11 +1556,11 @@ fn alloc_api_bits(p: &P) -> Vec<u32> {
         bias: h
             .bias
             .as_deref()
-            .map(|b| ScoreBias::contiguous(View::host(b), p.bias.as_ref().unwrap().1)),
+            .map(|b| ScoreBias::contiguous(common::host(b), p.bias.as_ref().unwrap().1)),
         mask: h
             .mask
             .as_deref()
-            .map(|m| ScoreBias::contiguous(View::host(m), p.mask.as_ref().unwrap().1)),
+            .map(|m| ScoreBias::contiguous(common::host(m), p.mask.as_ref().unwrap().1)),
         varlen: None,
     };
     let kl = p.kv_len.as_deref().map(View::host);
@@ -1763,7 +1763,7 @@ fn probabilities_are_the_softmax_of_independent_scores() {
     vl.pi_head = None;
     probs.push(vl);
 
-    let dev = Device::cpu();
+    let dev = Device::reference();
     let mut worst_ref = 0.0f64;
     let mut worst_dev = 0.0f64;
     let mut dead_rows = 0;
@@ -1826,14 +1826,14 @@ fn probabilities_are_the_softmax_of_independent_scores() {
             bias: h
                 .bias
                 .as_deref()
-                .map(|b| ScoreBias::contiguous(View::host(b), p.bias.as_ref().unwrap().1)),
+                .map(|b| ScoreBias::contiguous(common::host(b), p.bias.as_ref().unwrap().1)),
             mask: h
                 .mask
                 .as_deref()
-                .map(|m| ScoreBias::contiguous(View::host(m), p.mask.as_ref().unwrap().1)),
+                .map(|m| ScoreBias::contiguous(common::host(m), p.mask.as_ref().unwrap().1)),
             varlen: p.varlen.as_ref().map(|(cq, ck)| Varlen {
-                cu_q: View::host(cq),
-                cu_k: View::host(ck),
+                cu_q: common::host(cq),
+                cu_k: common::host(ck),
                 max_q: 9,
                 max_k: 9,
             }),
@@ -1852,7 +1852,7 @@ fn probabilities_are_the_softmax_of_independent_scores() {
             &tv,
             &prec,
             kl.as_ref(),
-            ViewMut::host(&mut into),
+            common::host_mut(&mut into),
             dev.default_stream(),
         )
         .unwrap();
@@ -1888,7 +1888,7 @@ fn probabilities_are_the_softmax_of_independent_scores() {
             &tv,
             &prec,
             kl.as_ref(),
-            ViewMut::host(&mut short),
+            common::host_mut(&mut short),
             dev.default_stream(),
         ) {
             Err(Error::InvalidArgument { name, .. }) => assert_eq!(name, "probabilities"),
@@ -2001,22 +2001,22 @@ fn try_bad(bad: Bad) -> ((Option<String>, bool), (Option<String>, bool)) {
         [b, hq, lq, dv],
     );
     let (tq, tk, tv) = (
-        Tensor4::bhld(View::host(&q), qs),
-        Tensor4::bhld(View::host(&k), ks),
-        Tensor4::bhld(View::host(&v), vs),
+        Tensor4::bhld(common::host(&q), qs),
+        Tensor4::bhld(common::host(&k), ks),
+        Tensor4::bhld(common::host(&v), vs),
     );
-    let dev = Device::cpu();
+    let dev = Device::reference();
     // o lives in an arena after a copy of the bias for the overlap case.
     let mut arena = vec![f32::NAN; rows * dv + rows * 2];
     let bias_view = if bad == Bad::BiasOverlapsO {
         unsafe { View::<f32>::from_raw(&dev, arena.as_ptr() as u64 + 4 * 3, bias_len) }
     } else {
-        View::host(&bias[..bias_len])
+        common::host(&bias[..bias_len])
     };
     let prec = Precisions {
-        nu: Some(View::host(&nu[..nu_len])),
+        nu: Some(common::host(&nu[..nu_len])),
         bias: Some(ScoreBias::contiguous(bias_view, bshape)),
-        mask: Some(ScoreBias::contiguous(View::host(&mask[..mask_len]), mshape)),
+        mask: Some(ScoreBias::contiguous(common::host(&mask[..mask_len]), mshape)),
         ..Default::default()
     };
     let (o, rest) = arena.split_at_mut(rows * dv);
@@ -2029,9 +2029,9 @@ fn try_bad(bad: Bad) -> ((Option<String>, bool), (Option<String>, bool)) {
         &prec,
         None,
         AttentionOutputs {
-            o: Tensor4Mut::bhld(ViewMut::host(o), os),
-            lse: Some(ViewMut::host(lse)),
-            e: Some(ViewMut::host(e)),
+            o: Tensor4Mut::bhld(common::host_mut(o), os),
+            lse: Some(common::host_mut(lse)),
+            e: Some(common::host_mut(e)),
         },
         dev.default_stream(),
     );
@@ -2050,12 +2050,12 @@ fn try_bad(bad: Bad) -> ((Option<String>, bool), (Option<String>, bool)) {
     let good_bias = f32s(&uni(91, TID_BIAS, b * lq * lk));
     let good_nu = [2.0f32, 3.0, 0.75, 5.0];
     let good_prec = Precisions {
-        nu: Some(View::host(&good_nu)),
+        nu: Some(common::host(&good_nu)),
         bias: Some(ScoreBias::contiguous(
-            View::host(&good_bias),
+            common::host(&good_bias),
             [b, 1, lq, lk],
         )),
-        mask: Some(ScoreBias::contiguous(View::host(&mask), [1, hq, 1, lk])),
+        mask: Some(ScoreBias::contiguous(common::host(&mask), [1, hq, 1, lk])),
         ..Default::default()
     };
     let fspec = AttentionSpec::new(Score::StudentT(2.0)).causal(true);
@@ -2069,12 +2069,12 @@ fn try_bad(bad: Bad) -> ((Option<String>, bool), (Option<String>, bool)) {
     let d_e = g(TID_D_E, rows);
     let d_lse = g(TID_D_LSE, rows + 1);
     let inputs = BackwardInputs {
-        o: Tensor4::bhld(View::host(&fo_o), os),
-        lse: View::host(&fo_lse),
-        d_o: Tensor4::bhld(View::host(&d_o), os),
-        e: Some(View::host(&fo_e)),
-        d_e: Some(View::host(&d_e)),
-        d_lse: Some(View::host(&d_lse[..rows + (bad == Bad::DLseLen) as usize])),
+        o: Tensor4::bhld(common::host(&fo_o), os),
+        lse: common::host(&fo_lse),
+        d_o: Tensor4::bhld(common::host(&d_o), os),
+        e: Some(common::host(&fo_e)),
+        d_e: Some(common::host(&d_e)),
+        d_lse: Some(common::host(&d_lse[..rows + (bad == Bad::DLseLen) as usize])),
     };
     let nb: usize = bshape.iter().product();
     let (n_dq, n_dk, n_dv) = (rows * d, b * hkv * lk * d, b * hkv * lk * dv);
@@ -2100,13 +2100,13 @@ fn try_bad(bad: Bad) -> ((Option<String>, bool), (Option<String>, bool)) {
         prec.clone()
     };
     let out = Gradients {
-        dq: Tensor4Mut::bhld(ViewMut::host(dq), qs),
-        dk: Tensor4Mut::bhld(ViewMut::host(dk), ks),
-        dv: Tensor4Mut::bhld(ViewMut::host(dvv), vs),
-        dpi_head: Some(ViewMut::host(dph)),
-        dpi_key: Some(ViewMut::host(dpk)),
-        dnu: Some(ViewMut::host(&mut dnu[..dnu_len])),
-        dbias: Some(ViewMut::host(&mut r[..dbias_len])),
+        dq: Tensor4Mut::bhld(common::host_mut(dq), qs),
+        dk: Tensor4Mut::bhld(common::host_mut(dk), ks),
+        dv: Tensor4Mut::bhld(common::host_mut(dvv), vs),
+        dpi_head: Some(common::host_mut(dph)),
+        dpi_key: Some(common::host_mut(dpk)),
+        dnu: Some(common::host_mut(&mut dnu[..dnu_len])),
+        dbias: Some(common::host_mut(&mut r[..dbias_len])),
     };
     let bwd = attention::backward_into(
         &spec,
@@ -2254,18 +2254,18 @@ fn bad_varlen_is_rejected_before_any_write() {
             head: h.ph.as_deref().map(View::host),
             key: h.pk.as_deref().map(View::host),
             bias: matches!(what, V::WithBias)
-                .then(|| ScoreBias::contiguous(View::host(&bias), [1, p.hq, p.lq, p.lk])),
+                .then(|| ScoreBias::contiguous(common::host(&bias), [1, p.hq, p.lq, p.lk])),
             mask: matches!(what, V::WithMask)
-                .then(|| ScoreBias::contiguous(View::host(&mask), [1, 1, 1, p.lk])),
+                .then(|| ScoreBias::contiguous(common::host(&mask), [1, 1, 1, p.lk])),
             varlen: Some(Varlen {
-                cu_q: View::host(&cq),
-                cu_k: View::host(&ck),
+                cu_q: common::host(&cq),
+                cu_k: common::host(&ck),
                 max_q,
                 max_k,
             }),
             ..Default::default()
         };
-        let klv = matches!(what, V::WithKvLen).then(|| View::host(&kl));
+        let klv = matches!(what, V::WithKvLen).then(|| common::host(&kl));
         let rows = p.rows();
         let mut o = vec![f32::NAN; rows * p.dv];
         let mut lse = vec![f32::NAN; rows];
@@ -2278,11 +2278,11 @@ fn bad_varlen_is_rejected_before_any_write() {
             &prec,
             klv.as_ref(),
             AttentionOutputs {
-                o: Tensor4Mut::bhld(ViewMut::host(&mut o), os),
-                lse: Some(ViewMut::host(&mut lse)),
-                e: Some(ViewMut::host(&mut e)),
+                o: Tensor4Mut::bhld(common::host_mut(&mut o), os),
+                lse: Some(common::host_mut(&mut lse)),
+                e: Some(common::host_mut(&mut e)),
             },
-            Device::cpu().default_stream(),
+            Device::reference().default_stream(),
         );
         let untouched = o.iter().chain(&lse).chain(&e).all(|x| x.is_nan());
         match r {
@@ -2515,12 +2515,12 @@ fn strided_bias_and_mask_equal_the_contiguous_ones() {
         mpad[r * 7..r * 7 + lk].copy_from_slice(&mask[r * lk..][..lk]);
     }
     let sb = ScoreBias {
-        data: View::host(&bpad),
+        data: common::host(&bpad),
         shape: [1, p.hq, 1, lk],
         strides: [0, 8, 1_000_000],
     };
     let sm = ScoreBias {
-        data: View::host(&mpad),
+        data: common::host(&mpad),
         shape: [p.b, 1, p.lq, lk],
         strides: [p.lq * 7, 0, 7],
     };
@@ -2572,7 +2572,7 @@ fn zero_stride_bias_equals_the_materialised_bias() {
         [p.b, p.hkv, p.lk, p.dv],
     );
     let bias = h.bias.clone().unwrap();
-    let mut sb = ScoreBias::contiguous(View::host(&bias), [p.b, p.hq, p.lq, p.lk]);
+    let mut sb = ScoreBias::contiguous(common::host(&bias), [p.b, p.hq, p.lq, p.lk]);
     sb.strides = [0, p.lq * p.lk, p.lk];
     let prec = Precisions {
         head: h.ph.as_deref().map(View::host),

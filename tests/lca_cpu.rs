@@ -1,6 +1,6 @@
 //! The CPU reference of LCA sparse coding (DESIGN.md §4.3, §6): LASSO optimality, the
 //! scikit-learn fixtures, each threshold, the trace, per-sample early stop, warm starts, f16/bf16
-//! inputs, dictionary learning, bad input and the C ABI, all on `Device::cpu()`.
+//! inputs, dictionary learning, bad input and the C ABI, all on `Device::reference()`.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::ptr::{null, null_mut};
 
 use common::*;
 use fep_kernels::lca::{Dictionary, DictionaryOptions, LcaOutputs, LcaSpec, Threshold, TolMode};
-use fep_kernels::{Device, Element, Error, View, ViewMut, bf16, f16};
+use fep_kernels::{Device, Element, Error, View, bf16, f16};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -26,15 +26,15 @@ struct Out {
 }
 
 fn dict<T: Element>(phi: &[T], n: usize, m: usize) -> Dictionary {
-    Dictionary::new(&View::host(phi), n, m, DictionaryOptions::default()).expect("valid dictionary")
+    Dictionary::new(&common::host(phi), n, m, DictionaryOptions::default()).expect("valid dictionary")
 }
 
 fn solve<T: Element>(d: &Dictionary, spec: &LcaSpec, x: &[T], u0: Option<&[f32]>) -> Out {
     let u0v = u0.map(View::host);
     let r = d
-        .solve(spec, &View::host(x), u0v.as_ref())
+        .solve(spec, &common::host(x), u0v.as_ref())
         .expect("valid solve");
-    assert_eq!(r.u.device(), &Device::cpu());
+    assert_eq!(r.u.device(), &Device::reference());
     Out {
         u: r.u.to_vec().unwrap(),
         a: r.a.to_vec().unwrap(),
@@ -734,11 +734,11 @@ fn warm_start_from_u0() {
 
     // wrong length
     let short = vec![0f32; batch * m - 1];
-    let r = d.solve(&spec, &View::host(&x), Some(&View::host(&short)));
+    let r = d.solve(&spec, &common::host(&x), Some(&common::host(&short)));
     assert_invalid(r, "u0");
     let long = vec![0f32; batch * m + m];
     assert_invalid(
-        d.solve(&spec, &View::host(&x), Some(&View::host(&long))),
+        d.solve(&spec, &common::host(&x), Some(&common::host(&long))),
         "u0",
     );
 }
@@ -777,7 +777,7 @@ fn check_half<T: Element>(label: &str, bound: f64) {
     let x_w: Vec<f32> = x_h.iter().map(|v| v.to_f64() as f32).collect();
     let widened = solve(
         &Dictionary::new(
-            &View::host(&phi_w),
+            &common::host(&phi_w),
             n,
             m,
             DictionaryOptions {
@@ -814,16 +814,16 @@ fn unit_norm_check_tolerance_per_dtype() {
         let phib: Vec<bf16> = phi.iter().map(|&v| bf16::from_f32(v)).collect();
         let norms_b = column_norms(&phib, n, m);
         assert!(
-            Dictionary::new(&View::host(&phi), n, m, Default::default()).is_ok(),
+            Dictionary::new(&common::host(&phi), n, m, Default::default()).is_ok(),
             "f32 {n}x{m}"
         );
         assert!(
-            Dictionary::new(&View::host(&phi16), n, m, Default::default()).is_ok(),
+            Dictionary::new(&common::host(&phi16), n, m, Default::default()).is_ok(),
             "f16 {n}x{m}"
         );
         let worst = norms_b.iter().map(|v| (v - 1.0).abs()).fold(0.0, f64::max);
         assert!(
-            Dictionary::new(&View::host(&phib), n, m, Default::default()).is_ok(),
+            Dictionary::new(&common::host(&phib), n, m, Default::default()).is_ok(),
             "bf16 {n}x{m}: worst |norm-1| = {worst:e}"
         );
     }
@@ -845,17 +845,17 @@ fn unit_norm_check_tolerance_per_dtype() {
         for (label, got, want) in [
             (
                 "f32",
-                Dictionary::new(&View::host(&p32), n, m, Default::default()).map(|_| ()),
+                Dictionary::new(&common::host(&p32), n, m, Default::default()).map(|_| ()),
                 ok32,
             ),
             (
                 "f16",
-                Dictionary::new(&View::host(&p16), n, m, Default::default()).map(|_| ()),
+                Dictionary::new(&common::host(&p16), n, m, Default::default()).map(|_| ()),
                 ok16,
             ),
             (
                 "bf16",
-                Dictionary::new(&View::host(&pb), n, m, Default::default()).map(|_| ()),
+                Dictionary::new(&common::host(&pb), n, m, Default::default()).map(|_| ()),
                 okb,
             ),
         ] {
@@ -872,7 +872,7 @@ fn unit_norm_check_tolerance_per_dtype() {
         let off = DictionaryOptions {
             check_unit_norm: false,
         };
-        assert!(Dictionary::new(&View::host(&pb), n, m, off).is_ok());
+        assert!(Dictionary::new(&common::host(&pb), n, m, off).is_ok());
     }
 }
 
@@ -920,10 +920,10 @@ fn learn_keeps_unit_norm_and_updates_gram() {
     let code = solve(&d, &LcaSpec::new(0.1).eta(0.2).steps(200), &x, None);
     let g_before = d.gram().unwrap();
     d.learn(
-        &View::host(&x),
-        &View::host(&code.a),
+        &common::host(&x),
+        &common::host(&code.a),
         0.5,
-        Device::cpu().default_stream(),
+        Device::reference().default_stream(),
     )
     .unwrap();
     let phi_after = d.phi().unwrap();
@@ -939,10 +939,10 @@ fn learn_keeps_unit_norm_and_updates_gram() {
     // lr = 0 is a no-op (up to renormalising an already unit-norm column)
     let before = d.phi().unwrap();
     d.learn(
-        &View::host(&x),
-        &View::host(&code.a),
+        &common::host(&x),
+        &common::host(&code.a),
         0.0,
-        Device::cpu().default_stream(),
+        Device::reference().default_stream(),
     )
     .unwrap();
     assert!(max_abs_diff(&d.phi().unwrap(), &before) <= 1e-7);
@@ -955,10 +955,10 @@ fn learn_matches_hand_computation() {
     // lr = 1: Φ = I + ½[[−1, 0], [1, 0]] = [[0.5, 0], [0.5, 1]] → column 0 → (1, 1)/√2.
     let s = std::f32::consts::FRAC_1_SQRT_2;
     let mut d = dict(&[1.0f32, 0.0, 0.0, 1.0], 2, 2);
-    let st = Device::cpu().default_stream();
+    let st = Device::reference().default_stream();
     d.learn(
-        &View::host(&[0.0f32, 1.0, 0.0, 0.0]),
-        &View::host(&[1.0f32, 0.0, 0.0, 0.0]),
+        &common::host(&[0.0f32, 1.0, 0.0, 0.0]),
+        &common::host(&[1.0f32, 0.0, 0.0, 0.0]),
         1.0,
         st,
     )
@@ -975,8 +975,8 @@ fn learn_matches_hand_computation() {
     // col1 = (0, 1) + 0.25(−2, −2) = (−0.5, 0.5) → (−1, 1)/√2.
     let mut d = dict(&[1.0f32, 0.0, 0.0, 1.0], 2, 2);
     d.learn(
-        &View::host(&[0.0f32, 1.0]),
-        &View::host(&[1.0f32, 2.0]),
+        &common::host(&[0.0f32, 1.0]),
+        &common::host(&[1.0f32, 2.0]),
         0.25,
         st,
     )
@@ -1009,7 +1009,7 @@ fn learn_matches_hand_computation() {
     }
     normalize_columns(&mut want, n, m);
     let mut d = dict(&phi, n, m);
-    d.learn(&View::host(&x), &View::host(&a), lr as f32, st)
+    d.learn(&common::host(&x), &common::host(&a), lr as f32, st)
         .unwrap();
     let got = d.phi().unwrap();
     assert!(
@@ -1022,9 +1022,9 @@ fn learn_matches_hand_computation() {
     let x16: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
     let x16w: Vec<f32> = x16.iter().map(|v| v.to_f32()).collect();
     let (mut d1, mut d2) = (dict(&phi, n, m), dict(&phi, n, m));
-    d1.learn(&View::host(&x16), &View::host(&a), lr as f32, st)
+    d1.learn(&common::host(&x16), &common::host(&a), lr as f32, st)
         .unwrap();
-    d2.learn(&View::host(&x16w), &View::host(&a), lr as f32, st)
+    d2.learn(&common::host(&x16w), &common::host(&a), lr as f32, st)
         .unwrap();
     assert_eq!(d1.phi().unwrap(), d2.phi().unwrap());
 }
@@ -1038,7 +1038,7 @@ fn learning_reduces_reconstruction_error() {
     let start = unit_dictionary(&mut r, n, m);
     let mut d = dict(&start, n, m);
     let spec = LcaSpec::new(0.1).eta(0.2).steps(150).tol(1e-4);
-    let st = Device::cpu().default_stream();
+    let st = Device::reference().default_stream();
     let mean_energy = |d: &Dictionary| -> f64 {
         let out = solve(d, &spec, &eval_x, None);
         let phi = d.phi().unwrap();
@@ -1077,7 +1077,7 @@ fn learning_reduces_reconstruction_error() {
     for _ in 0..300 {
         let (x, _) = sparse_signals(&mut r, &truth, n, m, 32, 2, 0.01, false);
         let code = solve(&d, &spec, &x, None);
-        d.learn(&View::host(&x), &View::host(&code.a), 2.0, st)
+        d.learn(&common::host(&x), &common::host(&code.a), 2.0, st)
             .unwrap();
     }
     let (e_end, rec_end) = (mean_energy(&d), recovered(&d));
@@ -1117,11 +1117,11 @@ impl Filled {
     }
     fn outputs(&mut self) -> LcaOutputs<'_> {
         LcaOutputs {
-            u: ViewMut::host(&mut self.u),
-            a: ViewMut::host(&mut self.a),
-            energy: Some(ViewMut::host(&mut self.energy)),
-            active: Some(ViewMut::host(&mut self.active)),
-            steps: Some(ViewMut::host(&mut self.steps)),
+            u: common::host_mut(&mut self.u),
+            a: common::host_mut(&mut self.a),
+            energy: Some(common::host_mut(&mut self.energy)),
+            active: Some(common::host_mut(&mut self.active)),
+            steps: Some(common::host_mut(&mut self.steps)),
         }
     }
     fn untouched(&self) -> bool {
@@ -1143,13 +1143,13 @@ fn bad_solve_arguments_are_rejected_and_leave_outputs_untouched() {
     let (bm, bt) = (batch * m, batch * steps as usize);
     let lens = [bm, bm, bt, bt, batch];
     let u0 = vec![0.1f32; bm];
-    let st = Device::cpu().default_stream();
+    let st = Device::reference().default_stream();
 
     let run =
         |spec: &LcaSpec, x: &[f32], u0: Option<&[f32]>, lens: [usize; 5], want: Option<&str>| {
             let mut f = Filled::new(lens);
             let u0v = u0.map(View::host);
-            let r = d.solve_into(spec, &View::host(x), u0v.as_ref(), f.outputs(), st);
+            let r = d.solve_into(spec, &common::host(x), u0v.as_ref(), f.outputs(), st);
             match want {
                 None => {
                     r.unwrap();
@@ -1170,7 +1170,7 @@ fn bad_solve_arguments_are_rejected_and_leave_outputs_untouched() {
     run(&good, &x, None, lens, None);
     run(&good, &x, Some(&u0), lens, None);
     assert!(
-        d.solve(&good.eta(1.0), &View::host(&x), None).is_ok(),
+        d.solve(&good.eta(1.0), &common::host(&x), None).is_ok(),
         "eta = 1 is allowed"
     );
 
@@ -1227,7 +1227,7 @@ fn bad_solve_arguments_are_rejected_and_leave_outputs_untouched() {
         .collect();
     let mut f = Filled::new(lens);
     assert_invalid(
-        d.solve_into(&good, &View::host(&xh), None, f.outputs(), st),
+        d.solve_into(&good, &common::host(&xh), None, f.outputs(), st),
         "x",
     );
     assert!(f.untouched());
@@ -1242,11 +1242,11 @@ fn bad_solve_arguments_are_rejected_and_leave_outputs_untouched() {
             }
         })
         .collect();
-    assert_invalid(d.solve(&good, &View::host(&xb), None), "x");
+    assert_invalid(d.solve(&good, &common::host(&xb), None), "x");
     // solve (allocating) rejects the same things
-    assert_invalid(d.solve(&LcaSpec::new(0.0), &View::host(&x), None), "lambda");
-    assert_invalid(d.solve(&good, &View::host(&x[..3]), None), "x");
-    assert_invalid(d.solve::<f32>(&good, &View::host(&[]), None), "x");
+    assert_invalid(d.solve(&LcaSpec::new(0.0), &common::host(&x), None), "lambda");
+    assert_invalid(d.solve(&good, &common::host(&x[..3]), None), "x");
+    assert_invalid(d.solve::<f32>(&good, &common::host(&[]), None), "x");
 }
 
 #[test]
@@ -1258,37 +1258,37 @@ fn bad_dictionaries_are_rejected() {
     let off = DictionaryOptions {
         check_unit_norm: false,
     };
-    assert!(Dictionary::new(&View::host(&phi), n, m, on).is_ok());
+    assert!(Dictionary::new(&common::host(&phi), n, m, on).is_ok());
     // shapes
-    assert_invalid(Dictionary::new(&View::host(&phi), n, m + 1, on), "phi");
-    assert_invalid(Dictionary::new(&View::host(&phi[1..]), n, m, on), "phi");
-    assert_invalid(Dictionary::new(&View::host(&phi), n * m, 0, off), "phi");
-    assert_invalid(Dictionary::new(&View::host(&phi), 0, n * m, off), "phi");
-    assert_invalid(Dictionary::new::<f32>(&View::host(&[]), 0, 0, off), "phi");
+    assert_invalid(Dictionary::new(&common::host(&phi), n, m + 1, on), "phi");
+    assert_invalid(Dictionary::new(&common::host(&phi[1..]), n, m, on), "phi");
+    assert_invalid(Dictionary::new(&common::host(&phi), n * m, 0, off), "phi");
+    assert_invalid(Dictionary::new(&common::host(&phi), 0, n * m, off), "phi");
+    assert_invalid(Dictionary::new::<f32>(&common::host(&[]), 0, 0, off), "phi");
     assert_invalid(
-        Dictionary::new(&View::host(&phi), usize::MAX, 2, off),
+        Dictionary::new(&common::host(&phi), usize::MAX, 2, off),
         "phi",
     );
     // not unit norm: rejected with the check, accepted without
     let scaled: Vec<f32> = phi.iter().map(|&v| v * 2.0).collect();
-    assert_invalid(Dictionary::new(&View::host(&scaled), n, m, on), "phi");
+    assert_invalid(Dictionary::new(&common::host(&scaled), n, m, on), "phi");
     let d =
-        Dictionary::new(&View::host(&scaled), n, m, off).expect("check off accepts any finite phi");
+        Dictionary::new(&common::host(&scaled), n, m, off).expect("check off accepts any finite phi");
     assert!(
         (d.gram().unwrap()[0] - 3.0).abs() < 1e-5,
         "G_00 = ‖2φ‖² − 1 = 3"
     );
     let mut zero_col = phi.clone();
     (0..n).for_each(|i| zero_col[i * m + 1] = 0.0);
-    assert_invalid(Dictionary::new(&View::host(&zero_col), n, m, on), "phi");
-    assert!(Dictionary::new(&View::host(&zero_col), n, m, off).is_ok());
+    assert_invalid(Dictionary::new(&common::host(&zero_col), n, m, on), "phi");
+    assert!(Dictionary::new(&common::host(&zero_col), n, m, off).is_ok());
     // non-finite: always rejected
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         for pos in [0, n * m / 2, n * m - 1] {
             let mut p = phi.clone();
             p[pos] = bad;
             for opts in [on, off] {
-                let r = Dictionary::new(&View::host(&p), n, m, opts);
+                let r = Dictionary::new(&common::host(&p), n, m, opts);
                 // a clear error: it says the column is not finite (not, say, "norm 0")
                 if let Err(Error::InvalidArgument { reason, .. }) = &r {
                     assert!(
@@ -1302,7 +1302,7 @@ fn bad_dictionaries_are_rejected() {
     }
     let mut ph: Vec<bf16> = phi.iter().map(|&v| bf16::from_f32(v)).collect();
     ph[7] = bf16::NAN;
-    assert_invalid(Dictionary::new(&View::host(&ph), n, m, off), "phi");
+    assert_invalid(Dictionary::new(&common::host(&ph), n, m, off), "phi");
 }
 
 #[test]
@@ -1312,9 +1312,9 @@ fn bad_learn_arguments_are_rejected_and_leave_the_dictionary_untouched() {
     let mut d = dict(&phi, n, m);
     let a = solve(&d, &LcaSpec::new(0.1).steps(50), &x, None).a;
     let (phi0, g0) = (d.phi().unwrap(), d.gram().unwrap());
-    let st = Device::cpu().default_stream();
+    let st = Device::reference().default_stream();
     let mut check = |x: &[f32], a: &[f32], lr: f32, name: &str| {
-        assert_invalid(d.learn(&View::host(x), &View::host(a), lr, st), name);
+        assert_invalid(d.learn(&common::host(x), &common::host(a), lr, st), name);
         assert_eq!(
             d.phi().unwrap(),
             phi0,
@@ -1338,7 +1338,7 @@ fn bad_learn_arguments_are_rejected_and_leave_the_dictionary_untouched() {
     check(&x[1..], &a, 0.1, "x");
     check(&[], &[], 0.1, "x");
     // and a valid call does change it
-    d.learn(&View::host(&x), &View::host(&a), 0.1, st).unwrap();
+    d.learn(&common::host(&x), &common::host(&a), 0.1, st).unwrap();
     assert_ne!(d.phi().unwrap(), phi0);
 }
 
@@ -1754,10 +1754,10 @@ mod c_abi {
         };
         assert_eq!(st, FEP_OK, "{}", last_error());
         d.learn(
-            &View::host(&x),
-            &View::host(&want.a),
+            &common::host(&x),
+            &common::host(&want.a),
             0.5,
-            Device::cpu().default_stream(),
+            Device::reference().default_stream(),
         )
         .unwrap();
         assert_eq!(
@@ -2035,10 +2035,10 @@ fn lambda_max_is_recomputed_after_learning() {
     let before = d.lambda_max().unwrap();
     let a = solve(&d, &LcaSpec::new(0.05).steps(50), &x, None).a;
     d.learn(
-        &View::host(&x),
-        &View::host(&a),
+        &common::host(&x),
+        &common::host(&a),
         0.5,
-        Device::cpu().default_stream(),
+        Device::reference().default_stream(),
     )
     .unwrap();
     let after = d.lambda_max().unwrap();
@@ -2071,7 +2071,7 @@ fn default_eta_is_automatic_and_explicit_eta_still_works() {
     assert_ne!(slow.u, auto.u);
     // bad η: negative, above 1, NaN
     for bad in [-0.1f32, 1.5, f32::NAN] {
-        assert_invalid(d.solve(&spec.eta(bad), &View::host(&x), None), "eta");
+        assert_invalid(d.solve(&spec.eta(bad), &common::host(&x), None), "eta");
     }
 }
 

@@ -1,5 +1,5 @@
 //! The CPU reference of predictive-coding settling (DESIGN.md §4.2, §6), through the public API
-//! on `Device::cpu()`: against the formulas evaluated independently here (every activation,
+//! on `Device::reference()`: against the formulas evaluated independently here (every activation,
 //! scalar and diagonal precision, with and without bias, momentum), a hand-computed step, the
 //! PCX fixtures, energy descent, the backprop limit, per-sample early stop, feedforward
 //! inference, SGD, f16/bf16 weights and bad input.
@@ -84,11 +84,11 @@ impl Model {
             .map(|l| {
                 let precision = match &self.prec[l] {
                     Prec::Scalar(p) => Precision::Scalar(*p),
-                    Prec::Diag(d) => Precision::Diagonal(View::host(d)),
+                    Prec::Diag(d) => Precision::Diagonal(common::host(d)),
                 };
-                let layer = Layer::new(View::host(&w[l]), self.acts[l], precision);
+                let layer = Layer::new(common::host(&w[l]), self.acts[l], precision);
                 match b {
-                    Some(b) => layer.bias(View::host(&b[l])),
+                    Some(b) => layer.bias(common::host(&b[l])),
                     None => layer,
                 }
             })
@@ -136,7 +136,7 @@ fn out_of(state: &settle::SettleResult) -> Out {
 }
 
 fn learn<T: Element>(net: &Network<'_, T>, spec: &SettleSpec, x0: &[f32], target: &[f32]) -> Out {
-    let r = settle::learn_step(net, spec, &View::host(x0), &View::host(target), None)
+    let r = settle::learn_step(net, spec, &common::host(x0), &common::host(target), None)
         .expect("valid learn step");
     Out {
         gw: host(&r.grad_w),
@@ -151,8 +151,8 @@ fn infer<T: Element>(
     x0: &[f32],
     init: Option<&[Vec<f32>]>,
 ) -> Out {
-    let views: Option<Vec<View<'_, f32>>> = init.map(|i| i.iter().map(|v| View::host(v)).collect());
-    let r = settle::infer(net, spec, &View::host(x0), views.as_deref()).expect("valid inference");
+    let views: Option<Vec<View<'_, f32>>> = init.map(|i| i.iter().map(|v| common::host(v)).collect());
+    let r = settle::infer(net, spec, &common::host(x0), views.as_deref()).expect("valid inference");
     out_of(&r)
 }
 
@@ -622,9 +622,9 @@ fn starting_from_the_outputs() {
     settle::infer_into(
         &m.net(),
         &spec.init(Init::FromOutputs),
-        &View::host(&x0),
+        &common::host(&x0),
         outs,
-        Device::cpu().default_stream(),
+        Device::reference().default_stream(),
     )
     .unwrap();
     assert_eq!(o.out(false), via_infer);
@@ -638,11 +638,11 @@ fn starting_from_the_outputs() {
     settle::learn_step_into(
         &m.net(),
         &spec.init(Init::FromOutputs),
-        &View::host(&x0),
-        &View::host(&target),
+        &common::host(&x0),
+        &common::host(&target),
         outs,
         grads,
-        Device::cpu().default_stream(),
+        Device::reference().default_stream(),
     )
     .unwrap();
     let r = reference(&rn, &spec, &x0, Some(&target), Some(&start[..1]));
@@ -755,9 +755,9 @@ fn matches_the_pcx_fixtures() {
                 settle::infer_into(
                     &m.net(),
                     &spec.init(Init::FromOutputs),
-                    &View::host(&x0),
+                    &common::host(&x0),
                     outs,
-                    Device::cpu().default_stream(),
+                    Device::reference().default_stream(),
                 )
                 .unwrap();
                 assert_eq!(o.out(false), a, "{name}: infer and infer_into disagree");
@@ -1076,9 +1076,9 @@ fn feedforward_inference_is_the_forward_pass() {
     settle::infer_into(
         &m.net(),
         &spec,
-        &View::host(&x0),
+        &common::host(&x0),
         outs,
-        Device::cpu().default_stream(),
+        Device::reference().default_stream(),
     )
     .unwrap();
     let out = o.out(false);
@@ -1182,10 +1182,10 @@ fn sgd_updates_every_dtype() {
         let lr = 0.3f32;
         let mut p = p0.clone();
         settle::sgd(
-            &mut ViewMut::host(&mut p),
-            &View::host(&grad),
+            &mut common::host_mut(&mut p),
+            &common::host(&grad),
             lr,
-            Device::cpu().default_stream(),
+            Device::reference().default_stream(),
         )
         .unwrap();
         let want: Vec<T> = p0
@@ -1200,27 +1200,27 @@ fn sgd_updates_every_dtype() {
         );
         let mut q = p0.clone();
         settle::sgd(
-            &mut ViewMut::host(&mut q),
-            &View::host(&grad),
+            &mut common::host_mut(&mut q),
+            &common::host(&grad),
             0.0,
-            Device::cpu().default_stream(),
+            Device::reference().default_stream(),
         )
         .unwrap();
         assert!(q == p0, "lr = 0 changed the parameters");
         for (lr, name) in [(-0.1, "lr"), (f32::NAN, "lr"), (f32::INFINITY, "lr")] {
             let r = settle::sgd(
-                &mut ViewMut::host(&mut q),
-                &View::host(&grad),
+                &mut common::host_mut(&mut q),
+                &common::host(&grad),
                 lr,
-                Device::cpu().default_stream(),
+                Device::reference().default_stream(),
             );
             expect_invalid(r, name);
         }
         let r = settle::sgd(
-            &mut ViewMut::host(&mut q),
-            &View::host(&grad[1..]),
+            &mut common::host_mut(&mut q),
+            &common::host(&grad[1..]),
             lr,
-            Device::cpu().default_stream(),
+            Device::reference().default_stream(),
         );
         expect_invalid(r, "grad");
         assert!(q == p0, "a rejected sgd wrote the parameters");
@@ -1269,15 +1269,15 @@ impl Outs {
 
     fn views(&mut self) -> (SettleOutputs<'_>, Gradients<'_>) {
         fn mut_views(v: &mut [Vec<f32>]) -> Vec<ViewMut<'_, f32>> {
-            v.iter_mut().map(|b| ViewMut::host(b)).collect()
+            v.iter_mut().map(|b| common::host_mut(b)).collect()
         }
         (
             SettleOutputs {
                 x: mut_views(&mut self.x),
                 eps: mut_views(&mut self.eps),
-                energy: Some(ViewMut::host(&mut self.energy)),
-                trace: Some(ViewMut::host(&mut self.trace)),
-                steps: Some(ViewMut::host(&mut self.steps)),
+                energy: Some(common::host_mut(&mut self.energy)),
+                trace: Some(common::host_mut(&mut self.trace)),
+                steps: Some(common::host_mut(&mut self.steps)),
             },
             Gradients {
                 weights: mut_views(&mut self.gw),
@@ -1371,7 +1371,7 @@ impl Base {
         learn_only: bool,
     ) {
         let batch = 2;
-        let stream = Device::cpu().default_stream();
+        let stream = Device::reference().default_stream();
         let mut o = Outs::new(&self.m.widths, batch, spec.steps, SENTINEL);
         tweak(&mut o);
         let before = o.bits();
@@ -1380,8 +1380,8 @@ impl Base {
             settle::learn_step_into(
                 net,
                 spec,
-                &View::host(x0),
-                &View::host(target),
+                &common::host(x0),
+                &common::host(target),
                 outs,
                 grads,
                 stream,
@@ -1398,7 +1398,7 @@ impl Base {
             let before = o.bits();
             let (outs, _) = o.views();
             expect_invalid(
-                settle::infer_into(net, spec, &View::host(x0), outs, stream),
+                settle::infer_into(net, spec, &common::host(x0), outs, stream),
                 name,
             );
             assert!(
@@ -1422,14 +1422,14 @@ impl Base {
             settle::learn_step(
                 &self.m.net(),
                 &spec,
-                &View::host(&self.x0),
-                &View::host(&self.target),
+                &common::host(&self.x0),
+                &common::host(&self.target),
                 None,
             ),
             name,
         );
         expect_invalid(
-            settle::infer(&self.m.net(), &spec, &View::host(&self.x0), None),
+            settle::infer(&self.m.net(), &spec, &common::host(&self.x0), None),
             name,
         );
     }
@@ -1464,7 +1464,7 @@ fn rejects_bad_network_shapes() {
     let b = base();
     let m = &b.m;
     fn layer(w: &[f32]) -> Layer<'_, f32> {
-        Layer::new(View::host(w), Activation::Tanh, Precision::Scalar(1.0))
+        Layer::new(common::host(w), Activation::Tanh, Precision::Scalar(1.0))
     }
     let short = m.w[0][1..].to_vec();
     expect_invalid(
@@ -1475,7 +1475,7 @@ fn rejects_bad_network_shapes() {
     expect_invalid(
         Network::new(
             &m.widths,
-            vec![layer(&m.w[0]), layer(&m.w[1]).bias(View::host(&short_b))],
+            vec![layer(&m.w[0]), layer(&m.w[1]).bias(common::host(&short_b))],
         ),
         "layers[1].bias",
     );
@@ -1491,9 +1491,9 @@ fn rejects_bad_network_shapes() {
     );
     let diag = vec![1.0f32; 3];
     let bad_diag = Layer::new(
-        View::host(&m.w[1]),
+        common::host(&m.w[1]),
         Activation::Tanh,
-        Precision::Diagonal(View::host(&diag)),
+        Precision::Diagonal(common::host(&diag)),
     );
     expect_invalid(
         Network::new(&m.widths, vec![layer(&m.w[0]), bad_diag]),
@@ -1571,11 +1571,11 @@ fn rejects_bad_precisions() {
     for p in [0.0, -1.0, f32::NAN, f32::INFINITY] {
         let layers = vec![
             Layer::new(
-                View::host(&m.w[0]),
+                common::host(&m.w[0]),
                 Activation::Identity,
                 Precision::Scalar(1.0),
             ),
-            Layer::new(View::host(&m.w[1]), Activation::Tanh, Precision::Scalar(p)),
+            Layer::new(common::host(&m.w[1]), Activation::Tanh, Precision::Scalar(p)),
         ];
         expect_invalid(Network::new(&m.widths, layers), "layers[1].precision");
         let mut bad = m.clone();
@@ -1617,20 +1617,20 @@ fn rejects_non_finite_inputs() {
         settle::infer_into(
             &b.m.net(),
             &b.spec.check_finite(false),
-            &View::host(&x0),
+            &common::host(&x0),
             outs,
-            Device::cpu().default_stream(),
+            Device::reference().default_stream(),
         )
         .unwrap();
     }
     let bad_slope = [
         Layer::new(
-            View::host(&b.m.w[0]),
+            common::host(&b.m.w[0]),
             Activation::LeakyRelu(f32::NAN),
             Precision::Scalar(1.0),
         ),
         Layer::new(
-            View::host(&b.m.w[1]),
+            common::host(&b.m.w[1]),
             Activation::Tanh,
             Precision::Scalar(1.0),
         ),
@@ -1647,21 +1647,21 @@ fn rejects_a_bad_start_for_infer() {
     let net = b.m.net();
     let x1 = vec![0.5f32; 8];
     let x2 = vec![0.5f32; 4];
-    let one = [View::host(&x1)];
+    let one = [common::host(&x1)];
     expect_invalid(
-        settle::infer(&net, &b.spec, &View::host(&b.x0), Some(&one)),
+        settle::infer(&net, &b.spec, &common::host(&b.x0), Some(&one)),
         "init",
     );
-    let short = [View::host(&x1[1..]), View::host(&x2)];
+    let short = [common::host(&x1[1..]), common::host(&x2)];
     expect_invalid(
-        settle::infer(&net, &b.spec, &View::host(&b.x0), Some(&short)),
+        settle::infer(&net, &b.spec, &common::host(&b.x0), Some(&short)),
         "init[0]",
     );
     let mut nan = x2.clone();
     nan[0] = f32::NAN;
-    let with_nan = [View::host(&x1), View::host(&nan)];
+    let with_nan = [common::host(&x1), common::host(&nan)];
     expect_invalid(
-        settle::infer(&net, &b.spec, &View::host(&b.x0), Some(&with_nan)),
+        settle::infer(&net, &b.spec, &common::host(&b.x0), Some(&with_nan)),
         "x[1]",
     );
 }
@@ -1673,7 +1673,7 @@ type Overlap = fn(&mut SettleOutputs<'_>, &dyn Fn(usize, usize) -> ViewMut<'stat
 #[test]
 fn rejects_overlapping_outputs() {
     let b = base();
-    let dev = Device::cpu();
+    let dev = Device::reference();
     let net = b.m.net();
     let stream = dev.default_stream();
     let mut arena = vec![SENTINEL; 64];
@@ -1695,7 +1695,7 @@ fn rejects_overlapping_outputs() {
         outs.x = vec![at(0, 8), at(10, 4)];
         outs.eps[0] = at(20, 8);
         overlap(&mut outs, &at);
-        let r = settle::infer_into(&net, &b.spec, &View::host(&b.x0), outs, stream);
+        let r = settle::infer_into(&net, &b.spec, &common::host(&b.x0), outs, stream);
         expect_invalid(r, name);
         assert!(o.bits() == before, "{name}: outputs written");
     }
@@ -1710,7 +1710,7 @@ fn rejects_overlapping_outputs() {
 #[test]
 fn rejects_gradients_overlapping_outputs() {
     let b = base();
-    let dev = Device::cpu();
+    let dev = Device::reference();
     let mut o = Outs::new(&b.m.widths, 2, b.spec.steps, SENTINEL);
     let mut arena = vec![SENTINEL; 64];
     let addr = arena.as_mut_ptr() as u64;
@@ -1720,8 +1720,8 @@ fn rejects_gradients_overlapping_outputs() {
     let r = settle::learn_step_into(
         &b.m.net(),
         &b.spec,
-        &View::host(&b.x0),
-        &View::host(&b.target),
+        &common::host(&b.x0),
+        &common::host(&b.target),
         outs,
         grads,
         dev.default_stream(),

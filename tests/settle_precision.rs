@@ -11,7 +11,7 @@ mod common;
 
 use common::{randn, rng};
 use fep_kernels::settle::{self, Activation, Layer, Network, Precision, SettleSpec};
-use fep_kernels::{Device, View, ViewMut};
+use fep_kernels::Device;
 
 /// A small settled problem: widths [3, 5, 4], tanh, batch 6.
 struct Problem {
@@ -68,14 +68,14 @@ fn learn(p: &Problem, kinds: [Kind; 2], pis: &[Vec<f32>]) -> (f64, Vec<Vec<f32>>
         .map(|l| {
             let precision = match kinds[l] {
                 Kind::Scalar => Precision::Scalar(pis[l][0]),
-                Kind::Diagonal => Precision::Diagonal(View::host(&pis[l])),
-                Kind::PerSample => Precision::PerSample(View::host(&pis[l])),
+                Kind::Diagonal => Precision::Diagonal(common::host(&pis[l])),
+                Kind::PerSample => Precision::PerSample(common::host(&pis[l])),
             };
-            Layer::new(View::host(&p.w[l]), Activation::Tanh, precision)
+            Layer::new(common::host(&p.w[l]), Activation::Tanh, precision)
         })
         .collect();
     let net = Network::new(&p.widths, layers).expect("network");
-    let r = settle::learn_step(&net, &spec(), &View::host(&p.x0), &View::host(&p.y), None)
+    let r = settle::learn_step(&net, &spec(), &common::host(&p.x0), &common::host(&p.y), None)
         .expect("learn step");
     let energy = r.state.energy.to_vec().expect("energy");
     let mean = energy.iter().map(|&e| e as f64).sum::<f64>() / p.batch as f64;
@@ -142,21 +142,21 @@ fn log_det_adds_the_normaliser_and_changes_nothing_else() {
     let layers = || {
         vec![
             Layer::new(
-                View::host(&p.w[0]),
+                common::host(&p.w[0]),
                 Activation::Tanh,
-                Precision::PerSample(View::host(&pis[0])),
+                Precision::PerSample(common::host(&pis[0])),
             ),
             Layer::new(
-                View::host(&p.w[1]),
+                common::host(&p.w[1]),
                 Activation::Tanh,
-                Precision::Diagonal(View::host(&pis[1])),
+                Precision::Diagonal(common::host(&pis[1])),
             ),
         ]
     };
     let net = Network::new(&p.widths, layers()).unwrap();
     let run = |log_det: bool| {
         let spec = SettleSpec::new(0.1).steps(30).log_det(log_det);
-        settle::learn_step(&net, &spec, &View::host(&p.x0), &View::host(&p.y), None).unwrap()
+        settle::learn_step(&net, &spec, &common::host(&p.x0), &common::host(&p.y), None).unwrap()
     };
     let (e, f) = (run(false), run(true));
     let t = e.state.trace.as_ref().unwrap().to_vec().unwrap();
@@ -198,19 +198,19 @@ fn per_sample_precision_must_match_the_batch() {
         &p.widths,
         vec![
             Layer::new(
-                View::host(&p.w[0]),
+                common::host(&p.w[0]),
                 Activation::Tanh,
-                Precision::PerSample(View::host(&pi)),
+                Precision::PerSample(common::host(&pi)),
             ),
             Layer::new(
-                View::host(&p.w[1]),
+                common::host(&p.w[1]),
                 Activation::Tanh,
                 Precision::Scalar(1.0),
             ),
         ],
     )
     .unwrap();
-    match settle::learn_step(&net, &spec(), &View::host(&p.x0), &View::host(&p.y), None) {
+    match settle::learn_step(&net, &spec(), &common::host(&p.x0), &common::host(&p.y), None) {
         Err(fep_kernels::Error::InvalidArgument { name, reason }) => {
             assert_eq!(name, "layers[0].precision");
             assert!(reason.contains("batch x n_1 = 6 x 5 = 30"), "{reason}");
@@ -229,7 +229,7 @@ fn learn_step_from_a_given_start() {
         (0..2)
             .map(|l| {
                 Layer::new(
-                    View::host(&p.w[l]),
+                    common::host(&p.w[l]),
                     Activation::Tanh,
                     Precision::Scalar(1.0),
                 )
@@ -239,9 +239,9 @@ fn learn_step_from_a_given_start() {
     .unwrap();
     let start = vec![0.3f32; p.batch * 5];
     let spec = SettleSpec::new(0.1).steps(3);
-    let x0 = View::host(&p.x0);
-    let y = View::host(&p.y);
-    let given = settle::learn_step(&net, &spec, &x0, &y, Some(&[View::host(&start)])).unwrap();
+    let x0 = common::host(&p.x0);
+    let y = common::host(&p.y);
+    let given = settle::learn_step(&net, &spec, &x0, &y, Some(&[common::host(&start)])).unwrap();
     let ff = settle::learn_step(&net, &spec, &x0, &y, None).unwrap();
     // The start is the trace's first state: its energy is that of x_1 = 0.3.
     let mut eps1 = vec![0.0f64; 0];
@@ -284,7 +284,7 @@ fn learn_step_from_a_given_start() {
 /// ∂F/∂π) recovers π_j ≈ 1/σ_j², each within 10% (measured: within 1%).
 #[test]
 fn learned_precision_recovers_the_noise_levels() {
-    let dev = Device::cpu();
+    let dev = Device::reference();
     let stream = dev.default_stream();
     let mut r = rng(7);
     let (n0, n1, n2, batch) = (4usize, 6usize, 3usize, 256usize);
@@ -324,22 +324,22 @@ fn learned_precision_recovers_the_noise_levels() {
         let net = Network::new(
             &[n0, n1, n2],
             vec![
-                Layer::new(View::host(&w1), Activation::Tanh, Precision::Scalar(pi1)),
+                Layer::new(common::host(&w1), Activation::Tanh, Precision::Scalar(pi1)),
                 Layer::new(
-                    View::host(&w2),
+                    common::host(&w2),
                     Activation::Tanh,
-                    Precision::Diagonal(View::host(&pi2)),
+                    Precision::Diagonal(common::host(&pi2)),
                 ),
             ],
         )
         .unwrap();
-        let out = settle::learn_step(&net, &spec, &View::host(&x0), &View::host(&y), None).unwrap();
+        let out = settle::learn_step(&net, &spec, &common::host(&x0), &common::host(&y), None).unwrap();
         let gw: Vec<Vec<f32>> = out.grad_w.iter().map(|g| g.to_vec().unwrap()).collect();
         let gp = out.grad_pi[1].to_vec().unwrap();
         drop(net);
         settle::sgd_all(
-            &mut [ViewMut::host(&mut w1), ViewMut::host(&mut w2)],
-            &[View::host(&gw[0]), View::host(&gw[1])],
+            &mut [common::host_mut(&mut w1), common::host_mut(&mut w2)],
+            &[common::host(&gw[0]), common::host(&gw[1])],
             // Decayed: SGD's own noise in the weights would add to the errors' variance.
             0.05 / (1.0 + step as f32 / 50.0),
             None,
@@ -348,8 +348,8 @@ fn learned_precision_recovers_the_noise_levels() {
         .unwrap();
         // The precision learns faster (its gradient is O(1/π)).
         settle::sgd_log_all(
-            &mut [ViewMut::host(&mut pi2)],
-            &[View::host(&gp)],
+            &mut [common::host_mut(&mut pi2)],
+            &[common::host(&gp)],
             0.2,
             None,
             stream,
@@ -386,12 +386,12 @@ fn max_stable_eta_separates_stable_from_diverging_steps() {
         &[3, 5, 4],
         vec![
             Layer::new(
-                View::host(&w1),
+                common::host(&w1),
                 Activation::Identity,
                 Precision::Scalar(0.5),
             ),
             Layer::new(
-                View::host(&w2),
+                common::host(&w2),
                 Activation::Identity,
                 Precision::Scalar(3.0),
             ),
@@ -403,7 +403,7 @@ fn max_stable_eta_separates_stable_from_diverging_steps() {
         assert!(eta.is_finite() && eta > 0.0);
         let run = |e: f32| {
             let spec = SettleSpec::new(e).momentum(beta).steps(3000);
-            settle::learn_step(&net, &spec, &View::host(&x0), &View::host(&y), None)
+            settle::learn_step(&net, &spec, &common::host(&x0), &common::host(&y), None)
         };
         let ok = run(0.95 * eta).expect("0.95 of the bound settles");
         let t = ok.state.trace.as_ref().unwrap().to_vec().unwrap();

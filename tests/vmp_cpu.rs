@@ -1,7 +1,7 @@
 //! The VMP reference (DESIGN.md §4.4, §6) against pymdp 1.0.4 (tests/fixtures/vmp_pymdp.json,
 //! conventions in tests/fixtures/VMP-CONVENTIONS.md): fpi with its per-iteration trace and
 //! distributional observations, vmp/mmp sequences at τ = 1 and ½, every term of the expected
-//! free energy and q(π), and the Dirichlet updates; then the View API on `Device::cpu()` (f32 in
+//! free energy and q(π), and the Dirichlet updates; then the View API on `Device::reference()` (f32 in
 //! and out), properties (batch independence, normalisation, the free-energy bound, early stop,
 //! the single-factor pass) and bad input.
 
@@ -22,7 +22,7 @@ use fep_kernels::vmp::{
     self, FpiSpec, LearnSpec, Method, Model, ModelSpec, Obs, PolicyOutputs, PolicySpec,
     SequenceOutputs, SequenceSpec, StatesOutputs, dirichlet_mean,
 };
-use fep_kernels::{Device, Error, View, ViewMut};
+use fep_kernels::{Device, Error, View};
 use rand::rngs::StdRng;
 
 // ---------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ impl Deviations {
 }
 
 fn cpu_model(spec: &ModelSpec) -> Model {
-    Model::new(&Device::cpu(), spec).expect("a valid model")
+    Model::new(&Device::reference(), spec).expect("a valid model")
 }
 
 fn method_of(name: &str) -> Method {
@@ -429,7 +429,7 @@ fn fixture_learning_matches_pymdp() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The View API on Device::cpu(): f32 in and out
+// The View API on Device::reference(): f32 in and out
 // ---------------------------------------------------------------------------------------------
 
 /// The CPU device runs the f64 reference on the f32 inputs widened exactly and rounds each
@@ -475,7 +475,7 @@ fn assert_f32_close(dev: &mut Deviations, what: &str, ctx: &str, got: &[f32], wa
 
 #[test]
 fn view_api_on_cpu_matches_reference_and_pymdp() {
-    let dev = Device::cpu();
+    let dev = Device::reference();
     let mut devs = Deviations::default();
     for fm in fixture_models() {
         let mut model = Model::new(&dev, &fm.spec).unwrap();
@@ -1202,7 +1202,7 @@ fn invalid<T: std::fmt::Debug>(r: fep_kernels::Result<T>, name: &str) -> String 
 fn bad_models_are_rejected() {
     let mut r = rng(21);
     let good = random_three_factor(&mut r, true);
-    let dev = Device::cpu();
+    let dev = Device::reference();
     Model::new(&dev, &good).unwrap();
     let mut s = good.clone();
     s.a[1][0] += 0.1;
@@ -1235,7 +1235,7 @@ fn poisoned(len: usize) -> Vec<f32> {
 fn bad_inputs_leave_outputs_untouched() {
     let mut r = rng(22);
     let spec = random_three_factor(&mut r, false);
-    let dev = Device::cpu();
+    let dev = Device::reference();
     let model = Model::new(&dev, &spec).unwrap();
     let (n, s, m) = (3, model.belief_len(), 4);
     let obs = random_index_obs(&mut r, &spec.num_obs, n);
@@ -1251,10 +1251,10 @@ fn bad_inputs_leave_outputs_untouched() {
             obs,
             prior,
             StatesOutputs {
-                qs: ViewMut::host(&mut qs),
-                vfe: Some(ViewMut::host(&mut vfe)),
-                iterations: Some(ViewMut::host(&mut it)),
-                vfe_trace: Some(ViewMut::host(&mut tr)),
+                qs: common::host_mut(&mut qs),
+                vfe: Some(common::host_mut(&mut vfe)),
+                iterations: Some(common::host_mut(&mut it)),
+                vfe_trace: Some(common::host_mut(&mut tr)),
             },
             dev.default_stream(),
         );
@@ -1270,7 +1270,7 @@ fn bad_inputs_leave_outputs_untouched() {
     let mut bad = obs.clone();
     bad[m + 2] = spec.num_obs[2] as i32;
     let reason = invalid(
-        states(&Obs::Index(View::host(&bad)), None, FpiSpec::new()),
+        states(&Obs::Index(common::host(&bad)), None, FpiSpec::new()),
         "obs",
     );
     assert!(
@@ -1280,30 +1280,30 @@ fn bad_inputs_leave_outputs_untouched() {
     let mut bad = obs.clone();
     bad[0] = -1;
     invalid(
-        states(&Obs::Index(View::host(&bad)), None, FpiSpec::new()),
+        states(&Obs::Index(common::host(&bad)), None, FpiSpec::new()),
         "obs",
     );
     let sum_o: usize = spec.num_obs.iter().sum();
     let mut dist = to_f32(&random_dist_obs(&mut r, &spec.num_obs, n));
     dist[sum_o + 1] = -0.25;
     invalid(
-        states(&Obs::Dist(View::host(&dist)), None, FpiSpec::new()),
+        states(&Obs::Dist(common::host(&dist)), None, FpiSpec::new()),
         "obs",
     );
     dist[sum_o + 1] = f32::NAN;
     invalid(
-        states(&Obs::Dist(View::host(&dist)), None, FpiSpec::new()),
+        states(&Obs::Dist(common::host(&dist)), None, FpiSpec::new()),
         "obs",
     );
-    let good_obs = Obs::Index(View::host(&obs));
+    let good_obs = Obs::Index(common::host(&obs));
     invalid(
-        states(&good_obs, Some(&View::host(&prior[1..])), FpiSpec::new()),
+        states(&good_obs, Some(&common::host(&prior[1..])), FpiSpec::new()),
         "prior",
     );
     let mut neg = prior.clone();
     neg[4] = -0.5;
     invalid(
-        states(&good_obs, Some(&View::host(&neg)), FpiSpec::new()),
+        states(&good_obs, Some(&common::host(&neg)), FpiSpec::new()),
         "prior",
     );
     invalid(states(&good_obs, None, FpiSpec::new().iters(0)), "num_iter");
@@ -1312,7 +1312,7 @@ fn bad_inputs_leave_outputs_untouched() {
     invalid(
         states(
             &good_obs,
-            Some(&View::host(&prior)),
+            Some(&common::host(&prior)),
             FpiSpec::new().iters(1),
         ),
         "vfe_trace",
@@ -1329,13 +1329,13 @@ fn bad_inputs_leave_outputs_untouched() {
             &model,
             &sspec,
             steps,
-            &Obs::Index(View::host(&sobs)),
+            &Obs::Index(common::host(&sobs)),
             acts.map(View::host).as_ref(),
             None,
             SequenceOutputs {
-                qs: ViewMut::host(&mut qs),
-                vfe: Some(ViewMut::host(&mut vfe)),
-                vfe_t: Some(ViewMut::host(&mut vfe_t)),
+                qs: common::host_mut(&mut qs),
+                vfe: Some(common::host_mut(&mut vfe)),
+                vfe_t: Some(common::host_mut(&mut vfe_t)),
             },
             dev.default_stream(),
         );
@@ -1384,10 +1384,10 @@ fn bad_inputs_leave_outputs_untouched() {
         let res = vmp::infer_policies_into(
             model,
             &pspec,
-            &View::host(qs),
+            &common::host(qs),
             PolicyOutputs {
-                g: Some(ViewMut::host(&mut g)),
-                q_pi: ViewMut::host(&mut q_pi),
+                g: Some(common::host_mut(&mut g)),
+                q_pi: common::host_mut(&mut q_pi),
             },
             dev.default_stream(),
         );
@@ -1426,8 +1426,8 @@ fn bad_inputs_leave_outputs_untouched() {
                 model,
                 &lspec,
                 steps,
-                &Obs::Index(View::host(obs)),
-                &View::host(qs),
+                &Obs::Index(common::host(obs)),
+                &common::host(qs),
                 acts.map(View::host).as_ref(),
                 dev.default_stream(),
             )
@@ -1598,7 +1598,7 @@ fn without_b(spec: &ModelSpec) -> ModelSpec {
 fn state_inference_needs_no_b_and_the_rest_names_b() {
     let mut r = rng(31);
     let full = random_three_factor(&mut r, true);
-    let dev = Device::cpu();
+    let dev = Device::reference();
     let with_b = Model::new(&dev, &full).unwrap();
     // The controls and the policy table stay: only the ops that read B refuse.
     let spec = without_b(&full);
@@ -1618,8 +1618,8 @@ fn state_inference_needs_no_b_and_the_rest_names_b() {
         let r = vmp::infer_states(
             m,
             &fspec,
-            &Obs::Index(View::host(&obs)),
-            Some(&View::host(&prior32)),
+            &Obs::Index(common::host(&obs)),
+            Some(&common::host(&prior32)),
         )
         .unwrap();
         (r.qs.to_vec().unwrap(), r.vfe.to_vec().unwrap())
@@ -1638,7 +1638,7 @@ fn state_inference_needs_no_b_and_the_rest_names_b() {
     };
     let bare = Model::new(&dev, &bare).unwrap();
     assert_eq!(bare.num_controls(), &[1, 1, 1]);
-    vmp::infer_states(&bare, &fspec, &Obs::Index(View::host(&obs)), None).unwrap();
+    vmp::infer_states(&bare, &fspec, &Obs::Index(common::host(&obs)), None).unwrap();
 
     // sequence inference (both APIs), policy inference and pB learning name B
     let steps = 2;
@@ -1650,8 +1650,8 @@ fn state_inference_needs_no_b_and_the_rest_names_b() {
             &model,
             &seq,
             steps,
-            &Obs::Index(View::host(&sobs)),
-            Some(&View::host(&acts)),
+            &Obs::Index(common::host(&sobs)),
+            Some(&common::host(&acts)),
             None,
         ),
         "b",
@@ -1673,7 +1673,7 @@ fn state_inference_needs_no_b_and_the_rest_names_b() {
     );
     let qs = to_f32(&random_beliefs(&mut r, &spec.num_states, n));
     let reason = invalid(
-        vmp::infer_policies(&model, &PolicySpec::new(), &View::host(&qs)),
+        vmp::infer_policies(&model, &PolicySpec::new(), &common::host(&qs)),
         "b",
     );
     assert!(reason.contains("policy inference"), "{reason}");
@@ -1689,9 +1689,9 @@ fn state_inference_needs_no_b_and_the_rest_names_b() {
             m,
             &lr,
             steps,
-            &Obs::Index(View::host(&sobs)),
-            &View::host(&qs_seq),
-            Some(&View::host(&acts)),
+            &Obs::Index(common::host(&sobs)),
+            &common::host(&qs_seq),
+            Some(&common::host(&acts)),
             s,
         )
     };

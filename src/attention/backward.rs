@@ -214,8 +214,11 @@ pub fn backward_into<'a, T: Element>(
         },
         inputs,
     };
-    if !dev.is_gpu() {
+    if dev.is_reference() {
         return super::cpu_backward::backward_views(&p, out);
+    }
+    if !dev.is_gpu() {
+        return crate::threads::install(|| super::fast_backward::backward(&p, out));
     }
     #[cfg(fep_gpu)]
     {

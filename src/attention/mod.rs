@@ -158,6 +158,8 @@
 mod backward;
 mod cpu;
 mod cpu_backward;
+mod fast;
+mod fast_backward;
 #[cfg(fep_gpu)]
 mod gpu;
 #[cfg(fep_gpu)]
@@ -944,8 +946,11 @@ pub fn forward_into<'a, T: Element>(
         precision,
         kv_len,
     };
-    if !dev.is_gpu() {
+    if dev.is_reference() {
         return cpu::forward_views(&p, out);
+    }
+    if !dev.is_gpu() {
+        return crate::threads::install(|| fast::forward(&p, out));
     }
     gpu_supports(precision)?;
     #[cfg(fep_gpu)]

@@ -54,7 +54,10 @@ impl DeviceKind {
 }
 
 pub(crate) enum Backend {
+    /// The fast CPU path: f32 accumulation, blocked and vectorised, threaded (`crate::threads`).
     Cpu,
+    /// The f64 reference: the oracle every backend is tested against.
+    Reference,
     #[cfg(feature = "cuda")]
     Cuda(cuda::CudaDevice),
     #[cfg(feature = "rocm")]
@@ -81,6 +84,8 @@ impl fmt::Debug for Device {
     }
 }
 
+/// Devices are equal when they hold the same memory: [`Device::cpu`] and [`Device::reference`]
+/// are equal (both are host memory), so a buffer of one passes the other's same-device checks.
 impl PartialEq for Device {
     fn eq(&self, other: &Self) -> bool {
         self.kind() == other.kind() && self.ordinal() == other.ordinal()
@@ -88,13 +93,33 @@ impl PartialEq for Device {
 }
 
 impl Device {
-    /// The CPU backend (always available).
+    /// The CPU backend (always available): the fast path, f32 accumulation over f32/f16/bf16
+    /// inputs (the GPU's contract), threaded as [`crate::set_num_threads`] says.
+    /// [`Device::reference`] is the f64 oracle.
     pub fn cpu() -> Device {
         static CPU: OnceLock<Device> = OnceLock::new();
         CPU.get_or_init(|| Device {
             backend: Arc::new(Backend::Cpu),
         })
         .clone()
+    }
+
+    /// The f64 reference on the host: the straightforward code, f64 accumulation, that every
+    /// backend (the fast CPU path included) is tested against. Slower than [`Device::cpu`] by
+    /// design; its host memory is the CPU's, so a buffer or view of either may be used with
+    /// the other (see [`View::host_on`]).
+    pub fn reference() -> Device {
+        static REFERENCE: OnceLock<Device> = OnceLock::new();
+        REFERENCE
+            .get_or_init(|| Device {
+                backend: Arc::new(Backend::Reference),
+            })
+            .clone()
+    }
+
+    /// Whether this is [`Device::reference`], the f64 oracle.
+    pub fn is_reference(&self) -> bool {
+        matches!(&*self.backend, Backend::Reference)
     }
 
     /// CUDA device `ordinal`. `Err(Error::NoDevice)` without the `cuda` feature, without a
@@ -184,7 +209,7 @@ impl Device {
     /// CPU, CUDA or HIP.
     pub fn kind(&self) -> DeviceKind {
         match &*self.backend {
-            Backend::Cpu => DeviceKind::Cpu,
+            Backend::Cpu | Backend::Reference => DeviceKind::Cpu,
             #[cfg(feature = "cuda")]
             Backend::Cuda(_) => DeviceKind::Cuda,
             #[cfg(feature = "rocm")]
@@ -197,7 +222,7 @@ impl Device {
     /// The ordinal among devices of its kind.
     pub fn ordinal(&self) -> usize {
         match &*self.backend {
-            Backend::Cpu => 0,
+            Backend::Cpu | Backend::Reference => 0,
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => d.ordinal,
             #[cfg(feature = "rocm")]
@@ -210,7 +235,8 @@ impl Device {
     /// The device's name ("NVIDIA H100 80GB HBM3", "cpu (8 threads)").
     pub fn name(&self) -> String {
         match &*self.backend {
-            Backend::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Backend::Cpu => format!("cpu ({} threads)", crate::threads::num_threads()),
+            Backend::Reference => "cpu reference (f64)".to_string(),
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => d.name.clone(),
             #[cfg(feature = "rocm")]
@@ -229,7 +255,7 @@ impl Device {
     /// device (never the legacy default stream).
     pub fn default_stream(&self) -> Stream {
         match &*self.backend {
-            Backend::Cpu => Stream(std::ptr::null_mut()),
+            Backend::Cpu | Backend::Reference => Stream(std::ptr::null_mut()),
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => Stream(d.stream as *mut c_void),
             #[cfg(feature = "rocm")]
@@ -242,7 +268,7 @@ impl Device {
     /// Waits for `stream`; an asynchronous kernel fault surfaces here as an error.
     pub fn synchronize(&self, stream: Stream) -> Result<()> {
         match &*self.backend {
-            Backend::Cpu => Ok(()),
+            Backend::Cpu | Backend::Reference => Ok(()),
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => d.synchronize(stream.0),
             #[cfg(feature = "rocm")]
@@ -266,7 +292,7 @@ impl Device {
 
     pub(crate) fn alloc_bytes(&self, bytes: usize, stream: Stream) -> Result<u64> {
         match &*self.backend {
-            Backend::Cpu => unreachable!("host buffers are Vecs"),
+            Backend::Cpu | Backend::Reference => unreachable!("host buffers are Vecs"),
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => d.alloc(bytes, stream.0),
             #[cfg(feature = "rocm")]
@@ -278,7 +304,7 @@ impl Device {
 
     pub(crate) fn free_bytes(&self, addr: u64, stream: Stream) {
         match &*self.backend {
-            Backend::Cpu => {}
+            Backend::Cpu | Backend::Reference => {}
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => d.free(addr, stream.0),
             #[cfg(feature = "rocm")]
@@ -301,7 +327,7 @@ impl Device {
         stream: Stream,
     ) -> Result<()> {
         match &*self.backend {
-            Backend::Cpu => {
+            Backend::Cpu | Backend::Reference => {
                 unsafe { std::ptr::copy(src, dst as *mut u8, bytes) };
                 Ok(())
             }
@@ -329,7 +355,7 @@ impl Device {
         stream: Stream,
     ) -> Result<()> {
         match &*self.backend {
-            Backend::Cpu => {
+            Backend::Cpu | Backend::Reference => {
                 unsafe { std::ptr::copy(src as *const u8, dst, bytes) };
                 Ok(())
             }
@@ -357,7 +383,7 @@ impl Device {
         stream: Stream,
     ) -> Result<()> {
         match &*self.backend {
-            Backend::Cpu => {
+            Backend::Cpu | Backend::Reference => {
                 unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
                 Ok(())
             }
@@ -384,7 +410,7 @@ impl Device {
         stream: Stream,
     ) -> Result<()> {
         match &*self.backend {
-            Backend::Cpu => Err(Error::Unsupported(format!(
+            Backend::Cpu | Backend::Reference => Err(Error::Unsupported(format!(
                 "kernel {kernel} launched on the CPU device"
             ))),
             #[cfg(feature = "cuda")]
@@ -399,7 +425,7 @@ impl Device {
     /// Lanes per warp (NVIDIA, 32) or wavefront (AMD CDNA, 64); 1 on the CPU.
     pub(crate) fn warp_size(&self) -> usize {
         match &*self.backend {
-            Backend::Cpu => 1,
+            Backend::Cpu | Backend::Reference => 1,
             #[cfg(feature = "cuda")]
             Backend::Cuda(_) => 32,
             #[cfg(feature = "rocm")]
@@ -413,7 +439,7 @@ impl Device {
     /// grids by. The emulated device reports `EMULATED_SMS`; the CPU 1.
     pub(crate) fn multiprocessor_count(&self) -> usize {
         match &*self.backend {
-            Backend::Cpu => 1,
+            Backend::Cpu | Backend::Reference => 1,
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => d.sms,
             #[cfg(feature = "rocm")]
@@ -426,7 +452,7 @@ impl Device {
     /// The most dynamic shared memory one block may use (after opting in), in bytes.
     pub(crate) fn max_shared_per_block(&self) -> usize {
         match &*self.backend {
-            Backend::Cpu => 0,
+            Backend::Cpu | Backend::Reference => 0,
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => d.smem_optin,
             #[cfg(feature = "rocm")]
@@ -599,6 +625,17 @@ pub struct View<'a, T: Pod> {
     _data: PhantomData<&'a [T]>,
 }
 
+/// `Err` unless `device` is a host device (the CPU or the reference).
+fn host_device(device: &Device) -> Result<()> {
+    if device.is_gpu() {
+        return Err(Error::invalid(
+            "device",
+            format!("{device:?} is not a host device (expected the CPU or the reference)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Writable memory on a device that someone else owns.
 pub struct ViewMut<'a, T: Pod> {
     pub(crate) device: Device,
@@ -640,6 +677,17 @@ impl<'a, T: Pod> View<'a, T> {
             len: data.len(),
             _data: PhantomData,
         }
+    }
+
+    /// A view of host memory for the host device `device`: [`Device::cpu`] (what
+    /// [`View::host`] gives) or [`Device::reference`] (ops on it run the f64 reference).
+    /// `Err(InvalidArgument)` for a GPU.
+    pub fn host_on(device: &Device, data: &'a [T]) -> Result<Self> {
+        host_device(device)?;
+        Ok(View {
+            device: device.clone(),
+            ..View::host(data)
+        })
     }
 
     /// A view of memory someone else allocated (a framework's tensor).
@@ -719,6 +767,15 @@ impl<'a, T: Pod> ViewMut<'a, T> {
             len: data.len(),
             _data: PhantomData,
         }
+    }
+
+    /// As [`View::host_on`], writable.
+    pub fn host_on(device: &Device, data: &'a mut [T]) -> Result<Self> {
+        host_device(device)?;
+        Ok(ViewMut {
+            device: device.clone(),
+            ..ViewMut::host(data)
+        })
     }
 
     /// A writable view of memory someone else allocated.

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 
 /// The version of the C ABI this header declares; `fep_abi_version()` returns the one the loaded
 /// library implements.
-pub const FEP_ABI_VERSION: i32 = 3;
+pub const FEP_ABI_VERSION: i32 = 4;
 
 /// Status code: the call succeeded.
 pub const FEP_OK: i32 = 0;
@@ -65,6 +65,9 @@ pub const FEP_DEVICE_CPU: i32 = 0;
 pub const FEP_DEVICE_CUDA: i32 = 1;
 /// Device kind: an AMD GPU through HIP (tensors are `hipDeviceptr_t`s, streams `hipStream_t`s).
 pub const FEP_DEVICE_HIP: i32 = 2;
+/// Device kind: the f64 reference on the host, the oracle the fast CPU path (`FEP_DEVICE_CPU`)
+/// and the GPUs are tested against. Host memory, like `FEP_DEVICE_CPU`; slower by design.
+pub const FEP_DEVICE_CPU_REFERENCE: i32 = 3;
 
 /// Element type of inputs: 32-bit IEEE float.
 pub const FEP_DTYPE_F32: i32 = 0;
@@ -116,12 +119,12 @@ impl DType {
 /// The device kind of a `FEP_DEVICE_*` code.
 fn kind_from(code: i32) -> Result<DeviceKind> {
     match code {
-        FEP_DEVICE_CPU => Ok(DeviceKind::Cpu),
+        FEP_DEVICE_CPU | FEP_DEVICE_CPU_REFERENCE => Ok(DeviceKind::Cpu),
         FEP_DEVICE_CUDA => Ok(DeviceKind::Cuda),
         FEP_DEVICE_HIP => Ok(DeviceKind::Hip),
         other => Err(Error::invalid(
             "kind",
-            format!("{other} is not FEP_DEVICE_CPU, _CUDA or _HIP"),
+            format!("{other} is not FEP_DEVICE_CPU, _CUDA, _HIP or _CPU_REFERENCE"),
         )),
     }
 }
@@ -312,7 +315,11 @@ unsafe fn raw_view_mut<'a, T: Pod>(
 fn open_device(kind: i32, ordinal: i32) -> Result<Device> {
     let ordinal = usize::try_from(ordinal)
         .map_err(|_| Error::invalid("ordinal", format!("{ordinal} is negative")))?;
-    Device::open(kind_from(kind)?, ordinal)
+    let device = Device::open(kind_from(kind)?, ordinal)?;
+    Ok(match kind {
+        FEP_DEVICE_CPU_REFERENCE => Device::reference(),
+        _ => device,
+    })
 }
 
 /// The caller's stream; NULL means the legacy default stream on a GPU.
@@ -396,6 +403,24 @@ pub extern "C" fn fep_version() -> *const c_char {
 #[unsafe(no_mangle)]
 pub extern "C" fn fep_abi_version() -> i32 {
     FEP_ABI_VERSION
+}
+
+/// Sets the number of threads the CPU device uses: n >= 1 a pool of n threads of the library's
+/// own, 0 rayon's global pool (the default; `RAYON_NUM_THREADS` or one per core). A call made
+/// from inside a rayon pool runs on that pool. Results do not depend on the thread count.
+#[unsafe(no_mangle)]
+pub extern "C" fn fep_set_num_threads(n: i32) -> i32 {
+    guard(|| {
+        let n = usize::try_from(n)
+            .map_err(|_| Error::invalid("threads", format!("{n} is negative")))?;
+        crate::threads::set_num_threads(n)
+    })
+}
+
+/// The number of threads a CPU call made here and now would use.
+#[unsafe(no_mangle)]
+pub extern "C" fn fep_num_threads() -> i32 {
+    crate::threads::num_threads().min(i32::MAX as usize) as i32
 }
 
 /// The message of the last failed call on this thread ("" if none). Valid until the next call.

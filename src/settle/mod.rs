@@ -83,6 +83,7 @@
 //! ```
 
 mod cpu;
+mod fast;
 #[cfg(fep_gpu)]
 mod gpu;
 
@@ -767,8 +768,11 @@ fn run<T: Element>(
     stream: Stream,
 ) -> Result<()> {
     let dev = p.net.device();
-    if !dev.is_gpu() {
+    if dev.is_reference() {
         return cpu::run(p, x0, target, out, grads);
+    }
+    if !dev.is_gpu() {
+        return crate::threads::install(|| fast::run(p, x0, target, out, grads));
     }
     #[cfg(fep_gpu)]
     {

@@ -130,6 +130,7 @@
 //! ```
 
 mod cpu;
+mod fast;
 #[cfg(fep_gpu)]
 mod gpu;
 mod model;
@@ -664,8 +665,11 @@ pub fn infer_states_into(
     .flatten()
     .collect();
     check_no_overlap(&ins, &outs)?;
-    if !dev.is_gpu() {
+    if dev.is_reference() {
         return cpu::states_views(model, spec, obs, prior, n, out);
+    }
+    if !dev.is_gpu() {
+        return crate::threads::install(|| fast::states_views(model, spec, obs, prior, n, out));
     }
     #[cfg(fep_gpu)]
     {
@@ -751,8 +755,13 @@ pub fn infer_sequence_into(
     .flatten()
     .collect();
     check_no_overlap(&ins, &outs)?;
-    if !dev.is_gpu() {
+    if dev.is_reference() {
         return cpu::sequence_views(model, spec, steps, obs, actions, prior, n, out);
+    }
+    if !dev.is_gpu() {
+        return crate::threads::install(|| {
+            fast::sequence_views(model, spec, steps, obs, actions, prior, n, out)
+        });
     }
     #[cfg(fep_gpu)]
     {
@@ -829,8 +838,11 @@ pub fn infer_policies_into(
     .flatten()
     .collect();
     check_no_overlap(&[("qs", qs.addr(), qs.len().saturating_mul(4))], &outs)?;
-    if !dev.is_gpu() {
+    if dev.is_reference() {
         return cpu::policies_views(model, spec, qs, n, out);
+    }
+    if !dev.is_gpu() {
+        return crate::threads::install(|| fast::policies_views(model, spec, qs, n, out));
     }
     #[cfg(fep_gpu)]
     {

@@ -1,6 +1,7 @@
 //! The device under test for the GPU suites (`tests/*_gpu.rs`): the first CUDA device, else the
-//! first HIP device, or the emulated GPU named by `FEP_TEST_DEVICE`; a missing GPU skips with a
-//! printed line, or fails under `FEP_REQUIRE_GPU=1`.
+//! first HIP device, or the device named by `FEP_TEST_DEVICE` (`cpu`: the fast CPU path, tested
+//! against the f64 reference like a GPU backend; `emulated32`/`emulated64`: the emulated GPU); a
+//! missing GPU skips with a printed line, or fails under `FEP_REQUIRE_GPU=1`.
 
 use std::sync::OnceLock;
 
@@ -32,11 +33,12 @@ pub fn probe() -> &'static Result<Device, String> {
 fn emulated_device() -> Option<Result<Device, String>> {
     let spec = std::env::var("FEP_TEST_DEVICE").ok()?;
     let warp = match spec.as_str() {
+        "cpu" => return Some(Ok(Device::cpu())),
         "emulated32" => 32,
         "emulated64" => 64,
         other => {
             return Some(Err(format!(
-                "FEP_TEST_DEVICE={other}: expected emulated32 or emulated64"
+                "FEP_TEST_DEVICE={other}: expected cpu, emulated32 or emulated64"
             )));
         }
     };

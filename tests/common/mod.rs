@@ -181,3 +181,14 @@ pub fn json_usize(v: &serde_json::Value, field: &str) -> usize {
         .as_u64()
         .unwrap_or_else(|| panic!("field `{field}` is not an unsigned integer")) as usize
 }
+
+/// A view of host memory on the f64 reference device ([`Device::reference`]): what the `*_cpu`
+/// suites run, the oracle held against the peer fixtures.
+pub fn host<T: bytemuck::Pod>(data: &[T]) -> fep_kernels::View<'_, T> {
+    fep_kernels::View::host_on(&fep_kernels::Device::reference(), data).unwrap()
+}
+
+/// As [`host`], writable.
+pub fn host_mut<T: bytemuck::Pod>(data: &mut [T]) -> fep_kernels::ViewMut<'_, T> {
+    fep_kernels::ViewMut::host_on(&fep_kernels::Device::reference(), data).unwrap()
+}

@@ -22,7 +22,9 @@ differentiable :func:`settle_energy`, whose backward gives the learning step's g
 precisions, and ``fep_kernels.nn.LCALayer``).
 
 Tensors are passed by pointer (``tensor.data_ptr()``), so they must be contiguous and live on
-the device the call names. CPU tensors use ``FEP_DEVICE_CPU``; CUDA tensors use
+the device the call names. CPU tensors use ``FEP_DEVICE_CPU``, the fast f32 path (threads:
+:func:`set_num_threads`, which by default follows ``torch.get_num_threads()``), or inside
+``with fep_kernels.cpu_reference():`` the f64 reference it is tested against; CUDA tensors use
 ``FEP_DEVICE_CUDA`` (``FEP_DEVICE_HIP`` under a ROCm build of PyTorch) with the tensor's device
 index as the ordinal and PyTorch's *current stream* of that device as the raw stream: work is
 enqueued on it and the call returns without synchronising, exactly like a PyTorch op, so results
@@ -81,7 +83,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from . import _lib
 from ._abi import *  # noqa: F401,F403  (the FEP_* constants and FepError)
 from ._abi import FEP_SCORE_DOT, FEP_SCORE_GAUSSIAN, FEP_SCORE_LAPLACE, FEP_SCORE_STUDENT_T
-from ._lib import abi_version, device_count, device_name, last_error, load, version
+from ._lib import (abi_version, cpu_reference, device_count, device_name, get_num_threads,
+                   last_error, load, set_num_threads, version)
 from ._tensors import ArgumentTypeError
 from .attention import (attention_backward, attention_forward, attention_merge,
                         attention_probabilities)
@@ -110,6 +113,9 @@ __all__ = [
     "last_error",
     "device_count",
     "device_name",
+    "set_num_threads",
+    "get_num_threads",
+    "cpu_reference",
     "FEP_ABI_VERSION",
     "FEP_OK",
     "FEP_ERR_INVALID_ARGUMENT",
@@ -122,6 +128,7 @@ __all__ = [
     "FEP_DEVICE_CPU",
     "FEP_DEVICE_CUDA",
     "FEP_DEVICE_HIP",
+    "FEP_DEVICE_CPU_REFERENCE",
     "FEP_DTYPE_F32",
     "FEP_DTYPE_F16",
     "FEP_DTYPE_BF16",

@@ -5,7 +5,7 @@ import ctypes
 
 
 # ---- constants of include/fep_kernels.h ----
-FEP_ABI_VERSION = 3
+FEP_ABI_VERSION = 4
 
 FEP_OK = 0
 FEP_ERR_INVALID_ARGUMENT = 1
@@ -19,6 +19,7 @@ FEP_ERR_DIVERGED = 7
 FEP_DEVICE_CPU = 0
 FEP_DEVICE_CUDA = 1
 FEP_DEVICE_HIP = 2
+FEP_DEVICE_CPU_REFERENCE = 3
 
 FEP_DTYPE_F32 = 0
 FEP_DTYPE_F16 = 1
@@ -62,7 +63,8 @@ _STATUS_NAMES = {
     FEP_ERR_DIVERGED: "FEP_ERR_DIVERGED",
 }
 
-_DEVICE_KINDS = {"cpu": FEP_DEVICE_CPU, "cuda": FEP_DEVICE_CUDA, "hip": FEP_DEVICE_HIP}
+_DEVICE_KINDS = {"cpu": FEP_DEVICE_CPU, "cuda": FEP_DEVICE_CUDA, "hip": FEP_DEVICE_HIP,
+                 "cpu_reference": FEP_DEVICE_CPU_REFERENCE}
 
 _THRESHOLDS = {
     "soft": FEP_LCA_SOFT,
@@ -297,6 +299,8 @@ def _declare(lib):
         "fep_last_error": (cp, []),
         "fep_device_count": (i32, [i32]),
         "fep_device_name": (i32, [i32, i32, cp, u64]),
+        "fep_set_num_threads": (i32, [i32]),
+        "fep_num_threads": (i32, []),
         # FepLcaDict* handles and every tensor pointer are passed as void*
         "fep_lca_dict_new": (i32, [i32, i32, vp, i32, vp, u64, u64, i32, ctypes.POINTER(vp)]),
         "fep_lca_dict_free": (None, [vp]),

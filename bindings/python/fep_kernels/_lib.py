@@ -6,10 +6,12 @@ import math
 import os
 import re
 import sys
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._abi import (
     FEP_ABI_VERSION,
+    FEP_DEVICE_CPU,
+    FEP_DEVICE_CPU_REFERENCE,
     FEP_ERR_DIVERGED,
     FEP_OK,
     DivergedError,
@@ -203,3 +205,93 @@ def device_name(kind: Union[str, int], ordinal: int = 0) -> str:
     ordinal = _integer(ordinal, "ordinal", 0, 2**31 - 1)
     _check(_get().fep_device_name(_kind(kind), ordinal, buf, len(buf)))
     return buf.value.decode(errors="replace")
+
+
+# ---- CPU threads and the f64 reference ----
+
+_threads_explicit = False  # set_num_threads(n) was called: stop following torch
+_threads_applied: Optional[int] = None  # what the library was last told
+_reference_depth = 0  # > 0 inside `with cpu_reference():`
+
+
+def set_num_threads(n: Optional[int]) -> None:
+    """Sets how many threads the CPU device uses for the calls that follow.
+
+    ``n >= 1``: a pool of ``n`` threads of the library's own. ``0``: rayon's global pool (one
+    thread per core, or ``RAYON_NUM_THREADS``). ``None`` (the default state): follow
+    ``torch.get_num_threads()`` when PyTorch is imported, so ``torch.set_num_threads(1)``
+    limits this library too and the two never oversubscribe the cores. Results do not depend on
+    the thread count. Raises ValueError for a negative or huge ``n``.
+
+    Example::
+
+        import fep_kernels as fk
+        fk.set_num_threads(2)
+        assert fk.get_num_threads() == 2
+        fk.set_num_threads(None)   # follow torch again
+    """
+    global _threads_explicit, _threads_applied
+    if n is None:
+        _threads_explicit, _threads_applied = False, None
+        _check(_get().fep_set_num_threads(0))
+        _sync_threads()
+        return
+    from ._tensors import _integer
+
+    n = _integer(n, "n", 0, 4096)
+    _check(_get().fep_set_num_threads(n))
+    _threads_explicit, _threads_applied = True, n
+
+
+def get_num_threads() -> int:
+    """The number of threads a CPU call made now would use (after following torch, see
+    :func:`set_num_threads`)."""
+    _sync_threads()
+    return int(_get().fep_num_threads())
+
+
+def _sync_threads() -> None:
+    """Before a CPU call: unless :func:`set_num_threads` fixed a count, give the library
+    ``torch.get_num_threads()`` threads (only when it changed, one C call)."""
+    global _threads_applied
+    if _threads_explicit:
+        return
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    n = int(torch.get_num_threads())
+    if n != _threads_applied:
+        _check(_get().fep_set_num_threads(n))
+        _threads_applied = n
+
+
+class cpu_reference:
+    """Context manager: inside it, CPU tensors run through the f64 reference
+    (``FEP_DEVICE_CPU_REFERENCE``), the oracle the fast CPU path is tested against, instead of
+    the fast f32 path. Slower by design; for checking results, not for speed.
+
+    Example::
+
+        import torch, fep_kernels as fk
+        q = k = v = torch.randn(1, 2, 8, 16)
+        fast = fk.attention(q, k, v)
+        with fk.cpu_reference():
+            oracle = fk.attention(q, k, v)
+        assert torch.allclose(fast, oracle, atol=1e-5)
+    """
+
+    def __enter__(self) -> "cpu_reference":
+        global _reference_depth
+        _reference_depth += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _reference_depth
+        _reference_depth -= 1
+
+
+def _cpu_kind() -> int:
+    """The device kind CPU tensors use now: the fast path, or the reference inside
+    :class:`cpu_reference`."""
+    _sync_threads()
+    return FEP_DEVICE_CPU_REFERENCE if _reference_depth > 0 else FEP_DEVICE_CPU

@@ -15,7 +15,6 @@ import operator
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
 from ._abi import (
-    FEP_DEVICE_CPU,
     FEP_DEVICE_CUDA,
     FEP_DEVICE_HIP,
     FEP_DTYPE_BF16,
@@ -23,6 +22,7 @@ from ._abi import (
     FEP_DTYPE_F32,
 )
 from ._lib import (
+    _cpu_kind,
     version,
 )
 
@@ -54,7 +54,7 @@ def _device_args(dev: Any, what: str) -> Tuple[int, int, Optional[ctypes.c_void_
     build of PyTorch) with PyTorch's current stream of that device."""
     torch = _torch()
     if dev.type == "cpu":
-        return FEP_DEVICE_CPU, 0, None
+        return _cpu_kind(), 0, None
     if dev.type == "cuda":
         kind = FEP_DEVICE_HIP if getattr(torch.version, "hip", None) else FEP_DEVICE_CUDA
         index = dev.index if dev.index is not None else torch.cuda.current_device()
