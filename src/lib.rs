@@ -1,9 +1,11 @@
 //! # fep-kernels
 //!
 //! Fused GPU kernels for inference by energy minimisation, written once for NVIDIA (CUDA,
-//! feature `cuda`) and AMD (HIP, feature `rocm`), with an f64 CPU reference backend that always
-//! builds and is the oracle every GPU kernel is tested against. Each op is a module whose docs
-//! hold its maths:
+//! feature `cuda`) and AMD (HIP, feature `rocm`), with two CPU backends that always build: the
+//! fast CPU path ([`Device::cpu`]: f32 accumulation, blocked matrix products, vectorised
+//! element-wise loops, threaded with rayon as [`set_num_threads`] says) and the f64 reference
+//! ([`Device::reference`]), the oracle the fast CPU path and every GPU kernel are tested
+//! against. Each op is a module whose docs hold its maths:
 //!
 //! - [`attention`]: precision-weighted attention. Dot, Gaussian, Student-t and Laplace scores
 //!   with per-head and per-key precisions, returning o, the lse and the energy e (the expected
@@ -30,8 +32,9 @@
 //! framework's own tensors are used in place ([`View::from_raw`], [`ViewMut::from_raw`]) on its
 //! own stream ([`Stream::from_raw`]). Most entry points come in pairs: a `*_into` function that
 //! writes into given views on a given stream, and a shorter one that allocates its outputs and
-//! runs on the device's default stream. Inputs are f32, f16 or bf16 ([`Element`]); the GPU
-//! accumulates in f32 and the CPU reference in f64. Every input is validated before anything is
+//! runs on the device's default stream. Inputs are f32, f16 or bf16 ([`Element`]); the GPUs and
+//! the fast CPU path accumulate in f32, the reference in f64. Results on the CPU do not depend
+//! on the thread count. Every input is validated before anything is
 //! launched: shapes, strides, lengths, devices, finiteness and parameter ranges give an
 //! [`Error::InvalidArgument`] naming the argument and leave the outputs untouched. A missing
 //! driver or GPU is [`Error::NoDevice`], never a panic. Other languages and frameworks use the C
@@ -39,7 +42,7 @@
 //!
 //! # Features and build
 //!
-//! - no feature: the CPU backend only; nothing but Rust is needed to build.
+//! - no feature: the CPU backends only (fast and reference); nothing but Rust is needed to build.
 //! - `cuda`: build.rs compiles every kernel with nvcc (CUDA 13.0), found through `NVCC`,
 //!   `CUDA_PATH` / `CUDA_HOME`, then `PATH`, for the architectures in `FEP_CUDA_ARCHS` (default
 //!   `80;90a`, plus PTX of the lowest), and embeds the binaries. The driver is loaded at run
