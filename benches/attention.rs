@@ -135,11 +135,12 @@
 //! # Everywhere
 //!
 //! A GPU backend whose call returns an error (an `Error::Unsupported` limit, or kernels not built)
-//! prints `SKIPPED` with the reason, once per group, and goes on. The CPU backend (the f64
-//! reference) runs tiny smoke configurations, f32: forward and backward at B = 1, H = 2, L = 64,
-//! D = 32; decode at B = 2, Hq = 4, Hkv = 2, Lq = 1 and 16, Lk = 256, D = 32; the score inputs
-//! at the forward's shape, Dot only; so `cargo bench --bench attention` stays short on a machine
-//! without a GPU.
+//! prints `SKIPPED` with the reason, once per group, and goes on. The CPU backend (the fast path,
+//! issue 24) runs f32: forward and backward of every family at B = 16, H = 2, L = 128, D = 32
+//! (issue 24's shape) and, unless quick, B = 2, H = 4, L = 512, D = 64 and B = 1, H = 4,
+//! L = 1024, D = 64; decode at B = 2, Hq = 4, Hkv = 2, Lq = 1 and 16, Lk = 256, D = 32; the
+//! score inputs at B = 1, H = 2, L = 64, D = 32, Dot only. The peers on the same shapes and
+//! thread counts: benches/peers/*.py --device cpu.
 //! `FEP_BENCH_QUICK=1` shortens the runs and, on a GPU, measures the quick subsets (forward:
 //! L ∈ {1k, 4k, 16k}).
 mod common;
@@ -1004,7 +1005,7 @@ fn bench_decode<T: Element>(cr: &mut Criterion, run: &mut Run<'_>, shapes: &[Dec
 // ---- score inputs: bias, mask, packed sequences (issue 23) ----
 
 /// The families of the inputs groups: all four in full GPU runs, Dot and Student-t in quick GPU
-/// runs; on the CPU (the f64 reference's smoke: every code path of the bench, kept short) Dot.
+/// runs; on the CPU (a small shape: every code path of the bench, kept short) Dot.
 fn inputs_families(run: &Run<'_>) -> Vec<Score> {
     match (run.dev.is_gpu(), run.quick) {
         (true, false) => Score::ALL.to_vec(),
@@ -1574,7 +1575,54 @@ fn bench(cr: &mut Criterion) {
                 bench_inputs_gpu_dtype::<bf16>(cr, &mut run, 81_000);
             }
         } else if common::dtype_wanted("f32") {
-            // the f64 reference: one tiny smoke shape per part, f32
+            // the fast CPU path, f32: issue 24's shape (B 16, H 2, L 128, D 32; plain PyTorch
+            // eager Student-t forward + backward 10.5 ms on one thread of the 2-core machine)
+            // and, unless quick, L 512 and 1024 (the ≥ 2x-plain-PyTorch targets)
+            let mut cpu_shapes = vec![Shape {
+                b: 16,
+                h: 2,
+                l: 128,
+                d: 32,
+            }];
+            if !quick {
+                cpu_shapes.push(Shape {
+                    b: 2,
+                    h: 4,
+                    l: 512,
+                    d: 64,
+                });
+                cpu_shapes.push(Shape {
+                    b: 1,
+                    h: 4,
+                    l: 1024,
+                    d: 64,
+                });
+            }
+            for &s in &cpu_shapes {
+                let n = s.b * s.h * s.l * s.d;
+                let up = |seed| dev.upload(&uniform::<f32>(n, -1.0, 1.0, seed)).unwrap();
+                if fwd {
+                    let (q, k, v) = (up(53_000), up(53_001), up(53_002));
+                    let mut o: DeviceBuffer<f32> = dev.alloc(n).unwrap();
+                    bench_shape(cr, &mut run, s, &q, &k, &v, &mut o);
+                }
+                if bwd {
+                    let mut inp = BwdInputs {
+                        q: up(63_000),
+                        k: up(63_001),
+                        v: up(63_002),
+                        d_o: up(63_003),
+                        o: dev.alloc(n).unwrap(),
+                    };
+                    let mut g = BwdGrads {
+                        dq: dev.alloc(n).unwrap(),
+                        dk: dev.alloc(n).unwrap(),
+                        dv: dev.alloc(n).unwrap(),
+                    };
+                    bench_bwd_shape(cr, &mut run, s, &mut inp, &mut g);
+                }
+            }
+            // decode and the score inputs: one small shape
             let s = Shape {
                 b: 1,
                 h: 2,
@@ -1583,26 +1631,6 @@ fn bench(cr: &mut Criterion) {
             };
             let n = s.b * s.h * s.l * s.d;
             let up = |seed| dev.upload(&uniform::<f32>(n, -1.0, 1.0, seed)).unwrap();
-            if fwd {
-                let (q, k, v) = (up(53_000), up(53_001), up(53_002));
-                let mut o: DeviceBuffer<f32> = dev.alloc(n).unwrap();
-                bench_shape(cr, &mut run, s, &q, &k, &v, &mut o);
-            }
-            if bwd {
-                let mut inp = BwdInputs {
-                    q: up(63_000),
-                    k: up(63_001),
-                    v: up(63_002),
-                    d_o: up(63_003),
-                    o: dev.alloc(n).unwrap(),
-                };
-                let mut g = BwdGrads {
-                    dq: dev.alloc(n).unwrap(),
-                    dk: dev.alloc(n).unwrap(),
-                    dv: dev.alloc(n).unwrap(),
-                };
-                bench_bwd_shape(cr, &mut run, s, &mut inp, &mut g);
-            }
             if dec {
                 let shapes: Vec<DecShape> = [1, 16]
                     .into_iter()

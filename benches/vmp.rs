@@ -97,21 +97,22 @@ const VARIANTS: [Variant; 3] = [
         model: "tmaze",
         op: Op::States,
         gpu_batches: &[1, 1_000, 100_000],
-        cpu_batches: &[1, 1_000],
+        // issue 24: N = 1k and 10k agents against pymdp's jitted, vmapped agent on the CPU
+        cpu_batches: &[1, 1_000, 10_000],
     },
     Variant {
         name: "five_factor_states",
         model: "five_factor",
         op: Op::States,
         gpu_batches: &[1_000, 100_000],
-        cpu_batches: &[100],
+        cpu_batches: &[1_000, 10_000],
     },
     Variant {
         name: "grid_policies",
         model: "grid7x7",
         op: Op::Policies,
         gpu_batches: &[10_000],
-        cpu_batches: &[32],
+        cpu_batches: &[1_000],
     },
 ];
 

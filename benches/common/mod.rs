@@ -57,9 +57,9 @@ fn wanted(kind: DeviceKind) -> bool {
 }
 
 /// The first CUDA and the first HIP device that open, then the CPU, each where
-/// `FEP_BENCH_DEVICES` asks for it (the GPU suite sets `gpu`: the CPU reference's smoke
-/// configurations already ran in CI); `bench` names the bench in the line printed for a missing
-/// or unwanted device.
+/// `FEP_BENCH_DEVICES` asks for it (the GPU suite sets `gpu`; the CPU figures are the CPU
+/// machine's, benches/results/cpu-*.md); `bench` names the bench in the line printed for a
+/// missing or unwanted device.
 pub fn devices(bench: &str) -> Vec<Device> {
     let mut devices = vec![];
     for kind in [DeviceKind::Cuda, DeviceKind::Hip] {
@@ -74,7 +74,7 @@ pub fn devices(bench: &str) -> Vec<Device> {
     if wanted(DeviceKind::Cpu) {
         devices.push(Device::cpu());
     } else {
-        eprintln!("{bench} bench: the CPU reference not measured (FEP_BENCH_DEVICES)");
+        eprintln!("{bench} bench: the CPU not measured (FEP_BENCH_DEVICES)");
     }
     devices
 }
