@@ -88,6 +88,18 @@ the padding mask as a block mask, the packed sequences as a document-causal bloc
 Dot with the bias as a float attn_mask (requiring grad in the backward) or the boolean mask.
 Records "kind": "inputs" with "variant"; FLOPs of the packed sequences per sequence.
 
+--op cpu (issue 24; implies --device cpu): float32, full (non-causal), H 2, D 32, L 128 (B 16:
+the issue's measured shape), 512 (B 4) and 1024 (B 2), every family, forward ("cpu_fwd") and
+forward + backward ("cpu_fwdbwd", the gradients of q, k, v for a fixed d_o; precisions fixed):
+ours (fk.attention_forward, then fk.attention_backward with precision_grads=False), plain
+PyTorch eager of the same maths (the float32 formula of DESIGN 4.1 with the [L, L] scores, its
+backward by autograd) for every family, and torch's SDPA CPU kernel for Dot. `--threads N` sets
+torch.set_num_threads(N) and fep_kernels.set_num_threads(N). Wall clock, warm-up, median ("ms")
+and minimum ("ms_min") of the repetitions; ours' o is compared with the eager one. Targets
+(issue 24): every family >= eager; Dot within 1.25x of SDPA (sdpa/ours >= 0.8); Gaussian,
+Student-t and Laplace >= 2x eager at L >= 512. `--op cpu --smoke`: one tiny shape.
+benches/cpu-suite.sh runs it at 1 and 2 threads.
+
 A missing piece (PyTorch, CUDA, FlexAttention, the library, attention_forward, GPU kernels)
 makes the implementations that need it SKIPPED; a failing call is FAILED; neither is fatal.
 """
@@ -103,7 +115,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "bindings", "python"))
 sys.path.insert(0, HERE)
-from timing import Records, Timer, fail_msg, pick_reps, ratio, write_json  # noqa: E402
+from timing import (Records, Timer, apply_threads, cpu_device_name,  # noqa: E402
+                    cpu_threads_env, fail_msg, pick_reps, ratio, write_json)
 
 TOKENS = 16 * 1024
 MODEL_DIM = 2048
@@ -1275,6 +1288,157 @@ def decode_mask_mod(b, h, qi, ki):
     return (ki < CAP.kv_len[b]) & (ki <= qi + CAP.offset)
 
 
+# ---- the CPU benchmark (--op cpu, issue 24) ----
+
+CPU_SHAPES = [(16, 2, 128, 32), (4, 2, 512, 32), (2, 2, 1024, 32)]  # B, H, L, D
+CPU_SMOKE_SHAPES = [(2, 2, 32, 16)]
+
+
+def cpu_target(fam, kind, impl, L):
+    """(minimum peer/ours ratio, text) of issue 24 for this row; (None, "") where none."""
+    if impl == "sdpa":
+        return 0.8, "ours <= 1.25x sdpa"
+    if impl == "eager":
+        if fam != "dot" and L >= 512:
+            return 2.0, ">=2x eager"
+        return 1.0, ">=1x eager"
+    return None, ""
+
+
+def run_cpu(args, tx, ours, records):
+    """Issue 24's CPU attention benchmark (module docstring, --op cpu)."""
+    fk = ours.get("fk") if ours["ok"] else None
+    timer = Timer(False)
+    shapes = CPU_SMOKE_SHAPES if args.smoke else CPU_SHAPES
+    if args.lengths:
+        keep = {int(x) for x in args.lengths.split(",") if x.strip()}
+        shapes = [sh for sh in shapes if sh[2] in keep]
+    families = args.families.split(",") if args.families else FAMILIES
+    dev_name = cpu_device_name(args.threads)
+    for (B, H, L, D) in shapes:
+        gen = torch.Generator(device="cpu").manual_seed(SEED + 4000 + L)
+        q, k, v, d_o = ((torch.rand(B, H, L, D, generator=gen) * 2 - 1) for _ in range(4))
+        pih_all = 0.5 + 1.5 * torch.rand(H, generator=gen)
+        pik_all = 0.5 + 1.5 * torch.rand(B, H, L, generator=gen)
+        for fam in families:
+            tau = tau_of(fam, D)
+            pih = pih_all if PREC[fam] == "head" else None
+            pik = pik_all if PREC[fam] == "key" else None
+            kw = dict(score=OURS_SCORE[fam], pi_head=pih, pi_key=pik, check=False)
+            if fam == "studentt":
+                kw["nu"] = NU
+            for kind in ("cpu_fwd", "cpu_fwdbwd"):
+                rec0 = {"op": "attention", "kind": kind, "family": fam,
+                        "precision": PREC[fam] or "none", "causal": False, "dtype": "f32",
+                        "D": D, "L": L, "B": B, "H": H, "threads": args.threads,
+                        "device": dev_name}
+                if time.perf_counter() > args.deadline:
+                    why = f"CUT: past the {args.budget_s:g} s budget"
+                    print(f"-- {kind} {fam} L={L}: {why}")
+                    records.add({**rec0, "impl": "all", "ms": None, "cut": True, "note": why})
+                    args.budget_skipped += 1
+                    continue
+                print(f"-- {kind} {fam} B={B} H={H} L={L} D={D} f32 full")
+                got = {}
+
+                def measure(impl, fn, note=""):
+                    try:
+                        t_first = timer.once(fn)
+                        t1 = timer.once(fn)
+                        reps = pick_reps(t1, args.budget_ms, args.min_reps, args.max_reps)
+                        ms_min, ms = timer.stats(fn, reps, warmup=1)
+                    except Exception as e:
+                        msg = fail_msg(e)
+                        print(f"  {impl:<6} FAILED ({msg})")
+                        records.add({**rec0, "impl": impl, "ms": None, "ms_min": None,
+                                     "ratio_vs_ours": None, "target": None,
+                                     "note": f"FAILED: {msg}"})
+                        return
+                    got[impl] = ms
+                    tgt, tgt_text = cpu_target(fam, kind, impl, L)
+                    r = ratio(ms, got.get("ours")) if impl != "ours" else 1.0
+                    if t_first > 5 * max(ms, 1e-3):
+                        note = (note + "; " if note else "") + f"first call {t_first:.1f} ms"
+                    rs = f"{r:.2f}x" if r is not None else "-"
+                    print(f"  {impl:<6} {ms:10.3f} ms  (min {ms_min:.3f}, reps {reps})  "
+                          f"peer/ours {rs}  {tgt_text}")
+                    records.add({**rec0, "impl": impl, "ms": ms, "ms_min": ms_min, "reps": reps,
+                                 "ratio_vs_ours": r if impl != "ours" else None,
+                                 "target": tgt, "target_text": tgt_text, "note": note})
+
+                # ours
+                if fk is None:
+                    print(f"  ours   SKIPPED ({ours['why']})")
+                    records.add({**rec0, "impl": "ours", "ms": None, "note":
+                                 f"SKIPPED: {ours['why']}"})
+                elif kind == "cpu_fwd":
+                    o_buf = torch.empty(B, H, L, D)
+                    with torch.no_grad():
+                        measure("ours", lambda: fk.attention_forward(q, k, v, out=o_buf, **kw))
+                        try:
+                            ref = reference(fam, q, k, v, pih, pik, False, tau)
+                            err = ((o_buf - ref).abs().max() / ref.abs().max()).item()
+                            print(f"  max|o_ours - o_eager| / max|o_eager| = {err:.2e}")
+                            if records and records[-1]["impl"] == "ours":
+                                records[-1]["rel_err_vs_eager"] = err
+                                records.write()
+                        except Exception as e:
+                            print(f"  agreement check FAILED ({fail_msg(e)})")
+                else:
+                    with torch.no_grad():
+                        def ours_fb():
+                            o, lse = fk.attention_forward(q, k, v, **kw)[:2]
+                            return fk.attention_backward(q, k, v, o, lse, d_o,
+                                                         precision_grads=False, **kw)
+                        measure("ours", ours_fb, "attention_forward + attention_backward "
+                                "(precision_grads=False)")
+
+                # plain PyTorch eager, every family
+                if kind == "cpu_fwd":
+                    def eager():
+                        with torch.no_grad():
+                            return reference(fam, q, k, v, pih, pik, False, tau)
+                else:
+                    def eager():
+                        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+                        o = reference(fam, qg, kg, vg, pih, pik, False, tau)
+                        return torch.autograd.grad(o, (qg, kg, vg), d_o)
+                measure("eager", eager, "float32 formula, [L, L] scores")
+
+                # SDPA, Dot only
+                if fam == "dot":
+                    if kind == "cpu_fwd":
+                        def sdpa():
+                            with torch.no_grad():
+                                return F.scaled_dot_product_attention(q, k, v, scale=tau)
+                    else:
+                        def sdpa():
+                            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+                            o = F.scaled_dot_product_attention(qg, kg, vg, scale=tau)
+                            return torch.autograd.grad(o, (qg, kg, vg), d_o)
+                    measure("sdpa", sdpa, "torch SDPA, CPU kernel")
+
+
+def print_cpu_table(records):
+    print()
+    hdr = (f"{'kind':<11} {'family':<9} {'L':>5} {'impl':<6} {'ms':>10} {'min ms':>10} "
+           f"{'peer/ours':>9}  target")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in records:
+        if r.get("cut"):
+            print(f"{r['kind']:<11} {r['family']:<9} {r['L']:>5} {'all':<6} {'CUT':>10}")
+            continue
+        if r["ms"] is None:
+            print(f"{r['kind']:<11} {r['family']:<9} {r['L']:>5} {r['impl']:<6} {'-':>10}  "
+                  f"{r['note']}")
+            continue
+        rs = f"{r['ratio_vs_ours']:.2f}x" if r.get("ratio_vs_ours") is not None else "-"
+        print(f"{r['kind']:<11} {r['family']:<9} {r['L']:>5} {r['impl']:<6} {r['ms']:10.3f} "
+              f"{r['ms_min']:10.3f} {rs:>9}  {r.get('target_text') or ''}")
+    print("(peer/ours > 1: ours is faster; target: issue 24's goal for that ratio)")
+
+
 def sdpa_ctx(tx):
     """The flash backend on CUDA; the default selection on the CPU (smoke)."""
     import contextlib
@@ -1334,7 +1498,10 @@ def main():
                     ", ".join(FAMILIES))
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
                     help="default cuda (cpu with --smoke)")
-    ap.add_argument("--op", default="forward", choices=["forward", "backward", "decode", "inputs"],
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads: torch.set_num_threads(N) and fep_kernels.set_num_threads(N)")
+    ap.add_argument("--op", default="forward",
+                    choices=["forward", "backward", "decode", "inputs", "cpu"],
                     help="forward (default), backward (default subset bf16, D = 128, L = 4k, "
                     "learned precisions; --full: bf16 and f16, D 128 and 64, L 1k/4k/16k, learned "
                     "and fixed) or decode (default subset Lk 64k (B 1, 4) and 1M (B 1), Lq 1 and "
@@ -1349,7 +1516,10 @@ def main():
                     help="stop starting new shapes after this many seconds (default 165: the "
                     "script stays under 3 minutes; the shapes left are listed as SKIPPED)")
     args = ap.parse_args()
+    if args.op == "cpu":
+        args.device = "cpu"
     args.device = args.device or ("cpu" if args.smoke else "cuda")
+    cpu_threads_env(args.threads)  # before torch is imported
     quick = args.quick or args.smoke
     args.budget_ms = 50.0 if quick else 150.0
     args.min_reps, args.max_reps = (3, 20) if quick else (3, 30)
@@ -1398,8 +1568,34 @@ def main():
         print(f"benches/peers/attention.py: SKIPPED: {tx['why']}")
         write_json(args.out, [])
         return 0
+    if args.op == "cpu":
+        ours = setup_ours(args, tx)
+        apply_threads(args.threads, torch, ours.get("fk"))
+        if args.quick or args.smoke:
+            args.budget_ms, args.min_reps, args.max_reps = 100.0, 3, 10
+        else:
+            args.budget_ms, args.min_reps, args.max_reps = 400.0, 5, 50
+        print(f"torch {torch.__version__} on {cpu_device_name(args.threads)} | threads torch "
+              f"{torch.get_num_threads()} | ours: "
+              + (f"fep-kernels {ours['version']}, {ours['fk'].get_num_threads()} thread(s)"
+                 if ours["ok"] else f"SKIPPED ({ours['why']})"))
+        records = Records(args.out)
+        t0 = time.perf_counter()
+        args.deadline = t0 + args.budget_s
+        args.budget_skipped = 0
+        run_cpu(args, tx, ours, records)
+        print_cpu_table(records)
+        if args.budget_skipped:
+            print(f"{args.budget_skipped} row(s) CUT: the {args.budget_s:g} s budget")
+        print(f"total {time.perf_counter() - t0:.1f} s")
+        records.write()
+        if args.out:
+            print(f"wrote {args.out}")
+        return 0
     flex = setup_flex(args, tx)
     ours = setup_ours(args, tx)
+    if not tx["cuda"]:
+        apply_threads(args.threads, torch, ours.get("fk"))
     print(f"torch {torch.__version__} on {tx['name']} | flex: "
           f"{flex['mode'] if flex['ok'] else 'SKIPPED (' + flex['why'] + ')'} | ours: "
           f"{'fep-kernels ' + ours['version'] if ours['ok'] else 'SKIPPED (' + ours['why'] + ')'}")

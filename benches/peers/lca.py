@@ -38,8 +38,12 @@ keeps the figures measured before it.
 
 Prints a table (config, impl, ms, active fraction, ratio peer/ours, rel. error vs ours) and
 writes the records as JSON to --out. Exits 0 with a message when PyTorch or CUDA is missing.
-`--device cpu` runs everything on the CPU (wall-clock timing, no CUDA graphs): a smoke test of
-the script, not a benchmark.
+`--device cpu` runs everything on the CPU (wall-clock timing, no CUDA graphs) on the CPU
+configurations of issue 24: small B=256, n=64, m=128, T=200 (the issue's measured shape) and
+medium B=512, n=128, m=256, T=200; `--threads N` sets torch.set_num_threads(N) and
+fep_kernels.set_num_threads(N) first; every record has the median ("ms") and the minimum
+("ms_min") of the repetitions. `--smoke`: a tiny configuration on the CPU, a test of the script
+(benches/cpu-suite.sh runs the CPU configurations at 1 and 2 threads).
 """
 
 import argparse
@@ -56,6 +60,11 @@ CONFIGS = [
     ("small", 256, 64, 256, 100),
     ("large", 4096, 256, 1024, 200),
 ]
+CPU_CONFIGS = [  # issue 24: its measured shape, and a bigger one
+    ("small", 256, 64, 128, 200),
+    ("medium", 512, 128, 256, 200),
+]
+SMOKE_CONFIGS = [("tiny", 16, 8, 16, 5)]
 ETA = 0.1
 TARGET_ACTIVE = 0.05
 TRUE_ACTIVE = 0.05
@@ -104,7 +113,8 @@ def lca_stepped(step, x, phi, G, lam, eta, steps):
 
 # Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Budget, Records, Timer, fail_msg, pick_reps, ratio  # noqa: E402
+from timing import (Budget, Records, Timer, apply_threads, cpu_device_name,  # noqa: E402
+                    cpu_threads_env, fail_msg, pick_reps, ratio)
 
 
 def capture_graph(torch, fn):
@@ -184,14 +194,15 @@ def run_config(args, torch, fk, timer, device, dev_name, cfg, records):
     shape = {"config": name, "B": B, "n": n, "m": m, "T": T, "eta": ETA, "lambda": lam}
     ours_ms = None  # ours is measured first: every peer's ratio is known when it is written
 
-    def add(impl, ms=None, af=None, err=None, note=""):
+    def add(impl, ms=None, af=None, err=None, note="", ms_min=None):
         """Writes impl's record now, so a later peer that hangs or is killed cannot lose it."""
         nonlocal ours_ms
         if impl == "ours":
             ours_ms = ms
-        records.add({**shape, "impl": impl, "ms": ms, "ratio_vs_ours": ratio(ms, ours_ms),
+        records.add({**shape, "impl": impl, "ms": ms, "ms_min": ms_min,
+                     "ratio_vs_ours": ratio(ms, ours_ms),
                      "active_fraction": af, "rel_err_vs_ours": err, "device": dev_name,
-                     "note": note})
+                     "threads": args.threads, "note": note})
 
     def measure(impl, fn, get_a):
         """Checks fn's final a once, then times fn; returns the median ms (None: failed)."""
@@ -200,7 +211,7 @@ def run_config(args, torch, fk, timer, device, dev_name, cfg, records):
             a = get_a().clone()
             t1 = timer.once(fn)
             reps = pick_reps(t1, args.budget_ms, args.min_reps, args.max_reps)
-            ms = timer.median(fn, reps, warmup=args.warmup)
+            ms_min, ms = timer.stats(fn, reps, warmup=args.warmup)
         except Exception as e:  # a peer that cannot run is reported, not fatal
             msg = fail_msg(e)
             print(f"  {impl:<20} FAILED ({msg})")
@@ -208,8 +219,8 @@ def run_config(args, torch, fk, timer, device, dev_name, cfg, records):
             return None
         err = rel_err(a, a_ours) if impl != "ours" else 0.0
         note = f"first call {t_first:.1f} ms" if t_first > 5 * max(ms, 1e-3) else ""
-        print(f"  {impl:<20} {ms:10.3f} ms  (reps {reps}) {note}")
-        add(impl, ms, frac(a), err, note)
+        print(f"  {impl:<20} {ms:10.3f} ms  (min {ms_min:.3f}, reps {reps}) {note}")
+        add(impl, ms, frac(a), err, note, ms_min=ms_min)
         return ms
 
     measure("ours", lambda: ours(lam), lambda: out["a"])
@@ -286,22 +297,32 @@ def main():
                     "target/release/libfep_kernels.so)")
     ap.add_argument("--out", help="write the records as JSON here")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and bisection steps")
-    ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS),
-                    help="comma-separated subset of: " + ", ".join(c[0] for c in CONFIGS))
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated subset of: " + ", ".join(c[0] for c in CONFIGS) +
+                    " (GPU), " + ", ".join(c[0] for c in CPU_CONFIGS) + " (--device cpu)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     ap.add_argument("--compile-mode", default="default",
                     help="torch.compile mode (default; max-autotune-no-cudagraphs is slower to "
                     "compile)")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                    help="cpu: smoke-test the script only (not a benchmark)")
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                    help="default cuda (cpu with --smoke); cpu: issue 24's CPU configurations")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads: torch.set_num_threads(N) and fep_kernels.set_num_threads(N)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny configuration, quick, on the CPU: tests the script")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no new configuration after this many seconds (default: none)")
     args = ap.parse_args()
+    args.device = args.device or ("cpu" if args.smoke else "cuda")
+    args.quick = args.quick or args.smoke
+    cpu_threads_env(args.threads)  # before torch is imported
     budget = Budget(args.budget_s)
-    args.bisect = 6 if args.quick else 12
+    args.bisect = 6 if args.quick else (8 if args.device == "cpu" else 12)
     args.budget_ms = 300.0 if args.quick else 1000.0
     args.min_reps, args.max_reps = (3, 20) if args.quick else (5, 100)
     args.warmup = 1 if args.quick else 3
+    if args.device == "cpu" and not args.quick:  # the two first calls warm up too
+        args.budget_ms, args.min_reps, args.max_reps, args.warmup = 600.0, 3, 50, 1
 
     global torch, F
     try:
@@ -332,14 +353,20 @@ def main():
         dev_name = torch.cuda.get_device_name(device)
     else:
         device = torch.device("cpu")
-        dev_name = "cpu (smoke test)"
+        dev_name = cpu_device_name(args.threads)
+    apply_threads(args.threads, torch, fk)
 
     torch.manual_seed(SEED)
     print(f"fep-kernels {fk.version()} | torch {torch.__version__} | {dev_name} | "
-          f"float32 matmul precision {torch.get_float32_matmul_precision()}")
+          f"float32 matmul precision {torch.get_float32_matmul_precision()} | "
+          f"threads torch {torch.get_num_threads()}"
+          + (f", ours {fk.get_num_threads()}" if hasattr(fk, "get_num_threads") else ""))
     timer = Timer(device.type == "cuda")
-    wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = set(wanted) - {c[0] for c in CONFIGS}
+    configs = (SMOKE_CONFIGS if args.smoke else CPU_CONFIGS if args.device == "cpu"
+               else CONFIGS)
+    wanted = ([c.strip() for c in args.configs.split(",") if c.strip()] if args.configs
+              else [c[0] for c in configs])
+    unknown = set(wanted) - {c[0] for c in configs}
     if unknown:
         ap.error(f"unknown configs {sorted(unknown)}")
     args.compiled_step = None
@@ -352,7 +379,7 @@ def main():
     records = Records(args.out)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for cfg in CONFIGS:
+        for cfg in configs:
             if cfg[0] not in wanted:
                 continue
             if budget.spent():

@@ -46,6 +46,13 @@ Usage:
     python3 benches/peers/settle.py --quick --configs pcx --dtypes f32 --budget-s 45
                                                     # ci/gpu-run.sh's quick step
 
+--device cpu (issue 24): the CPU configurations, f32 only by default: the issue's PC learning
+step 64-64-10, T=20, B=64 and B=256 (pc_b64, pc_b256), and pcx 784-128-128-128-10, B=256, T=8
+and 32; wall-clock timing; `--threads N` sets torch.set_num_threads(N),
+fep_kernels.set_num_threads(N) and, for N = 1, XLA's one-thread flags before JAX is imported.
+Every record has the median ("ms") and the minimum ("ms_min") of the repetitions.
+benches/cpu-suite.sh runs it at 1 and 2 threads.
+
 --budget-s stops starting new (configuration, dtype, mode, T) once spent: those left are written
 as records with "cut": true (no figures). Each implementation's record is written to the JSON as
 soon as it is measured (ours first; benches/peers/timing.py's Records), so a timeout in a cold
@@ -71,6 +78,11 @@ CONFIGS = [
     # name, widths n_0..n_L, B, [T, ...]
     ("pcx", [784, 128, 128, 128, 10], 256, [8, 32]),
     ("wide", [784, 4096, 4096, 4096, 10], 1024, [20]),
+]
+CPU_CONFIGS = [  # issue 24: its measured PC learning step, and PCX's MNIST network
+    ("pc_b64", [64, 64, 10], 64, [20]),
+    ("pc_b256", [64, 64, 10], 256, [20]),
+    ("pcx", [784, 128, 128, 128, 10], 256, [8, 32]),
 ]
 SMOKE_CONFIGS = [
     ("smoke", [16, 12, 12, 12, 4], 8, [4, 6]),
@@ -199,7 +211,8 @@ def make_jax_settle(jax, jnp, L, clamped):
 
 # Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Budget, Records, Timer, fail_msg, pick_reps, ratio  # noqa: E402
+from timing import (Budget, Records, Timer, apply_threads, cpu_device_name,  # noqa: E402
+                    cpu_threads_env, fail_msg, pick_reps, ratio)
 
 
 # ---- main ----
@@ -280,7 +293,7 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
                          "dtype": dtype, "eta": ETA}
                 ref = {}  # "v": ours' result, "ms": ours' time (ours is measured first)
 
-                def add(impl, ms=None, err=None, note=""):
+                def add(impl, ms=None, err=None, note="", ms_min=None):
                     """Writes impl's record now, so a later peer that hangs or is killed
                     (a cold compile) cannot lose it."""
                     if impl == "ours":
@@ -289,6 +302,8 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
                         **shape,
                         "impl": impl,
                         "ms": ms,
+                        "ms_min": ms_min,
+                        "threads": args.threads,
                         "ms_per_step": (ms / T) if ms is not None else None,
                         "ratio_vs_ours": ratio(ms, ref.get("ms")),
                         "rel_err_vs_ours": err,
@@ -306,7 +321,7 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
                         value = get()
                         t1 = timer.once(fn, block)
                         reps = pick_reps(t1, args.budget_ms, args.min_reps, args.max_reps)
-                        ms = timer.median(fn, reps, warmup=args.warmup, block=block)
+                        ms_min, ms = timer.stats(fn, reps, warmup=args.warmup, block=block)
                     except Exception as e:  # a peer that cannot run is reported, not fatal
                         msg = fail_msg(e)
                         print(f"  {impl:<10} FAILED ({msg})")
@@ -320,8 +335,8 @@ def run_config(args, fk, jx, timer, device, dev_name, cfg, records):
                     note = f"first call {t_first:.1f} ms" if t_first > 5 * max(ms, 1e-3) else ""
                     err_s = f"{err:.2e}" if err is not None else "-"
                     print(f"  {impl:<10} {ms:10.3f} ms  {ms / T * 1e3:10.1f} us/step  "
-                          f"(reps {reps}, rel err vs ours {err_s}) {note}")
-                    add(impl, ms, err, note)
+                          f"(min {ms_min:.3f}, reps {reps}, rel err vs ours {err_s}) {note}")
+                    add(impl, ms, err, note, ms_min=ms_min)
 
                 def skip(impl, why):
                     print(f"  {impl:<10} SKIPPED ({why})")
@@ -438,23 +453,33 @@ def main():
     ap.add_argument("--configs", default=None,
                     help="comma-separated subset of: " + ", ".join(c[0] for c in CONFIGS))
     ap.add_argument("--modes", default=",".join(MODES), help="subset of: infer,learn")
-    ap.add_argument("--dtypes", default=",".join(DTYPES), help="subset of: f32,bf16")
+    ap.add_argument("--dtypes", default=None,
+                    help="subset of: f32,bf16 (default both; f32 with --device cpu)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads: torch.set_num_threads(N), fep_kernels.set_num_threads(N), "
+                    "and XLA's one-thread flags for N = 1")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     ap.add_argument("--no-jax", action="store_true", help="skip the JAX peer")
     ap.add_argument("--no-tf32", dest="tf32", action="store_false",
                     help="f32 matmuls of the peers in full f32 (ours uses TF32 for f32 weights)")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
-                    help="default cuda (cpu with --smoke); cpu is a smoke test, not a benchmark")
+                    help="default cuda (cpu with --smoke); cpu: issue 24's CPU configurations")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start nothing new after this many seconds (default: none)")
     args = ap.parse_args()
     args.budget = Budget(args.budget_s)
     args.device = args.device or ("cpu" if args.smoke else "cuda")
+    if args.device == "cpu":
+        args.tf32 = False  # no TF32 on the CPU: full f32 matmuls everywhere (JAX told so too)
     quick = args.quick or args.smoke
     args.budget_ms = 100.0 if quick else 300.0
     args.min_reps, args.max_reps = (2, 10) if quick else (3, 50)
     args.warmup = 1
-    configs = SMOKE_CONFIGS if args.smoke else CONFIGS
+    cpu_threads_env(args.threads)  # before torch and JAX are imported
+    if args.dtypes is None:
+        args.dtypes = "f32" if args.device == "cpu" and not args.smoke else ",".join(DTYPES)
+    configs = (SMOKE_CONFIGS if args.smoke else CPU_CONFIGS if args.device == "cpu"
+               else CONFIGS)
     wanted = [c.strip() for c in (args.configs or ",".join(c[0] for c in configs)).split(",")
               if c.strip()]
     unknown = set(wanted) - {c[0] for c in configs}
@@ -493,14 +518,18 @@ def main():
         dev_name = torch.cuda.get_device_name(device)
     else:
         device = torch.device("cpu")
-        dev_name = "cpu (smoke test)"
+        dev_name = cpu_device_name(args.threads)
+    apply_threads(args.threads, torch, fk)
 
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     jx = setup_jax(args, device)
     jax_desc = (f"jax {jx['jax'].__version__} on {jx['device']}" if jx["ok"]
                 else f"jax: SKIPPED ({jx['why']})")
     print(f"fep-kernels {fk.version()} | torch {torch.__version__} | {jax_desc} | {dev_name} | "
-          f"f32 matmuls of the peers: {'TF32' if args.tf32 else 'full f32'}")
+          f"f32 matmuls of the peers: {'TF32' if args.tf32 else 'full f32'} | threads torch "
+          f"{torch.get_num_threads()}"
+          + (f", ours {fk.get_num_threads()}" if hasattr(fk, "get_num_threads") else "")
+          + (f" | {os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""))
     args.compiled_steps = {}
     if not args.no_compile:
         # compiled once per dtype, reused by every configuration and mode (dynamic shapes)

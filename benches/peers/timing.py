@@ -49,6 +49,11 @@ class Timer:
         """Median milliseconds over reps calls of fn: CUDA events on the current stream, or the
         wall clock (CPU, or work outside PyTorch's stream such as JAX's: then ``block`` waits
         for each call's result)."""
+        return self.stats(fn, reps, warmup, block)[1]
+
+    def stats(self, fn, reps, warmup, block=None):
+        """(min, median) milliseconds over reps calls of fn, timed as :meth:`median` says (the
+        CPU benchmarks report both: these machines are noisy)."""
         for _ in range(warmup):
             r = fn()
             if block:
@@ -63,7 +68,7 @@ class Timer:
                     block(r)
                 self.sync()
                 times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+            return min(times), statistics.median(times)
         import torch
 
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -73,7 +78,8 @@ class Timer:
             fn()
             end.record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in ev)
+        times = [s.elapsed_time(e) for s, e in ev]
+        return min(times), statistics.median(times)
 
 
 def pick_reps(ms_one, budget_ms, lo, hi):
@@ -154,3 +160,54 @@ class Records(list):
         print(f"{HANG_AFTER_ENV}={self.hang_after}: hanging (test hook)", flush=True)
         while True:
             time.sleep(3600)
+
+
+# ---- CPU runs (issue 24): thread counts, the machine ----
+
+
+def cpu_threads_env(threads):
+    """Before JAX (or PyTorch) is imported: with ``threads`` = 1, XLA's CPU client is told to
+    use one thread (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``,
+    appended to XLA_FLAGS), and OMP/MKL get 1; other counts leave XLA at its default (every
+    core). None: nothing. Returns a line describing what JAX was told."""
+    if threads is None:
+        return "default"
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if threads == 1:
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        old = os.environ.get("XLA_FLAGS", "")
+        if flags not in old:
+            os.environ["XLA_FLAGS"] = (old + " " + flags).strip()
+        return f"XLA_FLAGS={os.environ['XLA_FLAGS']}"
+    return "XLA default (all cores)"
+
+
+def apply_threads(threads, torch=None, fk=None):
+    """torch.set_num_threads(threads) and fep_kernels.set_num_threads(threads) (None: leave
+    both at their defaults; ours follows torch)."""
+    if threads is None:
+        return
+    if torch is not None:
+        torch.set_num_threads(threads)
+    if fk is not None and hasattr(fk, "set_num_threads"):
+        fk.set_num_threads(threads)
+
+
+def cpu_model():
+    """The CPU's model name (from /proc/cpuinfo; platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown cpu"
+
+
+def cpu_device_name(threads):
+    """The ``device`` field of a CPU record: the model and the thread count."""
+    return f"cpu: {cpu_model()}, {os.cpu_count()} cores, {threads or 'default'} thread(s)"

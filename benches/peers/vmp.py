@@ -34,6 +34,15 @@ on PyTorch's stream for ours, the wall clock with jax.block_until_ready for pymd
 Targets of issue 4, printed next to the measured ratio pymdp/ours (never as a verdict):
 >= 100x for state inference at N = 100k, >= 50x for policy inference at N = 10k.
 
+--device cpu (issue 24): pymdp's agent on JAX's CPU device against ours on the CPU, state and
+policy inference on the T-maze and on a synthetic three-factor model (three_factor: S = 4, 3, 5,
+O = 5, 4, 6, A_dependencies [[0, 1], [1, 2], [0, 2]], controls 3, 1, 2, policy_len 2: 36 policies;
+random A, B, C, D from a fixed seed, built in this script), N = 1k and 10k agents; target
+pymdp/ours >= 1 everywhere. `--threads N` sets torch.set_num_threads(N),
+fep_kernels.set_num_threads(N) and, for N = 1, XLA's one-thread flags before JAX is imported.
+Every record has the median ("ms") and the minimum ("ms_min") of the repetitions.
+benches/cpu-suite.sh runs it at 1 and 2 threads.
+
 Usage:
     python3 benches/peers/vmp.py --lib target/release/libfep_kernels.so --out vmp_peers.json
     python3 benches/peers/vmp.py --smoke      # tiny shapes on the CPU: a test of the script
@@ -76,9 +85,18 @@ CONFIGS = [
 ]
 SMOKE_CONFIGS = [
     ("tmaze_states", "tmaze", "states", [1, 8]),
+    ("three_factor_states", "three_factor", "states", [5]),
+    ("three_factor_policies", "three_factor", "policies", [3]),
     ("five_factor_states", "five_factor", "states", [6]),
     ("grid_policies", "grid7x7", "policies", [4]),
 ]
+CPU_CONFIGS = [  # issue 24: T-maze and a three-factor model, N = 1k and 10k
+    ("tmaze_states", "tmaze", "states", [1_000, 10_000]),
+    ("three_factor_states", "three_factor", "states", [1_000, 10_000]),
+    ("tmaze_policies", "tmaze", "policies", [1_000, 10_000]),
+    ("three_factor_policies", "three_factor", "policies", [1_000, 10_000]),
+]
+CPU_TARGET = 1.0  # issue 24: at least as fast as pymdp's jitted, vmapped agent on the CPU
 # (op, N) -> the issue's target for pymdp_jax / ours
 TARGETS = {("states", 100_000): 100.0, ("policies", 10_000): 50.0}
 SEED = 20240904
@@ -124,6 +142,45 @@ def load_models():
     return models
 
 
+def pymdp_policy_order(num_controls, policy_len):
+    """pymdp.control.construct_policies's order: [P, policy_len, F] int32."""
+    import itertools
+
+    rows = list(itertools.product(*([range(u) for u in num_controls] * policy_len)))
+    return np.asarray(rows, dtype=np.int32).reshape(len(rows), policy_len, len(num_controls))
+
+
+def three_factor_model(seed=SEED + 3):
+    """A synthetic three-factor model (issue 24's CPU benchmark; not in the fixture): S = 4, 3,
+    5, O = 5, 4, 6, each modality reading two factors, controls 3, 1, 2, policy_len 2. A and B
+    random with a diagonal bias (so observations inform and actions matter), normalised over
+    their first axis; C ~ N(0, 1); D random normalised; no E."""
+    rng = np.random.default_rng(seed)
+    S, O, U = [4, 3, 5], [5, 4, 6], [3, 1, 2]
+    deps = [[0, 1], [1, 2], [0, 2]]
+    A = []
+    for m, o in enumerate(O):
+        a = rng.uniform(0.05, 1.0, size=(o, *[S[f] for f in deps[m]]))
+        first = S[deps[m][0]]
+        for i in range(min(o, first)):
+            a[i, i] += 2.0
+        A.append(a / a.sum(axis=0, keepdims=True))
+    B = []
+    for f, s in enumerate(S):
+        b = rng.uniform(0.05, 1.0, size=(s, s, U[f]))
+        for u in range(U[f]):
+            b[:, :, u] += 3.0 * np.roll(np.eye(s), u, axis=0)
+        B.append(b / b.sum(axis=0, keepdims=True))
+    D = [rng.uniform(0.1, 1.0, size=s) for s in S]
+    return {
+        "name": "three_factor",
+        "A": A, "B": B, "C": [rng.normal(0.0, 1.0, size=o) for o in O],
+        "D": [d / d.sum() for d in D], "E": None, "deps": deps,
+        "num_states": S, "num_obs": O, "policy_len": 2,
+        "policies": pymdp_policy_order(U, 2), "gamma": 16.0,
+    }
+
+
 def make_inputs(M, op, n, seed):
     """[N, M] int32 observations (uniform indices) or [N, sum S] float32 beliefs (per factor,
     uniform(1e-3, 1) entries normalised to sum 1)."""
@@ -142,7 +199,8 @@ def make_inputs(M, op, n, seed):
 
 # Timer and pick_reps: benches/peers/timing.py, shared by the peer scripts.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Budget, Records, Timer, fail_msg, pick_reps, ratio  # noqa: E402
+from timing import (Budget, Records, Timer, apply_threads, cpu_device_name,  # noqa: E402
+                    cpu_threads_env, fail_msg, pick_reps, ratio)
 
 
 # ---- ours (through the C ABI) ----
@@ -178,7 +236,8 @@ def setup_ours(args):
         name = torch.cuda.get_device_name(device)
     else:
         device = torch.device("cpu")
-        name = "cpu (smoke test)"
+        name = cpu_device_name(args.threads)
+    apply_threads(args.threads, torch, fk)
     return {"ok": True, "fk": fk, "device": device, "cuda": device.type == "cuda", "name": name,
             "version": fk.version()}
 
@@ -313,7 +372,8 @@ def run_config(args, ours, px, timer, cfg, models, records):
             ms = r["ms"]
             if r["impl"] == "ours":
                 ours_ms = ms
-            target = TARGETS.get((op, n)) if r["impl"] == "pymdp_jax" else None
+            target = ((CPU_TARGET if args.device == "cpu" else TARGETS.get((op, n)))
+                      if r["impl"] == "pymdp_jax" else None)
             records.add({
                 "op": "vmp",
                 "config": name,
@@ -325,6 +385,8 @@ def run_config(args, ours, px, timer, cfg, models, records):
                 "H": H if op == "policies" else None,
                 "impl": r["impl"],
                 "ms": ms,
+                "ms_min": r.get("ms_min"),
+                "threads": args.threads,
                 "first_call_ms": r.get("first_ms"),
                 "reps": r.get("reps"),
                 "agents_per_s": n / (ms * 1e-3) if ms else None,
@@ -359,15 +421,16 @@ def run_config(args, ours, px, timer, cfg, models, records):
                 values[impl] = get()
                 t1 = timer.once(fn, block)
                 reps = pick_reps(t1, args.budget_ms, args.min_reps, args.max_reps)
-                ms = timer.median(fn, reps, warmup=1, block=block)
+                ms_min, ms = timer.stats(fn, reps, warmup=1, block=block)
             except Exception as e:  # a peer that cannot run is reported, not fatal
                 msg = fail_msg(e)
                 print(f"  {impl:<10} FAILED ({msg})")
                 add({"impl": impl, "ms": None, "note": f"FAILED: {msg}"})
                 return
             note = f"first call {t_first:.1f} ms" if t_first > 5 * max(ms, 1e-3) else ""
-            r = {"impl": impl, "ms": ms, "first_ms": t_first, "reps": reps, "note": note}
-            print(f"  {impl:<10} {ms:10.4f} ms  (reps {reps}) {note}")
+            r = {"impl": impl, "ms": ms, "ms_min": ms_min, "first_ms": t_first, "reps": reps,
+                 "note": note}
+            print(f"  {impl:<10} {ms:10.4f} ms  (min {ms_min:.4f}, reps {reps}) {note}")
             if impl != "ours":
                 compare_with_ours(r)
             add(r)
@@ -482,7 +545,10 @@ def main():
                     help="a folder with pymdp and its pure-Python dependencies (pip install "
                     "--target), searched after the system's packages")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
-                    help="default cuda (cpu with --smoke); cpu is a smoke test, not a benchmark")
+                    help="default cuda (cpu with --smoke); cpu: issue 24's CPU configurations")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads: torch.set_num_threads(N), fep_kernels.set_num_threads(N), "
+                    "and XLA's one-thread flags for N = 1")
     ap.add_argument("--targets-only", action="store_true",
                     help="only the batches issue 4 sets a target for (N = 100k for state "
                     "inference, 10k for policy inference)")
@@ -494,7 +560,9 @@ def main():
     quick = args.quick or args.smoke
     args.budget_ms = 50.0 if quick else 200.0
     args.min_reps, args.max_reps = (2, 10) if quick else (3, 30)
-    configs = SMOKE_CONFIGS if args.smoke else CONFIGS
+    cpu_threads_env(args.threads)  # before torch and JAX are imported
+    configs = (SMOKE_CONFIGS if args.smoke else CPU_CONFIGS if args.device == "cpu"
+               else CONFIGS)
     wanted = [c.strip() for c in (args.configs or ",".join(c[0] for c in configs)).split(",")
               if c.strip()]
     unknown = set(wanted) - {c[0] for c in configs}
@@ -518,8 +586,11 @@ def main():
     px_desc = (f"pymdp {px['version']} (jax {px['jax'].__version__}, float32) on {px['device']}"
                + (" [matplotlib stubbed]" if px["stubbed"] else "") if px["ok"]
                else f"pymdp: SKIPPED ({px['why']})")
-    print(f"{ours_desc} | {px_desc}")
+    print(f"{ours_desc} | {px_desc}"
+          + (f" | threads torch {torch.get_num_threads()}" if torch is not None else "")
+          + (f" | {os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""))
     models = load_models()
+    models["three_factor"] = three_factor_model()
     timer = Timer(bool(ours["ok"] and ours["cuda"]))
     records = Records(args.out)
     t0 = time.perf_counter()
