@@ -17,7 +17,7 @@
 # Options: --threads "1 2", --budget-s S (each script's budget; default per script below),
 #   --out FILE (default benches/results/cpu-<machine>.md), --dir DIR (records and logs, default
 #   target/cpu-suite), --examples-before tour=S,pc_digits=S (times before the fast path, for
-#   the speed-up column), --only "attention settle lca vmp".
+#   the speed-up column), --only "attention charlm settle lca vmp".
 #
 # Each script runs in its own process under `timeout` (its budget + 45 s): it starts no new
 # shape past its --budget-s, and what it measured before a kill stays in its JSON (the scripts
@@ -33,7 +33,7 @@ EXAMPLES=0
 OUT=""
 DIR="$ROOT/target/cpu-suite"
 BEFORE=""
-ONLY="attention settle lca vmp"
+ONLY="attention charlm settle lca vmp"
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) THREADS="$2"; shift 2 ;;
@@ -80,6 +80,7 @@ budget_of() {  # each script's --budget-s (the whole suite ~11 min at two thread
   if [ "$SMOKE" = 1 ]; then echo 30; return; fi
   case "$1" in
     attention) echo 90 ;;
+    charlm) echo 40 ;;
     settle) echo 75 ;;
     lca) echo 60 ;;
     vmp) echo 75 ;;
@@ -120,13 +121,21 @@ for t in $THREADS; do
       fi
       exargs=()
       [ "$SMOKE" = 1 ] && [ "$ex" = pc_digits ] && exargs=(--epochs 1)
+      # "before": the same example on the f64 reference (--reference), what the CPU device
+      # ran before issue 24's fast path
+      t0=$(date +%s.%N)
+      RAYON_NUM_THREADS=$t FEP_NUM_THREADS=$t timeout -k 10 300 "$bin" --reference "${exargs[@]}" \
+        >"$DIR/$ex-reference-t$t.log" 2>&1
+      rc_ref=$?
+      ref_secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+      [ $rc_ref -eq 0 ] || ref_secs=-
       t0=$(date +%s.%N)
       RAYON_NUM_THREADS=$t FEP_NUM_THREADS=$t timeout -k 10 300 "$bin" "${exargs[@]}" \
         >"$DIR/$ex-t$t.log" 2>&1
       rc=$?
       secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
-      echo "$ex $secs $rc" >>"$DIR/examples-t$t.txt"
-      echo "   $ex, $t thread(s): $secs s (exit $rc)"
+      echo "$ex $secs $rc $ref_secs" >>"$DIR/examples-t$t.txt"
+      echo "   $ex, $t thread(s): $secs s (exit $rc); on the reference $ref_secs s"
     done
   fi
 done

@@ -3,7 +3,9 @@
 //! both after every epoch.
 //!
 //!     cargo run --release --example pc_digits                  # best device (GPU if built)
-//!     cargo run --release --example pc_digits -- --cpu         # force the CPU reference
+//!     cargo run --release --example pc_digits -- --cpu         # force the (fast) CPU
+//!     cargo run --release --example pc_digits -- --reference   # the f64 reference (the CPU
+//!                                                              # device before issue 24)
 //!     cargo run --release --example pc_digits -- --epochs 10
 //!
 //! Network 64 -> 64 -> 64 -> 10: layer l predicts μ_l = W_l f_l(x_{l−1}) + b_l, with f_1 the
@@ -335,17 +337,19 @@ fn try_train(dev: &Device, epochs: usize, quiet: bool) -> Result<(f64, f64)> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: pc_digits [--cpu] [--epochs N]");
+    eprintln!("usage: pc_digits [--cpu | --reference] [--epochs N]");
     std::process::exit(2)
 }
 
 fn main() {
     let mut cpu = false;
+    let mut reference = false;
     let mut epochs = DEFAULT_EPOCHS;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cpu" => cpu = true,
+            "--reference" => reference = true,
             "--epochs" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(n) if n > 0 => epochs = n,
                 _ => usage(),
@@ -353,7 +357,13 @@ fn main() {
             _ => usage(),
         }
     }
-    let dev = if cpu { Device::cpu() } else { Device::best() };
+    let dev = if reference {
+        Device::reference()
+    } else if cpu {
+        Device::cpu()
+    } else {
+        Device::best()
+    };
     println!(
         "predictive coding vs backprop on digits, {WIDTHS:?}, batch {BATCH}, lr {LR}, \
          settle {STEPS} steps of eta {ETA}, on {dev:?}"

@@ -1,10 +1,12 @@
 //! A tour of fep-kernels: LCA sparse coding on the best device available (CUDA, then HIP, then
-//! the CPU reference), a few steps of dictionary learning, then predictive-coding settling and a
+//! the fast CPU path), a few steps of dictionary learning, then predictive-coding settling and a
 //! learning step of an MNIST-sized network, then discrete active inference (VMP) for a batch of
 //! agents in a T-maze, then precision-weighted (Student-t) attention with a per-key precision.
 //!
 //!     cargo run --release --example tour                 # CPU
 //!     cargo run --release --features cuda --example tour # NVIDIA GPU if present
+//!     cargo run --release --example tour -- --reference  # the f64 reference (the CPU device
+//!                                                        # before issue 24), for comparison
 //!
 //! Prints what it ran, where, the energy and sparsity reached, and how long each part took.
 
@@ -33,7 +35,14 @@ impl Lcg {
 }
 
 fn main() -> Result<()> {
-    let dev = Device::best();
+    let dev = match std::env::args().nth(1).as_deref() {
+        None => Device::best(),
+        Some("--reference") => Device::reference(),
+        Some(other) => {
+            eprintln!("usage: tour [--reference] (unknown argument {other:?})");
+            std::process::exit(2)
+        }
+    };
     let (batch, n, m, steps) = (256usize, 64usize, 256usize, 200u32);
     println!(
         "fep-kernels {} — LCA sparse coding on {:?}",

@@ -11,6 +11,7 @@ a summary of the targets met and missed. Only measured figures are written; a ro
 or failed says so.
 
 Targets (issue 24, ratio = peer time / our time):
+  charlm     eager >= 1 (sdpa: shown, no target)
   attention  eager >= 1 (Dot, and every family at L < 512), >= 2 for Gaussian, Student-t and
              Laplace at L >= 512 (forward and forward + backward); sdpa >= 0.8 (Dot within
              1.25x of torch SDPA)
@@ -37,9 +38,11 @@ ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 from timing import cpu_model  # noqa: E402
 
-SCRIPTS = ["attention", "settle", "lca", "vmp"]
+SCRIPTS = ["attention", "charlm", "settle", "lca", "vmp"]
 TITLES = {
     "attention": "Attention (f32, full, H 2, D 32; `attention.py --op cpu`)",
+    "charlm": "A char-LM training step with Student-t attention (f32, B 16, L 128, H 2, D 32, "
+              "Adam; `charlm.py`; sdpa is the same step with torch's Dot SDPA, for reference)",
     "settle": "Predictive-coding settling (f32; `settle.py --device cpu`)",
     "lca": "LCA sparse coding (f32, soft threshold, tol 0; `lca.py --device cpu`)",
     "vmp": "VMP, state and policy inference (pymdp's jitted, vmapped JAX agent; "
@@ -58,6 +61,8 @@ def shape_key(script, r):
         w = "-".join(str(x) for x in r.get("widths", []))
         txt = f"{r['config']} {r['mode']} {w} B{r['B']} T{r['T']} {r.get('dtype', '')}"
         return txt, (r["config"], r["mode"], r.get("dtype"), r["T"])
+    if script == "charlm":
+        return r["config"], (r["config"],)
     if script == "lca":
         txt = f"{r['config']} B{r['B']} n{r['n']} m{r['m']} T{r['T']}"
         return txt, (r["config"],)
@@ -68,7 +73,7 @@ def shape_key(script, r):
 def target_of(script, r):
     """(minimum ratio peer/ours, text) of issue 24 for this peer's row, or (None, "")."""
     impl = r["impl"]
-    if script == "attention":
+    if script in ("attention", "charlm"):
         t = r.get("target")
         return (t, r.get("target_text") or "") if t is not None else (None, "")
     if script in ("settle", "lca"):
@@ -226,6 +231,8 @@ def main():
                     continue
                 name, secs, rc = parts[0], parts[1], parts[2]
                 b = before.get(name)
+                if b is None and len(parts) > 3 and parts[3] != "-":
+                    b = float(parts[3])  # the runner's own run of the example on --reference
                 try:
                     s = float(secs)
                     sp = f"{b / s:.2f}x" if b else "-"
@@ -238,8 +245,9 @@ def main():
         lines += ["## Examples (prebuilt target/release/examples/*, wall clock, one run)", "",
                   "| example | threads | seconds | exit | before (s) | speed-up |",
                   "|---|---|---|---|---|---|"] + ex_lines + [
-                  "", "Target: the tour and pc_digits faster than before the fast path "
-                  "(before: `--examples-before`).", ""]
+                  "", "Target: the tour and pc_digits faster than before the fast path (before: the "
+                  "same example with `--reference`, the f64 reference the CPU device ran until "
+                  "issue 24, timed in the same run; or `--examples-before`).", ""]
 
     lines += ["## Targets", "",
               f"{len(met)} met, {len(missed)} missed, {len(untested)} not measured.", ""]
