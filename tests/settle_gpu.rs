@@ -367,7 +367,7 @@ fn grad_scale(c: &Case, d: &Data, r: &Out, l: usize) -> Vec<f32> {
 
 fn check(dev: &Device, c: &Case) {
     let d = data(c);
-    let cpu = run(&Device::cpu(), c, &d).expect("CPU reference");
+    let cpu = run(&Device::reference(), c, &d).expect("CPU reference");
     let out = match run(dev, c, &d) {
         Ok(o) => o,
         Err(e) => panic!("{c:?}: GPU failed: {e}"),
@@ -822,7 +822,7 @@ fn settle_f32_errors_are_accurate_against_their_own_norm() {
         c.allow_tf32 = allow_tf32;
         c.acts = vec![Activation::Tanh, Activation::Tanh];
         let d = data(&c);
-        let cpu = run(&Device::cpu(), &c, &d).expect("CPU reference");
+        let cpu = run(&Device::reference(), &c, &d).expect("CPU reference");
         let out = run(&dev, &c, &d).expect("GPU");
         // What plain f32 arithmetic achieves on the same problem (the floor of any f32
         // implementation, e.g. PyTorch's float32 on the CPU).
