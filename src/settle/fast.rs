@@ -138,13 +138,12 @@ fn exp_f32(x: f32) -> f32 {
 fn tanh_f32(x: f32) -> f32 {
     let ax = x.abs();
     let z = x * x;
-    let small = ((((-5.704_988_7e-3 * z + 2.063_908_9e-2) * z - 5.373_971_6e-2) * z
-        + 1.333_144_2e-1)
-        * z
-        - 3.333_328_2e-1)
-        * z
-        * ax
-        + ax;
+    let small =
+        ((((-5.704_988_7e-3 * z + 2.063_908_9e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z
+            - 3.333_328_2e-1)
+            * z
+            * ax
+            + ax;
     let e = exp_f32(2.0 * ax);
     let big = 1.0 - 2.0 / (e + 1.0);
     let y = if ax >= 0.625 { big } else { small };
@@ -277,7 +276,10 @@ fn errors_row(
     }
     let mut acc = [0f32; 8];
     let chunks = n / 8 * 8;
-    for (pc, ec) in pe[..chunks].chunks_exact(8).zip(eps[..chunks].chunks_exact(8)) {
+    for (pc, ec) in pe[..chunks]
+        .chunks_exact(8)
+        .zip(eps[..chunks].chunks_exact(8))
+    {
         for k in 0..8 {
             acc[k] += pc[k] * ec[k];
         }
@@ -409,21 +411,17 @@ fn buf(len: usize, what: &str) -> Result<Vec<f32>> {
 
 /// μ_l (without bias) of the tile into `mu`, and f_l(x_{l−1}) into `fx` (f′ into `df` when
 /// given non-empty).
-fn forward(layer: &Layer32, rows: usize, x_in: &[f32], fx: &mut [f32], df: &mut [f32], mu: &mut [f32]) {
+fn forward(
+    layer: &Layer32,
+    rows: usize,
+    x_in: &[f32],
+    fx: &mut [f32],
+    df: &mut [f32],
+    mu: &mut [f32],
+) {
     activate(layer.f, &x_in[..rows * layer.n_in], fx, df);
     gemm(
-        rows,
-        layer.n_in,
-        layer.n,
-        1.0,
-        fx,
-        layer.n_in,
-        1,
-        &layer.w,
-        1,
-        layer.n_in,
-        0.0,
-        mu,
+        rows, layer.n_in, layer.n, 1.0, fx, layer.n_in, 1, &layer.w, 1, layer.n_in, 0.0, mu,
     );
 }
 
@@ -443,7 +441,14 @@ fn tile_errors(layers: &[Layer32], b0: usize, t: &mut Tile, s: &mut Scratch, fir
         let layer = &layers[l - 1];
         if l >= 2 || first {
             let df: &mut [f32] = if l >= 2 { &mut s.df[l - 2] } else { &mut [] };
-            forward(layer, rows, &t.x[l - 1], &mut t.fx[l - 1], df, &mut s.mu[l - 1]);
+            forward(
+                layer,
+                rows,
+                &t.x[l - 1],
+                &mut t.fx[l - 1],
+                df,
+                &mut s.mu[l - 1],
+            );
         }
         let n = layer.n;
         for r in 0..rows {
@@ -521,7 +526,14 @@ fn settle_tile(
         for l in 1..=top_free {
             let layer = &layers[l - 1];
             let (below, here) = t.x.split_at_mut(l);
-            forward(layer, rows, &below[l - 1], &mut t.fx[l - 1], &mut [], &mut s.mu[l - 1]);
+            forward(
+                layer,
+                rows,
+                &below[l - 1],
+                &mut t.fx[l - 1],
+                &mut [],
+                &mut s.mu[l - 1],
+            );
             let n = layer.n;
             for r in 0..rows {
                 for j in 0..n {
@@ -727,7 +739,10 @@ fn diverged<T: Element>(
             let states_ok = (0..=depth).all(|l| {
                 let n = widths[l];
                 t.x[l][r * n..(r + 1) * n].iter().all(|v| v.is_finite())
-                    && (l == 0 || t.eps[l - 1][r * n..(r + 1) * n].iter().all(|v| v.is_finite()))
+                    && (l == 0
+                        || t.eps[l - 1][r * n..(r + 1) * n]
+                            .iter()
+                            .all(|v| v.is_finite()))
             });
             if trace.iter().all(|v| v.is_finite()) && states_ok {
                 continue;
@@ -847,7 +862,10 @@ mod tests {
             let t = (tanh_f32(x) as f64 - xd.tanh()).abs() / xd.tanh().abs().max(1e-30);
             let s = (1.0 / (1.0 + exp_f32(-x)) as f64 - 1.0 / (1.0 + (-xd).exp())).abs();
             let r = (erf_f32(x) as f64 - libm::erf(xd)).abs();
-            for (w, v) in worst.iter_mut().zip([e, if x == 0.0 { 0.0 } else { t }, s, r]) {
+            for (w, v) in worst
+                .iter_mut()
+                .zip([e, if x == 0.0 { 0.0 } else { t }, s, r])
+            {
                 *w = w.max(v);
             }
         }
