@@ -351,3 +351,87 @@ fn fast_settle_errors_as_the_reference() {
         assert!(written.iter().all(|&v| v == 7.0), "diverged: written");
     }
 }
+
+/// Rough timings (not a benchmark; run by hand with `--ignored --nocapture`): one learning step,
+/// f_1 = identity and tanh above, unit precisions, η = 0.1, β = 0, T steps from the feedforward
+/// start, 1 thread, the best of several repetitions, fast path vs reference.
+#[test]
+#[ignore]
+fn fast_settle_rough_timings() {
+    fep_kernels::set_num_threads(1).unwrap();
+    let configs: [(&[usize], usize, u32); 5] = [
+        (&[64, 64, 10], 64, 20),
+        (&[64, 64, 10], 256, 20),
+        (&[784, 128, 128, 128, 10], 256, 8),
+        (&[784, 128, 128, 128, 10], 256, 32),
+        (&[784, 128, 128, 128, 10], 64, 20),
+    ];
+    // FEP_SETTLE_TIMING=i: only configuration i, the fast path only, many repetitions (to
+    // profile).
+    let only: Option<usize> = std::env::var("FEP_SETTLE_TIMING")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for (i, (widths, batch, steps)) in configs.into_iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let mut r = rng(5);
+        let depth = widths.len() - 1;
+        let mut times = vec![];
+        for dev in [Device::cpu(), Device::reference()] {
+            let ws: Vec<DeviceBuffer<f32>> = (1..=depth)
+                .map(|l| {
+                    let w = randn(
+                        &mut r,
+                        widths[l] * widths[l - 1],
+                        1.0 / (widths[l - 1] as f32).sqrt(),
+                    );
+                    dev.upload(&w).unwrap()
+                })
+                .collect();
+            let bs: Vec<DeviceBuffer<f32>> = (1..=depth)
+                .map(|l| dev.upload(&randn(&mut r, widths[l], 0.1)).unwrap())
+                .collect();
+            let layers = (0..depth)
+                .map(|l| {
+                    let f = if l == 0 {
+                        Activation::Identity
+                    } else {
+                        Activation::Tanh
+                    };
+                    Layer::new(ws[l].view(), f, Precision::Scalar(1.0)).bias(bs[l].view())
+                })
+                .collect();
+            let net = Network::new(widths, layers).unwrap();
+            let x0 = dev.upload(&randn(&mut r, batch * widths[0], 1.0)).unwrap();
+            let target = dev
+                .upload(&randn(&mut r, batch * widths[depth], 1.0))
+                .unwrap();
+            let spec = SettleSpec::new(0.1).steps(steps);
+            if only.is_some() && dev.is_reference() {
+                times.push(f64::NAN);
+                continue;
+            }
+            let reps = match (dev.is_reference(), only) {
+                (true, _) => 3,
+                (false, None) => 30,
+                (false, Some(_)) => 1000,
+            };
+            let mut best = f64::INFINITY;
+            for _ in 0..reps {
+                let t = std::time::Instant::now();
+                let o = settle::learn_step(&net, &spec, &x0.view(), &target.view(), None).unwrap();
+                best = best.min(t.elapsed().as_secs_f64());
+                std::hint::black_box(o);
+            }
+            times.push(best * 1e3);
+        }
+        println!(
+            "{widths:?} B {batch} T {steps}: fast {:.3} ms, reference {:.2} ms ({:.0}x)",
+            times[0],
+            times[1],
+            times[1] / times[0]
+        );
+    }
+    fep_kernels::set_num_threads(0).unwrap();
+}

@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 
 /// Samples per tile: fixed (results never depend on the thread count), small enough that a
 /// tile's state of a few layers of a few hundred units stays in L2.
-pub(crate) const TILE: usize = 32;
+pub(crate) const TILE: usize = 64;
 
 /// One layer l ≥ 1 in f32.
 struct Layer32 {
@@ -65,6 +65,36 @@ impl Layer32 {
     }
 }
 
+/// Whether every value is finite (v · 0 is NaN exactly for NaN and ±Inf; sixteen lanes).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn all_finite(v: &[f32]) -> bool {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..16 {
+            acc[k] += c[k] * 0.0;
+        }
+    }
+    for (k, &x) in tail.iter().enumerate() {
+        acc[k] += x * 0.0;
+    }
+    acc.iter().all(|a| *a == 0.0)
+}
+
+/// The reference's check (`Err` naming `name` and the first bad element), after a vectorised
+/// pass that finds most inputs clean.
+fn check_finite32(name: &str, v: &[f32]) -> Result<()> {
+    if all_finite(v) {
+        return Ok(());
+    }
+    check_finite(name, v.iter().map(|&x| x as f64))
+}
+
 /// The network in f32, checked as the reference checks it (same order, same names).
 fn layers32<T: Element>(p: &Problem<'_, '_, T>) -> Result<Vec<Layer32>> {
     let widths = p.net.widths();
@@ -87,8 +117,8 @@ fn layers32<T: Element>(p: &Problem<'_, '_, T>) -> Result<Vec<Layer32>> {
             Precision::Diagonal(v) | Precision::PerSample(v) => v.host_slice().to_vec(),
         };
         if p.spec.check_finite {
-            check_finite(&format!("layers[{i}].weight"), w.iter().map(|&v| v as f64))?;
-            check_finite(&format!("layers[{i}].bias"), b.iter().map(|&v| v as f64))?;
+            check_finite32(&format!("layers[{i}].weight"), &w)?;
+            check_finite32(&format!("layers[{i}].bias"), &b)?;
             let pi64: Vec<f64> = pi.iter().map(|&v| v as f64).collect();
             check_precision(&format!("layers[{i}].precision"), &pi64)?;
         }
@@ -119,7 +149,8 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 fn exp_f32(x: f32) -> f32 {
     let x = if x > 88.0 { 88.0 } else { x };
     let x = if x < -87.0 { -87.0 } else { x };
-    let n = (x * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    let t = x * LOG2E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
     let r = x - n * 0.693_359_4;
     let r = r + n * 2.121_944_4e-4;
     let p = 1.987_569_1e-4;
@@ -129,7 +160,14 @@ fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let y = p * (r * r) + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // t's low mantissa bits hold n (|n| ≤ 127 < 2^22): 2^n from integer operations only (a
+    // float-to-int `as` saturates, which does not vectorise well).
+    let scale = f32::from_bits(
+        t.to_bits()
+            .wrapping_sub(ROUND_MAGIC.to_bits())
+            .wrapping_add(127)
+            << 23,
+    );
     y * scale
 }
 
@@ -252,54 +290,79 @@ fn activate(f: Activation, x: &[f32], fx: &mut [f32], df: &mut [f32]) {
     }
 }
 
-/// One sample's layer: ε = x − (μ + b), pe = π ε; returns ½ Σ pe ε (eight partial sums in a
-/// fixed order).
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn errors_row(
-    x: &[f32],
-    mu: &[f32],
-    b: &[f32],
-    pi: &[f32],
-    eps: &mut [f32],
-    pe: &mut [f32],
-) -> f32 {
-    let n = x.len();
-    let (mu, b, pi, eps, pe) = (&mu[..n], &b[..n], &pi[..n], &mut eps[..n], &mut pe[..n]);
-    for j in 0..n {
-        let e = x[j] - (mu[j] + b[j]);
-        eps[j] = e;
-        pe[j] = pi[j] * e;
-    }
-    let mut acc = [0f32; 8];
-    let chunks = n / 8 * 8;
-    for (pc, ec) in pe[..chunks]
-        .chunks_exact(8)
-        .zip(eps[..chunks].chunks_exact(8))
-    {
-        for k in 0..8 {
-            acc[k] += pc[k] * ec[k];
-        }
-    }
-    for j in chunks..n {
-        acc[j - chunks] += pe[j] * eps[j];
-    }
-    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    0.5 * s
-}
-
-/// One sample's free layer: g = pe − df ⊙ back (no second term when `back` is empty),
-/// v ← β v + g, x ← x − η v with Kahan compensation c.
+/// One layer of a tile of samples (rows of width n): ε = x − (μ + b), pe = π ε, and
+/// energy[r] += ½ Σ pe ε per row (sixteen partial sums in a fixed order). π's row r starts at
+/// `r · pi_stride` (0: one row for all samples).
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
 #[allow(clippy::too_many_arguments)]
-fn update_row(
+fn errors_tile(
+    n: usize,
+    x: &[f32],
+    mu: &[f32],
+    b: &[f32],
+    pi: &[f32],
+    pi_stride: usize,
+    eps: &mut [f32],
+    pe: &mut [f32],
+    energy: &mut [f32],
+) {
+    let b = &b[..n];
+    for (r, en) in energy.iter_mut().enumerate() {
+        let span = r * n..(r + 1) * n;
+        let (x, mu, eps, pe) = (
+            &x[span.clone()],
+            &mu[span.clone()],
+            &mut eps[span.clone()],
+            &mut pe[span],
+        );
+        let pi = &pi[r * pi_stride..r * pi_stride + n];
+        for j in 0..n {
+            let e = x[j] - (mu[j] + b[j]);
+            eps[j] = e;
+            pe[j] = pi[j] * e;
+        }
+        // ½ Σ pe ε: sixteen partial sums (one vector), summed in a fixed tree.
+        let mut acc = [0f32; 16];
+        let chunks = n / 16 * 16;
+        for (pc, ec) in pe[..chunks]
+            .chunks_exact(16)
+            .zip(eps[..chunks].chunks_exact(16))
+        {
+            for k in 0..16 {
+                acc[k] += pc[k] * ec[k];
+            }
+        }
+        for j in chunks..n {
+            acc[j - chunks] += pe[j] * eps[j];
+        }
+        let mut w = 8;
+        while w > 0 {
+            for k in 0..w {
+                acc[k] += acc[k + w];
+            }
+            w /= 2;
+        }
+        let sum = acc[0];
+        *en += 0.5 * sum;
+    }
+}
+
+/// One free layer of a tile (rows of width n, the rows marked active only):
+/// g = pe − df ⊙ back (no second term when `back` is empty), v ← β v + g, x ← x − η v with
+/// Kahan compensation c.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+#[allow(clippy::too_many_arguments)]
+fn update_tile(
+    n: usize,
+    active: &[bool],
     x: &mut [f32],
     c: &mut [f32],
     v: &mut [f32],
@@ -309,26 +372,33 @@ fn update_row(
     beta: f32,
     eta: f32,
 ) {
-    let n = x.len();
-    let (c, v, pe) = (&mut c[..n], &mut v[..n], &pe[..n]);
-    if back.is_empty() {
-        for j in 0..n {
-            let vj = beta * v[j] + pe[j];
-            v[j] = vj;
-            let y = -eta * vj - c[j];
-            let t = x[j] + y;
-            c[j] = (t - x[j]) - y;
-            x[j] = t;
-        }
-    } else {
-        let (df, back) = (&df[..n], &back[..n]);
-        for j in 0..n {
-            let vj = beta * v[j] + (pe[j] - df[j] * back[j]);
-            v[j] = vj;
-            let y = -eta * vj - c[j];
-            let t = x[j] + y;
-            c[j] = (t - x[j]) - y;
-            x[j] = t;
+    for (r, _) in active.iter().enumerate().filter(|(_, a)| **a) {
+        let span = r * n..(r + 1) * n;
+        let (x, c, v, pe) = (
+            &mut x[span.clone()],
+            &mut c[span.clone()],
+            &mut v[span.clone()],
+            &pe[span.clone()],
+        );
+        if back.is_empty() {
+            for j in 0..n {
+                let vj = beta * v[j] + pe[j];
+                v[j] = vj;
+                let y = -eta * vj - c[j];
+                let t = x[j] + y;
+                c[j] = (t - x[j]) - y;
+                x[j] = t;
+            }
+        } else {
+            let (df, back) = (&df[span.clone()], &back[span]);
+            for j in 0..n {
+                let vj = beta * v[j] + (pe[j] - df[j] * back[j]);
+                v[j] = vj;
+                let y = -eta * vj - c[j];
+                let t = x[j] + y;
+                c[j] = (t - x[j]) - y;
+                x[j] = t;
+            }
         }
     }
 }
@@ -434,12 +504,21 @@ struct Scratch {
 }
 
 /// ε, Π ε and the energy of every row of the tile; `first` also computes μ_1.
-fn tile_errors(layers: &[Layer32], b0: usize, t: &mut Tile, s: &mut Scratch, first: bool) {
+/// `fresh`: layers 1 … fresh already hold this state's μ and f(x) (and f′), from the
+/// feedforward start.
+fn tile_errors(
+    layers: &[Layer32],
+    b0: usize,
+    t: &mut Tile,
+    s: &mut Scratch,
+    first: bool,
+    fresh: usize,
+) {
     let rows = t.rows;
     s.energy[..rows].fill(0.0);
     for l in 1..=layers.len() {
         let layer = &layers[l - 1];
-        if l >= 2 || first {
+        if (l >= 2 || first) && l > fresh {
             let df: &mut [f32] = if l >= 2 { &mut s.df[l - 2] } else { &mut [] };
             forward(
                 layer,
@@ -451,17 +530,22 @@ fn tile_errors(layers: &[Layer32], b0: usize, t: &mut Tile, s: &mut Scratch, fir
             );
         }
         let n = layer.n;
-        for r in 0..rows {
-            let span = r * n..(r + 1) * n;
-            s.energy[r] += errors_row(
-                &t.x[l][span.clone()],
-                &s.mu[l - 1][span.clone()],
-                &layer.b,
-                layer.pi_of(b0 + r),
-                &mut t.eps[l - 1][span.clone()],
-                &mut t.pe[l - 1][span],
-            );
-        }
+        let (pi, stride) = if layer.per_sample {
+            (&layer.pi[b0 * n..], n)
+        } else {
+            (&layer.pi[..], 0)
+        };
+        errors_tile(
+            n,
+            &t.x[l],
+            &s.mu[l - 1],
+            &layer.b,
+            pi,
+            stride,
+            &mut t.eps[l - 1],
+            &mut t.pe[l - 1],
+            &mut s.energy[..rows],
+        );
     }
 }
 
@@ -521,17 +605,20 @@ fn settle_tile(
     let max_n = widths.iter().copied().max().unwrap_or(0);
     let mut back = buf(rows * max_n, "back-projection")?;
 
+    let fresh = if inp.init.is_empty() { top_free } else { 0 };
     if inp.init.is_empty() {
-        // Feedforward start: x_l = μ_l, layer by layer.
+        // Feedforward start: x_l = μ_l, layer by layer (μ, f(x) and f′ kept for the first
+        // errors).
         for l in 1..=top_free {
             let layer = &layers[l - 1];
             let (below, here) = t.x.split_at_mut(l);
+            let df: &mut [f32] = if l >= 2 { &mut s.df[l - 2] } else { &mut [] };
             forward(
                 layer,
                 rows,
                 &below[l - 1],
                 &mut t.fx[l - 1],
-                &mut [],
+                df,
                 &mut s.mu[l - 1],
             );
             let n = layer.n;
@@ -542,7 +629,7 @@ fn settle_tile(
             }
         }
     }
-    tile_errors(layers, b0, &mut t, &mut s, true);
+    tile_errors(layers, b0, &mut t, &mut s, true, fresh);
     let mut prev = vec![0f32; rows];
     let mut start = vec![0f32; rows];
     for r in 0..rows {
@@ -561,26 +648,25 @@ fn settle_tile(
                     rows, above.n, n, 1.0, &t.pe[l], above.n, 1, &above.w, n, 1, 0.0, &mut back,
                 );
             }
-            for r in (0..rows).filter(|&r| active[r]) {
-                let span = r * n..(r + 1) * n;
-                let (df, bk): (&[f32], &[f32]) = if l < depth {
-                    (&s.df[l - 1][span.clone()], &back[span.clone()])
-                } else {
-                    (&[], &[])
-                };
-                update_row(
-                    &mut t.x[l][span.clone()],
-                    &mut comp[l - 1][span.clone()],
-                    &mut v[l - 1][span.clone()],
-                    &t.pe[l - 1][span],
-                    df,
-                    bk,
-                    beta,
-                    eta,
-                );
-            }
+            let (df, bk): (&[f32], &[f32]) = if l < depth {
+                (&s.df[l - 1], &back[..rows * n])
+            } else {
+                (&[], &[])
+            };
+            update_tile(
+                n,
+                &active,
+                &mut t.x[l],
+                &mut comp[l - 1],
+                &mut v[l - 1],
+                &t.pe[l - 1],
+                df,
+                bk,
+                beta,
+                eta,
+            );
         }
-        tile_errors(layers, b0, &mut t, &mut s, false);
+        tile_errors(layers, b0, &mut t, &mut s, false, 0);
         let mut any = false;
         for r in 0..rows {
             if !active[r] {
@@ -625,11 +711,11 @@ pub(super) fn run<T: Element>(
     let layers = layers32(p)?;
     let x0 = x0.host_slice();
     if check {
-        check_finite("x0", x0.iter().map(|&v| v as f64))?;
+        check_finite32("x0", x0)?;
     }
     let target = target.map(|t| t.host_slice());
     if check && let Some(t) = target {
-        check_finite("target", t.iter().map(|&v| v as f64))?;
+        check_finite32("target", t)?;
     }
     let given = p.spec.init == Init::FromOutputs;
     let top_free = if p.clamped { depth - 1 } else { depth };
@@ -640,10 +726,7 @@ pub(super) fn run<T: Element>(
             let s = out.x[l - 1].as_view();
             let s = s.host_slice();
             if check {
-                check_finite(
-                    &format!("x[{}] (the start)", l - 1),
-                    s.iter().map(|&v| v as f64),
-                )?;
+                check_finite32(&format!("x[{}] (the start)", l - 1), s)?;
             }
             let mut c = zeroed(s.len(), || format!("x[{}] (the start, copy)", l - 1))?;
             c.copy_from_slice(s);
