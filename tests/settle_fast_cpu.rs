@@ -317,7 +317,9 @@ fn fast_settle_errors_as_the_reference() {
     bad_start[2] = f32::NAN;
     w1[5] = f32::NAN;
     let good_w1 = vec![0.3f32; n1 * n0];
-    let cases: [(&str, &[f32], &[f32], &[f32], Option<&[f32]>); 4] = [
+    // (the argument named, W_1, x0, target, the start of x_1)
+    type BadCase<'a> = (&'a str, &'a [f32], &'a [f32], &'a [f32], Option<&'a [f32]>);
+    let cases: [BadCase<'_>; 4] = [
         ("layers[0].weight", &w1, &x0, &target, None),
         ("x0", &good_w1, &bad_x0, &target, None),
         ("target", &good_w1, &x0, &bad_target, None),
