@@ -116,7 +116,12 @@ fn layers32<T: Element>(p: &Problem<'_, '_, T>) -> Result<Vec<Layer32>> {
         }
         let pi: Vec<f32> = match &layer.precision {
             Precision::Scalar(s) => vec![*s; n],
-            Precision::Diagonal(v) | Precision::PerSample(v) => v.host_slice().to_vec(),
+            Precision::Diagonal(v) | Precision::PerSample(v) => {
+                let src = v.host_slice();
+                let mut pi = zeroed(src.len(), || format!("layers[{i}].precision (copy)"))?;
+                pi.copy_from_slice(src);
+                pi
+            }
         };
         if p.spec.check_finite {
             check_finite32(&format!("layers[{i}].weight"), &w)?;
