@@ -597,18 +597,16 @@ fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
                     }
                     let xs = &mut next[k * ss + off..k * ss + off + n];
                     let evf = &ev[off..off + n];
-                    let mut sum = 0.0f32;
+                    // x = ln q + τ (E[ll] − ln q + fwd + bwd), as (1 − τ) ln q + τ (E[ll] +
+                    // fwd + bwd): at τ = 1 ln q drops out exactly instead of being added and
+                    // subtracted in f32.
+                    let keep = 1.0 - tau;
                     for s in 0..n {
                         let ln_q = ln_clip(q_k[off + s]);
-                        let v = ln_q + tau * (evf[s] - ln_q + fwd[s] + bwd[s]);
-                        xs[s] = v;
-                        sum += v;
+                        xs[s] = keep * ln_q + tau * (evf[s] + fwd[s] + bwd[s]);
                     }
-                    // pymdp centres x before the softmax.
-                    let mean = sum / n as f32;
-                    for v in xs.iter_mut() {
-                        *v -= mean;
-                    }
+                    // pymdp centres x before the softmax; the softmax is shift-invariant and
+                    // subtracts its max anyway, so centring would only add a rounding in f32.
                     softmax_in_place(xs);
                 }
             }

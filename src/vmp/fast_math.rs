@@ -64,12 +64,12 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let chunks = n / 8;
     for c in 0..chunks {
         for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            acc[l] = a[c * 8 + l].mul_add(b[c * 8 + l], acc[l]);
         }
     }
     let mut tail = 0.0;
     for i in chunks * 8..n {
-        tail += a[i] * b[i];
+        tail = a[i].mul_add(b[i], tail);
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
@@ -78,7 +78,7 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 pub(super) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
+        *y = alpha.mul_add(x, *y);
     }
 }
 
@@ -87,7 +87,7 @@ pub(super) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 pub(super) fn neg_entropy(x: &[f32]) -> f32 {
     let mut acc = 0.0;
     for &v in x {
-        acc += v * ln_clip(v);
+        acc = v.mul_add(ln_clip(v), acc);
     }
     acc
 }
