@@ -73,6 +73,19 @@ fn to32(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
 }
 
+/// `[S′, S, U]` → `[U][S][S′]` (column s of action a contiguous: B q is a sum of rows).
+fn per_action_t(b: &[f64], n: usize, u: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; b.len()];
+    for a in 0..u {
+        for s in 0..n {
+            for sp in 0..n {
+                out[(a * n + s) * n + sp] = b[(sp * n + s) * u + a] as f32;
+            }
+        }
+    }
+    out
+}
+
 /// `[S′, S, U]` → `[U][S′][S]`.
 fn per_action(b: &[f64], n: usize, u: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; b.len()];
@@ -121,10 +134,11 @@ impl Base {
     }
 }
 
-/// B, ln B and B_n per factor, `[U][S′][S]`.
+/// Per factor: B and ln B transposed per action (`[U][S][S′]`, for B q), ln B and B_n per
+/// action (`[U][S′][S]`, for qᵀ B).
 struct Trans {
-    u: Vec<usize>,
-    b: Vec<Vec<f32>>,
+    b_t: Vec<Vec<f32>>,
+    ln_b_t: Vec<Vec<f32>>,
     ln_b: Vec<Vec<f32>>,
     bn: Vec<Vec<f32>>,
 }
@@ -137,9 +151,15 @@ impl Trans {
                 .map(|(f, b)| per_action(b, t.s[f], t.u[f]))
                 .collect()
         };
+        let pt = |v: &[Vec<f64>]| -> Vec<Vec<f32>> {
+            v.iter()
+                .enumerate()
+                .map(|(f, b)| per_action_t(b, t.s[f], t.u[f]))
+                .collect()
+        };
         Trans {
-            u: t.u.clone(),
-            b: pa(&t.b),
+            b_t: pt(&t.b),
+            ln_b_t: pt(&t.ln_b),
             ln_b: pa(&t.ln_b),
             bn: pa(&t.bn),
         }
@@ -152,12 +172,14 @@ impl Trans {
     }
 }
 
-/// y[s′] = Σ_s M[s′, s] x[s] for a row-major `[n, n]` M.
+/// y[s′] = Σ_s M[s′, s] x[s], M given transposed (`mt` `[n][n]`, row s = column s of M):
+/// a sum of contiguous rows (independent lanes, not a chain of dot products).
 #[inline(always)]
-fn mat_vec(m: &[f32], x: &[f32], y: &mut [f32]) {
-    let n = x.len();
-    for (sp, y) in y.iter_mut().enumerate() {
-        *y = dot(&m[sp * n..(sp + 1) * n], x);
+fn mat_vec(mt: &[f32], x: &[f32], y: &mut [f32]) {
+    let n = y.len();
+    y.fill(0.0);
+    for (s, &xv) in x.iter().enumerate() {
+        axpy(y, xv, &mt[s * n..(s + 1) * n]);
     }
 }
 
@@ -563,7 +585,7 @@ fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
                             if k == 0 {
                                 fwd.copy_from_slice(&lnp[off..off + n]);
                             } else {
-                                let m = Trans::at(&tr.ln_b, n, f, act(k - 1, f));
+                                let m = Trans::at(&tr.ln_b_t, n, f, act(k - 1, f));
                                 mat_vec(m, q_at(k - 1), fwd);
                             }
                             if last {
@@ -579,7 +601,7 @@ fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
                                     *y = half * p;
                                 }
                             } else {
-                                let m = Trans::at(&tr.b, n, f, act(k - 1, f));
+                                let m = Trans::at(&tr.b_t, n, f, act(k - 1, f));
                                 mat_vec(m, q_at(k - 1), fwd);
                                 for y in fwd.iter_mut() {
                                     *y = half * ln_clip(*y);
@@ -621,7 +643,7 @@ fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
             if k > 0 {
                 for f in 0..fc {
                     let (n, off) = (b.s[f], b.s_off[f]);
-                    let m = Trans::at(&tr.ln_b, n, f, act(k - 1, f));
+                    let m = Trans::at(&tr.ln_b_t, n, f, act(k - 1, f));
                     let prev = &q[(k - 1) * ss + off..(k - 1) * ss + off + n];
                     mat_vec(m, prev, &mut fwd[..n]);
                     tce += dot(&q_k[off..off + n], &fwd[..n]);
@@ -706,14 +728,16 @@ pub(crate) fn sequence_views(
 // Policy inference
 // =============================================================================================
 
-/// Policy inference's tables: A, H[A(·|s)], C, the novelty weights, ln E.
+/// Policy inference's tables: per modality the extended Aᵀ, C; the novelty weights of B; ln E.
 struct Efe {
-    a: Vec<Vec<f32>>,
-    h_a: Vec<Vec<f32>>,
+    /// `[P_m, X_m]` with X_m = O_m + 1 (+ O_m with pA novelty): columns o are A_m[o, ·], column
+    /// O_m is H[A_m(·|s)], columns O_m + 1 + o are W(pA_m)[o, ·]; one GEMM of the agents'
+    /// weights `[n, P_m]` with it gives q(o), E_q H[A] and E_q W(pA)[o, ·] together.
+    a_ext: Vec<Vec<f32>>,
+    cols: Vec<usize>,
     c: Vec<Vec<f32>>,
-    /// W(pA_m) `[O_m, P_m]` (with param_info_gain and pA).
-    w_a: Option<Vec<Vec<f32>>>,
-    /// W(pB_f) `[U][S′][S]` (with param_info_gain and pB).
+    novelty_a: bool,
+    /// W(pB_f) `[U][S][S′]` (with param_info_gain and pB).
     w_b: Option<Vec<Vec<f32>>>,
     ln_e: Vec<f32>,
     policies: Vec<i32>,
@@ -732,8 +756,8 @@ impl Efe {
             cpu::all_counts(t.modalities(), |m| model.counts_a(m))?.map(|pa| {
                 pa.iter()
                     .enumerate()
-                    .map(|(m, c)| to32(&cpu::novelty_weights(c, t.o[m])))
-                    .collect()
+                    .map(|(m, c)| cpu::novelty_weights(c, t.o[m]))
+                    .collect::<Vec<_>>()
             })
         } else {
             None
@@ -742,17 +766,37 @@ impl Efe {
             cpu::all_counts(t.factors(), |f| model.counts_b(f))?.map(|pb| {
                 pb.iter()
                     .enumerate()
-                    .map(|(f, c)| per_action(&cpu::novelty_weights(c, t.s[f]), t.s[f], t.u[f]))
+                    .map(|(f, c)| per_action_t(&cpu::novelty_weights(c, t.s[f]), t.s[f], t.u[f]))
                     .collect()
             })
         } else {
             None
         };
+        let mut a_ext = Vec::with_capacity(t.modalities());
+        let mut cols = Vec::with_capacity(t.modalities());
+        for m in 0..t.modalities() {
+            let (o, p) = (t.o[m], t.size[m]);
+            let x = o + 1 + if w_a.is_some() { o } else { 0 };
+            let mut at = vec![0.0f32; p * x];
+            for c in 0..p {
+                for r in 0..o {
+                    at[c * x + r] = t.a[m][r * p + c] as f32;
+                }
+                at[c * x + o] = t.h_a[m][c] as f32;
+                if let Some(wa) = &w_a {
+                    for r in 0..o {
+                        at[c * x + o + 1 + r] = wa[m][r * p + c] as f32;
+                    }
+                }
+            }
+            a_ext.push(at);
+            cols.push(x);
+        }
         Ok(Efe {
-            a: t.a.iter().map(|v| to32(v)).collect(),
-            h_a: t.h_a.iter().map(|v| to32(v)).collect(),
+            a_ext,
+            cols,
             c: t.c.iter().map(|v| to32(v)).collect(),
-            w_a,
+            novelty_a: w_a.is_some(),
             w_b,
             ln_e: to32(&t.ln_e),
             policies: t.policies.clone(),
@@ -765,12 +809,56 @@ impl Efe {
     }
 }
 
+/// C `[m, n]` (row stride rsc) = A `[m, k]` (row stride rsa) × B `[k, n]` (row stride rsb), all
+/// unit column stride, through matrixmultiply (bounds checked here).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    rsa: usize,
+    b: &[f32],
+    rsb: usize,
+    c: &mut [f32],
+    rsc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * rsa + k && b.len() >= k.saturating_sub(1) * rsb + n);
+    assert!(c.len() >= (m - 1) * rsc + n);
+    // Safety: the asserts above keep every element the strides address inside the slices.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa as isize,
+            1,
+            b.as_ptr(),
+            rsb as isize,
+            1,
+            0.0,
+            c.as_mut_ptr(),
+            rsc as isize,
+            1,
+        );
+    }
+}
+
 struct PolTask<'a> {
     first: usize,
     q_pi: &'a mut [f32],
     g: Option<&'a mut [f32]>,
 }
 
+/// A chunk of agents, policy by policy: the rollout B q for all agents of the chunk is one
+/// GEMM per factor (`[n, S] × Bᵀ`), the predictions one GEMM per modality (`[n, P_m] ×` the
+/// extended Aᵀ); the outer products, logs and dot products stay per agent.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
     "x86_64+avx2+fma",
@@ -779,62 +867,89 @@ struct PolTask<'a> {
 fn policies_chunk<'a>(b: &Base, tr: &Trans, e: &Efe, qs: &[f32], task: &mut PolTask<'a>) {
     let (ss, fc, np, h) = (b.sum_s, b.fc, e.num_policies, e.horizon);
     let cn = task.q_pi.len() / np;
-    let (mut cur, mut nxt) = (vec![0.0f32; ss], vec![0.0f32; ss]);
-    let mut w = vec![0.0f32; b.max_p.max(1)];
-    let mut qo = vec![0.0f32; b.o.iter().copied().max().unwrap_or(1)];
-    let mut tmp = vec![0.0f32; b.max_s];
-    let mut g = vec![0.0f32; np];
-    for i in 0..cn {
-        let q0 = &qs[(task.first + i) * ss..(task.first + i + 1) * ss];
-        for (p, g) in g.iter_mut().enumerate() {
-            let policy = &e.policies[p * h * fc..(p + 1) * h * fc];
-            cur.copy_from_slice(q0);
-            let (mut util, mut ig, mut nov_a, mut nov_b) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-            for tau in 0..h {
-                for f in 0..fc {
-                    let (n, off, a) = (b.s[f], b.s_off[f], policy[tau * fc + f] as usize);
-                    let prev = &cur[off..off + n];
-                    mat_vec(Trans::at(&tr.b, n, f, a), prev, &mut nxt[off..off + n]);
-                    if let Some(wb) = &e.w_b {
-                        mat_vec(Trans::at(wb, n, f, a), prev, &mut tmp[..n]);
-                        nov_b += dot(&nxt[off..off + n], &tmp[..n]);
+    let q0 = &qs[task.first * ss..(task.first + cn) * ss];
+    let (mut cur, mut nxt) = (vec![0.0f32; cn * ss], vec![0.0f32; cn * ss]);
+    let max_p = b.max_p.max(1);
+    let max_x = e.cols.iter().copied().max().unwrap_or(1);
+    let mut w = vec![0.0f32; cn * max_p];
+    let mut pred = vec![0.0f32; cn * max_x];
+    let mut tmp = vec![0.0f32; cn * b.max_s];
+    let mut g = vec![0.0f32; cn * np];
+    let mut terms = vec![[0.0f32; 4]; cn];
+    for p in 0..np {
+        let policy = &e.policies[p * h * fc..(p + 1) * h * fc];
+        cur.copy_from_slice(q0);
+        terms.iter_mut().for_each(|t| *t = [0.0; 4]);
+        for tau in 0..h {
+            for f in 0..fc {
+                let (n, off, a) = (b.s[f], b.s_off[f], policy[tau * fc + f] as usize);
+                let bt = Trans::at(&tr.b_t, n, f, a);
+                gemm(cn, n, n, &cur[off..], ss, bt, n, &mut nxt[off..], ss);
+                if let Some(wb) = &e.w_b {
+                    // q_τ · W(pB) q_{τ−1} per agent.
+                    gemm(
+                        cn,
+                        n,
+                        n,
+                        &cur[off..],
+                        ss,
+                        Trans::at(wb, n, f, a),
+                        n,
+                        &mut tmp,
+                        n,
+                    );
+                    for i in 0..cn {
+                        terms[i][3] += dot(
+                            &nxt[i * ss + off..i * ss + off + n],
+                            &tmp[i * n..(i + 1) * n],
+                        );
                     }
                 }
-                for m in 0..b.modalities() {
-                    let (o_m, p_m) = (b.o[m], b.size[m]);
-                    let len = outer_into(&mut w, b.deps[m].iter().map(|&g| b.factor(&nxt, g)));
+            }
+            for m in 0..b.modalities() {
+                let (o_m, p_m, x) = (b.o[m], b.size[m], e.cols[m]);
+                for i in 0..cn {
+                    let qn = &nxt[i * ss..(i + 1) * ss];
+                    let len = outer_into(
+                        &mut w[i * max_p..(i + 1) * max_p],
+                        b.deps[m].iter().map(|&g| b.factor(qn, g)),
+                    );
                     debug_assert_eq!(len, p_m);
-                    let w = &w[..p_m];
-                    let qo = &mut qo[..o_m];
-                    for (o, q) in qo.iter_mut().enumerate() {
-                        *q = dot(&e.a[m][o * p_m..(o + 1) * p_m], w);
-                    }
+                }
+                gemm(cn, p_m, x, &w, max_p, &e.a_ext[m], x, &mut pred, max_x);
+                for i in 0..cn {
+                    let row = &pred[i * max_x..i * max_x + x];
+                    let qo = &row[..o_m];
+                    let t = &mut terms[i];
                     if e.utility {
-                        util += dot(qo, &e.c[m]);
+                        t[0] += dot(qo, &e.c[m]);
                     }
                     if e.info_gain {
-                        ig += -neg_entropy(qo) - dot(&e.h_a[m], w);
+                        // H[q(o)] − E_q[H[A(·|s)]].
+                        t[1] += -neg_entropy(qo) - row[o_m];
                     }
-                    if let Some(wa) = &e.w_a {
-                        let mut s = 0.0f32;
-                        for (o, &q) in qo.iter().enumerate() {
-                            s += q * dot(&wa[m][o * p_m..(o + 1) * p_m], w);
-                        }
-                        nov_a += s;
+                    if e.novelty_a {
+                        t[2] += dot(qo, &row[o_m + 1..o_m + 1 + o_m]);
                     }
                 }
-                std::mem::swap(&mut cur, &mut nxt);
             }
-            *g = -(util + ig + (nov_a + nov_b));
+            std::mem::swap(&mut cur, &mut nxt);
         }
+        for i in 0..cn {
+            let t = terms[i];
+            g[i * np + p] = -(t[0] + t[1] + (t[2] + t[3]));
+        }
+    }
+    for i in 0..cn {
+        let g = &g[i * np..(i + 1) * np];
         let q_pi = &mut task.q_pi[i * np..(i + 1) * np];
-        for ((x, &g), &ln_e) in q_pi.iter_mut().zip(&g).zip(&e.ln_e) {
+        for ((x, &g), &ln_e) in q_pi.iter_mut().zip(g).zip(&e.ln_e) {
             *x = -e.gamma * g + ln_e;
         }
         softmax_in_place(q_pi);
-        if let Some(out) = task.g.as_deref_mut() {
-            out[i * np..(i + 1) * np].copy_from_slice(&g);
-        }
+    }
+    if let Some(out) = task.g.as_deref_mut() {
+        out.copy_from_slice(&g);
     }
 }
 
