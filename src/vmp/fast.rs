@@ -167,7 +167,7 @@ impl Trans {
 
     /// Factor f's `[S′][S]` table of action a in `tab`.
     #[inline(always)]
-    fn at<'a>(tab: &'a [Vec<f32>], n: usize, f: usize, a: usize) -> &'a [f32] {
+    fn at(tab: &[Vec<f32>], n: usize, f: usize, a: usize) -> &[f32] {
         &tab[f][a * n * n..(a + 1) * n * n]
     }
 }
@@ -338,8 +338,7 @@ fn evidence(b: &Base, ll: &[f32], q: &[f32], all: bool, ev: &mut [f32], c: &mut 
         let ll_m = &ll[b.p_off[m]..b.p_off[m] + b.size[m]];
         let deps = &b.deps[m];
         let axes = if all { deps.len() } else { 1 };
-        for j in 0..axes {
-            let g = deps[j];
+        for (j, &g) in deps.iter().enumerate().take(axes) {
             let s = b.s[g];
             contract_axis(b, m, ll_m, q, j, c);
             if j == 0 {
@@ -378,7 +377,7 @@ fn ln_prior_into(b: &Base, prior: Option<&[f32]>, agent: usize, lnp: &mut [f32])
 }
 
 /// Disjoint chunks of an optional output, `count` of them (None each without the output).
-fn chunks_of<'a, T>(v: Option<&'a mut [T]>, per: usize, count: usize) -> Vec<Option<&'a mut [T]>> {
+fn chunks_of<T>(v: Option<&mut [T]>, per: usize, count: usize) -> Vec<Option<&mut [T]>> {
     match v {
         Some(v) => {
             let c: Vec<_> = v.chunks_mut(per.max(1)).map(Some).collect();
