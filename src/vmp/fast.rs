@@ -48,25 +48,25 @@ const CHUNK: usize = 32;
 // =============================================================================================
 
 /// The model's layout and its f32 log-likelihood tables.
-struct Base {
-    fc: usize,
-    s: Vec<usize>,
-    s_off: Vec<usize>,
-    sum_s: usize,
-    max_s: usize,
-    o: Vec<usize>,
-    o_off: Vec<usize>,
-    sum_o: usize,
-    deps: Vec<Vec<usize>>,
-    size: Vec<usize>,
+pub(super) struct Base {
+    pub(super) fc: usize,
+    pub(super) s: Vec<usize>,
+    pub(super) s_off: Vec<usize>,
+    pub(super) sum_s: usize,
+    pub(super) max_s: usize,
+    pub(super) o: Vec<usize>,
+    pub(super) o_off: Vec<usize>,
+    pub(super) sum_o: usize,
+    pub(super) deps: Vec<Vec<usize>>,
+    pub(super) size: Vec<usize>,
     /// Offset of modality m's ll in a row of Σ P_m.
-    p_off: Vec<usize>,
-    sum_p: usize,
-    max_p: usize,
+    pub(super) p_off: Vec<usize>,
+    pub(super) sum_p: usize,
+    pub(super) max_p: usize,
     /// ln max(A_m, eps) `[O_m, P_m]`.
-    ln_a: Vec<Vec<f32>>,
+    pub(super) ln_a: Vec<Vec<f32>>,
     /// ln max(D, eps) `[ΣS]`.
-    ln_d: Vec<f32>,
+    pub(super) ln_d: Vec<f32>,
 }
 
 fn to32(v: &[f64]) -> Vec<f32> {
@@ -198,7 +198,7 @@ fn vec_mat(m: &[f32], y: &[f32], x: &mut [f32]) {
 // =============================================================================================
 
 #[derive(Clone, Copy)]
-enum ObsRef<'a> {
+pub(super) enum ObsRef<'a> {
     Index(&'a [i32]),
     Dist(&'a [f32]),
 }
@@ -238,7 +238,7 @@ fn actions_valid(u: &[usize], a: &[i32]) -> bool {
 
 /// ll rows `first..first + rows` (row = agent · T + step) into `ll` `[rows, ΣP]`.
 #[inline(always)]
-fn fill_ll(b: &Base, obs: ObsRef<'_>, first: usize, rows: usize, ll: &mut [f32]) {
+pub(super) fn fill_ll(b: &Base, obs: ObsRef<'_>, first: usize, rows: usize, ll: &mut [f32]) {
     match obs {
         ObsRef::Index(idx) => {
             let mc = b.modalities();
@@ -392,12 +392,12 @@ fn chunks_of<T>(v: Option<&mut [T]>, per: usize, count: usize) -> Vec<Option<&mu
 // State inference
 // =============================================================================================
 
-struct FpiTask<'a> {
-    first: usize,
-    qs: &'a mut [f32],
-    vfe: Option<&'a mut [f32]>,
-    its: Option<&'a mut [i32]>,
-    trace: Option<&'a mut [f32]>,
+pub(super) struct FpiTask<'a> {
+    pub(super) first: usize,
+    pub(super) qs: &'a mut [f32],
+    pub(super) vfe: Option<&'a mut [f32]>,
+    pub(super) its: Option<&'a mut [i32]>,
+    pub(super) trace: Option<&'a mut [f32]>,
 }
 
 #[multiversion(targets(
@@ -503,9 +503,13 @@ pub(crate) fn states_views(
             trace,
         })
         .collect();
-    tasks
-        .into_par_iter()
-        .for_each(|mut t| fpi_chunk(&b, spec, o, p, &mut t));
+    tasks.into_par_iter().for_each(|mut t| {
+        if spec.tol == 0.0 {
+            super::fast_lanes::fpi_chunk_lanes(&b, spec, o, p, &mut t)
+        } else {
+            fpi_chunk(&b, spec, o, p, &mut t)
+        }
+    });
     Ok(())
 }
 

@@ -131,6 +131,7 @@
 
 mod cpu;
 mod fast;
+mod fast_lanes;
 mod fast_math;
 #[cfg(fep_gpu)]
 mod gpu;
