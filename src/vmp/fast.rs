@@ -134,13 +134,15 @@ impl Base {
     }
 }
 
-/// Per factor: B and ln B transposed per action (`[U][S][S′]`, for B q), ln B and B_n per
-/// action (`[U][S′][S]`, for qᵀ B).
+/// Per factor and action: B per action (`[U][S′][S]`: B q as row dots) and transposed
+/// (`[U][S][S′]`: the policy GEMMs), ln B both ways (fwd = ln B q, bwd = qᵀ ln B as row dots),
+/// and B_n transposed (MMP's bwd).
 struct Trans {
     b_t: Vec<Vec<f32>>,
     ln_b_t: Vec<Vec<f32>>,
+    b: Vec<Vec<f32>>,
     ln_b: Vec<Vec<f32>>,
-    bn: Vec<Vec<f32>>,
+    bn_t: Vec<Vec<f32>>,
 }
 
 impl Trans {
@@ -160,8 +162,9 @@ impl Trans {
         Trans {
             b_t: pt(&t.b),
             ln_b_t: pt(&t.ln_b),
+            b: pa(&t.b),
             ln_b: pa(&t.ln_b),
-            bn: pa(&t.bn),
+            bn_t: pt(&t.bn),
         }
     }
 
@@ -172,24 +175,13 @@ impl Trans {
     }
 }
 
-/// y[s′] = Σ_s M[s′, s] x[s], M given transposed (`mt` `[n][n]`, row s = column s of M):
-/// a sum of contiguous rows (independent lanes, not a chain of dot products).
+/// y[r] = Σ_c M[r, c] x[c] for a row-major `[rows, n]` M: one dot product per row (each with
+/// eight partial sums: on long rows this rounds less than a serial sum).
 #[inline(always)]
-fn mat_vec(mt: &[f32], x: &[f32], y: &mut [f32]) {
-    let n = y.len();
-    y.fill(0.0);
-    for (s, &xv) in x.iter().enumerate() {
-        axpy(y, xv, &mt[s * n..(s + 1) * n]);
-    }
-}
-
-/// x[s] = Σ_{s′} y[s′] M[s′, s]: the transpose of [`mat_vec`].
-#[inline(always)]
-fn vec_mat(m: &[f32], y: &[f32], x: &mut [f32]) {
+fn rows_dot(m: &[f32], x: &[f32], y: &mut [f32]) {
     let n = x.len();
-    x.fill(0.0);
-    for (sp, &yv) in y.iter().enumerate() {
-        axpy(x, yv, &m[sp * n..(sp + 1) * n]);
+    for (r, y) in y.iter_mut().enumerate() {
+        *y = dot(&m[r * n..(r + 1) * n], x);
     }
 }
 
@@ -320,7 +312,7 @@ fn contract_axis(b: &Base, m: usize, ll: &[f32], q: &[f32], j: usize, c: &mut Co
         for l in 0..l_len {
             let wl = c.wl[l];
             for (si, o) in out.iter_mut().enumerate() {
-                *o += wl * dot(&ll[(l * s + si) * r_len..][..r_len], wr);
+                *o = wl.mul_add(dot(&ll[(l * s + si) * r_len..][..r_len], wr), *o);
             }
         }
     }
@@ -588,13 +580,13 @@ fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
                             if k == 0 {
                                 fwd.copy_from_slice(&lnp[off..off + n]);
                             } else {
-                                let m = Trans::at(&tr.ln_b_t, n, f, act(k - 1, f));
-                                mat_vec(m, q_at(k - 1), fwd);
+                                let m = Trans::at(&tr.ln_b, n, f, act(k - 1, f));
+                                rows_dot(m, q_at(k - 1), fwd);
                             }
                             if last {
                                 bwd.fill(0.0);
                             } else {
-                                vec_mat(Trans::at(&tr.ln_b, n, f, act(k, f)), q_at(k + 1), bwd);
+                                rows_dot(Trans::at(&tr.ln_b_t, n, f, act(k, f)), q_at(k + 1), bwd);
                             }
                         }
                         Method::Mmp => {
@@ -604,8 +596,8 @@ fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
                                     *y = half * p;
                                 }
                             } else {
-                                let m = Trans::at(&tr.b_t, n, f, act(k - 1, f));
-                                mat_vec(m, q_at(k - 1), fwd);
+                                let m = Trans::at(&tr.b, n, f, act(k - 1, f));
+                                rows_dot(m, q_at(k - 1), fwd);
                                 for y in fwd.iter_mut() {
                                     *y = half * ln_clip(*y);
                                 }
@@ -613,7 +605,7 @@ fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
                             if last {
                                 bwd.fill(0.0);
                             } else {
-                                vec_mat(Trans::at(&tr.bn, n, f, act(k, f)), q_at(k + 1), bwd);
+                                rows_dot(Trans::at(&tr.bn_t, n, f, act(k, f)), q_at(k + 1), bwd);
                                 for y in bwd.iter_mut() {
                                     *y = 0.5 * ln_clip(*y);
                                 }
@@ -646,9 +638,9 @@ fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
             if k > 0 {
                 for f in 0..fc {
                     let (n, off) = (b.s[f], b.s_off[f]);
-                    let m = Trans::at(&tr.ln_b_t, n, f, act(k - 1, f));
+                    let m = Trans::at(&tr.ln_b, n, f, act(k - 1, f));
                     let prev = &q[(k - 1) * ss + off..(k - 1) * ss + off + n];
-                    mat_vec(m, prev, &mut fwd[..n]);
+                    rows_dot(m, prev, &mut fwd[..n]);
                     tce += dot(&q_k[off..off + n], &fwd[..n]);
                 }
                 tce = -tce;
