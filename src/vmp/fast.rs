@@ -13,6 +13,11 @@
 //!   contiguous dot over R per (l, s), or contiguous rows when j is the last axis. The
 //!   expectation for the first axis, dotted with its beliefs, is the accuracy E_q[ll_m], so the
 //!   evidence computed for iteration k + 1 gives F at iteration k for free.
+//! * State inference without early stop (tol = 0, pymdp's default) runs 16 agents side by side
+//!   in the lanes of `[f32; 16]` vectors ([`super::fast_lanes`]); with tol > 0 (per-agent
+//!   stopping) it runs one agent at a time here ([`fpi_chunk`]).
+//! * Policy inference: per chunk and policy, the rollout is one GEMM per factor and the
+//!   predictions (with H[A] and W(pA) as extra columns) one GEMM per modality.
 //! * exp and ln are the polynomial f32 versions of [`super::fast_math`]; the per-chunk workers
 //!   are multiversioned (AVX-512 / AVX2+FMA / NEON), everything they call is inlined into them.
 //! * Deterministic: each agent's arithmetic does not depend on the chunk or thread it runs on,
