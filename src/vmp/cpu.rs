@@ -709,7 +709,7 @@ fn digamma(mut x: f64) -> f64 {
 /// pymdp's exact novelty weights of Dirichlet counts α `[rows, cols]` (normalised over axis 0):
 /// W = ln ᾱ₀ − ln ᾱ + ψ(ᾱ + 1) − ψ(ᾱ₀ + 1) with ᾱ = max(α, eps), ᾱ₀ = max(Σ_axis0 ᾱ, eps), and
 /// W = 0 where α ≤ 0 (spm_wnorm negated: both novelty terms are added to neg_efe).
-fn novelty_weights(alpha: &[f64], rows: usize) -> Vec<f64> {
+pub(super) fn novelty_weights(alpha: &[f64], rows: usize) -> Vec<f64> {
     let cols = alpha.len() / rows;
     let sums: Vec<f64> = (0..cols)
         .map(|c| {
@@ -790,7 +790,7 @@ fn policy_terms(
 }
 
 /// All of a model's counts of one kind (via `read`, which works for GPU models too), or None.
-fn all_counts(
+pub(super) fn all_counts(
     len: usize,
     read: impl Fn(usize) -> Result<Option<Vec<f64>>>,
 ) -> Result<Option<Vec<Vec<f64>>>> {

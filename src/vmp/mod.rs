@@ -131,6 +131,8 @@
 
 mod cpu;
 mod fast;
+mod fast_lanes;
+mod fast_math;
 #[cfg(fep_gpu)]
 mod gpu;
 mod model;
