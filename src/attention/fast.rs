@@ -264,8 +264,14 @@ impl<'p, 'a, T: Element> Ctx<'p, 'a, T> {
         }));
         kc.cl.clear();
         let c = self.c as f64;
-        kc.cl
-            .extend(kc.pi.iter().map(|&pi| (c * (pi as f64).ln()) as f32));
+        if c == 0.0 {
+            kc.cl.resize(n, 0.0);
+        } else if self.pi_key.is_none() {
+            kc.cl.resize(n, (c * (ph as f64).ln()) as f32);
+        } else {
+            kc.cl
+                .extend(kc.pi.iter().map(|&pi| (c * (pi as f64).ln()) as f32));
+        }
     }
 }
 
@@ -568,11 +574,15 @@ fn forward_tile<T: Element>(
     sc.e.clear();
     sc.e.resize(nq, 0.0);
     o.fill(0.0);
+    // ‖q‖² or ‖k‖² beyond f32: d² = ‖q‖² + ‖k‖² − 2x would be ∞ − ∞ (or silently −∞ scores);
+    // such a tile reports NaN, which the overflow check turns into the reference's error.
+    let mut overflow = sc.qn.iter().any(|x| !x.is_finite());
     if let Some(klo) = klo {
         let mut j0 = klo;
         while j0 < khi {
             let nk = TK.min(khi - j0);
             sc.kt.load(p, b, hk, j0, nk, true);
+            overflow |= sc.kt.kn.iter().any(|x| !x.is_finite());
             cx.key_consts(b, h, j0, nk, &mut sc.kc);
             sc.s.resize(nq * nk, 0.0);
             sc.d2.resize(nq * nk, 0.0);
@@ -625,6 +635,9 @@ fn forward_tile<T: Element>(
             o[r * dv..][..dv].fill(0.0);
             lse[r] = f32::NEG_INFINITY;
             e[r] = 0.0;
+        }
+        if overflow {
+            lse[r] = f32::NAN;
         }
     }
 }

@@ -20,7 +20,9 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n without a float-to-int conversion (which would not vectorise): n + 127 + 2^23 holds
+    // the integer n + 127 ∈ [1, 254] in its low mantissa bits; shifted into the exponent field.
+    let scale = f32::from_bits((n + 8_388_735.0).to_bits() << 23);
     let v = y * scale;
     if x < -87.0 { 0.0 } else { v }
 }
