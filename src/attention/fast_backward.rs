@@ -25,7 +25,7 @@ use super::fast::{
     tile_scores, vdot, vsum,
 };
 use super::fast_math as fm;
-use crate::element::Element;
+use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 
 /// One row of the backward's element-wise work (see the module docs of [`crate::attention`]):
@@ -556,7 +556,9 @@ pub(crate) fn backward<T: Element>(
                 }
                 *x = v;
             }
-            exact_delta(&cx, bp, lse, de, dl, (b, h), dr);
+            if T::DTYPE != DType::F32 {
+                exact_delta(&cx, bp, lse, de, dl, (b, h), dr);
+            }
         });
     let rows = Rows {
         lse,
