@@ -56,19 +56,22 @@ pub(crate) fn ln(x: f32) -> f32 {
     r + 0.693_359_4 * ef
 }
 
-/// Σ x in a fixed order (8 lanes, then the lanes in order, then the tail): vectorisable and the
+/// Σ x in a fixed order (16 lanes, then the lanes in order, then the tail): vectorisable and the
 /// same bits on every target.
 #[inline(always)]
 pub(crate) fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = x.chunks_exact(8);
+    let mut acc = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
     let tail = chunks.remainder();
     for c in chunks {
-        for l in 0..8 {
+        for l in 0..16 {
             acc[l] += c[l];
         }
     }
-    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    let mut s = 0.0f32;
+    for a in acc {
+        s += a;
+    }
     for &t in tail {
         s += t;
     }
@@ -80,30 +83,33 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
 pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let (x, y) = (&x[..n], &y[..n]);
-    let mut acc = [0.0f32; 8];
-    let cx = x.chunks_exact(8);
-    let cy = y.chunks_exact(8);
+    let mut acc = [0.0f32; 16];
+    let cx = x.chunks_exact(16);
+    let cy = y.chunks_exact(16);
     let (tx, ty) = (cx.remainder(), cy.remainder());
     for (a, b) in cx.zip(cy) {
-        for l in 0..8 {
+        for l in 0..16 {
             acc[l] += a[l] * b[l];
         }
     }
-    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    let mut s = 0.0f32;
+    for a in acc {
+        s += a;
+    }
     for (a, b) in tx.iter().zip(ty) {
         s += a * b;
     }
     s
 }
 
-/// max x (−∞ for an empty slice), 8 lanes.
+/// max x (−∞ for an empty slice), 16 lanes.
 #[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = x.chunks_exact(8);
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
     let tail = chunks.remainder();
     for c in chunks {
-        for l in 0..8 {
+        for l in 0..16 {
             acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
         }
     }
