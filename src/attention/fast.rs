@@ -284,29 +284,38 @@ pub(crate) struct KeyConsts {
     pub cl: Vec<f32>,
 }
 
-/// d² = max(‖q‖² + ‖k‖² − 2x, 0) for one row.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-pub(crate) fn dist_row(x: &[f32], kn: &[f32], qn: f32, d2: &mut [f32]) {
-    for ((d, &x), &k) in d2.iter_mut().zip(x).zip(kn) {
-        let v = qn + k - 2.0 * x;
-        *d = if v > 0.0 { v } else { 0.0 };
-    }
-}
-
-/// The family's score of one row in place: `s` holds x = q·k on entry.
+/// d² (when `need_d2`) and the family's score of a [nq, nk] tile in place (`s` holds x = q·k on
+/// entry; `d2` unused by Dot unless asked for).
 #[inline(always)]
-fn score_row_generic<const F: u8>(s: &mut [f32], d2: &[f32], coef: &[f32], cl: &[f32], kappa: f32) {
-    for (((s, &d2), &a), &cl) in s.iter_mut().zip(d2).zip(coef).zip(cl) {
-        *s = match F {
-            DOT => a * *s,
-            GAUSS => -0.5 * a * d2 + cl,
-            STUDENT => -kappa * fm::ln(1.0 + a * d2) + cl,
-            _ => -a * d2.sqrt() + cl,
-        };
+#[allow(clippy::too_many_arguments)]
+fn score_tile_generic<const F: u8>(
+    s: &mut [f32],
+    d2: &mut [f32],
+    qn: &[f32],
+    kn: &[f32],
+    coef: &[f32],
+    cl: &[f32],
+    kappa: f32,
+    need_d2: bool,
+) {
+    let nk = kn.len();
+    for (r, &qn) in qn.iter().enumerate() {
+        let sr = &mut s[r * nk..][..nk];
+        let dr = &mut d2[r * nk..][..nk];
+        if need_d2 || F != DOT {
+            for ((d, &x), &k) in dr.iter_mut().zip(sr.iter()).zip(kn) {
+                let v = qn + k - 2.0 * x;
+                *d = if v > 0.0 { v } else { 0.0 };
+            }
+        }
+        for (((s, &d2), &a), &cl) in sr.iter_mut().zip(dr.iter()).zip(coef).zip(cl) {
+            *s = match F {
+                DOT => a * *s,
+                GAUSS => -0.5 * a * d2 + cl,
+                STUDENT => -kappa * fm::ln(1.0 + a * d2) + cl,
+                _ => -a * d2.sqrt() + cl,
+            };
+        }
     }
 }
 
@@ -317,8 +326,18 @@ macro_rules! score_fn {
             "x86_64+avx2+fma",
             "aarch64+neon"
         ))]
-        fn $name(s: &mut [f32], d2: &[f32], coef: &[f32], cl: &[f32], kappa: f32) {
-            score_row_generic::<$f>(s, d2, coef, cl, kappa)
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            s: &mut [f32],
+            d2: &mut [f32],
+            qn: &[f32],
+            kn: &[f32],
+            coef: &[f32],
+            cl: &[f32],
+            kappa: f32,
+            need_d2: bool,
+        ) {
+            score_tile_generic::<$f>(s, d2, qn, kn, coef, cl, kappa, need_d2)
         }
     };
 }
@@ -326,16 +345,6 @@ score_fn!(score_dot, DOT);
 score_fn!(score_gauss, GAUSS);
 score_fn!(score_student, STUDENT);
 score_fn!(score_laplace, LAPLACE);
-
-/// The family's score of one row in place (x on entry; `d2` unused by Dot).
-pub(crate) fn score_row(family: u8, s: &mut [f32], d2: &[f32], coef: &[f32], cl: &[f32], kappa: f32) {
-    match family {
-        DOT => score_dot(s, d2, coef, cl, kappa),
-        GAUSS => score_gauss(s, d2, coef, cl, kappa),
-        STUDENT => score_student(s, d2, coef, cl, kappa),
-        _ => score_laplace(s, d2, coef, cl, kappa),
-    }
-}
 
 /// s += β (−∞ masks).
 #[multiversion::multiversion(targets(
@@ -361,15 +370,50 @@ pub(crate) fn apply_mask(s: &mut [f32], mask: &[u8]) {
     }
 }
 
-/// p = e^{s − m} in place; returns Σ p (fixed order).
+/// The online-softmax step of a [nq, nk] tile: per row the running max m, sum l and energy e
+/// (Σ p π d², when `want_e`) updated, s replaced by p = e^{s − m} (0 on a row with no score yet),
+/// and the row of o [nq, dv] rescaled; O += P·V follows through sgemm.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-pub(crate) fn exp_row(s: &mut [f32], m: f32) {
-    for s in s.iter_mut() {
-        *s = fm::exp(*s - m);
+#[allow(clippy::too_many_arguments)]
+fn softmax_tile(
+    s: &mut [f32],
+    d2: &[f32],
+    pi: &[f32],
+    (m, l, e): (&mut [f32], &mut [f32], &mut [f32]),
+    o: &mut [f32],
+    (nk, dv): (usize, usize),
+    want_e: bool,
+    tmp: &mut [f32],
+) {
+    let tmp = &mut tmp[..nk];
+    for r in 0..m.len() {
+        let sr = &mut s[r * nk..][..nk];
+        let mx = fm::max(sr);
+        let m_new = if mx > m[r] { mx } else { m[r] };
+        if m_new == f32::NEG_INFINITY {
+            sr.fill(0.0);
+            continue;
+        }
+        let alpha = fm::exp(m[r] - m_new);
+        m[r] = m_new;
+        for x in sr.iter_mut() {
+            *x = fm::exp(*x - m_new);
+        }
+        l[r] = l[r] * alpha + fm::sum(sr);
+        if want_e {
+            let dr = &d2[r * nk..][..nk];
+            for (((t, &p), &pi), &d2) in tmp.iter_mut().zip(sr.iter()).zip(pi).zip(dr) {
+                *t = p * pi * d2;
+            }
+            e[r] = e[r] * alpha + fm::sum(tmp);
+        }
+        if alpha != 1.0 {
+            o[r * dv..][..dv].iter_mut().for_each(|x| *x *= alpha);
+        }
     }
 }
 
@@ -399,19 +443,6 @@ pub(crate) fn vdot(x: &[f32], y: &[f32]) -> f32 {
 ))]
 pub(crate) fn vmax(x: &[f32]) -> f32 {
     fm::max(x)
-}
-
-/// Σ p π d² of one row.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-pub(crate) fn energy_row(p: &[f32], pi: &[f32], d2: &[f32], tmp: &mut [f32]) -> f32 {
-    for (((t, &p), &pi), &d2) in tmp.iter_mut().zip(p).zip(pi).zip(d2) {
-        *t = p * pi * d2;
-    }
-    fm::sum(&tmp[..p.len()])
 }
 
 /// C[m, n] = α A·B + β C through matrixmultiply (row-major strides given explicitly).
@@ -497,16 +528,18 @@ pub(crate) fn tile_scores<T: Element>(
     d2: &mut [f32],
     want_d2: bool,
 ) {
-    let need_d2 = want_d2 || cx.family != DOT;
     let kappa = (cx.nu[h] + cx.p.dims.d as f32) / 2.0;
     let pr = cx.p.precision;
+    let f = match cx.family {
+        DOT => score_dot,
+        GAUSS => score_gauss,
+        STUDENT => score_student,
+        _ => score_laplace,
+    };
+    let (s, d2) = (&mut s[..nq * nk], &mut d2[..nq * nk]);
+    f(s, d2, &qn[..nq], &kt.kn[..nk], &kc.coef, &kc.cl, kappa, want_d2);
     for r in 0..nq {
         let sr = &mut s[r * nk..][..nk];
-        let dr = &mut d2[r * nk..][..nk];
-        if need_d2 {
-            dist_row(sr, &kt.kn, qn[r], dr);
-        }
-        score_row(cx.family, sr, dr, &kc.coef, &kc.cl, kappa);
         let i = i0 + r;
         if let Some(bias) = &pr.bias {
             let at = bias.offset(b, h, i, j0);
@@ -600,26 +633,16 @@ fn forward_tile<T: Element>(
                 &mut sc.d2,
                 want_e,
             );
-            for r in 0..nq {
-                let sr = &mut sc.s[r * nk..][..nk];
-                let mx = vmax(sr);
-                let m_new = if mx > sc.m[r] { mx } else { sc.m[r] };
-                if m_new == f32::NEG_INFINITY {
-                    sr.fill(0.0);
-                    continue;
-                }
-                let alpha = fm::exp(sc.m[r] - m_new);
-                sc.m[r] = m_new;
-                exp_row(sr, m_new);
-                sc.l[r] = sc.l[r] * alpha + vsum(sr);
-                if want_e {
-                    let en = energy_row(sr, &sc.kc.pi, &sc.d2[r * nk..][..nk], &mut sc.tmp);
-                    sc.e[r] = sc.e[r] * alpha + en;
-                }
-                if alpha != 1.0 {
-                    o[r * dv..][..dv].iter_mut().for_each(|x| *x *= alpha);
-                }
-            }
+            softmax_tile(
+                &mut sc.s,
+                &sc.d2,
+                &sc.kc.pi,
+                (&mut sc.m, &mut sc.l, &mut sc.e),
+                o,
+                (nk, dv),
+                want_e,
+                &mut sc.tmp,
+            );
             gemm(nq, nk, dv, &sc.s, (nk, 1), &sc.kt.v, (dv, 1), 1.0, o, dv);
             j0 += nk;
         }

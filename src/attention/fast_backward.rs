@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use super::backward::{BackwardProblem, Gradients};
 use super::fast::{
     Ctx, DOT, GAUSS, KTile, KeyConsts, LAPLACE, STUDENT, TK, TQ, gemm, load, row, store,
-    tile_scores, vdot, vsum,
+    tile_scores, vdot,
 };
 use super::fast_math as fm;
 use crate::element::{DType, Element};
@@ -86,37 +86,103 @@ fn grad_row_generic<const F: u8>(
     }
 }
 
-macro_rules! grad_fn {
+
+/// The backward's element-wise work on a [nq, nk] tile: per row P = e^{s − lse} (0 on a row with
+/// lse = −∞), then [`grad_row_generic`], the row sums (Σ g into `growsum`; Σ π∂L/∂π, Σ dS ∂s/∂ν,
+/// Σ dS, Σ w, Σ w ∂s/∂ν, Σ w π∂s/∂π into `rsum`) and the column sums of g and π∂L/∂π.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn grad_tile_generic<const F: u8>(
+    (s, dp): (&mut [f32], &mut [f32]),
+    (x, d2): (&[f32], &[f32]),
+    (coef, pi): (&[f32], &[f32]),
+    (lse, delta, de): (&[f32], &[f32], &[f32]),
+    (kappa, nu, c): (f32, f32, f32),
+    [gc, ppi, snu, ds, wnu, wlnpi]: [&mut [f32]; 6],
+    (growsum, rsum): (&mut [f32], &mut [[f32; 6]]),
+    (gcol, pcol): (&mut [f32], &mut [f32]),
+) {
+    let nk = coef.len();
+    for r in 0..lse.len() {
+        let at = r * nk;
+        let sr = &mut s[at..at + nk];
+        let dpr = &mut dp[at..at + nk];
+        if lse[r] == f32::NEG_INFINITY {
+            sr.fill(0.0);
+            dpr.fill(0.0);
+            ds[at..at + nk].fill(0.0);
+            continue;
+        }
+        let l = lse[r];
+        for v in sr.iter_mut() {
+            *v = fm::exp(*v - l);
+        }
+        let dei = if de.is_empty() { 0.0 } else { de[r] };
+        let (gcr, ppir, snur, dsr) = (
+            &mut gc[at..at + nk],
+            &mut ppi[at..at + nk],
+            &mut snu[at..at + nk],
+            &mut ds[at..at + nk],
+        );
+        let (wnur, wlnpir) = (&mut wnu[at..at + nk], &mut wlnpi[at..at + nk]);
+        grad_row_generic::<F>(
+            sr,
+            dpr,
+            &x[at..at + nk],
+            &d2[at..at + nk],
+            coef,
+            pi,
+            (dei, delta[r], kappa, nu, c),
+            gcr,
+            ppir,
+            snur,
+            dsr,
+            wnur,
+            wlnpir,
+        );
+        growsum[r] += fm::sum(gcr);
+        let acc = &mut rsum[r];
+        acc[0] += fm::sum(ppir);
+        acc[1] += fm::sum(snur);
+        acc[2] += fm::sum(dsr);
+        acc[3] += fm::sum(sr);
+        acc[4] += fm::sum(wnur);
+        acc[5] += fm::sum(wlnpir);
+        for (a, &b) in gcol.iter_mut().zip(gcr.iter()) {
+            *a += b;
+        }
+        for (a, &b) in pcol.iter_mut().zip(ppir.iter()) {
+            *a += b;
+        }
+    }
+}
+
+macro_rules! grad_tile_fn {
     ($name:ident, $f:expr) => {
         #[multiversion::multiversion(targets(
             "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
             "x86_64+avx2+fma",
             "aarch64+neon"
         ))]
-        #[allow(clippy::too_many_arguments)]
+        #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $name(
-            p: &[f32],
-            dp: &mut [f32],
-            x: &[f32],
-            d2: &[f32],
-            coef: &[f32],
-            pi: &[f32],
-            sc: (f32, f32, f32, f32, f32),
-            gc: &mut [f32],
-            ppi: &mut [f32],
-            snu: &mut [f32],
-            ds: &mut [f32],
-            wnu: &mut [f32],
-            wlnpi: &mut [f32],
+            sdp: (&mut [f32], &mut [f32]),
+            xd2: (&[f32], &[f32]),
+            cp: (&[f32], &[f32]),
+            rows: (&[f32], &[f32], &[f32]),
+            k: (f32, f32, f32),
+            out: [&mut [f32]; 6],
+            sums: (&mut [f32], &mut [[f32; 6]]),
+            cols: (&mut [f32], &mut [f32]),
         ) {
-            grad_row_generic::<$f>(p, dp, x, d2, coef, pi, sc, gc, ppi, snu, ds, wnu, wlnpi)
+            grad_tile_generic::<$f>(sdp, xd2, cp, rows, k, out, sums, cols)
         }
     };
 }
-grad_fn!(grad_dot, DOT);
-grad_fn!(grad_gauss, GAUSS);
-grad_fn!(grad_student, STUDENT);
-grad_fn!(grad_laplace, LAPLACE);
+grad_tile_fn!(grad_tile_dot, DOT);
+grad_tile_fn!(grad_tile_gauss, GAUSS);
+grad_tile_fn!(grad_tile_student, STUDENT);
+grad_tile_fn!(grad_tile_laplace, LAPLACE);
 
 /// a += b.
 #[multiversion::multiversion(targets(
@@ -409,56 +475,41 @@ fn task<T: Element>(
                     sc.d2.fill(0.0);
                 }
                 gemm(nq, dv, nk, &sc.d_o, (dv, 1), &sc.kt.v, (1, dv), 0.0, &mut sc.dp, nk);
-                for r in 0..nq {
-                    let rr = row0 + r;
-                    let lse = rows.lse[rr];
-                    let at = r * nk;
-                    let (s, dpr) = (&mut sc.s[at..at + nk], &mut sc.dp[at..at + nk]);
-                    if lse == f32::NEG_INFINITY {
-                        s.fill(0.0);
-                        dpr.fill(0.0);
-                        sc.ds[at..at + nk].fill(0.0);
-                        continue;
-                    }
-                    exp_shift(s, lse);
-                    let de = rows.de.map_or(0.0, |x| x[rr]);
-                    let scal = (de, rows.delta[rr], kappa, nu, c);
-                    let args = (
-                        &sc.d2[at..at + nk],
-                        &sc.kc.coef[..],
-                        &sc.kc.pi[..],
-                    );
-                    let (gc, ppi, snu, ds) = (
-                        &mut sc.gc[at..at + nk],
-                        &mut sc.ppi[at..at + nk],
-                        &mut sc.snu[at..at + nk],
-                        &mut sc.ds[at..at + nk],
-                    );
-                    let (wnu, wlnpi) = (&mut sc.wnu[at..at + nk], &mut sc.wlnpi[at..at + nk]);
-                    let x = if is_dot { &sc.x[at..at + nk] } else { args.0 };
-                    let f = match cx.family {
-                        DOT => grad_dot,
-                        GAUSS => grad_gauss,
-                        STUDENT => grad_student,
-                        _ => grad_laplace,
-                    };
-                    f(s, dpr, x, args.0, args.1, args.2, scal, gc, ppi, snu, ds, wnu, wlnpi);
-                    let ri = g * lq + i0 + r;
-                    growsum[ri] += vsum(gc);
-                    let acc = &mut rsum[ri];
-                    acc[0] += vsum(ppi);
-                    acc[1] += vsum(snu);
-                    acc[2] += vsum(ds);
-                    acc[3] += vsum(s);
-                    acc[4] += vsum(wnu);
-                    acc[5] += vsum(wlnpi);
-                    add_to(&mut sc.gcol, gc);
-                    add_to(&mut sc.pcol, ppi);
-                    if let (Some(db), Some(bias)) = (dbias.as_deref_mut(), &pr.bias) {
+                let f = match cx.family {
+                    DOT => grad_tile_dot,
+                    GAUSS => grad_tile_gauss,
+                    STUDENT => grad_tile_student,
+                    _ => grad_tile_laplace,
+                };
+                let n = nq * nk;
+                let ri = g * lq + i0;
+                f(
+                    (&mut sc.s[..n], &mut sc.dp[..n]),
+                    (if is_dot { &sc.x[..n] } else { &sc.d2[..n] }, &sc.d2[..n]),
+                    (&sc.kc.coef, &sc.kc.pi),
+                    (
+                        &rows.lse[row0..row0 + nq],
+                        &rows.delta[row0..row0 + nq],
+                        rows.de.map_or(&[][..], |x| &x[row0..row0 + nq]),
+                    ),
+                    (kappa, nu, c),
+                    [
+                        &mut sc.gc[..n],
+                        &mut sc.ppi[..n],
+                        &mut sc.snu[..n],
+                        &mut sc.ds[..n],
+                        &mut sc.wnu[..n],
+                        &mut sc.wlnpi[..n],
+                    ],
+                    (&mut growsum[ri..ri + nq], &mut rsum[ri..ri + nq]),
+                    (&mut sc.gcol, &mut sc.pcol),
+                );
+                if let (Some(db), Some(bias)) = (dbias.as_deref_mut(), &pr.bias) {
+                    for r in 0..nq {
                         let [nb, nh, nl, nkk] = bias.shape;
                         let (bb, hh, ii) = (b.min(nb - 1), h.min(nh - 1), (i0 + r).min(nl - 1));
                         let o = ((bb * nh + hh) * nl + ii) * nkk + j0;
-                        add_to(&mut db[o..o + nk], ds);
+                        add_to(&mut db[o..o + nk], &sc.ds[r * nk..][..nk]);
                     }
                 }
                 gemm(nk, nq, dv, &sc.s, (1, nk), &sc.d_o, (dv, 1), 1.0, &mut part.dv[j0 * dv..], dv);
