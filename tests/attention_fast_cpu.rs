@@ -26,7 +26,9 @@ struct Inputs {
 fn inputs(seed: u64, [b, hq, hkv, lq, lk, d, dv]: [usize; 7], bias_len: usize) -> Inputs {
     let mut r = rng(seed);
     let mut n = |len: usize, s: f32| -> Vec<f32> {
-        (0..len).map(|_| (r.random::<f32>() * 2.0 - 1.0) * s).collect()
+        (0..len)
+            .map(|_| (r.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
     };
     Inputs {
         q: n(b * hq * lq * d, 0.6),
@@ -105,7 +107,11 @@ const NAMES: [&str; 10] = [
 
 fn compare(what: &str, got: &[Vec<f64>], want: &[Vec<f64>], tol: f64) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(g.iter().all(|x| !x.is_nan()), "{what}: {} has NaN", NAMES[i]);
+        assert!(
+            g.iter().all(|x| !x.is_nan()),
+            "{what}: {} has NaN",
+            NAMES[i]
+        );
         // lse: −∞ rows compared for equality, the rest by norm.
         let (g, w): (Vec<f64>, Vec<f64>) = g
             .iter()
@@ -121,11 +127,19 @@ fn compare(what: &str, got: &[Vec<f64>], want: &[Vec<f64>], tol: f64) {
             .map(|(a, b)| (*a, *b))
             .unzip();
         if w.iter().all(|x| *x == 0.0) {
-            assert!(g.iter().all(|x| x.abs() < 1e-6), "{what}: {} not 0", NAMES[i]);
+            assert!(
+                g.iter().all(|x| x.abs() < 1e-6),
+                "{what}: {} not 0",
+                NAMES[i]
+            );
             continue;
         }
         // dν sums every score's term (they cancel): its bound is the GPU suite's 1e-3.
-        let tol = if NAMES[i] == "dnu" { tol.max(1e-3) } else { tol };
+        let tol = if NAMES[i] == "dnu" {
+            tol.max(1e-3)
+        } else {
+            tol
+        };
         let err = rel_err(&g, &w);
         assert!(err < tol, "{what}: {} rel err {err:e} >= {tol:e}", NAMES[i]);
     }
@@ -140,10 +154,26 @@ fn multi_tile_matches_reference() {
     let [b, hq, _, lq, lk, ..] = shape;
     let cases: Vec<(AttentionSpec, Option<[usize; 4]>, Option<Vec<i32>>)> = vec![
         (AttentionSpec::new(Score::Dot), None, None),
-        (AttentionSpec::new(Score::Gaussian).causal(true), None, Some(vec![170, 90])),
-        (AttentionSpec::new(Score::StudentT(4.0)).window(70), Some([1, hq, 1, lk]), None),
-        (AttentionSpec::new(Score::Laplace).causal(true), Some([b, 1, lq, lk]), None),
-        (AttentionSpec::new(Score::StudentT(2.5)), Some([1, 1, 1, lk]), Some(vec![0, 131])),
+        (
+            AttentionSpec::new(Score::Gaussian).causal(true),
+            None,
+            Some(vec![170, 90]),
+        ),
+        (
+            AttentionSpec::new(Score::StudentT(4.0)).window(70),
+            Some([1, hq, 1, lk]),
+            None,
+        ),
+        (
+            AttentionSpec::new(Score::Laplace).causal(true),
+            Some([b, 1, lq, lk]),
+            None,
+        ),
+        (
+            AttentionSpec::new(Score::StudentT(2.5)),
+            Some([1, 1, 1, lk]),
+            Some(vec![0, 131]),
+        ),
     ];
     for (i, (spec, bs, kl)) in cases.iter().enumerate() {
         let inp = inputs(10 + i as u64, shape, bs.map_or(1, |s| s.iter().product()));
@@ -152,7 +182,8 @@ fn multi_tile_matches_reference() {
         // Outputs in f32 at 1e-5; the f32 sums dπ and dβ at the GPU suite's 2e-4.
         compare(&format!("f32 {spec:?}"), &got[..6], &want[..6], 1e-5);
         compare(&format!("f32 {spec:?}"), &got[6..], &want[6..], 2e-4);
-        let want16 = run::<f16>(&Device::reference(), spec, shape, &inp, *bs, kl.as_deref()).unwrap();
+        let want16 =
+            run::<f16>(&Device::reference(), spec, shape, &inp, *bs, kl.as_deref()).unwrap();
         let got16 = run::<f16>(&Device::cpu(), spec, shape, &inp, *bs, kl.as_deref()).unwrap();
         compare(&format!("f16 {spec:?}"), &got16, &want16, 1e-2);
     }
@@ -165,9 +196,15 @@ fn thread_count_does_not_change_bits() {
     let shape = [3, 4, 2, 130, 140, 32, 32];
     let [_, _, _, lq, lk, ..] = shape;
     for (spec, bs) in [
-        (AttentionSpec::new(Score::StudentT(3.0)).causal(true), Some([1, 1, lq, lk])),
+        (
+            AttentionSpec::new(Score::StudentT(3.0)).causal(true),
+            Some([1, 1, lq, lk]),
+        ),
         (AttentionSpec::new(Score::Gaussian), None),
-        (AttentionSpec::new(Score::Dot).window(50), Some([3, 4, 1, lk])),
+        (
+            AttentionSpec::new(Score::Dot).window(50),
+            Some([3, 4, 1, lk]),
+        ),
     ] {
         let inp = inputs(7, shape, bs.map_or(1, |s| s.iter().product()));
         let mut runs = Vec::new();
@@ -273,7 +310,10 @@ fn errors_leave_outputs_untouched() {
         dev.default_stream(),
     );
     let msg = r.unwrap_err().to_string();
-    assert!(msg.contains("precision.key") && msg.contains("element 2"), "{msg}");
+    assert!(
+        msg.contains("precision.key") && msg.contains("element 2"),
+        "{msg}"
+    );
     assert!(o.to_vec().unwrap().iter().all(|x| x.is_nan()));
 }
 

@@ -2,9 +2,9 @@
 //! over f32/f16/bf16 inputs (issue 24). The maths is that of [`crate::attention`]; the f64
 //! reference (src/attention/cpu.rs) is the oracle it is tested against.
 //!
-//! One rayon task per (batch, query head, tile of [`TQ`] query rows): the tile's q rows are
+//! One rayon task per (batch, query head, tile of [`TQ`] = 128 query rows): the tile's q rows are
 //! gathered (and converted) into a contiguous f32 scratch once, then for each tile of [`TK`]
-//! keys that some row of the tile sees (keys outside every row's causal / window / kv_len /
+//! keys ([`TK`] = 128) that some row of the tile sees (keys outside every row's causal / window / kv_len /
 //! varlen range are skipped): x = Q·Kᵀ through `matrixmultiply::sgemm`; d² = ‖q‖² + ‖k‖² − 2x
 //! (clamped at 0) from the same product; the family's score with the precisions, ν, τ and the
 //! normaliser, the bias and the masks (−∞) in vectorised element-wise loops (`multiversion`);
@@ -30,9 +30,9 @@ use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 
 /// Query rows per task.
-pub(crate) const TQ: usize = 64;
+pub(crate) const TQ: usize = 128;
 /// Keys per tile.
-pub(crate) const TK: usize = 64;
+pub(crate) const TK: usize = 128;
 
 /// The family, as a small integer for the const-generic element-wise loops.
 pub(crate) const DOT: u8 = 0;
@@ -495,7 +495,15 @@ pub(crate) struct KTile {
 }
 
 impl KTile {
-    pub(crate) fn load<T: Element>(&mut self, p: &Problem<'_, '_, T>, b: usize, hk: usize, j0: usize, n: usize, with_v: bool) {
+    pub(crate) fn load<T: Element>(
+        &mut self,
+        p: &Problem<'_, '_, T>,
+        b: usize,
+        hk: usize,
+        j0: usize,
+        n: usize,
+        with_v: bool,
+    ) {
         let (d, dv) = (p.dims.d, p.dims.dv);
         self.k.resize(n * d, 0.0);
         self.kn.resize(n, 0.0);
@@ -537,7 +545,16 @@ pub(crate) fn tile_scores<T: Element>(
         _ => score_laplace,
     };
     let (s, d2) = (&mut s[..nq * nk], &mut d2[..nq * nk]);
-    f(s, d2, &qn[..nq], &kt.kn[..nk], &kc.coef, &kc.cl, kappa, want_d2);
+    f(
+        s,
+        d2,
+        &qn[..nq],
+        &kt.kn[..nk],
+        &kc.coef,
+        &kc.cl,
+        kappa,
+        want_d2,
+    );
     for r in 0..nq {
         let sr = &mut s[r * nk..][..nk];
         let i = i0 + r;
@@ -620,7 +637,18 @@ fn forward_tile<T: Element>(
             sc.s.resize(nq * nk, 0.0);
             sc.d2.resize(nq * nk, 0.0);
             sc.tmp.resize(nk, 0.0);
-            gemm(nq, d, nk, &sc.q, (d, 1), &sc.kt.k, (1, d), 0.0, &mut sc.s, nk);
+            gemm(
+                nq,
+                d,
+                nk,
+                &sc.q,
+                (d, 1),
+                &sc.kt.k,
+                (1, d),
+                0.0,
+                &mut sc.s,
+                nk,
+            );
             tile_scores(
                 cx,
                 (b, h, i0, j0),
@@ -717,7 +745,10 @@ pub(crate) fn forward<T: Element>(
         for h in 0..nh {
             for l in 0..nl {
                 let r = (b * nh + h) * nl + l;
-                store(&o[r * dv..][..dv], &mut dst[b * sb + h * sh + l * sl..][..dv]);
+                store(
+                    &o[r * dv..][..dv],
+                    &mut dst[b * sb + h * sh + l * sl..][..dv],
+                );
             }
         }
     }

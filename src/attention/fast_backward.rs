@@ -86,7 +86,6 @@ fn grad_row_generic<const F: u8>(
     }
 }
 
-
 /// The backward's element-wise work on a [nq, nk] tile: per row P = e^{s − lse} (0 on a row with
 /// lse = −∞), then [`grad_row_generic`], the row sums (Σ g into `growsum`; Σ π∂L/∂π, Σ dS ∂s/∂ν,
 /// Σ dS, Σ w, Σ w ∂s/∂ν, Σ w π∂s/∂π into `rsum`) and the column sums of g and π∂L/∂π.
@@ -270,7 +269,10 @@ fn exact_delta<T: Element>(
             let qr = &mut sc.q[r * d..][..d];
             load(row(p.q, b, h, i0 + r), qr);
             sc.qn[r] = vdot(qr, qr);
-            load(row(&bp.inputs.d_o, b, h, i0 + r), &mut sc.d_o[r * dv..][..dv]);
+            load(
+                row(&bp.inputs.d_o, b, h, i0 + r),
+                &mut sc.d_o[r * dv..][..dv],
+            );
         }
         let mut acc = vec![(0.0f32, 0.0f32); nq];
         let mut j0 = klo;
@@ -282,7 +284,18 @@ fn exact_delta<T: Element>(
                 buf.resize(nq * nk, 0.0);
             }
             sc.gc.resize(nk, 0.0);
-            gemm(nq, d, nk, &sc.q, (d, 1), &sc.kt.k, (1, d), 0.0, &mut sc.s, nk);
+            gemm(
+                nq,
+                d,
+                nk,
+                &sc.q,
+                (d, 1),
+                &sc.kt.k,
+                (1, d),
+                0.0,
+                &mut sc.s,
+                nk,
+            );
             tile_scores(
                 cx,
                 (b, h, i0, j0),
@@ -298,7 +311,18 @@ fn exact_delta<T: Element>(
             if !want_d2 && cx.family == DOT {
                 sc.d2.fill(0.0);
             }
-            gemm(nq, dv, nk, &sc.d_o, (dv, 1), &sc.kt.v, (1, dv), 0.0, &mut sc.dp, nk);
+            gemm(
+                nq,
+                dv,
+                nk,
+                &sc.d_o,
+                (dv, 1),
+                &sc.kt.v,
+                (1, dv),
+                0.0,
+                &mut sc.dp,
+                nk,
+            );
             for (r, a) in acc.iter_mut().enumerate() {
                 let l = lse[row0 + r];
                 if l == f32::NEG_INFINITY {
@@ -446,15 +470,36 @@ fn task<T: Element>(
                     let qr = &mut sc.q[r * d..][..d];
                     load(row(p.q, b, h, i0 + r), qr);
                     sc.qn[r] = vdot(qr, qr);
-                    load(row(&bp.inputs.d_o, b, h, i0 + r), &mut sc.d_o[r * dv..][..dv]);
+                    load(
+                        row(&bp.inputs.d_o, b, h, i0 + r),
+                        &mut sc.d_o[r * dv..][..dv],
+                    );
                 }
                 for buf in [
-                    &mut sc.s, &mut sc.d2, &mut sc.dp, &mut sc.gc, &mut sc.ppi, &mut sc.snu,
-                    &mut sc.ds, &mut sc.wnu, &mut sc.wlnpi,
+                    &mut sc.s,
+                    &mut sc.d2,
+                    &mut sc.dp,
+                    &mut sc.gc,
+                    &mut sc.ppi,
+                    &mut sc.snu,
+                    &mut sc.ds,
+                    &mut sc.wnu,
+                    &mut sc.wlnpi,
                 ] {
                     buf.resize(nq * nk, 0.0);
                 }
-                gemm(nq, d, nk, &sc.q, (d, 1), &sc.kt.k, (1, d), 0.0, &mut sc.s, nk);
+                gemm(
+                    nq,
+                    d,
+                    nk,
+                    &sc.q,
+                    (d, 1),
+                    &sc.kt.k,
+                    (1, d),
+                    0.0,
+                    &mut sc.s,
+                    nk,
+                );
                 if is_dot {
                     sc.x.clear();
                     sc.x.extend_from_slice(&sc.s);
@@ -474,7 +519,18 @@ fn task<T: Element>(
                 if !want_d2 && is_dot {
                     sc.d2.fill(0.0);
                 }
-                gemm(nq, dv, nk, &sc.d_o, (dv, 1), &sc.kt.v, (1, dv), 0.0, &mut sc.dp, nk);
+                gemm(
+                    nq,
+                    dv,
+                    nk,
+                    &sc.d_o,
+                    (dv, 1),
+                    &sc.kt.v,
+                    (1, dv),
+                    0.0,
+                    &mut sc.dp,
+                    nk,
+                );
                 let f = match cx.family {
                     DOT => grad_tile_dot,
                     GAUSS => grad_tile_gauss,
@@ -512,8 +568,30 @@ fn task<T: Element>(
                         add_to(&mut db[o..o + nk], &sc.ds[r * nk..][..nk]);
                     }
                 }
-                gemm(nk, nq, dv, &sc.s, (1, nk), &sc.d_o, (dv, 1), 1.0, &mut part.dv[j0 * dv..], dv);
-                gemm(nk, nq, d, &sc.dp, (1, nk), &sc.q, (d, 1), 1.0, &mut part.dk[j0 * d..], d);
+                gemm(
+                    nk,
+                    nq,
+                    dv,
+                    &sc.s,
+                    (1, nk),
+                    &sc.d_o,
+                    (dv, 1),
+                    1.0,
+                    &mut part.dv[j0 * dv..],
+                    dv,
+                );
+                gemm(
+                    nk,
+                    nq,
+                    d,
+                    &sc.dp,
+                    (1, nk),
+                    &sc.q,
+                    (d, 1),
+                    1.0,
+                    &mut part.dk[j0 * d..],
+                    d,
+                );
                 let dq = &mut part.dq[(g * lq + i0) * d..];
                 gemm(nq, nk, d, &sc.dp, (nk, 1), &sc.kt.k, (d, 1), 1.0, dq, d);
             }
@@ -587,30 +665,27 @@ pub(crate) fn backward<T: Element>(
     // Δ_i = dO_i·o_i + dE_i e_i − dlse_i.
     let mut delta: Vec<f32> =
         crate::alloc::zeroed(rows_n, || format!("the f32 row terms of {rows_n} rows"))?;
-    delta
-        .par_chunks_mut(lq)
-        .enumerate()
-        .for_each(|(bh, dr)| {
-            let (b, h) = (bh / dm.hq, bh % dm.hq);
-            let mut o = vec![0.0f32; dv];
-            let mut g = vec![0.0f32; dv];
-            for (i, x) in dr.iter_mut().enumerate() {
-                load(row(&inputs.o, b, h, i), &mut o);
-                load(row(&inputs.d_o, b, h, i), &mut g);
-                let r = bh * lq + i;
-                let mut v = vdot(&g, &o);
-                if let (Some(de), Some(e)) = (de, e) {
-                    v += de[r] * e[r];
-                }
-                if let Some(dl) = dl {
-                    v -= dl[r];
-                }
-                *x = v;
+    delta.par_chunks_mut(lq).enumerate().for_each(|(bh, dr)| {
+        let (b, h) = (bh / dm.hq, bh % dm.hq);
+        let mut o = vec![0.0f32; dv];
+        let mut g = vec![0.0f32; dv];
+        for (i, x) in dr.iter_mut().enumerate() {
+            load(row(&inputs.o, b, h, i), &mut o);
+            load(row(&inputs.d_o, b, h, i), &mut g);
+            let r = bh * lq + i;
+            let mut v = vdot(&g, &o);
+            if let (Some(de), Some(e)) = (de, e) {
+                v += de[r] * e[r];
             }
-            if T::DTYPE != DType::F32 {
-                exact_delta(&cx, bp, lse, de, dl, (b, h), dr);
+            if let Some(dl) = dl {
+                v -= dl[r];
             }
-        });
+            *x = v;
+        }
+        if T::DTYPE != DType::F32 {
+            exact_delta(&cx, bp, lse, de, dl, (b, h), dr);
+        }
+    });
     let rows = Rows {
         lse,
         delta: &delta,
@@ -621,7 +696,9 @@ pub(crate) fn backward<T: Element>(
     let mut dbias = match (&out.dbias, &p.precision.bias) {
         (Some(_), Some(bias)) => {
             let n: usize = bias.shape.iter().product();
-            Some(crate::alloc::zeroed::<f32>(n, || format!("dbias of {n} elements"))?)
+            Some(crate::alloc::zeroed::<f32>(n, || {
+                format!("dbias of {n} elements")
+            })?)
         }
         _ => None,
     };
@@ -630,7 +707,13 @@ pub(crate) fn backward<T: Element>(
         Some(db) => {
             let mut v = Vec::with_capacity(tasks);
             for bk in 0..tasks {
-                v.push(task(&cx, bp, &rows, (bk / dm.hkv, bk % dm.hkv), Some(&mut *db))?);
+                v.push(task(
+                    &cx,
+                    bp,
+                    &rows,
+                    (bk / dm.hkv, bk % dm.hkv),
+                    Some(&mut *db),
+                )?);
             }
             v
         }
