@@ -152,7 +152,8 @@ fn compare(what: &str, got: &[Vec<f64>], want: &[Vec<f64>], tol: f64) {
 fn multi_tile_matches_reference() {
     let shape = [2, 4, 2, 150, 200, 32, 24];
     let [b, hq, _, lq, lk, ..] = shape;
-    let cases: Vec<(AttentionSpec, Option<[usize; 4]>, Option<Vec<i32>>)> = vec![
+    type Case = (AttentionSpec, Option<[usize; 4]>, Option<Vec<i32>>);
+    let cases: Vec<Case> = vec![
         (AttentionSpec::new(Score::Dot), None, None),
         (
             AttentionSpec::new(Score::Gaussian).causal(true),

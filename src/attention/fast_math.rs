@@ -18,7 +18,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n without a float-to-int conversion (which would not vectorise): n + 127 + 2^23 holds
     // the integer n + 127 ∈ [1, 254] in its low mantissa bits; shifted into the exponent field.
@@ -48,7 +48,7 @@ pub(crate) fn ln(x: f32) -> f32 {
     y = y * m - 1.666_805_8e-1;
     y = y * m + 2.000_071_4e-1;
     y = y * m - 2.499_999_4e-1;
-    y = y * m + 3.333_333_1e-1;
+    y = y * m + 0.333_333_3;
     y = y * m * z;
     y += -2.121_944_4e-4 * ef;
     y += -0.5 * z;
