@@ -3,8 +3,8 @@
 //! reference (src/attention/cpu.rs) is the oracle it is tested against.
 //!
 //! One rayon task per (batch, query head, tile of [`TQ`] = 128 query rows): the tile's q rows are
-//! gathered (and converted) into a contiguous f32 scratch once, then for each tile of [`TK`]
-//! keys ([`TK`] = 128) that some row of the tile sees (keys outside every row's causal / window / kv_len /
+//! gathered (and converted) into a contiguous f32 scratch once, then for each tile of [`TK`] =
+//! 128 keys that some row of the tile sees (keys outside every row's causal / window / kv_len /
 //! varlen range are skipped): x = Q·Kᵀ through `matrixmultiply::sgemm`; d² = ‖q‖² + ‖k‖² − 2x
 //! (clamped at 0) from the same product; the family's score with the precisions, ν, τ and the
 //! normaliser, the bias and the masks (−∞) in vectorised element-wise loops (`multiversion`);
