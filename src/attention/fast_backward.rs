@@ -2,7 +2,10 @@
 //! scores recomputed per tile from q, k and the forward's lse (FlashAttention-2 style), with the
 //! maths of [`crate::attention`]'s "Backward" section.
 //!
-//! Δ_i = dO_i·o_i + dE_i e_i − dlse_i comes first (per row, from the forward's o and e). Then one
+//! Δ_i = dO_i·o_i + dE_i e_i − dlse_i comes first (per row, from the forward's o and e; for
+//! f16/bf16, whose o is rounded, recomputed from the weights as the reference does:
+//! [`exact_delta`]). dπ_h and dν are summed per row with the GPU's correction of the row's own
+//! rounding of Σ_j dS_ij (kernels/attention/backward.cuh). Then one
 //! rayon task per (batch, kv head) owns every gradient of that kv head's keys and of the query
 //! rows of its group, so nothing is summed across tasks but dπ_h and dν (per-task partials added
 //! in task order): for each tile of [`TK`] keys, for each query head of the group and each tile
