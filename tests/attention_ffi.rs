@@ -646,8 +646,10 @@ fn d_o_of<T: Element + Default>(x: &Inputs<T>) -> Vec<T> {
 }
 
 /// fep_attention_backward on the CPU with the forward's (o, lse, e) through the C ABI;
-/// `with_e`: pass e and d_e; `all`: ask for every optional gradient (else NULL, left NaN).
+/// `with_e`: pass e and d_e; `all`: ask for every optional gradient (else NULL, left NaN);
+/// `kind`: FEP_DEVICE_CPU (the fast path) or FEP_DEVICE_CPU_REFERENCE (the f64 reference).
 fn run_c_backward<T: Element + Default>(
+    kind: i32,
     params: &FepAttentionParams,
     dtype: i32,
     x: &Inputs<T>,
@@ -672,7 +674,7 @@ fn run_c_backward<T: Element + Default>(
     );
     let st = unsafe {
         fep_attention_backward(
-            FEP_DEVICE_CPU,
+            kind,
             0,
             std::ptr::null_mut(),
             params,
@@ -809,11 +811,14 @@ fn check_backward_case<T: Element + Default>(name: &str, dtype: i32) {
         let d_e = upstream(rows(&x), 2);
         let what = format!("{name} dtype {dtype} blhd {blhd}");
         // With the energy's gradient and every optional output.
-        let got = run_c_backward(&params, dtype, &x, &d_e, true, true);
+        // The f64 reference behind the C ABI, compared bitwise with `reference::backward`
+        // (FEP_DEVICE_CPU is the fast f32 path since issue 24).
+        let kind = FEP_DEVICE_CPU_REFERENCE;
+        let got = run_c_backward(kind, &params, dtype, &x, &d_e, true, true);
         let want = reference_backward(c, &x, Some(&d_e));
         same_grads(&format!("{what} with d_e"), &got, &want, true);
         // e and d_e NULL (L depends on o only), the optional gradients not wanted.
-        let got = run_c_backward(&params, dtype, &x, &d_e, false, false);
+        let got = run_c_backward(kind, &params, dtype, &x, &d_e, false, false);
         let want = reference_backward(c, &x, None);
         same_grads(&format!("{what} without d_e"), &got, &want, false);
     }
@@ -843,7 +848,7 @@ fn backward_matches_the_rust_api() {
     let x = inputs::<f32>(c, false);
     let params = params_of(&c.spec);
     let d_e = upstream(rows(&x), 2);
-    let got = run_c_backward(&params, FEP_DTYPE_F32, &x, &d_e, true, true);
+    let got = run_c_backward(FEP_DEVICE_CPU, &params, FEP_DTYPE_F32, &x, &d_e, true, true);
     let (o, lse, e) = run_c(&params, FEP_DTYPE_F32, &x, true);
     let d_o = d_o_of(&x);
     fn t4(d: &[f32], s: [usize; 4]) -> Tensor4<'_, f32> {

@@ -160,6 +160,7 @@ mod cpu;
 mod cpu_backward;
 mod fast;
 mod fast_backward;
+mod fast_math;
 #[cfg(fep_gpu)]
 mod gpu;
 #[cfg(fep_gpu)]
