@@ -153,12 +153,19 @@ pub(super) fn prepare<T: Element>(phi: &[T], n: usize, m: usize) -> Result<(Stor
 
 const LANES: usize = 16;
 
-/// θ_λ(u) in f32, branch-free (the GPU's lca_theta).
+/// θ_λ(u) in f32, branch-free (the GPU's lca_theta; selects, so that loops vectorise: a NaN u
+/// gives 0 as fmaxf does, except for the hard thresholds where the comparison is false anyway).
 #[inline(always)]
 fn theta(th: Threshold, u: f32, lambda: f32) -> f32 {
     match th {
-        Threshold::Soft => (u.abs() - lambda).max(0.0).copysign(u),
-        Threshold::SoftNonNeg => (u - lambda).max(0.0),
+        Threshold::Soft => {
+            let t = u.abs() - lambda;
+            (if t > 0.0 { t } else { 0.0 }).copysign(u)
+        }
+        Threshold::SoftNonNeg => {
+            let t = u - lambda;
+            if t > 0.0 { t } else { 0.0 }
+        }
         Threshold::Hard => {
             if u.abs() > lambda {
                 u
@@ -176,8 +183,32 @@ fn theta(th: Threshold, u: f32, lambda: f32) -> f32 {
     }
 }
 
-/// One step of one sample: u += η((b − u) − c), a = θ(u). Returns max |Δu| (NaN ignored: the
-/// caller checks u for NaN before it accepts a stop) and the number of nonzero a.
+/// One element of a step: u += η((b − u) − c), a = θ(u); the running max |Δu| (a NaN Δu is
+/// skipped: the caller checks u for NaN before it accepts a stop) and the active count.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn step_one(
+    th: Threshold,
+    b: f32,
+    u: &mut f32,
+    c: f32,
+    a: &mut f32,
+    eta: f32,
+    lambda: f32,
+    mx: &mut f32,
+    cnt: &mut u32,
+) {
+    let du = eta * ((b - *u) - c);
+    let un = *u + du;
+    *u = un;
+    let ad = du.abs();
+    *mx = if ad > *mx { ad } else { *mx };
+    let av = theta(th, un, lambda);
+    *a = av;
+    *cnt += (av != 0.0) as u32;
+}
+
+/// One step of one sample. Returns max |Δu| (NaN skipped) and the number of nonzero a.
 #[inline(always)]
 fn step_body(
     th: Threshold,
@@ -191,33 +222,54 @@ fn step_body(
     let mut mx = [0f32; LANES];
     let mut cnt = [0u32; LANES];
     let m = u.len();
-    let full = m - m % LANES;
     let (b, c, a) = (&b[..m], &c[..m], &mut a[..m]);
-    for j0 in (0..full).step_by(LANES) {
+    let mut uc = u.chunks_exact_mut(LANES);
+    let mut bc = b.chunks_exact(LANES);
+    let mut cc = c.chunks_exact(LANES);
+    let mut ac = a.chunks_exact_mut(LANES);
+    for (((uu, bb), cs), aa) in (&mut uc).zip(&mut bc).zip(&mut cc).zip(&mut ac) {
+        let uu: &mut [f32; LANES] = uu.try_into().unwrap();
+        let aa: &mut [f32; LANES] = aa.try_into().unwrap();
+        let bb: &[f32; LANES] = bb.try_into().unwrap();
+        let cs: &[f32; LANES] = cs.try_into().unwrap();
         for l in 0..LANES {
-            let j = j0 + l;
-            let du = eta * ((b[j] - u[j]) - c[j]);
-            let un = u[j] + du;
-            u[j] = un;
-            mx[l] = mx[l].max(du.abs());
-            let av = theta(th, un, lambda);
-            a[j] = av;
-            cnt[l] += (av != 0.0) as u32;
+            step_one(
+                th,
+                bb[l],
+                &mut uu[l],
+                cs[l],
+                &mut aa[l],
+                eta,
+                lambda,
+                &mut mx[l],
+                &mut cnt[l],
+            );
         }
     }
-    let mut tail_max = 0f32;
-    let mut tail_cnt = 0usize;
-    for j in full..m {
-        let du = eta * ((b[j] - u[j]) - c[j]);
-        let un = u[j] + du;
-        u[j] = un;
-        tail_max = tail_max.max(du.abs());
-        let av = theta(th, un, lambda);
-        a[j] = av;
-        tail_cnt += (av != 0.0) as usize;
+    let (mut tail_max, mut tail_cnt) = (0f32, 0u32);
+    let rest = uc
+        .into_remainder()
+        .iter_mut()
+        .zip(bc.remainder())
+        .zip(cc.remainder())
+        .zip(ac.into_remainder());
+    for (((uv, &bv), &cv), av) in rest {
+        step_one(
+            th,
+            bv,
+            uv,
+            cv,
+            av,
+            eta,
+            lambda,
+            &mut tail_max,
+            &mut tail_cnt,
+        );
     }
-    let max = mx.iter().fold(tail_max, |acc, &v| acc.max(v));
-    let count = cnt.iter().map(|&v| v as usize).sum::<usize>() + tail_cnt;
+    let max = mx
+        .iter()
+        .fold(tail_max, |acc, &v| if v > acc { v } else { acc });
+    let count = cnt.iter().map(|&v| v as usize).sum::<usize>() + tail_cnt as usize;
     (max, count)
 }
 
@@ -254,17 +306,33 @@ fn threshold_all(th: Threshold, u: &[f32], a: &mut [f32], lambda: f32) -> usize 
     count
 }
 
-/// The indices of the nonzero a (NaN counts as nonzero, as in the reference).
+/// The indices of the nonzero a (NaN counts as nonzero, as in the reference), in increasing
+/// order: a 16-bit mask per chunk of 16 (one vector compare), then its set bits.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn compact(a: &[f32], idx: &mut [u32]) -> usize {
-    if idx.is_empty() {
-        return 0;
-    }
     let mut k = 0;
-    for (j, &v) in a.iter().enumerate() {
-        idx[k] = j as u32;
-        k += (v != 0.0) as usize;
-        if k == idx.len() {
-            break;
+    let mut chunks = a.chunks_exact(LANES);
+    for (ci, ch) in (&mut chunks).enumerate() {
+        let ch: &[f32; LANES] = ch.try_into().unwrap();
+        let mut mask = 0u32;
+        for (l, &v) in ch.iter().enumerate() {
+            mask |= ((v != 0.0) as u32) << l;
+        }
+        while mask != 0 {
+            idx[k] = (ci * LANES) as u32 + mask.trailing_zeros();
+            k += 1;
+            mask &= mask - 1;
+        }
+    }
+    let base = a.len() - chunks.remainder().len();
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        if v != 0.0 {
+            idx[k] = (base + l) as u32;
+            k += 1;
         }
     }
     k
@@ -293,11 +361,29 @@ fn gather(gram: &[f32], m: usize, a: &[f32], idx: &[u32], c: &mut [f32]) {
             *cj = *cj + a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3;
         }
     }
-    for &k in quads.remainder() {
-        let (g, ak) = (row(k), a[k as usize]);
-        for (cj, &x) in c.iter_mut().zip(g) {
-            *cj += ak * x;
+    // The one to three rows left: one pass over c.
+    match *quads.remainder() {
+        [k0] => {
+            let (g0, a0) = (row(k0), a[k0 as usize]);
+            for (cj, &x0) in c.iter_mut().zip(g0) {
+                *cj = *cj + a0 * x0;
+            }
         }
+        [k0, k1] => {
+            let (g0, g1) = (row(k0), row(k1));
+            let (a0, a1) = (a[k0 as usize], a[k1 as usize]);
+            for ((cj, &x0), &x1) in c.iter_mut().zip(g0).zip(g1) {
+                *cj = *cj + a0 * x0 + a1 * x1;
+            }
+        }
+        [k0, k1, k2] => {
+            let (g0, g1, g2) = (row(k0), row(k1), row(k2));
+            let (a0, a1, a2) = (a[k0 as usize], a[k1 as usize], a[k2 as usize]);
+            for (((cj, &x0), &x1), &x2) in c.iter_mut().zip(g0).zip(g1).zip(g2) {
+                *cj = *cj + a0 * x0 + a1 * x1 + a2 * x2;
+            }
+        }
+        _ => {}
     }
 }
 
@@ -405,7 +491,7 @@ fn inhibit(
             pack_a[dense * m..(dense + 1) * m].copy_from_slice(ar);
             dense += 1;
         } else {
-            let k = compact(ar, &mut idx[..count[r].min(m)]);
+            let k = compact(ar, idx);
             gather(gram, m, ar, &idx[..k], cr);
         }
     }
