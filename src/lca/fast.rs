@@ -210,6 +210,7 @@ fn step_one(
 
 /// One step of one sample. Returns max |Δu| (NaN skipped) and the number of nonzero a.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // one accumulator per lane, on purpose
 fn step_body(
     th: Threshold,
     b: &[f32],
@@ -223,15 +224,11 @@ fn step_body(
     let mut cnt = [0u32; LANES];
     let m = u.len();
     let (b, c, a) = (&b[..m], &c[..m], &mut a[..m]);
-    let mut uc = u.chunks_exact_mut(LANES);
-    let mut bc = b.chunks_exact(LANES);
-    let mut cc = c.chunks_exact(LANES);
-    let mut ac = a.chunks_exact_mut(LANES);
-    for (((uu, bb), cs), aa) in (&mut uc).zip(&mut bc).zip(&mut cc).zip(&mut ac) {
-        let uu: &mut [f32; LANES] = uu.try_into().unwrap();
-        let aa: &mut [f32; LANES] = aa.try_into().unwrap();
-        let bb: &[f32; LANES] = bb.try_into().unwrap();
-        let cs: &[f32; LANES] = cs.try_into().unwrap();
+    let (uc, ur) = u.as_chunks_mut::<LANES>();
+    let (bc, br) = b.as_chunks::<LANES>();
+    let (cc, cr) = c.as_chunks::<LANES>();
+    let (ac, ar) = a.as_chunks_mut::<LANES>();
+    for (((uu, bb), cs), aa) in uc.iter_mut().zip(bc).zip(cc).zip(ac.iter_mut()) {
         for l in 0..LANES {
             step_one(
                 th,
@@ -247,13 +244,7 @@ fn step_body(
         }
     }
     let (mut tail_max, mut tail_cnt) = (0f32, 0u32);
-    let rest = uc
-        .into_remainder()
-        .iter_mut()
-        .zip(bc.remainder())
-        .zip(cc.remainder())
-        .zip(ac.into_remainder());
-    for (((uv, &bv), &cv), av) in rest {
+    for (((uv, &bv), &cv), av) in ur.iter_mut().zip(br).zip(cr).zip(ar.iter_mut()) {
         step_one(
             th,
             bv,
@@ -315,9 +306,8 @@ fn threshold_all(th: Threshold, u: &[f32], a: &mut [f32], lambda: f32) -> usize 
 ))]
 fn compact(a: &[f32], idx: &mut [u32]) -> usize {
     let mut k = 0;
-    let mut chunks = a.chunks_exact(LANES);
-    for (ci, ch) in (&mut chunks).enumerate() {
-        let ch: &[f32; LANES] = ch.try_into().unwrap();
+    let (chunks, rest) = a.as_chunks::<LANES>();
+    for (ci, ch) in chunks.iter().enumerate() {
         let mut mask = 0u32;
         for (l, &v) in ch.iter().enumerate() {
             mask |= ((v != 0.0) as u32) << l;
@@ -328,8 +318,8 @@ fn compact(a: &[f32], idx: &mut [u32]) -> usize {
             mask &= mask - 1;
         }
     }
-    let base = a.len() - chunks.remainder().len();
-    for (l, &v) in chunks.remainder().iter().enumerate() {
+    let base = a.len() - rest.len();
+    for (l, &v) in rest.iter().enumerate() {
         if v != 0.0 {
             idx[k] = (base + l) as u32;
             k += 1;
@@ -366,7 +356,7 @@ fn gather(gram: &[f32], m: usize, a: &[f32], idx: &[u32], c: &mut [f32]) {
         [k0] => {
             let (g0, a0) = (row(k0), a[k0 as usize]);
             for (cj, &x0) in c.iter_mut().zip(g0) {
-                *cj = *cj + a0 * x0;
+                *cj += a0 * x0;
             }
         }
         [k0, k1] => {
@@ -393,17 +383,19 @@ fn gather(gram: &[f32], m: usize, a: &[f32], idx: &[u32], c: &mut [f32]) {
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
+#[allow(clippy::needless_range_loop)] // one accumulator per lane, on purpose
 fn energy_sums(a: &[f32], b: &[f32], c: &[f32]) -> [f32; 4] {
     let m = a.len();
     let (b, c) = (&b[..m], &c[..m]);
     let mut s = [[0f32; LANES]; 4];
-    let full = m - m % LANES;
-    for j0 in (0..full).step_by(LANES) {
+    let (ac, ar) = a.as_chunks::<LANES>();
+    let (bc, br) = b.as_chunks::<LANES>();
+    let (cc, cr) = c.as_chunks::<LANES>();
+    for ((aa, bb), cs) in ac.iter().zip(bc).zip(cc) {
         for l in 0..LANES {
-            let j = j0 + l;
-            let av = a[j];
-            s[0][l] += av * b[j];
-            s[1][l] += av * c[j];
+            let av = aa[l];
+            s[0][l] += av * bb[l];
+            s[1][l] += av * cs[l];
             s[2][l] += av * av;
             s[3][l] += av.abs();
         }
@@ -412,10 +404,9 @@ fn energy_sums(a: &[f32], b: &[f32], c: &[f32]) -> [f32; 4] {
     for (o, lanes) in out.iter_mut().zip(&s) {
         *o = lanes.iter().sum();
     }
-    for j in full..m {
-        let av = a[j];
-        out[0] += av * b[j];
-        out[1] += av * c[j];
+    for ((&av, &bv), &cv) in ar.iter().zip(br).zip(cr) {
+        out[0] += av * bv;
+        out[1] += av * cv;
         out[2] += av * av;
         out[3] += av.abs();
     }
