@@ -152,7 +152,7 @@ fn a_sample_does_not_depend_on_its_batch() {
                     .iter()
                     .filter(|&&v| v != 0.0)
                     .count()
-                    * 4
+                    * 2
                     > m
             })
             .count();

@@ -11,7 +11,7 @@
 //! - each step, per live sample, one fused pass over m: u += η((b − u) − c), a = θ(u),
 //!   max |Δu| and the active count (lane accumulators, so it vectorises; compiled for
 //!   AVX-512/AVX2/NEON by `multiversion`);
-//! - c = G a: a sample with at most m/4 active units gathers the G rows of its active units
+//! - c = G a: a sample with at most m/2 active units gathers the G rows of its active units
 //!   (four rows per pass over c); the samples of the tile above that ("dense") are packed into
 //!   one sgemm `[dense, m] x [m, m]`. The choice is the sample's own, and a row of an sgemm
 //!   does not depend on the other rows of the call, so a sample's result is bitwise the same
@@ -37,9 +37,9 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 
 /// Samples per task.
-pub(super) const TILE: usize = 16;
+pub(super) const TILE: usize = 32;
 /// A sample with more than m / DENSE_DIVISOR active units joins the tile's dense sgemm.
-const DENSE_DIVISOR: usize = 4;
+const DENSE_DIVISOR: usize = 2;
 /// Rows of an output per sgemm task in the dictionary products.
 const ROW_BLOCK: usize = 64;
 
