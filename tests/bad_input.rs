@@ -55,7 +55,12 @@ fn a_gram_matrix_too_large_is_an_error_not_an_abort() {
     let opts = DictionaryOptions {
         check_unit_norm: false,
     };
+    // Device::cpu() (the fast path) keeps G in f32, Device::reference() in f64.
     let (what, bytes) = oom(Dictionary::new(&View::host(&phi), 1, m, opts));
+    assert!(what.contains("Gram"), "{what}");
+    assert_eq!(bytes, (m as u128) * (m as u128) * 4);
+    let reference = View::host_on(&Device::reference(), &phi).unwrap();
+    let (what, bytes) = oom(Dictionary::new(&reference, 1, m, opts));
     assert!(what.contains("Gram"), "{what}");
     assert_eq!(bytes, (m as u128) * (m as u128) * 8);
     // Through the C ABI: FEP_ERR_OUT_OF_MEMORY with the message, no handle.

@@ -1379,13 +1379,14 @@ mod c_abi {
         }
     }
 
-    /// A CPU f32 dictionary [n, m] through fep_lca_dict_new (unit norms checked); panics with
-    /// the library's message when that fails.
+    /// A reference-CPU f32 dictionary [n, m] through fep_lca_dict_new (unit norms checked), to
+    /// compare bitwise with the Rust API on `Device::reference()`; panics with the library's
+    /// message when that fails.
     pub(super) fn c_dict_f32(phi: &[f32], n: usize, m: usize) -> *mut FepLcaDict {
         let mut h: *mut FepLcaDict = null_mut();
         let st = unsafe {
             fep_lca_dict_new(
-                FEP_DEVICE_CPU,
+                FEP_DEVICE_CPU_REFERENCE,
                 0,
                 null_mut(),
                 FEP_DTYPE_F32,

@@ -5,7 +5,7 @@
 //! `FEP_REQUIRE_GPU=1` (set by ci/gpu-run.sh) a missing GPU is a failure instead, so a broken
 //! GPU machine cannot pass the suite by skipping it.
 //!
-//! The comparisons run the same inputs through `Device::cpu()` (f64) and the GPU (f32
+//! The comparisons run the same inputs through `Device::reference()` (f64) and the GPU (f32
 //! accumulation), with every output buffer poisoned beforehand (NaN, `u32::MAX`) so that an
 //! element the GPU never wrote fails. Errors are ‖out − ref‖ / ‖ref‖, NaN never passes.
 //!
@@ -790,7 +790,7 @@ fn compare(p: &Problem, got: &HostOut, want: &HostOut) -> Vec<String> {
 /// Runs `cases` on `dev` and on the CPU and compares. The CPU dictionary of each case is made
 /// from the same rounded values; cases with the same (n, m, seed, phi dtype) share dictionaries.
 fn run_cases(dev: &Device, cases: &[Case]) -> Vec<String> {
-    let cpu = Device::cpu();
+    let cpu = Device::reference();
     let mut errs = Vec::new();
     // (n, m, seed, phi dtype) → the dictionary on `dev` and on the CPU.
     type Shared = ((usize, usize, u64, DType), Dictionary, Dictionary);
@@ -1034,7 +1034,7 @@ fn gpu_dictionary_and_learning_match_cpu() {
     let Some(dev) = gpu("gpu_dictionary_and_learning_match_cpu") else {
         return;
     };
-    let cpu = Device::cpu();
+    let cpu = Device::reference();
     let mut errs = Vec::new();
     for (batch, n, m, dtype, seed) in [
         (7, 33, 65, DType::F32, 1u64),
@@ -1211,23 +1211,25 @@ fn gpu_rejects_bad_input_and_leaves_outputs_untouched() {
             dict.solve_into(&spec, &good_x.view(), Some(&ub.view()), out, stream)
         });
     }
-    // Mismatched devices.
-    attempt("x on the CPU, dictionary on the GPU", "x", &mut |out| {
-        dict.solve_into(&spec, &View::host(&x), None, out, stream)
-    });
-    attempt("u0 on the CPU", "u0", &mut |out| {
-        dict.solve_into(&spec, &good_x.view(), Some(&View::host(&u0)), out, stream)
-    });
-    {
-        let mut host_u = vec![SENTINEL_F; bm];
-        attempt("u on the CPU", "u", &mut |out| {
-            let out = LcaOutputs {
-                u: ViewMut::host(&mut host_u),
-                ..out
-            };
-            dict.solve_into(&spec, &good_x.view(), None, out, stream)
+    // Mismatched devices (a GPU under test only: host memory is the CPU device's own memory).
+    if dev.kind() != DeviceKind::Cpu {
+        attempt("x on the CPU, dictionary on the GPU", "x", &mut |out| {
+            dict.solve_into(&spec, &View::host(&x), None, out, stream)
         });
-        assert!(host_u.iter().all(|&v| v == SENTINEL_F), "host u written");
+        attempt("u0 on the CPU", "u0", &mut |out| {
+            dict.solve_into(&spec, &good_x.view(), Some(&View::host(&u0)), out, stream)
+        });
+        {
+            let mut host_u = vec![SENTINEL_F; bm];
+            attempt("u on the CPU", "u", &mut |out| {
+                let out = LcaOutputs {
+                    u: ViewMut::host(&mut host_u),
+                    ..out
+                };
+                dict.solve_into(&spec, &good_x.view(), None, out, stream)
+            });
+            assert!(host_u.iter().all(|&v| v == SENTINEL_F), "host u written");
+        }
     }
     // The same parameter checks as on the CPU.
     let bad_specs: [(&str, LcaSpec, &str); 7] = [
@@ -1368,7 +1370,8 @@ fn gpu_rejects_bad_input_and_leaves_outputs_untouched() {
         learn_any(&mut d, DType::F32, &x, &a[1..], 0.1),
         "a",
     ));
-    {
+    // Mismatched devices (a GPU under test only, as above).
+    if dev.kind() != DeviceKind::Cpu {
         let xb = dev.upload(&x).unwrap();
         errs.extend(expect_invalid(
             "learn: a on the CPU",
@@ -1708,7 +1711,13 @@ fn gpu_c_abi_matches_rust_api_bitwise() {
                 &mut h,
             )
         };
-        if st != ffi::FEP_ERR_NO_DEVICE {
+        // The CPU has one device: ordinal 99 is an invalid argument there, not a missing GPU.
+        let want = if dev.kind() == DeviceKind::Cpu {
+            ffi::FEP_ERR_INVALID_ARGUMENT
+        } else {
+            ffi::FEP_ERR_NO_DEVICE
+        };
+        if st != want {
             errs.push(format!(
                 "C ABI: ordinal 99 gave status {st} ({})",
                 last_error()
@@ -2046,7 +2055,7 @@ fn emulate_f32(p: &Problem) -> (HostOut, f64, f64) {
 /// (their 16000² G is for the GPU suite to build).
 #[test]
 fn harness_self_check_with_an_f32_emulation() {
-    let cpu = Device::cpu();
+    let cpu = Device::reference();
     let mut cases = matrix_cases();
     cases.push(large_batch_case());
     let mut errs = Vec::new();
@@ -2158,7 +2167,13 @@ fn gpu_lambda_max_and_auto_eta_match_cpu() {
     for (seed, n, m) in [(1u64, 7usize, 5usize), (2, 24, 80), (3, 33, 65)] {
         let mut r = rng(seed);
         let phi = unit_dictionary(&mut r, n, m);
-        let cpu = Dictionary::new(&View::host(&phi), n, m, DictionaryOptions::default()).unwrap();
+        let cpu = Dictionary::new(
+            &View::host_on(&Device::reference(), &phi).unwrap(),
+            n,
+            m,
+            DictionaryOptions::default(),
+        )
+        .unwrap();
         let up = dev.upload(&phi).unwrap();
         let g = Dictionary::new(&up.view(), n, m, DictionaryOptions::default()).unwrap();
         let (lc, lg) = (cpu.lambda_max().unwrap(), g.lambda_max().unwrap());
@@ -2201,7 +2216,13 @@ fn gpu_relative_tol_is_scale_invariant_and_matches_cpu() {
     let phi = unit_dictionary(&mut r, n, m);
     let up = dev.upload(&phi).unwrap();
     let g = Dictionary::new(&up.view(), n, m, DictionaryOptions::default()).unwrap();
-    let cpu = Dictionary::new(&View::host(&phi), n, m, DictionaryOptions::default()).unwrap();
+    let cpu = Dictionary::new(
+        &View::host_on(&Device::reference(), &phi).unwrap(),
+        n,
+        m,
+        DictionaryOptions::default(),
+    )
+    .unwrap();
     let mut x = randn(&mut r, batch * n, 1.0);
     x[n..2 * n].iter_mut().for_each(|v| *v = 0.0); // a zero sample: stops at step 1
     let scale = 1024.0f32;

@@ -561,9 +561,23 @@ def test_lca_relative_tol_is_scale_invariant():
         _, _, t2 = tlca(phi, scale * x, lam=0.1 * scale, **kw)
         assert (t2 > t1).all(), (dev, t1, t2)
         # 1000 x (not exact in binary): the same steps up to one, codes within float32 noise
+        # where the steps agree. A sample that stops one step later in one run moved once more,
+        # by less than its stop limit (tol * max |Phi^T x|; theta is 1-Lipschitz), so there
+        # the codes agree within that limit on top of the same noise bound.
         _, a3, s3 = tlca(phi, 1000.0 * x, lam=100.0, tol_mode="relative", **kw)
-        assert ((s3 - s1).abs() <= 1).all() and torch.allclose(a3, 1000.0 * a1, rtol=1e-3,
-                                                               atol=1e-2), dev
+        assert ((s3 - s1).abs() <= 1).all(), (dev, s1, s3)
+        same = s3 == s1
+        assert torch.allclose(a3[same], 1000.0 * a1[same], rtol=1e-3, atol=1e-2), dev
+        limit = 1e-4 * (1000.0 * x @ phi).abs().amax(dim=1, keepdim=True)
+        err = (a3 - 1000.0 * a1).abs() - (1e-2 + 1e-3 * (1000.0 * a1).abs()) - limit
+        assert (err[~same] <= 0).all(), (dev, err.max())
+        if dev == "cpu":
+            # the f64 reference stops at the same step here and meets the noise bound throughout
+            with fk.cpu_reference():
+                _, r1, t1 = tlca(phi, x, lam=0.1, tol_mode="relative", **kw)
+                _, r3, t3 = tlca(phi, 1000.0 * x, lam=100.0, tol_mode="relative", **kw)
+            assert ((t3 - t1).abs() <= 1).all() and torch.allclose(r3, 1000.0 * r1, rtol=1e-3,
+                                                                   atol=1e-2), "reference"
         expect(ValueError, lambda: tlca(phi, x, lam=0.1, tol_mode="rel"), "tol_mode")
         expect(TypeError, lambda: tlca(phi, x, lam=0.1, tol_mode=1), "tol_mode")
 

@@ -30,6 +30,12 @@
 //! Φ ← Φ + (lr/B) Σ_b (x_b − Φ a_b) a_bᵀ,   φ_k ← φ_k / ‖φ_k‖ (every column of nonzero norm)
 //! ```
 //!
+//! CPU backends: a dictionary made on `Device::reference()` keeps Φ and G in f64 and runs the
+//! f64 reference (the oracle); one made on `Device::cpu()` keeps them in f32 and runs the fast
+//! path (f32 accumulation, sgemm for b = Φᵀx, G and the dense steps, gathered G rows for sparse
+//! codes, rayon over fixed tiles of samples; see `src/lca/fast.rs`). No option of the fast path
+//! falls back to the reference.
+//!
 //! A [`Dictionary`] holds Φ and G on one device (G is computed once, and again after each
 //! learning step), [`Dictionary::solve`] codes a batch, [`Dictionary::learn`] takes one
 //! dictionary-learning step.
@@ -60,6 +66,7 @@
 //! diverges as soon as some λᵢ > 2.
 
 mod cpu;
+mod fast;
 #[cfg(fep_gpu)]
 mod gpu;
 
@@ -383,8 +390,10 @@ pub struct LcaResult {
 }
 
 pub(crate) enum Store {
-    /// The reference keeps Φ and G in f64.
+    /// The reference (`Device::reference()`) keeps Φ and G in f64.
     Cpu { phi: Vec<f64>, gram: Vec<f64> },
+    /// The fast CPU path (`Device::cpu()`) keeps Φ and G in f32 (see `fast`).
+    Fast { phi: Vec<f32>, gram: Vec<f32> },
     #[cfg(fep_gpu)]
     Gpu {
         phi: DeviceBuffer<f32>,
@@ -392,7 +401,8 @@ pub(crate) enum Store {
     },
 }
 
-/// A prepared dictionary: Φ `[n, m]` (f32 on a GPU, f64 on the CPU) and G = ΦᵀΦ − I, on one
+/// A prepared dictionary: Φ `[n, m]` (f32 on a GPU and on `Device::cpu()`, f64 on
+/// `Device::reference()`) and G = ΦᵀΦ − I, on one
 /// device. G is computed when the dictionary is made and after each learning step.
 pub struct Dictionary {
     device: Device,
@@ -423,7 +433,6 @@ fn gram_apply(gram: &[f64], m: usize, v: &[f64], w: &mut [f64]) {
 }
 
 /// w = Φᵀ(Φ v) from Φ `[n, m]`.
-#[cfg(fep_gpu)]
 fn phi_t_phi_apply(phi: &[f64], n: usize, m: usize, v: &[f64], w: &mut [f64]) {
     use rayon::prelude::*;
     let t: Vec<f64> = (0..n)
@@ -510,8 +519,11 @@ impl Dictionary {
             }
             #[cfg(not(fep_gpu))]
             unreachable!("a GPU device exists only with a GPU feature")
-        } else {
+        } else if device.is_reference() {
             cpu::prepare(phi.host_slice(), n, m)?
+        } else {
+            let phi = phi.host_slice();
+            crate::threads::install(|| fast::prepare(phi, n, m))?
         };
         check_norms(&norms, T::DTYPE, opts.check_unit_norm)?;
         Ok(Dictionary {
@@ -550,6 +562,13 @@ impl Dictionary {
         let m = self.m;
         let value = match &self.store {
             Store::Cpu { gram, .. } => power_iteration(m, |v, w| gram_apply(gram, m, v, w))?,
+            // As on a GPU: Φᵀ(Φv) in f64 from the f32 Φ (2nm per product).
+            Store::Fast { phi, .. } => {
+                let phi: Vec<f64> = phi.iter().map(|&v| v as f64).collect();
+                crate::threads::install(|| {
+                    power_iteration(m, |v, w| phi_t_phi_apply(&phi, self.n, m, v, w))
+                })?
+            }
             #[cfg(fep_gpu)]
             Store::Gpu { phi, .. } => {
                 let phi: Vec<f64> = phi.to_vec()?.into_iter().map(f64::from).collect();
@@ -579,6 +598,7 @@ impl Dictionary {
     pub fn phi(&self) -> Result<Vec<f32>> {
         match &self.store {
             Store::Cpu { phi, .. } => Ok(phi.iter().map(|&v| v as f32).collect()),
+            Store::Fast { phi, .. } => Ok(phi.clone()),
             #[cfg(fep_gpu)]
             Store::Gpu { phi, .. } => phi.to_vec(),
         }
@@ -588,6 +608,7 @@ impl Dictionary {
     pub fn gram(&self) -> Result<Vec<f32>> {
         match &self.store {
             Store::Cpu { gram, .. } => Ok(gram.iter().map(|&v| v as f32).collect()),
+            Store::Fast { gram, .. } => Ok(gram.clone()),
             #[cfg(fep_gpu)]
             Store::Gpu { gram, .. } => gram.to_vec(),
         }
@@ -602,6 +623,10 @@ impl Dictionary {
                 for (o, &v) in out.host_slice_mut().iter_mut().zip(phi) {
                     *o = v as f32;
                 }
+                Ok(())
+            }
+            Store::Fast { phi, .. } => {
+                out.host_slice_mut().copy_from_slice(phi);
                 Ok(())
             }
             #[cfg(fep_gpu)]
@@ -702,6 +727,19 @@ impl Dictionary {
                 }
                 cpu::solve(phi, gram, self.n, self.m, spec, x, u0, out)
             }
+            Store::Fast { phi, gram } => {
+                // The same checks as the reference, before anything is written.
+                let (x, u0) = (x.host_slice(), u0.map(|v| v.host_slice().to_vec()));
+                let u0 = u0.as_deref();
+                if spec.check_finite {
+                    crate::backend::cpu::check_finite("x", x.iter().map(|v| v.to_f64()))?;
+                    if let Some(u0) = u0 {
+                        crate::backend::cpu::check_finite("u0", u0.iter().map(|&v| v as f64))?;
+                    }
+                }
+                let (n, m) = (self.n, self.m);
+                crate::threads::install(|| fast::solve(phi, gram, n, m, spec, x, u0, out))
+            }
             #[cfg(fep_gpu)]
             Store::Gpu { gram, phi } => gpu::solve(
                 &self.device,
@@ -776,6 +814,12 @@ impl Dictionary {
                 crate::backend::cpu::check_finite("x", x.iter().map(|v| v.to_f64()))?;
                 crate::backend::cpu::check_finite("a", a.iter().map(|&v| v as f64))?;
                 cpu::learn(phi, gram, n, m, x, a, lr as f64)?
+            }
+            Store::Fast { phi, gram } => {
+                let (x, a) = (x.host_slice(), a.host_slice());
+                crate::backend::cpu::check_finite("x", x.iter().map(|v| v.to_f64()))?;
+                crate::backend::cpu::check_finite("a", a.iter().map(|&v| v as f64))?;
+                crate::threads::install(|| fast::learn(phi, gram, n, m, x, a, lr))?
             }
             #[cfg(fep_gpu)]
             Store::Gpu { phi, gram } => {
