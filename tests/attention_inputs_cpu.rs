@@ -2016,7 +2016,10 @@ fn try_bad(bad: Bad) -> ((Option<String>, bool), (Option<String>, bool)) {
     let prec = Precisions {
         nu: Some(common::host(&nu[..nu_len])),
         bias: Some(ScoreBias::contiguous(bias_view, bshape)),
-        mask: Some(ScoreBias::contiguous(common::host(&mask[..mask_len]), mshape)),
+        mask: Some(ScoreBias::contiguous(
+            common::host(&mask[..mask_len]),
+            mshape,
+        )),
         ..Default::default()
     };
     let (o, rest) = arena.split_at_mut(rows * dv);
@@ -2074,7 +2077,9 @@ fn try_bad(bad: Bad) -> ((Option<String>, bool), (Option<String>, bool)) {
         d_o: Tensor4::bhld(common::host(&d_o), os),
         e: Some(common::host(&fo_e)),
         d_e: Some(common::host(&d_e)),
-        d_lse: Some(common::host(&d_lse[..rows + (bad == Bad::DLseLen) as usize])),
+        d_lse: Some(common::host(
+            &d_lse[..rows + (bad == Bad::DLseLen) as usize],
+        )),
     };
     let nb: usize = bshape.iter().product();
     let (n_dq, n_dk, n_dv) = (rows * d, b * hkv * lk * d, b * hkv * lk * dv);

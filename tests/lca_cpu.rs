@@ -26,7 +26,8 @@ struct Out {
 }
 
 fn dict<T: Element>(phi: &[T], n: usize, m: usize) -> Dictionary {
-    Dictionary::new(&common::host(phi), n, m, DictionaryOptions::default()).expect("valid dictionary")
+    Dictionary::new(&common::host(phi), n, m, DictionaryOptions::default())
+        .expect("valid dictionary")
 }
 
 fn solve<T: Element>(d: &Dictionary, spec: &LcaSpec, x: &[T], u0: Option<&[f32]>) -> Out {
@@ -1244,7 +1245,10 @@ fn bad_solve_arguments_are_rejected_and_leave_outputs_untouched() {
         .collect();
     assert_invalid(d.solve(&good, &common::host(&xb), None), "x");
     // solve (allocating) rejects the same things
-    assert_invalid(d.solve(&LcaSpec::new(0.0), &common::host(&x), None), "lambda");
+    assert_invalid(
+        d.solve(&LcaSpec::new(0.0), &common::host(&x), None),
+        "lambda",
+    );
     assert_invalid(d.solve(&good, &common::host(&x[..3]), None), "x");
     assert_invalid(d.solve::<f32>(&good, &common::host(&[]), None), "x");
 }
@@ -1272,8 +1276,8 @@ fn bad_dictionaries_are_rejected() {
     // not unit norm: rejected with the check, accepted without
     let scaled: Vec<f32> = phi.iter().map(|&v| v * 2.0).collect();
     assert_invalid(Dictionary::new(&common::host(&scaled), n, m, on), "phi");
-    let d =
-        Dictionary::new(&common::host(&scaled), n, m, off).expect("check off accepts any finite phi");
+    let d = Dictionary::new(&common::host(&scaled), n, m, off)
+        .expect("check off accepts any finite phi");
     assert!(
         (d.gram().unwrap()[0] - 3.0).abs() < 1e-5,
         "G_00 = ‖2φ‖² − 1 = 3"
@@ -1338,7 +1342,8 @@ fn bad_learn_arguments_are_rejected_and_leave_the_dictionary_untouched() {
     check(&x[1..], &a, 0.1, "x");
     check(&[], &[], 0.1, "x");
     // and a valid call does change it
-    d.learn(&common::host(&x), &common::host(&a), 0.1, st).unwrap();
+    d.learn(&common::host(&x), &common::host(&a), 0.1, st)
+        .unwrap();
     assert_ne!(d.phi().unwrap(), phi0);
 }
 

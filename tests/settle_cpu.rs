@@ -151,7 +151,8 @@ fn infer<T: Element>(
     x0: &[f32],
     init: Option<&[Vec<f32>]>,
 ) -> Out {
-    let views: Option<Vec<View<'_, f32>>> = init.map(|i| i.iter().map(|v| common::host(v)).collect());
+    let views: Option<Vec<View<'_, f32>>> =
+        init.map(|i| i.iter().map(|v| common::host(v)).collect());
     let r = settle::infer(net, spec, &common::host(x0), views.as_deref()).expect("valid inference");
     out_of(&r)
 }
@@ -1575,7 +1576,11 @@ fn rejects_bad_precisions() {
                 Activation::Identity,
                 Precision::Scalar(1.0),
             ),
-            Layer::new(common::host(&m.w[1]), Activation::Tanh, Precision::Scalar(p)),
+            Layer::new(
+                common::host(&m.w[1]),
+                Activation::Tanh,
+                Precision::Scalar(p),
+            ),
         ];
         expect_invalid(Network::new(&m.widths, layers), "layers[1].precision");
         let mut bad = m.clone();

@@ -10,8 +10,8 @@
 mod common;
 
 use common::{randn, rng};
-use fep_kernels::settle::{self, Activation, Layer, Network, Precision, SettleSpec};
 use fep_kernels::Device;
+use fep_kernels::settle::{self, Activation, Layer, Network, Precision, SettleSpec};
 
 /// A small settled problem: widths [3, 5, 4], tanh, batch 6.
 struct Problem {
@@ -75,8 +75,14 @@ fn learn(p: &Problem, kinds: [Kind; 2], pis: &[Vec<f32>]) -> (f64, Vec<Vec<f32>>
         })
         .collect();
     let net = Network::new(&p.widths, layers).expect("network");
-    let r = settle::learn_step(&net, &spec(), &common::host(&p.x0), &common::host(&p.y), None)
-        .expect("learn step");
+    let r = settle::learn_step(
+        &net,
+        &spec(),
+        &common::host(&p.x0),
+        &common::host(&p.y),
+        None,
+    )
+    .expect("learn step");
     let energy = r.state.energy.to_vec().expect("energy");
     let mean = energy.iter().map(|&e| e as f64).sum::<f64>() / p.batch as f64;
     (
@@ -210,7 +216,13 @@ fn per_sample_precision_must_match_the_batch() {
         ],
     )
     .unwrap();
-    match settle::learn_step(&net, &spec(), &common::host(&p.x0), &common::host(&p.y), None) {
+    match settle::learn_step(
+        &net,
+        &spec(),
+        &common::host(&p.x0),
+        &common::host(&p.y),
+        None,
+    ) {
         Err(fep_kernels::Error::InvalidArgument { name, reason }) => {
             assert_eq!(name, "layers[0].precision");
             assert!(reason.contains("batch x n_1 = 6 x 5 = 30"), "{reason}");
@@ -333,7 +345,8 @@ fn learned_precision_recovers_the_noise_levels() {
             ],
         )
         .unwrap();
-        let out = settle::learn_step(&net, &spec, &common::host(&x0), &common::host(&y), None).unwrap();
+        let out =
+            settle::learn_step(&net, &spec, &common::host(&x0), &common::host(&y), None).unwrap();
         let gw: Vec<Vec<f32>> = out.grad_w.iter().map(|g| g.to_vec().unwrap()).collect();
         let gp = out.grad_pi[1].to_vec().unwrap();
         drop(net);
