@@ -273,7 +273,7 @@ class cpu_reference:
     Example::
 
         import torch, fep_kernels as fk
-        q = k = v = torch.randn(1, 2, 8, 16)
+        q, k, v = torch.randn(3, 1, 2, 8, 16)
         fast = fk.attention(q, k, v)
         with fk.cpu_reference():
             oracle = fk.attention(q, k, v)
