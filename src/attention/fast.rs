@@ -299,21 +299,25 @@ fn score_tile_generic<const F: u8>(
     need_d2: bool,
 ) {
     let nk = kn.len();
+    // Equal-length slices and indexed loops: the zipped version of the score loop compiled to
+    // scalar code (vmulss) for Dot.
+    let (coef, cl) = (&coef[..nk], &cl[..nk]);
     for (r, &qn) in qn.iter().enumerate() {
         let sr = &mut s[r * nk..][..nk];
         let dr = &mut d2[r * nk..][..nk];
         if need_d2 || F != DOT {
-            for ((d, &x), &k) in dr.iter_mut().zip(sr.iter()).zip(kn) {
-                let v = qn + k - 2.0 * x;
-                *d = if v > 0.0 { v } else { 0.0 };
+            for j in 0..nk {
+                let v = qn + kn[j] - 2.0 * sr[j];
+                dr[j] = if v > 0.0 { v } else { 0.0 };
             }
         }
-        for (((s, &d2), &a), &cl) in sr.iter_mut().zip(dr.iter()).zip(coef).zip(cl) {
-            *s = match F {
-                DOT => a * *s,
-                GAUSS => -0.5 * a * d2 + cl,
-                STUDENT => -kappa * fm::ln(1.0 + a * d2) + cl,
-                _ => -a * d2.sqrt() + cl,
+        for j in 0..nk {
+            let (a, x, d2) = (coef[j], sr[j], dr[j]);
+            sr[j] = match F {
+                DOT => a * x,
+                GAUSS => -0.5 * a * d2 + cl[j],
+                STUDENT => -kappa * fm::ln(1.0 + a * d2) + cl[j],
+                _ => -a * d2.sqrt() + cl[j],
             };
         }
     }
