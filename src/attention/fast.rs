@@ -404,17 +404,21 @@ fn softmax_tile(
         }
         let alpha = fm::exp(m[r] - m_new);
         m[r] = m_new;
-        for x in sr.iter_mut() {
-            *x = fm::exp(*x - m_new);
-        }
-        l[r] = l[r] * alpha + fm::sum(sr);
         if want_e {
             let dr = &d2[r * nk..][..nk];
-            for (((t, &p), &pi), &d2) in tmp.iter_mut().zip(sr.iter()).zip(pi).zip(dr) {
-                *t = p * pi * d2;
+            let pi = &pi[..nk];
+            for j in 0..nk {
+                let p = fm::exp(sr[j] - m_new);
+                sr[j] = p;
+                tmp[j] = p * pi[j] * dr[j];
             }
             e[r] = e[r] * alpha + fm::sum(tmp);
+        } else {
+            for x in sr.iter_mut() {
+                *x = fm::exp(*x - m_new);
+            }
         }
+        l[r] = l[r] * alpha + fm::sum(sr);
         if alpha != 1.0 {
             o[r * dv..][..dv].iter_mut().for_each(|x| *x *= alpha);
         }
