@@ -372,3 +372,78 @@ fn quick_timing() {
         );
     }
 }
+
+/// Without precision gradients (no dπ_h, dπ_key, dν asked for) the backward skips their
+/// element-wise work: dq, dk and dv stay bitwise those of the full call, for every family.
+#[test]
+fn no_precision_grads_same_bits() {
+    use fep_kernels::attention::{Gradients, Tensor4Mut};
+    let [b, hq, hkv, lq, lk, d, dv] = [2, 4, 2, 130, 140, 32, 32];
+    let dev = Device::cpu();
+    let inp = inputs(11, [b, hq, hkv, lq, lk, d, dv], 1);
+    let q = dev.upload(&inp.q).unwrap();
+    let k = dev.upload(&inp.k).unwrap();
+    let v = dev.upload(&inp.v).unwrap();
+    let d_o = dev.upload(&inp.d_o).unwrap();
+    let pk = dev.upload(&inp.pk).unwrap();
+    let tq = Tensor4::bhld(q.view(), [b, hq, lq, d]);
+    let tk = Tensor4::bhld(k.view(), [b, hkv, lk, d]);
+    let tv = Tensor4::bhld(v.view(), [b, hkv, lk, dv]);
+    let pi = Precisions {
+        key: Some(pk.view()),
+        ..Default::default()
+    };
+    for score in [
+        Score::Dot,
+        Score::Gaussian,
+        Score::StudentT(3.0),
+        Score::Laplace,
+    ] {
+        let spec = AttentionSpec::new(score).causal(true);
+        let f = attention::forward(&spec, &tq, &tk, &tv, &pi, None).unwrap();
+        let bi = BackwardInputs {
+            o: Tensor4::bhld(f.o.view(), [b, hq, lq, dv]),
+            lse: f.lse.view(),
+            d_o: Tensor4::bhld(d_o.view(), [b, hq, lq, dv]),
+            e: None,
+            d_e: None,
+            d_lse: None,
+        };
+        let full = attention::backward(&spec, &tq, &tk, &tv, &pi, None, &bi).unwrap();
+        let mut dq = dev.upload(&vec![f32::NAN; b * hq * lq * d]).unwrap();
+        let mut dk = dev.upload(&vec![f32::NAN; b * hkv * lk * d]).unwrap();
+        let mut dvb = dev.upload(&vec![f32::NAN; b * hkv * lk * dv]).unwrap();
+        attention::backward_into(
+            &spec,
+            &tq,
+            &tk,
+            &tv,
+            &pi,
+            None,
+            &bi,
+            Gradients {
+                dq: Tensor4Mut::bhld(dq.view_mut(), [b, hq, lq, d]),
+                dk: Tensor4Mut::bhld(dk.view_mut(), [b, hkv, lk, d]),
+                dv: Tensor4Mut::bhld(dvb.view_mut(), [b, hkv, lk, dv]),
+                dpi_head: None,
+                dpi_key: None,
+                dnu: None,
+                dbias: None,
+            },
+            dev.default_stream(),
+        )
+        .unwrap();
+        for (name, a, w) in [
+            ("dq", &dq, &full.dq),
+            ("dk", &dk, &full.dk),
+            ("dv", &dvb, &full.dv),
+        ] {
+            let (a, w) = (a.to_vec().unwrap(), w.to_vec().unwrap());
+            let same = a.iter().zip(&w).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "{score:?}: {name} differs without precision gradients"
+            );
+        }
+    }
+}

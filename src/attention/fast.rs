@@ -299,21 +299,25 @@ fn score_tile_generic<const F: u8>(
     need_d2: bool,
 ) {
     let nk = kn.len();
+    // Equal-length slices and indexed loops: the zipped version of the score loop compiled to
+    // scalar code (vmulss) for Dot.
+    let (coef, cl) = (&coef[..nk], &cl[..nk]);
     for (r, &qn) in qn.iter().enumerate() {
         let sr = &mut s[r * nk..][..nk];
         let dr = &mut d2[r * nk..][..nk];
         if need_d2 || F != DOT {
-            for ((d, &x), &k) in dr.iter_mut().zip(sr.iter()).zip(kn) {
-                let v = qn + k - 2.0 * x;
-                *d = if v > 0.0 { v } else { 0.0 };
+            for j in 0..nk {
+                let v = qn + kn[j] - 2.0 * sr[j];
+                dr[j] = if v > 0.0 { v } else { 0.0 };
             }
         }
-        for (((s, &d2), &a), &cl) in sr.iter_mut().zip(dr.iter()).zip(coef).zip(cl) {
-            *s = match F {
-                DOT => a * *s,
-                GAUSS => -0.5 * a * d2 + cl,
-                STUDENT => -kappa * fm::ln(1.0 + a * d2) + cl,
-                _ => -a * d2.sqrt() + cl,
+        for j in 0..nk {
+            let (a, x, d2) = (coef[j], sr[j], dr[j]);
+            sr[j] = match F {
+                DOT => a * x,
+                GAUSS => -0.5 * a * d2 + cl[j],
+                STUDENT => -kappa * fm::ln(1.0 + a * d2) + cl[j],
+                _ => -a * d2.sqrt() + cl[j],
             };
         }
     }
@@ -400,17 +404,21 @@ fn softmax_tile(
         }
         let alpha = fm::exp(m[r] - m_new);
         m[r] = m_new;
-        for x in sr.iter_mut() {
-            *x = fm::exp(*x - m_new);
-        }
-        l[r] = l[r] * alpha + fm::sum(sr);
         if want_e {
             let dr = &d2[r * nk..][..nk];
-            for (((t, &p), &pi), &d2) in tmp.iter_mut().zip(sr.iter()).zip(pi).zip(dr) {
-                *t = p * pi * d2;
+            let pi = &pi[..nk];
+            for j in 0..nk {
+                let p = fm::exp(sr[j] - m_new);
+                sr[j] = p;
+                tmp[j] = p * pi[j] * dr[j];
             }
             e[r] = e[r] * alpha + fm::sum(tmp);
+        } else {
+            for x in sr.iter_mut() {
+                *x = fm::exp(*x - m_new);
+            }
         }
+        l[r] = l[r] * alpha + fm::sum(sr);
         if alpha != 1.0 {
             o[r * dv..][..dv].iter_mut().for_each(|x| *x *= alpha);
         }

@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 /// g, π ∂L/∂π, dS ∂s/∂ν and dS per key.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_row_generic<const F: u8>(
+fn grad_row_generic<const F: u8, const PG: bool>(
     p: &[f32],
     dp: &mut [f32],
     x: &[f32],
@@ -81,11 +81,15 @@ fn grad_row_generic<const F: u8>(
         let g = ds * s_d2 + de * w * pij;
         gc[j] = g;
         dp[j] = ds * s_x - 2.0 * g;
-        ppi[j] = ds * s_lnpi + de * w * pij * d2j;
-        snu[j] = ds * s_nu;
         ds_out[j] = ds;
-        wnu[j] = w * s_nu;
-        wlnpi[j] = w * s_lnpi;
+        // Without precision gradients (dπ, dν) these are dead, and so are s_lnpi and s_nu
+        // (Student-t's ln among them).
+        if PG {
+            ppi[j] = ds * s_lnpi + de * w * pij * d2j;
+            snu[j] = ds * s_nu;
+            wnu[j] = w * s_nu;
+            wlnpi[j] = w * s_lnpi;
+        }
     }
 }
 
@@ -94,7 +98,7 @@ fn grad_row_generic<const F: u8>(
 /// Σ dS, Σ w, Σ w ∂s/∂ν, Σ w π∂s/∂π into `rsum`) and the column sums of g and π∂L/∂π.
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn grad_tile_generic<const F: u8>(
+fn grad_tile_generic<const F: u8, const PG: bool>(
     (s, dp): (&mut [f32], &mut [f32]),
     (x, d2): (&[f32], &[f32]),
     (coef, pi): (&[f32], &[f32]),
@@ -127,7 +131,7 @@ fn grad_tile_generic<const F: u8>(
             &mut ds[at..at + nk],
         );
         let (wnur, wlnpir) = (&mut wnu[at..at + nk], &mut wlnpi[at..at + nk]);
-        grad_row_generic::<F>(
+        grad_row_generic::<F, PG>(
             sr,
             dpr,
             &x[at..at + nk],
@@ -143,6 +147,12 @@ fn grad_tile_generic<const F: u8>(
             wlnpir,
         );
         growsum[r] += fm::sum(gcr);
+        for (a, &b) in gcol.iter_mut().zip(gcr.iter()) {
+            *a += b;
+        }
+        if !PG {
+            continue;
+        }
         let acc = &mut rsum[r];
         acc[0] += fm::sum(ppir);
         acc[1] += fm::sum(snur);
@@ -150,9 +160,6 @@ fn grad_tile_generic<const F: u8>(
         acc[3] += fm::sum(sr);
         acc[4] += fm::sum(wnur);
         acc[5] += fm::sum(wlnpir);
-        for (a, &b) in gcol.iter_mut().zip(gcr.iter()) {
-            *a += b;
-        }
         for (a, &b) in pcol.iter_mut().zip(ppir.iter()) {
             *a += b;
         }
@@ -160,7 +167,7 @@ fn grad_tile_generic<const F: u8>(
 }
 
 macro_rules! grad_tile_fn {
-    ($name:ident, $f:expr) => {
+    ($name:ident, $f:expr, $pg:expr) => {
         #[multiversion::multiversion(targets(
             "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
             "x86_64+avx2+fma",
@@ -177,14 +184,18 @@ macro_rules! grad_tile_fn {
             sums: (&mut [f32], &mut [[f32; 6]]),
             cols: (&mut [f32], &mut [f32]),
         ) {
-            grad_tile_generic::<$f>(sdp, xd2, cp, rows, k, out, sums, cols)
+            grad_tile_generic::<$f, $pg>(sdp, xd2, cp, rows, k, out, sums, cols)
         }
     };
 }
-grad_tile_fn!(grad_tile_dot, DOT);
-grad_tile_fn!(grad_tile_gauss, GAUSS);
-grad_tile_fn!(grad_tile_student, STUDENT);
-grad_tile_fn!(grad_tile_laplace, LAPLACE);
+grad_tile_fn!(grad_tile_dot, DOT, true);
+grad_tile_fn!(grad_tile_gauss, GAUSS, true);
+grad_tile_fn!(grad_tile_student, STUDENT, true);
+grad_tile_fn!(grad_tile_laplace, LAPLACE, true);
+grad_tile_fn!(grad_tile_dot_nopg, DOT, false);
+grad_tile_fn!(grad_tile_gauss_nopg, GAUSS, false);
+grad_tile_fn!(grad_tile_student_nopg, STUDENT, false);
+grad_tile_fn!(grad_tile_laplace_nopg, LAPLACE, false);
 
 /// a += b.
 #[multiversion::multiversion(targets(
@@ -400,6 +411,9 @@ struct Rows<'r> {
     delta: &'r [f32],
     de: Option<&'r [f32]>,
     dl: Option<&'r [f32]>,
+    /// Some precision gradient (dπ_h, dπ_key, dν) asked for: else the element-wise work skips
+    /// π∂L/∂π, ∂s/∂ν and their sums.
+    pg: bool,
 }
 
 /// The gradients of kv head hk in batch b; with `dbias`, dS is added into it (row-major in the
@@ -534,11 +548,15 @@ fn task<T: Element>(
                     &mut sc.dp,
                     nk,
                 );
-                let f = match cx.family {
-                    DOT => grad_tile_dot,
-                    GAUSS => grad_tile_gauss,
-                    STUDENT => grad_tile_student,
-                    _ => grad_tile_laplace,
+                let f = match (cx.family, rows.pg) {
+                    (DOT, true) => grad_tile_dot,
+                    (GAUSS, true) => grad_tile_gauss,
+                    (STUDENT, true) => grad_tile_student,
+                    (_, true) => grad_tile_laplace,
+                    (DOT, false) => grad_tile_dot_nopg,
+                    (GAUSS, false) => grad_tile_gauss_nopg,
+                    (STUDENT, false) => grad_tile_student_nopg,
+                    (_, false) => grad_tile_laplace_nopg,
                 };
                 let n = nq * nk;
                 let ri = g * lq + i0;
@@ -694,6 +712,7 @@ pub(crate) fn backward<T: Element>(
         delta: &delta,
         de,
         dl,
+        pg: out.dpi_head.is_some() || out.dpi_key.is_some() || out.dnu.is_some(),
     };
     let tasks = dm.b * dm.hkv;
     let mut dbias = match (&out.dbias, &p.precision.bias) {
