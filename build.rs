@@ -82,6 +82,12 @@ fn run() -> Result<(), Vec<BuildError>> {
     let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some() && !docs;
     let rocm = env::var_os("CARGO_FEATURE_ROCM").is_some() && !docs;
     let emulate = env::var_os("CARGO_FEATURE_EMULATE").is_some() && !docs;
+    // The fast CPU path's AVX-512 clones need the AVX-512 target features, stable since Rust 1.89;
+    // older compilers (down to the MSRV) build the AVX2 and NEON clones only.
+    println!("cargo::rustc-check-cfg=cfg(fep_avx512)");
+    if rustc_minor().is_some_and(|minor| minor >= 89) {
+        println!("cargo::rustc-cfg=fep_avx512");
+    }
     // One cfg for "some device backend that runs the kernels is compiled in".
     println!("cargo::rustc-check-cfg=cfg(fep_gpu)");
     if env::var_os("CARGO_FEATURE_CUDA").is_some()
@@ -548,4 +554,17 @@ fn build_emulated(root: &Path, out: &Path, sources: &[PathBuf]) -> Result<()> {
     build
         .try_compile("fep_emulate")
         .map_err(|e| BuildError(format!("compiling the emulated kernels failed: {e}")))
+}
+
+/// The minor version of the rustc that builds the crate (`rustc 1.95.0 (...)` gives 95); None
+/// when it cannot be read (then only what every supported compiler has is enabled).
+fn rustc_minor() -> Option<u32> {
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let version = text.split_whitespace().nth(1)?;
+    version.split('.').nth(1)?.parse().ok()
 }

@@ -325,11 +325,18 @@ fn score_tile_generic<const F: u8>(
 
 macro_rules! score_fn {
     ($name:ident, $f:expr) => {
-        #[multiversion::multiversion(targets(
-            "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-            "x86_64+avx2+fma",
-            "aarch64+neon"
-        ))]
+        #[cfg_attr(
+            fep_avx512,
+            multiversion::multiversion(targets(
+                "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+                "x86_64+avx2+fma",
+                "aarch64+neon"
+            ))
+        )]
+        #[cfg_attr(
+            not(fep_avx512),
+            multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+        )]
         #[allow(clippy::too_many_arguments)]
         fn $name(
             s: &mut [f32],
@@ -351,11 +358,18 @@ score_fn!(score_student, STUDENT);
 score_fn!(score_laplace, LAPLACE);
 
 /// s += β (−∞ masks).
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 pub(crate) fn add_bias(s: &mut [f32], bias: &[f32]) {
     for (s, &b) in s.iter_mut().zip(bias) {
         *s += b;
@@ -363,11 +377,18 @@ pub(crate) fn add_bias(s: &mut [f32], bias: &[f32]) {
 }
 
 /// s = −∞ where the mask is 0.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 pub(crate) fn apply_mask(s: &mut [f32], mask: &[u8]) {
     for (s, &m) in s.iter_mut().zip(mask) {
         *s = if m != 0 { *s } else { f32::NEG_INFINITY };
@@ -377,11 +398,18 @@ pub(crate) fn apply_mask(s: &mut [f32], mask: &[u8]) {
 /// The online-softmax step of a [nq, nk] tile: per row the running max m, sum l and energy e
 /// (Σ p π d², when `want_e`) updated, s replaced by p = e^{s − m} (0 on a row with no score yet),
 /// and the row of o [nq, dv] rescaled; O += P·V follows through sgemm.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 #[allow(clippy::too_many_arguments)]
 fn softmax_tile(
     s: &mut [f32],
@@ -426,29 +454,50 @@ fn softmax_tile(
 }
 
 /// Σ x (fixed order), Σ x·y, max x: vectorised.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 pub(crate) fn vsum(x: &[f32]) -> f32 {
     fm::sum(x)
 }
 
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 pub(crate) fn vdot(x: &[f32], y: &[f32]) -> f32 {
     fm::dot(x, y)
 }
 
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 pub(crate) fn vmax(x: &[f32]) -> f32 {
     fm::max(x)
 }

@@ -168,11 +168,18 @@ fn grad_tile_generic<const F: u8, const PG: bool>(
 
 macro_rules! grad_tile_fn {
     ($name:ident, $f:expr, $pg:expr) => {
-        #[multiversion::multiversion(targets(
-            "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-            "x86_64+avx2+fma",
-            "aarch64+neon"
-        ))]
+        #[cfg_attr(
+            fep_avx512,
+            multiversion::multiversion(targets(
+                "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+                "x86_64+avx2+fma",
+                "aarch64+neon"
+            ))
+        )]
+        #[cfg_attr(
+            not(fep_avx512),
+            multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+        )]
         #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $name(
             sdp: (&mut [f32], &mut [f32]),
@@ -198,11 +205,18 @@ grad_tile_fn!(grad_tile_student_nopg, STUDENT, false);
 grad_tile_fn!(grad_tile_laplace_nopg, LAPLACE, false);
 
 /// a += b.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn add_to(a: &mut [f32], b: &[f32]) {
     for (a, &b) in a.iter_mut().zip(b) {
         *a += b;
@@ -210,11 +224,18 @@ fn add_to(a: &mut [f32], b: &[f32]) {
 }
 
 /// a += s·b.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn axpy(a: &mut [f32], s: f32, b: &[f32]) {
     for (a, &b) in a.iter_mut().zip(b) {
         *a += s * b;
@@ -222,11 +243,18 @@ fn axpy(a: &mut [f32], s: f32, b: &[f32]) {
 }
 
 /// p = e^{s − lse} in place.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn exp_shift(s: &mut [f32], lse: f32) {
     for s in s.iter_mut() {
         *s = fm::exp(*s - lse);
@@ -234,11 +262,18 @@ fn exp_shift(s: &mut [f32], lse: f32) {
 }
 
 /// (Σ p (dp + dE π d²), Σ p) of one row: Σ_j w ∂L/∂w and Σ_j w, fixed order.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn wdw_row(p: &[f32], dp: &[f32], pi: &[f32], d2: &[f32], de: f32, tmp: &mut [f32]) -> (f32, f32) {
     let n = p.len();
     for j in 0..n.min(dp.len()).min(pi.len()).min(d2.len()).min(tmp.len()) {

@@ -264,11 +264,18 @@ fn step_body(
     (max, count)
 }
 
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn step(
     th: Threshold,
     b: &[f32],
@@ -299,11 +306,18 @@ fn threshold_all(th: Threshold, u: &[f32], a: &mut [f32], lambda: f32) -> usize 
 
 /// The indices of the nonzero a (NaN counts as nonzero, as in the reference), in increasing
 /// order: a 16-bit mask per chunk of 16 (one vector compare), then its set bits.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn compact(a: &[f32], idx: &mut [u32]) -> usize {
     let mut k = 0;
     let (chunks, rest) = a.as_chunks::<LANES>();
@@ -329,11 +343,18 @@ fn compact(a: &[f32], idx: &mut [u32]) -> usize {
 }
 
 /// c = Σ_{k in idx} a_k G[k, :] (G symmetric: row k is column k), four rows per pass over c.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn gather(gram: &[f32], m: usize, a: &[f32], idx: &[u32], c: &mut [f32]) {
     let c = &mut c[..m];
     c.fill(0.0);
@@ -378,11 +399,18 @@ fn gather(gram: &[f32], m: usize, a: &[f32], idx: &[u32], c: &mut [f32]) {
 }
 
 /// a·b, a·c, a·a and Σ|a| in f32 (lane accumulators, then the lanes in order).
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 #[allow(clippy::needless_range_loop)] // one accumulator per lane, on purpose
 fn energy_sums(a: &[f32], b: &[f32], c: &[f32]) -> [f32; 4] {
     let m = a.len();

@@ -397,11 +397,18 @@ pub(super) struct FpiTask<'a> {
     pub(super) trace: Option<&'a mut [f32]>,
 }
 
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn fpi_chunk<'a, 'o>(
     b: &Base,
     spec: &FpiSpec,
@@ -532,11 +539,18 @@ struct SeqIn<'a> {
     prior: Option<&'a [f32]>,
 }
 
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
     let (b, tr, steps) = (x.b, x.tr, x.steps);
     let (ss, fc) = (b.sum_s, b.fc);
@@ -859,11 +873,18 @@ struct PolTask<'a> {
 /// A chunk of agents, policy by policy: the rollout B q for all agents of the chunk is one
 /// GEMM per factor (`[n, S] × Bᵀ`), the predictions one GEMM per modality (`[n, P_m] ×` the
 /// extended Aᵀ); the outer products, logs and dot products stay per agent.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn policies_chunk<'a>(b: &Base, tr: &Trans, e: &Efe, qs: &[f32], task: &mut PolTask<'a>) {
     let (ss, fc, np, h) = (b.sum_s, b.fc, e.num_policies, e.horizon);
     let cn = task.q_pi.len() / np;

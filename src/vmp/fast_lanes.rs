@@ -138,11 +138,18 @@ fn softmax(x: &mut [V]) {
 }
 
 /// fpi (tol = 0) for one chunk, 16 agents at a time.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 pub(super) fn fpi_chunk_lanes<'a, 'o>(
     b: &Base,
     spec: &FpiSpec,
