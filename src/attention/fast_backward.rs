@@ -37,7 +37,8 @@ use crate::error::{Error, Result};
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn grad_row_generic<const F: u8, const PG: bool>(
-    p: &[f32],
+    p: &mut [f32],
+    lse: f32,
     dp: &mut [f32],
     x: &[f32],
     d2: &[f32],
@@ -56,7 +57,9 @@ fn grad_row_generic<const F: u8, const PG: bool>(
     let (dp, x, d2, coef, pi) = (&mut dp[..n], &x[..n], &d2[..n], &coef[..n], &pi[..n]);
     let (gc, ppi, snu, ds_out) = (&mut gc[..n], &mut ppi[..n], &mut snu[..n], &mut ds_out[..n]);
     for j in 0..n {
-        let w = p[j];
+        // P = e^{s − lse} (s on entry), in place for the dV product.
+        let w = fm::exp(p[j] - lse);
+        p[j] = w;
         let (pij, d2j, a) = (pi[j], d2[j], coef[j]);
         let ds = w * (dp[j] + de * pij * d2j - delta);
         let (s_x, s_d2, s_lnpi, s_nu) = match F {
@@ -119,10 +122,6 @@ fn grad_tile_generic<const F: u8, const PG: bool>(
             ds[at..at + nk].fill(0.0);
             continue;
         }
-        let l = lse[r];
-        for v in sr.iter_mut() {
-            *v = fm::exp(*v - l);
-        }
         let dei = if de.is_empty() { 0.0 } else { de[r] };
         let (gcr, ppir, snur, dsr) = (
             &mut gc[at..at + nk],
@@ -133,6 +132,7 @@ fn grad_tile_generic<const F: u8, const PG: bool>(
         let (wnur, wlnpir) = (&mut wnu[at..at + nk], &mut wlnpi[at..at + nk]);
         grad_row_generic::<F, PG>(
             sr,
+            lse[r],
             dpr,
             &x[at..at + nk],
             &d2[at..at + nk],
@@ -146,9 +146,12 @@ fn grad_tile_generic<const F: u8, const PG: bool>(
             wnur,
             wlnpir,
         );
-        growsum[r] += fm::sum(gcr);
-        for (a, &b) in gcol.iter_mut().zip(gcr.iter()) {
-            *a += b;
+        // Dot without dE: g = 0 (its sums would add zeros).
+        if !(F == DOT && de.is_empty()) {
+            growsum[r] += fm::sum(gcr);
+            for (a, &b) in gcol.iter_mut().zip(gcr.iter()) {
+                *a += b;
+            }
         }
         if !PG {
             continue;
@@ -517,7 +520,8 @@ fn task<T: Element>(
                     &mut sc.s,
                     nk,
                 );
-                if is_dot {
+                // Dot's x is read for π∂s/∂π only (precision gradients).
+                if is_dot && rows.pg {
                     sc.x.clear();
                     sc.x.extend_from_slice(&sc.s);
                 }
@@ -533,9 +537,8 @@ fn task<T: Element>(
                     &mut sc.d2,
                     want_d2,
                 );
-                if !want_d2 && is_dot {
-                    sc.d2.fill(0.0);
-                }
+                // Dot without dE never writes d² in this task: it stays the zeros of `resize`.
+                debug_assert!(want_d2 || !is_dot || sc.d2.iter().all(|&x| x == 0.0));
                 gemm(
                     nq,
                     dv,
@@ -562,7 +565,14 @@ fn task<T: Element>(
                 let ri = g * lq + i0;
                 f(
                     (&mut sc.s[..n], &mut sc.dp[..n]),
-                    (if is_dot { &sc.x[..n] } else { &sc.d2[..n] }, &sc.d2[..n]),
+                    (
+                        if is_dot && rows.pg {
+                            &sc.x[..n]
+                        } else {
+                            &sc.d2[..n]
+                        },
+                        &sc.d2[..n],
+                    ),
                     (&sc.kc.coef, &sc.kc.pi),
                     (
                         &rows.lse[row0..row0 + nq],
