@@ -427,6 +427,7 @@ fn task<T: Element>(
     rows: &Rows<'_>,
     (b, hk): (usize, usize),
     mut dbias: Option<&mut [f32]>,
+    sc: &mut Scratch,
 ) -> Result<Part> {
     let p = cx.p;
     let dm = p.dims;
@@ -457,7 +458,9 @@ fn task<T: Element>(
     let is_dot = cx.family == DOT;
     let c = cx.c;
     let pr = p.precision;
-    let mut sc = Scratch::default();
+    // `sc` is reused across tasks (no per-task zeroing of its [TQ, TK] buffers: 9% of a Dot
+    // backward at L 128): every buffer is written before it is read, except d² for Dot without
+    // dE, which nothing writes in this call and stays the zeros of `resize`.
     let mut j0 = 0;
     while j0 < lk {
         let nk = TK.min(lk - j0);
@@ -537,7 +540,7 @@ fn task<T: Element>(
                     &mut sc.d2,
                     want_d2,
                 );
-                // Dot without dE never writes d² in this task: it stays the zeros of `resize`.
+                // Dot without dE never writes d² in this call: it stays the zeros of `resize`.
                 debug_assert!(want_d2 || !is_dot || sc.d2.iter().all(|&x| x == 0.0));
                 gemm(
                     nq,
@@ -738,6 +741,7 @@ pub(crate) fn backward<T: Element>(
         // dβ sums over broadcast dimensions across tasks: one task after another, in order.
         Some(db) => {
             let mut v = Vec::with_capacity(tasks);
+            let mut sc = Scratch::default();
             for bk in 0..tasks {
                 v.push(task(
                     &cx,
@@ -745,13 +749,16 @@ pub(crate) fn backward<T: Element>(
                     &rows,
                     (bk / dm.hkv, bk % dm.hkv),
                     Some(&mut *db),
+                    &mut sc,
                 )?);
             }
             v
         }
         None => (0..tasks)
             .into_par_iter()
-            .map(|bk| task(&cx, bp, &rows, (bk / dm.hkv, bk % dm.hkv), None))
+            .map_init(Scratch::default, |sc, bk| {
+                task(&cx, bp, &rows, (bk / dm.hkv, bk % dm.hkv), None, sc)
+            })
             .collect::<Result<Vec<Part>>>()?,
     };
     // Everything was checked before the tasks; now the writes.
