@@ -447,3 +447,85 @@ fn no_precision_grads_same_bits() {
         }
     }
 }
+
+/// Without a bias or a mask the forward's score and softmax steps run fused; an all-keep mask
+/// takes the unfused path: o, lse and e must be bitwise equal (every family, with and without the
+/// energy, causal and key-length masks, key tiles that are not multiples of 16).
+#[test]
+fn fused_forward_same_bits() {
+    let [b, hq, hkv, lq, lk, d, dv] = [2, 4, 2, 130, 141, 32, 24];
+    let dev = Device::cpu();
+    let inp = inputs(12, [b, hq, hkv, lq, lk, d, dv], 1);
+    let q = dev.upload(&inp.q).unwrap();
+    let k = dev.upload(&inp.k).unwrap();
+    let v = dev.upload(&inp.v).unwrap();
+    let pk = dev.upload(&inp.pk).unwrap();
+    let ones = dev.upload(&vec![1u8; lk]).unwrap();
+    let kl = dev.upload(&[lk as i32, 77]).unwrap();
+    let tq = Tensor4::bhld(q.view(), [b, hq, lq, d]);
+    let tk = Tensor4::bhld(k.view(), [b, hkv, lk, d]);
+    let tv = Tensor4::bhld(v.view(), [b, hkv, lk, dv]);
+    for score in [
+        Score::Dot,
+        Score::Gaussian,
+        Score::StudentT(3.0),
+        Score::Laplace,
+    ] {
+        for (causal, with_kl, with_pk) in [(false, false, false), (true, true, true)] {
+            let spec = AttentionSpec::new(score).causal(causal);
+            let klv = kl.view();
+            let klv = with_kl.then_some(&klv);
+            let plain = Precisions {
+                key: with_pk.then(|| pk.view()),
+                ..Default::default()
+            };
+            let masked = Precisions {
+                key: with_pk.then(|| pk.view()),
+                mask: Some(ScoreBias::contiguous(ones.view(), [1, 1, 1, lk])),
+                ..Default::default()
+            };
+            let a = attention::forward(&spec, &tq, &tk, &tv, &plain, klv).unwrap();
+            let w = attention::forward(&spec, &tq, &tk, &tv, &masked, klv).unwrap();
+            let (ao, wo) = (a.o.to_vec().unwrap(), w.o.to_vec().unwrap());
+            let bits =
+                |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(bits(&ao, &wo), "{score:?} {causal}: o differs fused");
+            for (name, x, y) in [("lse", &a.lse, &w.lse), ("e", &a.e, &w.e)] {
+                let (x, y) = (x.to_vec().unwrap(), y.to_vec().unwrap());
+                assert!(bits(&x, &y), "{score:?} {causal}: {name} differs fused");
+            }
+            // Without e (the other variant of the fused step): o and lse.
+            let no_e = |pr: &Precisions| {
+                let mut o = dev.alloc::<f32>(b * hq * lq * dv).unwrap();
+                let mut lse = dev.alloc::<f32>(b * hq * lq).unwrap();
+                attention::forward_into(
+                    &spec,
+                    &tq,
+                    &tk,
+                    &tv,
+                    pr,
+                    klv,
+                    attention::AttentionOutputs {
+                        o: attention::Tensor4Mut::bhld(o.view_mut(), [b, hq, lq, dv]),
+                        lse: Some(lse.view_mut()),
+                        e: None,
+                    },
+                    dev.default_stream(),
+                )
+                .unwrap();
+                (o.to_vec().unwrap(), lse.to_vec().unwrap())
+            };
+            let (po, pl) = no_e(&plain);
+            let (mo, ml) = no_e(&masked);
+            assert!(bits(&po, &mo), "{score:?} {causal}: o differs fused, no e");
+            assert!(
+                bits(&pl, &ml),
+                "{score:?} {causal}: lse differs fused, no e"
+            );
+            assert!(
+                bits(&po, &ao),
+                "{score:?} {causal}: o differs with / without e"
+            );
+        }
+    }
+}
