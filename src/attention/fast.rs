@@ -101,11 +101,18 @@ fn row_nonfinite<T: Element>(r: &[T]) -> bool {
     }
 }
 
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn nonfinite32(x: &[u32]) -> bool {
     let mut bad = 0u32;
     for &b in x {
@@ -114,11 +121,18 @@ fn nonfinite32(x: &[u32]) -> bool {
     bad != 0
 }
 
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[cfg_attr(
+    fep_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))
+)]
+#[cfg_attr(
+    not(fep_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+)]
 fn nonfinite16(x: &[u16], exp: u16) -> bool {
     let mut bad = 0u16;
     for &b in x {
@@ -636,11 +650,18 @@ fn fused_tile_generic<const F: u8, const E: bool>(
 
 macro_rules! fused_fn {
     ($name:ident, $f:expr, $e:expr) => {
-        #[multiversion::multiversion(targets(
-            "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-            "x86_64+avx2+fma",
-            "aarch64+neon"
-        ))]
+        #[cfg_attr(
+            fep_avx512,
+            multiversion::multiversion(targets(
+                "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+                "x86_64+avx2+fma",
+                "aarch64+neon"
+            ))
+        )]
+        #[cfg_attr(
+            not(fep_avx512),
+            multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
+        )]
         #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $name(
             s: &mut [f32],
