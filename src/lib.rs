@@ -151,6 +151,8 @@
 // Without a GPU feature the launch plumbing has no caller; it is still compiled and checked.
 #![cfg_attr(not(fep_gpu), allow(dead_code, unused_variables))]
 
+#[macro_use]
+mod simd;
 mod alloc;
 pub mod attention;
 mod backend;

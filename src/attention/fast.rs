@@ -101,18 +101,7 @@ fn row_nonfinite<T: Element>(r: &[T]) -> bool {
     }
 }
 
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
+simd_fn! {
 fn nonfinite32(x: &[u32]) -> bool {
     let mut bad = 0u32;
     for &b in x {
@@ -120,25 +109,16 @@ fn nonfinite32(x: &[u32]) -> bool {
     }
     bad != 0
 }
+}
 
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
+simd_fn! {
 fn nonfinite16(x: &[u16], exp: u16) -> bool {
     let mut bad = 0u16;
     for &b in x {
         bad |= ((b & exp) == exp) as u16;
     }
     bad != 0
+}
 }
 
 fn check_finite<T: Element>(name: &str, t: &Tensor4<'_, T>) -> Result<()> {
@@ -378,18 +358,7 @@ fn score_tile_generic<const F: u8>(
 
 macro_rules! score_fn {
     ($name:ident, $f:expr) => {
-        #[cfg_attr(
-            fep_avx512,
-            multiversion::multiversion(targets(
-                "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-                "x86_64+avx2+fma",
-                "aarch64+neon"
-            ))
-        )]
-        #[cfg_attr(
-            not(fep_avx512),
-            multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-        )]
+        simd_fn! {
         #[allow(clippy::too_many_arguments)]
         fn $name(
             s: &mut [f32],
@@ -403,6 +372,7 @@ macro_rules! score_fn {
         ) {
             score_tile_generic::<$f>(s, d2, qn, kn, coef, cl, kappa, need_d2)
         }
+        }
     };
 }
 score_fn!(score_dot, DOT);
@@ -410,59 +380,28 @@ score_fn!(score_gauss, GAUSS);
 score_fn!(score_student, STUDENT);
 score_fn!(score_laplace, LAPLACE);
 
+simd_fn! {
 /// s += β (−∞ masks).
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 pub(crate) fn add_bias(s: &mut [f32], bias: &[f32]) {
     for (s, &b) in s.iter_mut().zip(bias) {
         *s += b;
     }
 }
+}
 
+simd_fn! {
 /// s = −∞ where the mask is 0.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 pub(crate) fn apply_mask(s: &mut [f32], mask: &[u8]) {
     for (s, &m) in s.iter_mut().zip(mask) {
         *s = if m != 0 { *s } else { f32::NEG_INFINITY };
     }
 }
+}
 
+simd_fn! {
 /// The online-softmax step of a [nq, nk] tile: per row the running max m, sum l and energy e
 /// (Σ p π d², when `want_e`) updated, s replaced by p = e^{s − m} (0 on a row with no score yet),
 /// and the row of o [nq, dv] rescaled; O += P·V follows through sgemm.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 #[allow(clippy::too_many_arguments)]
 fn softmax_tile(
     s: &mut [f32],
@@ -504,6 +443,7 @@ fn softmax_tile(
             o[r * dv..][..dv].iter_mut().for_each(|x| *x *= alpha);
         }
     }
+}
 }
 
 /// One score and its d² from x = q·k (the arithmetic of [`score_tile_generic`], term for term).
@@ -650,18 +590,7 @@ fn fused_tile_generic<const F: u8, const E: bool>(
 
 macro_rules! fused_fn {
     ($name:ident, $f:expr, $e:expr) => {
-        #[cfg_attr(
-            fep_avx512,
-            multiversion::multiversion(targets(
-                "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-                "x86_64+avx2+fma",
-                "aarch64+neon"
-            ))
-        )]
-        #[cfg_attr(
-            not(fep_avx512),
-            multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-        )]
+        simd_fn! {
         #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $name(
             s: &mut [f32],
@@ -675,6 +604,7 @@ macro_rules! fused_fn {
         ) {
             fused_tile_generic::<$f, $e>(s, dt, qk, consts, vis, mle, o, dv)
         }
+        }
     };
 }
 fused_fn!(fused_dot, DOT, false);
@@ -686,53 +616,23 @@ fused_fn!(fused_gauss_e, GAUSS, true);
 fused_fn!(fused_student_e, STUDENT, true);
 fused_fn!(fused_laplace_e, LAPLACE, true);
 
+simd_fn! {
 /// Σ x (fixed order), Σ x·y, max x: vectorised.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 pub(crate) fn vsum(x: &[f32]) -> f32 {
     fm::sum(x)
 }
+}
 
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
+simd_fn! {
 pub(crate) fn vdot(x: &[f32], y: &[f32]) -> f32 {
     fm::dot(x, y)
 }
+}
 
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
+simd_fn! {
 pub(crate) fn vmax(x: &[f32]) -> f32 {
     fm::max(x)
+}
 }
 
 /// C[m, n] = α A·B + β C through matrixmultiply (row-major strides given explicitly).

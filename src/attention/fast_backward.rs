@@ -171,18 +171,7 @@ fn grad_tile_generic<const F: u8, const PG: bool>(
 
 macro_rules! grad_tile_fn {
     ($name:ident, $f:expr, $pg:expr) => {
-        #[cfg_attr(
-            fep_avx512,
-            multiversion::multiversion(targets(
-                "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-                "x86_64+avx2+fma",
-                "aarch64+neon"
-            ))
-        )]
-        #[cfg_attr(
-            not(fep_avx512),
-            multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-        )]
+        simd_fn! {
         #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $name(
             sdp: (&mut [f32], &mut [f32]),
@@ -196,6 +185,7 @@ macro_rules! grad_tile_fn {
         ) {
             grad_tile_generic::<$f, $pg>(sdp, xd2, cp, rows, k, out, sums, cols)
         }
+        }
     };
 }
 grad_tile_fn!(grad_tile_dot, DOT, true);
@@ -207,82 +197,42 @@ grad_tile_fn!(grad_tile_gauss_nopg, GAUSS, false);
 grad_tile_fn!(grad_tile_student_nopg, STUDENT, false);
 grad_tile_fn!(grad_tile_laplace_nopg, LAPLACE, false);
 
+simd_fn! {
 /// a += b.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 fn add_to(a: &mut [f32], b: &[f32]) {
     for (a, &b) in a.iter_mut().zip(b) {
         *a += b;
     }
 }
+}
 
+simd_fn! {
 /// a += s·b.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 fn axpy(a: &mut [f32], s: f32, b: &[f32]) {
     for (a, &b) in a.iter_mut().zip(b) {
         *a += s * b;
     }
 }
+}
 
+simd_fn! {
 /// p = e^{s − lse} in place.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 fn exp_shift(s: &mut [f32], lse: f32) {
     for s in s.iter_mut() {
         *s = fm::exp(*s - lse);
     }
 }
+}
 
+simd_fn! {
 /// (Σ p (dp + dE π d²), Σ p) of one row: Σ_j w ∂L/∂w and Σ_j w, fixed order.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 fn wdw_row(p: &[f32], dp: &[f32], pi: &[f32], d2: &[f32], de: f32, tmp: &mut [f32]) -> (f32, f32) {
     let n = p.len();
     for j in 0..n.min(dp.len()).min(pi.len()).min(d2.len()).min(tmp.len()) {
         tmp[j] = p[j] * (dp[j] + de * pi[j] * d2[j]);
     }
     (fm::sum(&tmp[..n]), fm::sum(p))
+}
 }
 
 /// Δ_i = Σ_j w_ij ∂L/∂w_ij / Σ_j w_ij − dlse_i over the recomputed weights, for every row of head

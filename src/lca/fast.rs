@@ -264,18 +264,7 @@ fn step_body(
     (max, count)
 }
 
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
+simd_fn! {
 fn step(
     th: Threshold,
     b: &[f32],
@@ -293,6 +282,7 @@ fn step(
         Threshold::HardNonNeg => step_body(Threshold::HardNonNeg, b, u, c, a, eta, lambda),
     }
 }
+}
 
 /// a = θ(u) and the number of nonzero a (the initial state).
 fn threshold_all(th: Threshold, u: &[f32], a: &mut [f32], lambda: f32) -> usize {
@@ -304,20 +294,9 @@ fn threshold_all(th: Threshold, u: &[f32], a: &mut [f32], lambda: f32) -> usize 
     count
 }
 
+simd_fn! {
 /// The indices of the nonzero a (NaN counts as nonzero, as in the reference), in increasing
 /// order: a 16-bit mask per chunk of 16 (one vector compare), then its set bits.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 fn compact(a: &[f32], idx: &mut [u32]) -> usize {
     let mut k = 0;
     let (chunks, rest) = a.as_chunks::<LANES>();
@@ -341,20 +320,10 @@ fn compact(a: &[f32], idx: &mut [u32]) -> usize {
     }
     k
 }
+}
 
+simd_fn! {
 /// c = Σ_{k in idx} a_k G[k, :] (G symmetric: row k is column k), four rows per pass over c.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 fn gather(gram: &[f32], m: usize, a: &[f32], idx: &[u32], c: &mut [f32]) {
     let c = &mut c[..m];
     c.fill(0.0);
@@ -397,20 +366,10 @@ fn gather(gram: &[f32], m: usize, a: &[f32], idx: &[u32], c: &mut [f32]) {
         _ => {}
     }
 }
+}
 
+simd_fn! {
 /// a·b, a·c, a·a and Σ|a| in f32 (lane accumulators, then the lanes in order).
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 #[allow(clippy::needless_range_loop)] // one accumulator per lane, on purpose
 fn energy_sums(a: &[f32], b: &[f32], c: &[f32]) -> [f32; 4] {
     let m = a.len();
@@ -439,6 +398,7 @@ fn energy_sums(a: &[f32], b: &[f32], c: &[f32]) -> [f32; 4] {
         out[3] += av.abs();
     }
     out
+}
 }
 
 // ---------------------------------------------------------------------------------------------

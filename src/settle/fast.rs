@@ -67,19 +67,8 @@ impl Layer32 {
     }
 }
 
+simd_fn! {
 /// Whether every value is finite (v · 0 is NaN exactly for NaN and ±Inf; sixteen lanes).
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 fn all_finite(v: &[f32]) -> bool {
     let mut acc = [0f32; 16];
     let chunks = v.chunks_exact(16);
@@ -93,6 +82,7 @@ fn all_finite(v: &[f32]) -> bool {
         acc[k] += x * 0.0;
     }
     acc.iter().all(|a| *a == 0.0)
+}
 }
 
 /// The reference's check (`Err` naming `name` and the first bad element), after a vectorised
@@ -224,19 +214,8 @@ fn erf_f32(x: f32) -> f32 {
     x * p / q
 }
 
+simd_fn! {
 /// fx = f(x) and, when `df` is not empty, df = f′(x), for one activation over a slice.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 fn activate(f: Activation, x: &[f32], fx: &mut [f32], df: &mut [f32]) {
     let fx = &mut fx[..x.len()];
     let with_df = !df.is_empty();
@@ -310,22 +289,12 @@ fn activate(f: Activation, x: &[f32], fx: &mut [f32], df: &mut [f32]) {
         }
     }
 }
+}
 
+simd_fn! {
 /// One layer of a tile of samples (rows of width n): ε = x − (μ + b), pe = π ε, and
 /// energy[r] += ½ Σ pe ε per row (sixteen partial sums in a fixed order). π's row r starts at
 /// `r · pi_stride` (0: one row for all samples).
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 #[allow(clippy::too_many_arguments)]
 fn errors_tile(
     n: usize,
@@ -378,22 +347,12 @@ fn errors_tile(
         *en += 0.5 * sum;
     }
 }
+}
 
+simd_fn! {
 /// One free layer of a tile (rows of width n, the rows marked active only):
 /// g = pe − df ⊙ back (no second term when `back` is empty), v ← β v + g, x ← x − η v with
 /// Kahan compensation c.
-#[cfg_attr(
-    fep_avx512,
-    multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 #[allow(clippy::too_many_arguments)]
 fn update_tile(
     n: usize,
@@ -436,6 +395,7 @@ fn update_tile(
             }
         }
     }
+}
 }
 
 /// C `[m, n]` (row stride n) = alpha · A B + beta · C, A `[m, k]` with strides (rsa, csa), B

@@ -33,7 +33,6 @@
 //! reference on the CPU device. Every inference option (fpi with and without early stop, vmp
 //! and mmp, every policy term including novelty) runs here; nothing else falls back.
 
-use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::cpu;
@@ -397,18 +396,7 @@ pub(super) struct FpiTask<'a> {
     pub(super) trace: Option<&'a mut [f32]>,
 }
 
-#[cfg_attr(
-    fep_avx512,
-    multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
+simd_fn! {
 fn fpi_chunk<'a, 'o>(
     b: &Base,
     spec: &FpiSpec,
@@ -462,6 +450,7 @@ fn fpi_chunk<'a, 'o>(
             v[i * k_max..(i + 1) * k_max].copy_from_slice(&trace);
         }
     }
+}
 }
 
 pub(crate) fn states_views(
@@ -539,18 +528,7 @@ struct SeqIn<'a> {
     prior: Option<&'a [f32]>,
 }
 
-#[cfg_attr(
-    fep_avx512,
-    multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
+simd_fn! {
 fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
     let (b, tr, steps) = (x.b, x.tr, x.steps);
     let (ss, fc) = (b.sum_s, b.fc);
@@ -682,6 +660,7 @@ fn sequence_chunk<'a, 'o>(x: &SeqIn<'o>, task: &mut SeqTask<'a>) {
             v[i * steps..(i + 1) * steps].copy_from_slice(&vt);
         }
     }
+}
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -870,21 +849,10 @@ struct PolTask<'a> {
     g: Option<&'a mut [f32]>,
 }
 
+simd_fn! {
 /// A chunk of agents, policy by policy: the rollout B q for all agents of the chunk is one
 /// GEMM per factor (`[n, S] × Bᵀ`), the predictions one GEMM per modality (`[n, P_m] ×` the
 /// extended Aᵀ); the outer products, logs and dot products stay per agent.
-#[cfg_attr(
-    fep_avx512,
-    multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 fn policies_chunk<'a>(b: &Base, tr: &Trans, e: &Efe, qs: &[f32], task: &mut PolTask<'a>) {
     let (ss, fc, np, h) = (b.sum_s, b.fc, e.num_policies, e.horizon);
     let cn = task.q_pi.len() / np;
@@ -972,6 +940,7 @@ fn policies_chunk<'a>(b: &Base, tr: &Trans, e: &Efe, qs: &[f32], task: &mut PolT
     if let Some(out) = task.g.as_deref_mut() {
         out.copy_from_slice(&g);
     }
+}
 }
 
 pub(crate) fn policies_views(

@@ -5,8 +5,6 @@
 //! contraction); a lane's arithmetic never depends on the other lanes, and a ragged last block
 //! repeats its last agent in the spare lanes (computed, never written).
 
-use multiversion::multiversion;
-
 use super::FpiSpec;
 use super::fast::{Base, FpiTask, ObsRef, fill_ll};
 use super::fast_math::{exp, ln_clip};
@@ -137,19 +135,8 @@ fn softmax(x: &mut [V]) {
     }
 }
 
+simd_fn! {
 /// fpi (tol = 0) for one chunk, 16 agents at a time.
-#[cfg_attr(
-    fep_avx512,
-    multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))
-)]
-#[cfg_attr(
-    not(fep_avx512),
-    multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))
-)]
 pub(super) fn fpi_chunk_lanes<'a, 'o>(
     b: &Base,
     spec: &FpiSpec,
@@ -241,4 +228,5 @@ pub(super) fn fpi_chunk_lanes<'a, 'o>(
             }
         }
     }
+}
 }
