@@ -95,6 +95,19 @@ def test_opcheck_attention_backward():
                           (q, k, v, o, lse, d_o, e, d_e, d_lse, ph, pk, None, nu, bias, None,
                            None, None, "student_t", 1.0, None, False, None, True, "bhld", None,
                            None))
+    # no precision and no per-head nu: the precision gradients are skipped (zeros of the
+    # schema's shapes) and dq, dk, dv are bitwise those of the call that computes them
+    for score in ("gaussian", "student_t"):
+        o, lse, _ = fk.attention_forward(q, k, v, score=score, nu=4.0)
+        args = (q, k, v, o, lse, d_o, None, None, None, None, None, None, None, None, None, None,
+                None, score, 4.0, None, False, None, True, "bhld", None, None)
+        torch.library.opcheck(torch.ops.fep.attention_backward, args)
+        got = torch.ops.fep.attention_backward(*args)
+        full = fk.attention_backward(q, k, v, o, lse, d_o, score=score, nu=4.0,
+                                     precision_grads=True)
+        assert all(torch.equal(a, b) for a, b in zip(got[:3], full[:3])), score
+        assert [list(t.shape) for t in got[3:6]] == [[4], [2, 2, 6], []], score
+        assert not any(t.any() for t in got[3:6]), score
 
 
 def test_gradcheck_float32():

@@ -153,17 +153,17 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 fn exp_f32(x: f32) -> f32 {
     let x = if x > 88.0 { 88.0 } else { x };
     let x = if x < -87.0 { -87.0 } else { x };
-    let t = x * LOG2E + ROUND_MAGIC;
+    let t = x.mul_add(LOG2E, ROUND_MAGIC);
     let n = t - ROUND_MAGIC;
-    let r = x - n * 0.693_359_4;
-    let r = r + n * 2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
-    let y = p * (r * r) + r + 1.0;
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let p = 1.987_569_1e-4f32;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 5.000_000_1e-1);
+    let y = p.mul_add(r * r, r) + 1.0;
     // t's low mantissa bits hold n (|n| ≤ 127 < 2^22): 2^n from integer operations only (a
     // float-to-int `as` saturates, which does not vectorise well).
     let scale = f32::from_bits(
@@ -180,12 +180,11 @@ fn exp_f32(x: f32) -> f32 {
 fn tanh_f32(x: f32) -> f32 {
     let ax = x.abs();
     let z = x * x;
-    let small =
-        ((((-5.704_988_7e-3 * z + 2.063_908_9e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z
-            - 3.333_328_2e-1)
-            * z
-            * ax
-            + ax;
+    let poly = (-5.704_988_7e-3f32).mul_add(z, 2.063_908_9e-2);
+    let poly = poly.mul_add(z, -5.373_971_6e-2);
+    let poly = poly.mul_add(z, 1.333_144_2e-1);
+    let poly = poly.mul_add(z, -3.333_328_2e-1);
+    let small = (poly * z).mul_add(ax, ax);
     let e = exp_f32(2.0 * ax);
     let big = 1.0 - 2.0 / (e + 1.0);
     let y = if ax >= 0.625 { big } else { small };
@@ -199,18 +198,18 @@ fn erf_f32(x: f32) -> f32 {
     let x = if x > 4.0 { 4.0 } else { x };
     let x = if x < -4.0 { -4.0 } else { x };
     let x2 = x * x;
-    let p = -2.726_142_3e-10;
-    let p = p * x2 + 2.770_681_4e-8;
-    let p = p * x2 - 2.101_024e-6;
-    let p = p * x2 - 5.692_506_4e-5;
-    let p = p * x2 - 7.349_906_3e-4;
-    let p = p * x2 - 2.954_6e-3;
-    let p = p * x2 - 1.609_603_3e-2;
-    let q = -1.456_607_2e-5;
-    let q = q * x2 - 2.133_740_6e-4;
-    let q = q * x2 - 1.682_827e-3;
-    let q = q * x2 - 7.373_329_2e-3;
-    let q = q * x2 - 1.426_473_9e-2;
+    let p = -2.726_142_3e-10f32;
+    let p = p.mul_add(x2, 2.770_681_4e-8);
+    let p = p.mul_add(x2, -2.101_024e-6);
+    let p = p.mul_add(x2, -5.692_506_4e-5);
+    let p = p.mul_add(x2, -7.349_906_3e-4);
+    let p = p.mul_add(x2, -2.954_6e-3);
+    let p = p.mul_add(x2, -1.609_603_3e-2);
+    let q = -1.456_607_2e-5f32;
+    let q = q.mul_add(x2, -2.133_740_6e-4);
+    let q = q.mul_add(x2, -1.682_827e-3);
+    let q = q.mul_add(x2, -7.373_329_2e-3);
+    let q = q.mul_add(x2, -1.426_473_9e-2);
     x * p / q
 }
 
@@ -293,7 +292,8 @@ fn activate(f: Activation, x: &[f32], fx: &mut [f32], df: &mut [f32]) {
 
 simd_fn! {
 /// One layer of a tile of samples (rows of width n): ε = x − (μ + b), pe = π ε, and
-/// energy[r] += ½ Σ pe ε per row (sixteen partial sums in a fixed order). π's row r starts at
+/// energy[r] += ½ Σ pe ε per row (sixteen partial sums folded in a fixed tree; a row narrower
+/// than 16 summed in order). π's row r starts at
 /// `r · pi_stride` (0: one row for all samples).
 #[allow(clippy::too_many_arguments)]
 fn errors_tile(
@@ -317,33 +317,49 @@ fn errors_tile(
             &mut pe[span],
         );
         let pi = &pi[r * pi_stride..r * pi_stride + n];
-        for j in 0..n {
-            let e = x[j] - (mu[j] + b[j]);
-            eps[j] = e;
-            pe[j] = pi[j] * e;
-        }
-        // ½ Σ pe ε: sixteen partial sums (one vector), summed in a fixed tree.
-        let mut acc = [0f32; 16];
+        // One pass: ε, π ε and ½ Σ π ε² in sixteen partial sums (one vector), then folded in
+        // a fixed tree; a row narrower than 16 sums in order instead (no tree over empty
+        // lanes: the per-row fold was most of the time of a 10-wide output layer).
         let chunks = n / 16 * 16;
-        for (pc, ec) in pe[..chunks]
-            .chunks_exact(16)
-            .zip(eps[..chunks].chunks_exact(16))
-        {
-            for k in 0..16 {
-                acc[k] += pc[k] * ec[k];
+        let sum = if chunks == 0 {
+            let mut acc = 0f32;
+            for j in 0..n {
+                let e = x[j] - (mu[j] + b[j]);
+                let q = pi[j] * e;
+                eps[j] = e;
+                pe[j] = q;
+                acc += q * e;
             }
-        }
-        for j in chunks..n {
-            acc[j - chunks] += pe[j] * eps[j];
-        }
-        let mut w = 8;
-        while w > 0 {
-            for k in 0..w {
-                acc[k] += acc[k + w];
+            acc
+        } else {
+            let mut acc = [0f32; 16];
+            for c in (0..chunks).step_by(16) {
+                let (x, mu, b, pi) = (&x[c..c + 16], &mu[c..c + 16], &b[c..c + 16], &pi[c..c + 16]);
+                let (eps, pe) = (&mut eps[c..c + 16], &mut pe[c..c + 16]);
+                for k in 0..16 {
+                    let e = x[k] - (mu[k] + b[k]);
+                    let q = pi[k] * e;
+                    eps[k] = e;
+                    pe[k] = q;
+                    acc[k] += q * e;
+                }
             }
-            w /= 2;
-        }
-        let sum = acc[0];
+            for j in chunks..n {
+                let e = x[j] - (mu[j] + b[j]);
+                let q = pi[j] * e;
+                eps[j] = e;
+                pe[j] = q;
+                acc[j - chunks] += q * e;
+            }
+            let mut w = 8;
+            while w > 0 {
+                for k in 0..w {
+                    acc[k] += acc[k + w];
+                }
+                w /= 2;
+            }
+            acc[0]
+        };
         *en += 0.5 * sum;
     }
 }

@@ -27,11 +27,17 @@ from ._lib import (
 )
 
 
-def _torch() -> Any:
-    """The torch module."""
-    import torch  # imported lazily: the module loads without PyTorch
+_torch_module: Any = None
 
-    return torch
+
+def _torch() -> Any:
+    """The torch module (imported on first use: the package loads without PyTorch)."""
+    global _torch_module
+    if _torch_module is None:
+        import torch
+
+        _torch_module = torch
+    return _torch_module
 
 
 def _dtype_code(t: Any, what: str) -> int:
@@ -72,9 +78,18 @@ def _check_tensor(t: Any, what: str, shape: Sequence[Optional[int]], dtype: Any 
         raise ValueError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided or t.is_complex():
         raise ValueError(f"{what}: dense real tensors only (layout {t.layout}, dtype {t.dtype})")
-    if t.dim() != len(shape) or any(s is not None and d != s for d, s in zip(t.shape, shape)):
+    # Run on every call for every tensor an object holds: plain loops and one read of each
+    # attribute (a generator per check cost more than the rest of the check).
+    got = t.shape
+    ok = len(got) == len(shape)
+    if ok:
+        for d, s in zip(got, shape):
+            if s is not None and d != s:
+                ok = False
+                break
+    if not ok:
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{what}: expected shape {want}, got {list(t.shape)}")
+        raise ValueError(f"{what}: expected shape {want}, got {list(got)}")
     if dtype is not None and t.dtype != dtype:
         raise ValueError(f"{what}: expected dtype {dtype}, got {t.dtype}")
     if device is not None and t.device != device:
@@ -82,7 +97,7 @@ def _check_tensor(t: Any, what: str, shape: Sequence[Optional[int]], dtype: Any 
     if not t.is_contiguous():
         raise ValueError(f"{what}: must be contiguous (call .contiguous())")
     if t.numel() == 0:
-        raise ValueError(f"{what}: is empty (shape {list(t.shape)})")
+        raise ValueError(f"{what}: is empty (shape {list(got)})")
 
 
 def _checked_ptr(t: Any, what: str, shape: Sequence[Optional[int]], dtype: Any = None,

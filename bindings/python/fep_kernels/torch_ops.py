@@ -11,8 +11,8 @@ the first call of :func:`fep_kernels.attention`); importing it registers
 - ``torch.ops.fep.attention_backward(q, k, v, o, lse, d_o, e, d_e, d_lse, pi_head, pi_key,
   kv_len, nu_head, bias, mask, cu_seqlens_q, cu_seqlens_k, score, nu, scale, causal, window,
   normalizer, layout, max_seqlen_q, max_seqlen_k) -> (dq, dk, dv, dpi_head, dpi_key, dnu,
-  dbias)``: :func:`fep_kernels.attention_backward` (precision gradients always on; dbias is
-  empty without a bias).
+  dbias)``: :func:`fep_kernels.attention_backward` (the precision gradients computed when a
+  precision or a per-head nu is given, zeros otherwise; dbias is empty without a bias).
 
 The forward op's autograd formula calls the backward op: gradients flow to q, k, v, pi_head,
 pi_key, the per-head nu and the bias from o, lse and e (kv_len, the mask and the offsets get
@@ -206,18 +206,30 @@ def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
                           window: Optional[int], normalizer: bool, layout: str,
                           max_seqlen_q: Optional[int], max_seqlen_k: Optional[int]
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``fep::attention_backward``: :func:`fep_kernels.attention_backward` with the precision
-    gradients (returns dq, dk, dv, dpi_head [Hq], dpi_key [B, Hkv, Lk], dnu ([] or [Hq] with a
-    per-head nu) and dbias (the bias's 4-d shape; empty [0] without a bias))."""
+    """``fep::attention_backward``: :func:`fep_kernels.attention_backward` (returns dq, dk, dv,
+    dpi_head [Hq], dpi_key [B, Hkv, Lk], dnu ([] or [Hq] with a per-head nu) and dbias (the
+    bias's 4-d shape; empty [0] without a bias)). The precision gradients are computed when
+    ``pi_head``, ``pi_key`` or ``nu_head`` is given; without any of them they are zeros."""
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    # The precision gradients cost the library extra work per score (~10-17% of a CPU
+    # backward): asked for only when a precision or a per-head nu was given. Without one, the
+    # three outputs are zeros of the schema's shapes (autograd drops them: no such input).
+    wanted = pi_head is not None or pi_key is not None or nu_head is not None
     r = _attention_backward(
         q, k, v, o, c(lse), d_o, e=c(e), d_e=c(d_e), d_lse=c(d_lse), score=score,
         nu=nu if nu_head is None else c(nu_head), scale=scale, causal=causal, window=window,
         normalizer=normalizer, pi_head=c(pi_head), pi_key=c(pi_key), kv_len=c(kv_len),
-        layout=layout, precision_grads=True, _arg_names=_ARG_NAMES,
+        layout=layout, precision_grads=wanted, _arg_names=_ARG_NAMES,
         **_fwd_kwargs(nu_head, bias, mask, c(cu_seqlens_q), c(cu_seqlens_k), max_seqlen_q,
                       max_seqlen_k))
     dbias = r[6] if bias is not None else q.new_empty((0,), dtype=torch.float32)
+    if not wanted:
+        hq, (b, hkv, lk) = (q.shape[1], (1, k.shape[1], k.shape[0])) \
+            if cu_seqlens_q is not None else (_bhld(q.shape, layout)[1],
+                                              _bhld(k.shape, layout)[:3])
+        f32 = dict(dtype=torch.float32)
+        return (*r[:3], q.new_zeros((hq,), **f32), q.new_zeros((b, hkv, lk), **f32),
+                q.new_zeros((), **f32), dbias)
     return (*r[:6], dbias)
 
 
