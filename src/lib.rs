@@ -168,6 +168,7 @@ pub mod settle;
 mod tensor;
 mod threads;
 pub mod vmp;
+mod xla;
 
 pub use backend::{Device, DeviceBuffer, DeviceKind, Stream, View, ViewMut};
 pub use element::{DType, Element};

@@ -110,6 +110,21 @@ def test_opcheck_attention_backward():
         assert not any(t.any() for t in got[3:6]), score
 
 
+
+def test_package_layout_keeps_the_old_paths():
+    import importlib
+
+    import fep_kernels.torch as fkt
+    for old, new in (("torch_ops", "torch.ops"), ("torch_settle", "torch.settle"),
+                     ("torch_lca", "torch.lca"), ("nn", "torch.nn"), ("nn.pc", "torch.nn.pc"),
+                     ("nn.lca", "torch.nn.lca"), ("nn.attention", "torch.nn.attention")):
+        a = importlib.import_module(f"fep_kernels.{old}")
+        b = importlib.import_module(f"fep_kernels.{new}")
+        assert a is b, (old, new)
+    from fep_kernels.nn import PCNetwork
+    assert PCNetwork is fkt.nn.PCNetwork
+    assert fk.torch_ops is fkt.ops and fk.torch_settle is fkt.settle and fk.nn is fkt.nn
+
 def test_gradcheck_float32():
     for score in ("dot", "gaussian", "student_t", "laplace"):
         q, k, v, ph, pk = problem(B=1, Hq=2, Hkv=1, Lq=3, Lk=4, D=4, Dv=3, seed=1)

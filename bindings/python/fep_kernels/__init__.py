@@ -9,17 +9,17 @@ this package is used from (a checkout or ``pip install -e``; build it with
 :func:`load` is called implicitly by the first function that needs the library;
 ``import fep_kernels`` itself needs neither the library nor PyTorch.
 
-Layout: ``_lib`` (loading, queries), ``_abi`` (the header's constants, structs and signatures),
-one module per op (``lca``, ``settle``, ``vmp``, and the ``attention`` functions, reachable as
+Layout, by framework: ``_lib`` (loading, queries) and ``_abi`` (the header's constants, structs
+and signatures) below everything; the ctypes layer, one module per op on PyTorch tensors
+(``lca``, ``settle``, ``vmp``, and the ``attention`` functions, reachable as
 ``fep_kernels.attention_forward`` etc.; the name ``fep_kernels.attention`` itself is the
-differentiable PyTorch function below), ``torch_ops`` (``torch.library`` custom ops
-``fep::attention_forward`` / ``fep::attention_backward`` with fake implementations and autograd,
-imported when PyTorch is; :func:`attention` is differentiable and works under ``torch.compile``),
-``torch_settle`` (``fep::settle_energy`` / ``settle_learn`` / ``settle_infer``; the
-differentiable :func:`settle_energy`, whose backward gives the learning step's gradients, and
-:func:`settle_infer_op`), ``torch_lca`` (``fep::lca_solve``; :func:`lca_solve`) and ``nn``
-(PyTorch modules: ``fep_kernels.nn.PCNetwork``, a predictive-coding network with learnable
-precisions, and ``fep_kernels.nn.LCALayer``).
+differentiable PyTorch function below); ``fep_kernels.torch`` (``torch.library`` custom ops with
+fake implementations and autograd: ``torch.ops``'s ``fep::attention_*``, ``fep::settle_*``,
+``fep::lca_solve``, and the modules ``fep_kernels.torch.nn``: ``PCNetwork``, a predictive-coding
+network with learnable precisions, ``LCALayer``, ``PrecisionAttention``), imported when PyTorch
+is; and ``fep_kernels.jax`` (the ops as XLA FFI calls under ``jax.jit``, ``grad`` and ``vmap``;
+needs JAX, imported explicitly). The earlier paths ``fep_kernels.torch_ops``, ``torch_settle``,
+``torch_lca`` and ``fep_kernels.nn`` still work (the same module objects).
 
 Tensors are passed by pointer (``tensor.data_ptr()``), so they must be contiguous and live on
 the device the call names. CPU tensors use ``FEP_DEVICE_CPU``, the fast f32 path (threads:
@@ -283,7 +283,9 @@ def __getattr__(name: str) -> Any:
 
 
 if "torch" in _sys.modules:  # PyTorch already imported: register the fep:: ops now
-    from . import torch_lca, torch_ops, torch_settle  # noqa: E402,F401
+    from .torch import lca as torch_lca  # noqa: E402
+    from .torch import ops as torch_ops  # noqa: E402
+    from .torch import settle as torch_settle  # noqa: E402
 
     attention = torch_ops.attention  # noqa: F811
     attention_with_stats = torch_ops.attention_with_stats

@@ -30,9 +30,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..lca import LcaDictionary, _tol_mode_arg
-from .._abi import _THRESHOLDS
-from ..torch_lca import lca_solve
+from ...lca import LcaDictionary, _tol_mode_arg
+from ..._abi import _THRESHOLDS
+from ..lca import lca_solve
 
 __all__ = ["LCALayer"]
 

@@ -39,8 +39,8 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, U
 import torch
 from torch import Tensor, nn
 
-from .. import torch_settle as _ts
-from .._abi import _ACTIVATIONS
+from .. import settle as _ts
+from ..._abi import _ACTIVATIONS
 
 __all__ = ["PCNetwork", "PCState"]
 
@@ -359,7 +359,7 @@ class PCNetwork(nn.Module):
         Use it to keep ``eta`` stable while precisions are learned, e.g.
         ``net.eta = 0.5 * net.max_stable_eta()`` between steps. Weights on a GPU are copied
         back (the call waits)."""
-        from .. import settle as _settle
+        from ... import settle as _settle
 
         if not isinstance(clamped, bool):
             raise TypeError(f"clamped: expected a bool, got {type(clamped).__name__}")

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._abi import _SCORES
-from ..torch_ops import attention_with_stats
+from ..._abi import _SCORES
+from ..ops import attention_with_stats
 
 __all__ = ["PrecisionAttention", "KVCache"]
 
