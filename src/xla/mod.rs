@@ -20,7 +20,9 @@
 #![allow(non_camel_case_types, clippy::missing_safety_doc)]
 
 mod attention;
+mod lca;
 mod settle;
+mod vmp;
 
 use std::ffi::{CStr, CString, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -341,6 +343,10 @@ impl<'a> Frame<'a> {
         Ok(out)
     }
 
+    pub fn platform(&self) -> Platform {
+        self.platform
+    }
+
     pub fn args(&self) -> Res<Vec<Buf<'a>>> {
         self.buffers(false)
     }
@@ -407,6 +413,23 @@ impl<'a> Frame<'a> {
         unsafe { number(s.dtype, s.value, 0) }
             .map(Some)
             .ok_or_else(|| invalid(format!("{}: attribute {name}: {NUMERIC}", self.op)))
+    }
+
+    /// An int64 scalar attribute, exactly (a handle's address).
+    pub fn int64(&self, name: &str) -> Res<i64> {
+        let (t, value) = self
+            .find(name)?
+            .ok_or_else(|| invalid(format!("{}: attribute {name} is missing", self.op)))?;
+        // Safety: a scalar attribute is an XLA_FFI_Scalar whose value has its dtype.
+        let s = unsafe { &*(value as *const Scalar) };
+        if t != ATTR_SCALAR || s.dtype != DT_S64 || s.value.is_null() {
+            return Err(invalid(format!(
+                "{}: attribute {name} is not an int64",
+                self.op
+            )));
+        }
+        // Safety: an int64 value.
+        Ok(unsafe { *(s.value as *const i64) })
     }
 
     /// A 1-d array attribute as f64s (any integer, bool or float type); empty when absent.

@@ -34,6 +34,7 @@ from ._abi import (
 )
 from ._lib import (
     _check,
+    _cpu_kind,
     _get,
 )
 from ._tensors import (
@@ -222,7 +223,6 @@ class VmpModel(_Owned):
                  policy_len: Optional[int] = None, E: Any = None, pA: Any = None, pB: Any = None,
                  pD: Any = None, device: Any = "cpu",
                  num_states: Optional[Sequence[int]] = None) -> None:
-        torch = _torch()
         np = _np()
         self._handle = None
         lib = _get()
@@ -322,8 +322,12 @@ class VmpModel(_Owned):
             E.ctypes.data_as(_P_F64) if E is not None else None,
             *[lists[k][0] if lists[k] is not None else None for k in ("pa", "pb", "pd")],
         )
-        device = _norm_device(torch.device(device))
-        kind, ordinal, _ = _device_args(device, "device")
+        if device == "cpu" and "torch" not in sys.modules:
+            # A host model without PyTorch (the JAX front end's): no torch.device to make.
+            kind, ordinal = _cpu_kind(), 0
+        else:
+            device = _norm_device(_torch().device(device))
+            kind, ordinal, _ = _device_args(device, "device")
         handle = ctypes.c_void_p()
         # The library names the description's fields (desc.a[1], element 5): say A[1][2, 1].
         names = {"desc.policies": ("policies", (P, H, F)), "desc.e": ("E", (P,))}

@@ -17,6 +17,9 @@ Example::
 """
 
 from .attention import attention, attention_with_stats
+from .lca import lca_learn, lca_solve
 from .settle import settle_energy, settle_infer, settle_learn
+from .vmp import VmpModel
 
-__all__ = ["attention", "attention_with_stats", "settle_energy", "settle_infer", "settle_learn"]
+__all__ = ["attention", "attention_with_stats", "settle_energy", "settle_infer", "settle_learn",
+           "lca_solve", "lca_learn", "VmpModel"]
