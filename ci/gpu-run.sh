@@ -466,6 +466,12 @@ for t in attention_gpu attention_backward_gpu attention_decode attention_inputs_
   add "tests.$t" 90 0 "$B/tests/$t" "$B/tests/$t --color never --show-output $threads"
   TESTS+=("tests.$t")
 done
+# the JAX front end's XLA FFI handlers on CUDA arrays (JAX's default device is the GPU there;
+# the VMP ones are host-only and stay in CI), after the Rust GPU tests
+for t in jax_attention jax_settle jax_lca; do
+  add "tests.py-$t" 120 0 "$B/libfep_kernels.so" "FEP_KERNELS_LIB=$LIB $py bindings/python/test_$t.py"
+  TESTS+=("tests.py-$t")
+done
 # any other test binary that is not CPU-only (a new one) runs after those
 CPU_TESTS=()
 for f in "$B"/tests/*; do

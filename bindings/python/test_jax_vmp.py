@@ -20,6 +20,9 @@ try:
 except ImportError as e:  # pragma: no cover
     skip_module("test_jax_vmp.py", f"{e.name} is not installed")
 
+# VMP models live on the host: on a machine with a GPU, JAX's arrays stay on the CPU here.
+jax.config.update("jax_platforms", "cpu")
+
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -91,7 +91,8 @@ fn obs_kind(m: &Model, obs: &Buf<'_>, steps: Option<i64>) -> Res<(i32, i64)> {
 fn stream(f: &Frame<'_>) -> Res<*mut c_void> {
     if f.platform() != Platform::Cpu {
         return Err(invalid(
-            "the VMP handlers serve host models only (platform cpu)",
+            "the VMP handlers serve host models only: run them on the CPU device (e.g. inside \
+             `with jax.default_device(jax.devices(\"cpu\")[0]):`)",
         ));
     }
     Ok(f.device()?.2)
