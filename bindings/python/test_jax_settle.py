@@ -125,6 +125,30 @@ def test_energy_gradients_are_the_learning_rule():
     assert rel(r["grad_w"][0], dw[0]) < 1e-6 and np.allclose(r["x"][-1], y)
 
 
+def test_training_matches_a_jax_loop_trained_the_same_way():
+    """A PC network trained for 5 SGD steps with our settled energy under jit and the same one
+    trained with the plain JAX loop's (jpc-style) energy: the same weights to f32 bounds."""
+    ws, bs, x0, y, _ = net(5, widths=(8, 12, 12, 4), batch=16)
+    acts = ["identity", "tanh", "tanh"]
+
+    def ours(ws):
+        return fkj.settle_energy(ws, x0, y, bs, acts, 1.0, eta=ETA, steps=T)
+
+    def plain(ws):
+        # settle at the current weights (stopped), then the energy's gradient at those states
+        _, _, fn = reference([jax.lax.stop_gradient(w) for w in ws], bs, acts, [1.0] * 3, x0, y)
+        return fn(ws, [jnp.asarray(b, jnp.float64) for b in bs], [1.0] * 3)
+
+    step_ours = jax.jit(lambda ws: [w - 0.1 * g for w, g in zip(ws, jax.grad(ours)(ws))])
+    a = list(ws)
+    b = [jnp.asarray(w, jnp.float64) for w in ws]
+    for _ in range(5):
+        a = step_ours(a)
+        b = [w - 0.1 * g for w, g in zip(b, jax.grad(plain)(b))]
+    for x, w in zip(a, b):
+        assert rel(x, w) < 1e-4, rel(x, w)
+    assert rel(a[0], ws[0]) > 1e-3  # the weights did move
+
 def test_vmap_over_data_folds_and_over_networks_runs_per_entry():
     ws, bs, x0, y, pis = net(3)
     acts = "tanh"
