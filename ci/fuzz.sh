@@ -6,7 +6,8 @@
 # infer_sequence / infer_policies / learn, device and library queries) with AddressSanitizer,
 # then runs each, on the CPU backend, from its committed seed corpus (fuzz/corpus/<target>) for
 # FEP_FUZZ_RUNS (default 3000) runs from the seed FEP_FUZZ_SEED (default 1), each capped at an
-# equal share of FEP_FUZZ_SECONDS (default 68: 4 s for each of the 17) seconds. Prints the number of runs of
+# equal share of FEP_FUZZ_SECONDS (default 68: 4 s for each of the 17) seconds, two at a time
+# (FEP_FUZZ_JOBS, each on its own core). Prints the number of runs of
 # each target; exits non-zero when any target crashes: a panic (libfuzzer-sys's hook aborts
 # even on one the entry point would catch), an ASan report (out-of-bounds, use after free), an
 # oracle failure (FEP_ERR_INTERNAL, an undocumented status, an output written on failure, an
@@ -55,18 +56,30 @@ scratch=$(mktemp -d)
 logs=fuzz/target/ci-logs
 mkdir -p "$logs"
 trap 'rm -rf "$scratch"' EXIT
-failed=()
-for t in "${targets[@]}"; do
+# Two targets at a time (FEP_FUZZ_JOBS): each run is one process on one core with its own time
+# cap, so the results are those of a serial run on a machine with a free core per target.
+run_one() { # run_one TARGET: its log and status in $logs
+  local t=$1
   mkdir -p "$scratch/$t" "fuzz/corpus/$t"
-  log="$logs/$t.log"
   if cargo fuzz run "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
       -seed="$seed" -runs="$runs" -max_total_time="$per" -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=$((1 << 30)) \
-      -print_final_stats=1 >"$log" 2>&1; then
-    status=ok
+      -print_final_stats=1 >"$logs/$t.log" 2>&1; then
+    echo ok >"$logs/$t.status"
   else
-    status=FAILED
-    failed+=("$t")
+    echo FAILED >"$logs/$t.status"
   fi
+}
+jobs_max=${FEP_FUZZ_JOBS:-2}
+for t in "${targets[@]}"; do
+  while (($(jobs -rp | wc -l) >= jobs_max)); do wait -n || true; done
+  run_one "$t" &
+done
+wait
+failed=()
+for t in "${targets[@]}"; do
+  log="$logs/$t.log"
+  status=$(cat "$logs/$t.status" 2>/dev/null || echo FAILED)
+  [[ $status == ok ]] || failed+=("$t")
   # (not $runs: that is every target's run count)
   done_runs=$(sed -n 's/^Done \([0-9]*\) runs in .*/\1/p' "$log" | tail -1)
   [[ -n $done_runs ]] || done_runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)

@@ -252,12 +252,6 @@ pub(crate) struct Buf<'a> {
     pub dims: &'a [i64],
 }
 
-impl Buf<'_> {
-    pub fn numel(&self) -> usize {
-        self.dims.iter().map(|&d| d.max(0) as usize).product()
-    }
-}
-
 const NUMERIC: &str = "expected bool, int32, int64, float32 or float64 values";
 
 /// Element `i` of `data` (XLA dtype `dtype`) as f64; None for another dtype.
