@@ -17,13 +17,24 @@
 use std::ptr::{null, null_mut};
 
 use super::{
-    Buf, DT_F32, DT_PRED, DT_S32, DT_U8, Frame, Res, check_status, expect, float_code, handlers,
+    Buf, DT_F32, DT_PRED, DT_S32, DT_U8, Frame, Res, check_status_as, expect, float_code, handlers,
     invalid,
 };
 use crate::ffi::{
     FepAttentionParams, FepAttnScoreInputs, FepAttnTensor, fep_attention_backward2,
     fep_attention_forward2,
 };
+
+/// The C ABI's names of the inputs and `fep_kernels.jax.attention`'s.
+const NAMES: &[(&str, &str)] = &[
+    ("pi_head", "precision_head"),
+    ("pi_key", "precision_key"),
+    ("precision.head", "precision_head"),
+    ("precision.key", "precision_key"),
+    ("inputs.nu_head", "nu"),
+    ("inputs.bias", "bias"),
+    ("inputs.mask", "attn_mask"),
+];
 
 const PI_HEAD: i32 = 1;
 const PI_KEY: i32 = 2;
@@ -242,7 +253,7 @@ fn forward(f: &Frame<'_>) -> Res<()> {
             rets[2].data as *mut f32,
         )
     };
-    check_status(status, "attention forward")
+    check_status_as(status, "attention forward", NAMES)
 }
 
 fn backward(f: &Frame<'_>) -> Res<()> {
@@ -368,7 +379,7 @@ fn backward(f: &Frame<'_>) -> Res<()> {
             dbias,
         )
     };
-    check_status(status, "attention backward")
+    check_status_as(status, "attention backward", NAMES)
 }
 
 handlers!(

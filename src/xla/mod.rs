@@ -222,6 +222,17 @@ pub(crate) fn invalid(msg: impl Into<String>) -> Fail {
     }
 }
 
+/// [`check_status`] with the library's argument names (`` `pi_key` ``) replaced by the front
+/// end's (`` `precision_key` ``), so the message names what the caller passed.
+pub(crate) fn check_status_as(status: i32, what: &str, names: &[(&str, &str)]) -> Res<()> {
+    check_status(status, what).map_err(|mut f| {
+        for (from, to) in names {
+            f.msg = f.msg.replace(&format!("`{from}`"), &format!("`{to}`"));
+        }
+        f
+    })
+}
+
 /// A C ABI status turned into a handler error carrying `fep_last_error()`'s message.
 pub(crate) fn check_status(status: i32, what: &str) -> Res<()> {
     if status == FEP_OK {

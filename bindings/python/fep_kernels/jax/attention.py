@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from .._abi import _SCORES
 from ._ffi import ensure_registered
@@ -288,10 +289,14 @@ def _bias4(x: Optional[Any], full: Tuple[int, int, int, int], what: str):
     return x
 
 
-def attention_with_stats(q, k, v, precision_key=None, precision_head=None, score: str = "dot",
+def attention_with_stats(q: ArrayLike, k: ArrayLike, v: ArrayLike,
+                         precision_key: Optional[ArrayLike] = None,
+                         precision_head: Optional[ArrayLike] = None, score: str = "dot",
                          nu: Any = 5.0, scale: Optional[float] = None, causal: bool = False,
-                         window: Optional[int] = None, normalizer: bool = True, kv_len=None,
-                         layout: str = "bhld", *, bias=None, attn_mask=None):
+                         window: Optional[int] = None, normalizer: bool = True,
+                         kv_len: Optional[ArrayLike] = None, layout: str = "bhld", *,
+                         bias: Optional[ArrayLike] = None, attn_mask: Optional[ArrayLike] = None
+                         ) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Precision-weighted attention with its statistics: returns ``(o, lse, e)``.
 
     ``q`` [B, Hq, Lq, D], ``k`` [B, Hkv, Lk, D], ``v`` [B, Hkv, Lk, Dv] (``layout="bhld"``; or
@@ -372,10 +377,12 @@ def attention_with_stats(q, k, v, precision_key=None, precision_head=None, score
     return _differentiable(s, _bits(opt))(q, k, v, opt)
 
 
-def attention(q, k, v, precision_key=None, precision_head=None, score: str = "dot",
-              nu: Any = 5.0, scale: Optional[float] = None, causal: bool = False,
-              window: Optional[int] = None, normalizer: bool = True, kv_len=None,
-              layout: str = "bhld", *, bias=None, attn_mask=None):
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, precision_key: Optional[ArrayLike] = None,
+              precision_head: Optional[ArrayLike] = None, score: str = "dot", nu: Any = 5.0,
+              scale: Optional[float] = None, causal: bool = False, window: Optional[int] = None,
+              normalizer: bool = True, kv_len: Optional[ArrayLike] = None, layout: str = "bhld",
+              *, bias: Optional[ArrayLike] = None, attn_mask: Optional[ArrayLike] = None
+              ) -> jax.Array:
     """The output ``o`` of :func:`attention_with_stats` (same arguments)."""
     return attention_with_stats(q, k, v, precision_key, precision_head, score, nu, scale, causal,
                                 window, normalizer, kv_len, layout, bias=bias,

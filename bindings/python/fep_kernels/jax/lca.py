@@ -21,11 +21,12 @@ Example::
 """
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from .._abi import _THRESHOLDS
 from ._ffi import ensure_registered
@@ -107,9 +108,10 @@ def _check_phi_x(phi, x):
     return phi, x
 
 
-def lca_solve(phi, x, lam: float, eta: float = 0.0, steps: int = 200, threshold: str = "soft",
-              tol: float = 0.0, tol_mode: str = "absolute", u0: Optional[jax.Array] = None,
-              check_unit_norm: bool = True):
+def lca_solve(phi: ArrayLike, x: ArrayLike, lam: float, eta: float = 0.0, steps: int = 200,
+              threshold: str = "soft", tol: float = 0.0, tol_mode: str = "absolute",
+              u0: Optional[ArrayLike] = None, check_unit_norm: bool = True
+              ) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """LCA codes of ``x`` ([B, n], phi's dtype) against ``phi`` ([n, m], float32, float16 or
     bfloat16, unit-norm columns unless ``check_unit_norm=False``): returns ``(u, a, steps)``,
     the membrane potentials and codes [B, m] float32 and the steps each sample ran [B] uint32.
@@ -147,7 +149,8 @@ def _learn_op(lr: float, check: bool):
     return op
 
 
-def lca_learn(phi, x, a, lr: float, check_unit_norm: bool = True):
+def lca_learn(phi: ArrayLike, x: ArrayLike, a: ArrayLike, lr: float,
+              check_unit_norm: bool = True) -> jax.Array:
     """One dictionary-learning step: returns the new Phi (float32 [n, m]),
     ``Phi + (lr / B) sum_b (x_b - Phi a_b) a_b^T`` with every column renormalised to unit norm.
     ``x`` [B, n] (phi's dtype) and ``a`` [B, m] float32 (codes from :func:`lca_solve`). Not

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from ..settle import _activation, _one_activation, _per_layer
 from ._ffi import ensure_registered
@@ -233,10 +234,11 @@ def _prepare(weights, x0, biases, activations, precisions, eta, steps, momentum,
     return s, x0, target, weights, bs, pis, init_list
 
 
-def settle_infer(weights: Sequence[Any], x0, biases: Optional[Sequence[Any]] = None,
+def settle_infer(weights: Sequence[ArrayLike], x0: ArrayLike,
+                 biases: Optional[Sequence[Optional[ArrayLike]]] = None,
                  activations: Any = "tanh", precisions: Any = 1.0, eta: float = 0.1,
                  steps: int = 20, momentum: float = 0.0, tol: float = 0.0,
-                 init: Optional[Sequence[Any]] = None, log_det: bool = False) -> dict:
+                 init: Optional[Sequence[ArrayLike]] = None, log_det: bool = False) -> dict:
     """Settles ``x0`` ([B, n_0] float32) with x_L free (inference): returns a dict with "x"
     (x_1 … x_L, [B, n_l] float32), "eps" (their errors), "energy" [B] and "steps" [B] (uint32:
     the steps each sample ran). ``weights``: W_l [n_l, n_{l-1}] (float32, float16 or bfloat16);
@@ -254,10 +256,11 @@ def settle_infer(weights: Sequence[Any], x0, biases: Optional[Sequence[Any]] = N
     return {"x": list(xs), "eps": list(es), "energy": energy, "steps": nsteps}
 
 
-def settle_learn(weights: Sequence[Any], x0, target, biases: Optional[Sequence[Any]] = None,
+def settle_learn(weights: Sequence[ArrayLike], x0: ArrayLike, target: ArrayLike,
+                 biases: Optional[Sequence[Optional[ArrayLike]]] = None,
                  activations: Any = "tanh", precisions: Any = 1.0, eta: float = 0.1,
                  steps: int = 20, momentum: float = 0.0, tol: float = 0.0,
-                 init: Optional[Sequence[Any]] = None, log_det: bool = False) -> dict:
+                 init: Optional[Sequence[ArrayLike]] = None, log_det: bool = False) -> dict:
     """One learning step's settle with x_L clamped to ``target`` ([B, n_L] float32): the dict
     of :func:`settle_infer` plus "grad_w", "grad_b" (every layer) and "grad_pi" ([1], [n_l] or
     [B, n_l]): the gradients of the batch-mean settled free energy F (the library's learning
@@ -297,10 +300,12 @@ def _energy_fn(s: _Static):
     return energy
 
 
-def settle_energy(weights: Sequence[Any], x0, target, biases: Optional[Sequence[Any]] = None,
+def settle_energy(weights: Sequence[ArrayLike], x0: ArrayLike, target: ArrayLike,
+                  biases: Optional[Sequence[Optional[ArrayLike]]] = None,
                   activations: Any = "tanh", precisions: Any = 1.0, eta: float = 0.1,
                   steps: int = 20, momentum: float = 0.0, tol: float = 0.0,
-                  init: Optional[Sequence[Any]] = None, log_det: bool = False):
+                  init: Optional[Sequence[ArrayLike]] = None, log_det: bool = False
+                  ) -> jax.Array:
     """The settled energy averaged over the batch (a float32 scalar): settles ``x0`` with x_L
     clamped to ``target`` (arguments as for :func:`settle_learn`), returning E (F with
     ``log_det``). Differentiable w.r.t. ``weights``, ``biases`` and the precision arrays: at a

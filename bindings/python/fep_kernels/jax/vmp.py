@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from ._ffi import ensure_registered
 
@@ -132,7 +133,8 @@ class VmpModel:
                              f"{prior.dtype} {list(prior.shape)}")
         return (prior,)
 
-    def infer_states(self, obs, prior=None, num_iter: int = 16, tol: float = 0.0) -> dict:
+    def infer_states(self, obs: ArrayLike, prior: Optional[ArrayLike] = None, num_iter: int = 16,
+                     tol: float = 0.0) -> dict:
         """State inference (pymdp's fpi) for n agents: ``obs`` [n, M] integer indices or
         [n, sum O] float32 distributions, ``prior`` [n, sum S] float32 or None (D). Returns
         {"qs" [n, sum S], "vfe" [n], "iterations" [n] int32}."""
@@ -153,7 +155,8 @@ class VmpModel:
             *map(jax.lax.stop_gradient, args))
         return {"qs": qs, "vfe": vfe, "iterations": it}
 
-    def infer_sequence(self, obs, actions=None, prior=None, method: str = "vmp",
+    def infer_sequence(self, obs: ArrayLike, actions: Optional[ArrayLike] = None,
+                       prior: Optional[ArrayLike] = None, method: str = "vmp",
                        num_iter: int = 16, tau: float = 1.0) -> dict:
         """Sequence inference over windows of T steps: ``obs`` [n, T, M] indices or
         [n, T, sum O] distributions, ``actions`` [n, T - 1, F] (needed when T > 1), ``prior``
@@ -190,7 +193,7 @@ class VmpModel:
             *map(jax.lax.stop_gradient, args))
         return {"qs": qs, "vfe": vfe, "vfe_t": vfe_t}
 
-    def infer_policies(self, qs, gamma: float = 16.0, utility: bool = True,
+    def infer_policies(self, qs: ArrayLike, gamma: float = 16.0, utility: bool = True,
                        state_info_gain: bool = True, param_info_gain: bool = False) -> dict:
         """Policy inference: ``qs`` [n, sum S] float32 beliefs. Returns {"q_pi" [n, P],
         "G" [n, P]} with q(pi) = softmax(-gamma G + ln E) (G: pymdp's -neg_efe)."""
@@ -212,7 +215,7 @@ class VmpModel:
             jax.lax.stop_gradient(qs))
         return {"q_pi": q_pi, "G": g}
 
-    def factors(self, qs) -> list:
+    def factors(self, qs: ArrayLike) -> list:
         """The per-factor beliefs [..., S_f] of beliefs [..., sum S]."""
         cuts = np.cumsum(self.num_states)[:-1]
         return jnp.split(qs, cuts, axis=-1)
