@@ -40,7 +40,7 @@ __all__ = ["VmpModel"]
 _METHODS = {"vmp": 0, "mmp": 1}
 
 
-def _fold_rule(op, n_args: int):
+def _fold_rule(op):
     """A custom_vmap rule folding the mapped axis into the agents (axis 0 of every argument
     and result)."""
 
@@ -66,7 +66,7 @@ def _op(target: str, attrs: tuple, shapes_fn):
         ensure_registered()
         return jax.ffi.ffi_call(target, shapes_fn(*args))(*args, **dict(attrs))
 
-    op.def_vmap(_fold_rule(op, 0))
+    op.def_vmap(_fold_rule(op))
     return op
 
 
