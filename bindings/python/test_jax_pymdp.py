@@ -10,7 +10,6 @@ Run as ``FEP_KERNELS_LIB=<libfep_kernels.so> python3 test_jax_pymdp.py`` (or pyt
 
 Needs JAX and pymdp; without them, it prints that it was skipped and exits 0."""
 
-import json
 import os
 import sys
 import types
@@ -46,30 +45,11 @@ import fep_kernels.jax as fkj  # noqa: E402
 from _runner import run_functions  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "vmp_pymdp.json")
+sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
+from vmp_pymdp_models import load  # noqa: E402  (the fixture's models as NumPy arrays)
+
 K = 16
 TOL = 1e-5
-
-
-def tensor(v):
-    shape = tuple(v["shape"])
-    if "index" not in v:
-        return np.asarray(v["data"], dtype=np.float64).reshape(shape)
-    out = np.full(int(np.prod(shape)), float(v["fill"]))
-    out[np.asarray(v["index"], dtype=np.int64)] = v["data"]
-    return out.reshape(shape)
-
-
-def load(name):
-    with open(FIXTURE) as f:
-        m = next(m for m in json.load(f)["models"] if m["name"] == name)
-    pol = m["policies"]
-    return dict(A=[tensor(a) for a in m["A"]], B=[tensor(b) for b in m["B"]],
-                C=[tensor(c) for c in m["C"]], D=[tensor(d) for d in m["D"]],
-                E=tensor(m["E"]) if m["E"] is not None else None,
-                deps=[list(d) for d in m["A_dependencies"]], policy_len=int(m["policy_len"]),
-                policies=np.asarray(pol["data"], np.int32).reshape(pol["shape"]),
-                gamma=float(m["gamma"]))
 
 
 def episode(name, n=4, steps=6, seed=0):

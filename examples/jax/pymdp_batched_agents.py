@@ -18,7 +18,6 @@ Run (from the repository root, after ``cargo build --release --lib``; needs
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,15 +39,8 @@ from pymdp.agent import Agent  # noqa: E402
 import fep_kernels.jax as fkj  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def tensor(v):
-    shape = tuple(v["shape"])
-    if "index" not in v:
-        return np.asarray(v["data"], dtype=np.float64).reshape(shape)
-    out = np.full(int(np.prod(shape)), float(v["fill"]))
-    out[np.asarray(v["index"], dtype=np.int64)] = v["data"]
-    return out.reshape(shape)
+sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
+from vmp_pymdp_models import load  # noqa: E402  (tests/fixtures/vmp_pymdp.json as arrays)
 
 
 def main():
@@ -57,15 +49,13 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
     n = args.agents
-    with open(os.path.join(ROOT, "tests", "fixtures", "vmp_pymdp.json")) as f:
-        m = next(m for m in json.load(f)["models"] if m["name"] == "tmaze")
-    A, B = [tensor(a) for a in m["A"]], [tensor(b) for b in m["B"]]
-    C, D = [tensor(c) for c in m["C"]], [tensor(d) for d in m["D"]]
-    deps, gamma = [list(d) for d in m["A_dependencies"]], float(m["gamma"])
+    M = load("tmaze")
+    A, B, C, D = M["A"], M["B"], M["C"], M["D"]
+    deps, gamma = M["deps"], M["gamma"]
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     agent = Agent(A=[f32(a) for a in A], B=[f32(b) for b in B], C=[f32(c) for c in C],
                   D=[f32(d) for d in D], A_dependencies=deps,
-                  B_dependencies=[[f] for f in range(len(B))], policy_len=int(m["policy_len"]),
+                  B_dependencies=[[f] for f in range(len(B))], policy_len=M["policy_len"],
                   gamma=gamma, batch_size=n, num_iter=16, inference_algo="fpi",
                   action_selection="deterministic")
     policies = np.asarray(agent.policies.policy_arr)
